@@ -1,0 +1,123 @@
+"""The `coinstore` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from services.cli import dev
+from services.common import auth
+from services.common.settings import CommonSettings, SettingsError, describe, load_settings
+from services.payouts import cli as payouts_cli
+from services.receipts import cli as receipts_cli
+from services.storesim import cli as storesim_cli
+from services.wallet import cli as wallet_cli
+
+SERVICES = ("wallet", "receipts", "payouts")
+
+
+def _settings_classes() -> list[type[Any]]:
+    from services.payouts.config import PayoutsSettings
+    from services.receipts.config import ReceiptsSettings
+    from services.storesim.config import StoresimSettings
+    from services.wallet.config import WalletSettings
+
+    return [CommonSettings, WalletSettings, ReceiptsSettings, PayoutsSettings, StoresimSettings]
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from services.common import migrate
+
+    settings = load_settings(CommonSettings)
+    for service in args.service or SERVICES:
+        migrate.upgrade(service, settings.database_url)
+        print(f"migrated {service}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    private, public = Path(args.private), Path(args.public)
+    created = auth.generate_keypair(private, public)
+    print(f"{'created' if created else 'kept existing'} {private} and {public}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    key = auth.load_private_key(Path(args.key))
+    scopes = args.scopes.split()
+    unknown = sorted(set(scopes) - auth.SCOPES)
+    if unknown:
+        print(f"unknown scope(s): {', '.join(unknown)}; known: {', '.join(sorted(auth.SCOPES))}", file=sys.stderr)
+        return 2
+    print(auth.mint_token(key, args.subject, scopes, args.ttl))
+    return 0
+
+
+def cmd_config(_args: argparse.Namespace) -> int:
+    seen: set[str] = set()
+    print("| Variable | Default | Meaning |")
+    print("|---|---|---|")
+    for cls in _settings_classes():
+        for row in describe(cls):
+            if row.env in seen:
+                continue
+            seen.add(row.env)
+            print(f"| `{row.env}` | `{row.default}` | {row.doc} |")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    importlib.import_module(f"services.{args.service}.__main__").main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coinstore", description="coinstore: app-store coin economy backend")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="apply database migrations (COINSTORE_DATABASE_URL)")
+    p.add_argument("service", nargs="*", help=f"services to migrate: {', '.join(SERVICES)} (default: all)")
+    p.set_defaults(handler=cmd_migrate)
+
+    p = sub.add_parser("serve", help="run one service in the foreground")
+    p.add_argument("service", choices=SERVICES)
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("config", help="print every setting as a Markdown table")
+    p.set_defaults(handler=cmd_config)
+
+    auth_parser = sub.add_parser("auth", help="caller tokens for development")
+    auth_sub = auth_parser.add_subparsers(dest="auth_command", required=True)
+    p = auth_sub.add_parser("keygen", help="create the local development key pair")
+    p.add_argument("--private", default="var/auth/dev-private.pem")
+    p.add_argument("--public", default="var/auth/dev-public.pem")
+    p.set_defaults(handler=cmd_keygen)
+    p = auth_sub.add_parser("token", help="mint a bearer token from the local development key")
+    p.add_argument("--subject", required=True, help="caller name (the token's sub)")
+    p.add_argument("--scopes", required=True, help='space-separated scopes, e.g. "wallet:read wallet:gift"')
+    p.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires")
+    p.add_argument("--key", default="var/auth/dev-private.pem", help="PEM private key to sign with")
+    p.set_defaults(handler=cmd_token)
+
+    dev.register(sub)
+    wallet_cli.register(sub)
+    receipts_cli.register(sub)
+    payouts_cli.register(sub)
+    storesim_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.handler(args)
+    except SettingsError as exc:
+        print(f"coinstore: {exc}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code or 0)

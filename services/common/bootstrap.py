@@ -1,0 +1,88 @@
+"""What every service process builds from its settings, and how it fails at start-up.
+
+A bad setting, catalog or an unmigrated database stops the process with exit
+status 2 and one line naming the problem (never a traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.common.auth import TokenSource, TokenVerifier, load_private_key, load_public_keys
+from services.common.catalog import Catalog, CatalogError, load_catalog
+from services.common.db import Database
+from services.common.logs import configure_logging
+from services.common.metrics import Metrics
+from services.common.migrate import NotMigrated, check_migrated
+from services.common.settings import CommonSettings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=CommonSettings)
+
+STARTUP_DB_WAIT_SECONDS = 60.0
+
+
+class StartupError(Exception):
+    """The process cannot start; the message says why and what to do."""
+
+
+@dataclass
+class Runtime:
+    settings: CommonSettings
+    database: Database
+    verifier: TokenVerifier
+    metrics: Metrics
+    catalog: Catalog
+
+    def token_source(self, subject: str, scopes: tuple[str, ...]) -> TokenSource:
+        return TokenSource(load_private_key(self.settings.auth_signing_key), subject, scopes)
+
+
+def load(cls: type[S], service: str) -> S:
+    settings = load_settings(cls)
+    configure_logging(service, settings.log_level, settings.log_format)
+    return settings
+
+
+def build_runtime(service: str, settings: CommonSettings, *, migrated: bool = True) -> Runtime:
+    verifier = TokenVerifier(load_public_keys(settings.auth_trusted_keys))
+    catalog = load_catalog(settings.catalog)
+    database = Database.from_url(settings.database_url, settings.db_pool_size)
+    if migrated:
+        _wait_for_migrated_database(service, database)
+    return Runtime(settings, database, verifier, Metrics(service), catalog)
+
+
+def _wait_for_migrated_database(service: str, database: Database) -> None:
+    deadline = time.monotonic() + STARTUP_DB_WAIT_SECONDS
+    while True:
+        try:
+            check_migrated(service, database.engine)
+            return
+        except NotMigrated:
+            raise
+        except Exception as exc:  # unreachable database: wait, it may be starting
+            if time.monotonic() > deadline:
+                raise StartupError(f"database unreachable: {exc}") from None
+            log.warning("waiting for the database: %s", exc)
+            time.sleep(1.0)
+
+
+R = TypeVar("R")
+
+
+def run_main(service: str, main: Callable[[], R]) -> R:
+    """Run a process entry point, turning start-up errors into one clear line and exit 2."""
+    try:
+        return main()
+    except (SettingsError, CatalogError, NotMigrated, StartupError) as exc:
+        print(f"coinstore {service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

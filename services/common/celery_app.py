@@ -1,0 +1,50 @@
+"""Celery apps configured for money-moving work.
+
+At-least-once delivery (late acks, requeue when a worker dies, prefetch 1);
+every task must therefore be idempotent in the database. The embedded default
+broker is kombu's SQLAlchemy transport on SQLite: no server needed, but it
+loses unacknowledged messages when a worker is killed, so each service runs a
+sweeper that re-queues work its own tables say is unfinished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy.engine import make_url
+
+# Longer than any task runs; Redis/SQS redeliver an unacknowledged task after this.
+VISIBILITY_TIMEOUT_SECONDS = 3600
+# No countdown or retry delay may approach the visibility timeout (it would run twice).
+MAX_COUNTDOWN_SECONDS = 600
+
+
+def make_celery_app(name: str, broker_url: str) -> Celery:
+    embedded = broker_url.startswith(("sqla+", "sqlalchemy+"))
+    if embedded:
+        database = make_url(broker_url.split("+", 1)[1]).database
+        if database:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    app = Celery(name, broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=name,
+        task_time_limit=300,
+        task_soft_time_limit=240,
+        # kombu's SQLAlchemy transport hands its options to create_engine and has no
+        # visibility timeout at all; Redis and SQS need one longer than any task.
+        broker_transport_options={} if embedded else {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    return app

@@ -1,0 +1,130 @@
+"""The one server interceptor: request id, authentication, authorization,
+metrics, and the mapping of domain errors to ``google.rpc.Status`` + ``ErrorInfo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from services.common.auth import TokenVerifier, authorize
+from services.common.errors import ERROR_DOMAIN, DomainError, InvalidArgument
+from services.common.logs import request_id_var
+from services.common.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_MAX_REQUEST_ID = 128
+
+
+def status_for(error: DomainError) -> status_pb2.Status:
+    """The rich status for a domain error: ErrorInfo always, BadRequest for a bad field."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    details = [_pack(info)]
+    if isinstance(error, InvalidArgument):
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+            ]
+        )
+        details.append(_pack(bad))
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+
+
+def internal_status() -> status_pb2.Status:
+    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN)
+    return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error", details=[_pack(info)])
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Wraps every unary-unary coinstore RPC. Health and reflection pass untouched."""
+
+    def __init__(self, verifier: TokenVerifier, scopes: Mapping[str, str], metrics: Metrics) -> None:
+        self._verifier = verifier
+        self._scopes = dict(scopes)
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        scope = self._scopes.get(method)
+        if handler is None or scope is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        metrics = self._metrics
+        verifier = self._verifier
+        short = method.rsplit("/", 1)[-1]
+
+        async def wrapped(request: Any, context: Any) -> Any:
+            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            request_id = metadata.get(REQUEST_ID_HEADER, "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
+            token = request_id_var.set(request_id)
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                try:
+                    caller = verifier.verify(metadata.get("authorization"))
+                    authorize(caller, scope)
+                    result = inner(request, context)
+                    if asyncio.iscoroutine(result):
+                        result = await result
+                    return result
+                except DomainError as error:
+                    code = error.code.name
+                    metrics.rpc_errors.labels(metrics.service, short, error.reason).inc()
+                    if error.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                        log.warning("%s failed: %s (%s)", short, error.reason, error.message)
+                    await _abort(context, status_for(error), request_id)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    code = "ABORTED_BY_HANDLER"
+                    raise
+                except Exception:
+                    code = "INTERNAL"
+                    metrics.rpc_errors.labels(metrics.service, short, "INTERNAL").inc()
+                    log.exception("unexpected error in %s", method)
+                    await _abort(context, internal_status(), request_id)
+            finally:
+                metrics.rpc_requests.labels(metrics.service, short, code).inc()
+                metrics.rpc_latency.labels(metrics.service, short).observe(time.perf_counter() - started)
+                request_id_var.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def _abort(context: Any, status: status_pb2.Status, request_id: str) -> None:
+    await context.abort(
+        _STATUS_CODES[status.code],
+        status.message,
+        trailing_metadata=(
+            (STATUS_DETAILS_KEY, status.SerializeToString()),
+            (REQUEST_ID_HEADER, request_id),
+        ),
+    )

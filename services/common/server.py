@@ -1,0 +1,122 @@
+"""gRPC server bootstrap shared by every service.
+
+grpc.aio server with the coinstore interceptor, the library health service
+(SERVING only once the database answers), reflection, Prometheus metrics, and
+SIGTERM handling: NOT_SERVING, drain, ``stop(grace)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from google.protobuf.descriptor import FileDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.auth import TokenVerifier, required_scopes
+from services.common.db import Database
+from services.common.interceptor import ServerInterceptor
+from services.common.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DB_CHECK_INTERVAL_SECONDS = 5.0
+_SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+
+
+class ServiceHost:
+    """One gRPC server for one coinstore service."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        files: Sequence[FileDescriptor],
+        register: Callable[[grpc.aio.Server], None],
+        database: Database,
+        verifier: TokenVerifier,
+        metrics: Metrics,
+        bind: str,
+        grace_seconds: float,
+    ) -> None:
+        self.name = name
+        self._files = list(files)
+        self._register = register
+        self._db = database
+        self._verifier = verifier
+        self._metrics = metrics
+        self._bind = bind
+        self._grace = grace_seconds
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._server: grpc.aio.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._service_names = [s.full_name for f in self._files for s in f.services_by_name.values()]
+        self.port = 0
+
+    async def start(self) -> int:
+        scopes = required_scopes(self._files)
+        server = grpc.aio.server(
+            interceptors=[ServerInterceptor(self._verifier, scopes, self._metrics)], options=_SERVER_OPTIONS
+        )
+        self._register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        for service in ["", *self._service_names]:
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(self._bind)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self._bind}")
+        await server.start()
+        self._server = server
+        self._watcher = asyncio.create_task(self._watch_database())
+        log.info("%s listening on port %d", self.name, self.port)
+        return self.port
+
+    async def _watch_database(self) -> None:
+        serving: bool | None = None
+        while True:
+            try:
+                await self._db.run(self._db.ping)
+                healthy = True
+            except Exception as exc:  # any failure to reach the database means NOT_SERVING
+                healthy = False
+                if serving is not False:
+                    log.warning("database unreachable: %s", exc)
+            if healthy != serving:
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for service in ["", *self._service_names]:
+                    await self._health.set(service, status)
+                serving = healthy
+            await asyncio.sleep(DB_CHECK_INTERVAL_SECONDS)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            log.info("%s draining (grace %.1fs)", self.name, self._grace)
+            await self._server.stop(self._grace)
+
+
+async def run_until_signalled(start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[None]]) -> None:
+    """Start, wait for SIGTERM or SIGINT, then stop."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await start()
+    await stopping.wait()
+    log.info("shutting down")
+    await stop()

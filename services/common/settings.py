@@ -1,0 +1,248 @@
+"""Typed, frozen settings read once from ``COINSTORE_*`` environment variables.
+
+Each service declares a frozen dataclass whose fields are made with :func:`setting`.
+:func:`load_settings` reads the environment exactly once at start-up and raises
+:class:`SettingsError` naming every missing or invalid variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, TypeVar
+
+PREFIX = "COINSTORE_"
+_MISSING: Any = dataclasses.MISSING
+
+T = TypeVar("T")
+
+
+class SettingsError(Exception):
+    """One or more settings are missing or invalid; the message names each variable."""
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    env: str
+    default: str
+    doc: str
+    secret: bool
+
+
+def setting(
+    name: str,
+    doc: str,
+    default: Any = _MISSING,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    secret: bool = False,
+) -> Any:
+    """A settings field read from ``COINSTORE_<name>``; no default means required."""
+    metadata = {"env": PREFIX + name, "doc": doc, "parse": parse, "secret": secret}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for sequence defaults")
+    return field(default=default, metadata=metadata)
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (true/false)")
+
+
+def _parse_int(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{raw!r} is not an integer") from None
+
+
+def _parse_port(raw: str) -> int:
+    port = _parse_int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
+def _parse_decimal(raw: str) -> Decimal:
+    try:
+        return Decimal(raw.strip())
+    except InvalidOperation:
+        raise ValueError(f"{raw!r} is not a decimal number") from None
+
+
+def _parse_csv(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _parser_for(tp: Any) -> Callable[[str], Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _parser_for(args[0])
+        return lambda raw: None if raw.strip() == "" else inner(raw)
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        item_parser = _parser_for(item)
+        return lambda raw: tuple(item_parser(p) for p in _parse_csv(raw))
+    if tp is bool:
+        return _parse_bool
+    if tp is int:
+        return _parse_int
+    if tp is Decimal:
+        return _parse_decimal
+    if tp is Path:
+        return lambda raw: Path(raw.strip())
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        members = {m.value.lower() if isinstance(m.value, str) else str(m.value): m for m in tp}
+
+        def parse_enum(raw: str) -> Any:
+            try:
+                return members[raw.strip().lower()]
+            except KeyError:
+                raise ValueError(f"{raw!r} is not one of {', '.join(sorted(members))}") from None
+
+        return parse_enum
+    if tp is str:
+        return lambda raw: raw
+    raise TypeError(f"no parser for settings type {tp!r}")
+
+
+S = TypeVar("S")
+
+
+def load_settings(cls: type[S], environ: Mapping[str, str] | None = None) -> S:
+    """Build ``cls`` from the environment, naming every bad or missing variable at once."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f.metadata.get("env")
+        if name is None:
+            continue
+        raw = env.get(name)
+        if raw is None or (raw.strip() == "" and f.default is not _MISSING):
+            if f.default is _MISSING:
+                problems.append(f"{name} is required ({f.metadata['doc']})")
+            continue
+        parse = f.metadata.get("parse") or _parser_for(hints[f.name])
+        try:
+            values[f.name] = parse(raw)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{name}: {exc}")
+    if problems:
+        raise SettingsError("invalid configuration: " + "; ".join(problems))
+    instance = cls(**values)
+    check = getattr(instance, "validate", None)
+    if check is not None:
+        check()
+    return instance
+
+
+def describe(cls: type[Any]) -> list[SettingDoc]:
+    """Rows for the README's configuration table."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if "env" not in f.metadata:
+            continue
+        if f.default is _MISSING:
+            default = "(required)"
+        elif isinstance(f.default, tuple):
+            default = ",".join(str(x) for x in f.default)
+        elif isinstance(f.default, enum.Enum):
+            default = str(f.default.value)
+        elif f.default is None:
+            default = "(unset)"
+        else:
+            default = str(f.default)
+        rows.append(SettingDoc(f.metadata["env"], default, f.metadata["doc"], f.metadata["secret"]))
+    return rows
+
+
+class LogFormat(enum.Enum):
+    JSON = "json"
+    TEXT = "text"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommonSettings:
+    """Settings every coinstore process reads."""
+
+    database_url: str = setting(
+        "DATABASE_URL",
+        "SQLAlchemy URL of the database (sqlite:///… or postgresql://…)",
+        "sqlite:///var/coinstore.db",
+    )
+    broker_url: str = setting(
+        "BROKER_URL",
+        "Celery broker; the default is an embedded SQLite broker that needs no server",
+        "sqla+sqlite:///var/broker.db",
+    )
+    catalog: Path = setting(
+        "CATALOG", "Path of the product, gift and payout catalog (TOML)", Path("deploy/catalog.toml")
+    )
+    auth_trusted_keys: tuple[Path, ...] = setting(
+        "AUTH_TRUSTED_KEYS",
+        "Comma-separated PEM public keys whose ES256 caller tokens are trusted",
+        (Path("var/auth/dev-public.pem"),),
+    )
+    auth_signing_key: Path = setting(
+        "AUTH_SIGNING_KEY",
+        "PEM private key this process signs its own calls to other services with",
+        Path("var/auth/dev-private.pem"),
+        secret=True,
+    )
+    bind_host: str = setting("BIND_HOST", "Address the gRPC, HTTP and metrics servers listen on", "127.0.0.1")
+    receipts_grpc_port: int = setting("RECEIPTS_GRPC_PORT", "Receipts service gRPC port", 50051)
+    wallet_grpc_port: int = setting("WALLET_GRPC_PORT", "Wallet service gRPC port", 50052)
+    payouts_grpc_port: int = setting("PAYOUTS_GRPC_PORT", "Payouts service gRPC port", 50053)
+    webhook_port: int = setting("WEBHOOK_PORT", "Receipts service webhook HTTP port", 8080)
+    storesim_port: int = setting("STORESIM_PORT", "Store simulator HTTP port", 8090)
+    receipts_metrics_port: int = setting("RECEIPTS_METRICS_PORT", "Receipts Prometheus metrics port", 9101)
+    wallet_metrics_port: int = setting("WALLET_METRICS_PORT", "Wallet Prometheus metrics port", 9102)
+    payouts_metrics_port: int = setting("PAYOUTS_METRICS_PORT", "Payouts Prometheus metrics port", 9103)
+    worker_metrics_port: int = setting("WORKER_METRICS_PORT", "Celery worker Prometheus metrics port (0 = off)", 0)
+    wallet_address: str = setting("WALLET_ADDRESS", "host:port other services reach the wallet at", "127.0.0.1:50052")
+    shutdown_grace_seconds: float = setting(
+        "SHUTDOWN_GRACE_SECONDS",
+        "Seconds in-flight RPCs get to finish after SIGTERM",
+        10.0,
+        parse=float,
+    )
+    db_pool_size: int = setting("DB_POOL_SIZE", "Database connections per process", 16)
+    log_level: str = setting("LOG_LEVEL", "Log level (DEBUG, INFO, WARNING, ERROR)", "INFO")
+    log_format: LogFormat = setting("LOG_FORMAT", "json or text", LogFormat.JSON)
+
+    def validate(self) -> None:
+        problems = []
+        for name in (
+            "receipts_grpc_port",
+            "wallet_grpc_port",
+            "payouts_grpc_port",
+            "webhook_port",
+            "storesim_port",
+            "receipts_metrics_port",
+            "wallet_metrics_port",
+            "payouts_metrics_port",
+            "worker_metrics_port",
+        ):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                problems.append(f"{PREFIX}{name.upper()}: {port} is not a TCP port")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            problems.append(f"{PREFIX}LOG_LEVEL: {self.log_level!r} is not a log level")
+        if self.db_pool_size < 1:
+            problems.append(f"{PREFIX}DB_POOL_SIZE must be at least 1")
+        if problems:
+            raise SettingsError("invalid configuration: " + "; ".join(problems))

@@ -1,0 +1,32 @@
+"""Wires the receipts service: runtime, servicer, gRPC host."""
+
+from __future__ import annotations
+
+import grpc
+
+from coinstore.receipts.v1 import receipt_service_pb2 as pb
+from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
+from services.common.bootstrap import Runtime
+from services.common.server import ServiceHost
+from services.receipts.config import ReceiptsSettings
+from services.receipts.servicer import ReceiptServiceServicer
+
+SERVICE = "receipts"
+
+
+def build_host(settings: ReceiptsSettings, runtime: Runtime, port: int | None = None) -> ServiceHost:
+    servicer = ReceiptServiceServicer()  # type: ignore[abstract]
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_ReceiptServiceServicer_to_server(servicer, server)
+
+    return ServiceHost(
+        name=SERVICE,
+        files=[pb.DESCRIPTOR],
+        register=register,
+        database=runtime.database,
+        verifier=runtime.verifier,
+        metrics=runtime.metrics,
+        bind=f"{settings.bind_host}:{settings.receipts_grpc_port if port is None else port}",
+        grace_seconds=settings.shutdown_grace_seconds,
+    )

@@ -1,0 +1,22 @@
+"""The store simulator's HTTP application: App Store, Google Play and PayPal
+stand-ins speaking the real wire formats, for development and tests.
+
+It imports none of the coinstore services: it imitates the outside world.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.storesim.config import StoresimSettings
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(settings: StoresimSettings) -> web.Application:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    app = web.Application(client_max_size=2 * 1024 * 1024)
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,13 @@
+"""Settings of the wallet service (environment variables are read here and in
+services.common.settings only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import CommonSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class WalletSettings(CommonSettings):
+    """Everything the wallet service reads from the environment."""

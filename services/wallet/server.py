@@ -1,0 +1,32 @@
+"""Wires the wallet service: runtime, servicer, gRPC host."""
+
+from __future__ import annotations
+
+import grpc
+
+from coinstore.wallet.v1 import wallet_service_pb2 as pb
+from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
+from services.common.bootstrap import Runtime
+from services.common.server import ServiceHost
+from services.wallet.config import WalletSettings
+from services.wallet.servicer import WalletServiceServicer
+
+SERVICE = "wallet"
+
+
+def build_host(settings: WalletSettings, runtime: Runtime, port: int | None = None) -> ServiceHost:
+    servicer = WalletServiceServicer()  # type: ignore[abstract]
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_WalletServiceServicer_to_server(servicer, server)
+
+    return ServiceHost(
+        name=SERVICE,
+        files=[pb.DESCRIPTOR],
+        register=register,
+        database=runtime.database,
+        verifier=runtime.verifier,
+        metrics=runtime.metrics,
+        bind=f"{settings.bind_host}:{settings.wallet_grpc_port if port is None else port}",
+        grace_seconds=settings.shutdown_grace_seconds,
+    )

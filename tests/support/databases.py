@@ -1,0 +1,41 @@
+"""A fresh database per test: a SQLite file, or a new PostgreSQL database."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from services.common.db import normalize_url
+from tests.support import env
+
+
+@contextmanager
+def sqlite_database(tmp_path: Path) -> Iterator[str]:
+    yield f"sqlite:///{tmp_path / f'coinstore-{uuid.uuid4().hex[:8]}.db'}"
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    admin_url = env.postgres_admin_url()
+    if admin_url is None:
+        env.unavailable("COINSTORE_TEST_DATABASE_URL is not set")
+        raise AssertionError("unreachable")
+    admin = sa.create_engine(normalize_url(admin_url), isolation_level="AUTOCOMMIT")
+    name = f"cs_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        env.unavailable(f"PostgreSQL at COINSTORE_TEST_DATABASE_URL is unreachable: {exc.orig}")
+    url = sa.engine.make_url(normalize_url(admin_url)).set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
