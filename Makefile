@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto' | sort)
 GEN := gen
 
-.PHONY: help venv proto proto-check lint fmt test test-fast run bench clean
+.PHONY: help venv proto proto-check lint fmt test run docs bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ test: $(STAMP) ## Run the whole test suite
 
 run: $(STAMP) ## Run every service, a Celery worker and the store simulator (Ctrl-C stops all)
 	$(BIN)/coinstore dev run
+
+docs: $(STAMP) ## Regenerate the README's configuration table from the settings classes
+	$(BIN)/coinstore config --readme README.md
 
 bench: $(STAMP) ## Run the benchmarks (see tests/bench/README.md)
 	$(PY) -m tests.bench $(BENCH_ARGS)

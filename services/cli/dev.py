@@ -21,10 +21,25 @@ from pathlib import Path
 from services.common import auth, migrate
 from services.common.settings import CommonSettings, load_settings
 
-# Where the dev defaults point each service: the simulator's keys and URLs.
-DEV_ENVIRONMENT: dict[str, str] = {
-    "COINSTORE_LOG_FORMAT": "text",
-}
+
+def dev_defaults(simulator: str, state: str) -> dict[str, str]:
+    """Where the dev defaults point each service: the simulator's keys and URLs."""
+    return {
+        "COINSTORE_LOG_FORMAT": "text",
+        # App Store: the simulator's root CA and In-App Purchase key (written by the simulator at start).
+        "COINSTORE_APPLE_ROOT_CERTS": f"{state}/apple/root.der",
+        "COINSTORE_APPLE_API_KEY_FILE": f"{state}/apple/SubscriptionKey.p8",
+        "COINSTORE_APPLE_API_URL": f"{simulator}/apple/production",
+        "COINSTORE_APPLE_SANDBOX_API_URL": f"{simulator}/apple/sandbox",
+        # Google Play: the simulator's service account (its token_uri points at the simulator).
+        "COINSTORE_GOOGLE_SERVICE_ACCOUNT_FILE": f"{state}/google/service-account.json",
+        "COINSTORE_GOOGLE_API_ENDPOINT": f"{simulator}/",
+        # Pub/Sub push: the simulator signs push tokens with its own key and serves its JWKS.
+        "COINSTORE_PUBSUB_JWKS_URL": f"{simulator}/pubsub/jwks",
+        # PayPal Payouts: the simulator.
+        "COINSTORE_PAYPAL_API_URL": f"{simulator}/paypal",
+    }
+
 
 STOP_TIMEOUT_SECONDS = 20.0
 SIMULATOR_READY_SECONDS = 30.0
@@ -49,7 +64,9 @@ def processes() -> list[Process]:
 
 def dev_environment() -> dict[str, str]:
     env = dict(os.environ)
-    for key, value in DEV_ENVIRONMENT.items():
+    port = env.get("COINSTORE_STORESIM_PORT", "8090")
+    state = env.get("COINSTORE_STORESIM_STATE_DIR", "var/storesim")
+    for key, value in dev_defaults(f"http://127.0.0.1:{port}", state).items():
         env.setdefault(key, value)
     return env
 

@@ -56,16 +56,29 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(_args: argparse.Namespace) -> int:
+def config_table() -> str:
     seen: set[str] = set()
-    print("| Variable | Default | Meaning |")
-    print("|---|---|---|")
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for cls in _settings_classes():
         for row in describe(cls):
-            if row.env in seen:
-                continue
-            seen.add(row.env)
-            print(f"| `{row.env}` | `{row.default}` | {row.doc} |")
+            if row.env not in seen:
+                seen.add(row.env)
+                lines.append(f"| `{row.env}` | `{row.default}` | {row.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    table = config_table()
+    if not args.readme:
+        print(table, end="")
+        return 0
+    readme = Path(args.readme)
+    text = readme.read_text()
+    begin, end = "<!-- config:begin -->\n", "<!-- config:end -->"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    readme.write_text(head + begin + table + end + tail)
+    print(f"updated the configuration table in {readme}")
     return 0
 
 
@@ -89,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("config", help="print every setting as a Markdown table")
+    p.add_argument("--readme", metavar="FILE", help="rewrite the table between the config markers of FILE")
     p.set_defaults(handler=cmd_config)
 
     auth_parser = sub.add_parser("auth", help="caller tokens for development")

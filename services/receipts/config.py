@@ -3,11 +3,118 @@ services.common.settings only)."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from pathlib import Path
 
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, SettingsError, setting
+
+
+class RegionPolicy(enum.Enum):
+    ALLOW = "allow"
+    FLAG = "flag"
+    REFUSE = "refuse"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ReceiptsSettings(CommonSettings):
     """Everything the receipts service reads from the environment."""
+
+    binding_secret: str = setting(
+        "BINDING_SECRET",
+        "Server secret the per-account appAccountToken / obfuscatedAccountId are derived with",
+        "dev-binding-secret-change-me",
+        secret=True,
+    )
+    region_policy: RegionPolicy = setting(
+        "REGION_POLICY", "Storefront vs account country: allow, flag (credit and mark) or refuse", RegionPolicy.FLAG
+    )
+
+    # --- App Store ---
+    apple_bundle_id: str = setting(
+        "APPLE_BUNDLE_ID", "The app's bundle id; transactions must carry it", "com.coinstore.app"
+    )
+    apple_app_id: int = setting(
+        "APPLE_APP_ID", "The app's Apple id (appAppleId), checked on production notifications", 1234567890
+    )
+    apple_environments: tuple[str, ...] = setting(
+        "APPLE_ENVIRONMENTS", "App Store environments accepted (Production, Sandbox)", ("Production", "Sandbox")
+    )
+    apple_root_certs: tuple[Path, ...] = setting(
+        "APPLE_ROOT_CERTS",
+        "Comma-separated DER or PEM root certificates JWS chains must end at (production: Apple Root CA - G3)",
+        (Path("var/storesim/apple/root.der"),),
+    )
+    apple_online_checks: bool = setting(
+        "APPLE_ONLINE_CHECKS", "Check certificate revocation with OCSP (cached) when verifying JWS", False
+    )
+    apple_api_url: str = setting(
+        "APPLE_API_URL", "App Store Server API base URL, production", "http://127.0.0.1:8090/apple/production"
+    )
+    apple_sandbox_api_url: str = setting(
+        "APPLE_SANDBOX_API_URL", "App Store Server API base URL, sandbox", "http://127.0.0.1:8090/apple/sandbox"
+    )
+    apple_api_key_file: Path = setting(
+        "APPLE_API_KEY_FILE",
+        "In-App Purchase key (.p8) for App Store Server API tokens",
+        Path("var/storesim/apple/SubscriptionKey.p8"),
+        secret=True,
+    )
+    apple_api_key_id: str = setting("APPLE_API_KEY_ID", "Key id (kid) of the In-App Purchase key", "SIMKEY0001")
+    apple_api_issuer_id: str = setting(
+        "APPLE_API_ISSUER_ID", "Issuer id (iss) from App Store Connect", "57246542-96fe-1a63-e053-0824d011072a"
+    )
+    apple_api_timeout_seconds: float = setting(
+        "APPLE_API_TIMEOUT_SECONDS", "Timeout of each App Store Server API call", 10.0, parse=float
+    )
+    apple_send_consumption: bool = setting(
+        "APPLE_SEND_CONSUMPTION", "Answer CONSUMPTION_REQUEST notifications with Send Consumption Information", False
+    )
+
+    # --- Google Play ---
+    google_package_name: str = setting("GOOGLE_PACKAGE_NAME", "The app's Play package name", "com.coinstore.app")
+    google_service_account_file: Path = setting(
+        "GOOGLE_SERVICE_ACCOUNT_FILE",
+        "Service-account JSON key for the Android Publisher API",
+        Path("var/storesim/google/service-account.json"),
+        secret=True,
+    )
+    google_api_endpoint: str = setting(
+        "GOOGLE_API_ENDPOINT", "Android Publisher API endpoint override (empty = Google's)", "http://127.0.0.1:8090/"
+    )
+    google_allow_test_purchases: bool = setting(
+        "GOOGLE_ALLOW_TEST_PURCHASES", "Credit Play test purchases (recorded as test)", True
+    )
+    google_api_timeout_seconds: float = setting(
+        "GOOGLE_API_TIMEOUT_SECONDS", "Timeout of each Android Publisher API call", 10.0, parse=float
+    )
+
+    # --- Store notifications ---
+    pubsub_jwks_url: str = setting(
+        "PUBSUB_JWKS_URL",
+        "JWKS of the keys Pub/Sub push tokens are signed with",
+        "https://www.googleapis.com/oauth2/v3/certs",
+    )
+    pubsub_audience: str = setting(
+        "PUBSUB_AUDIENCE", "Expected aud of Pub/Sub push tokens", "http://127.0.0.1:8080/notifications/google"
+    )
+    pubsub_service_account: str = setting(
+        "PUBSUB_SERVICE_ACCOUNT",
+        "Expected email of Pub/Sub push tokens",
+        "pubsub-push@coinstore-dev.iam.gserviceaccount.com",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        problems = []
+        allowed = {"Production", "Sandbox"}
+        bad = [e for e in self.apple_environments if e not in allowed]
+        if bad or not self.apple_environments:
+            problems.append(
+                f"COINSTORE_APPLE_ENVIRONMENTS: {', '.join(bad) or '(empty)'} not allowed;"
+                " use Production and/or Sandbox (Xcode and LocalTesting data is unsigned and never accepted)"
+            )
+        if len(self.binding_secret) < 16:
+            problems.append("COINSTORE_BINDING_SECRET: must be at least 16 characters")
+        if problems:
+            raise SettingsError("invalid configuration: " + "; ".join(problems))

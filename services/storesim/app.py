@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from services.storesim import apple, google, paypal
 from services.storesim.config import StoresimSettings
 
 
@@ -19,4 +20,7 @@ def create_app(settings: StoresimSettings) -> web.Application:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     app = web.Application(client_max_size=2 * 1024 * 1024)
     app.router.add_get("/healthz", healthz)
+    apple.setup(app, settings)
+    google.setup(app, settings)
+    paypal.setup(app, settings)
     return app

@@ -1,0 +1,68 @@
+"""Shared pieces of the benchmarks: arguments, results, latency statistics,
+throwaway PostgreSQL databases."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from uuid import uuid4
+
+import sqlalchemy as sa
+
+from services.common.db import normalize_url
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    quick: bool
+    admin_database_url: str
+
+
+@dataclass
+class Result:
+    name: str
+    ops: int
+    seconds: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def per_second(self) -> float:
+        return self.ops / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        text = f"{self.name:<48} {self.per_second:>10.1f} ops/s  ({self.ops} in {self.seconds:.2f}s)"
+        if self.p50_ms is not None and self.p99_ms is not None:
+            text += f"  p50 {self.p50_ms:.2f} ms  p99 {self.p99_ms:.2f} ms"
+        if self.notes:
+            text += "  " + "  ".join(f"{k}={v}" for k, v in self.notes.items())
+        return text
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "per_second": self.per_second}
+
+
+def percentiles(latencies: Sequence[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    ordered = sorted(latencies)
+    if not ordered:
+        return 0.0, 0.0
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return statistics.median(ordered) * 1000, p99 * 1000
+
+
+@contextmanager
+def scratch_postgres(admin_url: str) -> Iterator[str]:
+    admin = sa.create_engine(normalize_url(admin_url), isolation_level="AUTOCOMMIT")
+    name = f"cs_bench_{uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.engine.make_url(normalize_url(admin_url)).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
