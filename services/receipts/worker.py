@@ -10,6 +10,7 @@ from celery import Celery
 
 from services.common.bootstrap import load, run_main
 from services.common.celery_app import make_celery_app
+from services.receipts import tasks_google, tasks_notifications
 from services.receipts.config import ReceiptsSettings
 
 SERVICE = "receipts"
@@ -18,7 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: ReceiptsSettings) -> Celery:
-    return make_celery_app(SERVICE, settings.broker_url)
+    app = make_celery_app(SERVICE, settings.broker_url)
+    tasks_google.register(app, settings)
+    tasks_notifications.register(app, settings)
+    return app
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.storesim import apple, google, paypal
+from services.storesim import apple, apple_notifications, google, paypal, pubsub
 from services.storesim.config import StoresimSettings
 
 
@@ -23,4 +23,6 @@ def create_app(settings: StoresimSettings) -> web.Application:
     apple.setup(app, settings)
     google.setup(app, settings)
     paypal.setup(app, settings)
+    apple_notifications.setup(app, settings)
+    pubsub.setup(app, settings)
     return app
