@@ -52,7 +52,7 @@ fmt: $(STAMP) ## Format and autofix with ruff
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-run: $(STAMP) ## Run every service, a Celery worker and the store simulator (Ctrl-C stops all)
+run: proto ## Run every service, a Celery worker and the store simulator (Ctrl-C stops all)
 	$(BIN)/coinstore dev run
 
 docs: $(STAMP) ## Regenerate the README's configuration table from the settings classes

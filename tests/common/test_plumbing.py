@@ -41,6 +41,8 @@ RAISES: dict[str, Exception] = {
 
 class ProbeServicer(pb_grpc.WalletServiceServicer):
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Any) -> pb.GetBalanceResponse:
+        if request.account_id == "slow":
+            await asyncio.sleep(0.5)
         if request.account_id in RAISES:
             raise RAISES[request.account_id]
         return pb.GetBalanceResponse(balance=pb.Balance(account_id=request.account_id, coins=7))
@@ -262,3 +264,28 @@ async def test_metrics_count_calls_and_reasons(
     assert 'coinstore_rpc_requests_total{code="OK",method="GetBalance",service="probe"} 1.0' in body
     assert 'coinstore_rpc_errors_total{method="GetBalance",reason="INSUFFICIENT_COINS",service="probe"} 1.0' in body
     assert "coinstore_rpc_duration_seconds_bucket" in body
+
+
+async def test_stop_drains_in_flight_calls_and_refuses_new_ones(keys: Keys, sqlite_url: str) -> None:
+    database = Database.from_url(sqlite_url, 2)
+
+    def register(srv: grpc.aio.Server) -> None:
+        pb_grpc.add_WalletServiceServicer_to_server(ProbeServicer(), srv)  # type: ignore[abstract]
+
+    async with running_host(
+        name="probe", files=[pb.DESCRIPTOR], register=register, database=database, public_key=keys.public_path
+    ) as host, grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+        stub = pb_grpc.WalletServiceStub(channel)
+        in_flight = asyncio.ensure_future(
+            stub.GetBalance(pb.GetBalanceRequest(account_id="slow"), metadata=keys.metadata("wallet:read"))
+        )
+        await asyncio.sleep(0.1)
+        await host.stop()
+        reply = await in_flight
+        assert reply.balance.account_id == "slow"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetBalance(
+                pb.GetBalanceRequest(account_id="a"), metadata=keys.metadata("wallet:read"), timeout=2
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    database.close()
