@@ -272,9 +272,12 @@ async def test_stop_drains_in_flight_calls_and_refuses_new_ones(keys: Keys, sqli
     def register(srv: grpc.aio.Server) -> None:
         pb_grpc.add_WalletServiceServicer_to_server(ProbeServicer(), srv)  # type: ignore[abstract]
 
-    async with running_host(
-        name="probe", files=[pb.DESCRIPTOR], register=register, database=database, public_key=keys.public_path
-    ) as host, grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+    async with (
+        running_host(
+            name="probe", files=[pb.DESCRIPTOR], register=register, database=database, public_key=keys.public_path
+        ) as host,
+        grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel,
+    ):
         stub = pb_grpc.WalletServiceStub(channel)
         in_flight = asyncio.ensure_future(
             stub.GetBalance(pb.GetBalanceRequest(account_id="slow"), metadata=keys.metadata("wallet:read"))
