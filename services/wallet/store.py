@@ -653,22 +653,13 @@ class WalletStore:
             else:
                 batch.first[key] = index
         claims = sorted(batch.first)
-        stmt = (
-            insert_ignore(conn, request_log)
-            .values(
-                [
-                    {
-                        "method": m,
-                        "request_id": r,
-                        "request_hash": batch.digests[batch.first[(m, r)]],
-                        "created_at": now,
-                    }
-                    for m, r in claims
-                ]
-            )
-            .returning(request_log.c.method, request_log.c.request_id)
-        )
-        inserted = {(row.method, row.request_id) for row in conn.execute(stmt)}
+        # executemany + RETURNING: SQLAlchemy sends one multi-row INSERT with a cached plan.
+        rows = [
+            {"method": m, "request_id": r, "request_hash": batch.digests[batch.first[(m, r)]], "created_at": now}
+            for m, r in claims
+        ]
+        stmt = insert_ignore(conn, request_log).returning(request_log.c.method, request_log.c.request_id)
+        inserted = {(row.method, row.request_id) for row in conn.execute(stmt, rows)}
         replays = [key for key in claims if key not in inserted]
         if replays:
             stored = {
@@ -769,34 +760,29 @@ class WalletStore:
         txn_ids = {index: new_txn_id() for index in owner.values()}
         created: set[tuple[str, str]] = set()
         if owner:
-            stmt = (
-                insert_ignore(conn, purchases)
-                .values(
-                    [
-                        {
-                            "store": items[i].store.value,
-                            "store_transaction_id": items[i].store_transaction_id,
-                            "account_id": items[i].account_id,
-                            "product_id": items[i].product_id,
-                            "coins": items[i].coins,
-                            "bonus_coins": items[i].bonus_coins,
-                            "quantity": items[i].quantity,
-                            "environment": items[i].environment.value,
-                            "storefront": items[i].storefront,
-                            "price_minor": items[i].price_minor,
-                            "price_currency": items[i].price_currency,
-                            "purchase_time": items[i].purchase_time,
-                            "flagged_for_review": items[i].flagged_for_review,
-                            "credit_txn_id": txn_ids[i],
-                            "clawed_back": 0,
-                            "created_at": now,
-                        }
-                        for _, i in sorted(owner.items())
-                    ]
-                )
-                .returning(purchases.c.store, purchases.c.store_transaction_id)
-            )
-            created = {(row.store, row.store_transaction_id) for row in conn.execute(stmt)}
+            purchase_rows = [
+                {
+                    "store": items[i].store.value,
+                    "store_transaction_id": items[i].store_transaction_id,
+                    "account_id": items[i].account_id,
+                    "product_id": items[i].product_id,
+                    "coins": items[i].coins,
+                    "bonus_coins": items[i].bonus_coins,
+                    "quantity": items[i].quantity,
+                    "environment": items[i].environment.value,
+                    "storefront": items[i].storefront,
+                    "price_minor": items[i].price_minor,
+                    "price_currency": items[i].price_currency,
+                    "purchase_time": items[i].purchase_time,
+                    "flagged_for_review": items[i].flagged_for_review,
+                    "credit_txn_id": txn_ids[i],
+                    "clawed_back": 0,
+                    "created_at": now,
+                }
+                for _, i in sorted(owner.items())
+            ]
+            stmt = insert_ignore(conn, purchases).returning(purchases.c.store, purchases.c.store_transaction_id)
+            created = {(row.store, row.store_transaction_id) for row in conn.execute(stmt, purchase_rows)}
         earlier = [key for key in owner if key not in created]
         existing: dict[tuple[str, str], tuple[str, str, int, int]] = {}
         if earlier:
