@@ -737,7 +737,23 @@ class WalletStore:
             for i in batch.live
             if isinstance(result := batch.results[i], Message)
         ]
-        if recorded:
+        if recorded and conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import ARRAY
+
+            # One UPDATE … FROM unnest(…) for the whole batch instead of one UPDATE per answer.
+            answers = sa.select(
+                sa.func.unnest(sa.bindparam("m", [x["m"] for x in recorded], type_=ARRAY(sa.String))).label("m"),
+                sa.func.unnest(sa.bindparam("r", [x["r"] for x in recorded], type_=ARRAY(sa.String))).label("r"),
+                sa.func.unnest(sa.bindparam("b", [x["body"] for x in recorded], type_=ARRAY(sa.LargeBinary))).label(
+                    "body"
+                ),
+            ).subquery("answers")
+            conn.execute(
+                request_log.update()
+                .where(request_log.c.method == answers.c.m, request_log.c.request_id == answers.c.r)
+                .values(response=answers.c.body)
+            )
+        elif recorded:
             conn.execute(
                 request_log.update()
                 .where(request_log.c.method == sa.bindparam("m"), request_log.c.request_id == sa.bindparam("r"))
@@ -1206,9 +1222,9 @@ class WalletStore:
         def work(conn: Connection, now: datetime) -> M:
             if expire_at is not None and expire_at <= now:
                 raise InvalidArgument("expire_time", "must be in the future")
-            self._expire_due(conn, account_id, now)
             hold = hold_account(account_id)
             self._lock_balances(conn, Currency.COIN, [account_id])
+            self._expire_due(conn, account_id, now)
             self._lock_balances(conn, Currency.DIAMOND, [account_id, hold])
             inserted = conn.execute(
                 insert_ignore(conn, reservations)
