@@ -48,12 +48,13 @@ class RequestLog:
         """
         digest = fingerprint(request)
         table = self._table
+        # RETURNING, not rowcount: psycopg reports rowcount -1 for INSERT … ON CONFLICT.
         inserted = conn.execute(
-            insert_ignore(conn, table).values(
-                method=method, request_id=request_id, request_hash=digest, created_at=datetime.now(UTC)
-            )
-        ).rowcount
-        if inserted:
+            insert_ignore(conn, table)
+            .values(method=method, request_id=request_id, request_hash=digest, created_at=datetime.now(UTC))
+            .returning(table.c.request_id)
+        ).first()
+        if inserted is not None:
             return None
         row = conn.execute(
             sa.select(table.c.request_hash, table.c.response).where(
