@@ -118,7 +118,7 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
 @asynccontextmanager
 async def fake_wallet(keys: Keys, database_url: str) -> AsyncIterator[tuple[FakeWallet, int]]:
     """The fake wallet behind the real interceptor (so the receipts token and scope are checked)."""
-    wallet = FakeWallet()
+    wallet = FakeWallet()  # type: ignore[abstract]
     database = Database.from_url(database_url, 2)
 
     def register(server: grpc.aio.Server) -> None:
