@@ -239,7 +239,12 @@ class PurchaseStore:
             row = conn.execute(sa.select(purchases).where(_key(store, store_transaction_id))).one_or_none()
             return _record(row) if row is not None else None
 
-        return await self.database.run(lambda: self.database.transaction(work))
+        return await self.database.run(self._read, work)
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        """A read outside a write transaction (on SQLite, no write lock is taken)."""
+        with self.database.connect() as conn:
+            return work(conn)
 
     async def for_account(self, account_id: str, limit: int = 100) -> Sequence[PurchaseRecord]:
         def work(conn: Connection) -> list[PurchaseRecord]:
@@ -251,7 +256,7 @@ class PurchaseStore:
             ).all()
             return [_record(r) for r in rows]
 
-        return await self.database.run(lambda: self.database.transaction(work))
+        return await self.database.run(self._read, work)
 
     # --- request ids (AIP-155) -------------------------------------------
 
@@ -275,7 +280,7 @@ class PurchaseStore:
                 raise RequestIdReused(request_id)
             return bytes(row.response) if row.response is not None else None
 
-        return await self.database.run(lambda: self.database.transaction(work))
+        return await self.database.run(self._read, work)
 
     async def remember(self, method: str, request_id: str, request: Message, response: Message) -> bytes | None:
         """Claim the request id and store the response in one transaction.

@@ -16,11 +16,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 from appstoreserverlibrary.models.Environment import Environment as AppleEnvironment
 from appstoreserverlibrary.signed_data_verifier import SignedDataVerifier
 from cryptography.hazmat.primitives import hashes
@@ -100,67 +105,124 @@ def verification(args: BenchArgs) -> list[Result]:
     return [coinstore, raw, library]
 
 
-async def _end_to_end(args: BenchArgs) -> Result:
-    from coinstore.receipts.v1 import receipt_service_pb2 as pb
-    from tests.receipts.support import receipts_host
-    from tests.support.tokens import make_keys
-    from tests.wallet.support import running_wallet
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    total = 256 if args.quick else 3000
+
+async def _wait_serving(address: str, process: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"a service exited with status {process.returncode}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{address} did not become SERVING")
+
+
+async def _end_to_end(args: BenchArgs) -> Result:
+    """The wallet and the receipts service as their own processes (python -m …)
+    on one fresh PostgreSQL database; this process is the app backend."""
+    from coinstore.receipts.v1 import receipt_service_pb2 as pb
+    from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
+    from services.common import migrate
+    from services.receipts.domain.binding import Binding
+    from tests.support.tokens import make_keys
+
+    total = 512 if args.quick else 4000
     concurrency = 64
+    repo = Path(__file__).resolve().parents[2]
     with scratch_postgres(args.admin_database_url) as url:
+        for service in ("wallet", "receipts"):
+            migrate.upgrade(service, url)
         state = Path(tempfile.mkdtemp(prefix="bench-apple-e2e-"))
         (state / "auth").mkdir()
         keys = make_keys(state / "auth")
         store = create_store(state)
-        extra = {"DB_POOL_SIZE": "32"}
-        async with (
-            running_wallet(url, keys, state, db_pool_size=32) as wallet,
-            receipts_host(keys, url, state, wallet.address, extra) as (components, stub),
-        ):
-            accounts = [f"fan-{i}" for i in range(concurrency)]
-            purchases = []
-            for i in range(total):
-                account = accounts[i % concurrency]
-                token = components.binding.app_account_token(account)
-                purchases.append((account, store.buy("com.coinstore.coins.70", app_account_token=token)[1]))
+        wallet_port, receipts_port = _free_port(), _free_port()
+        env = {
+            **os.environ,
+            "COINSTORE_DATABASE_URL": url,
+            "COINSTORE_CATALOG": str(repo / "deploy" / "catalog.toml"),
+            "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
+            "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),
+            "COINSTORE_WALLET_GRPC_PORT": str(wallet_port),
+            "COINSTORE_RECEIPTS_GRPC_PORT": str(receipts_port),
+            "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet_port}",
+            "COINSTORE_WALLET_METRICS_PORT": "0",
+            "COINSTORE_RECEIPTS_METRICS_PORT": "0",
+            "COINSTORE_APPLE_ROOT_CERTS": str(state / "apple" / "root.der"),
+            "COINSTORE_APPLE_API_KEY_FILE": str(state / "apple" / "SubscriptionKey.p8"),
+            "COINSTORE_DB_POOL_SIZE": "32",
+            "COINSTORE_LOG_LEVEL": "WARNING",
+        }
+        binding = Binding(env.get("COINSTORE_BINDING_SECRET", "dev-binding-secret-change-me"))
+        accounts = [f"fan-{i}" for i in range(concurrency)]
+        purchases = []
+        for i in range(total + 8):
+            account = accounts[i % concurrency]
+            jws = store.buy("com.coinstore.coins.70", app_account_token=binding.app_account_token(account))[1]
+            purchases.append((f"bench-{i}", account, jws))
+        children = [
+            subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, cwd=repo)
+            for name in ("wallet", "receipts")
+        ]
+        try:
+            await _wait_serving(f"127.0.0.1:{wallet_port}", children[0])
+            await _wait_serving(f"127.0.0.1:{receipts_port}", children[1])
             md = keys.metadata("purchases:verify", subject="app-backend")
             latencies: list[float] = []
-            queue = list(enumerate(purchases))
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{receipts_port}") as channel:
+                stub = pb_grpc.ReceiptServiceStub(channel)
 
-            async def worker() -> None:
-                while queue:
-                    i, (account, jws) = queue.pop()
+                async def call(request_id: str, account: str, jws: str) -> None:
                     request = pb.VerifyApplePurchaseRequest(
-                        request_id=f"bench-{i}", account_id=account, signed_transaction=jws
+                        request_id=request_id, account_id=account, signed_transaction=jws
                     )
                     began = time.perf_counter()
                     reply = await stub.VerifyApplePurchase(request, metadata=md, timeout=60)
                     latencies.append(time.perf_counter() - began)
                     assert reply.purchases[0].state == pb.PURCHASE_STATE_CREDITED
 
-            for _ in range(2):  # warm-up
-                account, jws = purchases.pop()
-                queue.pop()
-                await stub.VerifyApplePurchase(
-                    pb.VerifyApplePurchaseRequest(
-                        request_id=f"warm-{account}-{len(queue)}", account_id=account, signed_transaction=jws
-                    ),
-                    metadata=md,
-                    timeout=60,
-                )
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            elapsed = time.perf_counter() - started
-            p50, p99 = percentiles(latencies)
-            return Result(
-                "apple e2e: VerifyApplePurchase gRPC, c=64, PostgreSQL",
-                len(latencies),
-                elapsed,
-                p50,
-                p99,
-                {"cores": str(os.cpu_count())},
-            )
+                for item in purchases[:8]:
+                    await call(*item)
+                latencies.clear()
+                queue = purchases[8:]
+
+                async def worker() -> None:
+                    while queue:
+                        await call(*queue.pop())
+
+                started = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                elapsed = time.perf_counter() - started
+        finally:
+            for child in children:
+                child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        p50, p99 = percentiles(latencies)
+        return Result(
+            "apple e2e: VerifyApplePurchase gRPC c=64 (PostgreSQL)",
+            len(latencies),
+            elapsed,
+            p50,
+            p99,
+            {"cores": str(os.cpu_count()), "processes": "receipts+wallet"},
+        )
 
 
 def run(args: BenchArgs) -> list[Result]:
