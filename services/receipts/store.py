@@ -154,7 +154,19 @@ class PurchaseStore:
                     .where(key, purchases.c.account_id.is_(None))
                     .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
                 )
-            if initial is not StoredState.RECORDED:
+            if initial is StoredState.RECORDED:
+                # A Play purchase that was pending is now paid: it can be credited.
+                conn.execute(
+                    purchases.update()
+                    .where(key, purchases.c.state == StoredState.PENDING.value)
+                    .values(
+                        state=initial.value,
+                        order_id=purchase.order_id or None,
+                        purchase_time=purchase.purchase_time,
+                        updated_at=now,
+                    )
+                )
+            else:
                 conn.execute(
                     purchases.update()
                     .where(key, purchases.c.state.in_([StoredState.RECORDED.value, StoredState.PENDING.value]))

@@ -26,8 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,18 +37,13 @@ from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from services.common.errors import Unavailable
+from services.receipts.domain.google import PurchaseV2, VoidedPage, VoidedPurchase
 
 log = logging.getLogger(__name__)
 
 SCOPE = "https://www.googleapis.com/auth/androidpublisher"
 
 T = TypeVar("T")
-
-# Purchase states of ProductPurchaseV2.purchaseStateContext.
-PURCHASED = "PURCHASED"
-PENDING = "PENDING"
-CANCELLED = "CANCELLED"
-CONSUMED = "CONSUMPTION_STATE_CONSUMED"
 
 
 class StoreAuthFailed(Unavailable):
@@ -81,98 +74,6 @@ class PlayApiError(Exception):
         if isinstance(details, list) and details and isinstance(details[0], dict):
             reason = str(details[0].get("reason", ""))
         return cls(int(error.status_code), reason, str(error.reason))
-
-
-@dataclass(frozen=True)
-class LineItem:
-    product_id: str
-    quantity: int
-    refundable_quantity: int
-    consumption_state: str
-
-    @property
-    def consumed(self) -> bool:
-        return self.consumption_state == CONSUMED
-
-
-@dataclass(frozen=True)
-class PurchaseV2:
-    """ProductPurchaseV2, unknown enum values kept as raw strings."""
-
-    purchase_state: str
-    acknowledgement_state: str
-    line_items: tuple[LineItem, ...]
-    order_id: str
-    obfuscated_account_id: str
-    region_code: str
-    test: bool
-    completion_time: datetime | None
-    raw: dict[str, Any]
-
-    @classmethod
-    def parse(cls, body: dict[str, Any]) -> PurchaseV2:
-        items = []
-        for item in body.get("productLineItem") or []:
-            offer = item.get("productOfferDetails") or {}
-            quantity = int(offer.get("quantity") or 1)
-            refundable = offer.get("refundableQuantity")
-            items.append(
-                LineItem(
-                    product_id=str(item.get("productId", "")),
-                    quantity=quantity,
-                    refundable_quantity=quantity if refundable is None else int(refundable),
-                    consumption_state=str(offer.get("consumptionState", "CONSUMPTION_STATE_UNSPECIFIED")),
-                )
-            )
-        completion = body.get("purchaseCompletionTime")
-        completion_time = None
-        if completion:
-            try:
-                completion_time = datetime.fromisoformat(str(completion).replace("Z", "+00:00"))
-            except ValueError:
-                completion_time = None
-        return cls(
-            purchase_state=str((body.get("purchaseStateContext") or {}).get("purchaseState", "")),
-            acknowledgement_state=str(body.get("acknowledgementState", "")),
-            line_items=tuple(items),
-            order_id=str(body.get("orderId") or ""),
-            obfuscated_account_id=str(body.get("obfuscatedExternalAccountId") or ""),
-            region_code=str(body.get("regionCode") or ""),
-            test="testPurchaseContext" in body,
-            completion_time=completion_time,
-            raw=body,
-        )
-
-
-@dataclass(frozen=True)
-class VoidedPurchase:
-    purchase_token: str
-    order_id: str
-    purchase_time_ms: int
-    voided_time_ms: int
-    voided_source: int
-    voided_reason: int
-    # Set only for a quantity-based partial refund; None means everything still refundable was refunded.
-    voided_quantity: int | None
-
-    @classmethod
-    def parse(cls, body: dict[str, Any]) -> VoidedPurchase:
-        quantity = body.get("voidedQuantity")
-        return cls(
-            purchase_token=str(body.get("purchaseToken", "")),
-            order_id=str(body.get("orderId") or ""),
-            purchase_time_ms=int(body.get("purchaseTimeMillis") or 0),
-            voided_time_ms=int(body.get("voidedTimeMillis") or 0),
-            voided_source=int(body.get("voidedSource") or 0),
-            voided_reason=int(body.get("voidedReason") or 0),
-            voided_quantity=None if quantity is None else int(quantity),
-        )
-
-
-@dataclass(frozen=True)
-class VoidedPage:
-    purchases: tuple[VoidedPurchase, ...]
-    next_page_token: str
 
 
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
@@ -220,7 +121,7 @@ class PlayClient:
         with self._lock:
             if self._credentials is None:
                 try:
-                    self._credentials = service_account.Credentials.from_service_account_file(
+                    self._credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
                         str(self._key_file), scopes=[SCOPE]
                     )
                 except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
@@ -254,7 +155,7 @@ class PlayClient:
         return service
 
     def _delay(self, attempt: int) -> float:
-        return min(self._max_backoff, self._backoff * 2**attempt) * (0.5 + random.random() / 2)
+        return float(min(self._max_backoff, self._backoff * 2**attempt) * (0.5 + random.random() / 2))
 
     def _call(self, what: str, make: Callable[[Any], Any]) -> Any:
         """Execute one API request with retries of the retryable failures."""
