@@ -68,8 +68,10 @@ class ConsumptionStore:
         """Record "credited, not yet consumed" once per token; True when this call added it."""
 
         def work(conn: Connection) -> bool:
+            # RETURNING tells a skipped insert apart on every dialect (rowcount does not on psycopg).
             inserted = conn.execute(
-                insert_ignore(conn, consumptions).values(
+                insert_ignore(conn, consumptions)
+                .values(
                     purchase_token=token,
                     package_name=package_name,
                     product_id=product_id,
@@ -78,8 +80,9 @@ class ConsumptionStore:
                     created_at=now,
                     updated_at=now,
                 )
-            ).rowcount
-            return bool(inserted)
+                .returning(consumptions.c.purchase_token)
+            ).first()
+            return inserted is not None
 
         return self.database.transaction(work)
 
