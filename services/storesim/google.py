@@ -591,9 +591,13 @@ class PlayState:
             try:
                 state = json.loads(base64.urlsafe_b64decode(page_token.encode() + b"==="))
                 start, end, offset = int(state["s"]), int(state["e"]), int(state["o"])
-                include_partial, max_results = bool(state["p"]), int(state["m"])
+                include_partial = bool(state["p"])
+                # startTime/endTime are ignored with a page token; maxResults still applies.
+                max_results = _int_param(query, "maxResults", int(state["m"]))
             except (ValueError, KeyError, TypeError):
                 raise GoogleApiError(400, "invalid", "Invalid pagination token", location="token") from None
+            if not 1 <= max_results <= VOIDED_MAX_RESULTS:
+                raise GoogleApiError(400, "invalid", "maxResults must be 1..1000", location="maxResults")
         else:
             now = _now_ms()
             end = _int_param(query, "endTime", now)
