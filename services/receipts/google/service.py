@@ -14,8 +14,13 @@ notification inbox reuses for RTDN ONE_TIME_PRODUCT_PURCHASED.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.message import Message
+from sqlalchemy.engine import Connection
 
 from services.common.catalog import Catalog
 from services.common.clock import Clock
@@ -34,7 +39,7 @@ from services.receipts.domain.purchases import (
 from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.receipts.google.client import PlayApiError, PlayClient
 from services.receipts.google.store import ConsumptionStore
-from services.receipts.store import PurchaseStore
+from services.receipts.store import PurchaseStore, RequestRecorder
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +57,6 @@ def require_purchase_token(token: str) -> str:
             "INVALID_PURCHASE_TOKEN",
         )
     return token
-
-
-_CONSUMABLE_OUTCOMES = {Outcome.CREDITED, Outcome.ALREADY_CREDITED, Outcome.REFUNDED}
 
 
 def map_lookup_error(error: PlayApiError) -> DomainError:
@@ -109,6 +111,7 @@ class GooglePurchases:
         package_name: str,
         request_id: str,
         account_region: str = "",
+        recorder: RequestRecorder | None = None,
     ) -> PurchaseResult:
         try:
             return await self.credit_token(
@@ -118,6 +121,7 @@ class GooglePurchases:
                 package_name=package_name,
                 request_id=request_id,
                 account_region=account_region,
+                recorder=recorder,
             )
         except DomainError as error:
             self._refusals.labels(error.reason).inc()
@@ -132,6 +136,7 @@ class GooglePurchases:
         package_name: str = "",
         request_id: str,
         account_region: str = "",
+        recorder: RequestRecorder | None = None,
     ) -> PurchaseResult:
         """Query Google for ``purchase_token`` and credit it to ``account_id``.
 
@@ -148,18 +153,27 @@ class GooglePurchases:
         if account_id is not None:
             check_account(purchase, self._binding, account_id)
         if verdict.cancelled or verdict.consumed:
-            return await self._settled(verdict, account_id, request_id, account_region)
+            return await self._settled(verdict, account_id, request_id, account_region, recorder)
         if account_id is None:
             return _recorded(await self._crediting.record(verdict.purchase))
-        result = await self._crediting.credit(
-            verdict.purchase, account_id, request_id=request_id, account_region=account_region
+        # The "credited, not yet consumed" row commits in the same transaction as the CREDITED state.
+        note = ConsumeAfterCredit(
+            self.consumptions, recorder, purchase_token, package, verdict.line_item.product_id, self._clock.now()
         )
-        if result.outcome in _CONSUMABLE_OUTCOMES:
-            await self._queue_consume(purchase_token, package, verdict.line_item.product_id)
+        result = await self._crediting.credit(
+            verdict.purchase, account_id, request_id=request_id, account_region=account_region, recorder=note
+        )
+        if note.added:
+            await self._queue_consume(purchase_token)
         return result
 
     async def _settled(
-        self, verdict: GoogleVerdict, account_id: str | None, request_id: str, account_region: str
+        self,
+        verdict: GoogleVerdict,
+        account_id: str | None,
+        request_id: str,
+        account_region: str,
+        recorder: RequestRecorder | None,
     ) -> PurchaseResult:
         """Cancelled or already consumed at Google: only a purchase we credited before is answered."""
         token = verdict.purchase.store_transaction_id
@@ -167,7 +181,7 @@ class GooglePurchases:
         credited = record is not None and record.state in (StoredState.CREDITED, StoredState.REFUNDED)
         if credited and account_id is not None:
             return await self._crediting.credit(
-                verdict.purchase, account_id, request_id=request_id, account_region=account_region
+                verdict.purchase, account_id, request_id=request_id, account_region=account_region, recorder=recorder
             )
         if credited and record is not None:
             return _recorded(record)
@@ -179,16 +193,40 @@ class GooglePurchases:
             "PURCHASE_ALREADY_CONSUMED", "the purchase was consumed at Google but never credited here"
         )
 
-    async def _queue_consume(self, token: str, package: str, product_id: str) -> None:
-        """Durably note "credited, not consumed", then queue the consume (the sweep covers a lost message)."""
-        database = self.consumptions.database
-        added = await database.run(self.consumptions.add, token, package, product_id, self._clock.now())
-        if not added:
-            return
+    async def _queue_consume(self, token: str) -> None:
+        """Queue the consume; if the broker is down the sweep consumes it later."""
         try:
-            await database.run(self._enqueue, token)
-        except Exception as exc:  # the broker is down: the sweep will consume it later
+            await self.consumptions.database.run(self._enqueue, token)
+        except Exception as exc:
             log.warning("could not queue the consume of a Play purchase (the sweep will retry): %s", exc)
+
+
+class ConsumeAfterCredit(RequestRecorder):
+    """Runs inside the crediting transaction (the core's recorder hook): writes the
+    "credited, not yet consumed" row, then records the AIP-155 response through
+    the caller's recorder, if any."""
+
+    def __init__(
+        self,
+        consumptions: ConsumptionStore,
+        inner: RequestRecorder | None,
+        token: str,
+        package_name: str,
+        product_id: str,
+        now: datetime,
+    ) -> None:
+        self._consumptions = consumptions
+        self._inner = inner
+        self._row = (token, package_name, product_id, now)
+        self.added = False
+        self.done = False
+        self.stored: bytes | None = None
+        self.response: Message | None = None
+
+    def record_in(self, conn: Connection, results: Sequence[Any]) -> None:
+        self.added = self._consumptions.add_in(conn, *self._row)
+        if self._inner is not None:
+            self._inner.record_in(conn, results)
 
 
 def _revoked(verdict: GoogleVerdict) -> VerifiedPurchase:

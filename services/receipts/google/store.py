@@ -66,25 +66,25 @@ class ConsumptionStore:
 
     def add(self, token: str, package_name: str, product_id: str, now: datetime) -> bool:
         """Record "credited, not yet consumed" once per token; True when this call added it."""
+        return self.database.transaction(lambda conn: self.add_in(conn, token, package_name, product_id, now))
 
-        def work(conn: Connection) -> bool:
-            # RETURNING tells a skipped insert apart on every dialect (rowcount does not on psycopg).
-            inserted = conn.execute(
-                insert_ignore(conn, consumptions)
-                .values(
-                    purchase_token=token,
-                    package_name=package_name,
-                    product_id=product_id,
-                    state=ConsumeState.UNCONSUMED.value,
-                    attempts=0,
-                    created_at=now,
-                    updated_at=now,
-                )
-                .returning(consumptions.c.purchase_token)
-            ).first()
-            return inserted is not None
-
-        return self.database.transaction(work)
+    def add_in(self, conn: Connection, token: str, package_name: str, product_id: str, now: datetime) -> bool:
+        """:meth:`add` inside the caller's transaction (the one that marks the purchase CREDITED)."""
+        # RETURNING tells a skipped insert apart on every dialect (rowcount does not on psycopg).
+        inserted = conn.execute(
+            insert_ignore(conn, consumptions)
+            .values(
+                purchase_token=token,
+                package_name=package_name,
+                product_id=product_id,
+                state=ConsumeState.UNCONSUMED.value,
+                attempts=0,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(consumptions.c.purchase_token)
+        ).first()
+        return inserted is not None
 
     def get(self, token: str) -> Consumption | None:
         def work(conn: Connection) -> Consumption | None:
