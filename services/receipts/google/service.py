@@ -164,7 +164,7 @@ class GooglePurchases:
             verdict.purchase, account_id, request_id=request_id, account_region=account_region, recorder=note
         )
         if note.added:
-            await self._queue_consume(purchase_token)
+            self._queue_consume(purchase_token)
         return result
 
     async def _settled(
@@ -193,12 +193,18 @@ class GooglePurchases:
             "PURCHASE_ALREADY_CONSUMED", "the purchase was consumed at Google but never credited here"
         )
 
-    async def _queue_consume(self, token: str) -> None:
-        """Queue the consume; if the broker is down the sweep consumes it later."""
+    def _queue_consume(self, token: str) -> None:
+        """Queue the consume without waiting for the broker; the sweep covers a lost message."""
         try:
-            await self.consumptions.database.run(self._enqueue, token)
+            self._enqueue(token)
         except Exception as exc:
             log.warning("could not queue the consume of a Play purchase (the sweep will retry): %s", exc)
+
+    def close(self) -> None:
+        close = getattr(self._enqueue, "close", None)
+        if close is not None:
+            close()
+        self.client.close()
 
 
 class ConsumeAfterCredit(RequestRecorder):
