@@ -1,11 +1,12 @@
 """VerifyGooglePurchase: ask Google about the token, apply the Play rules, credit
 through the one crediting path, then have the purchase consumed.
 
-Consumption happens strictly after the credit committed: only then is the
-"credited, not yet consumed" row written and the Celery consume task queued
-(:mod:`services.receipts.tasks_google`). If queueing fails or the worker dies,
-the periodic sweep finds the row (or the credited purchase without a row) and
-consumes it.
+Consumption happens strictly after the credit committed: the "credited, not
+yet consumed" row is written in the very transaction that marks the purchase
+CREDITED (through the crediting path's recorder hook), and only then is the
+Celery consume task queued (:mod:`services.receipts.tasks_google`). If queueing
+fails or the worker dies, the periodic sweep finds the row (or a credited
+purchase without a row) and consumes it.
 
 :meth:`GooglePurchases.credit_token` is the "query Google and credit" path the
 notification inbox reuses for RTDN ONE_TIME_PRODUCT_PURCHASED.
