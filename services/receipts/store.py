@@ -242,7 +242,7 @@ class PurchaseStore:
             conn.execute(
                 purchases.update()
                 .where(key, purchases.c.account_id.is_(None))
-                .values(account_id=account_id, updated_at=now)
+                .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
             )
             conn.execute(
                 purchases.update()

@@ -267,3 +267,12 @@ async def test_request_log_claims_once_under_concurrency(receipts: Receipts) -> 
     with pytest.raises(DomainError) as caught:
         await store.remember("M", "same-id", other, pb.GetPurchaseResponse())
     assert caught.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_notification_recorded_purchase_flagged_by_its_claimer_region(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    await crediting.record(purchase("t-13", storefront="TUR"))
+    result = await crediting.credit(purchase("t-13", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE")
+    assert result.outcome is Outcome.CREDITED
+    assert result.record.flagged_for_review
+    assert receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-13")].request.flagged_for_review
