@@ -9,11 +9,12 @@ from google.protobuf.message import Message
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
-from services.common.validation import require_enum, require_id, require_text
+from services.common.validation import optional_id, require_enum, require_id, require_text
 from services.receipts.components import Components
 from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, result_pb
 from services.receipts.domain.purchases import Environment, PurchaseResult
 from services.receipts.errors import InvalidArgument, NotFound
+from services.receipts.google.service import require_purchase_token
 from services.receipts.store import RequestRecorder
 
 M = TypeVar("M", bound=Message)
@@ -21,6 +22,7 @@ M = TypeVar("M", bound=Message)
 MAX_STORE_TRANSACTION_ID = 512
 MAX_SIGNED_TRANSACTION = 64 * 1024
 MAX_APP_RECEIPT = 1024 * 1024
+MAX_PRODUCT_ID = 256
 ENVIRONMENT_HINTS: dict[int, Environment | None] = {
     pb.STORE_ENVIRONMENT_UNSPECIFIED: None,
     pb.STORE_ENVIRONMENT_PRODUCTION: Environment.PRODUCTION,
@@ -129,4 +131,32 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
 
         return await self.idempotent(
             "VerifyApplePurchase", request_id, request, pb.VerifyApplePurchaseResponse, build, work
+        )
+
+    async def VerifyGooglePurchase(
+        self, request: pb.VerifyGooglePurchaseRequest, context: Any
+    ) -> pb.VerifyGooglePurchaseResponse:
+        request_id = require_id("request_id", request.request_id)
+        account_id = require_id("account_id", request.account_id)
+        product_id = require_id("product_id", request.product_id, MAX_PRODUCT_ID)
+        token = require_purchase_token(request.purchase_token)
+        package_name = optional_id("package_name", request.package_name, MAX_PRODUCT_ID)
+
+        async def work(recorder: RequestRecorder) -> list[PurchaseResult]:
+            result = await self._c.google.verify(
+                account_id=account_id,
+                product_id=product_id,
+                purchase_token=token,
+                package_name=package_name,
+                request_id=request_id,
+                account_region=request.account_region,
+                recorder=recorder,
+            )
+            return [result]
+
+        def build(results: Sequence[PurchaseResult]) -> pb.VerifyGooglePurchaseResponse:
+            return pb.VerifyGooglePurchaseResponse(purchase=result_pb(results[0]))
+
+        return await self.idempotent(
+            "VerifyGooglePurchase", request_id, request, pb.VerifyGooglePurchaseResponse, build, work
         )

@@ -156,12 +156,15 @@ class PurchaseStore:
                 )
             # Revocation wins over recorded or pending; a completed payment ends pending.
             movable = [StoredState.RECORDED.value, StoredState.PENDING.value]
+            values: dict[str, Any] = {"state": initial.value, "updated_at": now}
             if initial is StoredState.RECORDED:
                 movable = [StoredState.PENDING.value]
+                # A paid Play purchase gets the order id and completion time pending ones lack.
+                values.update(order_id=purchase.order_id or None, purchase_time=purchase.purchase_time)
             conn.execute(
                 purchases.update()
                 .where(key, purchases.c.state.in_(movable), purchases.c.state != initial.value)
-                .values(state=initial.value, updated_at=now)
+                .values(**values)
             )
             record = _record(conn.execute(sa.select(purchases).where(key)).one())
             if account_id is not None and record.account_id != account_id:

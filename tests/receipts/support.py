@@ -5,6 +5,7 @@ real receipts gRPC host wired by ``build_components``."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
                 state = wpb.CREDIT_STATE_CREDITED
             answer = wpb.CreditPurchaseResponse(
                 state=state,
-                transaction_id=f"ltx-{request.store_transaction_id}",
+                transaction_id=f"ltx-{hashlib.sha256(request.store_transaction_id.encode()).hexdigest()[:32]}",
                 coins_credited=request.coins,
                 bonus_coins=request.bonus_coins,
                 balance=wpb.Balance(account_id=request.account_id, coins=self.balances[request.account_id]),
