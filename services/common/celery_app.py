@@ -48,3 +48,10 @@ def make_celery_app(name: str, broker_url: str) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+def beat_schedule_file(service: str) -> str:
+    """Where celery beat keeps its schedule state, created if missing."""
+    path = Path("var") / f"celerybeat-{service}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)

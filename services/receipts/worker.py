@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from celery import Celery
 
 from services.common.bootstrap import load, run_main
-from services.common.celery_app import make_celery_app
+from services.common.celery_app import beat_schedule_file, make_celery_app
 from services.receipts import tasks_google, tasks_notifications
 from services.receipts.config import ReceiptsSettings
 
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "--without-mingle",
         ]
         if args.beat:
-            worker_argv += ["--beat", f"--schedule=var/celerybeat-{SERVICE}"]
+            worker_argv += ["--beat", f"--schedule={beat_schedule_file(SERVICE)}"]
         app.worker_main(worker_argv)
 
     run_main(f"{SERVICE}-worker", start)

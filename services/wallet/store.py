@@ -72,7 +72,7 @@ transactions = sa.Table(
     sa.Column("txn_id", sa.String(40), primary_key=True),
     sa.Column("kind", sa.String(32), nullable=False),
     sa.Column("created_at", TZ, nullable=False),
-    sa.Column("reference", sa.String(256), nullable=False),
+    sa.Column("reference", sa.String(512), nullable=False),
     sa.Column("sandbox", sa.Boolean, nullable=False),
 )
 entries = sa.Table(
@@ -101,7 +101,7 @@ history = sa.Table(
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("coins_delta", sa.BigInteger, nullable=False),
     sa.Column("diamonds_delta", sa.BigInteger, nullable=False),
-    sa.Column("reference", sa.String(256), nullable=False),
+    sa.Column("reference", sa.String(512), nullable=False),
     sa.Column("counterparty", sa.String(160), nullable=False),
 )
 purchases = sa.Table(

@@ -13,18 +13,26 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.cli.dev import dev_defaults
 from services.common import migrate
+from services.storesim.app import create_app
+from services.storesim.config import StoresimSettings
 from tests.support.tokens import Keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("service", ["wallet", "receipts", "payouts"])
-def test_sigterm_goes_not_serving_and_exits_cleanly(service: str, sqlite_url: str, keys: Keys, free_port: int) -> None:
+def test_sigterm_goes_not_serving_and_exits_cleanly(
+    service: str, sqlite_url: str, keys: Keys, free_port: int, tmp_path: Path
+) -> None:
     migrate.upgrade(service, sqlite_url)
+    # The simulator writes the store keys and roots the receipts service loads at start-up.
+    create_app(StoresimSettings(state_dir=tmp_path / "storesim"))
     upper = service.upper()
     env = {
         **os.environ,
+        **dev_defaults("http://127.0.0.1:1", str(tmp_path / "storesim")),
         "COINSTORE_DATABASE_URL": sqlite_url,
         "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
         "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),

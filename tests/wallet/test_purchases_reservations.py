@@ -56,6 +56,15 @@ async def test_repeat_credit_returns_the_original(wallet: Wallet) -> None:
     assert (await wallet.balance("fan")).coins == 100
 
 
+async def test_longest_store_transaction_id_is_credited(wallet: Wallet) -> None:
+    # Play purchase tokens are long; the ledger keeps the whole id as the reference.
+    token = "t" * 512
+    reply = await wallet.credit("fan", 70, stx=token)
+    assert reply.state == pb.CREDIT_STATE_CREDITED
+    again = await wallet.credit("fan", 70, stx=token)
+    assert again.state == pb.CREDIT_STATE_ALREADY_CREDITED
+
+
 async def test_receipt_bound_to_other_account(wallet: Wallet) -> None:
     await wallet.credit("fan", 100, stx="apple-2")
     with pytest.raises(grpc.aio.AioRpcError) as caught:

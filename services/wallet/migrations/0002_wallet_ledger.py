@@ -24,7 +24,7 @@ def upgrade() -> None:
         sa.Column("txn_id", sa.String(40), primary_key=True),
         sa.Column("kind", sa.String(32), nullable=False),
         sa.Column("created_at", TZ, nullable=False),
-        sa.Column("reference", sa.String(256), nullable=False),
+        sa.Column("reference", sa.String(512), nullable=False),
         sa.Column("sandbox", sa.Boolean, nullable=False),
     )
     op.create_table(
@@ -52,7 +52,7 @@ def upgrade() -> None:
         sa.Column("created_at", TZ, nullable=False),
         sa.Column("coins_delta", sa.BigInteger, nullable=False),
         sa.Column("diamonds_delta", sa.BigInteger, nullable=False),
-        sa.Column("reference", sa.String(256), nullable=False),
+        sa.Column("reference", sa.String(512), nullable=False),
         sa.Column("counterparty", sa.String(160), nullable=False),
     )
     op.create_index("wallet_history_account", "wallet_history", ["account_id", "id"])
