@@ -33,10 +33,16 @@ from services.receipts.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
-PROCESS = "receipts.notifications.process"
-SWEEP = "receipts.notifications.sweep"
-RECONCILE = "receipts.notifications.reconcile"
 QUEUE = "receipts"
+
+
+def task_names(queue: str = QUEUE) -> tuple[str, str, str]:
+    """(process, sweep, reconcile): names are prefixed with the queue, so tests can run
+    several apps in one process (Celery 5.7 shares a task name's callable between apps)."""
+    return f"{queue}.notifications.process", f"{queue}.notifications.sweep", f"{queue}.notifications.reconcile"
+
+
+PROCESS, SWEEP, RECONCILE = task_names()
 RECONCILE_SECONDS = 15 * 60.0
 
 
@@ -67,6 +73,7 @@ def register(
     Components are built on first use in each worker process (after the fork),
     by ``factory`` when given (tests), from settings otherwise."""
     state: dict[str, Any] = {}
+    process_name, sweep_name, reconcile_name = task_names(queue)
 
     def components() -> wiring.NotificationComponents:
         if "components" not in state:
@@ -81,25 +88,25 @@ def register(
                 )
         return state["components"]  # type: ignore[no-any-return]
 
-    @app.task(name=PROCESS, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
+    @app.task(name=process_name, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
     def process(self: Any, notification_id: int) -> str:
         outcome, retry_in = components().processor.process(int(notification_id))
         if retry_in is not None:
             countdown = min(retry_in.total_seconds(), MAX_COUNTDOWN_SECONDS)
-            app.send_task(PROCESS, args=[notification_id], queue=queue, countdown=countdown)
+            app.send_task(process_name, args=[notification_id], queue=queue, countdown=countdown)
         return outcome
 
-    @app.task(name=SWEEP)  # type: ignore[untyped-decorator]
+    @app.task(name=sweep_name)  # type: ignore[untyped-decorator]
     def sweep() -> int:
         parts = components()
         due = parts.inbox.due(SystemClock().now(), timedelta(seconds=settings.notifications_sweep_seconds))
         for notification_id in due:
-            app.send_task(PROCESS, args=[notification_id], queue=queue)
+            app.send_task(process_name, args=[notification_id], queue=queue)
         if due:
             log.info("sweeper re-queued %d notifications", len(due))
         return len(due)
 
-    @app.task(name=RECONCILE)  # type: ignore[untyped-decorator]
+    @app.task(name=reconcile_name)  # type: ignore[untyped-decorator]
     def reconcile() -> list[dict[str, int]]:
         parts = components()
         reconciler = build_reconciler(settings, parts, state["metrics"])
@@ -107,12 +114,12 @@ def register(
 
     schedule = dict(app.conf.beat_schedule or {})
     schedule["receipts-notifications-sweep"] = {
-        "task": SWEEP,
+        "task": sweep_name,
         "schedule": settings.notifications_sweep_seconds,
         "options": {"queue": queue},
     }
     schedule["receipts-notifications-reconcile"] = {
-        "task": RECONCILE,
+        "task": reconcile_name,
         "schedule": RECONCILE_SECONDS,
         "options": {"queue": queue},
     }
@@ -122,7 +129,9 @@ def register(
 def sender(app: Celery, queue: str = QUEUE) -> Callable[[int], None]:
     """What the webhook uses to queue a stored row's processing."""
 
+    process_name = task_names(queue)[0]
+
     def dispatch(notification_id: int) -> None:
-        app.send_task(PROCESS, args=[notification_id], queue=queue)
+        app.send_task(process_name, args=[notification_id], queue=queue)
 
     return dispatch
