@@ -1,4 +1,4 @@
-"""Wires the receipts service: runtime, servicer, gRPC host."""
+"""Wires the receipts service: components, servicer, gRPC host."""
 
 from __future__ import annotations
 
@@ -8,14 +8,22 @@ from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
 from services.common.bootstrap import Runtime
 from services.common.server import ServiceHost
+from services.receipts.components import SERVICE, Components, build_components
 from services.receipts.config import ReceiptsSettings
 from services.receipts.servicer import ReceiptServiceServicer
 
-SERVICE = "receipts"
+__all__ = ["SERVICE", "build_host", "build_host_with"]
 
 
 def build_host(settings: ReceiptsSettings, runtime: Runtime, port: int | None = None) -> ServiceHost:
-    servicer = ReceiptServiceServicer()  # type: ignore[abstract]
+    """The receipts gRPC host; call inside a running event loop."""
+    return build_host_with(build_components(settings, runtime), runtime, port)
+
+
+def build_host_with(components: Components, runtime: Runtime, port: int | None = None) -> ServiceHost:
+    """The gRPC host over already-built components (shared with a webhook server)."""
+    settings = components.settings
+    servicer = ReceiptServiceServicer(components)  # type: ignore[abstract]
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_ReceiptServiceServicer_to_server(servicer, server)

@@ -2,8 +2,73 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
+from services.common.validation import require_enum, require_id, require_text
+from services.receipts.components import Components
+from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb
+from services.receipts.errors import NotFound
+
+M = TypeVar("M", bound=Message)
+
+MAX_STORE_TRANSACTION_ID = 512
 
 
 class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
-    """RPCs not implemented yet answer UNIMPLEMENTED (the generated default)."""
+    """RPCs without an implementation here answer UNIMPLEMENTED (the generated default)."""
+
+    def __init__(self, components: Components) -> None:
+        self._c = components
+
+    async def idempotent(
+        self, method: str, request_id: str, request: Message, response_type: type[M], work: Callable[[], Awaitable[M]]
+    ) -> M:
+        """AIP-155 around a value-moving call whose effects are themselves
+        exactly-once (keyed by store transaction): replay the stored response,
+        refuse a reused id with a different body, else do the work and record it."""
+        stored = await self._c.store.replay(method, request_id, request)
+        if stored is None:
+            response = await work()
+            stored = await self._c.store.remember(method, request_id, request, response)
+            if stored is None:
+                return response
+        replayed = response_type()
+        replayed.ParseFromString(stored)
+        return replayed
+
+    async def GetPurchaseBinding(
+        self, request: pb.GetPurchaseBindingRequest, context: Any
+    ) -> pb.GetPurchaseBindingResponse:
+        account_id = require_id("account_id", request.account_id)
+        binding = self._c.binding
+        return pb.GetPurchaseBindingResponse(
+            app_account_token=binding.app_account_token(account_id),
+            obfuscated_account_id=binding.obfuscated_account_id(account_id),
+        )
+
+    async def GetPurchase(self, request: pb.GetPurchaseRequest, context: Any) -> pb.GetPurchaseResponse:
+        store = require_enum("store", request.store, STORE_FROM_PB)
+        transaction_id = require_text("store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID)
+        record = await self._c.store.get(store, transaction_id)
+        if record is None:
+            raise NotFound("PURCHASE_NOT_FOUND", "no purchase with this store transaction id")
+        return pb.GetPurchaseResponse(purchase=record_pb(record))
+
+    async def ListProducts(self, request: pb.ListProductsRequest, context: Any) -> pb.ListProductsResponse:
+        if request.store == pb.STORE_UNSPECIFIED:
+            stores = list(STORE_FROM_PB.values())
+        else:
+            stores = [require_enum("store", request.store, STORE_FROM_PB)]
+        now = self._c.clock.now()
+        catalog = self._c.catalog
+        products = [
+            product_pb(pack, catalog.promotion_for(pack.store, pack.product_id, now))
+            for store in stores
+            for pack in catalog.packs_for(store)
+        ]
+        return pb.ListProductsResponse(products=products)

@@ -1,10 +1,293 @@
-"""SQL of the receipts service (SQLAlchemy Core). Transactions live here."""
+"""SQL of the receipts service (SQLAlchemy Core). Transactions live here.
+
+``receipts_purchases`` has one row per store transaction, keyed by
+(store, store_transaction_id). The row binds the purchase to the first account
+that claims it (a conditional ``UPDATE … WHERE account_id IS NULL``), and keeps
+the credit terms fixed at that moment so every later wallet call is identical.
+"""
 
 from __future__ import annotations
 
-import sqlalchemy as sa
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
-from services.common.idempotency import request_log_table
+import sqlalchemy as sa
+from google.protobuf.message import Message
+from sqlalchemy.engine import Connection
+
+from services.common.catalog import Price, StoreId
+from services.common.db import Database
+from services.common.errors import RequestIdReused
+from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
+from services.receipts.domain.purchases import CreditTerms, Environment, PurchaseRecord, StoredState
+from services.receipts.errors import PermissionDenied
 
 metadata = sa.MetaData()
 request_log = request_log_table(metadata, "receipts")
+
+purchases = sa.Table(
+    "receipts_purchases",
+    metadata,
+    sa.Column("store", sa.String(16), primary_key=True),
+    sa.Column("store_transaction_id", sa.String(512), primary_key=True),
+    sa.Column("account_id", sa.String(128), nullable=True),
+    sa.Column("product_id", sa.String(256), nullable=False),
+    sa.Column("quantity", sa.Integer, nullable=False),
+    sa.Column("coins", sa.BigInteger, nullable=False),
+    sa.Column("bonus_coins", sa.BigInteger, nullable=False),
+    sa.Column("environment", sa.String(16), nullable=False),
+    sa.Column("storefront", sa.String(16), nullable=False),
+    sa.Column("price_minor", sa.BigInteger, nullable=True),
+    sa.Column("currency", sa.String(3), nullable=True),
+    sa.Column("purchase_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("order_id", sa.String(256), nullable=True),
+    sa.Column("original_transaction_id", sa.String(256), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("flagged_for_review", sa.Boolean, nullable=False),
+    sa.Column("wallet_transaction_id", sa.String(128), nullable=True),
+    sa.Column("refunded_quantity", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("refunded_percentage_milli", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+T = TypeVar("T")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _record(row: Any) -> PurchaseRecord:
+    price = Price(int(row.price_minor), row.currency) if row.price_minor is not None and row.currency else None
+    created = _utc(row.created_at)
+    updated = _utc(row.updated_at)
+    assert created is not None
+    assert updated is not None
+    return PurchaseRecord(
+        store=StoreId(row.store),
+        store_transaction_id=row.store_transaction_id,
+        account_id=row.account_id,
+        product_id=row.product_id,
+        quantity=int(row.quantity),
+        coins=int(row.coins),
+        bonus_coins=int(row.bonus_coins),
+        environment=Environment(row.environment),
+        storefront=row.storefront,
+        price=price,
+        purchase_time=_utc(row.purchase_time),
+        order_id=row.order_id or "",
+        original_transaction_id=row.original_transaction_id or "",
+        state=StoredState(row.state),
+        flagged_for_review=bool(row.flagged_for_review),
+        wallet_transaction_id=row.wallet_transaction_id or "",
+        refunded_quantity=int(row.refunded_quantity),
+        refunded_percentage_milli=int(row.refunded_percentage_milli),
+        created_at=created,
+        updated_at=updated,
+    )
+
+
+def _key(store: StoreId, store_transaction_id: str) -> sa.ColumnElement[bool]:
+    return sa.and_(purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id)
+
+
+class PurchaseStore:
+    """Purchases and the request log, on one :class:`Database`."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.requests = RequestLog(request_log)
+
+    async def _tx(self, work: Callable[[Connection], T]) -> T:
+        return await self.database.run(self.database.transaction, work)
+
+    # --- purchases -------------------------------------------------------
+
+    async def claim(self, terms: CreditTerms, account_id: str | None, now: datetime) -> PurchaseRecord:
+        """Record the purchase (first writer's terms win) and bind it to ``account_id``.
+
+        The row is inserted with ``ON CONFLICT DO NOTHING``; an unbound row is
+        bound with a conditional update. A row bound to another account raises
+        PERMISSION_DENIED ``RECEIPT_BOUND_TO_OTHER_ACCOUNT``. ``account_id=None``
+        only records (a store notification nobody has claimed yet). A revoked
+        purchase that was never credited becomes REVOKED.
+        """
+        purchase = terms.purchase
+        if purchase.revoked:
+            initial = StoredState.REVOKED
+        elif purchase.pending:
+            initial = StoredState.PENDING
+        else:
+            initial = StoredState.RECORDED
+
+        def work(conn: Connection) -> PurchaseRecord:
+            conn.execute(
+                insert_ignore(conn, purchases).values(
+                    store=purchase.store.value,
+                    store_transaction_id=purchase.store_transaction_id,
+                    account_id=account_id,
+                    product_id=purchase.product_id,
+                    quantity=purchase.quantity,
+                    coins=terms.coins,
+                    bonus_coins=terms.bonus_coins,
+                    environment=purchase.environment.value,
+                    storefront=purchase.storefront,
+                    price_minor=purchase.price.amount_minor if purchase.price else None,
+                    currency=purchase.price.currency if purchase.price else None,
+                    purchase_time=purchase.purchase_time,
+                    order_id=purchase.order_id or None,
+                    original_transaction_id=purchase.original_transaction_id or None,
+                    state=initial.value,
+                    flagged_for_review=terms.flagged_for_review,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            key = _key(purchase.store, purchase.store_transaction_id)
+            if account_id is not None:
+                conn.execute(
+                    purchases.update()
+                    .where(key, purchases.c.account_id.is_(None))
+                    .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
+                )
+            if initial is not StoredState.RECORDED:
+                conn.execute(
+                    purchases.update()
+                    .where(key, purchases.c.state.in_([StoredState.RECORDED.value, StoredState.PENDING.value]))
+                    .values(state=initial.value, updated_at=now)
+                )
+            record = _record(conn.execute(sa.select(purchases).where(key)).one())
+            if account_id is not None and record.account_id != account_id:
+                raise PermissionDenied(
+                    "RECEIPT_BOUND_TO_OTHER_ACCOUNT",
+                    "this purchase was already claimed by another account",
+                    {"store_transaction_id": purchase.store_transaction_id},
+                )
+            return record
+
+        return await self._tx(work)
+
+    async def mark_credited(
+        self, store: StoreId, store_transaction_id: str, wallet_transaction_id: str, now: datetime
+    ) -> PurchaseRecord:
+        """RECORDED → CREDITED (other states are left alone)."""
+
+        def work(conn: Connection) -> PurchaseRecord:
+            key = _key(store, store_transaction_id)
+            conn.execute(
+                purchases.update()
+                .where(key, purchases.c.state == StoredState.RECORDED.value)
+                .values(state=StoredState.CREDITED.value, wallet_transaction_id=wallet_transaction_id, updated_at=now)
+            )
+            return _record(conn.execute(sa.select(purchases).where(key)).one())
+
+        return await self._tx(work)
+
+    async def mark_refund(
+        self,
+        store: StoreId,
+        store_transaction_id: str,
+        refunded_quantity: int,
+        refunded_percentage_milli: int,
+        now: datetime,
+    ) -> PurchaseRecord | None:
+        """Record the cumulative refund of a credited purchase (state REFUNDED)."""
+
+        def work(conn: Connection) -> PurchaseRecord | None:
+            key = _key(store, store_transaction_id)
+            conn.execute(
+                purchases.update()
+                .where(key, purchases.c.state.in_([StoredState.CREDITED.value, StoredState.REFUNDED.value]))
+                .values(
+                    state=StoredState.REFUNDED.value,
+                    refunded_quantity=refunded_quantity,
+                    refunded_percentage_milli=refunded_percentage_milli,
+                    updated_at=now,
+                )
+            )
+            row = conn.execute(sa.select(purchases).where(key)).one_or_none()
+            return _record(row) if row is not None else None
+
+        return await self._tx(work)
+
+    async def mark_restored(self, store: StoreId, store_transaction_id: str, now: datetime) -> PurchaseRecord | None:
+        """REFUNDED → CREDITED after the store reversed the refund."""
+
+        def work(conn: Connection) -> PurchaseRecord | None:
+            key = _key(store, store_transaction_id)
+            conn.execute(
+                purchases.update()
+                .where(key, purchases.c.state == StoredState.REFUNDED.value)
+                .values(
+                    state=StoredState.CREDITED.value,
+                    refunded_quantity=0,
+                    refunded_percentage_milli=0,
+                    updated_at=now,
+                )
+            )
+            row = conn.execute(sa.select(purchases).where(key)).one_or_none()
+            return _record(row) if row is not None else None
+
+        return await self._tx(work)
+
+    async def get(self, store: StoreId, store_transaction_id: str) -> PurchaseRecord | None:
+        def work(conn: Connection) -> PurchaseRecord | None:
+            row = conn.execute(sa.select(purchases).where(_key(store, store_transaction_id))).one_or_none()
+            return _record(row) if row is not None else None
+
+        return await self.database.run(lambda: self.database.transaction(work))
+
+    async def for_account(self, account_id: str, limit: int = 100) -> Sequence[PurchaseRecord]:
+        def work(conn: Connection) -> list[PurchaseRecord]:
+            rows = conn.execute(
+                sa.select(purchases)
+                .where(purchases.c.account_id == account_id)
+                .order_by(purchases.c.created_at.desc())
+                .limit(limit)
+            ).all()
+            return [_record(r) for r in rows]
+
+        return await self.database.run(lambda: self.database.transaction(work))
+
+    # --- request ids (AIP-155) -------------------------------------------
+
+    async def replay(self, method: str, request_id: str, request: Message) -> bytes | None:
+        """The stored response of an earlier call with this request id, if any.
+
+        A fast path only: :meth:`remember` is what makes the id unique.
+        Raises REQUEST_ID_REUSED when the id came with a different body.
+        """
+        digest = fingerprint(request)
+
+        def work(conn: Connection) -> bytes | None:
+            row = conn.execute(
+                sa.select(request_log.c.request_hash, request_log.c.response).where(
+                    request_log.c.method == method, request_log.c.request_id == request_id
+                )
+            ).one_or_none()
+            if row is None:
+                return None
+            if row.request_hash != digest:
+                raise RequestIdReused(request_id)
+            return bytes(row.response) if row.response is not None else None
+
+        return await self.database.run(lambda: self.database.transaction(work))
+
+    async def remember(self, method: str, request_id: str, request: Message, response: Message) -> bytes | None:
+        """Claim the request id and store the response in one transaction.
+
+        Returns None when this call's response is now the recorded one, or the
+        response recorded by a concurrent call with the same id and body.
+        """
+
+        def work(conn: Connection) -> bytes | None:
+            stored = self.requests.claim(conn, method, request_id, request)
+            if stored is None:
+                self.requests.record(conn, method, request_id, response)
+            return stored
+
+        return await self._tx(work)

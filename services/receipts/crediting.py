@@ -1,0 +1,214 @@
+"""The one exactly-once crediting path, shared by every store path and the
+notification inbox.
+
+``Crediting.credit(purchase, account_id, …)``:
+1. computes the terms (pack coins × quantity, promotion bonus at purchase time,
+   region policy) — UNKNOWN_PRODUCT / REGION_MISMATCH refuse here;
+2. records the purchase and binds it to the first account that claims it, in
+   the database (another account → PERMISSION_DENIED
+   ``RECEIPT_BOUND_TO_OTHER_ACCOUNT``); revoked or pending purchases stop here
+   with nothing credited;
+3. calls the wallet's CreditPurchase with the terms stored at first claim (the
+   wallet credits once per (store, store_transaction_id) and answers
+   ALREADY_CREDITED to repeats);
+4. marks the row CREDITED.
+A crash between 3 and 4 is harmless: the next call repeats 3 (a no-op in the
+wallet) and finishes 4.
+
+``reverse``/``restore`` drive the wallet's state-based ReversePurchase and
+RestorePurchase for refunds and refund reversals (used by notifications).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coinstore.type.v1 import money_pb2
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from services.common.catalog import Catalog, StoreId
+from services.common.clock import Clock
+from services.common.metrics import Metrics
+from services.receipts.config import RegionPolicy
+from services.receipts.domain.purchases import (
+    Environment,
+    Outcome,
+    PurchaseRecord,
+    PurchaseResult,
+    StoredState,
+    VerifiedPurchase,
+    credit_terms,
+    normalize_account_region,
+)
+from services.receipts.store import PurchaseStore
+from services.receipts.wallet import WalletClient, wallet_request_id
+
+WALLET_STORE = {StoreId.APP_STORE: wpb.STORE_APP_STORE, StoreId.GOOGLE_PLAY: wpb.STORE_GOOGLE_PLAY}
+WALLET_ENVIRONMENT = {
+    Environment.PRODUCTION: wpb.STORE_ENVIRONMENT_PRODUCTION,
+    Environment.SANDBOX: wpb.STORE_ENVIRONMENT_SANDBOX,
+}
+_NOT_CREDITABLE = {StoredState.REVOKED: Outcome.REVOKED, StoredState.PENDING: Outcome.PENDING}
+
+
+@dataclass(frozen=True)
+class ReversalResult:
+    applied: bool
+    coins_moved: int
+    account_id: str
+    new_balance: int
+    record: PurchaseRecord | None
+
+
+def _timestamp(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+class Crediting:
+    def __init__(
+        self,
+        store: PurchaseStore,
+        wallet: WalletClient,
+        catalog: Catalog,
+        region_policy: RegionPolicy,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._wallet = wallet
+        self._catalog = catalog
+        self._region_policy = region_policy
+        self._clock = clock
+        self._credits = metrics.counter(
+            "coinstore_receipts_purchases",
+            "Store purchases verified, by store, environment and outcome",
+            ("store", "environment", "outcome"),
+        )
+
+    async def credit(
+        self, purchase: VerifiedPurchase, account_id: str, *, request_id: str, account_region: str = ""
+    ) -> PurchaseResult:
+        """Bind ``purchase`` to ``account_id`` and have the wallet credit it once.
+
+        ``request_id`` is the caller's AIP-155 id; it only distinguishes calls
+        (the wallet's own key is the store transaction).
+        """
+        now = self._clock.now()
+        region = normalize_account_region(account_region)
+        terms = credit_terms(self._catalog, purchase, now, self._region_policy, region)
+        record = await self._store.claim(terms, account_id, now)
+        if record.state in _NOT_CREDITABLE:
+            return self._count(PurchaseResult(_NOT_CREDITABLE[record.state], record, 0, 0, 0))
+        assert record.account_id is not None
+        request = wpb.CreditPurchaseRequest(
+            request_id=wallet_request_id("credit", request_id, record.store.value, record.store_transaction_id),
+            account_id=record.account_id,
+            store=WALLET_STORE[record.store],
+            store_transaction_id=record.store_transaction_id,
+            product_id=record.product_id,
+            coins=record.coins + record.bonus_coins,
+            bonus_coins=record.bonus_coins,
+            quantity=record.quantity,
+            environment=WALLET_ENVIRONMENT[record.environment],
+            storefront=record.storefront,
+            price=money_pb2.Money(amount_minor=record.price.amount_minor, currency_code=record.price.currency)
+            if record.price
+            else None,
+            purchase_time=_timestamp(record.purchase_time),
+            flagged_for_review=record.flagged_for_review,
+        )
+        response = await self._wallet.credit(request)
+        if record.state is StoredState.RECORDED:
+            record = await self._store.mark_credited(
+                record.store, record.store_transaction_id, response.transaction_id, self._clock.now()
+            )
+        if record.state is StoredState.REFUNDED:
+            outcome = Outcome.REFUNDED
+        elif response.state == wpb.CREDIT_STATE_CREDITED:
+            outcome = Outcome.CREDITED
+        else:
+            outcome = Outcome.ALREADY_CREDITED
+        return self._count(
+            PurchaseResult(
+                outcome, record, record.coins + record.bonus_coins, record.bonus_coins, response.balance.coins
+            )
+        )
+
+    async def record(self, purchase: VerifiedPurchase) -> PurchaseRecord:
+        """Record a purchase no account has claimed yet (e.g. from a store
+        notification); the first account to verify it later owns it."""
+        now = self._clock.now()
+        terms = credit_terms(self._catalog, purchase, now, RegionPolicy.ALLOW, "")
+        return await self._store.claim(terms, None, now)
+
+    async def reverse(
+        self,
+        store: StoreId,
+        store_transaction_id: str,
+        *,
+        refunded_quantity: int = 0,
+        refunded_percentage_milli: int = 0,
+        reason: str = "",
+        request_id: str,
+    ) -> ReversalResult:
+        """Claw back a refunded purchase. State-based: pass the cumulative refunded
+        quantity (0 = all) or the cumulative ``refunded_percentage_milli``; the
+        same refund reported twice moves coins once."""
+        response = await self._wallet.reverse(
+            wpb.ReversePurchaseRequest(
+                request_id=wallet_request_id(
+                    "reverse",
+                    request_id,
+                    store.value,
+                    store_transaction_id,
+                    str(refunded_quantity),
+                    str(refunded_percentage_milli),
+                ),
+                store=WALLET_STORE[store],
+                store_transaction_id=store_transaction_id,
+                refunded_quantity=refunded_quantity,
+                refunded_percentage_milli=refunded_percentage_milli,
+                reason=reason[:256],
+            )
+        )
+        record = await self._store.mark_refund(
+            store, store_transaction_id, refunded_quantity, refunded_percentage_milli, self._clock.now()
+        )
+        return ReversalResult(
+            response.state == wpb.REVERSAL_STATE_APPLIED,
+            response.coins_reversed,
+            response.account_id,
+            response.balance.coins,
+            record,
+        )
+
+    async def restore(
+        self, store: StoreId, store_transaction_id: str, *, reason: str = "", request_id: str
+    ) -> ReversalResult:
+        """Undo the reversals of a purchase whose refund the store reversed."""
+        response = await self._wallet.restore(
+            wpb.RestorePurchaseRequest(
+                request_id=wallet_request_id("restore", request_id, store.value, store_transaction_id),
+                store=WALLET_STORE[store],
+                store_transaction_id=store_transaction_id,
+                reason=reason[:256],
+            )
+        )
+        record = await self._store.mark_restored(store, store_transaction_id, self._clock.now())
+        return ReversalResult(
+            response.state == wpb.REVERSAL_STATE_APPLIED,
+            response.coins_restored,
+            response.account_id,
+            response.balance.coins,
+            record,
+        )
+
+    def _count(self, result: PurchaseResult) -> PurchaseResult:
+        self._credits.labels(result.record.store.value, result.record.environment.value, result.outcome.value).inc()
+        return result

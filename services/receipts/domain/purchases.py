@@ -1,0 +1,175 @@
+"""Store purchases as the receipts service sees them, and the pure rules that
+turn a verified purchase into the terms of a wallet credit (coins, promotion
+bonus, region policy). No gRPC, no SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common.catalog import Catalog, Price, StoreId
+from services.receipts.config import RegionPolicy
+from services.receipts.domain.regions import to_alpha2
+from services.receipts.errors import FailedPrecondition, InvalidArgument
+
+
+class Environment(enum.Enum):
+    """Where the store says the purchase happened. Sandbox (Apple Sandbox, Play
+    test purchases) is credited when the policy allows but kept out of revenue."""
+
+    PRODUCTION = "production"
+    SANDBOX = "sandbox"
+
+
+class StoredState(enum.Enum):
+    """State of a row in ``receipts_purchases``."""
+
+    # Known and (possibly) bound, not credited yet.
+    RECORDED = "recorded"
+    CREDITED = "credited"
+    # Revoked by the store before it was credited; never credited.
+    REVOKED = "revoked"
+    # Payment not complete (Play pending purchases).
+    PENDING = "pending"
+    # Credited, then refunded in whole or in part.
+    REFUNDED = "refunded"
+
+
+class Outcome(enum.Enum):
+    """What a verification call reports (PurchaseState in the proto)."""
+
+    CREDITED = "credited"
+    ALREADY_CREDITED = "already_credited"
+    REVOKED = "revoked"
+    PENDING = "pending"
+    REFUNDED = "refunded"
+    RECORDED = "recorded"
+
+
+@dataclass(frozen=True)
+class VerifiedPurchase:
+    """A store transaction whose authenticity a store-specific path has proven.
+
+    Store paths (App Store, Google Play, notifications) build this after their
+    own checks (signature, bundle/package, product type, account token) and
+    hand it to the one crediting path.
+    """
+
+    store: StoreId
+    store_transaction_id: str
+    product_id: str
+    quantity: int
+    environment: Environment
+    # As the store reports it: App Store storefront (alpha-3) or Play region (alpha-2).
+    storefront: str
+    price: Price | None
+    purchase_time: datetime | None
+    order_id: str = ""
+    original_transaction_id: str = ""
+    revoked: bool = False
+    pending: bool = False
+
+
+@dataclass(frozen=True)
+class CreditTerms:
+    """What the wallet is asked to credit for one purchase; fixed at first claim."""
+
+    purchase: VerifiedPurchase
+    coins: int
+    bonus_coins: int
+    flagged_for_review: bool
+
+    @property
+    def total_coins(self) -> int:
+        return self.coins + self.bonus_coins
+
+
+@dataclass(frozen=True)
+class PurchaseRecord:
+    """A row of ``receipts_purchases``."""
+
+    store: StoreId
+    store_transaction_id: str
+    account_id: str | None
+    product_id: str
+    quantity: int
+    coins: int
+    bonus_coins: int
+    environment: Environment
+    storefront: str
+    price: Price | None
+    purchase_time: datetime | None
+    order_id: str
+    original_transaction_id: str
+    state: StoredState
+    flagged_for_review: bool
+    wallet_transaction_id: str
+    refunded_quantity: int
+    refunded_percentage_milli: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class PurchaseResult:
+    """The answer for one store transaction."""
+
+    outcome: Outcome
+    record: PurchaseRecord
+    coins_credited: int
+    bonus_coins: int
+    new_balance: int
+
+
+def check_quantity(quantity: int) -> int:
+    if quantity < 1 or quantity > 10_000:
+        raise FailedPrecondition("INVALID_QUANTITY", f"the store reported quantity {quantity}")
+    return quantity
+
+
+def credit_terms(
+    catalog: Catalog, purchase: VerifiedPurchase, now: datetime, region_policy: RegionPolicy, account_region: str
+) -> CreditTerms:
+    """Coins (pack × quantity), the promotion bonus active at purchase time, and
+    the region decision. Raises UNKNOWN_PRODUCT and REGION_MISMATCH."""
+    pack = catalog.pack(purchase.store, purchase.product_id)
+    if pack is None:
+        raise FailedPrecondition(
+            "UNKNOWN_PRODUCT",
+            f"product {purchase.product_id!r} is not a coin pack of {purchase.store.value}",
+            {"product_id": purchase.product_id},
+        )
+    quantity = check_quantity(purchase.quantity)
+    promotion = catalog.promotion_for(purchase.store, purchase.product_id, purchase.purchase_time or now)
+    bonus = promotion.bonus_coins * quantity if promotion is not None else 0
+    flagged = region_decision(region_policy, purchase.storefront, account_region)
+    return CreditTerms(purchase, pack.coins * quantity, bonus, flagged)
+
+
+def normalize_account_region(account_region: str) -> str:
+    """The caller's account country as alpha-2; '' when not given."""
+    if not account_region:
+        return ""
+    alpha2 = to_alpha2(account_region) if len(account_region) == 2 else None
+    if alpha2 is None:
+        raise InvalidArgument("account_region", "must be an ISO 3166-1 alpha-2 country code such as US")
+    return alpha2
+
+
+def region_decision(policy: RegionPolicy, storefront: str, account_region: str) -> bool:
+    """True when the purchase must be flagged for review; raises REGION_MISMATCH
+    under the refuse policy. No account region or no storefront: nothing to compare."""
+    if policy is RegionPolicy.ALLOW or not account_region or not storefront:
+        return False
+    store_country = to_alpha2(storefront)
+    if store_country == account_region:
+        return False
+    if policy is RegionPolicy.REFUSE:
+        raise FailedPrecondition(
+            "REGION_MISMATCH",
+            f"bought in storefront {storefront}, but the account's country is {account_region}",
+            {"storefront": storefront, "account_region": account_region},
+        )
+    return True

@@ -1,0 +1,203 @@
+"""Test harness of the receipts service: a fake WalletService on a real port
+(exactly once per store transaction, like the real wallet's contract) and a
+real receipts gRPC host wired by ``build_components``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from coinstore.receipts.v1 import receipt_service_pb2_grpc as rpb_grpc
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
+from services.common import errors, migrate
+from services.common.auth import TokenVerifier, load_public_keys
+from services.common.bootstrap import Runtime
+from services.common.catalog import load_catalog
+from services.common.db import Database
+from services.common.metrics import Metrics
+from services.common.settings import load_settings
+from services.receipts.components import Components, build_components
+from services.receipts.config import ReceiptsSettings
+from services.receipts.server import build_host_with
+from tests.support.grpc_server import running_host
+from tests.support.tokens import Keys
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Credit:
+    account_id: str
+    coins: int
+    request: wpb.CreditPurchaseRequest
+    reversed_coins: int = 0
+
+
+@dataclass
+class FakeWallet(wpb_grpc.WalletServiceServicer):
+    """Exactly once per (store, store_transaction_id); bound to the first account."""
+
+    credits: dict[tuple[int, str], Credit] = field(default_factory=dict)
+    balances: dict[str, int] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    callers: list[str] = field(default_factory=list)
+    down: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def CreditPurchase(self, request: wpb.CreditPurchaseRequest, context: Any) -> wpb.CreditPurchaseResponse:
+        self.calls.append("CreditPurchase")
+        if self.down:
+            raise errors.Unavailable("DATABASE_UNAVAILABLE", "down")
+        async with self.lock:
+            await asyncio.sleep(0.002)
+            key = (request.store, request.store_transaction_id)
+            existing = self.credits.get(key)
+            if existing is not None:
+                if existing.account_id != request.account_id:
+                    raise errors.PermissionDenied("RECEIPT_BOUND_TO_OTHER_ACCOUNT", "bound to another account")
+                state = wpb.CREDIT_STATE_ALREADY_CREDITED
+            else:
+                self.credits[key] = Credit(request.account_id, request.coins, request)
+                self.balances[request.account_id] = self.balances.get(request.account_id, 0) + request.coins
+                state = wpb.CREDIT_STATE_CREDITED
+            return wpb.CreditPurchaseResponse(
+                state=state,
+                transaction_id=f"ltx-{request.store_transaction_id}",
+                coins_credited=request.coins,
+                bonus_coins=request.bonus_coins,
+                balance=wpb.Balance(account_id=request.account_id, coins=self.balances[request.account_id]),
+            )
+
+    async def ReversePurchase(self, request: wpb.ReversePurchaseRequest, context: Any) -> wpb.ReversePurchaseResponse:
+        self.calls.append("ReversePurchase")
+        async with self.lock:
+            credit = self.credits.get((request.store, request.store_transaction_id))
+            if credit is None:
+                raise errors.NotFound("PURCHASE_NOT_FOUND", "no such purchase")
+            quantity = credit.request.quantity
+            if request.refunded_percentage_milli:
+                target = credit.coins * request.refunded_percentage_milli // 100_000
+            elif request.refunded_quantity:
+                target = credit.coins * request.refunded_quantity // quantity
+            else:
+                target = credit.coins
+            delta = target - credit.reversed_coins
+            credit.reversed_coins = target
+            self.balances[credit.account_id] -= delta
+            return wpb.ReversePurchaseResponse(
+                state=wpb.REVERSAL_STATE_APPLIED if delta else wpb.REVERSAL_STATE_ALREADY_APPLIED,
+                coins_reversed=delta,
+                account_id=credit.account_id,
+                balance=wpb.Balance(account_id=credit.account_id, coins=self.balances[credit.account_id]),
+            )
+
+    async def RestorePurchase(self, request: wpb.RestorePurchaseRequest, context: Any) -> wpb.RestorePurchaseResponse:
+        self.calls.append("RestorePurchase")
+        async with self.lock:
+            credit = self.credits.get((request.store, request.store_transaction_id))
+            if credit is None:
+                raise errors.NotFound("PURCHASE_NOT_FOUND", "no such purchase")
+            delta = credit.reversed_coins
+            credit.reversed_coins = 0
+            self.balances[credit.account_id] += delta
+            return wpb.RestorePurchaseResponse(
+                state=wpb.REVERSAL_STATE_APPLIED if delta else wpb.REVERSAL_STATE_ALREADY_APPLIED,
+                coins_restored=delta,
+                account_id=credit.account_id,
+                balance=wpb.Balance(account_id=credit.account_id, coins=self.balances[credit.account_id]),
+            )
+
+
+@asynccontextmanager
+async def fake_wallet(keys: Keys, database_url: str) -> AsyncIterator[tuple[FakeWallet, int]]:
+    """The fake wallet behind the real interceptor (so the receipts token and scope are checked)."""
+    wallet = FakeWallet()  # type: ignore[abstract]
+    database = Database.from_url(database_url, 2)
+
+    def register(server: grpc.aio.Server) -> None:
+        wpb_grpc.add_WalletServiceServicer_to_server(wallet, server)  # type: ignore[abstract]
+
+    try:
+        async with running_host(
+            name="wallet", files=[wpb.DESCRIPTOR], register=register, database=database, public_key=keys.public_path
+        ) as host:
+            yield wallet, host.port
+    finally:
+        database.close()
+
+
+def receipts_settings(keys: Keys, database_url: str, wallet_port: int, **extra: str) -> ReceiptsSettings:
+    environ: dict[str, str] = {
+        "COINSTORE_DATABASE_URL": database_url,
+        "COINSTORE_CATALOG": str(REPO / "deploy" / "catalog.toml"),
+        "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
+        "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),
+        "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet_port}",
+        "COINSTORE_DB_POOL_SIZE": "8",
+    }
+    environ.update({f"COINSTORE_{k.upper()}": v for k, v in extra.items()})
+    return load_settings(ReceiptsSettings, environ)
+
+
+def runtime_for(settings: ReceiptsSettings, metrics: Metrics | None = None) -> Runtime:
+    migrate.upgrade("receipts", settings.database_url)
+    return Runtime(
+        settings,
+        Database.from_url(settings.database_url, settings.db_pool_size),
+        TokenVerifier(load_public_keys(list(settings.auth_trusted_keys))),
+        metrics or Metrics("receipts"),
+        load_catalog(settings.catalog),
+    )
+
+
+@dataclass
+class Receipts:
+    components: Components
+    stub: rpb_grpc.ReceiptServiceAsyncStub
+    wallet: FakeWallet
+    keys: Keys
+
+    def md(self, *scopes: str) -> tuple[tuple[str, str], ...]:
+        return self.keys.metadata(*(scopes or ("purchases:verify",)), subject="app-backend")
+
+
+@asynccontextmanager
+async def receipts_service(
+    keys: Keys, database_url: str, wallet_db_url: str, settings_extra: Mapping[str, str] | None = None
+) -> AsyncIterator[Receipts]:
+    """A real receipts gRPC host (components from settings) in front of the fake wallet."""
+    async with fake_wallet(keys, wallet_db_url) as (wallet, wallet_port):
+        settings = receipts_settings(keys, database_url, wallet_port, **dict(settings_extra or {}))
+        runtime = runtime_for(settings)
+        components = build_components(settings, runtime)
+        host = build_host_with(components, runtime, port=0)
+        await host.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+                yield Receipts(components, rpb_grpc.ReceiptServiceStub(channel), wallet, keys)
+        finally:
+            await host.stop()
+            await components.close()
+            runtime.database.close()
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a coinstore error."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "the status must carry google.rpc.Status details"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    raise AssertionError("no ErrorInfo in the status details")

@@ -1,0 +1,248 @@
+"""The receipts core through real sockets: purchase binding, the one crediting
+path against a wallet on a real port, GetPurchase and ListProducts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coinstore.receipts.v1 import receipt_service_pb2 as pb
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from services.common.catalog import Price, StoreId
+from services.common.errors import DomainError
+from services.receipts.domain.binding import Binding
+from services.receipts.domain.purchases import Environment, Outcome, VerifiedPurchase
+from tests.receipts.support import Receipts, error_reason, receipts_service
+from tests.support.tokens import Keys
+
+PACK = "com.coinstore.coins.350"
+
+
+@pytest.fixture
+async def receipts(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[Receipts]:
+    async with receipts_service(keys, database_url, f"sqlite:///{tmp_path / 'wallet.db'}") as service:
+        yield service
+
+
+def purchase(txid: str, **changes: object) -> VerifiedPurchase:
+    values: dict[str, object] = {
+        "store": StoreId.APP_STORE,
+        "store_transaction_id": txid,
+        "product_id": PACK,
+        "quantity": 1,
+        "environment": Environment.PRODUCTION,
+        "storefront": "USA",
+        "price": Price(649, "USD"),
+        "purchase_time": datetime(2026, 11, 20, 12, 0, tzinfo=UTC),
+    }
+    values.update(changes)
+    return VerifiedPurchase(**values)  # type: ignore[arg-type]
+
+
+def test_binding_is_stable_distinct_and_not_reversible() -> None:
+    binding = Binding("a-long-enough-secret-1")
+    token = binding.app_account_token("acct-1")
+    assert token == binding.app_account_token("acct-1")
+    assert uuid.UUID(token).version == 4
+    assert token != binding.app_account_token("acct-2")
+    assert token != Binding("a-long-enough-secret-2").app_account_token("acct-1")
+    assert binding.app_account_token_matches("acct-1", token.upper())
+    assert not binding.app_account_token_matches("acct-2", token)
+    assert not binding.app_account_token_matches("acct-1", "not-a-uuid")
+    obfuscated = binding.obfuscated_account_id("acct-1")
+    assert len(obfuscated) <= 64
+    assert "acct" not in obfuscated
+    assert binding.obfuscated_account_id_matches("acct-1", obfuscated)
+    assert not binding.obfuscated_account_id_matches("acct-2", obfuscated)
+
+
+async def test_get_purchase_binding_rpc(receipts: Receipts) -> None:
+    reply = await receipts.stub.GetPurchaseBinding(
+        pb.GetPurchaseBindingRequest(account_id="fan-1"), metadata=receipts.md(), timeout=10
+    )
+    assert reply.app_account_token == receipts.components.binding.app_account_token("fan-1")
+    assert reply.obfuscated_account_id == receipts.components.binding.obfuscated_account_id("fan-1")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await receipts.stub.GetPurchaseBinding(pb.GetPurchaseBindingRequest(), metadata=receipts.md(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await receipts.stub.GetPurchaseBinding(
+            pb.GetPurchaseBindingRequest(account_id="fan-1"), metadata=receipts.md("wallet:read"), timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_credit_once_then_already_credited(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    first = await crediting.credit(purchase("t-1", quantity=3), "fan-1", request_id="r-1")
+    assert first.outcome is Outcome.CREDITED
+    assert first.coins_credited == 3 * 350
+    assert first.new_balance == 1050
+    again = await crediting.credit(purchase("t-1", quantity=3), "fan-1", request_id="r-2")
+    assert again.outcome is Outcome.ALREADY_CREDITED
+    assert again.new_balance == 1050
+    assert receipts.wallet.balances == {"fan-1": 1050}
+    # The wallet saw the terms of the first claim, with the receipts service's own token.
+    credit = receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-1")]
+    assert credit.request.quantity == 3
+    assert credit.request.price.amount_minor == 649
+    assert credit.request.environment == wpb.STORE_ENVIRONMENT_PRODUCTION
+
+    reply = await receipts.stub.GetPurchase(
+        pb.GetPurchaseRequest(store=pb.STORE_APP_STORE, store_transaction_id="t-1"), metadata=receipts.md(), timeout=10
+    )
+    assert reply.purchase.state == pb.PURCHASE_STATE_CREDITED
+    assert reply.purchase.account_id == "fan-1"
+    assert reply.purchase.coins_credited == 1050
+
+
+async def test_same_transaction_twenty_times_concurrently_credits_once(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    results = await asyncio.gather(
+        *(crediting.credit(purchase("t-many"), "fan-1", request_id=f"r-{i}") for i in range(20))
+    )
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(Outcome.CREDITED) == 1
+    assert outcomes.count(Outcome.ALREADY_CREDITED) == 19
+    assert receipts.wallet.balances == {"fan-1": 350}
+
+
+async def test_second_account_is_refused_and_nothing_moves(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    await crediting.credit(purchase("t-2"), "fan-1", request_id="r-1")
+    calls = len(receipts.wallet.calls)
+    with pytest.raises(DomainError) as caught:
+        await crediting.credit(purchase("t-2"), "fan-2", request_id="r-2")
+    assert caught.value.reason == "RECEIPT_BOUND_TO_OTHER_ACCOUNT"
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert len(receipts.wallet.calls) == calls
+    assert receipts.wallet.balances == {"fan-1": 350}
+
+
+async def test_recorded_purchase_belongs_to_first_claimer(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    record = await crediting.record(purchase("t-3"))
+    assert record.account_id is None
+    assert receipts.wallet.calls == []
+    result = await crediting.credit(purchase("t-3"), "fan-9", request_id="r-1")
+    assert result.outcome is Outcome.CREDITED
+    assert result.record.account_id == "fan-9"
+
+
+async def test_revoked_purchase_credits_nothing(receipts: Receipts) -> None:
+    result = await receipts.components.crediting.credit(purchase("t-4", revoked=True), "fan-1", request_id="r-1")
+    assert result.outcome is Outcome.REVOKED
+    assert result.coins_credited == 0
+    assert receipts.wallet.calls == []
+
+
+async def test_unknown_product_and_bad_region(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    with pytest.raises(DomainError) as caught:
+        await crediting.credit(purchase("t-5", product_id="coins_70"), "fan-1", request_id="r-1")
+    assert caught.value.reason == "UNKNOWN_PRODUCT"
+    with pytest.raises(DomainError) as caught:
+        await crediting.credit(purchase("t-5"), "fan-1", request_id="r-1", account_region="USA")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert receipts.wallet.calls == []
+
+
+async def test_region_policy_flag_marks_purchase(receipts: Receipts) -> None:
+    # The default policy is flag: credited, and marked for review.
+    result = await receipts.components.crediting.credit(
+        purchase("t-6", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE"
+    )
+    assert result.outcome is Outcome.CREDITED
+    assert result.record.flagged_for_review
+    assert receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-6")].request.flagged_for_review
+    same = await receipts.components.crediting.credit(
+        purchase("t-7", storefront="DEU"), "fan-1", request_id="r-2", account_region="DE"
+    )
+    assert not same.record.flagged_for_review
+
+
+async def test_region_policy_refuse(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with receipts_service(
+        keys, database_url, f"sqlite:///{tmp_path / 'w.db'}", {"REGION_POLICY": "refuse"}
+    ) as receipts:
+        with pytest.raises(DomainError) as caught:
+            await receipts.components.crediting.credit(
+                purchase("t-8", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE"
+            )
+        assert caught.value.reason == "REGION_MISMATCH"
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert receipts.wallet.calls == []
+
+
+async def test_promotion_bonus_at_purchase_time(receipts: Receipts) -> None:
+    in_window = datetime(2026, 12, 10, tzinfo=UTC)
+    result = await receipts.components.crediting.credit(
+        purchase("t-9", product_id="com.coinstore.coins.1400", quantity=2, purchase_time=in_window),
+        "fan-1",
+        request_id="r-1",
+    )
+    assert result.bonus_coins == 280
+    assert result.coins_credited == 2 * 1400 + 280
+    request = receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-9")].request
+    assert (request.coins, request.bonus_coins) == (3080, 280)
+
+
+async def test_wallet_down_is_unavailable_not_internal(receipts: Receipts) -> None:
+    receipts.wallet.down = True
+    with pytest.raises(DomainError) as caught:
+        await receipts.components.crediting.credit(purchase("t-10"), "fan-1", request_id="r-1")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.reason == "WALLET_UNAVAILABLE"
+    receipts.wallet.down = False
+    # The purchase stayed bound and is credited on the retry.
+    result = await receipts.components.crediting.credit(purchase("t-10"), "fan-1", request_id="r-1")
+    assert result.outcome is Outcome.CREDITED
+
+
+async def test_reverse_is_cumulative_and_restore(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    await crediting.credit(purchase("t-11", quantity=4), "fan-1", request_id="r-1")
+    first = await crediting.reverse(StoreId.APP_STORE, "t-11", refunded_quantity=1, request_id="n-1")
+    assert (first.applied, first.coins_moved, first.new_balance) == (True, 350, 1050)
+    repeat = await crediting.reverse(StoreId.APP_STORE, "t-11", refunded_quantity=1, request_id="n-2")
+    assert (repeat.applied, repeat.coins_moved) == (False, 0)
+    assert repeat.record is not None
+    assert repeat.record.refunded_quantity == 1
+    restored = await crediting.restore(StoreId.APP_STORE, "t-11", request_id="n-3")
+    assert restored.coins_moved == 350
+    assert restored.record is not None
+    assert restored.record.state.value == "credited"
+
+
+async def test_get_purchase_not_found_and_list_products(receipts: Receipts) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await receipts.stub.GetPurchase(
+            pb.GetPurchaseRequest(store=pb.STORE_APP_STORE, store_transaction_id="nope"),
+            metadata=receipts.md(),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_reason(caught.value) == "PURCHASE_NOT_FOUND"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await receipts.stub.GetPurchase(
+            pb.GetPurchaseRequest(store_transaction_id="x"), metadata=receipts.md(), timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    products = await receipts.stub.ListProducts(
+        pb.ListProductsRequest(store=pb.STORE_APP_STORE), metadata=receipts.md(), timeout=10
+    )
+    assert {p.product_id for p in products.products} == {
+        "com.coinstore.coins.70",
+        "com.coinstore.coins.350",
+        "com.coinstore.coins.1400",
+        "com.coinstore.coins.7000",
+    }
+    assert all(p.store == pb.STORE_APP_STORE and p.price.currency_code == "USD" for p in products.products)
+    both = await receipts.stub.ListProducts(pb.ListProductsRequest(), metadata=receipts.md(), timeout=10)
+    assert len(both.products) == 8
