@@ -21,10 +21,8 @@ from typing import Any
 
 from celery import Celery
 
-from services.common.catalog import load_catalog
 from services.common.celery_app import MAX_COUNTDOWN_SECONDS
 from services.common.clock import SystemClock
-from services.common.db import Database
 from services.common.metrics import Metrics
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import wiring
@@ -77,15 +75,7 @@ def register(
 
     def components() -> wiring.NotificationComponents:
         if "components" not in state:
-            metrics = Metrics("receipts-worker")
-            state["metrics"] = metrics
-            if factory is not None:
-                state["components"] = factory()
-            else:
-                database = Database.from_url(settings.database_url, 4)
-                state["components"] = wiring.build_components(
-                    settings, database, load_catalog(settings.catalog), metrics
-                )
+            state["components"] = factory() if factory is not None else wiring.build_worker_components(settings)
         return state["components"]  # type: ignore[no-any-return]
 
     @app.task(name=process_name, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
@@ -109,7 +99,9 @@ def register(
     @app.task(name=reconcile_name)  # type: ignore[untyped-decorator]
     def reconcile() -> list[dict[str, int]]:
         parts = components()
-        reconciler = build_reconciler(settings, parts, state["metrics"])
+        if "reconciler" not in state:
+            state["reconciler"] = build_reconciler(settings, parts, parts.metrics)
+        reconciler: Reconciler = state["reconciler"]
         return [{"examined": r.examined, "applied": r.applied} for r in reconciler.run()]
 
     schedule = dict(app.conf.beat_schedule or {})

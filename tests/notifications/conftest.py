@@ -149,6 +149,10 @@ class FakeLedger:
         self.add_purchase(*key, account_id, int(transaction.get("quantity") or 1))
         return Applied(True)
 
+    def record_apple(self, transaction: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.calls.append(("record", str(transaction["transactionId"])))
+
     def credit_google(self, account_id: str, product_id: str, purchase_token: str, request_id: str) -> Applied:
         with self._lock:
             self.calls.append(("credit", purchase_token))

@@ -248,6 +248,7 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
         actions=harness.ledger,
         apple_api=None,
         play=None,
+        metrics=harness.metrics,
     )
     tasks_notifications.register(app, settings, factory=lambda: components, queue=queue)
     for i in range(3):

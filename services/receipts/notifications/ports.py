@@ -41,6 +41,11 @@ class PurchaseActions(Protocol):
         """Credit a verified Apple transaction payload (as VerifyApplePurchase does)."""
         ...
 
+    def record_apple(self, transaction: Mapping[str, Any]) -> None:
+        """Record a verified Apple transaction no account of ours claimed yet
+        (the first account to verify it later owns it)."""
+        ...
+
     def credit_google(self, account_id: str, product_id: str, purchase_token: str, request_id: str) -> Applied:
         """Query Google and credit the purchase (as VerifyGooglePurchase does)."""
         ...

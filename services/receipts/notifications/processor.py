@@ -84,6 +84,7 @@ class NotificationHandler:
             token = transaction.get("appAccountToken")
             account = h.accounts.account_for_app_account_token(str(token)) if token else None
             if account is None:
+                h.actions.record_apple(transaction)
                 return "recorded"
             applied = h.actions.credit_apple(account, transaction, _request_id(item, "credit"))
             return "credited" if applied.changed else "already_credited"

@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import base64
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import jwt
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from coinstore.wallet.v1 import wallet_service_pb2 as wallet_pb
-from coinstore.wallet.v1 import wallet_service_pb2_grpc as wallet_grpc
-from services.common.catalog import Catalog, StoreId
-from services.receipts.notifications.ports import Applied, StoreUnavailable, VerificationFailed
+from services.receipts.notifications.ports import StoreUnavailable, VerificationFailed
 
 _DER = Encoding.DER
 _APPLE_LEAF_OID = x509.ObjectIdentifier("1.2.840.113635.100.6.11.1")
@@ -148,95 +142,6 @@ class AppStoreServerApi:
             "GET", environment, f"/inApps/v2/refund/lookup/{transaction_id}", params=params
         ).json()
         return result
-
-
-_STORES = {"APP_STORE": wallet_pb.STORE_APP_STORE, "GOOGLE_PLAY": wallet_pb.STORE_GOOGLE_PLAY}
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
-
-
-def _ms_timestamp(value: Any) -> Timestamp:
-    stamp = Timestamp()
-    if isinstance(value, int):
-        stamp.FromMilliseconds(value)
-    return stamp
-
-
-class WalletPurchaseActions:
-    """Credits, reverses and restores through the wallet's exactly-once RPCs
-    (the wallet keys each purchase on (store, store_transaction_id))."""
-
-    def __init__(self, channel: grpc.Channel, catalog: Catalog) -> None:
-        self._wallet = wallet_grpc.WalletServiceStub(channel)
-        self._catalog = catalog
-
-    def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request)
-        except grpc.RpcError as exc:
-            if exc.code() in _RETRYABLE:
-                raise StoreUnavailable(f"wallet: {exc.code().name}") from exc
-            raise
-
-    def credit_apple(self, account_id: str, transaction: Mapping[str, Any], request_id: str) -> Applied:
-        product = str(transaction.get("productId", ""))
-        pack = self._catalog.pack(StoreId.APP_STORE, product)
-        if pack is None:
-            return Applied(False, "unknown product")
-        quantity = int(transaction.get("quantity") or 1)
-        environment = (
-            wallet_pb.STORE_ENVIRONMENT_SANDBOX
-            if transaction.get("environment") == "Sandbox"
-            else wallet_pb.STORE_ENVIRONMENT_PRODUCTION
-        )
-        request = wallet_pb.CreditPurchaseRequest(
-            request_id=request_id,
-            account_id=account_id,
-            store=wallet_pb.STORE_APP_STORE,
-            store_transaction_id=str(transaction.get("transactionId")),
-            product_id=product,
-            coins=pack.coins * quantity,
-            quantity=quantity,
-            environment=environment,
-            storefront=str(transaction.get("storefront", "")),
-            purchase_time=_ms_timestamp(transaction.get("purchaseDate")),
-        )
-        response = self._call(self._wallet.CreditPurchase, request)
-        return Applied(response.state == wallet_pb.CREDIT_STATE_CREDITED)
-
-    def credit_google(self, account_id: str, product_id: str, purchase_token: str, request_id: str) -> Applied:
-        raise StoreUnavailable("crediting Play purchases from notifications needs the Google Play core")
-
-    def reverse(
-        self,
-        *,
-        store: str,
-        store_transaction_id: str,
-        refunded_quantity: int,
-        refunded_percentage_milli: int,
-        reason: str,
-        request_id: str,
-    ) -> Applied:
-        request = wallet_pb.ReversePurchaseRequest(
-            request_id=request_id,
-            store=_STORES[store],
-            store_transaction_id=store_transaction_id,
-            refunded_quantity=refunded_quantity,
-            refunded_percentage_milli=refunded_percentage_milli,
-            reason=reason,
-        )
-        response = self._call(self._wallet.ReversePurchase, request)
-        return Applied(response.state == wallet_pb.REVERSAL_STATE_APPLIED)
-
-    def restore(self, *, store: str, store_transaction_id: str, reason: str, request_id: str) -> Applied:
-        request = wallet_pb.RestorePurchaseRequest(
-            request_id=request_id, store=_STORES[store], store_transaction_id=store_transaction_id, reason=reason
-        )
-        response = self._call(self._wallet.RestorePurchase, request)
-        return Applied(response.state == wallet_pb.REVERSAL_STATE_APPLIED)
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 class DeliveredFacts:

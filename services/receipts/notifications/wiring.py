@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common.auth import TokenSource, load_private_key
-from services.common.catalog import Catalog
-from services.common.clients import sync_channel
+from services.common.bootstrap import build_runtime
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.metrics import Metrics
+from services.receipts.components import SERVICE, Components
+from services.receipts.components import build_components as core_components
 from services.receipts.config import ReceiptsSettings
+from services.receipts.notifications.core import CoreActions, LoopThread
 from services.receipts.notifications.oidc import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.ports import AppleJwsVerifier, AppleServerApi, PlayApi, PurchaseActions
@@ -20,14 +21,11 @@ from services.receipts.notifications.processor import Handlers, InboxProcessor, 
 from services.receipts.notifications.shims import (
     AppStoreServerApi,
     DeliveredFacts,
-    WalletPurchaseActions,
     X5cJwsVerifier,
     load_roots,
 )
 from services.receipts.notifications.store import BindingStore, InboxStore
 from services.receipts.webhooks import WebhookDeps
-
-WALLET_SCOPES = ("wallet:credit",)
 
 
 def apple_expectations(settings: ReceiptsSettings) -> AppleExpectations:
@@ -85,24 +83,20 @@ class NotificationComponents:
     actions: PurchaseActions
     apple_api: AppleServerApi | None
     play: PlayApi | None
+    metrics: Metrics
 
 
 def build_components(
     settings: ReceiptsSettings,
     database: Database,
-    catalog: Catalog,
     metrics: Metrics,
+    actions: PurchaseActions,
     *,
-    actions: PurchaseActions | None = None,
     apple: AppleServerApi | None = None,
     play: PlayApi | None = None,
     clock: Clock | None = None,
 ) -> NotificationComponents:
     clock = clock or SystemClock()
-    if actions is None:
-        tokens = TokenSource(load_private_key(settings.auth_signing_key), "receipts", WALLET_SCOPES)
-        actions = WalletPurchaseActions(sync_channel(settings.wallet_address, tokens), catalog)
-    apple = apple if apple is not None else apple_api(settings)
     inbox = InboxStore(database)
     bindings = BindingStore(database)
     handler = NotificationHandler(
@@ -123,4 +117,24 @@ def build_components(
         actions=actions,
         apple_api=apple,
         play=play,
+        metrics=metrics,
+    )
+
+
+def build_worker_components(settings: ReceiptsSettings) -> NotificationComponents:
+    """What a receipts worker process needs: the core's crediting path (on its own
+    event loop thread), the store API clients and the inbox."""
+    runtime = build_runtime(SERVICE, settings)
+    loop = LoopThread()
+
+    async def core() -> Components:
+        return core_components(settings, runtime)
+
+    parts = loop.run(core())
+    return build_components(
+        settings,
+        runtime.database,
+        runtime.metrics,
+        CoreActions(parts.crediting, loop),
+        apple=apple_api(settings),
     )

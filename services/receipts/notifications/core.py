@@ -1,0 +1,127 @@
+"""PurchaseActions over the receipts core's one exactly-once path
+(`services.receipts.crediting.Crediting`), for the synchronous Celery worker.
+
+The core is asyncio (grpc.aio wallet channel), so the worker runs one event
+loop in a background thread per process and submits coroutines to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from services.common.catalog import CURRENCY_EXPONENTS, Price, StoreId
+from services.common.errors import NotFound, Unavailable
+from services.receipts.crediting import Crediting
+from services.receipts.domain.purchases import Environment, Outcome, VerifiedPurchase
+from services.receipts.notifications.ports import Applied, StoreUnavailable
+
+T = TypeVar("T")
+
+CALL_TIMEOUT_SECONDS = 60.0
+_STORES = {"APP_STORE": StoreId.APP_STORE, "GOOGLE_PLAY": StoreId.GOOGLE_PLAY}
+
+
+class LoopThread:
+    """An event loop running in a daemon thread; ``run`` blocks for one coroutine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="receipts-core-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT_SECONDS) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+def apple_price(transaction: Mapping[str, Any]) -> Price | None:
+    """Apple's price is in milliunits of ``currency`` (990 = 0.99); minor units round down."""
+    price, currency = transaction.get("price"), transaction.get("currency")
+    if not isinstance(price, int) or not isinstance(currency, str) or currency not in CURRENCY_EXPONENTS:
+        return None
+    minor = int((Decimal(price) / 1000).scaleb(CURRENCY_EXPONENTS[currency]))
+    return Price(minor, currency)
+
+
+def _ms(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(value / 1000, UTC) if isinstance(value, int) else None
+
+
+def apple_purchase(transaction: Mapping[str, Any]) -> VerifiedPurchase:
+    """A verified App Store transaction payload as the core's VerifiedPurchase."""
+    return VerifiedPurchase(
+        store=StoreId.APP_STORE,
+        store_transaction_id=str(transaction["transactionId"]),
+        product_id=str(transaction.get("productId", "")),
+        quantity=int(transaction.get("quantity") or 1),
+        environment=Environment.SANDBOX if transaction.get("environment") == "Sandbox" else Environment.PRODUCTION,
+        storefront=str(transaction.get("storefront", "")),
+        price=apple_price(transaction),
+        purchase_time=_ms(transaction.get("purchaseDate")),
+        original_transaction_id=str(transaction.get("originalTransactionId", "")),
+        revoked=transaction.get("revocationDate") is not None,
+    )
+
+
+class CoreActions:
+    def __init__(self, crediting: Crediting, loop: LoopThread) -> None:
+        self._crediting = crediting
+        self._loop = loop
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        try:
+            return self._loop.run(coroutine)
+        except Unavailable as exc:
+            raise StoreUnavailable(exc.message) from exc
+
+    def credit_apple(self, account_id: str, transaction: Mapping[str, Any], request_id: str) -> Applied:
+        result = self._run(self._crediting.credit(apple_purchase(transaction), account_id, request_id=request_id))
+        return Applied(result.outcome is Outcome.CREDITED, result.outcome.value)
+
+    def record_apple(self, transaction: Mapping[str, Any]) -> None:
+        self._run(self._crediting.record(apple_purchase(transaction)))
+
+    def credit_google(self, account_id: str, product_id: str, purchase_token: str, request_id: str) -> Applied:
+        raise StoreUnavailable("crediting Play purchases from notifications needs the Google Play path")
+
+    def reverse(
+        self,
+        *,
+        store: str,
+        store_transaction_id: str,
+        refunded_quantity: int,
+        refunded_percentage_milli: int,
+        reason: str,
+        request_id: str,
+    ) -> Applied:
+        try:
+            result = self._run(
+                self._crediting.reverse(
+                    _STORES[store],
+                    store_transaction_id,
+                    refunded_quantity=refunded_quantity,
+                    refunded_percentage_milli=refunded_percentage_milli,
+                    reason=reason,
+                    request_id=request_id,
+                )
+            )
+        except NotFound:
+            return Applied(False, "unknown_purchase")
+        return Applied(result.applied, f"{result.coins_moved} coins")
+
+    def restore(self, *, store: str, store_transaction_id: str, reason: str, request_id: str) -> Applied:
+        try:
+            result = self._run(
+                self._crediting.restore(_STORES[store], store_transaction_id, reason=reason, request_id=request_id)
+            )
+        except NotFound:
+            return Applied(False, "unknown_purchase")
+        return Applied(result.applied, f"{result.coins_moved} coins")
