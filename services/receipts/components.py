@@ -10,14 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import httpx
+
 from services.common.bootstrap import Runtime
 from services.common.catalog import Catalog
 from services.common.clients import aio_channel
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.metrics import Metrics
+from services.receipts.appstore.api import AppStoreApi, TokenMinter, load_api_key
+from services.receipts.appstore.jws import AppleJwsVerifier, load_root_certificates
+from services.receipts.appstore.ocsp import HttpOcspChecker
+from services.receipts.appstore.service import ApplePurchases
 from services.receipts.config import ReceiptsSettings
 from services.receipts.crediting import Crediting
+from services.receipts.domain.apple import ApplePolicy
 from services.receipts.domain.binding import Binding
 from services.receipts.store import PurchaseStore
 from services.receipts.wallet import WalletClient
@@ -34,6 +41,9 @@ class Components:
     - ``wallet``: CreditPurchase / ReversePurchase / RestorePurchase client;
     - ``crediting``: the one exactly-once crediting path (also refunds);
     - ``binding``: appAccountToken / obfuscatedAccountId per account;
+    - ``apple``: VerifyApplePurchase; ``apple.verifier`` verifies any Apple JWS
+      (transactions, notifications), ``apple.api`` is the App Store Server API
+      client, ``apple.policy`` the bundle id and accepted environments.
     """
 
     settings: ReceiptsSettings
@@ -45,9 +55,11 @@ class Components:
     binding: Binding
     wallet: WalletClient
     crediting: Crediting
+    apple: ApplePurchases
 
     async def close(self) -> None:
         await self.wallet.close()
+        await self.apple.api.close()
 
 
 def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock | None = None) -> Components:
@@ -57,6 +69,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
     )
     crediting = Crediting(store, wallet, runtime.catalog, settings.region_policy, clock, runtime.metrics)
+    binding = Binding(settings.binding_secret)
     return Components(
         settings=settings,
         database=runtime.database,
@@ -64,7 +77,32 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         metrics=runtime.metrics,
         clock=clock,
         store=store,
-        binding=Binding(settings.binding_secret),
+        binding=binding,
         wallet=wallet,
         crediting=crediting,
+        apple=build_apple(settings, crediting, binding, runtime.metrics),
     )
+
+
+def build_apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, metrics: Metrics) -> ApplePurchases:
+    """The App Store path. Unreadable root certificates or API key stop start-up (SettingsError)."""
+    http = httpx.AsyncClient(timeout=settings.apple_api_timeout_seconds)
+    ocsp = HttpOcspChecker(http, settings.apple_api_timeout_seconds) if settings.apple_online_checks else None
+    verifier = AppleJwsVerifier(
+        load_root_certificates(settings.apple_root_certs), online_checks=settings.apple_online_checks, ocsp=ocsp
+    )
+    tokens = TokenMinter(
+        load_api_key(settings.apple_api_key_file),
+        settings.apple_api_key_id,
+        settings.apple_api_issuer_id,
+        settings.apple_bundle_id,
+    )
+    api = AppStoreApi(
+        http,
+        tokens,
+        production_url=settings.apple_api_url,
+        sandbox_url=settings.apple_sandbox_api_url,
+        timeout_seconds=settings.apple_api_timeout_seconds,
+    )
+    policy = ApplePolicy(settings.apple_bundle_id, frozenset(settings.apple_environments))
+    return ApplePurchases(verifier, api, crediting, binding, policy, metrics)

@@ -11,12 +11,20 @@ from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
 from services.common.validation import require_enum, require_id, require_text
 from services.receipts.components import Components
-from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb
-from services.receipts.errors import NotFound
+from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, result_pb
+from services.receipts.domain.purchases import Environment
+from services.receipts.errors import InvalidArgument, NotFound
 
 M = TypeVar("M", bound=Message)
 
 MAX_STORE_TRANSACTION_ID = 512
+MAX_SIGNED_TRANSACTION = 64 * 1024
+MAX_APP_RECEIPT = 1024 * 1024
+ENVIRONMENT_HINTS: dict[int, Environment | None] = {
+    pb.STORE_ENVIRONMENT_UNSPECIFIED: None,
+    pb.STORE_ENVIRONMENT_PRODUCTION: Environment.PRODUCTION,
+    pb.STORE_ENVIRONMENT_SANDBOX: Environment.SANDBOX,
+}
 
 
 class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
@@ -72,3 +80,33 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
             for pack in catalog.packs_for(store)
         ]
         return pb.ListProductsResponse(products=products)
+
+    async def VerifyApplePurchase(
+        self, request: pb.VerifyApplePurchaseRequest, context: Any
+    ) -> pb.VerifyApplePurchaseResponse:
+        request_id = require_id("request_id", request.request_id)
+        account_id = require_id("account_id", request.account_id)
+        proof = request.WhichOneof("proof")
+        if proof is None:
+            raise InvalidArgument("proof", "give one of signed_transaction, transaction_id or app_receipt")
+        if proof == "signed_transaction":
+            require_text("signed_transaction", request.signed_transaction, MAX_SIGNED_TRANSACTION)
+        elif proof == "transaction_id":
+            require_id("transaction_id", request.transaction_id)
+        else:
+            require_text("app_receipt", request.app_receipt, MAX_APP_RECEIPT)
+        hint = require_enum("environment_hint", request.environment_hint, ENVIRONMENT_HINTS)
+
+        async def work() -> pb.VerifyApplePurchaseResponse:
+            results = await self._c.apple.verify(
+                account_id=account_id,
+                request_id=request_id,
+                account_region=request.account_region,
+                signed_transaction=request.signed_transaction,
+                transaction_id=request.transaction_id,
+                app_receipt=request.app_receipt,
+                environment_hint=hint,
+            )
+            return pb.VerifyApplePurchaseResponse(purchases=[result_pb(r) for r in results])
+
+        return await self.idempotent("VerifyApplePurchase", request_id, request, pb.VerifyApplePurchaseResponse, work)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as rpb_grpc
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
@@ -26,6 +27,7 @@ from services.common.settings import load_settings
 from services.receipts.components import Components, build_components
 from services.receipts.config import ReceiptsSettings
 from services.receipts.server import build_host_with
+from services.storesim import apple as apple_sim
 from tests.support.grpc_server import running_host
 from tests.support.tokens import Keys
 
@@ -133,8 +135,16 @@ async def fake_wallet(keys: Keys, database_url: str) -> AsyncIterator[tuple[Fake
         database.close()
 
 
-def receipts_settings(keys: Keys, database_url: str, wallet_port: int, **extra: str) -> ReceiptsSettings:
+def receipts_settings(
+    keys: Keys, database_url: str, wallet_port: int, state_dir: Path, **extra: str
+) -> ReceiptsSettings:
+    """Settings for a test receipts service. The App Store simulator's root and
+    In-App Purchase key are created under ``state_dir`` (as `make run` does)."""
+    apple_sim.create_store(state_dir)
     environ: dict[str, str] = {
+        "COINSTORE_APPLE_ROOT_CERTS": str(state_dir / "apple" / "root.der"),
+        "COINSTORE_APPLE_API_KEY_FILE": str(state_dir / "apple" / "SubscriptionKey.p8"),
+        "COINSTORE_APPLE_API_TIMEOUT_SECONDS": "2",
         "COINSTORE_DATABASE_URL": database_url,
         "COINSTORE_CATALOG": str(REPO / "deploy" / "catalog.toml"),
         "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
@@ -170,11 +180,14 @@ class Receipts:
 
 @asynccontextmanager
 async def receipts_service(
-    keys: Keys, database_url: str, wallet_db_url: str, settings_extra: Mapping[str, str] | None = None
+    keys: Keys,
+    database_url: str,
+    state_dir: Path,
+    settings_extra: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Receipts]:
     """A real receipts gRPC host (components from settings) in front of the fake wallet."""
-    async with fake_wallet(keys, wallet_db_url) as (wallet, wallet_port):
-        settings = receipts_settings(keys, database_url, wallet_port, **dict(settings_extra or {}))
+    async with fake_wallet(keys, f"sqlite:///{state_dir / 'fake-wallet.db'}") as (wallet, wallet_port):
+        settings = receipts_settings(keys, database_url, wallet_port, state_dir, **dict(settings_extra or {}))
         runtime = runtime_for(settings)
         components = build_components(settings, runtime)
         host = build_host_with(components, runtime, port=0)
@@ -201,3 +214,27 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
             detail.Unpack(info)
             return str(info.reason)
     raise AssertionError("no ErrorInfo in the status details")
+
+
+@asynccontextmanager
+async def apple_simulator(state_dir: Path) -> AsyncIterator[tuple[apple_sim.AppleStore, str]]:
+    """The App Store simulator on a free port: (its store, base URL)."""
+    store = apple_sim.create_store(state_dir)
+    app = web.Application()
+    apple_sim.add_routes(app, store)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield store, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def simulator_settings(base_url: str) -> dict[str, str]:
+    return {
+        "APPLE_API_URL": f"{base_url}/apple/production",
+        "APPLE_SANDBOX_API_URL": f"{base_url}/apple/sandbox",
+    }

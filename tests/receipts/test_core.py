@@ -26,7 +26,7 @@ PACK = "com.coinstore.coins.350"
 
 @pytest.fixture
 async def receipts(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[Receipts]:
-    async with receipts_service(keys, database_url, f"sqlite:///{tmp_path / 'wallet.db'}") as service:
+    async with receipts_service(keys, database_url, tmp_path) as service:
         yield service
 
 
@@ -168,9 +168,7 @@ async def test_region_policy_flag_marks_purchase(receipts: Receipts) -> None:
 
 
 async def test_region_policy_refuse(keys: Keys, database_url: str, tmp_path: Path) -> None:
-    async with receipts_service(
-        keys, database_url, f"sqlite:///{tmp_path / 'w.db'}", {"REGION_POLICY": "refuse"}
-    ) as receipts:
+    async with receipts_service(keys, database_url, tmp_path, {"REGION_POLICY": "refuse"}) as receipts:
         with pytest.raises(DomainError) as caught:
             await receipts.components.crediting.credit(
                 purchase("t-8", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE"

@@ -1,0 +1,1 @@
+"""The App Store path of the receipts service."""

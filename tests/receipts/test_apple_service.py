@@ -1,0 +1,236 @@
+"""VerifyApplePurchase end to end: a real receipts gRPC server, the App Store
+simulator over HTTP, and a wallet on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from coinstore.receipts.v1 import receipt_service_pb2 as pb
+from services.storesim.apple import AppleStore, Fault, make_pki
+from tests.receipts.support import Receipts, apple_simulator, error_reason, receipts_service, simulator_settings
+from tests.support.tokens import Keys
+
+PACK = "com.coinstore.coins.350"
+
+
+class World:
+    def __init__(self, receipts: Receipts, store: AppleStore, url: str) -> None:
+        self.receipts = receipts
+        self.store = store
+        self.url = url
+
+    async def token(self, account_id: str) -> str:
+        reply = await self.receipts.stub.GetPurchaseBinding(
+            pb.GetPurchaseBindingRequest(account_id=account_id), metadata=self.receipts.md(), timeout=10
+        )
+        return str(reply.app_account_token)
+
+    async def device_buy(self, **body: object) -> tuple[str, str]:
+        """Buy through the simulator's HTTP endpoint, as the app would via StoreKit."""
+        async with httpx.AsyncClient() as client:
+            reply = await client.post(f"{self.url}/apple/buy", json={"productId": PACK, **body}, timeout=5)
+        reply.raise_for_status()
+        data = reply.json()
+        return data["transactionId"], data["signedTransaction"]
+
+    async def verify(self, request: pb.VerifyApplePurchaseRequest) -> pb.VerifyApplePurchaseResponse:
+        return await self.receipts.stub.VerifyApplePurchase(request, metadata=self.receipts.md(), timeout=20)
+
+    async def refused(self, request: pb.VerifyApplePurchaseRequest) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await self.verify(request)
+        return caught.value.code(), error_reason(caught.value)
+
+
+@pytest.fixture
+async def world(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    async with (
+        apple_simulator(tmp_path) as (store, url),
+        receipts_service(keys, database_url, tmp_path, simulator_settings(url)) as receipts,
+    ):
+        yield World(receipts, store, url)
+
+
+async def test_signed_transaction_credited_once(world: World) -> None:
+    token = await world.token("fan-1")
+    txid, jws = await world.device_buy(appAccountToken=token, quantity=2)
+    request = pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=jws)
+    first = await world.verify(request)
+    (purchase,) = first.purchases
+    assert purchase.state == pb.PURCHASE_STATE_CREDITED
+    assert purchase.store_transaction_id == txid
+    assert (purchase.quantity, purchase.coins_credited, purchase.new_balance) == (2, 700, 700)
+    assert purchase.environment == pb.STORE_ENVIRONMENT_SANDBOX
+    assert purchase.storefront == "USA"
+    assert (purchase.price.amount_minor, purchase.price.currency_code) == (1298, "USD")
+    # The same request id replays the original answer; another id reports ALREADY_CREDITED.
+    assert await world.verify(request) == first
+    again = await world.verify(
+        pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", signed_transaction=jws)
+    )
+    assert again.purchases[0].state == pb.PURCHASE_STATE_ALREADY_CREDITED
+    assert world.receipts.wallet.balances == {"fan-1": 700}
+    code, reason = await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-2", signed_transaction=jws)
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_ID_REUSED")
+
+
+async def test_twenty_concurrent_calls_credit_once(world: World) -> None:
+    _txid, jws = await world.device_buy(appAccountToken=await world.token("fan-1"))
+    replies = await asyncio.gather(
+        *(
+            world.verify(pb.VerifyApplePurchaseRequest(request_id=f"c-{i}", account_id="fan-1", signed_transaction=jws))
+            for i in range(20)
+        )
+    )
+    states = [r.purchases[0].state for r in replies]
+    assert states.count(pb.PURCHASE_STATE_CREDITED) == 1
+    assert states.count(pb.PURCHASE_STATE_ALREADY_CREDITED) == 19
+    assert world.receipts.wallet.balances == {"fan-1": 350}
+
+
+async def test_second_account_refused_nothing_moves(world: World) -> None:
+    _txid, bound = await world.device_buy(appAccountToken=await world.token("fan-1"))
+    code, reason = await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-2", signed_transaction=bound)
+    )
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "ACCOUNT_MISMATCH")
+    # Without appAccountToken the first account to claim it owns it.
+    _txid, unbound = await world.device_buy()
+    await world.verify(pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", signed_transaction=unbound))
+    calls = len(world.receipts.wallet.calls)
+    code, reason = await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-3", account_id="fan-2", signed_transaction=unbound)
+    )
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "RECEIPT_BOUND_TO_OTHER_ACCOUNT")
+    assert len(world.receipts.wallet.calls) == calls
+    assert world.receipts.wallet.balances == {"fan-1": 350}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"bundleId": "com.example.other"}, (grpc.StatusCode.INVALID_ARGUMENT, "WRONG_BUNDLE")),
+        ({"environment": "Xcode"}, (grpc.StatusCode.FAILED_PRECONDITION, "WRONG_ENVIRONMENT")),
+        ({"type": "Non-Consumable"}, (grpc.StatusCode.FAILED_PRECONDITION, "NOT_CONSUMABLE")),
+        ({"productId": "com.example.unknown"}, (grpc.StatusCode.FAILED_PRECONDITION, "UNKNOWN_PRODUCT")),
+    ],
+)
+async def test_refusals_have_their_own_reasons(
+    world: World, change: dict[str, str], expected: tuple[grpc.StatusCode, str]
+) -> None:
+    _txid, jws = await world.device_buy(**change)
+    assert (
+        await world.refused(pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=jws))
+        == expected
+    )
+    assert world.receipts.wallet.calls == []
+
+
+async def test_forged_and_foreign_signatures_refused(world: World) -> None:
+    from services.storesim.apple import JwsSigner
+
+    _txid, jws = await world.device_buy()
+    header, payload, signature = jws.split(".")
+    tampered = f"{header}.{payload[:-4]}AAAA.{signature}"
+    assert (
+        await world.refused(
+            pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=tampered)
+        )
+    )[1] in ("INVALID_SIGNATURE", "MALFORMED_JWS")
+    foreign = make_pki(name="Foreign")
+    forged = JwsSigner(foreign.leaf_key, foreign.chain).sign(world.store.transaction(_txid) or {})
+    assert await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", signed_transaction=forged)
+    ) == (grpc.StatusCode.INVALID_ARGUMENT, "UNTRUSTED_CHAIN")
+    assert await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-3", account_id="fan-1", signed_transaction="garbage")
+    ) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_JWS")
+    assert await world.refused(pb.VerifyApplePurchaseRequest(request_id="r-4", account_id="fan-1")) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+
+
+async def test_revoked_transaction_credits_nothing(world: World) -> None:
+    txid, _ = await world.device_buy()
+    world.store.refund(txid)
+    revoked = world.store.signed_transaction(txid)
+    reply = await world.verify(
+        pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=revoked)
+    )
+    assert reply.purchases[0].state == pb.PURCHASE_STATE_REVOKED
+    assert reply.purchases[0].coins_credited == 0
+    assert world.receipts.wallet.calls == []
+
+
+async def test_transaction_id_with_sandbox_fallback(world: World) -> None:
+    txid, _ = await world.device_buy(environment="Sandbox")
+    reply = await world.verify(pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", transaction_id=txid))
+    assert reply.purchases[0].state == pb.PURCHASE_STATE_CREDITED
+    assert reply.purchases[0].environment == pb.STORE_ENVIRONMENT_SANDBOX
+    paths = [p for _m, p, _q in world.store.api_calls]
+    assert paths == [
+        f"/apple/production/inApps/v1/transactions/{txid}",
+        f"/apple/sandbox/inApps/v1/transactions/{txid}",
+    ]
+    assert await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", transaction_id="999999999")
+    ) == (grpc.StatusCode.NOT_FOUND, "TRANSACTION_NOT_FOUND")
+
+
+async def test_production_only_policy_never_credits_sandbox(keys: Keys, sqlite_url: str, tmp_path: Path) -> None:
+    async with (
+        apple_simulator(tmp_path) as (store, url),
+        receipts_service(
+            keys, sqlite_url, tmp_path, {**simulator_settings(url), "APPLE_ENVIRONMENTS": "Production"}
+        ) as receipts,
+    ):
+        world = World(receipts, store, url)
+        txid, jws = await world.device_buy(environment="Sandbox")
+        assert await world.refused(
+            pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=jws)
+        ) == (grpc.StatusCode.FAILED_PRECONDITION, "WRONG_ENVIRONMENT")
+        assert await world.refused(
+            pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", transaction_id=txid)
+        ) == (grpc.StatusCode.NOT_FOUND, "TRANSACTION_NOT_FOUND")
+        assert all("/sandbox/" not in p for _m, p, _q in store.api_calls)
+
+
+async def test_legacy_receipt_credits_each_consumable_once(world: World) -> None:
+    ids = [(await world.device_buy(customer="apple-id-1", environment="Production"))[0] for _ in range(3)]
+    await world.device_buy(customer="apple-id-1", environment="Production", type="Non-Consumable", productId="x")
+    receipt = world.store.app_receipt(ids[:1])
+    reply = await world.verify(pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", app_receipt=receipt))
+    assert sorted(p.store_transaction_id for p in reply.purchases) == sorted(ids)
+    assert {p.state for p in reply.purchases} == {pb.PURCHASE_STATE_CREDITED}
+    again = await world.verify(pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", app_receipt=receipt))
+    assert {p.state for p in again.purchases} == {pb.PURCHASE_STATE_ALREADY_CREDITED}
+    assert world.receipts.wallet.balances == {"fan-1": 3 * 350}
+    assert await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-3", account_id="fan-1", app_receipt="bm90IGEgcmVjZWlwdA==")
+    ) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_RECEIPT")
+
+
+async def test_dependencies_down_are_unavailable(world: World) -> None:
+    txid, jws = await world.device_buy(environment="Production")
+    world.store.inject(Fault(status=500, count=100))
+    assert await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", transaction_id=txid)
+    ) == (grpc.StatusCode.UNAVAILABLE, "APP_STORE_UNAVAILABLE")
+    world.receipts.wallet.down = True
+    assert await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", signed_transaction=jws)
+    ) == (grpc.StatusCode.UNAVAILABLE, "WALLET_UNAVAILABLE")
+    world.receipts.wallet.down = False
+    reply = await world.verify(
+        pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", signed_transaction=jws)
+    )
+    assert reply.purchases[0].state == pb.PURCHASE_STATE_CREDITED
