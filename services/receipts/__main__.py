@@ -8,17 +8,19 @@ from services.common.bootstrap import build_runtime, load, run_main
 from services.common.celery_app import make_celery_app
 from services.common.server import run_until_signalled
 from services.receipts import tasks_notifications
+from services.receipts.components import build_components
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import wiring
-from services.receipts.server import SERVICE, build_host
+from services.receipts.server import SERVICE, build_host_with
 from services.receipts.webhooks import InboxCollector, WebhookServer, create_webhook_app
 
 
 async def serve(settings: ReceiptsSettings) -> None:
     runtime = build_runtime(SERVICE, settings)
-    host = build_host(settings, runtime)
+    components = build_components(settings, runtime)
+    host = build_host_with(components, runtime)
     celery = make_celery_app(SERVICE, settings.broker_url)
-    deps = wiring.webhook_deps(settings, runtime.database, runtime.metrics, tasks_notifications.sender(celery))
+    deps = wiring.webhook_deps(settings, components, tasks_notifications.sender(celery), asyncio.get_running_loop())
     runtime.metrics.registry.register(InboxCollector(deps.inbox))  # type: ignore[arg-type]
     webhooks = WebhookServer(create_webhook_app(deps), settings.bind_host, settings.webhook_port)
     runtime.metrics.serve(settings.bind_host, settings.receipts_metrics_port)
@@ -30,6 +32,7 @@ async def serve(settings: ReceiptsSettings) -> None:
     async def stop() -> None:
         await webhooks.stop()
         await host.stop()
+        await components.close()
         runtime.database.close()
 
     await run_until_signalled(start, stop)

@@ -55,7 +55,7 @@ def build_reconciler(
         package_name=settings.google_package_name,
         play=components.play,
         apple_api=components.apple_api,
-        apple_verifier=wiring.apple_verifier(settings),
+        apple_verifier=components.apple_verifier,
         recent=InboxPurchases(components.inbox.db),
     )
 

@@ -4,6 +4,7 @@ server on a real port."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,15 +19,16 @@ from services.common import migrate
 from services.common.clock import SystemClock
 from services.common.db import Database
 from services.common.metrics import Metrics
+from services.receipts.appstore.jws import AppleJwsVerifier
+from services.receipts.notifications.core import CoreAppleVerifier
 from services.receipts.notifications.oidc import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.ports import Applied
-from services.receipts.notifications.shims import X5cJwsVerifier
 from services.receipts.notifications.store import InboxStore
 from services.receipts.webhooks import WebhookDeps, WebhookServer, create_webhook_app
+from services.storesim import apple as apple_sim
 from services.storesim import pubsub
 from services.storesim.config import StoresimSettings
-from tests.notifications.apple_pki import ApplePki
 
 AUDIENCE = "https://receipts.test/notifications/google"
 SERVICE_ACCOUNT = "pubsub-push@coinstore-test.iam.gserviceaccount.com"
@@ -74,8 +76,20 @@ async def sim(tmp_path: Path) -> AsyncIterator[Sim]:
 
 
 @pytest.fixture(scope="session")
-def pki() -> ApplePki:
-    return ApplePki.create()
+def apple_store(tmp_path_factory: pytest.TempPathFactory) -> apple_sim.AppleStore:
+    """The App Store simulator's state: its signer is the chain our roots trust."""
+    return apple_sim.create_store(tmp_path_factory.mktemp("apple-sim"))
+
+
+@pytest.fixture(scope="session")
+def foreign_store(tmp_path_factory: pytest.TempPathFactory) -> apple_sim.AppleStore:
+    """Another App Store simulator: a valid chain, but to a root we do not trust."""
+    return apple_sim.create_store(tmp_path_factory.mktemp("apple-foreign"))
+
+
+def core_verifier(store: apple_sim.AppleStore, loop: asyncio.AbstractEventLoop) -> CoreAppleVerifier:
+    """The receipts core's verifier (the one VerifyApplePurchase uses) trusting ``store``'s root."""
+    return CoreAppleVerifier(AppleJwsVerifier([store.pki.root]), loop)
 
 
 @dataclass
@@ -94,7 +108,7 @@ class Webhook:
 
 
 @pytest.fixture
-async def webhook(receipts_db: Database, sim: Sim, pki: ApplePki) -> AsyncIterator[Webhook]:
+async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleStore) -> AsyncIterator[Webhook]:
     lock = threading.Lock()
     dispatched: list[int] = []
 
@@ -106,7 +120,7 @@ async def webhook(receipts_db: Database, sim: Sim, pki: ApplePki) -> AsyncIterat
     inbox = InboxStore(receipts_db)
     deps = WebhookDeps(
         inbox=inbox,
-        apple_verifier=X5cJwsVerifier([pki.root]),
+        apple_verifier=core_verifier(apple_store, asyncio.get_running_loop()),
         apple=AppleExpectations("com.coinstore.app", 1234567890, ("Production", "Sandbox")),
         pubsub=PubSubTokenVerifier(JwksCache(sim.jwks_url, refresh_cooldown=0.0), AUDIENCE, SERVICE_ACCOUNT),
         package_name=PACKAGE,

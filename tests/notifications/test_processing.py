@@ -8,7 +8,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,15 @@ from services.common.metrics import Metrics
 from services.receipts import tasks_notifications
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import wiring
+from services.receipts.notifications.core import LoopThread
 from services.receipts.notifications.parse import AppleExpectations, parse_apple, parse_google
 from services.receipts.notifications.ports import StoreUnavailable
 from services.receipts.notifications.processor import Handlers, InboxProcessor, NotificationHandler
-from services.receipts.notifications.shims import X5cJwsVerifier
 from services.receipts.notifications.store import BindingStore, InboxStore, NewNotification
+from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
-from tests.notifications.apple_pki import ApplePki, notification, transaction
-from tests.notifications.conftest import PACKAGE, FakeLedger
+from tests.notifications.apple_payloads import notification, transaction
+from tests.notifications.conftest import PACKAGE, FakeLedger, core_verifier
 from tests.notifications.test_webhook import rtdn
 
 EXPECT = AppleExpectations("com.coinstore.app", 1234567890, ("Production", "Sandbox"))
@@ -66,9 +67,9 @@ class Facts:
 
 
 class Harness:
-    def __init__(self, db: Database, pki: ApplePki, *, send_consumption: bool = False) -> None:
+    def __init__(self, db: Database, apple_store: AppleStore, *, send_consumption: bool = False) -> None:
         self.db = db
-        self.pki = pki
+        self.sign = apple_store.sign
         self.inbox = InboxStore(db)
         self.bindings = BindingStore(db)
         self.ledger = FakeLedger()
@@ -87,10 +88,11 @@ class Harness:
             )
         )
         self.processor = InboxProcessor(self.inbox, handler, self.metrics, SystemClock())
-        self.verifier = X5cJwsVerifier([pki.root])
+        self.loop = LoopThread()
+        self.verifier = core_verifier(apple_store, self.loop.loop)
 
     def store_apple(self, kind: str, tx: dict[str, Any], uuid_: str | None = None) -> int:
-        body = notification(self.pki, kind, self.pki.sign(tx), notification_uuid=uuid_)
+        body = notification(self.sign, kind, self.sign(tx), notification_uuid=uuid_)
         item = parse_apple(json.dumps(body).encode(), self.verifier, EXPECT)
         return self.inbox.accept(item, datetime.now(UTC)).id
 
@@ -101,8 +103,10 @@ class Harness:
 
 
 @pytest.fixture
-def harness(receipts_db: Database, pki: ApplePki) -> Harness:
-    return Harness(receipts_db, pki)
+def harness(receipts_db: Database, apple_store: AppleStore) -> Iterator[Harness]:
+    harness = Harness(receipts_db, apple_store)
+    yield harness
+    harness.loop.close()
 
 
 def test_apple_types_end_to_end_through_the_ledger(harness: Harness) -> None:
@@ -130,8 +134,8 @@ def test_apple_types_end_to_end_through_the_ledger(harness: Harness) -> None:
     assert harness.apple_api.sent == []
 
 
-def test_consumption_request_is_answered_when_enabled(receipts_db: Database, pki: ApplePki) -> None:
-    harness = Harness(receipts_db, pki, send_consumption=True)
+def test_consumption_request_is_answered_when_enabled(receipts_db: Database, apple_store: AppleStore) -> None:
+    harness = Harness(receipts_db, apple_store, send_consumption=True)
     outcome, _ = harness.processor.process(harness.store_apple("CONSUMPTION_REQUEST", transaction("3000000003")))
     assert outcome == "consumption_sent"
     assert harness.apple_api.sent == [
@@ -233,11 +237,11 @@ def test_failures_are_retried_with_backoff_and_counted(harness: Harness, monkeyp
 
 @pytest.mark.timeout(120)
 def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
-    receipts_db: Database, pki: ApplePki, broker_url: str, tmp_path: Path
+    receipts_db: Database, apple_store: AppleStore, broker_url: str, tmp_path: Path
 ) -> None:
     if not broker_url.startswith("sqla+"):
         pytest.skip("the sweeper's broker independence is shown on the embedded broker")
-    harness = Harness(receipts_db, pki)
+    harness = Harness(receipts_db, apple_store)
     queue = f"receipts-{uuid.uuid4().hex[:8]}"
     app = make_celery_app(queue, broker_url)
     settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=0.0)  # type: ignore[call-arg]

@@ -16,8 +16,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.receipts.notifications.parse import APPLE, GOOGLE
+from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
-from tests.notifications.apple_pki import ApplePki, notification, transaction
+from tests.notifications.apple_payloads import notification, transaction
 from tests.notifications.conftest import PACKAGE, Sim, Webhook
 
 GOOGLE_PATH = "/notifications/google"
@@ -184,8 +185,9 @@ async def test_simulator_redelivers_until_acknowledged(sim: Sim) -> None:
 # --- Apple -------------------------------------------------------------------------------------------------
 
 
-async def test_apple_notification_is_verified_and_stored(pki: ApplePki, webhook: Webhook) -> None:
-    signed = pki.sign(transaction("2000000001", app_account_token=str(uuid.uuid4())))
+async def test_apple_notification_is_verified_and_stored(apple_store: AppleStore, webhook: Webhook) -> None:
+    pki = apple_store.sign
+    signed = pki(transaction("2000000001", app_account_token=str(uuid.uuid4())))
     body = notification(pki, "REFUND", signed, notification_uuid="aaaaaaaa-0000-4000-8000-000000000001")
     for _ in range(3):
         status, _ = await webhook.post(APPLE_PATH, body)
@@ -199,11 +201,12 @@ async def test_apple_notification_is_verified_and_stored(pki: ApplePki, webhook:
     assert len(webhook.dispatched) == 1
 
 
-async def test_apple_test_notification_is_acked(pki: ApplePki, webhook: Webhook) -> None:
+async def test_apple_test_notification_is_acked(apple_store: AppleStore, webhook: Webhook) -> None:
+    pki = apple_store.sign
     status, _ = await webhook.post(APPLE_PATH, notification(pki, "TEST", None))
     assert status == 200
     stale = {"notificationType": "TEST", "notificationUUID": str(uuid.uuid4()), "version": "2.0", "signedDate": 1}
-    status, _ = await webhook.post(APPLE_PATH, {"signedPayload": pki.sign(stale)})
+    status, _ = await webhook.post(APPLE_PATH, {"signedPayload": pki(stale)})
     assert status == 401  # signed when the certificates were not valid
 
 
@@ -215,34 +218,37 @@ def _tamper(jws: str, **changes: Any) -> str:
     return f"{header}.{forged}.{signature}"
 
 
-async def test_forged_and_foreign_apple_payloads_are_refused(pki: ApplePki, webhook: Webhook) -> None:
-    other = ApplePki.create()
-    good_tx = pki.sign(transaction("2000000002"))
+async def test_forged_and_foreign_apple_payloads_are_refused(
+    apple_store: AppleStore, foreign_store: AppleStore, webhook: Webhook
+) -> None:
+    other = foreign_store.sign
+    pki = apple_store.sign
+    good_tx = pki(transaction("2000000002"))
     good = notification(pki, "REFUND", good_tx)
     cases: dict[str, tuple[dict[str, Any], set[int]]] = {
         "forged payload": (
             {"signedPayload": _tamper(good["signedPayload"], notificationType="ONE_TIME_CHARGE")},
             {401},
         ),
-        "wrong root": (notification(other, "REFUND", other.sign(transaction("2000000002"))), {401}),
+        "wrong root": (notification(other, "REFUND", other(transaction("2000000002"))), {401}),
         "forged transaction": (notification(pki, "REFUND", _tamper(good_tx, quantity=50)), {401}),
         "wrong bundle": (notification(pki, "REFUND", good_tx, bundle_id="com.evil.app"), {403}),
         "transaction of another bundle": (
-            notification(pki, "REFUND", pki.sign(transaction("2000000002", bundle_id="com.evil.app"))),
+            notification(pki, "REFUND", pki(transaction("2000000002", bundle_id="com.evil.app"))),
             {403},
         ),
         "production, wrong app id": (
             notification(
                 pki,
                 "REFUND",
-                pki.sign(transaction("2000000002", environment="Production")),
+                pki(transaction("2000000002", environment="Production")),
                 environment="Production",
                 app_apple_id=999,
             ),
             {403},
         ),
         "Xcode environment": (
-            notification(pki, "REFUND", pki.sign(transaction("2000000002", environment="Xcode")), environment="Xcode"),
+            notification(pki, "REFUND", pki(transaction("2000000002", environment="Xcode")), environment="Xcode"),
             {403},
         ),
         "not JSON": (b"signedPayload=abc", {400}),  # type: ignore[dict-item]

@@ -15,10 +15,12 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from services.common.catalog import CURRENCY_EXPONENTS, Price, StoreId
-from services.common.errors import NotFound, Unavailable
+from services.common.errors import DomainError, NotFound, Unavailable
+from services.receipts.appstore.api import AppStoreApi
+from services.receipts.appstore.jws import AppleJwsVerifier
 from services.receipts.crediting import Crediting
 from services.receipts.domain.purchases import Environment, Outcome, VerifiedPurchase
-from services.receipts.notifications.ports import Applied, StoreUnavailable
+from services.receipts.notifications.ports import Applied, StoreUnavailable, VerificationFailed
 
 T = TypeVar("T")
 
@@ -125,3 +127,58 @@ class CoreActions:
         except NotFound:
             return Applied(False, "unknown_purchase")
         return Applied(result.applied, f"{result.coins_moved} coins")
+
+
+class CoreAppleVerifier:
+    """The core's AppleJwsVerifier (the same one VerifyApplePurchase uses) as the
+    notifications' port. Called from a worker thread; the OCSP path (online
+    checks) runs on the loop that owns the core's HTTP client."""
+
+    def __init__(self, verifier: AppleJwsVerifier, loop: asyncio.AbstractEventLoop) -> None:
+        self._verifier = verifier
+        self._loop = loop
+
+    def verify(self, jws: str) -> Mapping[str, Any]:
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._verifier.verify_async(jws, "signedPayload"), self._loop)
+            return future.result(CALL_TIMEOUT_SECONDS)
+        except DomainError as exc:
+            if isinstance(exc, Unavailable):
+                raise
+            raise VerificationFailed(f"{exc.reason}: {exc.message}") from None
+
+
+_ENVIRONMENTS = {"Production": Environment.PRODUCTION, "Sandbox": Environment.SANDBOX}
+
+
+class CoreAppleApi:
+    """The core's async App Store Server API client as the notifications' port."""
+
+    def __init__(self, api: AppStoreApi, loop: LoopThread) -> None:
+        self._api = api
+        self._loop = loop
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        try:
+            return self._loop.run(coroutine)
+        except Unavailable as exc:
+            raise StoreUnavailable(exc.message) from exc
+
+    def send_consumption_information(self, transaction_id: str, environment: str, body: Mapping[str, Any]) -> None:
+        self._run(
+            self._api.send_consumption_information(
+                _ENVIRONMENTS.get(environment, Environment.PRODUCTION), transaction_id, body
+            )
+        )
+
+    def get_refund_history(self, transaction_id: str, environment: str, revision: str | None) -> Mapping[str, Any]:
+        page = self._run(
+            self._api.get_refund_history(
+                _ENVIRONMENTS.get(environment, Environment.PRODUCTION), transaction_id, revision or ""
+            )
+        )
+        return {
+            "revision": page.revision,
+            "hasMore": page.has_more,
+            "signedTransactions": list(page.signed_transactions),
+        }

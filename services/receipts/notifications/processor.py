@@ -170,6 +170,15 @@ class NotificationHandler:
         return "ignored"
 
 
+class DeliveredFacts:
+    """Coins are delivered the moment they are credited; how many of them were
+    spent is the wallet's to say (no RPC tells it per purchase yet), so this
+    reports DELIVERED with 0 % consumed."""
+
+    def consumption(self, store_transaction_id: str) -> tuple[str, int]:
+        return "DELIVERED", 0
+
+
 class InboxProcessor:
     """Claims a stored row, applies it, and finishes or schedules a retry."""
 

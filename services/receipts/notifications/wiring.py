@@ -3,6 +3,7 @@ adapters (the core's where they exist, `shims` otherwise)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,27 +14,17 @@ from services.common.metrics import Metrics
 from services.receipts.components import SERVICE, Components
 from services.receipts.components import build_components as core_components
 from services.receipts.config import ReceiptsSettings
-from services.receipts.notifications.core import CoreActions, LoopThread
+from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier, LoopThread
 from services.receipts.notifications.oidc import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.ports import AppleJwsVerifier, AppleServerApi, PlayApi, PurchaseActions
-from services.receipts.notifications.processor import Handlers, InboxProcessor, NotificationHandler
-from services.receipts.notifications.shims import (
-    AppStoreServerApi,
-    DeliveredFacts,
-    X5cJwsVerifier,
-    load_roots,
-)
+from services.receipts.notifications.processor import DeliveredFacts, Handlers, InboxProcessor, NotificationHandler
 from services.receipts.notifications.store import BindingStore, InboxStore
 from services.receipts.webhooks import WebhookDeps
 
 
 def apple_expectations(settings: ReceiptsSettings) -> AppleExpectations:
     return AppleExpectations(settings.apple_bundle_id, settings.apple_app_id, settings.apple_environments)
-
-
-def apple_verifier(settings: ReceiptsSettings) -> AppleJwsVerifier:
-    return X5cJwsVerifier(load_roots(settings.apple_root_certs))
 
 
 def pubsub_verifier(settings: ReceiptsSettings) -> PubSubTokenVerifier:
@@ -44,34 +35,20 @@ def pubsub_verifier(settings: ReceiptsSettings) -> PubSubTokenVerifier:
 
 def webhook_deps(
     settings: ReceiptsSettings,
-    database: Database,
-    metrics: Metrics,
+    core: Components,
     dispatch: Callable[[int], None],
-    clock: Clock | None = None,
+    loop: asyncio.AbstractEventLoop,
 ) -> WebhookDeps:
+    """The webhook's pieces, sharing the core's Apple verifier; call inside the serving loop."""
     return WebhookDeps(
-        inbox=InboxStore(database),
-        apple_verifier=apple_verifier(settings),
+        inbox=InboxStore(core.database),
+        apple_verifier=CoreAppleVerifier(core.apple.verifier, loop),
         apple=apple_expectations(settings),
         pubsub=pubsub_verifier(settings),
         package_name=settings.google_package_name,
         dispatch=dispatch,
-        metrics=metrics,
-        clock=clock or SystemClock(),
-    )
-
-
-def apple_api(settings: ReceiptsSettings) -> AppleServerApi | None:
-    if not settings.apple_api_key_file.exists():
-        return None
-    return AppStoreServerApi(
-        production_url=settings.apple_api_url,
-        sandbox_url=settings.apple_sandbox_api_url,
-        key_file=settings.apple_api_key_file,
-        key_id=settings.apple_api_key_id,
-        issuer_id=settings.apple_api_issuer_id,
-        bundle_id=settings.apple_bundle_id,
-        timeout=settings.apple_api_timeout_seconds,
+        metrics=core.metrics,
+        clock=core.clock,
     )
 
 
@@ -84,6 +61,7 @@ class NotificationComponents:
     apple_api: AppleServerApi | None
     play: PlayApi | None
     metrics: Metrics
+    apple_verifier: AppleJwsVerifier | None = None
 
 
 def build_components(
@@ -131,10 +109,12 @@ def build_worker_components(settings: ReceiptsSettings) -> NotificationComponent
         return core_components(settings, runtime)
 
     parts = loop.run(core())
-    return build_components(
+    components = build_components(
         settings,
         runtime.database,
         runtime.metrics,
         CoreActions(parts.crediting, loop),
-        apple=apple_api(settings),
+        apple=CoreAppleApi(parts.apple.api, loop),
     )
+    components.apple_verifier = CoreAppleVerifier(parts.apple.verifier, loop.loop)
+    return components
