@@ -6,7 +6,9 @@ Apple: Get Refund History (v2) for recent App Store purchases.
 
 Whatever is found goes through the same exactly-once, state-based reversal
 the notifications use, so a refund already applied moves nothing; the ones
-that did move coins are counted in ``coinstore_reconcile_applied``.
+that did move coins are counted in ``coinstore_reconcile_applied``. Request ids
+carry the run, so the wallet's state-based answer (not an AIP-155 replay of an
+earlier run's) says whether this run moved anything.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Quota:
                     self._recent.popleft()
                 if len(self._recent) < self._per_window:
                     break
-                self._sleep(self._window - (now - self._recent[0]))
+                self._sleep(max(0.01, self._window - (now - self._recent[0])))
                 now = self._clock()
             self._recent.append(now)
             self._day.append(now)
@@ -108,6 +110,7 @@ class Reconciler:
         package_name: str,
         play: PlayApi | None = None,
         google_quota: Quota | None = None,
+        apple_quota: Quota | None = None,
         apple_api: AppleServerApi | None = None,
         apple_verifier: AppleJwsVerifier | None = None,
         recent: RecentPurchases | None = None,
@@ -118,6 +121,8 @@ class Reconciler:
         self._package = package_name
         self._play = play
         self._quota = google_quota or Quota()
+        # Get Refund History: 10 requests per second in production.
+        self._apple_quota = apple_quota or Quota(per_window=10, window=1.0, per_day=10 * 86400)
         self._apple = apple_api
         self._verifier = apple_verifier
         self._recent = recent
@@ -158,7 +163,7 @@ class Reconciler:
         for purchase_token, records in voided.items():
             result.examined += 1
             self.examined.labels("google").inc()
-            if self._apply_google(purchase_token, records):
+            if self._apply_google(run_id, purchase_token, records):
                 result.applied += 1
                 self.applied.labels("google").inc()
             if progress is not None:
@@ -166,7 +171,7 @@ class Reconciler:
         self._runs.finish(run_id, result.examined, result.applied, self._clock.now())
         return result
 
-    def _apply_google(self, purchase_token: str, records: list[Mapping[str, Any]]) -> bool:
+    def _apply_google(self, run_id: int, purchase_token: str, records: list[Mapping[str, Any]]) -> bool:
         refunded = 0
         if all(r.get("voidedQuantity") for r in records):
             # Quantity-based partial refunds: Google's refundableQuantity gives the cumulative figure.
@@ -185,7 +190,7 @@ class Reconciler:
             refunded_quantity=refunded,
             refunded_percentage_milli=0,
             reason=f"google voidedpurchases orderId={order} reason={records[-1].get('voidedReason')}",
-            request_id=f"reconcile:google:{purchase_token}:{refunded}"[:128],
+            request_id=f"reconcile:{run_id}:google:{purchase_token}:{refunded}"[:128],
         )
         if applied.changed:
             log.warning("reconciliation applied a Play refund no notification had", extra={"order_id": order})
@@ -203,6 +208,7 @@ class Reconciler:
         for transaction_id, environment in self._recent.recent_apple_transactions(_ms(start)):
             revision: str | None = None
             while True:
+                self._apple_quota.acquire()
                 page = self._apple.get_refund_history(transaction_id, environment, revision)
                 result.pages += 1
                 for signed in page.get("signedTransactions") or []:
@@ -213,7 +219,7 @@ class Reconciler:
                     seen.add(refunded_id)
                     result.examined += 1
                     self.examined.labels("apple").inc()
-                    if self._apply_apple(refund):
+                    if self._apply_apple(run_id, refund):
                         result.applied += 1
                         self.applied.labels("apple").inc()
                 revision = page.get("revision")
@@ -224,7 +230,7 @@ class Reconciler:
         self._runs.finish(run_id, result.examined, result.applied, self._clock.now())
         return result
 
-    def _apply_apple(self, refund: Mapping[str, Any]) -> bool:
+    def _apply_apple(self, run_id: int, refund: Mapping[str, Any]) -> bool:
         percentage = 0
         if refund.get("revocationType") == "REFUND_PRORATED":
             percentage = int(refund.get("revocationPercentage") or 0)
@@ -235,6 +241,6 @@ class Reconciler:
             refunded_quantity=0,
             refunded_percentage_milli=percentage,
             reason=f"apple refund history reason={refund.get('revocationReason')}",
-            request_id=f"reconcile:apple:{txid}:{percentage}"[:128],
+            request_id=f"reconcile:{run_id}:apple:{txid}:{percentage}"[:128],
         )
         return applied.changed

@@ -26,7 +26,7 @@ from services.common.clock import SystemClock
 from services.common.metrics import Metrics
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import wiring
-from services.receipts.notifications.store import InboxPurchases, ReconcileRuns
+from services.receipts.notifications.store import RecentApplePurchases, ReconcileRuns
 from services.receipts.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def build_reconciler(
         play=components.play,
         apple_api=components.apple_api,
         apple_verifier=components.apple_verifier,
-        recent=InboxPurchases(components.inbox.db),
+        recent=RecentApplePurchases(components.inbox.db),
     )
 
 

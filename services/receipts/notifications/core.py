@@ -19,8 +19,9 @@ from services.common.errors import DomainError, NotFound, Unavailable
 from services.receipts.appstore.api import AppStoreApi
 from services.receipts.appstore.jws import AppleJwsVerifier
 from services.receipts.crediting import Crediting
-from services.receipts.domain.purchases import Environment, Outcome, VerifiedPurchase
+from services.receipts.domain.purchases import Environment, Outcome, StoredState, VerifiedPurchase
 from services.receipts.notifications.ports import Applied, StoreUnavailable, VerificationFailed
+from services.receipts.store import PurchaseStore
 
 T = TypeVar("T")
 
@@ -73,14 +74,20 @@ def apple_purchase(transaction: Mapping[str, Any]) -> VerifiedPurchase:
     )
 
 
+def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` on ``loop`` (owned by another thread) and wait for it."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(CALL_TIMEOUT_SECONDS)
+
+
 class CoreActions:
-    def __init__(self, crediting: Crediting, loop: LoopThread) -> None:
+    def __init__(self, crediting: Crediting, store: PurchaseStore, loop: asyncio.AbstractEventLoop) -> None:
         self._crediting = crediting
+        self._store = store
         self._loop = loop
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         try:
-            return self._loop.run(coroutine)
+            return run_on(self._loop, coroutine)
         except Unavailable as exc:
             raise StoreUnavailable(exc.message) from exc
 
@@ -104,6 +111,16 @@ class CoreActions:
         reason: str,
         request_id: str,
     ) -> Applied:
+        # The purchases row already holds this cumulative refund: nothing to ask the wallet
+        # (whose AIP-155 replay would repeat the original "applied" answer).
+        record = self._run(self._store.get(_STORES[store], store_transaction_id))
+        if (
+            record is not None
+            and record.state is StoredState.REFUNDED
+            and (record.refunded_quantity, record.refunded_percentage_milli)
+            == (refunded_quantity, refunded_percentage_milli)
+        ):
+            return Applied(False, "already refunded")
         try:
             result = self._run(
                 self._crediting.reverse(
@@ -140,8 +157,7 @@ class CoreAppleVerifier:
 
     def verify(self, jws: str) -> Mapping[str, Any]:
         try:
-            future = asyncio.run_coroutine_threadsafe(self._verifier.verify_async(jws, "signedPayload"), self._loop)
-            return future.result(CALL_TIMEOUT_SECONDS)
+            return run_on(self._loop, self._verifier.verify_async(jws, "signedPayload"))
         except DomainError as exc:
             if isinstance(exc, Unavailable):
                 raise
@@ -154,13 +170,13 @@ _ENVIRONMENTS = {"Production": Environment.PRODUCTION, "Sandbox": Environment.SA
 class CoreAppleApi:
     """The core's async App Store Server API client as the notifications' port."""
 
-    def __init__(self, api: AppStoreApi, loop: LoopThread) -> None:
+    def __init__(self, api: AppStoreApi, loop: asyncio.AbstractEventLoop) -> None:
         self._api = api
         self._loop = loop
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         try:
-            return self._loop.run(coroutine)
+            return run_on(self._loop, coroutine)
         except Unavailable as exc:
             raise StoreUnavailable(exc.message) from exc
 

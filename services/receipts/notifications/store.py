@@ -18,8 +18,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from services.common.catalog import StoreId
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
+from services.receipts.store import purchases
 
 metadata = sa.MetaData()
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -337,24 +339,22 @@ class ReconcileRuns:
         return _aware(value)
 
 
-class InboxPurchases:
-    """Recent App Store transactions as the inbox knows them (ONE_TIME_CHARGE,
-    CONSUMPTION_REQUEST …): the reconciliation's list until the core's purchases
-    table provides one."""
+class RecentApplePurchases:
+    """App Store purchases recorded since a moment (receipts_purchases, the core's
+    table), newest first: what reconciliation asks Get Refund History about."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, limit: int = 5000) -> None:
         self.db = database
+        self._limit = limit
 
     def recent_apple_transactions(self, since_ms: int) -> list[tuple[str, str]]:
+        table = purchases
         since = datetime.fromtimestamp(since_ms / 1000, UTC)
         with self.db.connect() as conn:
             rows = conn.execute(
-                sa.select(notifications.c.store_transaction_id, notifications.c.environment)
-                .where(
-                    notifications.c.source == "apple",
-                    notifications.c.store_transaction_id.is_not(None),
-                    notifications.c.received_at >= since,
-                )
-                .distinct()
+                sa.select(table.c.store_transaction_id, table.c.environment)
+                .where(table.c.store == StoreId.APP_STORE.value, table.c.created_at >= since)
+                .order_by(table.c.created_at.desc())
+                .limit(self._limit)
             ).all()
-        return [(str(r.store_transaction_id), str(r.environment or "Production")) for r in rows]
+        return [(str(r.store_transaction_id), str(r.environment).capitalize()) for r in rows]

@@ -113,8 +113,8 @@ def build_worker_components(settings: ReceiptsSettings) -> NotificationComponent
         settings,
         runtime.database,
         runtime.metrics,
-        CoreActions(parts.crediting, loop),
-        apple=CoreAppleApi(parts.apple.api, loop),
+        CoreActions(parts.crediting, parts.store, loop.loop),
+        apple=CoreAppleApi(parts.apple.api, loop.loop),
     )
     components.apple_verifier = CoreAppleVerifier(parts.apple.verifier, loop.loop)
     return components
