@@ -26,6 +26,8 @@ from services.receipts.config import ReceiptsSettings
 from services.receipts.crediting import Crediting
 from services.receipts.domain.apple import ApplePolicy
 from services.receipts.domain.binding import Binding
+from services.receipts.google.service import GooglePurchases
+from services.receipts.google.wiring import build_google
 from services.receipts.store import PurchaseStore
 from services.receipts.wallet import WalletClient
 
@@ -44,6 +46,9 @@ class Components:
     - ``apple``: VerifyApplePurchase; ``apple.verifier`` verifies any Apple JWS
       (transactions, notifications), ``apple.api`` is the App Store Server API
       client, ``apple.policy`` the bundle id and accepted environments.
+    - ``google``: VerifyGooglePurchase and ``google.credit_token`` (query Google
+      and credit, for RTDN); ``google.client`` is the Android Publisher client
+      (purchases v2/v1, consume, acknowledge, voided purchases).
     """
 
     settings: ReceiptsSettings
@@ -56,10 +61,12 @@ class Components:
     wallet: WalletClient
     crediting: Crediting
     apple: ApplePurchases
+    google: GooglePurchases
 
     async def close(self) -> None:
         await self.wallet.close()
         await self.apple.api.close()
+        self.google.client.close()
 
 
 def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock | None = None) -> Components:
@@ -81,6 +88,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         wallet=wallet,
         crediting=crediting,
         apple=build_apple(settings, crediting, binding, runtime.metrics),
+        google=build_google(settings, crediting, runtime.catalog, binding, store, clock, runtime.metrics),
     )
 
 

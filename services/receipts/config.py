@@ -88,6 +88,17 @@ class ReceiptsSettings(CommonSettings):
     google_api_timeout_seconds: float = setting(
         "GOOGLE_API_TIMEOUT_SECONDS", "Timeout of each Android Publisher API call", 10.0, parse=float
     )
+    google_consume_overdue_seconds: int = setting(
+        "GOOGLE_CONSUME_OVERDUE_SECONDS",
+        "Age after which the sweep retries a credited Play purchase still not consumed (Google refunds after 3 days)",
+        3600,
+    )
+    google_consume_sweep_seconds: float = setting(
+        "GOOGLE_CONSUME_SWEEP_SECONDS",
+        "How often Celery beat runs the unconsumed Play purchase sweep",
+        300.0,
+        parse=float,
+    )
 
     # --- Store notifications ---
     pubsub_jwks_url: str = setting(

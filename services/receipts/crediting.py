@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.engine import Connection
 
 from coinstore.type.v1 import money_pb2
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
@@ -33,6 +34,7 @@ from services.common.clock import Clock
 from services.common.metrics import Metrics
 from services.receipts.config import RegionPolicy
 from services.receipts.domain.purchases import (
+    CreditTerms,
     Environment,
     Outcome,
     PurchaseRecord,
@@ -42,7 +44,8 @@ from services.receipts.domain.purchases import (
     credit_terms,
     normalize_account_region,
 )
-from services.receipts.store import PurchaseStore
+from services.receipts.errors import PermissionDenied
+from services.receipts.store import PurchaseStore, RequestRecorder
 from services.receipts.wallet import WalletClient, wallet_request_id
 
 WALLET_STORE = {StoreId.APP_STORE: wpb.STORE_APP_STORE, StoreId.GOOGLE_PLAY: wpb.STORE_GOOGLE_PLAY}
@@ -92,52 +95,74 @@ class Crediting:
         )
 
     async def credit(
-        self, purchase: VerifiedPurchase, account_id: str, *, request_id: str, account_region: str = ""
+        self,
+        purchase: VerifiedPurchase,
+        account_id: str,
+        *,
+        request_id: str,
+        account_region: str = "",
+        recorder: RequestRecorder | None = None,
     ) -> PurchaseResult:
-        """Bind ``purchase`` to ``account_id`` and have the wallet credit it once.
+        """Have the wallet credit ``purchase`` once, to ``account_id``.
 
         ``request_id`` is the caller's AIP-155 id; it only distinguishes calls
-        (the wallet's own key is the store transaction).
+        (the wallet's own key is the store transaction). A ``recorder`` gets the
+        result recorded in the same transaction as the purchase.
         """
         now = self._clock.now()
         region = normalize_account_region(account_region)
         terms = credit_terms(self._catalog, purchase, now, self._region_policy, region)
-        record = await self._store.claim(terms, account_id, now)
-        if record.state in _NOT_CREDITABLE:
-            return self._count(PurchaseResult(_NOT_CREDITABLE[record.state], record, 0, 0, 0))
-        assert record.account_id is not None
-        request = wpb.CreditPurchaseRequest(
-            request_id=wallet_request_id("credit", request_id, record.store.value, record.store_transaction_id),
-            account_id=record.account_id,
-            store=WALLET_STORE[record.store],
-            store_transaction_id=record.store_transaction_id,
-            product_id=record.product_id,
-            coins=record.coins + record.bonus_coins,
-            bonus_coins=record.bonus_coins,
-            quantity=record.quantity,
-            environment=WALLET_ENVIRONMENT[record.environment],
-            storefront=record.storefront,
-            price=money_pb2.Money(amount_minor=record.price.amount_minor, currency_code=record.price.currency)
-            if record.price
-            else None,
-            purchase_time=_timestamp(record.purchase_time),
-            flagged_for_review=record.flagged_for_review,
-        )
-        response = await self._wallet.credit(request)
-        if record.state is StoredState.RECORDED:
-            record = await self._store.mark_credited(
-                record.store, record.store_transaction_id, response.transaction_id, self._clock.now()
+        existing = await self._store.get(purchase.store, purchase.store_transaction_id)
+        if existing is not None and existing.account_id not in (None, account_id):
+            raise PermissionDenied(
+                "RECEIPT_BOUND_TO_OTHER_ACCOUNT",
+                "this purchase was already claimed by another account",
+                {"store_transaction_id": purchase.store_transaction_id},
             )
-        if record.state is StoredState.REFUNDED:
-            outcome = Outcome.REFUNDED
-        elif response.state == wpb.CREDIT_STATE_CREDITED:
+        if existing is not None:
+            # The terms fixed when the purchase was first recorded win.
+            terms = CreditTerms(purchase, existing.coins, existing.bonus_coins, existing.flagged_for_review)
+        if purchase.revoked or purchase.pending or (existing is not None and existing.state in _NOT_CREDITABLE):
+            record = await self._store.claim(terms, account_id, now)
+            if record.state in _NOT_CREDITABLE:
+                return self._count(PurchaseResult(_NOT_CREDITABLE[record.state], record, 0, 0, 0))
+        response = await self._wallet.credit(self._credit_request(terms, account_id, request_id))
+        if response.state == wpb.CREDIT_STATE_CREDITED:
             outcome = Outcome.CREDITED
         else:
             outcome = Outcome.ALREADY_CREDITED
-        return self._count(
-            PurchaseResult(
-                outcome, record, record.coins + record.bonus_coins, record.bonus_coins, response.balance.coins
+
+        def result_for(record: PurchaseRecord) -> PurchaseResult:
+            state = Outcome.REFUNDED if record.state is StoredState.REFUNDED else outcome
+            return PurchaseResult(
+                state, record, record.coins + record.bonus_coins, record.bonus_coins, response.balance.coins
             )
+
+        def finish(conn: Connection, record: PurchaseRecord) -> None:
+            if recorder is not None:
+                recorder.record_in(conn, [result_for(record)])
+
+        record = await self._store.settle_credit(terms, account_id, response.transaction_id, self._clock.now(), finish)
+        return self._count(result_for(record))
+
+    def _credit_request(self, terms: CreditTerms, account_id: str, request_id: str) -> wpb.CreditPurchaseRequest:
+        purchase = terms.purchase
+        return wpb.CreditPurchaseRequest(
+            request_id=wallet_request_id("credit", request_id, purchase.store.value, purchase.store_transaction_id),
+            account_id=account_id,
+            store=WALLET_STORE[purchase.store],
+            store_transaction_id=purchase.store_transaction_id,
+            product_id=purchase.product_id,
+            coins=terms.coins + terms.bonus_coins,
+            bonus_coins=terms.bonus_coins,
+            quantity=purchase.quantity,
+            environment=WALLET_ENVIRONMENT[purchase.environment],
+            storefront=purchase.storefront,
+            price=money_pb2.Money(amount_minor=purchase.price.amount_minor, currency_code=purchase.price.currency)
+            if purchase.price
+            else None,
+            purchase_time=_timestamp(purchase.purchase_time),
+            flagged_for_review=terms.flagged_for_review,
         )
 
     async def record(self, purchase: VerifiedPurchase) -> PurchaseRecord:

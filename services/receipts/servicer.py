@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
-from services.common.validation import require_enum, require_id, require_text
+from services.common.validation import optional_id, require_enum, require_id, require_text
 from services.receipts.components import Components
 from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, result_pb
-from services.receipts.domain.purchases import Environment
+from services.receipts.domain.purchases import Environment, PurchaseResult
 from services.receipts.errors import InvalidArgument, NotFound
+from services.receipts.google.service import require_purchase_token
+from services.receipts.store import RequestRecorder
 
 M = TypeVar("M", bound=Message)
 
 MAX_STORE_TRANSACTION_ID = 512
 MAX_SIGNED_TRANSACTION = 64 * 1024
 MAX_APP_RECEIPT = 1024 * 1024
+MAX_PRODUCT_ID = 256
 ENVIRONMENT_HINTS: dict[int, Environment | None] = {
     pb.STORE_ENVIRONMENT_UNSPECIFIED: None,
     pb.STORE_ENVIRONMENT_PRODUCTION: Environment.PRODUCTION,
@@ -34,15 +37,29 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         self._c = components
 
     async def idempotent(
-        self, method: str, request_id: str, request: Message, response_type: type[M], work: Callable[[], Awaitable[M]]
+        self,
+        method: str,
+        request_id: str,
+        request: Message,
+        response_type: type[M],
+        build: Callable[[Sequence[PurchaseResult]], M],
+        work: Callable[[RequestRecorder], Awaitable[Sequence[PurchaseResult]]],
     ) -> M:
         """AIP-155 around a value-moving call whose effects are themselves
         exactly-once (keyed by store transaction): replay the stored response,
-        refuse a reused id with a different body, else do the work and record it."""
+        refuse a reused id with a different body, else do the work and record
+        its response — in the purchase's own transaction when the work takes the
+        recorder, else in a transaction of its own."""
         stored = await self._c.store.replay(method, request_id, request)
         if stored is None:
-            response = await work()
-            stored = await self._c.store.remember(method, request_id, request, response)
+            recorder = RequestRecorder(self._c.store.requests, method, request_id, request, build)
+            results = await work(recorder)
+            if recorder.done:
+                stored = recorder.stored
+                response = build(results)
+            else:
+                response = build(results)
+                stored = await self._c.store.remember(method, request_id, request, response)
             if stored is None:
                 return response
         replayed = response_type()
@@ -97,8 +114,8 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
             require_text("app_receipt", request.app_receipt, MAX_APP_RECEIPT)
         hint = require_enum("environment_hint", request.environment_hint, ENVIRONMENT_HINTS)
 
-        async def work() -> pb.VerifyApplePurchaseResponse:
-            results = await self._c.apple.verify(
+        async def work(recorder: RequestRecorder) -> list[PurchaseResult]:
+            return await self._c.apple.verify(
                 account_id=account_id,
                 request_id=request_id,
                 account_region=request.account_region,
@@ -106,7 +123,40 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
                 transaction_id=request.transaction_id,
                 app_receipt=request.app_receipt,
                 environment_hint=hint,
+                recorder=recorder,
             )
+
+        def build(results: Sequence[PurchaseResult]) -> pb.VerifyApplePurchaseResponse:
             return pb.VerifyApplePurchaseResponse(purchases=[result_pb(r) for r in results])
 
-        return await self.idempotent("VerifyApplePurchase", request_id, request, pb.VerifyApplePurchaseResponse, work)
+        return await self.idempotent(
+            "VerifyApplePurchase", request_id, request, pb.VerifyApplePurchaseResponse, build, work
+        )
+
+    async def VerifyGooglePurchase(
+        self, request: pb.VerifyGooglePurchaseRequest, context: Any
+    ) -> pb.VerifyGooglePurchaseResponse:
+        request_id = require_id("request_id", request.request_id)
+        account_id = require_id("account_id", request.account_id)
+        product_id = require_id("product_id", request.product_id, MAX_PRODUCT_ID)
+        token = require_purchase_token(request.purchase_token)
+        package_name = optional_id("package_name", request.package_name, MAX_PRODUCT_ID)
+
+        async def work(recorder: RequestRecorder) -> list[PurchaseResult]:
+            result = await self._c.google.verify(
+                account_id=account_id,
+                product_id=product_id,
+                purchase_token=token,
+                package_name=package_name,
+                request_id=request_id,
+                account_region=request.account_region,
+                recorder=recorder,
+            )
+            return [result]
+
+        def build(results: Sequence[PurchaseResult]) -> pb.VerifyGooglePurchaseResponse:
+            return pb.VerifyGooglePurchaseResponse(purchase=result_pb(results[0]))
+
+        return await self.idempotent(
+            "VerifyGooglePurchase", request_id, request, pb.VerifyGooglePurchaseResponse, build, work
+        )

@@ -154,12 +154,18 @@ class PurchaseStore:
                     .where(key, purchases.c.account_id.is_(None))
                     .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
                 )
-            if initial is not StoredState.RECORDED:
-                conn.execute(
-                    purchases.update()
-                    .where(key, purchases.c.state.in_([StoredState.RECORDED.value, StoredState.PENDING.value]))
-                    .values(state=initial.value, updated_at=now)
-                )
+            # Revocation wins over recorded or pending; a completed payment ends pending.
+            movable = [StoredState.RECORDED.value, StoredState.PENDING.value]
+            values: dict[str, Any] = {"state": initial.value, "updated_at": now}
+            if initial is StoredState.RECORDED:
+                movable = [StoredState.PENDING.value]
+                # A paid Play purchase gets the order id and completion time pending ones lack.
+                values.update(order_id=purchase.order_id or None, purchase_time=purchase.purchase_time)
+            conn.execute(
+                purchases.update()
+                .where(key, purchases.c.state.in_(movable), purchases.c.state != initial.value)
+                .values(**values)
+            )
             record = _record(conn.execute(sa.select(purchases).where(key)).one())
             if account_id is not None and record.account_id != account_id:
                 raise PermissionDenied(
@@ -171,19 +177,64 @@ class PurchaseStore:
 
         return await self._tx(work)
 
-    async def mark_credited(
-        self, store: StoreId, store_transaction_id: str, wallet_transaction_id: str, now: datetime
+    async def settle_credit(
+        self,
+        terms: CreditTerms,
+        account_id: str,
+        wallet_transaction_id: str,
+        now: datetime,
+        finish: Callable[[Connection, PurchaseRecord], None] | None = None,
     ) -> PurchaseRecord:
-        """RECORDED → CREDITED (other states are left alone)."""
+        """After the wallet credited (or had credited) the purchase: record it,
+        bound to ``account_id`` and CREDITED, and run ``finish`` (e.g. record the
+        AIP-155 response) in the same transaction — one commit per verification."""
+        purchase = terms.purchase
 
         def work(conn: Connection) -> PurchaseRecord:
-            key = _key(store, store_transaction_id)
+            conn.execute(
+                insert_ignore(conn, purchases).values(
+                    store=purchase.store.value,
+                    store_transaction_id=purchase.store_transaction_id,
+                    account_id=account_id,
+                    product_id=purchase.product_id,
+                    quantity=purchase.quantity,
+                    coins=terms.coins,
+                    bonus_coins=terms.bonus_coins,
+                    environment=purchase.environment.value,
+                    storefront=purchase.storefront,
+                    price_minor=purchase.price.amount_minor if purchase.price else None,
+                    currency=purchase.price.currency if purchase.price else None,
+                    purchase_time=purchase.purchase_time,
+                    order_id=purchase.order_id or None,
+                    original_transaction_id=purchase.original_transaction_id or None,
+                    state=StoredState.CREDITED.value,
+                    flagged_for_review=terms.flagged_for_review,
+                    wallet_transaction_id=wallet_transaction_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            key = _key(purchase.store, purchase.store_transaction_id)
+            conn.execute(
+                purchases.update()
+                .where(key, purchases.c.account_id.is_(None))
+                .values(account_id=account_id, updated_at=now)
+            )
             conn.execute(
                 purchases.update()
                 .where(key, purchases.c.state == StoredState.RECORDED.value)
                 .values(state=StoredState.CREDITED.value, wallet_transaction_id=wallet_transaction_id, updated_at=now)
             )
-            return _record(conn.execute(sa.select(purchases).where(key)).one())
+            record = _record(conn.execute(sa.select(purchases).where(key)).one())
+            if record.account_id != account_id:
+                raise PermissionDenied(
+                    "RECEIPT_BOUND_TO_OTHER_ACCOUNT",
+                    "this purchase was already claimed by another account",
+                    {"store_transaction_id": purchase.store_transaction_id},
+                )
+            if finish is not None:
+                finish(conn, record)
+            return record
 
         return await self._tx(work)
 
@@ -239,7 +290,12 @@ class PurchaseStore:
             row = conn.execute(sa.select(purchases).where(_key(store, store_transaction_id))).one_or_none()
             return _record(row) if row is not None else None
 
-        return await self.database.run(lambda: self.database.transaction(work))
+        return await self.database.run(self._read, work)
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        """A read outside a write transaction (on SQLite, no write lock is taken)."""
+        with self.database.connect() as conn:
+            return work(conn)
 
     async def for_account(self, account_id: str, limit: int = 100) -> Sequence[PurchaseRecord]:
         def work(conn: Connection) -> list[PurchaseRecord]:
@@ -251,7 +307,7 @@ class PurchaseStore:
             ).all()
             return [_record(r) for r in rows]
 
-        return await self.database.run(lambda: self.database.transaction(work))
+        return await self.database.run(self._read, work)
 
     # --- request ids (AIP-155) -------------------------------------------
 
@@ -275,7 +331,7 @@ class PurchaseStore:
                 raise RequestIdReused(request_id)
             return bytes(row.response) if row.response is not None else None
 
-        return await self.database.run(lambda: self.database.transaction(work))
+        return await self.database.run(self._read, work)
 
     async def remember(self, method: str, request_id: str, request: Message, response: Message) -> bytes | None:
         """Claim the request id and store the response in one transaction.
@@ -291,3 +347,32 @@ class PurchaseStore:
             return stored
 
         return await self._tx(work)
+
+
+class RequestRecorder:
+    """Records a call's AIP-155 response inside the transaction that records its
+    effect (see :meth:`PurchaseStore.settle_credit`), saving a commit.
+
+    ``build`` turns the results into the response message. After the work,
+    ``done`` tells whether it was recorded, and ``stored`` holds the response a
+    concurrent call with the same id recorded first (None when ours was).
+    """
+
+    def __init__(self, log: RequestLog, method: str, request_id: str, request: Message, build: Callable[..., Message]):
+        self._log = log
+        self._method = method
+        self._request_id = request_id
+        self._request = request
+        self._build = build
+        self.done = False
+        self.stored: bytes | None = None
+        self.response: Message | None = None
+
+    def record_in(self, conn: Connection, results: Sequence[Any]) -> None:
+        response = self._build(results)
+        stored = self._log.claim(conn, self._method, self._request_id, self._request)
+        if stored is None:
+            self._log.record(conn, self._method, self._request_id, response)
+        self.response = response
+        self.stored = stored
+        self.done = True

@@ -1,11 +1,177 @@
-"""Celery tasks of the Google Play path: consume after credit, the unconsumed sweep."""
+"""Celery tasks of the Google Play path: consume after credit, the unconsumed sweep.
+
+``receipts.google.consume(token)`` consumes a purchase whose credit committed
+(the row in ``receipts_google_consumptions`` exists only then). 409
+``concurrentUpdate`` and an unavailable or refusing Google are retried with
+capped backoff; 400 ``invalidPurchaseState`` re-reads the purchase: already
+consumed is success, refunded or cancelled is abandoned (nothing left to
+consume). Google refunds anything not acknowledged within 3 days, and the
+embedded broker loses messages of a killed worker, so beat runs
+``receipts.google.sweep`` which re-queues every credited purchase still
+unconsumed after ``COINSTORE_GOOGLE_CONSUME_OVERDUE_SECONDS`` and counts them.
+"""
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
+from celery import Celery, Task
+
+from services.common.celery_app import MAX_COUNTDOWN_SECONDS
+from services.common.clock import Clock, SystemClock
+from services.common.db import Database
+from services.common.errors import Unavailable
+from services.common.metrics import Metrics
 from services.receipts.config import ReceiptsSettings
+from services.receipts.domain.google import CANCELLED, PURCHASED
+from services.receipts.google.client import PlayApiError, PlayClient
+from services.receipts.google.store import ConsumeState, ConsumptionStore
+
+log = logging.getLogger(__name__)
+
+CONSUME_TASK = "receipts.google.consume"
+SWEEP_TASK = "receipts.google.sweep"
+QUEUE = "receipts"
+MAX_RETRIES = 12
+BASE_DELAY_SECONDS = 2.0
 
 
-def register(app: Celery, settings: ReceiptsSettings) -> None:
+def retry_delay(retries: int) -> float:
+    """Exponential backoff with jitter, never beyond the broker-safe countdown cap."""
+    delay = min(float(MAX_COUNTDOWN_SECONDS), BASE_DELAY_SECONDS * 2**retries)
+    return float(delay * (0.5 + random.random() / 2))
+
+
+@dataclass
+class ConsumeOutcome:
+    """What one consume attempt decided: done (with the final state) or retry."""
+
+    done: bool
+    state: ConsumeState | None = None
+    note: str = ""
+
+
+class Consumer:
+    """Consumes one credited Play purchase; the decisions, without Celery."""
+
+    def __init__(self, client: PlayClient, store: ConsumptionStore, clock: Clock) -> None:
+        self.client = client
+        self.store = store
+        self.clock = clock
+
+    def consume(self, token: str) -> ConsumeOutcome:
+        row = self.store.get(token)
+        if row is None or row.state is not ConsumeState.UNCONSUMED:
+            return ConsumeOutcome(True, row.state if row else None, "nothing to do")
+        try:
+            self.client.consume(row.package_name, row.product_id, token)
+            return self._finish(token, ConsumeState.CONSUMED, "")
+        except PlayApiError as error:
+            if error.status == 409:
+                return self._retry(token, f"409 {error.reason}")
+            if error.status == 400 and error.reason == "invalidPurchaseState":
+                return self._reread(token, row.product_id, row.package_name)
+            if error.status in (404, 410):
+                return self._finish(token, ConsumeState.ABANDONED, f"{error.status} {error.reason}")
+            return self._retry(token, str(error))
+        except Unavailable as error:
+            return self._retry(token, f"{error.reason}: {error.message}")
+
+    def _reread(self, token: str, product_id: str, package_name: str) -> ConsumeOutcome:
+        try:
+            purchase = self.client.get_purchase_v2(package_name, token)
+        except PlayApiError as error:
+            if error.status in (404, 410):
+                return self._finish(token, ConsumeState.ABANDONED, f"{error.status} {error.reason}")
+            return self._retry(token, str(error))
+        except Unavailable as error:
+            return self._retry(token, f"{error.reason}: {error.message}")
+        items = [i for i in purchase.line_items if i.product_id == product_id]
+        if items and items[0].consumed:
+            return self._finish(token, ConsumeState.CONSUMED, "already consumed")
+        if purchase.purchase_state == CANCELLED or (items and items[0].refundable_quantity == 0):
+            return self._finish(token, ConsumeState.ABANDONED, "refunded or cancelled at Google")
+        if purchase.purchase_state != PURCHASED:
+            return self._finish(token, ConsumeState.ABANDONED, f"state {purchase.purchase_state}")
+        return self._retry(token, "400 invalidPurchaseState while PURCHASED and unconsumed")
+
+    def _finish(self, token: str, state: ConsumeState, note: str) -> ConsumeOutcome:
+        if self.store.finish(token, state, self.clock.now(), note):
+            log.info("Play purchase %s…: %s %s", token[:12], state.value, note)
+        return ConsumeOutcome(True, state, note)
+
+    def _retry(self, token: str, why: str) -> ConsumeOutcome:
+        self.store.attempt(token, why, self.clock.now())
+        return ConsumeOutcome(False, None, why)
+
+
+class _Context:
+    """Per-process resources, created on first use (after the prefork fork)."""
+
+    def __init__(self, settings: ReceiptsSettings, metrics: Metrics) -> None:
+        self._settings = settings
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._consumer: Consumer | None = None
+        self.found = metrics.counter(
+            "coinstore_receipts_google_unconsumed_overdue",
+            "Credited Play purchases the sweep found still unconsumed after the overdue age",
+        )
+
+    def consumer(self) -> Consumer:
+        with self._lock:
+            if self._consumer is None:
+                s = self._settings
+                database = Database.from_url(s.database_url, 2)
+                client = PlayClient(
+                    s.google_service_account_file,
+                    endpoint=s.google_api_endpoint,
+                    timeout_seconds=s.google_api_timeout_seconds,
+                    threads=2,
+                )
+                self._consumer = Consumer(client, ConsumptionStore(database), SystemClock())
+            return self._consumer
+
+
+def register(app: Celery, settings: ReceiptsSettings, metrics: Metrics | None = None) -> None:
     """Register this module's tasks and beat entries on the receipts Celery app."""
+    context = _Context(settings, metrics or Metrics("receipts-worker"))
+    overdue = timedelta(seconds=settings.google_consume_overdue_seconds)
+
+    @app.task(name=CONSUME_TASK, bind=True, max_retries=MAX_RETRIES, acks_late=True)
+    def consume(self: Task[Any, Any], token: str) -> str:
+        outcome = context.consumer().consume(token)
+        if outcome.done:
+            return outcome.state.value if outcome.state else "missing"
+        if self.request.retries >= MAX_RETRIES:
+            log.warning("giving up consuming %s… for now (the sweep retries it): %s", token[:12], outcome.note)
+            return "retry-later"
+        raise self.retry(countdown=retry_delay(self.request.retries))
+
+    @app.task(name=SWEEP_TASK, acks_late=True)
+    def sweep() -> int:
+        consumer = context.consumer()
+        tokens = consumer.store.overdue(settings.google_package_name, consumer.clock.now(), overdue)
+        if tokens:
+            context.found.inc(len(tokens))
+            log.warning(
+                "%d credited Play purchase(s) still unconsumed after %s; retrying (Google refunds after 3 days)",
+                len(tokens),
+                overdue,
+            )
+        for token in tokens:
+            consume.apply_async(args=[token], queue=QUEUE)
+        return len(tokens)
+
+    schedule = dict(app.conf.beat_schedule or {})
+    schedule[SWEEP_TASK] = {
+        "task": SWEEP_TASK,
+        "schedule": settings.google_consume_sweep_seconds,
+        "options": {"queue": QUEUE},
+    }
+    app.conf.beat_schedule = schedule

@@ -28,8 +28,8 @@ def build_host(settings: WalletSettings, runtime: Runtime, port: int | None = No
     servicer = WalletServiceServicer(
         store,
         runtime.catalog,
-        gift_batch_window_seconds=settings.wallet_gift_batch_window_ms / 1000,
-        gift_batch_max=settings.wallet_gift_batch_max,
+        group_commit_window_seconds=settings.wallet_group_commit_window_ms / 1000,
+        group_commit_max=settings.wallet_group_commit_max,
     )
 
     def register(server: grpc.aio.Server) -> None:

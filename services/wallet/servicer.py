@@ -27,6 +27,7 @@ from services.wallet.domain.rules import PERCENT_MILLI_FULL, Period, Reservation
 from services.wallet.errors import DomainError, InvalidArgument, NotFound
 from services.wallet.group_commit import GroupCommit
 from services.wallet.store import (
+    CreditItem,
     CreditResult,
     DebitDone,
     DebitItem,
@@ -137,6 +138,28 @@ def transaction_message(item: HistoryItem) -> pb.Transaction:
     )
 
 
+Outcome = Message | bytes | DomainError
+
+
+def _answer(outcome: Outcome, response_type: type[Message]) -> Any:
+    """A batch item's outcome: raise its refusal, or decode a replay's stored answer."""
+    if isinstance(outcome, DomainError):
+        raise outcome
+    if isinstance(outcome, bytes):
+        return response_type.FromString(outcome)
+    return outcome
+
+
+def _credit_response(result: CreditResult) -> Message:
+    return pb.CreditPurchaseResponse(
+        state=pb.CREDIT_STATE_ALREADY_CREDITED if result.already_credited else pb.CREDIT_STATE_CREDITED,
+        transaction_id=result.txn_id,
+        coins_credited=result.coins,
+        bonus_coins=result.bonus_coins,
+        balance=balance_message(result.balance),
+    )
+
+
 def _gift_response(item: DebitItem, done: DebitDone) -> Message:
     if item.creator is None:
         return pb.SpendCoinsResponse(
@@ -152,30 +175,30 @@ def _gift_response(item: DebitItem, done: DebitDone) -> Message:
 
 class WalletServiceServicer(pb_grpc.WalletServiceServicer):
     def __init__(
-        self, store: WalletStore, catalog: Catalog, *, gift_batch_window_seconds: float, gift_batch_max: int
+        self, store: WalletStore, catalog: Catalog, *, group_commit_window_seconds: float, group_commit_max: int
     ) -> None:
         self._store = store
         self._db = store.db
         self._catalog = catalog
-        self._group: GroupCommit[DebitItem, Message | bytes | DomainError] | None = None
-        if gift_batch_window_seconds > 0:
-            self._group = GroupCommit(
-                self._run_debits, window_seconds=gift_batch_window_seconds, max_batch=gift_batch_max
-            )
+        self._gifts: GroupCommit[DebitItem, Outcome] | None = None
+        self._credits: GroupCommit[CreditItem, Outcome] | None = None
+        if group_commit_window_seconds > 0:
+            window, most = group_commit_window_seconds, group_commit_max
+            self._gifts = GroupCommit(self._run_debits, window_seconds=window, max_batch=most)
+            self._credits = GroupCommit(self._run_credits, window_seconds=window, max_batch=most)
 
-    async def _run_debits(self, items: list[DebitItem]) -> list[Message | bytes | DomainError]:
+    async def _run_debits(self, items: list[DebitItem]) -> list[Outcome]:
         return await self._db.run(self._store.debit_batch, items, _gift_response)
 
+    async def _run_credits(self, items: list[CreditItem]) -> list[Outcome]:
+        return await self._db.run(self._store.credit_batch, items, _credit_response)
+
     async def _debit(self, item: DebitItem, response_type: type[Message], grouped: bool) -> Any:
-        if grouped and self._group is not None:
-            outcome = await self._group.submit(item)
+        if grouped and self._gifts is not None:
+            outcome = await self._gifts.submit(item)
         else:
             outcome = (await self._run_debits([item]))[0]
-        if isinstance(outcome, DomainError):
-            raise outcome
-        if isinstance(outcome, bytes):
-            return response_type.FromString(outcome)
-        return outcome
+        return _answer(outcome, response_type)
 
     # ------------------------------------------------------------ purchases
 
@@ -199,37 +222,29 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         price_minor = require_non_negative("price.amount_minor", request.price.amount_minor)
         price_currency = require_currency("price.currency_code", request.price.currency_code)
         purchase_time = _time("purchase_time", request.purchase_time, request.HasField("purchase_time"))
-
-        def build(result: CreditResult) -> pb.CreditPurchaseResponse:
-            return pb.CreditPurchaseResponse(
-                state=pb.CREDIT_STATE_ALREADY_CREDITED if result.already_credited else pb.CREDIT_STATE_CREDITED,
-                transaction_id=result.txn_id,
-                coins_credited=result.coins,
-                bonus_coins=result.bonus_coins,
-                balance=balance_message(result.balance),
-            )
-
-        return await self._db.run(
-            lambda: self._store.credit_purchase(
-                request_id=request_id,
-                request=request,
-                response_type=pb.CreditPurchaseResponse,
-                build=build,
-                account_id=account_id,
-                store=store,
-                store_transaction_id=store_transaction_id,
-                product_id=product_id,
-                coins=coins,
-                bonus_coins=bonus,
-                quantity=quantity,
-                environment=environment,
-                storefront=storefront,
-                price_minor=price_minor,
-                price_currency=price_currency,
-                purchase_time=purchase_time,
-                flagged_for_review=request.flagged_for_review,
-            )
+        item = CreditItem(
+            request_id=request_id,
+            request=request,
+            account_id=account_id,
+            store=store,
+            store_transaction_id=store_transaction_id,
+            product_id=product_id,
+            coins=coins,
+            bonus_coins=bonus,
+            quantity=quantity,
+            environment=environment,
+            storefront=storefront,
+            price_minor=price_minor,
+            price_currency=price_currency,
+            purchase_time=purchase_time,
+            flagged_for_review=request.flagged_for_review,
         )
+        if self._credits is not None:
+            outcome = await self._credits.submit(item)
+        else:
+            outcome = (await self._run_credits([item]))[0]
+        response: pb.CreditPurchaseResponse = _answer(outcome, pb.CreditPurchaseResponse)
+        return response
 
     async def ReversePurchase(self, request: pb.ReversePurchaseRequest, context: Any) -> pb.ReversePurchaseResponse:
         request_id = require_id("request_id", request.request_id)

@@ -230,6 +230,42 @@ class DebitDone:
     balance: BalanceView
 
 
+@dataclass(frozen=True)
+class CreditItem:
+    """One CreditPurchase, for the batch credit path."""
+
+    request_id: str
+    request: Message
+    account_id: str
+    store: Store
+    store_transaction_id: str
+    product_id: str
+    coins: int
+    bonus_coins: int
+    quantity: int
+    environment: Environment
+    storefront: str
+    price_minor: int
+    price_currency: str
+    purchase_time: datetime | None
+    flagged_for_review: bool
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.store.value, self.store_transaction_id)
+
+
+@dataclass
+class _Batch:
+    """Per-item state of one group-committed batch."""
+
+    results: list[Message | bytes | DomainError | None]
+    digests: list[str]
+    first: dict[tuple[str, str], int] = field(default_factory=dict)
+    followers: list[int] = field(default_factory=list)
+    live: list[int] = field(default_factory=list)
+
+
 @dataclass
 class _Deferred:
     """An error to raise after the transaction commits (its writes must stay)."""
@@ -461,83 +497,6 @@ class WalletStore:
 
     # ------------------------------------------------------------ purchases
 
-    def credit_purchase(
-        self,
-        *,
-        request_id: str,
-        request: Message,
-        response_type: type[M],
-        build: Callable[[CreditResult], M],
-        account_id: str,
-        store: Store,
-        store_transaction_id: str,
-        product_id: str,
-        coins: int,
-        bonus_coins: int,
-        quantity: int,
-        environment: Environment,
-        storefront: str,
-        price_minor: int,
-        price_currency: str,
-        purchase_time: datetime | None,
-        flagged_for_review: bool,
-    ) -> M:
-        def work(conn: Connection, now: datetime) -> M:
-            txn_id = new_txn_id()
-            inserted = conn.execute(
-                insert_ignore(conn, purchases)
-                .values(
-                    store=store.value,
-                    store_transaction_id=store_transaction_id,
-                    account_id=account_id,
-                    product_id=product_id,
-                    coins=coins,
-                    bonus_coins=bonus_coins,
-                    quantity=quantity,
-                    environment=environment.value,
-                    storefront=storefront,
-                    price_minor=price_minor,
-                    price_currency=price_currency,
-                    purchase_time=purchase_time,
-                    flagged_for_review=flagged_for_review,
-                    credit_txn_id=txn_id,
-                    clawed_back=0,
-                    created_at=now,
-                )
-                .returning(purchases.c.store)
-            ).first()
-            if inserted is None:
-                row = conn.execute(
-                    sa.select(purchases).where(
-                        purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id
-                    )
-                ).one()
-                if row.account_id != account_id:
-                    raise PermissionDenied(
-                        "RECEIPT_BOUND_TO_OTHER_ACCOUNT",
-                        "this store transaction was already credited to another account",
-                    )
-                view = self._view(conn, account_id, now)
-                return build(CreditResult(True, row.credit_txn_id, int(row.coins), int(row.bonus_coins), view))
-            posted = self._post(
-                conn,
-                txn_id=txn_id,
-                kind=Kind.PURCHASE.value,
-                reference=store_transaction_id,
-                sandbox=environment is Environment.SANDBOX,
-                postings=[
-                    Posting(account_id, Currency.COIN, coins),
-                    Posting(purchase_clearing(store, environment), Currency.COIN, -(coins - bonus_coins)),
-                    Posting(promotions_expense(environment), Currency.COIN, -bonus_coins),
-                ],
-                rows=[_HistoryRow(account_id, Kind.PURCHASE, coins_delta=coins)],
-                now=now,
-            )
-            view = self._view(conn, account_id, now)
-            return build(CreditResult(False, posted.txn_id, coins, bonus_coins, view))
-
-        return self._idempotent("CreditPurchase", request_id, request, response_type, work)
-
     def _purchase_for_update(self, conn: Connection, store: Store, store_transaction_id: str) -> Any:
         query = sa.select(purchases).where(
             purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id
@@ -679,6 +638,228 @@ class WalletStore:
         token = encode_page_token(int(rows[page_size - 1].id)) if len(rows) > page_size else ""
         return items, token
 
+    def _claim_batch(
+        self, conn: Connection, keys: Sequence[tuple[str, str]], requests: Sequence[Message], now: datetime
+    ) -> _Batch:
+        """Claim every request id of a batch in one statement (sorted: a fixed lock order).
+
+        The first occurrence of a (method, request_id) in the batch is its leader;
+        later ones follow it. Replays of committed requests get their stored bytes.
+        """
+        batch = _Batch([None] * len(keys), [fingerprint(r) for r in requests])
+        for index, key in enumerate(keys):
+            if key in batch.first:
+                batch.followers.append(index)
+            else:
+                batch.first[key] = index
+        claims = sorted(batch.first)
+        # executemany + RETURNING: SQLAlchemy sends one multi-row INSERT with a cached plan.
+        rows = [
+            {"method": m, "request_id": r, "request_hash": batch.digests[batch.first[(m, r)]], "created_at": now}
+            for m, r in claims
+        ]
+        stmt = insert_ignore(conn, request_log).returning(request_log.c.method, request_log.c.request_id)
+        inserted = {(row.method, row.request_id) for row in conn.execute(stmt, rows)}
+        replays = [key for key in claims if key not in inserted]
+        if replays:
+            stored = {
+                (row.method, row.request_id): row
+                for row in conn.execute(
+                    sa.select(request_log).where(sa.tuple_(request_log.c.method, request_log.c.request_id).in_(replays))
+                )
+            }
+            for key in replays:
+                index = batch.first[key]
+                row = stored[key]
+                if row.request_hash != batch.digests[index] or row.response is None:
+                    batch.results[index] = RequestIdReused(key[1])
+                else:
+                    batch.results[index] = bytes(row.response)
+        batch.live = sorted(i for i in batch.first.values() if batch.results[i] is None)
+        return batch
+
+    def _finish_batch(
+        self, conn: Connection, batch: _Batch, keys: Sequence[tuple[str, str]]
+    ) -> list[Message | bytes | DomainError]:
+        """Record the answers of the batch's new requests; drop the claims of refused ones."""
+        recorded = [
+            {"m": keys[i][0], "r": keys[i][1], "body": result.SerializeToString(deterministic=True)}
+            for i in batch.live
+            if isinstance(result := batch.results[i], Message)
+        ]
+        if recorded:
+            conn.execute(
+                request_log.update()
+                .where(request_log.c.method == sa.bindparam("m"), request_log.c.request_id == sa.bindparam("r"))
+                .values(response=sa.bindparam("body")),
+                recorded,
+            )
+        dropped = [{"m": keys[i][0], "r": keys[i][1]} for i in batch.live if isinstance(batch.results[i], DomainError)]
+        if dropped:
+            conn.execute(
+                request_log.delete().where(
+                    request_log.c.method == sa.bindparam("m"), request_log.c.request_id == sa.bindparam("r")
+                ),
+                dropped,
+            )
+        for index in batch.followers:
+            leader = batch.first[keys[index]]
+            same = batch.digests[leader] == batch.digests[index]
+            batch.results[index] = batch.results[leader] if same else RequestIdReused(keys[index][1])
+        return [r for r in batch.results if r is not None]
+
+    def _write_many(
+        self,
+        conn: Connection,
+        txn_rows: list[dict[str, Any]],
+        entry_rows: list[dict[str, Any]],
+        history_rows: list[dict[str, Any]],
+        deltas: dict[tuple[str, Currency], int],
+    ) -> None:
+        """Bulk-write ledger transactions and add ``deltas`` to the balance rows (sorted order)."""
+        conn.execute(transactions.insert(), txn_rows)
+        conn.execute(entries.insert(), entry_rows)
+        conn.execute(history.insert(), history_rows)
+        rows = [
+            {"account_id": a, "currency": c.value, "balance": d}
+            for (a, c), d in sorted(deltas.items(), key=lambda kv: (kv[0][1].value, kv[0][0]))
+            if d
+        ]
+        if rows:
+            stmt = self._insert(conn, balances)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[balances.c.account_id, balances.c.currency],
+                    set_={"balance": balances.c.balance + stmt.excluded.balance},
+                ),
+                rows,
+            )
+
+    # ------------------------------------------------------------ purchases, batched
+
+    def credit_batch(
+        self, items: Sequence[CreditItem], build: Callable[[CreditResult], Message]
+    ) -> list[Message | bytes | DomainError]:
+        """Credit many purchases in ONE database transaction (group commit); each keeps
+        its own request-id claim, exactly-once purchase key, ledger transaction and answer."""
+        return self.db.transaction(lambda conn: self._credit_batch(conn, items, build, self._clock.now()))
+
+    def _credit_batch(
+        self,
+        conn: Connection,
+        items: Sequence[CreditItem],
+        build: Callable[[CreditResult], Message],
+        now: datetime,
+    ) -> list[Message | bytes | DomainError]:
+        keys = [("CreditPurchase", item.request_id) for item in items]
+        batch = self._claim_batch(conn, keys, [item.request for item in items], now)
+        # The first live item per purchase key tries to insert it; the others see the winner.
+        owner: dict[tuple[str, str], int] = {}
+        for index in batch.live:
+            owner.setdefault(items[index].key, index)
+        txn_ids = {index: new_txn_id() for index in owner.values()}
+        created: set[tuple[str, str]] = set()
+        if owner:
+            purchase_rows = [
+                {
+                    "store": items[i].store.value,
+                    "store_transaction_id": items[i].store_transaction_id,
+                    "account_id": items[i].account_id,
+                    "product_id": items[i].product_id,
+                    "coins": items[i].coins,
+                    "bonus_coins": items[i].bonus_coins,
+                    "quantity": items[i].quantity,
+                    "environment": items[i].environment.value,
+                    "storefront": items[i].storefront,
+                    "price_minor": items[i].price_minor,
+                    "price_currency": items[i].price_currency,
+                    "purchase_time": items[i].purchase_time,
+                    "flagged_for_review": items[i].flagged_for_review,
+                    "credit_txn_id": txn_ids[i],
+                    "clawed_back": 0,
+                    "created_at": now,
+                }
+                for _, i in sorted(owner.items())
+            ]
+            stmt = insert_ignore(conn, purchases).returning(purchases.c.store, purchases.c.store_transaction_id)
+            created = {(row.store, row.store_transaction_id) for row in conn.execute(stmt, purchase_rows)}
+        earlier = [key for key in owner if key not in created]
+        existing: dict[tuple[str, str], tuple[str, str, int, int]] = {}
+        if earlier:
+            for row in conn.execute(
+                sa.select(purchases).where(sa.tuple_(purchases.c.store, purchases.c.store_transaction_id).in_(earlier))
+            ):
+                existing[(row.store, row.store_transaction_id)] = (
+                    row.account_id,
+                    row.credit_txn_id,
+                    int(row.coins),
+                    int(row.bonus_coins),
+                )
+        for key in created:
+            winner = items[owner[key]]
+            existing[key] = (winner.account_id, txn_ids[owner[key]], winner.coins, winner.bonus_coins)
+        coins = self._lock_balances(conn, Currency.COIN, {items[owner[key]].account_id for key in created})
+        views = self._views(conn, (items[i].account_id for i in batch.live), now)
+        running = {account: view.coin_balance for account, view in views.items()}
+        running.update(coins)
+        txn_rows: list[dict[str, Any]] = []
+        entry_rows: list[dict[str, Any]] = []
+        history_rows: list[dict[str, Any]] = []
+        deltas: dict[tuple[str, Currency], int] = defaultdict(int)
+        for index in batch.live:
+            item = items[index]
+            account_id, txn_id, original_coins, original_bonus = existing[item.key]
+            if account_id != item.account_id:
+                batch.results[index] = PermissionDenied(
+                    "RECEIPT_BOUND_TO_OTHER_ACCOUNT", "this store transaction was already credited to another account"
+                )
+                continue
+            fresh = item.key in created and owner[item.key] == index
+            if fresh:
+                running[account_id] += item.coins
+                deltas[(account_id, Currency.COIN)] += item.coins
+                sandbox = item.environment is Environment.SANDBOX
+                txn_rows.append(
+                    {
+                        "txn_id": txn_id,
+                        "kind": Kind.PURCHASE.value,
+                        "created_at": now,
+                        "reference": item.store_transaction_id,
+                        "sandbox": sandbox,
+                    }
+                )
+                postings = [
+                    Posting(account_id, Currency.COIN, item.coins),
+                    Posting(
+                        purchase_clearing(item.store, item.environment), Currency.COIN, item.bonus_coins - item.coins
+                    ),
+                    Posting(promotions_expense(item.environment), Currency.COIN, -item.bonus_coins),
+                ]
+                entry_rows.extend(
+                    {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
+                    for p in balanced(postings)
+                )
+                history_rows.append(
+                    {
+                        "account_id": account_id,
+                        "txn_id": txn_id,
+                        "kind": Kind.PURCHASE.value,
+                        "created_at": now,
+                        "coins_delta": item.coins,
+                        "diamonds_delta": 0,
+                        "reference": item.store_transaction_id,
+                        "counterparty": "",
+                    }
+                )
+            view = views[account_id]
+            balance = BalanceView(
+                account_id, running[account_id], view.diamonds, view.diamonds_reserved, view.diamonds_immature
+            )
+            batch.results[index] = build(CreditResult(not fresh, txn_id, original_coins, original_bonus, balance))
+        if txn_rows:
+            self._write_many(conn, txn_rows, entry_rows, history_rows, deltas)
+        return self._finish_batch(conn, batch, keys)
+
     # ------------------------------------------------------------ gifts and spending
 
     def debit_batch(
@@ -687,7 +868,7 @@ class WalletStore:
         """Apply gifts and spends in ONE database transaction (group commit).
 
         Each item keeps its own request-id claim, its own ledger transaction and
-        its own answer: the stored response bytes for a replay, a :class:`DebitDone`,
+        its own answer: the stored response bytes for a replay, the new response,
         or the refusal. Refused items leave nothing behind.
         """
         return self.db.transaction(lambda conn: self._debit_batch(conn, items, build, self._clock.now()))
@@ -699,104 +880,36 @@ class WalletStore:
         build: Callable[[DebitItem, DebitDone], Message],
         now: datetime,
     ) -> list[Message | bytes | DomainError]:
-        results: list[Message | bytes | DomainError | None] = [None] * len(items)
-        digests = [fingerprint(item.request) for item in items]
-        # 1. Claim every request id (first occurrence in the batch; later ones follow it).
-        first: dict[tuple[str, str], int] = {}
-        followers: list[int] = []
-        for index, item in enumerate(items):
-            key = (item.method, item.request_id)
-            if key in first:
-                followers.append(index)
-            else:
-                first[key] = index
-        claims = sorted(first)
-        inserted: set[tuple[str, str]] = set()
-        if claims:
-            stmt = (
-                insert_ignore(conn, request_log)
-                .values(
-                    [
-                        {"method": m, "request_id": r, "request_hash": digests[first[(m, r)]], "created_at": now}
-                        for m, r in claims
-                    ]
-                )
-                .returning(request_log.c.method, request_log.c.request_id)
-            )
-            inserted = {(row.method, row.request_id) for row in conn.execute(stmt)}
-        replays = [key for key in claims if key not in inserted]
-        if replays:
-            stored = {
-                (row.method, row.request_id): row
-                for row in conn.execute(
-                    sa.select(request_log).where(sa.tuple_(request_log.c.method, request_log.c.request_id).in_(replays))
-                )
-            }
-            for key in replays:
-                index = first[key]
-                row = stored[key]
-                if row.request_hash != digests[index] or row.response is None:
-                    results[index] = RequestIdReused(key[1])
-                else:
-                    results[index] = bytes(row.response)
-        live = [i for i in first.values() if results[i] is None]
-        live.sort()
-        # 2. Lock the senders' coin rows; read their limits.
-        coins = self._lock_balances(conn, Currency.COIN, (items[i].sender for i in live))
-        gift_senders = {items[i].sender for i in live if items[i].creator is not None}
+        keys = [(item.method, item.request_id) for item in items]
+        batch = self._claim_batch(conn, keys, [item.request for item in items], now)
+        # Lock the senders' coin rows; read their limits.
+        coins = self._lock_balances(conn, Currency.COIN, (items[i].sender for i in batch.live))
+        gift_senders = {items[i].sender for i in batch.live if items[i].creator is not None}
         limits = self._limits_with_spent(conn, gift_senders, now)
-        # 3. Decide in arrival order.
+        # Decide in arrival order.
         done: dict[int, tuple[str, int]] = {}
-        for index in live:
+        for index in batch.live:
             item = items[index]
             balance = coins[item.sender]
             refusal = self._refusal(item, balance, limits.get(item.sender, []))
             if refusal is not None:
-                results[index] = refusal
+                batch.results[index] = refusal
                 continue
             coins[item.sender] = balance - item.coins
             for limit in limits.get(item.sender, []):
                 limit[1] += item.coins
             done[index] = (new_txn_id(), coins[item.sender])
-        # 4. Write the ledger for everything accepted, in bulk.
         if done:
             self._write_debits(conn, items, done, now)
-        # 5. Answers; refused or failed claims are removed so a retry can succeed later.
         views = self._views(conn, (items[i].sender for i in done), now)
-        recorded: list[dict[str, Any]] = []
         for index, (txn_id, coin_balance) in done.items():
             item = items[index]
             view = views[item.sender]
             balance_view = BalanceView(
                 item.sender, coin_balance, view.diamonds, view.diamonds_reserved, view.diamonds_immature
             )
-            response = build(item, DebitDone(txn_id, item.coins, item.diamonds, balance_view))
-            results[index] = response
-            recorded.append(
-                {"m": item.method, "r": item.request_id, "body": response.SerializeToString(deterministic=True)}
-            )
-        if recorded:
-            conn.execute(
-                request_log.update()
-                .where(request_log.c.method == sa.bindparam("m"), request_log.c.request_id == sa.bindparam("r"))
-                .values(response=sa.bindparam("body")),
-                recorded,
-            )
-        dropped = [
-            {"m": items[i].method, "r": items[i].request_id} for i in live if isinstance(results[i], DomainError)
-        ]
-        if dropped:
-            conn.execute(
-                request_log.delete().where(
-                    request_log.c.method == sa.bindparam("m"), request_log.c.request_id == sa.bindparam("r")
-                ),
-                dropped,
-            )
-        for index in followers:
-            item = items[index]
-            leader = first[(item.method, item.request_id)]
-            results[index] = RequestIdReused(item.request_id) if digests[leader] != digests[index] else results[leader]
-        return [r for r in results if r is not None]
+            batch.results[index] = build(item, DebitDone(txn_id, item.coins, item.diamonds, balance_view))
+        return self._finish_batch(conn, batch, keys)
 
     def _refusal(self, item: DebitItem, balance: int, limits: list[list[Any]]) -> DomainError | None:
         if balance < 0:
@@ -871,18 +984,16 @@ class WalletStore:
                         "counterparty": item.sender,
                     }
                 )
-        conn.execute(transactions.insert(), txn_rows)
-        conn.execute(entries.insert(), entry_rows)
-        conn.execute(history.insert(), history_rows)
+        # Senders' rows exist and are locked already: a plain update. Creators' rows may be new.
         conn.execute(
             balances.update()
             .where(balances.c.account_id == sa.bindparam("a"), balances.c.currency == Currency.COIN.value)
             .values(balance=balances.c.balance + sa.bindparam("d")),
             [{"a": a, "d": d} for a, d in sorted(sender_deltas.items())],
         )
-        for creator, amount in sorted(creator_deltas.items()):
-            if amount:
-                self._add_balance(conn, creator, Currency.DIAMOND, amount)
+        self._write_many(
+            conn, txn_rows, entry_rows, history_rows, {(c, Currency.DIAMOND): d for c, d in creator_deltas.items()}
+        )
 
     def _limits_with_spent(
         self, conn: Connection, accounts: Iterable[str], now: datetime
@@ -1146,6 +1257,10 @@ def audit(database: Database) -> list[str]:
 
     Runs in one repeatable-read snapshot on PostgreSQL (one transaction on SQLite).
     """
+    return audit_engine(database.engine)
+
+
+def audit_engine(engine: sa.Engine) -> list[str]:
     problems: list[str] = []
 
     def check(conn: Connection) -> None:
@@ -1209,5 +1324,6 @@ def audit(database: Database) -> list[str]:
             if not 0 <= int(row.clawed_back) <= int(row.coins):
                 problems.append(f"purchase {row.store}/{row.store_transaction_id}: clawed back {row.clawed_back}")
 
-    database.transaction(check)
+    with engine.begin() as conn:
+        check(conn)
     return problems

@@ -5,6 +5,7 @@ real receipts gRPC host wired by ``build_components``."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
                 state = wpb.CREDIT_STATE_CREDITED
             return wpb.CreditPurchaseResponse(
                 state=state,
-                transaction_id=f"ltx-{request.store_transaction_id}",
+                transaction_id=f"ltx-{hashlib.sha256(request.store_transaction_id.encode()).hexdigest()[:32]}",
                 coins_credited=request.coins,
                 bonus_coins=request.bonus_coins,
                 balance=wpb.Balance(account_id=request.account_id, coins=self.balances[request.account_id]),
@@ -179,26 +180,45 @@ class Receipts:
 
 
 @asynccontextmanager
+async def receipts_host(
+    keys: Keys,
+    database_url: str,
+    state_dir: Path,
+    wallet_address: str,
+    settings_extra: Mapping[str, str] | None = None,
+) -> AsyncIterator[tuple[Components, rpb_grpc.ReceiptServiceAsyncStub]]:
+    """A real receipts gRPC host (components built from settings) on a free port."""
+    port = int(wallet_address.rsplit(":", 1)[1])
+    settings = receipts_settings(keys, database_url, port, state_dir, **dict(settings_extra or {}))
+    runtime = runtime_for(settings)
+    components = build_components(settings, runtime)
+    host = build_host_with(components, runtime, port=0)
+    await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+            yield components, rpb_grpc.ReceiptServiceStub(channel)
+    finally:
+        await host.stop()
+        await components.close()
+        runtime.database.close()
+
+
+@asynccontextmanager
 async def receipts_service(
     keys: Keys,
     database_url: str,
     state_dir: Path,
     settings_extra: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Receipts]:
-    """A real receipts gRPC host (components from settings) in front of the fake wallet."""
-    async with fake_wallet(keys, f"sqlite:///{state_dir / 'fake-wallet.db'}") as (wallet, wallet_port):
-        settings = receipts_settings(keys, database_url, wallet_port, state_dir, **dict(settings_extra or {}))
-        runtime = runtime_for(settings)
-        components = build_components(settings, runtime)
-        host = build_host_with(components, runtime, port=0)
-        await host.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
-                yield Receipts(components, rpb_grpc.ReceiptServiceStub(channel), wallet, keys)
-        finally:
-            await host.stop()
-            await components.close()
-            runtime.database.close()
+    """A real receipts gRPC host in front of the fake wallet."""
+    async with (
+        fake_wallet(keys, f"sqlite:///{state_dir / 'fake-wallet.db'}") as (wallet, wallet_port),
+        receipts_host(keys, database_url, state_dir, f"127.0.0.1:{wallet_port}", settings_extra) as (
+            components,
+            stub,
+        ),
+    ):
+        yield Receipts(components, stub, wallet, keys)
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:

@@ -213,3 +213,24 @@ async def test_refund_and_notification_history_and_consumption(sim: tuple[AppleS
         )
     assert caught.value.reason == "APP_STORE_REJECTED"
     await api.close()
+
+
+async def test_faults_and_refunds_over_the_simulators_http_endpoints(sim: tuple[AppleStore, str, Path]) -> None:
+    _store, url, key_file = sim
+    async with httpx.AsyncClient() as client:
+        bought = (await client.post(f"{url}/apple/buy", json={"productId": "com.coinstore.coins.70"})).json()
+        txid = bought["transactionId"]
+        refund = await client.post(
+            f"{url}/apple/refund",
+            json={"transactionId": txid, "revocationType": "REFUND_PRORATED", "revocationPercentage": 25_000},
+        )
+        revoked = jwt.decode(refund.json()["signedTransaction"], options={"verify_signature": False})
+        assert (revoked["revocationType"], revoked["revocationPercentage"]) == ("REFUND_PRORATED", 25_000)
+        reverse = await client.post(f"{url}/apple/refund/reverse", json={"transactionId": txid})
+        assert "revocationDate" not in jwt.decode(
+            reverse.json()["signedTransaction"], options={"verify_signature": False}
+        )
+        await client.post(f"{url}/apple/faults", json={"status": 503, "count": 1, "path": "/transactions/"})
+    sleeps = Sleeps()
+    await make_api(url, key_file, sleeps).get_transaction_info(Environment.SANDBOX, txid)
+    assert len(sleeps.delays) == 1

@@ -234,3 +234,12 @@ async def test_dependencies_down_are_unavailable(world: World) -> None:
         pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", signed_transaction=jws)
     )
     assert reply.purchases[0].state == pb.PURCHASE_STATE_CREDITED
+
+
+async def test_same_request_id_concurrently_gets_one_answer(world: World) -> None:
+    _txid, jws = await world.device_buy(appAccountToken=await world.token("fan-1"))
+    request = pb.VerifyApplePurchaseRequest(request_id="same", account_id="fan-1", signed_transaction=jws)
+    replies = await asyncio.gather(*(world.verify(request) for _ in range(8)))
+    assert all(r == replies[0] for r in replies)
+    assert replies[0].purchases[0].state == pb.PURCHASE_STATE_CREDITED
+    assert world.receipts.wallet.balances == {"fan-1": 350}

@@ -244,3 +244,13 @@ async def test_get_purchase_not_found_and_list_products(receipts: Receipts) -> N
     assert all(p.store == pb.STORE_APP_STORE and p.price.currency_code == "USD" for p in products.products)
     both = await receipts.stub.ListProducts(pb.ListProductsRequest(), metadata=receipts.md(), timeout=10)
     assert len(both.products) == 8
+
+
+async def test_pending_purchase_credited_once_payment_completes(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    pending = await crediting.credit(purchase("t-12", pending=True), "fan-1", request_id="r-1")
+    assert pending.outcome is Outcome.PENDING
+    assert receipts.wallet.calls == []
+    done = await crediting.credit(purchase("t-12"), "fan-1", request_id="r-2")
+    assert done.outcome is Outcome.CREDITED
+    assert done.record.state.value == "credited"

@@ -123,7 +123,7 @@ async def test_concurrent_gifts_to_one_creator_all_land(wallet: Wallet) -> None:
 
 
 async def test_one_transaction_per_gift_mode(database_url: str, keys: Keys, tmp_path: Path) -> None:
-    async with running_wallet(database_url, keys, tmp_path, wallet_gift_batch_window_ms=0.0) as wallet:
+    async with running_wallet(database_url, keys, tmp_path, wallet_group_commit_window_ms=0.0) as wallet:
         senders = [f"fan-{i}" for i in range(40)]
         await asyncio.gather(*(wallet.credit(s, 2) for s in senders))
         await asyncio.gather(*(wallet.gift(s, "star") for s in senders))

@@ -20,16 +20,15 @@ and stricter where noted:
    nextUpdate, at most 15 minutes);
 8. the ES256 signature over the signing input with the leaf key.
 
-Verified chains are cached by their certificate bytes, so the steady state is
-one JSON decode, a dictionary look-up, a validity-window comparison and one
-ES256 verification.
+Checked headers are cached by their text and verified chains by their
+certificate bytes, so the steady state is the payload's JSON decode, two
+dictionary look-ups, a validity-window comparison and one ES256 verification.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import threading
 import time
@@ -38,8 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -94,14 +94,22 @@ def load_root_certificates(paths: Sequence[Path]) -> list[x509.Certificate]:
     return roots
 
 
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
+def _b64url_bytes(part: bytes) -> bytes:
+    return binascii.a2b_base64(part.translate(_URLSAFE) + b"=" * (-len(part) % 4), strict_mode=True)
+
+
 def _b64url(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    return _b64url_bytes(part.encode("ascii"))
 
 
 @dataclass(frozen=True)
 class _Chain:
     """A verified leaf + intermediate (+ root), with what per-JWS checks still need."""
 
+    x5c: tuple[str, str]
     key: ec.EllipticCurvePublicKey
     not_before: float
     not_after: float
@@ -110,13 +118,11 @@ class _Chain:
     root: x509.Certificate
 
 
-@dataclass(frozen=True)
-class Decoded:
-    header: dict[str, Any]
+class Decoded(NamedTuple):
     payload: dict[str, Any]
     signing_input: bytes
     signature: bytes
-    x5c: tuple[str, str]
+    chain: _Chain
 
 
 class OcspChecker:
@@ -145,6 +151,9 @@ class AppleJwsVerifier:
         self._ocsp = ocsp
         self._clock = clock
         self._chains: OrderedDict[tuple[str, str], _Chain] = OrderedDict()
+        self._headers: OrderedDict[str, _Chain] = OrderedDict()
+        # The header of the previous JWS and its chain: almost every JWS shares it.
+        self._last: tuple[str, _Chain | None] = ("", None)
         self._ocsp_until: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         if online_checks and ocsp is None:
@@ -161,50 +170,76 @@ class AppleJwsVerifier:
         MISSING_APPLE_OID, INVALID_SIGNATURE.
         """
         decoded = self.decode(jws, field)
-        chain = self._chain(decoded, field)
+        chain = decoded.chain
         self._check_validity(chain, self._effective_date(decoded.payload), field)
-        if self._online and self._ocsp_until.get(decoded.x5c, 0.0) <= self._clock():
+        if self._online and self._ocsp_until.get(chain.x5c, 0.0) <= self._clock():
             raise RuntimeError("online checks are on: use verify_async")
-        self._check_signature(decoded, chain, field)
+        self._check_signature(decoded, field)
         return decoded.payload
 
     async def verify_async(self, jws: str, field: str = "signed_transaction") -> dict[str, Any]:
         """:meth:`verify`, doing the OCSP checks first when online checks are on."""
         decoded = self.decode(jws, field)
-        chain = self._chain(decoded, field)
+        chain = decoded.chain
         self._check_validity(chain, self._effective_date(decoded.payload), field)
         if self._online:
             assert self._ocsp is not None
-            if self._ocsp_until.get(decoded.x5c, 0.0) <= self._clock():
+            if self._ocsp_until.get(chain.x5c, 0.0) <= self._clock():
                 until = min(
                     await self._ocsp.check(chain.intermediate, chain.root, field),
                     await self._ocsp.check(chain.leaf, chain.intermediate, field),
                 )
                 with self._lock:
-                    self._ocsp_until[decoded.x5c] = until
+                    self._ocsp_until[chain.x5c] = until
                     if len(self._ocsp_until) > CACHE_SIZE:
                         now = self._clock()
                         for key in [k for k, v in self._ocsp_until.items() if v <= now]:
                             del self._ocsp_until[key]
-        self._check_signature(decoded, chain, field)
+        self._check_signature(decoded, field)
         return decoded.payload
 
     # --- steps -----------------------------------------------------------------
 
     def decode(self, jws: str, field: str) -> Decoded:
+        """Split and decode the JWS and find its verified chain (cached by header text)."""
         if len(jws) > MAX_JWS_LENGTH:
             raise InvalidArgument(field, "the JWS is too long", "MALFORMED_JWS")
-        parts = jws.split(".")
-        if len(parts) != 3:
+        first = jws.find(".")
+        last = jws.rfind(".")
+        if first <= 0 or last == first or jws.find(".", first + 1) != last:
             raise InvalidArgument(field, "not a compact JWS (three dot-separated parts)", "MALFORMED_JWS")
+        last_header, last_chain = self._last
+        if last_chain is not None and first == len(last_header) and jws.startswith(last_header):
+            chain = last_chain
+        else:
+            header_part = jws[:first]
+            found = self._headers.get(header_part)
+            if found is None:
+                found = self._chain(self._check_header(header_part, field), field)
+                with self._lock:
+                    self._headers[header_part] = found
+                    while len(self._headers) > CACHE_SIZE:
+                        self._headers.popitem(last=False)
+            chain = found
+            self._last = (header_part, chain)
         try:
-            header = json.loads(_b64url(parts[0]))
-            payload = json.loads(_b64url(parts[1]))
-            signature = _b64url(parts[2])
+            signing_input = jws[:last].encode("ascii")
+            payload = orjson.loads(_b64url_bytes(signing_input[first + 1 :]))
+            signature = _b64url(jws[last + 1 :])
         except (ValueError, binascii.Error):
-            raise InvalidArgument(field, "the JWS parts are not base64url JSON", "MALFORMED_JWS") from None
-        if not isinstance(header, dict) or not isinstance(payload, dict):
-            raise InvalidArgument(field, "the JWS header and payload must be JSON objects", "MALFORMED_JWS")
+            raise InvalidArgument(field, "the JWS payload is not base64url JSON", "MALFORMED_JWS") from None
+        if not isinstance(payload, dict):
+            raise InvalidArgument(field, "the JWS payload must be a JSON object", "MALFORMED_JWS")
+        return Decoded(payload, signing_input, signature, chain)
+
+    def _check_header(self, part: str, field: str) -> tuple[str, str]:
+        """The header checks; the result depends only on the header text, so it is cached by it."""
+        try:
+            header = orjson.loads(_b64url(part))
+        except (ValueError, binascii.Error):
+            raise InvalidArgument(field, "the JWS header is not base64url JSON", "MALFORMED_JWS") from None
+        if not isinstance(header, dict):
+            raise InvalidArgument(field, "the JWS header must be a JSON object", "MALFORMED_JWS")
         if header.get("alg") != "ES256":
             raise InvalidArgument(field, f"alg {header.get('alg')!r} is not ES256", "UNSUPPORTED_ALGORITHM")
         if "crit" in header:
@@ -214,7 +249,7 @@ class AppleJwsVerifier:
             raise InvalidArgument(field, "the JWS header has no x5c certificate chain", "INVALID_CHAIN_LENGTH")
         if len(x5c) != 3:
             raise InvalidArgument(field, f"x5c holds {len(x5c)} certificates, not 3", "INVALID_CHAIN_LENGTH")
-        return Decoded(header, payload, f"{parts[0]}.{parts[1]}".encode(), signature, (x5c[0], x5c[1]))
+        return (x5c[0], x5c[1])
 
     def _effective_date(self, payload: dict[str, Any]) -> float:
         signed = payload.get("signedDate", payload.get("receiptCreationDate"))
@@ -222,8 +257,7 @@ class AppleJwsVerifier:
             return self._clock()
         return signed / 1000
 
-    def _chain(self, decoded: Decoded, field: str) -> _Chain:
-        key = decoded.x5c
+    def _chain(self, key: tuple[str, str], field: str) -> _Chain:
         chain = self._chains.get(key)
         if chain is not None:
             return chain
@@ -256,6 +290,7 @@ class AppleJwsVerifier:
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
         certificates = (leaf, intermediate, root)
         return _Chain(
+            x5c,
             public_key,
             max(c.not_valid_before_utc.timestamp() for c in certificates),
             min(c.not_valid_after_utc.timestamp() for c in certificates),
@@ -275,13 +310,13 @@ class AppleJwsVerifier:
             at = datetime.fromtimestamp(moment, UTC).isoformat()
             raise InvalidArgument(field, f"a certificate of the chain is not valid at {at}", "CERTIFICATE_EXPIRED")
 
-    def _check_signature(self, decoded: Decoded, chain: _Chain, field: str) -> None:
+    def _check_signature(self, decoded: Decoded, field: str) -> None:
         signature = decoded.signature
         if len(signature) != 64:
             raise InvalidArgument(field, "the ES256 signature is not 64 bytes", "INVALID_SIGNATURE")
         der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
         try:
-            chain.key.verify(der, decoded.signing_input, _ECDSA_SHA256)
+            decoded.chain.key.verify(der, decoded.signing_input, _ECDSA_SHA256)
         except InvalidSignature:
             raise InvalidArgument(field, "the JWS signature does not verify", "INVALID_SIGNATURE") from None
 

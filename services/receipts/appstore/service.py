@@ -25,6 +25,7 @@ from services.receipts.domain.apple import ApplePolicy, app_account_token, check
 from services.receipts.domain.binding import Binding
 from services.receipts.domain.purchases import Environment, PurchaseResult, VerifiedPurchase
 from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.receipts.store import RequestRecorder
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ApplePurchases:
         request_id: str,
         account_region: str,
         fetched_from: Environment | None = None,
+        recorder: RequestRecorder | None = None,
     ) -> PurchaseResult:
         purchase, payload = await self.verified_purchase(jws, field)
         if fetched_from is not None and purchase.environment is not fetched_from:
@@ -78,7 +80,9 @@ class ApplePurchases:
                 "WRONG_ENVIRONMENT", "the App Store answered with a transaction of another environment"
             )
         self.check_account(payload, account_id)
-        return await self._crediting.credit(purchase, account_id, request_id=request_id, account_region=account_region)
+        return await self._crediting.credit(
+            purchase, account_id, request_id=request_id, account_region=account_region, recorder=recorder
+        )
 
     async def verify(
         self,
@@ -90,12 +94,20 @@ class ApplePurchases:
         transaction_id: str = "",
         app_receipt: str = "",
         environment_hint: Environment | None = None,
+        recorder: RequestRecorder | None = None,
     ) -> list[PurchaseResult]:
+        """Verify one proof and credit what it proves. A ``recorder`` gets the
+        answer of a single-transaction proof recorded with its purchase."""
         try:
             if signed_transaction:
                 return [
                     await self._credit_signed(
-                        signed_transaction, "signed_transaction", account_id, request_id, account_region
+                        signed_transaction,
+                        "signed_transaction",
+                        account_id,
+                        request_id,
+                        account_region,
+                        recorder=recorder,
                     )
                 ]
             if transaction_id:
@@ -104,7 +116,7 @@ class ApplePurchases:
                 )
                 return [
                     await self._credit_signed(
-                        signed, "transaction_id", account_id, request_id, account_region, environment
+                        signed, "transaction_id", account_id, request_id, account_region, environment, recorder
                     )
                 ]
             return await self._verify_receipt(app_receipt, account_id, request_id, account_region, environment_hint)

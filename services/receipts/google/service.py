@@ -1,0 +1,243 @@
+"""VerifyGooglePurchase: ask Google about the token, apply the Play rules, credit
+through the one crediting path, then have the purchase consumed.
+
+Consumption happens strictly after the credit committed: only then is the
+"credited, not yet consumed" row written and the Celery consume task queued
+(:mod:`services.receipts.tasks_google`). If queueing fails or the worker dies,
+the periodic sweep finds the row (or the credited purchase without a row) and
+consumes it.
+
+:meth:`GooglePurchases.credit_token` is the "query Google and credit" path the
+notification inbox reuses for RTDN ONE_TIME_PRODUCT_PURCHASED.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.message import Message
+from sqlalchemy.engine import Connection
+
+from services.common.catalog import Catalog
+from services.common.clock import Clock
+from services.common.errors import DomainError
+from services.common.metrics import Metrics
+from services.receipts.crediting import Crediting
+from services.receipts.domain.binding import Binding
+from services.receipts.domain.google import GooglePolicy, GoogleVerdict, check_account, check_package, evaluate
+from services.receipts.domain.purchases import (
+    Outcome,
+    PurchaseRecord,
+    PurchaseResult,
+    StoredState,
+    VerifiedPurchase,
+)
+from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.receipts.google.client import PlayApiError, PlayClient
+from services.receipts.google.store import ConsumptionStore
+from services.receipts.store import PurchaseStore, RequestRecorder
+
+log = logging.getLogger(__name__)
+
+MAX_PURCHASE_TOKEN = 512
+# The characters the wallet accepts in a store transaction id (real tokens use base64url and dots).
+_TOKEN_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/=@")
+
+
+def require_purchase_token(token: str) -> str:
+    """A Play purchase token: non-empty, bounded, printable URL-safe characters."""
+    if not token or len(token) > MAX_PURCHASE_TOKEN or not set(token) <= _TOKEN_CHARACTERS:
+        raise InvalidArgument(
+            "purchase_token",
+            f"must be a Play purchase token (1-{MAX_PURCHASE_TOKEN} URL-safe characters)",
+            "INVALID_PURCHASE_TOKEN",
+        )
+    return token
+
+
+def map_lookup_error(error: PlayApiError) -> DomainError:
+    """A Google error answering a purchase look-up, as the caller should see it."""
+    if error.status == 400:
+        return InvalidArgument(
+            "purchase_token", f"Google rejected the token: {error.message}", "INVALID_PURCHASE_TOKEN"
+        )
+    if error.status == 404:
+        return NotFound("PURCHASE_NOT_FOUND", "Google does not know this purchase token", {"store": "google"})
+    if error.status == 410:
+        return FailedPrecondition("PURCHASE_TOKEN_EXPIRED", "the purchase token is no longer valid at Google")
+    log.warning("unexpected Google Play answer %d %s: %s", error.status, error.reason, error.message)
+    return FailedPrecondition(
+        "STORE_REJECTED", f"Google Play answered {error.status} {error.reason}", {"status": str(error.status)}
+    )
+
+
+class GooglePurchases:
+    def __init__(
+        self,
+        client: PlayClient,
+        crediting: Crediting,
+        catalog: Catalog,
+        binding: Binding,
+        store: PurchaseStore,
+        consumptions: ConsumptionStore,
+        policy: GooglePolicy,
+        enqueue_consume: Callable[[str], None],
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self.client = client
+        self.policy = policy
+        self.consumptions = consumptions
+        self._crediting = crediting
+        self._catalog = catalog
+        self._binding = binding
+        self._store = store
+        self._enqueue = enqueue_consume
+        self._clock = clock
+        self._refusals = metrics.counter(
+            "coinstore_receipts_google_refusals", "Google Play purchases refused, by reason", ("reason",)
+        )
+
+    async def verify(
+        self,
+        *,
+        account_id: str,
+        product_id: str,
+        purchase_token: str,
+        package_name: str,
+        request_id: str,
+        account_region: str = "",
+        recorder: RequestRecorder | None = None,
+    ) -> PurchaseResult:
+        try:
+            return await self.credit_token(
+                purchase_token,
+                product_id,
+                account_id,
+                package_name=package_name,
+                request_id=request_id,
+                account_region=account_region,
+                recorder=recorder,
+            )
+        except DomainError as error:
+            self._refusals.labels(error.reason).inc()
+            raise
+
+    async def credit_token(
+        self,
+        purchase_token: str,
+        product_id: str,
+        account_id: str | None,
+        *,
+        package_name: str = "",
+        request_id: str,
+        account_region: str = "",
+        recorder: RequestRecorder | None = None,
+    ) -> PurchaseResult:
+        """Query Google for ``purchase_token`` and credit it to ``account_id``.
+
+        With ``account_id=None`` (a notification nobody claimed yet) the purchase
+        is only recorded (outcome RECORDED, or the stored state's answer); the first account to verify it
+        owns it (or the account its obfuscatedAccountId names, when set).
+        """
+        package = check_package(self.policy, package_name)
+        try:
+            purchase = await self.client.aget_purchase_v2(package, purchase_token)
+        except PlayApiError as error:
+            raise map_lookup_error(error) from None
+        verdict = evaluate(purchase, purchase_token, product_id, self.policy, self._catalog)
+        if account_id is not None:
+            check_account(purchase, self._binding, account_id)
+        if verdict.cancelled or verdict.consumed:
+            return await self._settled(verdict, account_id, request_id, account_region, recorder)
+        if account_id is None:
+            return _recorded(await self._crediting.record(verdict.purchase))
+        # The "credited, not yet consumed" row commits in the same transaction as the CREDITED state.
+        note = ConsumeAfterCredit(
+            self.consumptions, recorder, purchase_token, package, verdict.line_item.product_id, self._clock.now()
+        )
+        result = await self._crediting.credit(
+            verdict.purchase, account_id, request_id=request_id, account_region=account_region, recorder=note
+        )
+        if note.added:
+            await self._queue_consume(purchase_token)
+        return result
+
+    async def _settled(
+        self,
+        verdict: GoogleVerdict,
+        account_id: str | None,
+        request_id: str,
+        account_region: str,
+        recorder: RequestRecorder | None,
+    ) -> PurchaseResult:
+        """Cancelled or already consumed at Google: only a purchase we credited before is answered."""
+        token = verdict.purchase.store_transaction_id
+        record = await self._store.get(verdict.purchase.store, token)
+        credited = record is not None and record.state in (StoredState.CREDITED, StoredState.REFUNDED)
+        if credited and account_id is not None:
+            return await self._crediting.credit(
+                verdict.purchase, account_id, request_id=request_id, account_region=account_region, recorder=recorder
+            )
+        if credited and record is not None:
+            return _recorded(record)
+        if verdict.cancelled:
+            if record is not None and record.state is StoredState.PENDING:
+                await self._crediting.record(_revoked(verdict))
+            raise FailedPrecondition("PURCHASE_CANCELLED", "Google reports the purchase as cancelled")
+        raise FailedPrecondition(
+            "PURCHASE_ALREADY_CONSUMED", "the purchase was consumed at Google but never credited here"
+        )
+
+    async def _queue_consume(self, token: str) -> None:
+        """Queue the consume; if the broker is down the sweep consumes it later."""
+        try:
+            await self.consumptions.database.run(self._enqueue, token)
+        except Exception as exc:
+            log.warning("could not queue the consume of a Play purchase (the sweep will retry): %s", exc)
+
+
+class ConsumeAfterCredit(RequestRecorder):
+    """Runs inside the crediting transaction (the core's recorder hook): writes the
+    "credited, not yet consumed" row, then records the AIP-155 response through
+    the caller's recorder, if any."""
+
+    def __init__(
+        self,
+        consumptions: ConsumptionStore,
+        inner: RequestRecorder | None,
+        token: str,
+        package_name: str,
+        product_id: str,
+        now: datetime,
+    ) -> None:
+        self._consumptions = consumptions
+        self._inner = inner
+        self._row = (token, package_name, product_id, now)
+        self.added = False
+        self.done = False
+        self.stored: bytes | None = None
+        self.response: Message | None = None
+
+    def record_in(self, conn: Connection, results: Sequence[Any]) -> None:
+        self.added = self._consumptions.add_in(conn, *self._row)
+        if self._inner is not None:
+            self._inner.record_in(conn, results)
+
+
+def _revoked(verdict: GoogleVerdict) -> VerifiedPurchase:
+    return replace(verdict.purchase, revoked=True, pending=False)
+
+
+def _recorded(record: PurchaseRecord) -> PurchaseResult:
+    outcome = {
+        StoredState.CREDITED: Outcome.ALREADY_CREDITED,
+        StoredState.REFUNDED: Outcome.REFUNDED,
+        StoredState.PENDING: Outcome.PENDING,
+        StoredState.REVOKED: Outcome.REVOKED,
+    }.get(record.state, Outcome.RECORDED)
+    return PurchaseResult(outcome, record, 0, 0, 0)

@@ -1,0 +1,199 @@
+"""SQL of the Google Play consumption queue (SQLAlchemy Core).
+
+A row in ``receipts_google_consumptions`` says "credited, not yet consumed at
+Google". It is written only after the wallet's credit committed and the
+purchase row says CREDITED, so a consume can never precede its credit. The
+Celery task moves it to ``consumed`` (or ``abandoned`` when Google says the
+purchase can no longer be consumed); the sweep finds rows still ``unconsumed``
+after the overdue age, and credited Play purchases that never got a row.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from services.common.catalog import StoreId
+from services.common.db import Database
+from services.common.idempotency import insert_ignore
+from services.receipts.domain.purchases import StoredState
+from services.receipts.store import metadata, purchases
+
+consumptions = sa.Table(
+    "receipts_google_consumptions",
+    metadata,
+    sa.Column("purchase_token", sa.String(512), primary_key=True),
+    sa.Column("package_name", sa.String(256), nullable=False),
+    sa.Column("product_id", sa.String(256), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.String(512), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("consumed_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+class ConsumeState(enum.Enum):
+    UNCONSUMED = "unconsumed"
+    CONSUMED = "consumed"
+    # Google says it can no longer be consumed (refunded, cancelled, token gone).
+    ABANDONED = "abandoned"
+
+
+@dataclass(frozen=True)
+class Consumption:
+    purchase_token: str
+    package_name: str
+    product_id: str
+    state: ConsumeState
+    attempts: int
+    last_error: str
+    created_at: datetime
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class ConsumptionStore:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def add(self, token: str, package_name: str, product_id: str, now: datetime) -> bool:
+        """Record "credited, not yet consumed" once per token; True when this call added it."""
+        return self.database.transaction(lambda conn: self.add_in(conn, token, package_name, product_id, now))
+
+    def add_in(self, conn: Connection, token: str, package_name: str, product_id: str, now: datetime) -> bool:
+        """:meth:`add` inside the caller's transaction (the one that marks the purchase CREDITED)."""
+        # RETURNING tells a skipped insert apart on every dialect (rowcount does not on psycopg).
+        inserted = conn.execute(
+            insert_ignore(conn, consumptions)
+            .values(
+                purchase_token=token,
+                package_name=package_name,
+                product_id=product_id,
+                state=ConsumeState.UNCONSUMED.value,
+                attempts=0,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(consumptions.c.purchase_token)
+        ).first()
+        return inserted is not None
+
+    def get(self, token: str) -> Consumption | None:
+        def work(conn: Connection) -> Consumption | None:
+            row = conn.execute(sa.select(consumptions).where(consumptions.c.purchase_token == token)).one_or_none()
+            if row is None:
+                return None
+            return Consumption(
+                row.purchase_token,
+                row.package_name,
+                row.product_id,
+                ConsumeState(row.state),
+                int(row.attempts),
+                row.last_error or "",
+                _utc(row.created_at),
+            )
+
+        return self.database.transaction(work)
+
+    def attempt(self, token: str, error: str, now: datetime) -> None:
+        """Count a failed attempt and remember why."""
+
+        def work(conn: Connection) -> None:
+            conn.execute(
+                consumptions.update()
+                .where(consumptions.c.purchase_token == token)
+                .values(attempts=consumptions.c.attempts + 1, last_error=error[:512], updated_at=now)
+            )
+
+        self.database.transaction(work)
+
+    def finish(self, token: str, state: ConsumeState, now: datetime, note: str = "") -> bool:
+        """unconsumed → consumed/abandoned; False when another worker finished it first."""
+
+        def work(conn: Connection) -> bool:
+            values: dict[str, object] = {"state": state.value, "updated_at": now}
+            if state is ConsumeState.CONSUMED:
+                values["consumed_at"] = now
+            if note:
+                values["last_error"] = note[:512]
+            changed = conn.execute(
+                consumptions.update()
+                .where(
+                    consumptions.c.purchase_token == token,
+                    consumptions.c.state == ConsumeState.UNCONSUMED.value,
+                )
+                .values(**values)
+            ).rowcount
+            return bool(changed)
+
+        return self.database.transaction(work)
+
+    def overdue(self, package_name: str, now: datetime, older_than: timedelta, limit: int = 500) -> list[str]:
+        """Tokens credited before ``now - older_than`` and still not consumed.
+
+        Also adopts credited Play purchases that have no row (a crash between
+        the credit and the row), so every credited purchase gets consumed.
+        """
+        cutoff = now - older_than
+
+        def work(conn: Connection) -> list[str]:
+            orphans = conn.execute(
+                sa.select(purchases.c.store_transaction_id, purchases.c.product_id)
+                .select_from(
+                    purchases.outerjoin(consumptions, consumptions.c.purchase_token == purchases.c.store_transaction_id)
+                )
+                .where(
+                    purchases.c.store == StoreId.GOOGLE_PLAY.value,
+                    purchases.c.state.in_([StoredState.CREDITED.value, StoredState.REFUNDED.value]),
+                    purchases.c.updated_at < cutoff,
+                    consumptions.c.purchase_token.is_(None),
+                )
+                .limit(limit)
+            ).all()
+            for token, product_id in orphans:
+                conn.execute(
+                    insert_ignore(conn, consumptions).values(
+                        purchase_token=token,
+                        package_name=package_name,
+                        product_id=product_id,
+                        state=ConsumeState.UNCONSUMED.value,
+                        attempts=0,
+                        created_at=cutoff,
+                        updated_at=now,
+                    )
+                )
+            rows = conn.execute(
+                sa.select(consumptions.c.purchase_token)
+                .where(
+                    consumptions.c.state == ConsumeState.UNCONSUMED.value,
+                    consumptions.c.created_at <= cutoff,
+                )
+                .order_by(consumptions.c.created_at)
+                .limit(limit)
+            ).all()
+            return [r.purchase_token for r in rows]
+
+        return self.database.transaction(work)
+
+    def count_overdue(self, now: datetime, older_than: timedelta) -> int:
+        def work(conn: Connection) -> int:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(consumptions)
+                    .where(
+                        consumptions.c.state == ConsumeState.UNCONSUMED.value,
+                        consumptions.c.created_at <= now - older_than,
+                    )
+                ).scalar_one()
+            )
+
+        return self.database.transaction(work)

@@ -1,0 +1,317 @@
+"""VerifyGooglePurchase through a real receipts gRPC server, the real Android
+Publisher client (bundled discovery document, service-account JWT-bearer flow)
+and the Play simulator on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coinstore.receipts.v1 import receipt_service_pb2 as pb
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from services.common.catalog import StoreId
+from services.receipts.google.store import ConsumeState
+from services.storesim.google import Fault, PlayState
+from tests.receipts.google.support import PACKAGE, google_receipts
+from tests.receipts.support import Receipts, error_reason
+from tests.support.tokens import Keys
+
+
+def binding(receipts: Receipts, account_id: str) -> str:
+    return receipts.components.binding.obfuscated_account_id(account_id)
+
+
+async def verify(
+    receipts: Receipts,
+    token: str,
+    *,
+    account_id: str = "fan-1",
+    product_id: str = "coins_70",
+    request_id: str | None = None,
+    package_name: str = "",
+    account_region: str = "",
+) -> pb.PurchaseResult:
+    request = pb.VerifyGooglePurchaseRequest(
+        request_id=request_id or f"r-{account_id}-{zlib.crc32(token.encode())}-{product_id}",
+        account_id=account_id,
+        product_id=product_id,
+        purchase_token=token,
+        package_name=package_name,
+        account_region=account_region,
+    )
+    reply = await receipts.stub.VerifyGooglePurchase(request, metadata=receipts.md(), timeout=30)
+    return reply.purchase
+
+
+async def refused(receipts: Receipts, token: str, **kwargs: str) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await verify(receipts, token, **kwargs)
+    return caught.value.code(), error_reason(caught.value)
+
+
+def wallet_credits(receipts: Receipts) -> dict[str, int]:
+    return {k[1]: c.coins for k, c in receipts.wallet.credits.items() if k[0] == wpb.STORE_GOOGLE_PLAY}
+
+
+async def test_purchased_is_credited_then_queued_for_consumption_not_consumed_inline(
+    keys: Keys, database_url: str, tmp_path: Path
+) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_350", account_id=binding(receipts, "fan-1"), region_code="US")
+        result = await verify(receipts, bought.token, product_id="coins_350", account_region="US")
+        assert result.state == pb.PURCHASE_STATE_CREDITED
+        assert (result.store, result.store_transaction_id) == (pb.STORE_GOOGLE_PLAY, bought.token)
+        assert (result.coins_credited, result.quantity, result.new_balance) == (350, 1, 350)
+        assert result.environment == pb.STORE_ENVIRONMENT_PRODUCTION
+        assert (result.storefront, result.order_id) == ("US", bought.order_id)
+        assert not result.flagged_for_review
+        assert receipts.wallet.balances["fan-1"] == 350
+        # Consumption is the worker's job, after the commit: nothing consumed inline.
+        assert not play.get(bought.token).consumed  # type: ignore[union-attr]
+        google = receipts.components.google
+        row = await receipts.components.database.run(google.consumptions.get, bought.token)
+        assert row is not None
+        assert (row.state, row.product_id, row.package_name) == (ConsumeState.UNCONSUMED, "coins_350", PACKAGE)
+        record = await receipts.components.store.get(StoreId.GOOGLE_PLAY, bought.token)
+        assert record is not None
+        assert record.state.value == "credited"
+        # The same token again (another request id): nothing moves.
+        again = await verify(receipts, bought.token, product_id="coins_350", request_id="r-again")
+        assert again.state == pb.PURCHASE_STATE_ALREADY_CREDITED
+        assert receipts.wallet.balances["fan-1"] == 350
+
+
+async def test_same_token_twenty_times_concurrently_credits_once(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_1400", account_id=binding(receipts, "fan-1"))
+        results = await asyncio.gather(
+            *(verify(receipts, bought.token, product_id="coins_1400", request_id=f"c-{i}") for i in range(20))
+        )
+        states = [r.state for r in results]
+        assert states.count(pb.PURCHASE_STATE_CREDITED) == 1
+        assert states.count(pb.PURCHASE_STATE_ALREADY_CREDITED) == 19
+        assert wallet_credits(receipts) == {bought.token: 1400}
+        assert receipts.wallet.balances["fan-1"] == 1400
+
+
+async def test_another_account_is_refused(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        # Bound at purchase time to fan-1: fan-2 is refused before anything is recorded.
+        bound = play.buy("coins_70", account_id=binding(receipts, "fan-1"))
+        assert await refused(receipts, bound.token, account_id="fan-2") == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "ACCOUNT_MISMATCH",
+        )
+        assert await receipts.components.store.get(StoreId.GOOGLE_PLAY, bound.token) is None
+        assert (await verify(receipts, bound.token)).state == pb.PURCHASE_STATE_CREDITED
+        # No obfuscatedAccountId: the first account to claim it owns it.
+        unbound = play.buy("coins_70")
+        assert (await verify(receipts, unbound.token, account_id="fan-3")).state == pb.PURCHASE_STATE_CREDITED
+        assert await refused(receipts, unbound.token, account_id="fan-4") == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "RECEIPT_BOUND_TO_OTHER_ACCOUNT",
+        )
+        assert receipts.wallet.balances == {"fan-1": 70, "fan-3": 70}
+
+
+async def test_pending_credits_nothing_until_paid(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"), pending=True)
+        result = await verify(receipts, bought.token, request_id="p-1")
+        assert result.state == pb.PURCHASE_STATE_PENDING
+        assert result.coins_credited == 0
+        assert receipts.wallet.credits == {}
+        google = receipts.components.google
+        assert await receipts.components.database.run(google.consumptions.get, bought.token) is None
+        play.complete(bought.token)
+        paid = await verify(receipts, bought.token, request_id="p-2")
+        assert paid.state == pb.PURCHASE_STATE_CREDITED
+        assert paid.order_id == bought.order_id != ""
+        assert receipts.wallet.balances["fan-1"] == 70
+
+
+async def test_cancelled_is_refused(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"), pending=True)
+        assert (await verify(receipts, bought.token, request_id="x-1")).state == pb.PURCHASE_STATE_PENDING
+        play.cancel(bought.token)
+        assert await refused(receipts, bought.token, request_id="x-2") == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PURCHASE_CANCELLED",
+        )
+        record = await receipts.components.store.get(StoreId.GOOGLE_PLAY, bought.token)
+        assert record is not None
+        assert record.state.value == "revoked"
+        assert receipts.wallet.credits == {}
+
+
+async def test_quantity_multiplies_the_pack(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_350", account_id=binding(receipts, "fan-1"), quantity=3)
+        result = await verify(receipts, bought.token, product_id="coins_350")
+        assert (result.quantity, result.coins_credited) == (3, 1050)
+        assert result.price.amount_minor == 3 * 599
+        assert receipts.wallet.balances["fan-1"] == 1050
+
+
+async def test_test_purchases_are_sandbox_and_follow_the_policy(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"), test=True)
+        result = await verify(receipts, bought.token)
+        assert result.state == pb.PURCHASE_STATE_CREDITED
+        assert result.environment == pb.STORE_ENVIRONMENT_SANDBOX
+        assert receipts.wallet.credits[(wpb.STORE_GOOGLE_PLAY, bought.token)].request.environment == (
+            wpb.STORE_ENVIRONMENT_SANDBOX
+        )
+    async with google_receipts(keys, database_url, tmp_path / "strict", {"GOOGLE_ALLOW_TEST_PURCHASES": "false"}) as (
+        receipts,
+        play,
+    ):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"), test=True)
+        assert await refused(receipts, bought.token) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "TEST_PURCHASE_NOT_ALLOWED",
+        )
+        assert receipts.wallet.credits == {}
+
+
+async def test_product_and_package_must_match(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"))
+        assert await refused(receipts, bought.token, product_id="coins_7000") == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PRODUCT_MISMATCH",
+        )
+        assert await refused(receipts, bought.token, package_name="com.other.app") == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PACKAGE_MISMATCH",
+        )
+        other_app = play.buy("coins_70", package_name="com.other.app")
+        assert await refused(receipts, other_app.token) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PURCHASE_TOKEN")
+        unknown = play.buy("coins_9", account_id=binding(receipts, "fan-1"))
+        assert await refused(receipts, unknown.token, product_id="coins_9") == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "UNKNOWN_PRODUCT",
+        )
+        assert receipts.wallet.credits == {}
+
+
+async def test_region_policy_on_region_code(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"), region_code="DE")
+        result = await verify(receipts, bought.token, account_region="US")
+        assert result.state == pb.PURCHASE_STATE_CREDITED
+        assert (result.storefront, result.flagged_for_review) == ("DE", True)
+    async with google_receipts(keys, database_url, tmp_path / "refuse", {"REGION_POLICY": "refuse"}) as (
+        receipts,
+        play,
+    ):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"), region_code="DE")
+        assert await refused(receipts, bought.token, account_region="US") == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "REGION_MISMATCH",
+        )
+        assert (await verify(receipts, bought.token, account_region="DE", request_id="de")).state == (
+            pb.PURCHASE_STATE_CREDITED
+        )
+
+
+async def test_consumed_at_google(keys: Keys, database_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        ours = play.buy("coins_70", account_id=binding(receipts, "fan-1"))
+        assert (await verify(receipts, ours.token)).state == pb.PURCHASE_STATE_CREDITED
+        play.consume(PACKAGE, "coins_70", ours.token)
+        assert (await verify(receipts, ours.token, request_id="again")).state == pb.PURCHASE_STATE_ALREADY_CREDITED
+        # Consumed elsewhere and never credited here: refused, nothing credited.
+        foreign = play.buy("coins_70", account_id=binding(receipts, "fan-1"))
+        play.consume(PACKAGE, "coins_70", foreign.token)
+        assert await refused(receipts, foreign.token) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PURCHASE_ALREADY_CONSUMED",
+        )
+        assert wallet_credits(receipts) == {ours.token: 70}
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "reason"),
+    [
+        ("malformed", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PURCHASE_TOKEN"),
+        ("bad-characters", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PURCHASE_TOKEN"),
+        ("unknown", grpc.StatusCode.NOT_FOUND, "PURCHASE_NOT_FOUND"),
+        ("expired", grpc.StatusCode.FAILED_PRECONDITION, "PURCHASE_TOKEN_EXPIRED"),
+        ("401", grpc.StatusCode.UNAVAILABLE, "STORE_AUTH_FAILED"),
+        ("403", grpc.StatusCode.UNAVAILABLE, "STORE_AUTH_FAILED"),
+        ("revoked-account", grpc.StatusCode.UNAVAILABLE, "STORE_AUTH_FAILED"),
+        ("429-always", grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+        ("503-always", grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+        ("slow", grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+    ],
+)
+async def test_google_errors_map_to_stable_reasons(
+    keys: Keys,
+    sqlite_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    setup: str,
+    code: grpc.StatusCode,
+    reason: str,
+) -> None:
+    extra = {"GOOGLE_API_TIMEOUT_SECONDS": "0.5"}
+    async with google_receipts(keys, sqlite_url, tmp_path, extra) as (receipts, play):
+        token = arrange(play, setup, binding(receipts, "fan-1"))
+        with caplog.at_level(logging.ERROR):
+            assert await refused(receipts, token) == (code, reason)
+        if reason == "STORE_AUTH_FAILED":
+            assert any("COINSTORE_GOOGLE_SERVICE_ACCOUNT_FILE" in r.getMessage() for r in caplog.records)
+        assert receipts.wallet.credits == {}
+
+
+def arrange(play: PlayState, setup: str, account: str) -> str:
+    if setup == "malformed":
+        return "not-a-play-token"
+    if setup == "bad-characters":
+        return "tok en\n"
+    if setup == "unknown":
+        return "abcdefghijklmnopqrstuvwx.AO-J1OnotKnownHere"
+    token = play.buy("coins_70", account_id=account).token
+    if setup == "expired":
+        play.expire(token)
+    elif setup in ("401", "403"):
+        play.inject(Fault("getv2", int(setup), 10))
+    elif setup == "revoked-account":
+        play.revoked_service_account = True
+    elif setup == "429-always":
+        play.inject(Fault("getv2", 429, 10))
+    elif setup == "503-always":
+        play.inject(Fault("getv2", 503, 10))
+    elif setup == "slow":
+        play.inject(Fault("getv2", 0, 10, delay_seconds=2.0))
+    return token
+
+
+async def test_transient_failures_are_retried(keys: Keys, sqlite_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, sqlite_url, tmp_path, {"GOOGLE_API_TIMEOUT_SECONDS": "0.5"}) as (receipts, play):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"))
+        play.inject(Fault("getv2", 429, 1))
+        play.inject(Fault("getv2", 503, 1))
+        play.inject(Fault("getv2", 0, 1, delay_seconds=1.5))
+        assert (await verify(receipts, bought.token)).state == pb.PURCHASE_STATE_CREDITED
+        calls = [path for method, path in play.requests if "productsv2" in path]
+        assert len(calls) == 4
+
+
+async def test_request_id_replays_the_original_answer(keys: Keys, sqlite_url: str, tmp_path: Path) -> None:
+    async with google_receipts(keys, sqlite_url, tmp_path) as (receipts, play):
+        bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"))
+        first = await verify(receipts, bought.token, request_id="same")
+        replay = await verify(receipts, bought.token, request_id="same")
+        assert first == replay
+        assert replay.state == pb.PURCHASE_STATE_CREDITED
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await verify(receipts, bought.token, request_id="same", product_id="coins_350")
+        assert error_reason(caught.value) == "REQUEST_ID_REUSED"

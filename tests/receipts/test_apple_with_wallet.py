@@ -1,0 +1,60 @@
+"""Across services: the App Store simulator, the receipts service and the REAL
+wallet service, each on its own port, sharing one database like production."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coinstore.receipts.v1 import receipt_service_pb2 as pb
+from services.common.catalog import StoreId
+from tests.receipts.support import apple_simulator, error_reason, receipts_host, simulator_settings
+from tests.support.tokens import Keys
+from tests.wallet.support import running_wallet
+
+
+async def test_app_store_purchase_credited_once_by_the_real_wallet(
+    keys: Keys, database_url: str, tmp_path: Path
+) -> None:
+    async with (
+        apple_simulator(tmp_path) as (store, url),
+        running_wallet(database_url, keys, tmp_path) as wallet,
+        receipts_host(keys, database_url, tmp_path, wallet.address, simulator_settings(url)) as (components, stub),
+    ):
+        md = keys.metadata("purchases:verify", subject="app-backend")
+        token = components.binding.app_account_token("fan-1")
+        _txid, jws = store.buy("com.coinstore.coins.1400", app_account_token=token, quantity=2)
+
+        async def verify(request_id: str, account_id: str = "fan-1") -> pb.VerifyApplePurchaseResponse:
+            request = pb.VerifyApplePurchaseRequest(
+                request_id=request_id, account_id=account_id, signed_transaction=jws
+            )
+            return await stub.VerifyApplePurchase(request, metadata=md, timeout=30)
+
+        replies = await asyncio.gather(*(verify(f"r-{i}") for i in range(20)))
+        states = [r.purchases[0].state for r in replies]
+        assert states.count(pb.PURCHASE_STATE_CREDITED) == 1
+        assert states.count(pb.PURCHASE_STATE_ALREADY_CREDITED) == 19
+        assert (await wallet.balance("fan-1")).coins == 2800
+
+        # Another account: refused before the wallet, and nothing moves.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await verify("r-other", "fan-2")
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_reason(caught.value) == "ACCOUNT_MISMATCH"
+        assert (await wallet.balance("fan-2")).coins == 0
+        assert (await wallet.balance("fan-1")).coins == 2800
+
+        # Refund of one of the two packs (state-based: reported twice, moved once), then reversed.
+        crediting = components.crediting
+        txid = replies[0].purchases[0].store_transaction_id
+        first = await crediting.reverse(StoreId.APP_STORE, txid, refunded_quantity=1, request_id="n-1")
+        again = await crediting.reverse(StoreId.APP_STORE, txid, refunded_quantity=1, request_id="n-2")
+        assert (first.coins_moved, again.coins_moved) == (1400, 0)
+        assert (await wallet.balance("fan-1")).coins == 1400
+        restored = await crediting.restore(StoreId.APP_STORE, txid, request_id="n-3")
+        assert restored.coins_moved == 1400
+        assert (await wallet.balance("fan-1")).coins == 2800
