@@ -6,7 +6,9 @@ in the push envelope and POSTed to the configured endpoint with an
 whose JWKS is served at ``/pubsub/jwks``). Anything but 102/200/201/202/204 is
 redelivered with exponential backoff, as Pub/Sub does.
 
-Other parts of the simulator publish through ``app[PUBSUB].publish(...)``;
+Google Play purchase changes (PURCHASED, CANCELED, VOIDED) of the Play
+stand-in are published as RTDN automatically; other parts of the simulator
+publish through ``app[PUBSUB].publish(...)``;
 tests drive it over HTTP under ``/pubsub/control/…``:
 
 - ``POST /pubsub/control/config`` {"push_endpoint", "audience", "service_account",
@@ -37,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from services.storesim.config import StoresimSettings
+from services.storesim.google import PLAY_STATE, PlayEvent
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +188,56 @@ def _kid(key: rsa.RSAPrivateKey) -> str:
 PUBSUB = web.AppKey("pubsub", PubSubPush)
 
 
+ONE_TIME_PRODUCT_PURCHASED = 1
+ONE_TIME_PRODUCT_CANCELED = 2
+PRODUCT_TYPE_ONE_TIME = 2
+REFUND_TYPE_FULL_REFUND = 1
+REFUND_TYPE_QUANTITY_BASED_PARTIAL_REFUND = 2
+
+
+def rtdn(event: PlayEvent) -> dict[str, Any]:
+    """The DeveloperNotification Google Play publishes for a purchase state change."""
+    purchase = event.purchase
+    notification: dict[str, Any] = {
+        "version": "1.0",
+        "packageName": purchase.package_name,
+        "eventTimeMillis": str(int(time.time() * 1000)),
+    }
+    if event.kind == "VOIDED" and event.voided is not None:
+        partial = event.voided.voided_quantity is not None and purchase.refundable_quantity > 0
+        notification["voidedPurchaseNotification"] = {
+            "purchaseToken": purchase.token,
+            "orderId": event.voided.order_id or "",
+            "productType": PRODUCT_TYPE_ONE_TIME,
+            "refundType": REFUND_TYPE_QUANTITY_BASED_PARTIAL_REFUND if partial else REFUND_TYPE_FULL_REFUND,
+        }
+    else:
+        code = ONE_TIME_PRODUCT_PURCHASED if event.kind == "PURCHASED" else ONE_TIME_PRODUCT_CANCELED
+        notification["oneTimeProductNotification"] = {
+            "version": "1.0",
+            "notificationType": code,
+            "purchaseToken": purchase.token,
+            "sku": purchase.product_id,
+        }
+    return notification
+
+
 def setup(app: web.Application, settings: StoresimSettings) -> None:
-    """Add this stand-in's routes to the simulator."""
+    """Add this stand-in's routes to the simulator; Play purchase changes are pushed as RTDN."""
     push = PubSubPush(_load_or_create_key(settings.state_dir / "pubsub"))
     app[PUBSUB] = push
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def on_play_event(event: PlayEvent) -> None:
+        if loops:
+            loops[0].call_soon_threadsafe(push.publish, rtdn(event))
+
+    async def on_startup(_app: web.Application) -> None:
+        loops.append(asyncio.get_running_loop())
+
+    if PLAY_STATE in app:
+        app[PLAY_STATE].subscribe(on_play_event)
+    app.on_startup.append(on_startup)
 
     async def jwks(_request: web.Request) -> web.Response:
         return web.json_response(push.jwks(), headers={"Cache-Control": "public, max-age=3600"})

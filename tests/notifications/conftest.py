@@ -167,9 +167,11 @@ class FakeLedger:
         with self._lock:
             self.calls.append(("record", str(transaction["transactionId"])))
 
-    def credit_google(self, account_id: str, product_id: str, purchase_token: str, request_id: str) -> Applied:
+    def credit_google(self, account_id: str | None, product_id: str, purchase_token: str, request_id: str) -> Applied:
         with self._lock:
             self.calls.append(("credit", purchase_token))
+            if account_id is None:
+                return Applied(False, "recorded")
             if ("GOOGLE_PLAY", purchase_token) in self.purchases:
                 return Applied(False)
         self.add_purchase("GOOGLE_PLAY", purchase_token, account_id)

@@ -1,5 +1,5 @@
 """The notification path as it runs for real, in one test process on free ports:
-the store simulator (App Store, its V2 notification sender, Pub/Sub push),
+the store simulator (App Store, its V2 notification sender, Google Play, Pub/Sub push),
 the real wallet gRPC service, the receipts webhook server over the core's
 components, and a real Celery worker on the embedded broker."""
 
@@ -32,6 +32,7 @@ from services.storesim.app import create_app
 from services.storesim.apple import APPLE_STORE, AppleStore
 from services.storesim.apple_notifications import APPLE_NOTIFIER, AppleNotifier
 from services.storesim.config import StoresimSettings
+from services.storesim.google import PLAY_STATE, PlayState
 from services.storesim.pubsub import PUBSUB, PubSubPush
 from tests.receipts.support import receipts_settings, runtime_for, simulator_settings
 from tests.support.tokens import Keys
@@ -44,6 +45,7 @@ PUSH_ACCOUNT = "pubsub-push@coinstore-test.iam.gserviceaccount.com"
 @dataclass
 class System:
     sim_url: str
+    play: PlayState
     apple: AppleStore
     notifier: AppleNotifier
     push: PubSubPush
@@ -58,7 +60,7 @@ class System:
 
     async def sim(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         async with aiohttp.ClientSession() as session, session.post(self.sim_url + path, json=body) as reply:
-            assert reply.status == 200, await reply.text()
+            assert reply.status in (200, 201), await reply.text()
             result: dict[str, Any] = await reply.json()
             return result
 
@@ -132,8 +134,13 @@ async def running_system(
     notifier = sim_app[APPLE_NOTIFIER]
     notifier.config.retry_delays_seconds = (0.05, 0.1, 0.2)
     async with serve(sim_app) as sim_url, running_wallet(database_url, keys, tmp_path) as wallet:
+        play = sim_app[PLAY_STATE]
+        play.write_service_account(sim_url)
         extra = {
             **simulator_settings(sim_url),
+            "GOOGLE_SERVICE_ACCOUNT_FILE": str(play.service_account_path),
+            "GOOGLE_API_ENDPOINT": sim_url + "/",
+            "GOOGLE_API_TIMEOUT_SECONDS": "5",
             "PUBSUB_JWKS_URL": f"{sim_url}/pubsub/jwks",
             "PUBSUB_AUDIENCE": PUSH_AUDIENCE,
             "PUBSUB_SERVICE_ACCOUNT": PUSH_ACCOUNT,
@@ -158,6 +165,7 @@ async def running_system(
         notifier.config.webhook_url = f"{webhook_url}/notifications/apple/v2"
         system = System(
             sim_url,
+            play,
             sim_app[APPLE_STORE],
             notifier,
             push,

@@ -4,7 +4,6 @@ real servers, a real wallet and a real Celery worker."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +11,7 @@ import pytest
 
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.receipts.notifications.parse import APPLE, GOOGLE
-from tests.notifications.system import System, credit_directly, running_system
+from tests.notifications.system import System, running_system
 from tests.support.tokens import Keys
 
 PACK = "com.coinstore.coins.350"
@@ -116,31 +115,52 @@ async def test_same_notification_ten_times_and_the_app_racing_it_credit_once(
 
 async def test_google_notifications_reach_the_wallet(database_url: str, keys: Keys, tmp_path: Path) -> None:
     async with running_system(database_url, keys, tmp_path) as s:
-        await credit_directly(s.wallet, "fan-g", wpb.STORE_GOOGLE_PLAY, "tok-g1", 350)
-        voided = {
-            "version": "1.0",
-            "packageName": PACKAGE,
-            "eventTimeMillis": str(int(time.time() * 1000)),
-            "voidedPurchaseNotification": {
-                "purchaseToken": "tok-g1",
-                "orderId": "GPA.3333-0000-0000-00001",
-                "productType": 2,
-                "refundType": 1,
-            },
-        }
-        first = s.push.publish(voided)
-        assert await s.wait_processed(GOOGLE, first) == "reversed"
-        assert await s.balance("fan-g") == 0
+        _, obfuscated = s.bind("fan-g")
+        bought = await s.sim("/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated})
+        token = bought["purchaseToken"]
+        assert await s.wait_processed(GOOGLE, _message(s, token, "oneTimeProductNotification")) == "credited"
+        assert await s.balance("fan-g") == 350
+
+        # Three packs, refunded one at a time: two partial refunds, then the last one (a full refund).
+        three = await s.sim(
+            "/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated, "quantity": 3}
+        )
+        token3 = three["purchaseToken"]
+        await s.wait_balance("fan-g", 350 + 1050)
+        for expected in (350 + 700, 350 + 350, 350):
+            await s.sim(f"/google/sim/purchases/{token3}/refund", {"quantity": 1})
+            await s.wait_balance("fan-g", expected)
+        await s.sim(f"/google/sim/purchases/{token}/refund", {})
+        await s.wait_balance("fan-g", 0)
+        outcomes = [
+            await s.wait_processed(GOOGLE, m)
+            for m, d in s.push.deliveries.items()
+            if "voidedPurchaseNotification" in d.notification
+        ]
+        assert outcomes == ["reversed"] * 4
+
+        # A purchase with someone else's obfuscated id: recorded, never credited to anyone here.
+        other = await s.sim("/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": "not-ours"})
+        other_token = other["purchaseToken"]
+        assert await s.wait_processed(GOOGLE, _message(s, other_token, "oneTimeProductNotification")) == "recorded"
+
         # Google notifies the same refund again (a new message): nothing moves.
+        voided = dict(s.push.deliveries[_message(s, token, "voidedPurchaseNotification")].notification)
         again = s.push.publish(voided)
         assert await s.wait_processed(GOOGLE, again) == "already_reversed"
-        assert await s.balance("fan-g") == 0
         test = s.push.publish({"version": "1.0", "packageName": PACKAGE, "testNotification": {"version": "1.0"}})
         assert await s.wait_processed(GOOGLE, test) == "test"
-        canceled = {
-            "version": "1.0",
-            "packageName": PACKAGE,
-            "oneTimeProductNotification": {"version": "1.0", "notificationType": 2, "purchaseToken": "t2", "sku": PACK},
-        }
-        assert await s.wait_processed(GOOGLE, s.push.publish(canceled)) == "canceled"
+        pending = await s.sim(
+            "/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated, "pending": True}
+        )
+        pending_token = pending["purchaseToken"]
+        await s.sim(f"/google/sim/purchases/{pending_token}/cancel", {})
+        assert await s.wait_processed(GOOGLE, _message(s, pending_token, "oneTimeProductNotification")) == "canceled"
+        assert await s.balance("fan-g") == 0
         assert {d.state for d in s.push.deliveries.values()} == {"acked"}
+
+
+def _message(system: System, token: str, kind: str) -> str:
+    found = [m for m, d in system.push.deliveries.items() if d.notification.get(kind, {}).get("purchaseToken") == token]
+    assert found, f"no {kind} for {token}"
+    return found[-1]

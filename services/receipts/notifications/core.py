@@ -20,7 +20,9 @@ from services.receipts.appstore.api import AppStoreApi
 from services.receipts.appstore.jws import AppleJwsVerifier
 from services.receipts.crediting import Crediting
 from services.receipts.domain.purchases import Environment, Outcome, StoredState, VerifiedPurchase
-from services.receipts.notifications.ports import Applied, StoreUnavailable, VerificationFailed
+from services.receipts.google.client import PlayApiError, PlayClient
+from services.receipts.google.service import GooglePurchases
+from services.receipts.notifications.ports import Applied, Refused, StoreUnavailable, VerificationFailed
 from services.receipts.store import PurchaseStore
 
 T = TypeVar("T")
@@ -80,16 +82,27 @@ def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -
 
 
 class CoreActions:
-    def __init__(self, crediting: Crediting, store: PurchaseStore, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        crediting: Crediting,
+        store: PurchaseStore,
+        loop: asyncio.AbstractEventLoop,
+        google: GooglePurchases | None = None,
+    ) -> None:
         self._crediting = crediting
         self._store = store
         self._loop = loop
+        self._google = google
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         try:
             return run_on(self._loop, coroutine)
         except Unavailable as exc:
             raise StoreUnavailable(exc.message) from exc
+        except NotFound:
+            raise
+        except DomainError as exc:
+            raise Refused(exc.reason) from exc
 
     def credit_apple(self, account_id: str, transaction: Mapping[str, Any], request_id: str) -> Applied:
         result = self._run(self._crediting.credit(apple_purchase(transaction), account_id, request_id=request_id))
@@ -98,8 +111,18 @@ class CoreActions:
     def record_apple(self, transaction: Mapping[str, Any]) -> None:
         self._run(self._crediting.record(apple_purchase(transaction)))
 
-    def credit_google(self, account_id: str, product_id: str, purchase_token: str, request_id: str) -> Applied:
-        raise StoreUnavailable("crediting Play purchases from notifications needs the Google Play path")
+    def credit_google(self, account_id: str | None, product_id: str, purchase_token: str, request_id: str) -> Applied:
+        if self._google is None:
+            raise StoreUnavailable("no Google Play path configured")
+        try:
+            result = self._run(self._google.credit_token(purchase_token, product_id, account_id, request_id=request_id))
+        except DomainError as error:
+            if isinstance(error, Unavailable):
+                raise
+            # Google or the rules refuse this purchase (unknown product, wrong package,
+            # another account's): nothing to credit, and retrying will not change that.
+            return Applied(False, error.reason.lower())
+        return Applied(result.outcome is Outcome.CREDITED, result.outcome.value)
 
     def reverse(
         self,
@@ -198,3 +221,42 @@ class CoreAppleApi:
             "hasMore": page.has_more,
             "signedTransactions": list(page.signed_transactions),
         }
+
+
+class CorePlayApi:
+    """The Google Play work's Android Publisher client as the notifications' port."""
+
+    def __init__(self, client: PlayClient) -> None:
+        self._client = client
+
+    def get_product_purchase_v2(self, package_name: str, purchase_token: str) -> Mapping[str, Any]:
+        try:
+            return self._client.get_purchase_v2(package_name, purchase_token).raw
+        except Unavailable as exc:
+            raise StoreUnavailable(exc.message) from exc
+
+    def list_voided_purchases(
+        self, package_name: str, start_time_ms: int, end_time_ms: int, page_token: str | None
+    ) -> Mapping[str, Any]:
+        try:
+            page = self._client.list_voided_page(
+                package_name, start_time_ms=start_time_ms, end_time_ms=end_time_ms, page_token=page_token or ""
+            )
+        except Unavailable as exc:
+            raise StoreUnavailable(exc.message) from exc
+        except PlayApiError as exc:
+            raise StoreUnavailable(f"voidedpurchases.list: {exc}") from exc
+        records = [
+            {
+                "purchaseToken": v.purchase_token,
+                "orderId": v.order_id,
+                "voidedReason": v.voided_reason,
+                "voidedSource": v.voided_source,
+                **({"voidedQuantity": v.voided_quantity} if v.voided_quantity is not None else {}),
+            }
+            for v in page.purchases
+        ]
+        answer: dict[str, Any] = {"voidedPurchases": records}
+        if page.next_page_token:
+            answer["tokenPagination"] = {"nextPageToken": page.next_page_token}
+        return answer

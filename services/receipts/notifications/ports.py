@@ -22,7 +22,16 @@ class AppleJwsVerifier(Protocol):
 
 
 class StoreUnavailable(Exception):
-    """A store API failed in a retryable way (5xx, 429, timeout)."""
+    """A store API or the wallet failed in a retryable way (5xx, 429, timeout)."""
+
+
+class Refused(Exception):
+    """The core refused the effect for good (unknown product, another account's
+    purchase …); retrying cannot change it, so the notification is finished."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -46,8 +55,9 @@ class PurchaseActions(Protocol):
         (the first account to verify it later owns it)."""
         ...
 
-    def credit_google(self, account_id: str, product_id: str, purchase_token: str, request_id: str) -> Applied:
-        """Query Google and credit the purchase (as VerifyGooglePurchase does)."""
+    def credit_google(self, account_id: str | None, product_id: str, purchase_token: str, request_id: str) -> Applied:
+        """Query Google and credit the purchase (as VerifyGooglePurchase does); with
+        ``account_id`` None only record it for the account that claims it later."""
         ...
 
     def reverse(

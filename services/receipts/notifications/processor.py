@@ -23,6 +23,7 @@ from services.receipts.notifications.ports import (
     ConsumptionFacts,
     PlayApi,
     PurchaseActions,
+    Refused,
 )
 from services.receipts.notifications.store import DEAD, InboxStore, StoredNotification
 
@@ -87,7 +88,7 @@ class NotificationHandler:
                 h.actions.record_apple(transaction)
                 return "recorded"
             applied = h.actions.credit_apple(account, transaction, _request_id(item, "credit"))
-            return "credited" if applied.changed else "already_credited"
+            return "credited" if applied.changed else (applied.detail or "already_credited")
         if kind == "REFUND":
             percentage = 0
             if transaction.get("revocationType") == "REFUND_PRORATED":
@@ -145,10 +146,10 @@ class NotificationHandler:
             purchase = h.play.get_product_purchase_v2(h.package_name, token)
             obfuscated = purchase.get("obfuscatedExternalAccountId")
             account = h.accounts.account_for_obfuscated_id(str(obfuscated)) if obfuscated else None
+            applied = h.actions.credit_google(account, sku, token, _request_id(item, "credit"))
             if account is None:
                 return "recorded"
-            applied = h.actions.credit_google(account, sku, token, _request_id(item, "credit"))
-            return "credited" if applied.changed else "already_credited"
+            return "credited" if applied.changed else (applied.detail or "already_credited")
         if kind == "voidedPurchaseNotification":
             sub = notification[kind]
             token = str(sub["purchaseToken"])
@@ -202,6 +203,8 @@ class InboxProcessor:
             return "skipped", None
         try:
             outcome = self._handler.handle(item)
+        except Refused as refused:
+            outcome = f"refused:{refused.reason}"[:64]
         except Exception as exc:
             state, delay = self._inbox.fail(notification_id, f"{type(exc).__name__}: {exc}", self._clock.now())
             self.failures.labels(item.source, str(state == DEAD).lower()).inc()

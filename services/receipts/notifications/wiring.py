@@ -14,7 +14,7 @@ from services.common.metrics import Metrics
 from services.receipts.components import SERVICE, Components
 from services.receipts.components import build_components as core_components
 from services.receipts.config import ReceiptsSettings
-from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier, LoopThread
+from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier, CorePlayApi, LoopThread
 from services.receipts.notifications.oidc import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.ports import AppleJwsVerifier, AppleServerApi, PlayApi, PurchaseActions
@@ -113,8 +113,9 @@ def build_worker_components(settings: ReceiptsSettings) -> NotificationComponent
         settings,
         runtime.database,
         runtime.metrics,
-        CoreActions(parts.crediting, parts.store, loop.loop),
+        CoreActions(parts.crediting, parts.store, loop.loop, parts.google),
         apple=CoreAppleApi(parts.apple.api, loop.loop),
+        play=CorePlayApi(parts.google.client),
     )
     components.apple_verifier = CoreAppleVerifier(parts.apple.verifier, loop.loop)
     return components
