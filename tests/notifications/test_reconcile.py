@@ -18,7 +18,7 @@ import pytest
 
 from services.common.clock import SystemClock
 from services.common.metrics import Metrics
-from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier
+from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier, CorePlayApi
 from services.receipts.notifications.store import RecentApplePurchases, ReconcileRuns
 from services.receipts.reconcile import Quota, QuotaExhausted, Reconciler
 from services.receipts.reconcile_cli import parse_since
@@ -78,6 +78,36 @@ async def test_lost_apple_refund_is_found_and_applied_once(database_url: str, ke
         assert (result.examined, result.applied) == (1, 0)
         assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "apple"}) is None
         assert await s.balance("fan-r") == 0
+
+
+@pytest.mark.timeout(180)
+async def test_lost_play_refund_is_found_and_applied_once(database_url: str, keys: Keys, tmp_path: Path) -> None:
+    async with running_system(database_url, keys, tmp_path) as s:
+        _, obfuscated = s.bind("fan-v")
+        bought = await s.sim("/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated})
+        await s.wait_balance("fan-v", 350)
+        s.push.config.lose_next = 1
+        await s.sim(f"/google/sim/purchases/{bought['purchaseToken']}/refund", {})
+        assert [d.state for d in s.push.deliveries.values()][-1] == "lost"
+        assert await s.balance("fan-v") == 350
+
+        loop = asyncio.get_running_loop()
+        metrics = Metrics("receipts-test")
+        reconciler = Reconciler(
+            actions=CoreActions(s.components.crediting, s.components.store, loop, s.components.google),
+            runs=ReconcileRuns(s.components.database),
+            metrics=metrics,
+            clock=SystemClock(),
+            package_name="com.coinstore.app",
+            play=CorePlayApi(s.components.google.client),
+        )
+        first = await asyncio.to_thread(reconciler.google)
+        assert (first.examined, first.applied) == (1, 1)
+        assert await s.balance("fan-v") == 0
+        second = await asyncio.to_thread(reconciler.google)
+        assert (second.examined, second.applied) == (1, 0)
+        assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "google"}) == 1
+        assert await s.balance("fan-v") == 0
 
 
 def _environment(settings: Any) -> dict[str, Any]:
