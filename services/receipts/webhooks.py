@@ -79,7 +79,8 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
             raise Rejected(413, "body over 1 MiB") from None
 
     async def store(item: NewNotification) -> web.Response:
-        accepted = await asyncio.to_thread(deps.inbox.accept, item, deps.clock.now())
+        # On the database's own pool (sized to its connections), not the loop's small default executor.
+        accepted = await deps.inbox.db.run(deps.inbox.accept, item, deps.clock.now())
         if not accepted.duplicate:
             try:
                 await asyncio.to_thread(deps.dispatch, accepted.id)
