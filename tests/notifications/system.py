@@ -19,6 +19,7 @@ from aiohttp import web
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
+from coinstore.receipts.v1 import receipt_service_pb2 as rpb
 from coinstore.type.v1 import money_pb2
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
@@ -27,6 +28,7 @@ from services.receipts.components import Components, build_components
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import wiring
 from services.receipts.notifications.store import BindingStore, InboxStore
+from services.receipts.servicer import ReceiptServiceServicer
 from services.receipts.webhooks import WebhookServer, create_webhook_app
 from services.storesim.app import create_app
 from services.storesim.apple import APPLE_STORE, AppleStore
@@ -64,12 +66,11 @@ class System:
             result: dict[str, Any] = await reply.json()
             return result
 
-    def bind(self, account_id: str) -> tuple[str, str]:
-        """What GetPurchaseBinding hands the app, recorded for reverse lookups."""
-        token = self.components.binding.app_account_token(account_id)
-        obfuscated = self.components.binding.obfuscated_account_id(account_id)
-        self.bindings.record_now(account_id, token, obfuscated, self.components.clock.now())
-        return token, obfuscated
+    async def bind(self, account_id: str) -> tuple[str, str]:
+        """GetPurchaseBinding, as the app backend calls it before a purchase (it records the binding)."""
+        servicer = ReceiptServiceServicer(self.components)  # type: ignore[abstract]
+        reply = await servicer.GetPurchaseBinding(rpb.GetPurchaseBindingRequest(account_id=account_id), None)
+        return reply.app_account_token, reply.obfuscated_account_id
 
     async def balance(self, account_id: str) -> int:
         return (await self.wallet.balance(account_id)).coins

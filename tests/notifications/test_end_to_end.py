@@ -32,7 +32,7 @@ def last_uuid(system: System, kind: str, transaction_id: str) -> str:
 
 async def test_apple_notifications_reach_the_wallet(database_url: str, keys: Keys, tmp_path: Path) -> None:
     async with running_system(database_url, keys, tmp_path, settings_extra={"APPLE_SEND_CONSUMPTION": "true"}) as s:
-        token, _ = s.bind("fan-1")
+        token, _ = await s.bind("fan-1")
         bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
         txid = bought["transactionId"]
         assert await s.wait_processed(APPLE, last_uuid(s, "ONE_TIME_CHARGE", txid)) == "credited"
@@ -79,7 +79,7 @@ async def test_same_notification_ten_times_and_the_app_racing_it_credit_once(
 ) -> None:
     async with running_system(database_url, keys, tmp_path) as s:
         s.notifier.config.auto = False
-        token, _ = s.bind("fan-2")
+        token, _ = await s.bind("fan-2")
         bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
         uuid_, _env, signed_payload = s.notifier.signed_payload("ONE_TIME_CHARGE", bought["transactionId"])
 
@@ -115,7 +115,7 @@ async def test_same_notification_ten_times_and_the_app_racing_it_credit_once(
 
 async def test_google_notifications_reach_the_wallet(database_url: str, keys: Keys, tmp_path: Path) -> None:
     async with running_system(database_url, keys, tmp_path) as s:
-        _, obfuscated = s.bind("fan-g")
+        _, obfuscated = await s.bind("fan-g")
         bought = await s.sim("/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated})
         token = bought["purchaseToken"]
         assert await s.wait_processed(GOOGLE, _message(s, token, "oneTimeProductNotification")) == "credited"

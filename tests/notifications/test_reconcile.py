@@ -34,7 +34,7 @@ PACK = "com.coinstore.coins.350"
 async def test_lost_apple_refund_is_found_and_applied_once(database_url: str, keys: Keys, tmp_path: Path) -> None:
     async with running_system(database_url, keys, tmp_path, with_worker=False) as s:
         s.notifier.config.auto = False
-        token, _ = s.bind("fan-r")
+        token, _ = await s.bind("fan-r")
         bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
         await s.components.apple.verify(
             account_id="fan-r", request_id="r-1", account_region="", signed_transaction=bought["signedTransaction"]
@@ -83,7 +83,7 @@ async def test_lost_apple_refund_is_found_and_applied_once(database_url: str, ke
 @pytest.mark.timeout(180)
 async def test_lost_play_refund_is_found_and_applied_once(database_url: str, keys: Keys, tmp_path: Path) -> None:
     async with running_system(database_url, keys, tmp_path) as s:
-        _, obfuscated = s.bind("fan-v")
+        _, obfuscated = await s.bind("fan-v")
         bought = await s.sim("/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated})
         await s.wait_balance("fan-v", 350)
         s.push.config.lose_next = 1
