@@ -66,7 +66,7 @@ class Components:
     async def close(self) -> None:
         await self.wallet.close()
         await self.apple.api.close()
-        self.google.client.close()
+        self.google.close()
 
 
 def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock | None = None) -> Components:

@@ -121,7 +121,9 @@ class Crediting:
             )
         if existing is not None:
             # The terms fixed when the purchase was first recorded win.
-            terms = CreditTerms(purchase, existing.coins, existing.bonus_coins, existing.flagged_for_review)
+            # A purchase recorded from a notification is judged by its first claimer's region.
+            flagged = existing.flagged_for_review or (existing.account_id is None and terms.flagged_for_review)
+            terms = CreditTerms(purchase, existing.coins, existing.bonus_coins, flagged)
         if purchase.revoked or purchase.pending or (existing is not None and existing.state in _NOT_CREDITABLE):
             record = await self._store.claim(terms, account_id, now)
             if record.state in _NOT_CREDITABLE:

@@ -55,6 +55,30 @@ purchases = sa.Table(
 T = TypeVar("T")
 
 
+class ReceiptsRequestLog(RequestLog):
+    """:class:`RequestLog` detecting its insert with RETURNING: SQLAlchemy 2.1
+    reports rowcount -1 for INSERT … ON CONFLICT on psycopg, so the shared
+    claim would take every duplicate for a new request on PostgreSQL."""
+
+    def claim(self, conn: Connection, method: str, request_id: str, request: Message) -> bytes | None:
+        digest = fingerprint(request)
+        inserted = conn.execute(
+            insert_ignore(conn, request_log)
+            .values(method=method, request_id=request_id, request_hash=digest, created_at=datetime.now(UTC))
+            .returning(request_log.c.request_id)
+        ).first()
+        if inserted is not None:
+            return None
+        row = conn.execute(
+            sa.select(request_log.c.request_hash, request_log.c.response).where(
+                request_log.c.method == method, request_log.c.request_id == request_id
+            )
+        ).one()
+        if row.request_hash != digest or row.response is None:
+            raise RequestIdReused(request_id)
+        return bytes(row.response)
+
+
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
@@ -100,7 +124,7 @@ class PurchaseStore:
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        self.requests = RequestLog(request_log)
+        self.requests = ReceiptsRequestLog(request_log)
 
     async def _tx(self, work: Callable[[Connection], T]) -> T:
         return await self.database.run(self.database.transaction, work)
@@ -218,7 +242,7 @@ class PurchaseStore:
             conn.execute(
                 purchases.update()
                 .where(key, purchases.c.account_id.is_(None))
-                .values(account_id=account_id, updated_at=now)
+                .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
             )
             conn.execute(
                 purchases.update()

@@ -35,10 +35,12 @@ from services.receipts.google.store import ConsumeState, ConsumptionStore
 log = logging.getLogger(__name__)
 
 CONSUME_TASK = "receipts.google.consume"
+CONSUME_BATCH_TASK = "receipts.google.consume_batch"
 SWEEP_TASK = "receipts.google.sweep"
 QUEUE = "receipts"
 MAX_RETRIES = 12
 BASE_DELAY_SECONDS = 2.0
+SWEEP_BATCH = 50
 
 
 def retry_delay(retries: int) -> float:
@@ -153,6 +155,17 @@ def register(app: Celery, settings: ReceiptsSettings, metrics: Metrics | None = 
             return "retry-later"
         raise self.retry(countdown=retry_delay(self.request.retries))
 
+    @app.task(name=CONSUME_BATCH_TASK, acks_late=True)
+    def consume_batch(tokens: list[str]) -> int:
+        """Consume several purchases (one broker message); each one that must wait is retried on its own."""
+        consumer = context.consumer()
+        retried = 0
+        for token in tokens:
+            if not consumer.consume(token).done:
+                consume.apply_async(args=[token], queue=QUEUE, countdown=retry_delay(0))
+                retried += 1
+        return retried
+
     @app.task(name=SWEEP_TASK, acks_late=True)
     def sweep() -> int:
         consumer = context.consumer()
@@ -164,8 +177,8 @@ def register(app: Celery, settings: ReceiptsSettings, metrics: Metrics | None = 
                 len(tokens),
                 overdue,
             )
-        for token in tokens:
-            consume.apply_async(args=[token], queue=QUEUE)
+        for start in range(0, len(tokens), SWEEP_BATCH):
+            consume_batch.apply_async(args=[tokens[start : start + SWEEP_BATCH]], queue=QUEUE)
         return len(tokens)
 
     schedule = dict(app.conf.beat_schedule or {})

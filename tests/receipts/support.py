@@ -53,6 +53,8 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
     callers: list[str] = field(default_factory=list)
     down: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # AIP-155 like the real wallet: the same request id gets the original answer.
+    answers: dict[str, wpb.CreditPurchaseResponse] = field(default_factory=dict)
 
     async def CreditPurchase(self, request: wpb.CreditPurchaseRequest, context: Any) -> wpb.CreditPurchaseResponse:
         self.calls.append("CreditPurchase")
@@ -60,6 +62,8 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
             raise errors.Unavailable("DATABASE_UNAVAILABLE", "down")
         async with self.lock:
             await asyncio.sleep(0.002)
+            if request.request_id in self.answers:
+                return self.answers[request.request_id]
             key = (request.store, request.store_transaction_id)
             existing = self.credits.get(key)
             if existing is not None:
@@ -70,13 +74,15 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
                 self.credits[key] = Credit(request.account_id, request.coins, request)
                 self.balances[request.account_id] = self.balances.get(request.account_id, 0) + request.coins
                 state = wpb.CREDIT_STATE_CREDITED
-            return wpb.CreditPurchaseResponse(
+            answer = wpb.CreditPurchaseResponse(
                 state=state,
                 transaction_id=f"ltx-{hashlib.sha256(request.store_transaction_id.encode()).hexdigest()[:32]}",
                 coins_credited=request.coins,
                 bonus_coins=request.bonus_coins,
                 balance=wpb.Balance(account_id=request.account_id, coins=self.balances[request.account_id]),
             )
+            self.answers[request.request_id] = answer
+            return answer
 
     async def ReversePurchase(self, request: wpb.ReversePurchaseRequest, context: Any) -> wpb.ReversePurchaseResponse:
         self.calls.append("ReversePurchase")

@@ -254,3 +254,25 @@ async def test_pending_purchase_credited_once_payment_completes(receipts: Receip
     done = await crediting.credit(purchase("t-12"), "fan-1", request_id="r-2")
     assert done.outcome is Outcome.CREDITED
     assert done.record.state.value == "credited"
+
+
+async def test_request_log_claims_once_under_concurrency(receipts: Receipts) -> None:
+    store = receipts.components.store
+    request = pb.GetPurchaseRequest(store_transaction_id="x")
+    results = await asyncio.gather(
+        *(store.remember("M", "same-id", request, pb.GetPurchaseResponse()) for _ in range(6))
+    )
+    assert sum(r is None for r in results) == 1
+    other = pb.GetPurchaseRequest(store_transaction_id="y")
+    with pytest.raises(DomainError) as caught:
+        await store.remember("M", "same-id", other, pb.GetPurchaseResponse())
+    assert caught.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_notification_recorded_purchase_flagged_by_its_claimer_region(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    await crediting.record(purchase("t-13", storefront="TUR"))
+    result = await crediting.credit(purchase("t-13", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE")
+    assert result.outcome is Outcome.CREDITED
+    assert result.record.flagged_for_review
+    assert receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-13")].request.flagged_for_review

@@ -162,20 +162,34 @@ class AppleJwsVerifier:
     # --- public API ----------------------------------------------------------
 
     def verify(self, jws: str, field: str = "signed_transaction") -> dict[str, Any]:
-        """Verify offline (or with a fresh cached OCSP answer) and return the payload.
+        """Verify offline and return the payload (with online checks on, use :meth:`verify_async`).
 
         Every refusal is an INVALID_ARGUMENT naming ``field`` with its own reason:
         MALFORMED_JWS, UNSUPPORTED_ALGORITHM, INVALID_CHAIN_LENGTH,
         INVALID_CERTIFICATE, UNTRUSTED_CHAIN, CERTIFICATE_EXPIRED,
         MISSING_APPLE_OID, INVALID_SIGNATURE.
         """
-        decoded = self.decode(jws, field)
-        chain = decoded.chain
-        self._check_validity(chain, self._effective_date(decoded.payload), field)
-        if self._online and self._ocsp_until.get(chain.x5c, 0.0) <= self._clock():
+        if self._online:
             raise RuntimeError("online checks are on: use verify_async")
-        self._check_signature(decoded, field)
-        return decoded.payload
+        payload, signing_input, signature, chain = self.decode(jws, field)
+        # The hot path, inlined: validity at signedDate, then the ES256 check.
+        signed = payload.get("signedDate")
+        if signed is None:
+            signed = payload.get("receiptCreationDate")
+        if type(signed) is int:
+            moment = signed / 1000
+        else:
+            moment = self._clock()
+        if not chain.not_before <= moment <= chain.not_after:
+            self._check_validity(chain, moment, field)
+        if len(signature) != 64:
+            raise InvalidArgument(field, "the ES256 signature is not 64 bytes", "INVALID_SIGNATURE")
+        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+        try:
+            chain.key.verify(der, signing_input, _ECDSA_SHA256)
+        except InvalidSignature:
+            raise InvalidArgument(field, "the JWS signature does not verify", "INVALID_SIGNATURE") from None
+        return payload
 
     async def verify_async(self, jws: str, field: str = "signed_transaction") -> dict[str, Any]:
         """:meth:`verify`, doing the OCSP checks first when online checks are on."""
@@ -206,7 +220,8 @@ class AppleJwsVerifier:
             raise InvalidArgument(field, "the JWS is too long", "MALFORMED_JWS")
         first = jws.find(".")
         last = jws.rfind(".")
-        if first <= 0 or last == first or jws.find(".", first + 1) != last:
+        # A third dot would sit inside the payload, which strict base64 decoding refuses.
+        if first <= 0 or last == first:
             raise InvalidArgument(field, "not a compact JWS (three dot-separated parts)", "MALFORMED_JWS")
         last_header, last_chain = self._last
         if last_chain is not None and first == len(last_header) and jws.startswith(last_header):
@@ -252,8 +267,10 @@ class AppleJwsVerifier:
         return (x5c[0], x5c[1])
 
     def _effective_date(self, payload: dict[str, Any]) -> float:
-        signed = payload.get("signedDate", payload.get("receiptCreationDate"))
-        if self._online or not isinstance(signed, int) or isinstance(signed, bool):
+        signed = payload.get("signedDate")
+        if signed is None:
+            signed = payload.get("receiptCreationDate")
+        if self._online or type(signed) is not int:
             return self._clock()
         return signed / 1000
 

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,6 +89,14 @@ _TRANSPORT_ERRORS = (
 )
 
 
+@dataclass(frozen=True)
+class _Resources:
+    service: Any
+    productsv2: Any
+    products: Any
+    voided: Any
+
+
 class PlayClient:
     """The Android Publisher calls the receipts service makes."""
 
@@ -135,10 +144,14 @@ class PlayClient:
                     raise StoreAuthFailed(f"cannot load {self._key_file}: {exc}") from None
             return self._credentials
 
-    def _service(self) -> Any:
-        """This thread's Android Publisher resource, bound to this thread's AuthorizedHttp."""
-        service = getattr(self._local, "service", None)
-        if service is None:
+    def _service(self) -> _Resources:
+        """This thread's Android Publisher resources, bound to this thread's AuthorizedHttp.
+
+        Building a resource from the discovery document is costly, so each
+        thread builds the ones it uses once and keeps them.
+        """
+        resources: _Resources | None = getattr(self._local, "resources", None)
+        if resources is None:
             http = google_auth_httplib2.AuthorizedHttp(
                 self._load_credentials(), http=httplib2.Http(timeout=self._timeout)
             )
@@ -151,13 +164,15 @@ class PlayClient:
                 cache_discovery=False,
                 client_options=options,
             )
-            self._local.service = service
-        return service
+            purchases = service.purchases()
+            resources = _Resources(service, purchases.productsv2(), purchases.products(), purchases.voidedpurchases())
+            self._local.resources = resources
+        return resources
 
     def _delay(self, attempt: int) -> float:
         return float(min(self._max_backoff, self._backoff * 2**attempt) * (0.5 + random.random() / 2))
 
-    def _call(self, what: str, make: Callable[[Any], Any]) -> Any:
+    def _call(self, what: str, make: Callable[[_Resources], Any]) -> Any:
         """Execute one API request with retries of the retryable failures."""
         last = ""
         for attempt in range(self._attempts):
@@ -210,7 +225,7 @@ class PlayClient:
         """purchases.productsv2.getproductpurchasev2."""
         body = self._call(
             "productsv2.getproductpurchasev2",
-            lambda s: s.purchases().productsv2().getproductpurchasev2(packageName=package_name, token=token),
+            lambda s: s.productsv2.getproductpurchasev2(packageName=package_name, token=token),
         )
         return PurchaseV2.parse(body)
 
@@ -218,7 +233,7 @@ class PlayClient:
         """purchases.products.get (v1 ProductPurchase, as Google sends it)."""
         body: dict[str, Any] = self._call(
             "products.get",
-            lambda s: s.purchases().products().get(packageName=package_name, productId=product_id, token=token),
+            lambda s: s.products.get(packageName=package_name, productId=product_id, token=token),
         )
         return body
 
@@ -226,18 +241,14 @@ class PlayClient:
         """purchases.products.consume (also acknowledges)."""
         self._call(
             "products.consume",
-            lambda s: s.purchases().products().consume(packageName=package_name, productId=product_id, token=token),
+            lambda s: s.products.consume(packageName=package_name, productId=product_id, token=token),
         )
 
     def acknowledge(self, package_name: str, product_id: str, token: str, developer_payload: str = "") -> None:
         body = {"developerPayload": developer_payload} if developer_payload else {}
         self._call(
             "products.acknowledge",
-            lambda s: (
-                s.purchases()
-                .products()
-                .acknowledge(packageName=package_name, productId=product_id, token=token, body=body)
-            ),
+            lambda s: s.products.acknowledge(packageName=package_name, productId=product_id, token=token, body=body),
         )
 
     def list_voided_page(
@@ -265,7 +276,7 @@ class PlayClient:
                 params["startTime"] = str(start_time_ms)
             if end_time_ms is not None:
                 params["endTime"] = str(end_time_ms)
-        body = self._call("voidedpurchases.list", lambda s: s.purchases().voidedpurchases().list(**params))
+        body = self._call("voidedpurchases.list", lambda s: s.voided.list(**params))
         records = tuple(VoidedPurchase.parse(v) for v in body.get("voidedPurchases") or [])
         next_token = str((body.get("tokenPagination") or {}).get("nextPageToken") or "")
         return VoidedPage(records, next_token)

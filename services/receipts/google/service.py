@@ -1,11 +1,12 @@
 """VerifyGooglePurchase: ask Google about the token, apply the Play rules, credit
 through the one crediting path, then have the purchase consumed.
 
-Consumption happens strictly after the credit committed: only then is the
-"credited, not yet consumed" row written and the Celery consume task queued
-(:mod:`services.receipts.tasks_google`). If queueing fails or the worker dies,
-the periodic sweep finds the row (or the credited purchase without a row) and
-consumes it.
+Consumption happens strictly after the credit committed: the "credited, not
+yet consumed" row is written in the very transaction that marks the purchase
+CREDITED (through the crediting path's recorder hook), and only then is the
+Celery consume task queued (:mod:`services.receipts.tasks_google`). If queueing
+fails or the worker dies, the periodic sweep finds the row (or a credited
+purchase without a row) and consumes it.
 
 :meth:`GooglePurchases.credit_token` is the "query Google and credit" path the
 notification inbox reuses for RTDN ONE_TIME_PRODUCT_PURCHASED.
@@ -164,7 +165,7 @@ class GooglePurchases:
             verdict.purchase, account_id, request_id=request_id, account_region=account_region, recorder=note
         )
         if note.added:
-            await self._queue_consume(purchase_token)
+            self._queue_consume(purchase_token)
         return result
 
     async def _settled(
@@ -193,12 +194,18 @@ class GooglePurchases:
             "PURCHASE_ALREADY_CONSUMED", "the purchase was consumed at Google but never credited here"
         )
 
-    async def _queue_consume(self, token: str) -> None:
-        """Queue the consume; if the broker is down the sweep consumes it later."""
+    def _queue_consume(self, token: str) -> None:
+        """Queue the consume without waiting for the broker; the sweep covers a lost message."""
         try:
-            await self.consumptions.database.run(self._enqueue, token)
+            self._enqueue(token)
         except Exception as exc:
             log.warning("could not queue the consume of a Play purchase (the sweep will retry): %s", exc)
+
+    def close(self) -> None:
+        close = getattr(self._enqueue, "close", None)
+        if close is not None:
+            close()
+        self.client.close()
 
 
 class ConsumeAfterCredit(RequestRecorder):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -20,7 +23,9 @@ from services.receipts.google.client import PlayClient
 from services.receipts.google.service import GooglePurchases
 from services.receipts.google.store import ConsumptionStore
 from services.receipts.store import PurchaseStore
-from services.receipts.tasks_google import CONSUME_TASK, QUEUE
+from services.receipts.tasks_google import CONSUME_BATCH_TASK, CONSUME_TASK, QUEUE
+
+log = logging.getLogger(__name__)
 
 
 class OverdueCollector(Collector):
@@ -44,14 +49,70 @@ class OverdueCollector(Collector):
         yield gauge
 
 
-def celery_enqueuer(broker_url: str) -> Callable[[str], None]:
-    """Send the consume task to the receipts worker (a blocking call; run it off the loop)."""
+class BackgroundEnqueuer:
+    """Hands consume tasks to the broker from one background thread.
+
+    The RPC only puts the token on a bounded in-memory queue: a slow broker
+    (the embedded SQLite one takes tens of milliseconds per message) never adds
+    to a verification's latency. The durable record is the database row, so a
+    token dropped here (queue full, broker down, process killed) is consumed by
+    the sweep instead.
+    """
+
+    def __init__(self, send: Callable[[list[str]], None], capacity: int = 10_000, batch: int = 100) -> None:
+        self._send = send
+        self._batch = batch
+        self._queue: queue.Queue[str | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="play-consume-enqueuer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, token: str) -> None:
+        try:
+            self._queue.put_nowait(token)
+        except queue.Full:
+            log.warning("the consume queue is full; the sweep will consume this Play purchase")
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            tokens: list[str] = []
+            item = self._queue.get()
+            while item is not None:
+                tokens.append(item)
+                if len(tokens) >= self._batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stopping = item is None
+            if not tokens:
+                continue
+            try:
+                self._send(tokens)
+            except Exception as exc:
+                log.warning("could not queue %d Play consume(s) (the sweep will retry): %s", len(tokens), exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (up to ``timeout``), then stop."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+
+def celery_sender(broker_url: str) -> Callable[[list[str]], None]:
+    """Send consume work to the receipts worker, one message per batch (blocking)."""
     app = make_celery_app(QUEUE, broker_url)
 
-    def enqueue(token: str) -> None:
-        app.send_task(CONSUME_TASK, args=[token], queue=QUEUE)
+    def send(tokens: list[str]) -> None:
+        if len(tokens) == 1:
+            app.send_task(CONSUME_TASK, args=[tokens[0]], queue=QUEUE)
+        else:
+            app.send_task(CONSUME_BATCH_TASK, args=[tokens], queue=QUEUE)
 
-    return enqueue
+    return send
 
 
 def build_google(
@@ -81,7 +142,7 @@ def build_google(
         store,
         consumptions,
         GooglePolicy(settings.google_package_name, settings.google_allow_test_purchases),
-        enqueue or celery_enqueuer(settings.broker_url),
+        enqueue or BackgroundEnqueuer(celery_sender(settings.broker_url)),
         clock,
         metrics,
     )

@@ -66,7 +66,7 @@ def test_static_discovery_and_the_jwt_bearer_flow(sim: tuple[PlayState, str], cl
     assert purchase.raw["kind"] == "androidpublisher#productPurchaseV2"
     # Only API paths reached the network: the discovery document came from the package.
     assert all(path.startswith("/androidpublisher/v3/applications/") for _m, path in play.requests)
-    assert hasattr(client._service().purchases(), "productsv2")
+    assert hasattr(client._service().service.purchases(), "productsv2")
 
 
 def test_api_refuses_requests_without_an_access_token(sim: tuple[PlayState, str]) -> None:

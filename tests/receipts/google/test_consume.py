@@ -147,3 +147,18 @@ def test_overdue_finds_old_unconsumed_rows_and_adopts_orphans(world: tuple[Consu
     assert consumer.consume(orphan).state is ConsumeState.CONSUMED
     with store.database.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(purchases)).scalar_one() == 1
+
+
+def test_overdue_gauge_counts_from_the_database(world: tuple[Consumer, PlayState]) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from services.receipts.google.wiring import OverdueCollector
+
+    consumer, play = world
+    registry = CollectorRegistry()
+    registry.register(OverdueCollector(consumer.store, SystemClock(), timedelta(hours=1)))
+    name = b"coinstore_receipts_google_unconsumed_overdue_now"
+    assert name + b" 0.0" in generate_latest(registry)
+    consumer.store.add(play.buy("coins_70").token, PACKAGE, "coins_70", datetime.now(UTC) - timedelta(hours=2))
+    consumer.store.add(play.buy("coins_70").token, PACKAGE, "coins_70", datetime.now(UTC))
+    assert name + b" 1.0" in generate_latest(registry)

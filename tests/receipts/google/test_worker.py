@@ -1,7 +1,8 @@
 """Consume after credit survives a worker killed mid-consume: a real receipts
 worker subprocess (``python -m services.receipts.worker``) is SIGKILLed while
 Google is answering its consume call; a restarted worker's beat sweep finds
-the purchase still unconsumed and consumes it. Credited once, consumed once."""
+the purchase still unconsumed and consumes it (retrying a 409 on the way).
+Credited once, consumed once."""
 
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ async def test_worker_killed_between_credit_and_consume(keys: Keys, database_url
             finally:
                 kill(worker)
             play.clear_faults()
+            # Google answers the restarted worker's first consume with 409 concurrentUpdate: it retries.
+            play.inject(Fault("consume", 409, 1))
             purchase = play.get(token)
             assert purchase is not None
             assert not purchase.consumed
@@ -110,6 +113,8 @@ async def test_worker_killed_between_credit_and_consume(keys: Keys, database_url
                     kill(restarted)
             assert purchase.consumed
             assert purchase.consume_calls == 1
+            assert consume_calls(play) >= 3  # the killed attempt, the 409, the successful retry
+            assert play.faults == []
             assert receipts.wallet.balances == {"fan-1": 70}
             assert len(receipts.wallet.credits) == 1
             log = (tmp_path / "worker-2.log").read_text()

@@ -1,0 +1,165 @@
+"""Google Play benchmark: end-to-end VerifyGooglePurchase over gRPC at concurrency 64.
+
+The store simulator (Play stand-in, real HTTP and the OAuth JWT-bearer flow),
+the wallet and the receipts service run as their own processes
+(``python -m services.storesim|wallet|receipts``) on one fresh PostgreSQL
+database; this process is the app backend. Each call verifies a new purchase
+token: productsv2 look-up at the simulator, the Play rules, the wallet's
+CreditPurchase, the purchase + "credited, not consumed" row + AIP-155 response
+in one commit, and the consume task queued on the embedded broker.
+
+The App Store path's end-to-end benchmark (tests/bench/bench_apple.py) runs
+right after it in the same run, on the same machine, for comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from services.storesim.apple import create_store
+from tests.bench import bench_apple
+from tests.bench.common import BenchArgs, Result, percentiles, scratch_postgres
+
+REPO = Path(__file__).resolve().parents[2]
+CONCURRENCY = 64
+
+
+def _buy(simulator: str, product_id: str, account: str) -> str:
+    body = json.dumps({"productId": product_id, "obfuscatedAccountId": account}).encode()
+    request = urllib.request.Request(
+        f"{simulator}/google/sim/purchases", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(json.loads(response.read())["purchaseToken"])
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the simulator exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer")
+
+
+async def _end_to_end(args: BenchArgs) -> Result:
+    from coinstore.receipts.v1 import receipt_service_pb2 as pb
+    from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
+    from services.common import migrate
+    from services.receipts.domain.binding import Binding
+    from tests.support.tokens import make_keys
+
+    total = 512 if args.quick else 4000
+    with scratch_postgres(args.admin_database_url) as url:
+        for service in ("wallet", "receipts"):
+            migrate.upgrade(service, url)
+        state = Path(tempfile.mkdtemp(prefix="bench-google-e2e-"))
+        (state / "auth").mkdir()
+        keys = make_keys(state / "auth")
+        create_store(state)
+        sim_port, wallet_port, receipts_port = (bench_apple._free_port() for _ in range(3))
+        simulator = f"http://127.0.0.1:{sim_port}"
+        env = {
+            **os.environ,
+            "COINSTORE_DATABASE_URL": url,
+            "COINSTORE_BROKER_URL": f"sqla+sqlite:///{state / 'broker.db'}",
+            "COINSTORE_CATALOG": str(REPO / "deploy" / "catalog.toml"),
+            "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
+            "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),
+            "COINSTORE_STORESIM_PORT": str(sim_port),
+            "COINSTORE_STORESIM_STATE_DIR": str(state),
+            "COINSTORE_WALLET_GRPC_PORT": str(wallet_port),
+            "COINSTORE_RECEIPTS_GRPC_PORT": str(receipts_port),
+            "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet_port}",
+            "COINSTORE_WALLET_METRICS_PORT": "0",
+            "COINSTORE_RECEIPTS_METRICS_PORT": "0",
+            "COINSTORE_WEBHOOK_PORT": str(bench_apple._free_port()),
+            "COINSTORE_APPLE_ROOT_CERTS": str(state / "apple" / "root.der"),
+            "COINSTORE_APPLE_API_KEY_FILE": str(state / "apple" / "SubscriptionKey.p8"),
+            "COINSTORE_GOOGLE_SERVICE_ACCOUNT_FILE": str(state / "google" / "service-account.json"),
+            "COINSTORE_GOOGLE_API_ENDPOINT": simulator + "/",
+            "COINSTORE_DB_POOL_SIZE": "32",
+            "COINSTORE_LOG_LEVEL": "WARNING",
+        }
+        children = [subprocess.Popen([sys.executable, "-m", "services.storesim"], env=env, cwd=REPO)]
+        try:
+            _wait_http(f"{simulator}/healthz", children[0])
+            children += [
+                subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, cwd=REPO)
+                for name in ("wallet", "receipts")
+            ]
+            binding = Binding(env.get("COINSTORE_BINDING_SECRET", "dev-binding-secret-change-me"))
+            accounts = [f"fan-{i}" for i in range(CONCURRENCY)]
+            purchases = []
+            for i in range(total + 8):
+                account = accounts[i % CONCURRENCY]
+                token = _buy(simulator, "coins_70", binding.obfuscated_account_id(account))
+                purchases.append((f"bench-{i}", account, token))
+            await bench_apple._wait_serving(f"127.0.0.1:{wallet_port}", children[1])
+            await bench_apple._wait_serving(f"127.0.0.1:{receipts_port}", children[2])
+            md = keys.metadata("purchases:verify", subject="app-backend")
+            latencies: list[float] = []
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{receipts_port}") as channel:
+                stub = pb_grpc.ReceiptServiceStub(channel)
+
+                async def call(request_id: str, account: str, token: str) -> None:
+                    request = pb.VerifyGooglePurchaseRequest(
+                        request_id=request_id, account_id=account, product_id="coins_70", purchase_token=token
+                    )
+                    began = time.perf_counter()
+                    reply = await stub.VerifyGooglePurchase(request, metadata=md, timeout=60)
+                    latencies.append(time.perf_counter() - began)
+                    assert reply.purchase.state == pb.PURCHASE_STATE_CREDITED, reply
+
+                for item in purchases[:8]:
+                    await call(*item)
+                latencies.clear()
+                queue = purchases[8:]
+
+                async def worker() -> None:
+                    while queue:
+                        await call(*queue.pop())
+
+                started = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+                elapsed = time.perf_counter() - started
+        finally:
+            for child in children:
+                child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        p50, p99 = percentiles(latencies)
+        return Result(
+            "google e2e: VerifyGooglePurchase gRPC c=64 (PostgreSQL)",
+            len(latencies),
+            elapsed,
+            p50,
+            p99,
+            {"cores": str(os.cpu_count()), "processes": "receipts+wallet+storesim"},
+        )
+
+
+def run(args: BenchArgs) -> list[Result]:
+    google = asyncio.run(_end_to_end(args))
+    apple = asyncio.run(bench_apple._end_to_end(args))
+    google.notes["vs_apple_e2e"] = f"{google.per_second / apple.per_second:.0%}" if apple.per_second else "n/a"
+    return [google, apple]
