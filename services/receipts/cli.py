@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from services.receipts import reconcile_cli
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("receipts", help="receipts service tools")
@@ -13,4 +15,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         return 0
 
     parser.set_defaults(handler=show_help)
-    parser.add_subparsers(dest="receipts_command")
+    commands = parser.add_subparsers(dest="receipts_command")
+    reconcile_cli.add_reconcile(commands)

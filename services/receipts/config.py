@@ -114,6 +114,12 @@ class ReceiptsSettings(CommonSettings):
         "Expected email of Pub/Sub push tokens",
         "pubsub-push@coinstore-dev.iam.gserviceaccount.com",
     )
+    notifications_sweep_seconds: float = setting(
+        "NOTIFICATIONS_SWEEP_SECONDS",
+        "How often the worker's beat re-queues stored notifications that are unprocessed or due a retry",
+        30.0,
+        parse=float,
+    )
 
     def validate(self) -> None:
         super().validate()

@@ -15,6 +15,7 @@ from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, resu
 from services.receipts.domain.purchases import Environment, PurchaseResult
 from services.receipts.errors import InvalidArgument, NotFound
 from services.receipts.google.service import require_purchase_token
+from services.receipts.notifications.store import BindingStore
 from services.receipts.store import RequestRecorder
 
 M = TypeVar("M", bound=Message)
@@ -71,10 +72,11 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
     ) -> pb.GetPurchaseBindingResponse:
         account_id = require_id("account_id", request.account_id)
         binding = self._c.binding
-        return pb.GetPurchaseBindingResponse(
-            app_account_token=binding.app_account_token(account_id),
-            obfuscated_account_id=binding.obfuscated_account_id(account_id),
-        )
+        token, obfuscated = binding.app_account_token(account_id), binding.obfuscated_account_id(account_id)
+        # Store notifications name only these values: remember whose they are (insert-once).
+        bindings = BindingStore(self._c.database)
+        await self._c.database.run(bindings.record_now, account_id, token, obfuscated, self._c.clock.now())
+        return pb.GetPurchaseBindingResponse(app_account_token=token, obfuscated_account_id=obfuscated)
 
     async def GetPurchase(self, request: pb.GetPurchaseRequest, context: Any) -> pb.GetPurchaseResponse:
         store = require_enum("store", request.store, STORE_FROM_PB)

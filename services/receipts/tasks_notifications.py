@@ -1,11 +1,129 @@
-"""Celery tasks of store notifications: inbox processing and reconciliation."""
+"""Celery tasks of store notifications: inbox processing and reconciliation.
+
+- ``receipts.notifications.process(id)``: apply one stored notification. The
+  webhook sends it once the row is committed; a failure schedules a retry with
+  backoff (and the row records when).
+- ``receipts.notifications.sweep``: beat, every COINSTORE_NOTIFICATIONS_SWEEP_SECONDS. The embedded broker loses
+  unacknowledged messages when a worker dies, and a webhook may have stored a
+  row without managing to queue it: the sweeper re-queues every pending row
+  older than a grace period and every failed row past its backoff. The row's
+  lease and state make any duplicate task a no-op.
+- ``receipts.notifications.reconcile``: beat, every 15 minutes (Google voided
+  purchases, Apple refund history).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
 from celery import Celery
 
+from services.common.celery_app import MAX_COUNTDOWN_SECONDS
+from services.common.clock import SystemClock
+from services.common.metrics import Metrics
 from services.receipts.config import ReceiptsSettings
+from services.receipts.notifications import wiring
+from services.receipts.notifications.store import RecentApplePurchases, ReconcileRuns
+from services.receipts.reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+
+QUEUE = "receipts"
 
 
-def register(app: Celery, settings: ReceiptsSettings) -> None:
-    """Register this module's tasks and beat entries on the receipts Celery app."""
+def task_names(queue: str = QUEUE) -> tuple[str, str, str]:
+    """(process, sweep, reconcile): names are prefixed with the queue, so tests can run
+    several apps in one process (Celery 5.7 shares a task name's callable between apps)."""
+    return f"{queue}.notifications.process", f"{queue}.notifications.sweep", f"{queue}.notifications.reconcile"
+
+
+PROCESS, SWEEP, RECONCILE = task_names()
+RECONCILE_SECONDS = 15 * 60.0
+
+
+def build_reconciler(
+    settings: ReceiptsSettings, components: wiring.NotificationComponents, metrics: Metrics
+) -> Reconciler:
+    return Reconciler(
+        actions=components.actions,
+        runs=ReconcileRuns(components.inbox.db),
+        metrics=metrics,
+        clock=SystemClock(),
+        package_name=settings.google_package_name,
+        play=components.play,
+        apple_api=components.apple_api,
+        apple_verifier=components.apple_verifier,
+        recent=RecentApplePurchases(components.inbox.db),
+    )
+
+
+def register(
+    app: Celery,
+    settings: ReceiptsSettings,
+    factory: Callable[[], wiring.NotificationComponents] | None = None,
+    queue: str = QUEUE,
+) -> None:
+    """Register this module's tasks and beat entries on the receipts Celery app.
+
+    Components are built on first use in each worker process (after the fork),
+    by ``factory`` when given (tests), from settings otherwise."""
+    state: dict[str, Any] = {}
+    process_name, sweep_name, reconcile_name = task_names(queue)
+
+    def components() -> wiring.NotificationComponents:
+        if "components" not in state:
+            state["components"] = factory() if factory is not None else wiring.build_worker_components(settings)
+        return state["components"]  # type: ignore[no-any-return]
+
+    @app.task(name=process_name, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
+    def process(self: Any, notification_id: int) -> str:
+        outcome, retry_in = components().processor.process(int(notification_id))
+        if retry_in is not None:
+            countdown = min(retry_in.total_seconds(), MAX_COUNTDOWN_SECONDS)
+            app.send_task(process_name, args=[notification_id], queue=queue, countdown=countdown)
+        return outcome
+
+    @app.task(name=sweep_name)  # type: ignore[untyped-decorator]
+    def sweep() -> int:
+        parts = components()
+        due = parts.inbox.due(SystemClock().now(), timedelta(seconds=settings.notifications_sweep_seconds))
+        for notification_id in due:
+            app.send_task(process_name, args=[notification_id], queue=queue)
+        if due:
+            log.info("sweeper re-queued %d notifications", len(due))
+        return len(due)
+
+    @app.task(name=reconcile_name)  # type: ignore[untyped-decorator]
+    def reconcile() -> list[dict[str, int]]:
+        parts = components()
+        if "reconciler" not in state:
+            state["reconciler"] = build_reconciler(settings, parts, parts.metrics)
+        reconciler: Reconciler = state["reconciler"]
+        return [{"examined": r.examined, "applied": r.applied} for r in reconciler.run()]
+
+    schedule = dict(app.conf.beat_schedule or {})
+    schedule["receipts-notifications-sweep"] = {
+        "task": sweep_name,
+        "schedule": settings.notifications_sweep_seconds,
+        "options": {"queue": queue},
+    }
+    schedule["receipts-notifications-reconcile"] = {
+        "task": reconcile_name,
+        "schedule": RECONCILE_SECONDS,
+        "options": {"queue": queue},
+    }
+    app.conf.beat_schedule = schedule
+
+
+def sender(app: Celery, queue: str = QUEUE) -> Callable[[int], None]:
+    """What the webhook uses to queue a stored row's processing."""
+
+    process_name = task_names(queue)[0]
+
+    def dispatch(notification_id: int) -> None:
+        app.send_task(process_name, args=[notification_id], queue=queue)
+
+    return dispatch

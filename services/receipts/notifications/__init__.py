@@ -1,0 +1,1 @@
+"""Store notifications: the durable inbox, verification and processing."""

@@ -1,0 +1,267 @@
+"""PurchaseActions over the receipts core's one exactly-once path
+(`services.receipts.crediting.Crediting`), for the synchronous Celery worker.
+
+The core is asyncio (grpc.aio wallet channel), so the worker runs one event
+loop in a background thread per process and submits coroutines to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from services.common.catalog import CURRENCY_EXPONENTS, Price, StoreId
+from services.common.errors import DomainError, NotFound, Unavailable
+from services.receipts.appstore.api import AppStoreApi
+from services.receipts.appstore.jws import AppleJwsVerifier
+from services.receipts.crediting import Crediting
+from services.receipts.domain.purchases import Environment, Outcome, StoredState, VerifiedPurchase
+from services.receipts.google.client import PlayApiError, PlayClient
+from services.receipts.google.service import GooglePurchases
+from services.receipts.notifications.ports import Applied, Refused, StoreUnavailable, VerificationFailed
+from services.receipts.store import PurchaseStore
+
+T = TypeVar("T")
+
+CALL_TIMEOUT_SECONDS = 60.0
+_STORES = {"APP_STORE": StoreId.APP_STORE, "GOOGLE_PLAY": StoreId.GOOGLE_PLAY}
+
+
+class LoopThread:
+    """An event loop running in a daemon thread; ``run`` blocks for one coroutine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="receipts-core-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT_SECONDS) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+def apple_price(transaction: Mapping[str, Any]) -> Price | None:
+    """Apple's price is in milliunits of ``currency`` (990 = 0.99); minor units round down."""
+    price, currency = transaction.get("price"), transaction.get("currency")
+    if not isinstance(price, int) or not isinstance(currency, str) or currency not in CURRENCY_EXPONENTS:
+        return None
+    minor = int((Decimal(price) / 1000).scaleb(CURRENCY_EXPONENTS[currency]))
+    return Price(minor, currency)
+
+
+def _ms(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(value / 1000, UTC) if isinstance(value, int) else None
+
+
+def apple_purchase(transaction: Mapping[str, Any]) -> VerifiedPurchase:
+    """A verified App Store transaction payload as the core's VerifiedPurchase."""
+    return VerifiedPurchase(
+        store=StoreId.APP_STORE,
+        store_transaction_id=str(transaction["transactionId"]),
+        product_id=str(transaction.get("productId", "")),
+        quantity=int(transaction.get("quantity") or 1),
+        environment=Environment.SANDBOX if transaction.get("environment") == "Sandbox" else Environment.PRODUCTION,
+        storefront=str(transaction.get("storefront", "")),
+        price=apple_price(transaction),
+        purchase_time=_ms(transaction.get("purchaseDate")),
+        original_transaction_id=str(transaction.get("originalTransactionId", "")),
+        revoked=transaction.get("revocationDate") is not None,
+    )
+
+
+def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` on ``loop`` (owned by another thread) and wait for it."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(CALL_TIMEOUT_SECONDS)
+
+
+class CoreActions:
+    def __init__(
+        self,
+        crediting: Crediting,
+        store: PurchaseStore,
+        loop: asyncio.AbstractEventLoop,
+        google: GooglePurchases | None = None,
+    ) -> None:
+        self._crediting = crediting
+        self._store = store
+        self._loop = loop
+        self._google = google
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        try:
+            return run_on(self._loop, coroutine)
+        except Unavailable as exc:
+            raise StoreUnavailable(exc.message) from exc
+        except NotFound:
+            raise
+        except DomainError as exc:
+            raise Refused(exc.reason) from exc
+
+    def credit_apple(self, account_id: str, transaction: Mapping[str, Any], request_id: str) -> Applied:
+        result = self._run(self._crediting.credit(apple_purchase(transaction), account_id, request_id=request_id))
+        return Applied(result.outcome is Outcome.CREDITED, result.outcome.value)
+
+    def record_apple(self, transaction: Mapping[str, Any]) -> None:
+        self._run(self._crediting.record(apple_purchase(transaction)))
+
+    def credit_google(self, account_id: str | None, product_id: str, purchase_token: str, request_id: str) -> Applied:
+        if self._google is None:
+            raise StoreUnavailable("no Google Play path configured")
+        try:
+            result = self._run(self._google.credit_token(purchase_token, product_id, account_id, request_id=request_id))
+        except DomainError as error:
+            if isinstance(error, Unavailable):
+                raise
+            # Google or the rules refuse this purchase (unknown product, wrong package,
+            # another account's): nothing to credit, and retrying will not change that.
+            return Applied(False, error.reason.lower())
+        return Applied(result.outcome is Outcome.CREDITED, result.outcome.value)
+
+    def reverse(
+        self,
+        *,
+        store: str,
+        store_transaction_id: str,
+        refunded_quantity: int,
+        refunded_percentage_milli: int,
+        reason: str,
+        request_id: str,
+    ) -> Applied:
+        # The purchases row already holds this cumulative refund: nothing to ask the wallet
+        # (whose AIP-155 replay would repeat the original "applied" answer).
+        record = self._run(self._store.get(_STORES[store], store_transaction_id))
+        if (
+            record is not None
+            and record.state is StoredState.REFUNDED
+            and (record.refunded_quantity, record.refunded_percentage_milli)
+            == (refunded_quantity, refunded_percentage_milli)
+        ):
+            return Applied(False, "already refunded")
+        try:
+            result = self._run(
+                self._crediting.reverse(
+                    _STORES[store],
+                    store_transaction_id,
+                    refunded_quantity=refunded_quantity,
+                    refunded_percentage_milli=refunded_percentage_milli,
+                    reason=reason,
+                    request_id=request_id,
+                )
+            )
+        except NotFound:
+            return Applied(False, "unknown_purchase")
+        return Applied(result.applied, f"{result.coins_moved} coins")
+
+    def restore(self, *, store: str, store_transaction_id: str, reason: str, request_id: str) -> Applied:
+        try:
+            result = self._run(
+                self._crediting.restore(_STORES[store], store_transaction_id, reason=reason, request_id=request_id)
+            )
+        except NotFound:
+            return Applied(False, "unknown_purchase")
+        return Applied(result.applied, f"{result.coins_moved} coins")
+
+
+class CoreAppleVerifier:
+    """The core's AppleJwsVerifier (the same one VerifyApplePurchase uses) as the
+    notifications' port. Called from a worker thread; the OCSP path (online
+    checks) runs on the loop that owns the core's HTTP client."""
+
+    def __init__(self, verifier: AppleJwsVerifier, loop: asyncio.AbstractEventLoop) -> None:
+        self._verifier = verifier
+        self._loop = loop
+
+    def verify(self, jws: str) -> Mapping[str, Any]:
+        try:
+            try:
+                # Offline (or a fresh cached OCSP answer): verify right here in the worker thread.
+                return self._verifier.verify(jws, "signedPayload")
+            except RuntimeError:
+                # Online checks due: OCSP runs on the loop that owns the core's HTTP client.
+                return run_on(self._loop, self._verifier.verify_async(jws, "signedPayload"))
+        except DomainError as exc:
+            if isinstance(exc, Unavailable):
+                raise
+            raise VerificationFailed(f"{exc.reason}: {exc.message}") from None
+
+
+_ENVIRONMENTS = {"Production": Environment.PRODUCTION, "Sandbox": Environment.SANDBOX}
+
+
+class CoreAppleApi:
+    """The core's async App Store Server API client as the notifications' port."""
+
+    def __init__(self, api: AppStoreApi, loop: asyncio.AbstractEventLoop) -> None:
+        self._api = api
+        self._loop = loop
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        try:
+            return run_on(self._loop, coroutine)
+        except Unavailable as exc:
+            raise StoreUnavailable(exc.message) from exc
+
+    def send_consumption_information(self, transaction_id: str, environment: str, body: Mapping[str, Any]) -> None:
+        self._run(
+            self._api.send_consumption_information(
+                _ENVIRONMENTS.get(environment, Environment.PRODUCTION), transaction_id, body
+            )
+        )
+
+    def get_refund_history(self, transaction_id: str, environment: str, revision: str | None) -> Mapping[str, Any]:
+        page = self._run(
+            self._api.get_refund_history(
+                _ENVIRONMENTS.get(environment, Environment.PRODUCTION), transaction_id, revision or ""
+            )
+        )
+        return {
+            "revision": page.revision,
+            "hasMore": page.has_more,
+            "signedTransactions": list(page.signed_transactions),
+        }
+
+
+class CorePlayApi:
+    """The Google Play work's Android Publisher client as the notifications' port."""
+
+    def __init__(self, client: PlayClient) -> None:
+        self._client = client
+
+    def get_product_purchase_v2(self, package_name: str, purchase_token: str) -> Mapping[str, Any]:
+        try:
+            return self._client.get_purchase_v2(package_name, purchase_token).raw
+        except Unavailable as exc:
+            raise StoreUnavailable(exc.message) from exc
+
+    def list_voided_purchases(
+        self, package_name: str, start_time_ms: int, end_time_ms: int, page_token: str | None
+    ) -> Mapping[str, Any]:
+        try:
+            page = self._client.list_voided_page(
+                package_name, start_time_ms=start_time_ms, end_time_ms=end_time_ms, page_token=page_token or ""
+            )
+        except Unavailable as exc:
+            raise StoreUnavailable(exc.message) from exc
+        except PlayApiError as exc:
+            raise StoreUnavailable(f"voidedpurchases.list: {exc}") from exc
+        records = [
+            {
+                "purchaseToken": v.purchase_token,
+                "orderId": v.order_id,
+                "voidedReason": v.voided_reason,
+                "voidedSource": v.voided_source,
+                **({"voidedQuantity": v.voided_quantity} if v.voided_quantity is not None else {}),
+            }
+            for v in page.purchases
+        ]
+        answer: dict[str, Any] = {"voidedPurchases": records}
+        if page.next_page_token:
+            answer["tokenPagination"] = {"nextPageToken": page.next_page_token}
+        return answer

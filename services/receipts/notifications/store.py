@@ -1,0 +1,360 @@
+"""SQL of the notifications inbox, account bindings and reconciliation runs.
+
+The inbox is the durability boundary: a notification is acknowledged to the
+store only after its row is committed, and the unique key (source, external_id)
+makes every redelivery a no-op. Processing claims a row with a lease (a
+conditional UPDATE), so two workers never work on the same row at once, and
+finishes it with another conditional UPDATE.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from services.common.catalog import StoreId
+from services.common.db import Database
+from services.common.idempotency import insert_ignore
+from services.receipts.store import purchases
+
+metadata = sa.MetaData()
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+notifications = sa.Table(
+    "receipts_notifications",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("external_id", sa.String(128), nullable=False),
+    sa.Column("notification_type", sa.String(64), nullable=False),
+    sa.Column("store_transaction_id", sa.String(512)),
+    sa.Column("environment", sa.String(16)),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("outcome", sa.String(64)),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("lease_until", sa.DateTime(timezone=True)),
+    sa.Column("processed_at", sa.DateTime(timezone=True)),
+    sa.UniqueConstraint("source", "external_id"),
+)
+
+account_bindings = sa.Table(
+    "receipts_account_bindings",
+    metadata,
+    sa.Column("account_id", sa.String(128), primary_key=True),
+    sa.Column("app_account_token", sa.String(36), nullable=False, unique=True),
+    sa.Column("obfuscated_account_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+reconcile_runs = sa.Table(
+    "receipts_reconcile_runs",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("since", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("examined", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("applied", sa.Integer, nullable=False, server_default="0"),
+)
+
+PENDING = "pending"
+FAILED = "failed"
+PROCESSED = "processed"
+# Gave up after MAX_ATTEMPTS; stays visible in the metric and for `reconcile`.
+DEAD = "dead"
+
+LEASE = timedelta(seconds=120)
+MAX_ATTEMPTS = 25
+_BACKOFF_CAP_SECONDS = 600
+
+
+def backoff(attempts: int) -> timedelta:
+    """5 s, 10 s, 20 s … capped at 10 minutes (below the broker's visibility timeout)."""
+    return timedelta(seconds=min(_BACKOFF_CAP_SECONDS, 5 * 2 ** max(0, attempts - 1)))
+
+
+@dataclass(frozen=True)
+class NewNotification:
+    source: str
+    external_id: str
+    notification_type: str
+    store_transaction_id: str | None
+    environment: str | None
+    body: str
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class StoredNotification:
+    id: int
+    source: str
+    external_id: str
+    notification_type: str
+    store_transaction_id: str | None
+    environment: str | None
+    payload: dict[str, Any]
+    state: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Accepted:
+    id: int
+    duplicate: bool
+
+
+def _to_stored(row: Any) -> StoredNotification:
+    return StoredNotification(
+        id=int(row.id),
+        source=row.source,
+        external_id=row.external_id,
+        notification_type=row.notification_type,
+        store_transaction_id=row.store_transaction_id,
+        environment=row.environment,
+        payload=json.loads(row.payload),
+        state=row.state,
+        attempts=int(row.attempts),
+    )
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored value is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+class InboxStore:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def accept(self, item: NewNotification, now: datetime) -> Accepted:
+        """Store a verified notification once; a redelivery returns the first row."""
+
+        def work(conn: Connection) -> Accepted:
+            # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT DO NOTHING.
+            inserted = conn.execute(
+                insert_ignore(conn, notifications)
+                .values(
+                    source=item.source,
+                    external_id=item.external_id,
+                    notification_type=item.notification_type,
+                    store_transaction_id=item.store_transaction_id,
+                    environment=item.environment,
+                    body=item.body,
+                    payload=json.dumps(item.payload, sort_keys=True, separators=(",", ":")),
+                    state=PENDING,
+                    attempts=0,
+                    received_at=now,
+                    next_attempt_at=now,
+                )
+                .returning(notifications.c.id)
+            ).scalar_one_or_none()
+            if inserted is not None:
+                return Accepted(int(inserted), duplicate=False)
+            row_id = conn.execute(
+                sa.select(notifications.c.id).where(
+                    notifications.c.source == item.source, notifications.c.external_id == item.external_id
+                )
+            ).scalar_one()
+            return Accepted(int(row_id), duplicate=True)
+
+        return self.db.transaction(work)
+
+    def claim(self, notification_id: int, now: datetime) -> StoredNotification | None:
+        """Lease an unfinished row for processing; None when it is done or leased elsewhere."""
+
+        def work(conn: Connection) -> StoredNotification | None:
+            claimed = conn.execute(
+                notifications.update()
+                .where(
+                    notifications.c.id == notification_id,
+                    notifications.c.state.in_((PENDING, FAILED)),
+                    sa.or_(notifications.c.lease_until.is_(None), notifications.c.lease_until < now),
+                )
+                .values(lease_until=now + LEASE, attempts=notifications.c.attempts + 1)
+            ).rowcount
+            if not claimed:
+                return None
+            row = conn.execute(sa.select(notifications).where(notifications.c.id == notification_id)).one()
+            return _to_stored(row)
+
+        return self.db.transaction(work)
+
+    def finish(self, notification_id: int, outcome: str, now: datetime) -> bool:
+        def work(conn: Connection) -> bool:
+            return bool(
+                conn.execute(
+                    notifications.update()
+                    .where(notifications.c.id == notification_id, notifications.c.state != PROCESSED)
+                    .values(state=PROCESSED, outcome=outcome, processed_at=now, lease_until=None, last_error=None)
+                ).rowcount
+            )
+
+        return self.db.transaction(work)
+
+    def fail(self, notification_id: int, error: str, now: datetime) -> tuple[str, timedelta]:
+        """Record a failed attempt; returns the new state and the delay before the next one."""
+
+        def work(conn: Connection) -> tuple[str, timedelta]:
+            attempts = conn.execute(
+                sa.select(notifications.c.attempts).where(notifications.c.id == notification_id)
+            ).scalar_one()
+            state = DEAD if attempts >= MAX_ATTEMPTS else FAILED
+            delay = backoff(int(attempts))
+            conn.execute(
+                notifications.update()
+                .where(notifications.c.id == notification_id, notifications.c.state != PROCESSED)
+                .values(state=state, last_error=error[:2000], next_attempt_at=now + delay, lease_until=None)
+            )
+            return state, delay
+
+        return self.db.transaction(work)
+
+    def due(self, now: datetime, pending_grace: timedelta, limit: int = 500) -> list[int]:
+        """Rows the sweeper re-queues: failed ones past their backoff, and pending
+        ones older than the grace (their first task was lost or is late)."""
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                sa.select(notifications.c.id)
+                .where(
+                    sa.or_(
+                        sa.and_(notifications.c.state == FAILED, notifications.c.next_attempt_at <= now),
+                        sa.and_(notifications.c.state == PENDING, notifications.c.received_at <= now - pending_grace),
+                    ),
+                    sa.or_(notifications.c.lease_until.is_(None), notifications.c.lease_until < now),
+                )
+                .order_by(notifications.c.id)
+                .limit(limit)
+            ).all()
+        return [int(r.id) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self.db.connect() as conn:
+            rows = conn.execute(sa.select(notifications.c.state, sa.func.count()).group_by(notifications.c.state)).all()
+        return {str(state): int(count) for state, count in rows}
+
+    def get(self, source: str, external_id: str) -> StoredNotification | None:
+        with self.db.connect() as conn:
+            row = conn.execute(
+                sa.select(notifications).where(
+                    notifications.c.source == source, notifications.c.external_id == external_id
+                )
+            ).one_or_none()
+        return None if row is None else _to_stored(row)
+
+    def outcome(self, notification_id: int) -> tuple[str, str | None, datetime | None]:
+        with self.db.connect() as conn:
+            row = conn.execute(
+                sa.select(notifications.c.state, notifications.c.outcome, notifications.c.processed_at).where(
+                    notifications.c.id == notification_id
+                )
+            ).one()
+        return row.state, row.outcome, _aware(row.processed_at)
+
+
+class BindingStore:
+    """Which account an appAccountToken / obfuscatedAccountId was issued to.
+
+    The binding values are an HMAC of the account id and cannot be reversed, so
+    the receipts core records each binding when it hands one out
+    (GetPurchaseBinding) or verifies a purchase for an account; notifications
+    that carry a value never recorded here are not ours and are only recorded.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def record(
+        self, conn: Connection, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime
+    ) -> None:
+        conn.execute(
+            insert_ignore(conn, account_bindings).values(
+                account_id=account_id,
+                app_account_token=app_account_token.lower(),
+                obfuscated_account_id=obfuscated_id,
+                created_at=now,
+            )
+        )
+
+    def record_now(self, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime) -> None:
+        self.db.transaction(lambda conn: self.record(conn, account_id, app_account_token, obfuscated_id, now))
+
+    def account_for_app_account_token(self, token: str) -> str | None:
+        with self.db.connect() as conn:
+            value = conn.execute(
+                sa.select(account_bindings.c.account_id).where(account_bindings.c.app_account_token == token.lower())
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
+    def account_for_obfuscated_id(self, obfuscated_id: str) -> str | None:
+        with self.db.connect() as conn:
+            value = conn.execute(
+                sa.select(account_bindings.c.account_id).where(
+                    account_bindings.c.obfuscated_account_id == obfuscated_id
+                )
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
+
+class ReconcileRuns:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def start(self, source: str, since: datetime, now: datetime) -> int:
+        def work(conn: Connection) -> int:
+            result = conn.execute(reconcile_runs.insert().values(source=source, since=since, started_at=now))
+            return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+        return self.db.transaction(work)
+
+    def finish(self, run_id: int, examined: int, applied: int, now: datetime) -> None:
+        self.db.transaction(
+            lambda conn: conn.execute(
+                reconcile_runs.update()
+                .where(reconcile_runs.c.id == run_id)
+                .values(finished_at=now, examined=examined, applied=applied)
+            )
+        )
+
+    def last_finished(self, source: str) -> datetime | None:
+        with self.db.connect() as conn:
+            value = conn.execute(
+                sa.select(sa.func.max(reconcile_runs.c.started_at)).where(
+                    reconcile_runs.c.source == source, reconcile_runs.c.finished_at.is_not(None)
+                )
+            ).scalar_one_or_none()
+        return _aware(value)
+
+
+class RecentApplePurchases:
+    """App Store purchases recorded since a moment (receipts_purchases, the core's
+    table), newest first: what reconciliation asks Get Refund History about."""
+
+    def __init__(self, database: Database, limit: int = 5000) -> None:
+        self.db = database
+        self._limit = limit
+
+    def recent_apple_transactions(self, since_ms: int) -> list[tuple[str, str]]:
+        table = purchases
+        since = datetime.fromtimestamp(since_ms / 1000, UTC)
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                sa.select(table.c.store_transaction_id, table.c.environment)
+                .where(table.c.store == StoreId.APP_STORE.value, table.c.created_at >= since)
+                .order_by(table.c.created_at.desc())
+                .limit(self._limit)
+            ).all()
+        return [(str(r.store_transaction_id), str(r.environment).capitalize()) for r in rows]

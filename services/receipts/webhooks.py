@@ -1,0 +1,183 @@
+"""The receipts service's webhook server: App Store Server Notifications V2 and
+Cloud Pub/Sub push (Play RTDN), on COINSTORE_WEBHOOK_PORT.
+
+Every notification is verified, then stored in the durable inbox, then
+acknowledged: a 2xx means the row is committed. Processing happens in the
+receipts Celery worker (the task is sent best-effort; the sweeper re-queues
+anything whose task was lost). Answers: 200 stored (or already stored),
+400 malformed, 401/403 forged or not for us (nothing stored), 413 too large,
+503 when a dependency is down (the store retries). Never 500 for the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.common.clock import Clock
+from services.common.metrics import Metrics
+from services.receipts.notifications.oidc import KeysUnavailable, PubSubTokenVerifier, TokenRejected
+from services.receipts.notifications.parse import (
+    APPLE,
+    GOOGLE,
+    AppleExpectations,
+    Rejected,
+    parse_apple,
+    parse_google,
+)
+from services.receipts.notifications.ports import AppleJwsVerifier
+from services.receipts.notifications.store import InboxStore, NewNotification
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+APPLE_PATH = "/notifications/apple/v2"
+GOOGLE_PATH = "/notifications/google"
+
+
+@dataclass
+class WebhookDeps:
+    inbox: InboxStore
+    apple_verifier: AppleJwsVerifier
+    apple: AppleExpectations
+    pubsub: PubSubTokenVerifier
+    package_name: str
+    # Sends the processing task for a stored row; failures are only logged (the sweeper retries).
+    dispatch: Callable[[int], None]
+    metrics: Metrics
+    clock: Clock
+
+
+class WebhookMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.received = metrics.counter(
+            "coinstore_notifications_received",
+            "Webhook notifications by source and HTTP status answered",
+            ("source", "status"),
+        )
+        self.latency = metrics.histogram(
+            "coinstore_webhook_duration_seconds", "Webhook handling time by source", ("source",)
+        )
+
+
+def create_webhook_app(deps: WebhookDeps) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    instruments = WebhookMetrics(deps.metrics)
+
+    async def read_body(request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise Rejected(413, "body over 1 MiB")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise Rejected(413, "body over 1 MiB") from None
+
+    async def store(item: NewNotification) -> web.Response:
+        # On the database's own pool (sized to its connections), not the loop's small default executor.
+        accepted = await deps.inbox.db.run(deps.inbox.accept, item, deps.clock.now())
+        if not accepted.duplicate:
+            try:
+                await asyncio.to_thread(deps.dispatch, accepted.id)
+            except Exception:  # the row is committed; the sweeper will queue it
+                log.warning("could not queue notification %d; the sweeper will", accepted.id, exc_info=True)
+        log.info(
+            "notification stored",
+            extra={
+                "source": item.source,
+                "external_id": item.external_id,
+                "type": item.notification_type,
+                "duplicate": accepted.duplicate,
+            },
+        )
+        return web.json_response({"status": "duplicate" if accepted.duplicate else "stored"})
+
+    async def handle(source: str, request: web.Request, parse: Callable[[bytes], NewNotification]) -> web.Response:
+        started = asyncio.get_running_loop().time()
+        try:
+            body = await read_body(request)
+            item = await asyncio.to_thread(parse, body)
+            response = await store(item)
+        except Rejected as exc:
+            log.warning("notification refused", extra={"source": source, "status": exc.status, "why": exc.reason})
+            response = web.json_response({"error": exc.reason}, status=exc.status)
+        except KeysUnavailable as exc:
+            log.warning("cannot verify now: %s", exc)
+            response = web.json_response({"error": "verification keys unavailable"}, status=503)
+        except SQLAlchemyError:
+            log.exception("inbox unavailable")
+            response = web.json_response({"error": "temporarily unavailable"}, status=503)
+        instruments.received.labels(source, str(response.status)).inc()
+        instruments.latency.labels(source).observe(asyncio.get_running_loop().time() - started)
+        return response
+
+    async def apple(request: web.Request) -> web.Response:
+        return await handle(APPLE, request, lambda body: parse_apple(body, deps.apple_verifier, deps.apple))
+
+    async def google(request: web.Request) -> web.Response:
+        authorization = request.headers.get("Authorization")
+
+        def parse(body: bytes) -> NewNotification:
+            try:
+                deps.pubsub.verify(authorization)
+            except TokenRejected as exc:
+                raise Rejected(401 if not authorization else 403, f"token refused: {exc}") from None
+            return parse_google(body, deps.package_name)
+
+        return await handle(GOOGLE, request, parse)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app.router.add_post(APPLE_PATH, apple)
+    app.router.add_post(GOOGLE_PATH, google)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+class WebhookServer:
+    """Runs the webhook app inside the receipts process's event loop."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self._runner = web.AppRunner(app, access_log=None)
+        self._host = host
+        self._port = port
+        self.port = 0
+
+    async def start(self) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self._port
+        log.info("webhooks listening on port %d", self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+class InboxCollector:
+    """`coinstore_notifications_inbox{state}`: rows per state, read at scrape time,
+    so failed and dead notifications are visible on the receipts metrics port."""
+
+    def __init__(self, inbox: InboxStore) -> None:
+        self._inbox = inbox
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "coinstore_notifications_inbox", "Stored store notifications by processing state", labels=["state"]
+        )
+        try:
+            counts = self._inbox.counts()
+        except SQLAlchemyError:
+            counts = {}
+        for state in ("pending", "failed", "processed", "dead"):
+            family.add_metric([state], counts.get(state, 0))
+        yield family

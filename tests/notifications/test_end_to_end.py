@@ -1,0 +1,166 @@
+"""Each notification type from the store simulator to the wallet balance, with
+real servers, a real wallet and a real Celery worker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from services.receipts.notifications.parse import APPLE, GOOGLE
+from tests.notifications.system import System, running_system
+from tests.support.tokens import Keys
+
+PACK = "com.coinstore.coins.350"
+PACKAGE = "com.coinstore.app"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def last_uuid(system: System, kind: str, transaction_id: str) -> str:
+    found = [
+        d.notification_uuid
+        for d in system.notifier.deliveries.values()
+        if d.notification_type == kind and d.transaction_id == transaction_id
+    ]
+    assert found, f"no {kind} sent for {transaction_id}"
+    return found[-1]
+
+
+async def test_apple_notifications_reach_the_wallet(database_url: str, keys: Keys, tmp_path: Path) -> None:
+    async with running_system(database_url, keys, tmp_path, settings_extra={"APPLE_SEND_CONSUMPTION": "true"}) as s:
+        token, _ = await s.bind("fan-1")
+        bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
+        txid = bought["transactionId"]
+        assert await s.wait_processed(APPLE, last_uuid(s, "ONE_TIME_CHARGE", txid)) == "credited"
+        assert await s.balance("fan-1") == 350
+
+        refund = {"transactionId": txid, "revocationType": "REFUND_PRORATED", "revocationPercentage": 50_000}
+        await s.sim("/apple/refund", refund)
+        assert await s.wait_processed(APPLE, last_uuid(s, "REFUND", txid)) == "reversed"
+        assert await s.balance("fan-1") == 175
+
+        await s.sim("/apple/refund/reverse", {"transactionId": txid})
+        assert await s.wait_processed(APPLE, last_uuid(s, "REFUND_REVERSED", txid)) == "restored"
+        assert await s.balance("fan-1") == 350
+
+        await s.sim("/apple/refund", {"transactionId": txid})
+        assert await s.wait_processed(APPLE, last_uuid(s, "REFUND", txid)) == "reversed"
+        assert await s.balance("fan-1") == 0
+
+        request = {"notificationType": "CONSUMPTION_REQUEST", "transactionId": txid}
+        await s.sim("/apple/notifications/send", request | {"consumptionRequestReason": "UNINTENDED_PURCHASE"})
+        assert await s.wait_processed(APPLE, last_uuid(s, "CONSUMPTION_REQUEST", txid)) == "consumption_sent"
+        sent = s.apple.consumption[txid]
+        assert sent == [
+            {
+                "customerConsented": True,
+                "sampleContentProvided": False,
+                "deliveryStatus": "DELIVERED",
+                "consumptionPercentage": 0,
+            }
+        ]
+        await s.sim("/apple/notifications/send", {"notificationType": "REFUND_DECLINED", "transactionId": txid})
+        assert await s.wait_processed(APPLE, last_uuid(s, "REFUND_DECLINED", txid)) == "recorded"
+
+        # Bought with a token we never issued: recorded until an account claims it.
+        stranger = await s.sim(
+            "/apple/buy", {"productId": PACK, "appAccountToken": "0d1c0d1c-0000-4000-8000-00000000dead"}
+        )
+        assert await s.wait_processed(APPLE, last_uuid(s, "ONE_TIME_CHARGE", stranger["transactionId"])) == "recorded"
+        assert [d.state for d in s.notifier.deliveries.values()] == ["delivered"] * len(s.notifier.deliveries)
+
+
+async def test_same_notification_ten_times_and_the_app_racing_it_credit_once(
+    database_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    async with running_system(database_url, keys, tmp_path) as s:
+        s.notifier.config.auto = False
+        token, _ = await s.bind("fan-2")
+        bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
+        uuid_, _env, signed_payload = s.notifier.signed_payload("ONE_TIME_CHARGE", bought["transactionId"])
+
+        async def deliver() -> int:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    s.webhook_url + "/notifications/apple/v2", json={"signedPayload": signed_payload}
+                ) as reply,
+            ):
+                return reply.status
+
+        async def app_reports() -> str:
+            results = await s.components.apple.verify(
+                account_id="fan-2",
+                request_id="app-report-1",
+                account_region="",
+                signed_transaction=bought["signedTransaction"],
+            )
+            return results[0].outcome.value
+
+        outcomes = await asyncio.gather(*(deliver() for _ in range(10)), app_reports())
+        assert outcomes[:10] == [200] * 10
+        assert outcomes[10] in ("credited", "already_credited")
+        assert await s.wait_processed(APPLE, uuid_) in ("credited", "already_credited")
+        await asyncio.sleep(0.5)
+        assert await s.balance("fan-2") == 350
+        history = await s.wallet.stub.ListTransactions(
+            wpb.ListTransactionsRequest(account_id="fan-2"), metadata=s.wallet.md(), timeout=10
+        )
+        assert [t.coins_delta for t in history.transactions] == [350]
+
+
+async def test_google_notifications_reach_the_wallet(database_url: str, keys: Keys, tmp_path: Path) -> None:
+    async with running_system(database_url, keys, tmp_path) as s:
+        _, obfuscated = await s.bind("fan-g")
+        bought = await s.sim("/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated})
+        token = bought["purchaseToken"]
+        assert await s.wait_processed(GOOGLE, _message(s, token, "oneTimeProductNotification")) == "credited"
+        assert await s.balance("fan-g") == 350
+
+        # Three packs, refunded one at a time: two partial refunds, then the last one (a full refund).
+        three = await s.sim(
+            "/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated, "quantity": 3}
+        )
+        token3 = three["purchaseToken"]
+        await s.wait_balance("fan-g", 350 + 1050)
+        for expected in (350 + 700, 350 + 350, 350):
+            await s.sim(f"/google/sim/purchases/{token3}/refund", {"quantity": 1})
+            await s.wait_balance("fan-g", expected)
+        await s.sim(f"/google/sim/purchases/{token}/refund", {})
+        await s.wait_balance("fan-g", 0)
+        outcomes = [
+            await s.wait_processed(GOOGLE, m)
+            for m, d in s.push.deliveries.items()
+            if "voidedPurchaseNotification" in d.notification
+        ]
+        assert outcomes == ["reversed"] * 4
+
+        # A purchase with someone else's obfuscated id: recorded, never credited to anyone here.
+        other = await s.sim("/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": "not-ours"})
+        other_token = other["purchaseToken"]
+        assert await s.wait_processed(GOOGLE, _message(s, other_token, "oneTimeProductNotification")) == "recorded"
+
+        # Google notifies the same refund again (a new message): nothing moves.
+        voided = dict(s.push.deliveries[_message(s, token, "voidedPurchaseNotification")].notification)
+        again = s.push.publish(voided)
+        assert await s.wait_processed(GOOGLE, again) == "already_reversed"
+        test = s.push.publish({"version": "1.0", "packageName": PACKAGE, "testNotification": {"version": "1.0"}})
+        assert await s.wait_processed(GOOGLE, test) == "test"
+        pending = await s.sim(
+            "/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated, "pending": True}
+        )
+        pending_token = pending["purchaseToken"]
+        await s.sim(f"/google/sim/purchases/{pending_token}/cancel", {})
+        assert await s.wait_processed(GOOGLE, _message(s, pending_token, "oneTimeProductNotification")) == "canceled"
+        assert await s.balance("fan-g") == 0
+        assert {d.state for d in s.push.deliveries.values()} == {"acked"}
+
+
+def _message(system: System, token: str, kind: str) -> str:
+    found = [m for m, d in system.push.deliveries.items() if d.notification.get(kind, {}).get("purchaseToken") == token]
+    assert found, f"no {kind} for {token}"
+    return found[-1]

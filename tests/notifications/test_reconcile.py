@@ -1,0 +1,211 @@
+"""Reconciliation finds refunds whose notification was lost and applies them
+once: Apple through Get Refund History against the simulator and the real
+wallet (by the CLI, in a real process); Google's voidedpurchases paging and
+quota with a fake Play API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.clock import SystemClock
+from services.common.metrics import Metrics
+from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier, CorePlayApi
+from services.receipts.notifications.store import RecentApplePurchases, ReconcileRuns
+from services.receipts.reconcile import Quota, QuotaExhausted, Reconciler
+from services.receipts.reconcile_cli import parse_since
+from tests.notifications.conftest import FakeLedger
+from tests.notifications.system import running_system
+from tests.support.tokens import Keys
+
+REPO = Path(__file__).resolve().parents[2]
+PACK = "com.coinstore.coins.350"
+
+
+@pytest.mark.timeout(180)
+async def test_lost_apple_refund_is_found_and_applied_once(database_url: str, keys: Keys, tmp_path: Path) -> None:
+    async with running_system(database_url, keys, tmp_path, with_worker=False) as s:
+        s.notifier.config.auto = False
+        token, _ = await s.bind("fan-r")
+        bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
+        await s.components.apple.verify(
+            account_id="fan-r", request_id="r-1", account_region="", signed_transaction=bought["signedTransaction"]
+        )
+        assert await s.balance("fan-r") == 350
+        s.notifier.config.auto = True
+        s.notifier.config.lose_next = 1
+        await s.sim("/apple/refund", {"transactionId": bought["transactionId"]})
+        assert [d.state for d in s.notifier.deliveries.values()] == ["lost"]
+        assert await s.balance("fan-r") == 350
+
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'gen'}",
+            **{f"COINSTORE_{k.upper()}": str(v) for k, v in _environment(s.settings).items()},
+        }
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "receipts", "reconcile", "--since", "1d", "--store", "apple",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(cli.communicate(), 120)
+        assert cli.returncode == 0, err.decode()
+        assert "apple: examined 1, applied 1" in out.decode()
+        assert "reconciling" in err.decode()  # the progress bar
+        assert await s.balance("fan-r") == 0
+
+        # Again, in process: the refund is already applied and moves nothing.
+        loop = asyncio.get_running_loop()
+        metrics = Metrics("receipts-test")
+        reconciler = Reconciler(
+            actions=CoreActions(s.components.crediting, s.components.store, loop),
+            runs=ReconcileRuns(s.components.database),
+            metrics=metrics,
+            clock=SystemClock(),
+            package_name="com.coinstore.app",
+            apple_api=CoreAppleApi(s.components.apple.api, loop),
+            apple_verifier=CoreAppleVerifier(s.components.apple.verifier, loop),
+            recent=RecentApplePurchases(s.components.database),
+        )
+        result = await asyncio.to_thread(reconciler.apple, datetime.now(UTC) - timedelta(days=1))
+        assert (result.examined, result.applied) == (1, 0)
+        assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "apple"}) is None
+        assert await s.balance("fan-r") == 0
+
+
+@pytest.mark.timeout(180)
+async def test_lost_play_refund_is_found_and_applied_once(database_url: str, keys: Keys, tmp_path: Path) -> None:
+    async with running_system(database_url, keys, tmp_path) as s:
+        _, obfuscated = await s.bind("fan-v")
+        bought = await s.sim("/google/sim/purchases", {"productId": "coins_350", "obfuscatedAccountId": obfuscated})
+        await s.wait_balance("fan-v", 350)
+        s.push.config.lose_next = 1
+        await s.sim(f"/google/sim/purchases/{bought['purchaseToken']}/refund", {})
+        assert [d.state for d in s.push.deliveries.values()][-1] == "lost"
+        assert await s.balance("fan-v") == 350
+
+        loop = asyncio.get_running_loop()
+        metrics = Metrics("receipts-test")
+        reconciler = Reconciler(
+            actions=CoreActions(s.components.crediting, s.components.store, loop, s.components.google),
+            runs=ReconcileRuns(s.components.database),
+            metrics=metrics,
+            clock=SystemClock(),
+            package_name="com.coinstore.app",
+            play=CorePlayApi(s.components.google.client),
+        )
+        first = await asyncio.to_thread(reconciler.google)
+        assert (first.examined, first.applied) == (1, 1)
+        assert await s.balance("fan-v") == 0
+        second = await asyncio.to_thread(reconciler.google)
+        assert (second.examined, second.applied) == (1, 0)
+        assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "google"}) == 1
+        assert await s.balance("fan-v") == 0
+
+
+def _environment(settings: Any) -> dict[str, Any]:
+    names = (
+        "database_url",
+        "catalog",
+        "auth_signing_key",
+        "wallet_address",
+        "apple_api_url",
+        "apple_sandbox_api_url",
+        "apple_api_key_file",
+    )
+    values: dict[str, Any] = {n: getattr(settings, n) for n in names}
+    values["auth_trusted_keys"] = ",".join(str(p) for p in settings.auth_trusted_keys)
+    values["apple_root_certs"] = ",".join(str(p) for p in settings.apple_root_certs)
+    return values
+
+
+class PagedPlay:
+    """voidedpurchases.list over ``records``, ``page_size`` per page, with the API's continuation token."""
+
+    def __init__(self, records: list[dict[str, Any]], page_size: int, purchases: dict[str, Any]) -> None:
+        self.records = records
+        self.page_size = page_size
+        self.purchases = purchases
+        self.calls: list[str | None] = []
+
+    def get_product_purchase_v2(self, package_name: str, purchase_token: str) -> Mapping[str, Any]:
+        purchase: Mapping[str, Any] = self.purchases[purchase_token]
+        return purchase
+
+    def list_voided_purchases(
+        self, package_name: str, start_time_ms: int, end_time_ms: int, page_token: str | None
+    ) -> Mapping[str, Any]:
+        self.calls.append(page_token)
+        offset = int(page_token or 0)
+        page = self.records[offset : offset + self.page_size]
+        answer: dict[str, Any] = {"voidedPurchases": page}
+        if offset + self.page_size < len(self.records):
+            answer["tokenPagination"] = {"nextPageToken": str(offset + self.page_size)}
+        return answer
+
+
+def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any) -> None:
+    ledger = FakeLedger()
+    for i in range(7):
+        ledger.add_purchase("GOOGLE_PLAY", f"tok-{i}", f"acct-{i}", quantity=4)
+    records = [{"purchaseToken": f"tok-{i}", "orderId": f"GPA.{i}", "voidedReason": 1} for i in range(6)]
+    # tok-6 was refunded 1 of 4 packs (quantity-based); Google's refundableQuantity says 3 remain.
+    records.append({"purchaseToken": "tok-6", "orderId": "GPA.6", "voidedQuantity": 1})
+    details = {"quantity": 4, "refundableQuantity": 3}
+    play = PagedPlay(records, 3, {"tok-6": {"productLineItem": [{"productOfferDetails": details}]}})
+    metrics = Metrics("receipts-test")
+    reconciler = Reconciler(
+        actions=ledger,
+        runs=ReconcileRuns(receipts_db),
+        metrics=metrics,
+        clock=SystemClock(),
+        package_name="com.coinstore.app",
+        play=play,
+    )
+    first = reconciler.google()
+    assert (first.examined, first.applied, first.pages) == (7, 7, 3)
+    assert play.calls == [None, "3", "6"]
+    assert [ledger.balances[f"acct-{i}"] for i in range(7)] == [0] * 6 + [300]
+    again = reconciler.google(datetime.now(UTC) - timedelta(days=90))
+    assert (again.examined, again.applied) == (7, 0)
+    assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "google"}) == 7
+    assert ReconcileRuns(receipts_db).last_finished("google") is not None
+
+
+def test_quota_spreads_requests_and_stops_at_the_daily_cap() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    quota = Quota(per_window=30, window=30.0, per_day=70, clock=lambda: now[0], sleep=sleep)
+    for _ in range(30):
+        quota.acquire()
+        now[0] += 0.1
+    assert slept == []
+    quota.acquire()  # the 31st waits for the window to slide
+    assert slept
+    assert now[0] >= 30.0
+    for _ in range(39):
+        quota.acquire()
+    with pytest.raises(QuotaExhausted):
+        quota.acquire()
+
+
+def test_since_accepts_relative_and_iso() -> None:
+    now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+    assert parse_since("7d", now) == now - timedelta(days=7)
+    assert parse_since("90m", now) == now - timedelta(minutes=90)
+    assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_since("2026-11-01T10:00:00Z", now) == datetime(2026, 11, 1, 10, tzinfo=UTC)
+    with pytest.raises(argparse.ArgumentTypeError, match="since"):
+        parse_since("last tuesday", now)
