@@ -212,7 +212,6 @@ class CommonSettings:
     receipts_metrics_port: int = setting("RECEIPTS_METRICS_PORT", "Receipts Prometheus metrics port", 9101)
     wallet_metrics_port: int = setting("WALLET_METRICS_PORT", "Wallet Prometheus metrics port", 9102)
     payouts_metrics_port: int = setting("PAYOUTS_METRICS_PORT", "Payouts Prometheus metrics port", 9103)
-    worker_metrics_port: int = setting("WORKER_METRICS_PORT", "Celery worker Prometheus metrics port (0 = off)", 0)
     wallet_address: str = setting("WALLET_ADDRESS", "host:port other services reach the wallet at", "127.0.0.1:50052")
     shutdown_grace_seconds: float = setting(
         "SHUTDOWN_GRACE_SECONDS",
@@ -235,7 +234,6 @@ class CommonSettings:
             "receipts_metrics_port",
             "wallet_metrics_port",
             "payouts_metrics_port",
-            "worker_metrics_port",
         ):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
