@@ -10,6 +10,7 @@ from celery import Celery
 
 from services.common.bootstrap import load, run_main
 from services.common.celery_app import make_celery_app
+from services.payouts import tasks
 from services.payouts.config import PayoutsSettings
 
 SERVICE = "payouts"
@@ -18,7 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: PayoutsSettings) -> Celery:
-    return make_celery_app(SERVICE, settings.broker_url)
+    app = make_celery_app(SERVICE, settings.broker_url)
+    app.conf.task_default_queue = settings.payout_queue
+    tasks.register(app, settings)
+    return app
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "worker",
             f"--concurrency={args.concurrency}",
             f"--pool={args.pool}",
-            f"--queues={SERVICE}",
+            f"--queues={settings.payout_queue}",
             f"--hostname={SERVICE}@%h",
             "--loglevel=INFO",
             "--without-gossip",
