@@ -85,6 +85,6 @@ async def service(
     try:
         yield Service(pb_grpc.PayoutServiceStub(channel), settings, keys, fake_wallet.wallet, paypal, database)
     finally:
-        await channel.close()
+        await channel.close(None)
         await host.stop()  # type: ignore[attr-defined]
         database.close()

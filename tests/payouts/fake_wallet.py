@@ -40,7 +40,7 @@ class Account:
 class Hold:
     account_id: str
     diamonds: int
-    state: int = wpb.RESERVATION_STATE_HELD
+    state: wpb.ReservationState.ValueType = wpb.RESERVATION_STATE_HELD
     resolved_by: str = ""
 
 
@@ -86,7 +86,9 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
             self.holds[request.reservation_id] = Hold(request.account_id, request.diamonds)
             return wpb.ReserveDiamondsResponse(reservation=self._reservation(request.reservation_id))
 
-    def _resolve(self, request_id: str, reservation_id: str, target: int, context: Any) -> wpb.Reservation:
+    def _resolve(
+        self, request_id: str, reservation_id: str, target: wpb.ReservationState.ValueType, context: Any
+    ) -> wpb.Reservation:
         with self.lock:
             hold = self.holds.get(reservation_id)
             if hold is None:
@@ -95,10 +97,11 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
             if hold.state != wpb.RESERVATION_STATE_HELD:
                 if hold.resolved_by == request_id:
                     return self._reservation(reservation_id)
-                reason = {
+                reasons: dict[int, str] = {
                     wpb.RESERVATION_STATE_COMMITTED: "RESERVATION_ALREADY_COMMITTED",
                     wpb.RESERVATION_STATE_RELEASED: "RESERVATION_ALREADY_RELEASED",
-                }.get(hold.state, "RESERVATION_EXPIRED")
+                }
+                reason = reasons.get(int(hold.state), "RESERVATION_EXPIRED")
                 _abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason, reason)
             hold.state = target
             hold.resolved_by = request_id
@@ -124,7 +127,7 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
 
 class FakeWalletServer:
     def __init__(self) -> None:
-        self.wallet = FakeWallet()
+        self.wallet = FakeWallet()  # type: ignore[abstract]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         wpb_grpc.add_WalletServiceServicer_to_server(self.wallet, self._server)  # type: ignore[arg-type]
         self.port = self._server.add_insecure_port("127.0.0.1:0")
