@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from celery import Celery
 
@@ -46,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "--without-mingle",
         ]
         if args.beat:
-            worker_argv += ["--beat", f"--schedule=var/celerybeat-{SERVICE}"]
+            schedule = Path("var") / f"celerybeat-{SERVICE}"
+            schedule.parent.mkdir(parents=True, exist_ok=True)
+            worker_argv += ["--beat", f"--schedule={schedule}"]
         app.worker_main(worker_argv)
 
     run_main(f"{SERVICE}-worker", start)

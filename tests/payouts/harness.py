@@ -208,9 +208,9 @@ class Worker:
     def stop(self) -> None:
         if self._process is None or self._process.poll() is not None:
             return
-        os.killpg(self._process.pid, signal.SIGTERM)
+        self._process.send_signal(signal.SIGTERM)
         try:
-            self._process.wait(20)
+            self._process.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait(10)
