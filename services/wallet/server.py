@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common.bootstrap import Runtime
+from services.common.clock import SystemClock
 from services.common.server import ServiceHost
 from services.wallet.config import WalletSettings
 from services.wallet.servicer import WalletServiceServicer
+from services.wallet.store import WalletStore
 
 SERVICE = "wallet"
 
 
 def build_host(settings: WalletSettings, runtime: Runtime, port: int | None = None) -> ServiceHost:
-    servicer = WalletServiceServicer()  # type: ignore[abstract]
+    store = WalletStore(
+        runtime.database,
+        runtime.catalog,
+        SystemClock(),
+        reservation_ttl=timedelta(days=settings.wallet_reservation_ttl_days),
+    )
+    servicer = WalletServiceServicer(
+        store,
+        runtime.catalog,
+        group_commit_window_seconds=settings.wallet_group_commit_window_ms / 1000,
+        group_commit_max=settings.wallet_group_commit_max,
+    )
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_WalletServiceServicer_to_server(servicer, server)

@@ -1,9 +1,481 @@
-"""Thin gRPC servicer of the wallet service: validate, call the domain, map back."""
+"""Thin gRPC servicer of the wallet service: validate, call the store, map back."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
+from services.common.catalog import Catalog
+from services.common.validation import (
+    optional_id,
+    page_size,
+    require_currency,
+    require_enum,
+    require_id,
+    require_non_negative,
+    require_positive,
+    require_text,
+)
+from services.wallet.domain.ledger import BalanceView, Environment, Kind, Store
+from services.wallet.domain.rules import PERCENT_MILLI_FULL, Period, ReservationState
+from services.wallet.errors import DomainError, InvalidArgument, NotFound
+from services.wallet.group_commit import GroupCommit
+from services.wallet.store import (
+    CreditItem,
+    CreditResult,
+    DebitDone,
+    DebitItem,
+    HistoryItem,
+    LimitView,
+    ReservationView,
+    ReversalResult,
+    WalletStore,
+)
+
+MAX_STORE_TRANSACTION_ID = 512
+MAX_GIFT_COUNT = 100_000
+MAX_COINS = 10**12
+MAX_REASON = 512
+_MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+
+STORES: dict[int, Store] = {pb.STORE_APP_STORE: Store.APP_STORE, pb.STORE_GOOGLE_PLAY: Store.GOOGLE_PLAY}
+ENVIRONMENTS: dict[int, Environment] = {
+    pb.STORE_ENVIRONMENT_PRODUCTION: Environment.PRODUCTION,
+    pb.STORE_ENVIRONMENT_SANDBOX: Environment.SANDBOX,
+}
+PERIODS: dict[int, Period] = {
+    pb.LIMIT_PERIOD_DAILY: Period.DAILY,
+    pb.LIMIT_PERIOD_WEEKLY: Period.WEEKLY,
+    pb.LIMIT_PERIOD_MONTHLY: Period.MONTHLY,
+}
+PERIOD_NUMBERS: dict[Period, Any] = {v: k for k, v in PERIODS.items()}
+KINDS: dict[int, Kind] = {
+    pb.TRANSACTION_KIND_PURCHASE: Kind.PURCHASE,
+    pb.TRANSACTION_KIND_PURCHASE_REVERSAL: Kind.PURCHASE_REVERSAL,
+    pb.TRANSACTION_KIND_PURCHASE_RESTORE: Kind.PURCHASE_RESTORE,
+    pb.TRANSACTION_KIND_GIFT_SENT: Kind.GIFT_SENT,
+    pb.TRANSACTION_KIND_GIFT_RECEIVED: Kind.GIFT_RECEIVED,
+    pb.TRANSACTION_KIND_SPEND: Kind.SPEND,
+    pb.TRANSACTION_KIND_RESERVATION: Kind.RESERVATION,
+    pb.TRANSACTION_KIND_RESERVATION_COMMIT: Kind.RESERVATION_COMMIT,
+    pb.TRANSACTION_KIND_RESERVATION_RELEASE: Kind.RESERVATION_RELEASE,
+}
+KIND_NUMBERS: dict[Kind, Any] = {v: k for k, v in KINDS.items()}
+RESERVATION_STATES = {
+    ReservationState.HELD: pb.RESERVATION_STATE_HELD,
+    ReservationState.COMMITTED: pb.RESERVATION_STATE_COMMITTED,
+    ReservationState.RELEASED: pb.RESERVATION_STATE_RELEASED,
+    ReservationState.EXPIRED: pb.RESERVATION_STATE_EXPIRED,
+}
+
+
+def _time(field: str, message: Any, has: bool) -> datetime | None:
+    if not has:
+        return None
+    stamp: Timestamp = message
+    if not 0 <= stamp.seconds <= _MAX_TIMESTAMP_SECONDS or not 0 <= stamp.nanos < 1_000_000_000:
+        raise InvalidArgument(field, "is not a valid timestamp")
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _stamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def balance_message(view: BalanceView) -> pb.Balance:
+    return pb.Balance(
+        account_id=view.account_id,
+        coins=view.coins,
+        diamonds=view.diamonds_total,
+        diamonds_withdrawable=view.diamonds_withdrawable,
+        diamonds_reserved=view.diamonds_reserved,
+        restricted=view.restricted,
+        debt_coins=view.debt_coins,
+    )
+
+
+def reservation_message(view: ReservationView) -> pb.Reservation:
+    return pb.Reservation(
+        reservation_id=view.reservation_id,
+        account_id=view.account_id,
+        diamonds=view.diamonds,
+        state=RESERVATION_STATES[view.state],
+        create_time=_stamp(view.created_at),
+        expire_time=_stamp(view.expire_at),
+    )
+
+
+def limit_message(view: LimitView) -> pb.SpendingLimit:
+    limit = pb.SpendingLimit(
+        period=PERIOD_NUMBERS[view.period], limit_coins=view.limit_coins, spent_coins=view.spent_coins
+    )
+    if view.pending_limit_coins is not None and view.pending_effective_at is not None:
+        limit.pending_change.CopyFrom(
+            pb.PendingLimitChange(
+                limit_coins=view.pending_limit_coins, effective_time=_stamp(view.pending_effective_at)
+            )
+        )
+    return limit
+
+
+def transaction_message(item: HistoryItem) -> pb.Transaction:
+    return pb.Transaction(
+        transaction_id=item.txn_id,
+        kind=KIND_NUMBERS[item.kind],
+        create_time=_stamp(item.created_at),
+        coins_delta=item.coins_delta,
+        diamonds_delta=item.diamonds_delta,
+        reference=item.reference,
+        counterparty_account_id=item.counterparty,
+    )
+
+
+Outcome = Message | bytes | DomainError
+
+
+def _answer(outcome: Outcome, response_type: type[Message]) -> Any:
+    """A batch item's outcome: raise its refusal, or decode a replay's stored answer."""
+    if isinstance(outcome, DomainError):
+        raise outcome
+    if isinstance(outcome, bytes):
+        return response_type.FromString(outcome)
+    return outcome
+
+
+def _credit_response(result: CreditResult) -> Message:
+    return pb.CreditPurchaseResponse(
+        state=pb.CREDIT_STATE_ALREADY_CREDITED if result.already_credited else pb.CREDIT_STATE_CREDITED,
+        transaction_id=result.txn_id,
+        coins_credited=result.coins,
+        bonus_coins=result.bonus_coins,
+        balance=balance_message(result.balance),
+    )
+
+
+def _gift_response(item: DebitItem, done: DebitDone) -> Message:
+    if item.creator is None:
+        return pb.SpendCoinsResponse(
+            transaction_id=done.txn_id, coins_spent=done.coins, balance=balance_message(done.balance)
+        )
+    return pb.SendGiftResponse(
+        transaction_id=done.txn_id,
+        coins_spent=done.coins,
+        diamonds_to_creator=done.diamonds,
+        sender_balance=balance_message(done.balance),
+    )
 
 
 class WalletServiceServicer(pb_grpc.WalletServiceServicer):
-    """RPCs not implemented yet answer UNIMPLEMENTED (the generated default)."""
+    def __init__(
+        self, store: WalletStore, catalog: Catalog, *, group_commit_window_seconds: float, group_commit_max: int
+    ) -> None:
+        self._store = store
+        self._db = store.db
+        self._catalog = catalog
+        self._gifts: GroupCommit[DebitItem, Outcome] | None = None
+        self._credits: GroupCommit[CreditItem, Outcome] | None = None
+        if group_commit_window_seconds > 0:
+            window, most = group_commit_window_seconds, group_commit_max
+            self._gifts = GroupCommit(self._run_debits, window_seconds=window, max_batch=most)
+            self._credits = GroupCommit(self._run_credits, window_seconds=window, max_batch=most)
+
+    async def _run_debits(self, items: list[DebitItem]) -> list[Outcome]:
+        return await self._db.run(self._store.debit_batch, items, _gift_response)
+
+    async def _run_credits(self, items: list[CreditItem]) -> list[Outcome]:
+        return await self._db.run(self._store.credit_batch, items, _credit_response)
+
+    async def _debit(self, item: DebitItem, response_type: type[Message], grouped: bool) -> Any:
+        if grouped and self._gifts is not None:
+            outcome = await self._gifts.submit(item)
+        else:
+            outcome = (await self._run_debits([item]))[0]
+        return _answer(outcome, response_type)
+
+    # ------------------------------------------------------------ purchases
+
+    async def CreditPurchase(self, request: pb.CreditPurchaseRequest, context: Any) -> pb.CreditPurchaseResponse:
+        request_id = require_id("request_id", request.request_id)
+        account_id = require_id("account_id", request.account_id)
+        store = require_enum("store", request.store, STORES)
+        store_transaction_id = require_id(
+            "store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID
+        )
+        product_id = require_id("product_id", request.product_id)
+        coins = require_positive("coins", request.coins, MAX_COINS)
+        bonus = require_non_negative("bonus_coins", request.bonus_coins, MAX_COINS)
+        if bonus > coins:
+            raise InvalidArgument("bonus_coins", "must not exceed coins (coins include the bonus)")
+        quantity = require_positive("quantity", request.quantity)
+        environment = require_enum("environment", request.environment, ENVIRONMENTS)
+        storefront = require_text("storefront", request.storefront, 16, allow_empty=True)
+        if not request.HasField("price"):
+            raise InvalidArgument("price", "is required")
+        price_minor = require_non_negative("price.amount_minor", request.price.amount_minor)
+        price_currency = require_currency("price.currency_code", request.price.currency_code)
+        purchase_time = _time("purchase_time", request.purchase_time, request.HasField("purchase_time"))
+        item = CreditItem(
+            request_id=request_id,
+            request=request,
+            account_id=account_id,
+            store=store,
+            store_transaction_id=store_transaction_id,
+            product_id=product_id,
+            coins=coins,
+            bonus_coins=bonus,
+            quantity=quantity,
+            environment=environment,
+            storefront=storefront,
+            price_minor=price_minor,
+            price_currency=price_currency,
+            purchase_time=purchase_time,
+            flagged_for_review=request.flagged_for_review,
+        )
+        if self._credits is not None:
+            outcome = await self._credits.submit(item)
+        else:
+            outcome = (await self._run_credits([item]))[0]
+        response: pb.CreditPurchaseResponse = _answer(outcome, pb.CreditPurchaseResponse)
+        return response
+
+    async def ReversePurchase(self, request: pb.ReversePurchaseRequest, context: Any) -> pb.ReversePurchaseResponse:
+        request_id = require_id("request_id", request.request_id)
+        store = require_enum("store", request.store, STORES)
+        store_transaction_id = require_id(
+            "store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID
+        )
+        quantity = require_non_negative("refunded_quantity", request.refunded_quantity)
+        share = require_non_negative("refunded_percentage_milli", request.refunded_percentage_milli, PERCENT_MILLI_FULL)
+        if quantity and share:
+            raise InvalidArgument(
+                "refunded_percentage_milli", "give either refunded_quantity or a percentage, not both"
+            )
+        reason = require_text("reason", request.reason, MAX_REASON, allow_empty=True)
+
+        def build(result: ReversalResult) -> pb.ReversePurchaseResponse:
+            return pb.ReversePurchaseResponse(
+                state=pb.REVERSAL_STATE_APPLIED if result.applied else pb.REVERSAL_STATE_ALREADY_APPLIED,
+                coins_reversed=result.coins,
+                account_id=result.account_id,
+                balance=balance_message(result.balance),
+            )
+
+        return await self._db.run(
+            lambda: self._store.reverse_purchase(
+                request_id=request_id,
+                request=request,
+                response_type=pb.ReversePurchaseResponse,
+                build=build,
+                store=store,
+                store_transaction_id=store_transaction_id,
+                refunded_quantity=quantity,
+                refunded_percentage_milli=share,
+                reason=reason,
+            )
+        )
+
+    async def RestorePurchase(self, request: pb.RestorePurchaseRequest, context: Any) -> pb.RestorePurchaseResponse:
+        request_id = require_id("request_id", request.request_id)
+        store = require_enum("store", request.store, STORES)
+        store_transaction_id = require_id(
+            "store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID
+        )
+        require_text("reason", request.reason, MAX_REASON, allow_empty=True)
+
+        def build(result: ReversalResult) -> pb.RestorePurchaseResponse:
+            return pb.RestorePurchaseResponse(
+                state=pb.REVERSAL_STATE_APPLIED if result.applied else pb.REVERSAL_STATE_ALREADY_APPLIED,
+                coins_restored=result.coins,
+                account_id=result.account_id,
+                balance=balance_message(result.balance),
+            )
+
+        return await self._db.run(
+            lambda: self._store.restore_purchase(
+                request_id=request_id,
+                request=request,
+                response_type=pb.RestorePurchaseResponse,
+                build=build,
+                store=store,
+                store_transaction_id=store_transaction_id,
+            )
+        )
+
+    # ------------------------------------------------------------ gifts and spending
+
+    async def SendGift(self, request: pb.SendGiftRequest, context: Any) -> pb.SendGiftResponse:
+        request_id = require_id("request_id", request.request_id)
+        sender = require_id("sender_account_id", request.sender_account_id)
+        creator = require_id("creator_account_id", request.creator_account_id)
+        gift_id = require_id("gift_id", request.gift_id)
+        count = require_positive("count", request.count, MAX_GIFT_COUNT)
+        live_stream_id = optional_id("live_stream_id", request.live_stream_id)
+        if sender == creator:
+            raise InvalidArgument("creator_account_id", "an account cannot send a gift to itself", reason="SELF_GIFT")
+        gift = self._catalog.gift(gift_id)
+        if gift is None:
+            raise NotFound("GIFT_NOT_FOUND", f"no gift {gift_id!r} in the catalog")
+        item = DebitItem(
+            method="SendGift",
+            request_id=request_id,
+            request=request,
+            sender=sender,
+            coins=gift.coin_price * count,
+            reference=gift_id,
+            creator=creator,
+            diamonds=self._catalog.diamonds_for_gift(gift, count),
+            live_stream_id=live_stream_id,
+        )
+        response: pb.SendGiftResponse = await self._debit(item, pb.SendGiftResponse, grouped=True)
+        return response
+
+    async def SpendCoins(self, request: pb.SpendCoinsRequest, context: Any) -> pb.SpendCoinsResponse:
+        request_id = require_id("request_id", request.request_id)
+        account_id = require_id("account_id", request.account_id)
+        purpose = require_id("purpose", request.purpose, 64)
+        coins = require_positive("coins", request.coins, MAX_COINS)
+        reference = optional_id("reference", request.reference)
+        item = DebitItem(
+            method="SpendCoins",
+            request_id=request_id,
+            request=request,
+            sender=account_id,
+            coins=coins,
+            reference=f"{purpose}:{reference}" if reference else purpose,
+        )
+        response: pb.SpendCoinsResponse = await self._debit(item, pb.SpendCoinsResponse, grouped=False)
+        return response
+
+    async def SetSpendingLimit(self, request: pb.SetSpendingLimitRequest, context: Any) -> pb.SetSpendingLimitResponse:
+        request_id = require_id("request_id", request.request_id)
+        account_id = require_id("account_id", request.account_id)
+        period = require_enum("period", request.period, PERIODS)
+        limit_coins = require_non_negative("limit_coins", request.limit_coins, MAX_COINS)
+
+        def build(view: LimitView, now_effective: bool, effective_at: datetime) -> pb.SetSpendingLimitResponse:
+            return pb.SetSpendingLimitResponse(
+                limit=limit_message(view), effective_now=now_effective, effective_time=_stamp(effective_at)
+            )
+
+        return await self._db.run(
+            lambda: self._store.set_limit(
+                request_id=request_id,
+                request=request,
+                response_type=pb.SetSpendingLimitResponse,
+                build=build,
+                account_id=account_id,
+                period=period,
+                limit_coins=limit_coins,
+            )
+        )
+
+    async def GetSpendingLimits(
+        self, request: pb.GetSpendingLimitsRequest, context: Any
+    ) -> pb.GetSpendingLimitsResponse:
+        account_id = require_id("account_id", request.account_id)
+        views = await self._db.run(self._store.limits, account_id)
+        return pb.GetSpendingLimitsResponse(limits=[limit_message(v) for v in views])
+
+    async def ListGifts(self, request: pb.ListGiftsRequest, context: Any) -> pb.ListGiftsResponse:
+        return pb.ListGiftsResponse(
+            gifts=[
+                pb.Gift(
+                    gift_id=gift.gift_id,
+                    name=gift.name,
+                    coin_price=gift.coin_price,
+                    diamonds_to_creator=self._catalog.diamonds_for_gift(gift, 1),
+                )
+                for gift in self._catalog.gifts
+            ]
+        )
+
+    # ------------------------------------------------------------ balances and history
+
+    async def GetBalance(self, request: pb.GetBalanceRequest, context: Any) -> pb.GetBalanceResponse:
+        account_id = require_id("account_id", request.account_id)
+        view = await self._db.run(self._store.balance, account_id)
+        return pb.GetBalanceResponse(balance=balance_message(view))
+
+    async def ListTransactions(self, request: pb.ListTransactionsRequest, context: Any) -> pb.ListTransactionsResponse:
+        account_id = require_id("account_id", request.account_id)
+        size = page_size("page_size", request.page_size)
+        token = require_text("page_token", request.page_token, 256, allow_empty=True)
+        kinds: Sequence[Kind] = [require_enum("kinds", k, KINDS) for k in request.kinds]
+        start = _time("start_time", request.start_time, request.HasField("start_time"))
+        end = _time("end_time", request.end_time, request.HasField("end_time"))
+        items, next_token = await self._db.run(
+            lambda: self._store.history(account_id, page_size=size, page_token=token, kinds=kinds, start=start, end=end)
+        )
+        return pb.ListTransactionsResponse(
+            transactions=[transaction_message(i) for i in items], next_page_token=next_token
+        )
+
+    # ------------------------------------------------------------ reservations
+
+    async def ReserveDiamonds(self, request: pb.ReserveDiamondsRequest, context: Any) -> pb.ReserveDiamondsResponse:
+        request_id = require_id("request_id", request.request_id)
+        account_id = require_id("account_id", request.account_id)
+        diamonds = require_positive("diamonds", request.diamonds, MAX_COINS)
+        reservation_id = require_id("reservation_id", request.reservation_id)
+        expire_at = _time("expire_time", request.expire_time, request.HasField("expire_time"))
+
+        def build(reservation: ReservationView, view: BalanceView) -> pb.ReserveDiamondsResponse:
+            return pb.ReserveDiamondsResponse(
+                reservation=reservation_message(reservation), balance=balance_message(view)
+            )
+
+        return await self._db.run(
+            lambda: self._store.reserve(
+                request_id=request_id,
+                request=request,
+                response_type=pb.ReserveDiamondsResponse,
+                build=build,
+                account_id=account_id,
+                diamonds=diamonds,
+                reservation_id=reservation_id,
+                expire_at=expire_at,
+            )
+        )
+
+    async def CommitReservation(
+        self, request: pb.CommitReservationRequest, context: Any
+    ) -> pb.CommitReservationResponse:
+        request_id = require_id("request_id", request.request_id)
+        reservation_id = require_id("reservation_id", request.reservation_id)
+        return await self._db.run(
+            lambda: self._store.resolve(
+                method="CommitReservation",
+                request_id=request_id,
+                request=request,
+                response_type=pb.CommitReservationResponse,
+                build=lambda view: pb.CommitReservationResponse(reservation=reservation_message(view)),
+                reservation_id=reservation_id,
+                state=ReservationState.COMMITTED,
+            )
+        )
+
+    async def ReleaseReservation(
+        self, request: pb.ReleaseReservationRequest, context: Any
+    ) -> pb.ReleaseReservationResponse:
+        request_id = require_id("request_id", request.request_id)
+        reservation_id = require_id("reservation_id", request.reservation_id)
+        require_text("reason", request.reason, MAX_REASON, allow_empty=True)
+        return await self._db.run(
+            lambda: self._store.resolve(
+                method="ReleaseReservation",
+                request_id=request_id,
+                request=request,
+                response_type=pb.ReleaseReservationResponse,
+                build=lambda view: pb.ReleaseReservationResponse(reservation=reservation_message(view)),
+                reservation_id=reservation_id,
+                state=ReservationState.RELEASED,
+            )
+        )

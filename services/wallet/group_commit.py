@@ -1,0 +1,96 @@
+"""Group commit: gifts that arrive within a short window share one database
+transaction, each keeping its own request-id claim, ledger transaction and answer.
+
+While ``max_inflight`` batches are running, new arrivals keep queueing, so the
+batch size grows with the load (classic group commit); a batch that fails as a
+whole is retried item by item, so one bad item cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+I = TypeVar("I")  # noqa: E741
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[I, R]):
+    def __init__(
+        self,
+        run: Callable[[list[I]], Awaitable[list[R]]],
+        *,
+        window_seconds: float,
+        max_batch: int,
+        max_inflight: int = 2,
+    ) -> None:
+        self._run = run
+        self._window = window_seconds
+        self._max_batch = max_batch
+        self._max_inflight = max_inflight
+        self._pending: list[tuple[I, asyncio.Future[R]]] = []
+        self._inflight = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: I) -> R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._pending.append((item, future))
+        if len(self._pending) >= self._max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._window, self._on_timer)
+        return await future
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._inflight >= self._max_inflight or not self._pending:
+            return  # a running batch flushes again when it finishes
+        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+        if not self._pending and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
+        self.batches += 1
+        self.items += len(batch)
+        try:
+            try:
+                results = await self._run([item for item, _ in batch])
+                pairs = list(zip(batch, results, strict=True))
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                log.warning("a batch of %d failed; retrying its items one by one", len(batch), exc_info=True)
+                pairs = []
+                for entry in batch:
+                    try:
+                        pairs.append((entry, (await self._run([entry[0]]))[0]))
+                    except Exception as exc:
+                        if not entry[1].done():
+                            entry[1].set_exception(exc)
+            for (_, future), result in pairs:
+                if not future.done():
+                    future.set_result(result)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            self._inflight -= 1
+            if self._pending:
+                self._flush()
