@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import io
+import sys
 import time
 import uuid
 from collections import Counter
@@ -23,7 +26,7 @@ from services.common.celery_app import make_celery_app
 from services.payouts.config import PayoutsSettings
 from tests.payouts.conftest import start_service
 from tests.payouts.fake_wallet import FakeWallet, FakeWalletServer
-from tests.payouts.harness import PayPalSimServer, Worker, payouts_settings, wait_for, write_catalog
+from tests.payouts.harness import PayPalSimServer, Worker, payouts_settings, settings_env, wait_for, write_catalog
 from tests.support import env
 from tests.support.tokens import Keys
 
@@ -39,6 +42,7 @@ class Stack:
     paypal: PayPalSimServer
     tmp_path: Path
     workers: list[Worker]
+    address: str = ""
 
     def ops(self) -> tuple[tuple[str, str], ...]:
         return self.keys.metadata("payouts:ops", subject="ops")
@@ -126,7 +130,16 @@ async def make_stack(
         **overrides,
     )
     host, database, channel = await start_service(settings)
-    stack = Stack(pb_grpc.PayoutServiceStub(channel), settings, keys, wallet.wallet, paypal, tmp_path, [])
+    stack = Stack(
+        pb_grpc.PayoutServiceStub(channel),
+        settings,
+        keys,
+        wallet.wallet,
+        paypal,
+        tmp_path,
+        [],
+        f"127.0.0.1:{host.port}",  # type: ignore[attr-defined]
+    )
     try:
         yield stack
     finally:
@@ -312,3 +325,62 @@ async def test_refused_grpc_without_ops_scope(stack: Stack) -> None:
             pb.RetryFailedItemsRequest(request_id="x", batch_id="y"), metadata=stack.app()
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def cli(stack: Stack, *argv: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "payouts",
+        "--address",
+        stack.address,
+        *argv,
+        env=settings_env(stack.settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+@pytest.fixture
+async def sqlite_stack(
+    tmp_path: Path, sqlite_url: str, keys: Keys, fake_wallet: FakeWalletServer, paypal: PayPalSimServer
+) -> AsyncIterator[Stack]:
+    async for value in make_stack(
+        tmp_path, sqlite_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}", keys, fake_wallet, paypal
+    ):
+        yield value
+
+
+async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
+    stack = sqlite_stack
+    stack.paypal.faults(final_delay_seconds=1, receiver_outcomes={"gone@example.com": "FAILED"})
+    await stack.creators(3, receivers={1: "gone@example.com"})
+    preview = await cli(stack, "create-batch", "--dry-run")
+    assert "(dry run)" in preview
+    assert "3 items" in preview
+    assert "150.00 USD" in preview
+    stack.worker()
+    created = await cli(stack, "create-batch", "--request-id", "cli-batch-1")
+    batch_id = created.split()[1]
+    assert batch_id.startswith("pb_")
+    status = await cli(stack, "status", batch_id, "--interval", "0.3")
+    assert "COMPLETED" in status
+    assert batch_id in await cli(stack, "list")
+    rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
+    assert len(rows) == 3
+    by_state = Counter(r["state"] for r in rows)
+    assert by_state == {"PAID": 2, "FAILED": 1}
+    failed = next(r for r in rows if r["state"] == "FAILED")
+    assert failed["receiver"] == "gone@example.com"
+    assert failed["failure_reason"] == "RECEIVER_ACCOUNT_LOCKED"
+    paid = next(r for r in rows if r["state"] == "PAID")
+    assert (paid["diamonds"], paid["amount"], paid["currency"]) == ("10000", "50.00", "USD")
+    assert paid["provider_item_id"]
+    assert paid["provider_transaction_id"]
+    assert paid["sender_item_id"] == f"{paid['cashout_id']}-1"
+    retried = await cli(stack, "retry", batch_id)
+    assert retried.startswith("1 failed items")
