@@ -848,15 +848,19 @@ class PayoutStore:
         return self.db.transaction(lambda conn: self._finish_batch(conn, batch_id, now))
 
     def _finish_batch(self, conn: Connection, batch_id: str, now: datetime) -> bool:
-        open_items = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(cashouts)
-            .where(
-                cashouts.c.batch_id == batch_id,
-                sa.or_(cashouts.c.state.in_(OPEN_STATES), cashouts.c.wallet_done.is_(False)),
-            )
-        ).scalar_one()
-        if open_items:
+        # Two index probes (batch_id+state, then the few unsettled rows) instead of a scan of the batch.
+        unfinished = conn.execute(
+            sa.select(cashouts.c.cashout_id)
+            .where(cashouts.c.batch_id == batch_id, cashouts.c.state.in_(OPEN_STATES))
+            .limit(1)
+        ).first()
+        if unfinished is None:
+            unfinished = conn.execute(
+                sa.select(cashouts.c.cashout_id)
+                .where(cashouts.c.wallet_done.is_(False), cashouts.c.batch_id == batch_id)
+                .limit(1)
+            ).first()
+        if unfinished is not None:
             return False
         conn.execute(
             batches.update()

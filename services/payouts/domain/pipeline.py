@@ -9,6 +9,7 @@ the wallet sees each commit/release under one deterministic request id.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -99,11 +100,22 @@ class Pipeline:
             self._queue.enqueue(SUBMIT_TASK, chunk_id)
             return False
         now = self._clock.now()
+        started = time.perf_counter()
         if chunk.state is ChunkState.SUBMITTED and chunk.provider_batch_id:
             self._store.touch_chunk(chunk_id, now + self._stuck + timedelta(seconds=self._poll))
             self._record(chunk_id, chunk.provider_batch_id, {(line.cashout_id, line.attempt) for line in chunk.lines})
-        self.settle(self._store.settlements(chunk_id=chunk_id))
+        recorded = time.perf_counter()
+        settled = self.settle(self._store.settlements(chunk_id=chunk_id))
+        wallet = time.perf_counter()
         chunk_done, _batch_done = self._store.finish_chunk(chunk_id, chunk.batch_id, self._clock.now())
+        log.info(
+            "polled %s: results %.2fs, %d settled in %.2fs, finish %.2fs",
+            chunk_id,
+            recorded - started,
+            settled,
+            wallet - recorded,
+            time.perf_counter() - wallet,
+        )
         if not chunk_done:
             self._queue.enqueue(POLL_TASK, chunk_id, countdown=self._poll)
         return chunk_done
