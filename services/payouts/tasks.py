@@ -14,7 +14,7 @@ import os
 import random
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -116,9 +116,8 @@ def register(app: Celery, settings: PayoutsSettings) -> None:
 
     @app.task(name="payouts.daily_batch")
     def daily_batch() -> str:
-        now = datetime.now(UTC)
-        cutoff = datetime.combine(now.date(), time(max(settings.payout_daily_batch_hour, 0)), UTC)
-        request = daily_request(now)
+        # Everything requested until now; the request id makes it one batch per UTC day.
+        request = daily_request(datetime.now(UTC))
         key = RequestKey(
             "CreatePayoutBatch",
             request.request_id,
@@ -126,7 +125,7 @@ def register(app: Celery, settings: PayoutsSettings) -> None:
             lambda b: pb.CreatePayoutBatchResponse(batch=convert.batch(b)),
         )
         try:
-            _raw, batch_id = context.get().payouts.create_batch(key, "", cutoff, 0)
+            _raw, batch_id = context.get().payouts.create_batch(key, "", None, 0)
         except FailedPrecondition as refusal:
             log.info("daily payout batch: %s", refusal.message)
             return ""

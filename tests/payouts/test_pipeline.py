@@ -384,3 +384,26 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     assert paid["sender_item_id"] == f"{paid['cashout_id']}-1"
     retried = await cli(stack, "retry", batch_id)
     assert retried.startswith("1 failed items")
+
+
+async def test_daily_batch_is_created_once_per_day(sqlite_stack: Stack) -> None:
+    stack = sqlite_stack
+    await stack.creators(2)
+    stack.worker()
+    app = make_celery_app("payouts", stack.settings.broker_url)
+    for _ in range(3):
+        app.send_task("payouts.daily_batch", queue=stack.settings.payout_queue)
+
+    async def batches() -> list[pb.PayoutBatch]:
+        reply = await stack.stub.ListPayoutBatches(pb.ListPayoutBatchesRequest(), metadata=stack.ops())
+        return list(reply.batches)
+
+    deadline = time.monotonic() + 60
+    while not await batches():
+        assert time.monotonic() < deadline, stack.workers[0].output()
+        await asyncio.sleep(0.3)
+    (batch,) = await batches()
+    await stack.completed(batch.batch_id)
+    await asyncio.sleep(1)
+    assert len(await batches()) == 1
+    assert len(paid_once(stack.paypal, await stack.items(batch.batch_id))) == 2
