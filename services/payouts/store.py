@@ -116,6 +116,8 @@ cashouts = sa.Table(
     sa.Index("payouts_cashouts_creator", "creator_account_id", "created_at"),
     sa.Index("payouts_cashouts_batch", "batch_id", "state"),
     sa.Index("payouts_cashouts_chunk", "chunk_id", "state"),
+    # Planning takes the next unplanned items of a batch in id order straight off this index.
+    sa.Index("payouts_cashouts_plan", "batch_id", "chunk_id", "cashout_id"),
     sa.Index("payouts_cashouts_wallet", "wallet_done", "updated_at"),
 )
 
@@ -625,10 +627,10 @@ class PayoutStore:
                     sa.select(cashouts.c.cashout_id)
                     .where(
                         cashouts.c.batch_id == batch_id,
-                        cashouts.c.state == CashoutState.BATCHED.value,
                         cashouts.c.chunk_id.is_(None),
+                        cashouts.c.state == CashoutState.BATCHED.value,
                     )
-                    .order_by(cashouts.c.cashout_id)
+                    .order_by(cashouts.c.batch_id, cashouts.c.chunk_id, cashouts.c.cashout_id)
                     .limit(size)
                 ).scalars()
             )

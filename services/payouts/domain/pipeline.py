@@ -57,10 +57,14 @@ class Pipeline:
         now = self._clock.now()
         if self._store.start_batch(batch_id, now, now + self._stuck) is not BatchState.SUBMITTED:
             return
-        while self._store.plan_chunk(batch_id, self._chunk_size, now, now + self._stuck) is not None:
-            pass
-        for chunk_id in self._store.chunk_ids(batch_id, ChunkState.PENDING):
+        queued: set[str] = set()
+        # Each submission is queued as soon as it is planned, so paying starts while the rest is planned.
+        while (chunk_id := self._store.plan_chunk(batch_id, self._chunk_size, now, now + self._stuck)) is not None:
             self._queue.enqueue(SUBMIT_TASK, chunk_id)
+            queued.add(chunk_id)
+        for chunk_id in self._store.chunk_ids(batch_id, ChunkState.PENDING):
+            if chunk_id not in queued:
+                self._queue.enqueue(SUBMIT_TASK, chunk_id)
         self._store.finish_batch(batch_id, now)
 
     def submit_chunk(self, chunk_id: str) -> None:

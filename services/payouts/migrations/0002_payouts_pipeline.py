@@ -84,6 +84,7 @@ def upgrade() -> None:
     op.create_index("payouts_cashouts_creator", "payouts_cashouts", ["creator_account_id", "created_at"])
     op.create_index("payouts_cashouts_batch", "payouts_cashouts", ["batch_id", "state"])
     op.create_index("payouts_cashouts_chunk", "payouts_cashouts", ["chunk_id", "state"])
+    op.create_index("payouts_cashouts_plan", "payouts_cashouts", ["batch_id", "chunk_id", "cashout_id"])
     op.create_index("payouts_cashouts_wallet", "payouts_cashouts", ["wallet_done", "updated_at"])
     op.create_table(
         "payouts_daily_totals",
