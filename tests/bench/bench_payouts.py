@@ -214,7 +214,7 @@ def run(args: BenchArgs) -> list[Result]:
         headline = (2_000, 500, 2)
         grid = [(2_000, 200, 2), (2_000, 500, 1)]
     else:
-        headline = (100_000, 1000, 2)
+        headline = (100_000, 1000, 4)
         grid = [(20_000, 250, 2), (20_000, 1000, 2), (20_000, 5000, 2), (20_000, 1000, 1), (20_000, 1000, 4)]
     results.append(one_run(admin, broker, *headline))
     for count, chunk, concurrency in grid:
