@@ -148,6 +148,54 @@ spending_limits = sa.Table(
 )
 
 
+def bulk_insert(
+    conn: Connection,
+    table: sa.Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    ignore: bool = False,
+    returning: Sequence[sa.ColumnElement[Any]] = (),
+    add_on_conflict: Sequence[sa.Column[Any]] = (),
+) -> list[Any]:
+    """INSERT many rows in one statement (optionally ON CONFLICT DO NOTHING, or adding
+    ``balance`` on a conflict of ``add_on_conflict``), returning ``returning`` of the rows
+    actually inserted or updated.
+
+    On PostgreSQL the rows travel as one array per column (INSERT … SELECT unnest(…)):
+    a short statement psycopg caches and the server prepares once, whatever the number
+    of rows. A multi-row VALUES list would be re-parsed by the driver on every call.
+    """
+    if not rows:
+        return []
+    columns = list(rows[0])
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import ARRAY
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        arrays = [
+            sa.func.unnest(sa.bindparam(f"a_{c}", [r[c] for r in rows], type_=ARRAY(table.c[c].type))) for c in columns
+        ]
+        stmt: Any = pg_insert(table).from_select(columns, sa.select(*arrays))
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt = sqlite_insert(table)
+    if ignore:
+        stmt = stmt.on_conflict_do_nothing()
+    if add_on_conflict:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(add_on_conflict), set_={"balance": table.c.balance + stmt.excluded.balance}
+        )
+    if returning:
+        stmt = stmt.returning(*returning)
+    if conn.dialect.name == "postgresql":
+        result = conn.execute(stmt)
+    else:
+        # executemany with RETURNING: SQLAlchemy batches it into multi-row INSERTs.
+        result = conn.execute(stmt if returning else stmt.returning(*table.primary_key.columns), list(rows))
+    return list(result.all()) if returning else []
+
+
 def utc(moment: datetime) -> datetime:
     """SQLite hands timestamps back without an offset; they are all UTC."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
@@ -658,8 +706,10 @@ class WalletStore:
             {"method": m, "request_id": r, "request_hash": batch.digests[batch.first[(m, r)]], "created_at": now}
             for m, r in claims
         ]
-        stmt = insert_ignore(conn, request_log).returning(request_log.c.method, request_log.c.request_id)
-        inserted = {(row.method, row.request_id) for row in conn.execute(stmt, rows)}
+        claimed = bulk_insert(
+            conn, request_log, rows, ignore=True, returning=(request_log.c.method, request_log.c.request_id)
+        )
+        inserted = {(row.method, row.request_id) for row in claimed}
         replays = [key for key in claims if key not in inserted]
         if replays:
             stored = {
@@ -687,7 +737,23 @@ class WalletStore:
             for i in batch.live
             if isinstance(result := batch.results[i], Message)
         ]
-        if recorded:
+        if recorded and conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import ARRAY
+
+            # One UPDATE … FROM unnest(…) for the whole batch instead of one UPDATE per answer.
+            answers = sa.select(
+                sa.func.unnest(sa.bindparam("m", [x["m"] for x in recorded], type_=ARRAY(sa.String))).label("m"),
+                sa.func.unnest(sa.bindparam("r", [x["r"] for x in recorded], type_=ARRAY(sa.String))).label("r"),
+                sa.func.unnest(sa.bindparam("b", [x["body"] for x in recorded], type_=ARRAY(sa.LargeBinary))).label(
+                    "body"
+                ),
+            ).subquery("answers")
+            conn.execute(
+                request_log.update()
+                .where(request_log.c.method == answers.c.m, request_log.c.request_id == answers.c.r)
+                .values(response=answers.c.body)
+            )
+        elif recorded:
             conn.execute(
                 request_log.update()
                 .where(request_log.c.method == sa.bindparam("m"), request_log.c.request_id == sa.bindparam("r"))
@@ -717,23 +783,15 @@ class WalletStore:
         deltas: dict[tuple[str, Currency], int],
     ) -> None:
         """Bulk-write ledger transactions and add ``deltas`` to the balance rows (sorted order)."""
-        conn.execute(transactions.insert(), txn_rows)
-        conn.execute(entries.insert(), entry_rows)
-        conn.execute(history.insert(), history_rows)
+        bulk_insert(conn, transactions, txn_rows)
+        bulk_insert(conn, entries, entry_rows)
+        bulk_insert(conn, history, history_rows)
         rows = [
             {"account_id": a, "currency": c.value, "balance": d}
             for (a, c), d in sorted(deltas.items(), key=lambda kv: (kv[0][1].value, kv[0][0]))
             if d
         ]
-        if rows:
-            stmt = self._insert(conn, balances)
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[balances.c.account_id, balances.c.currency],
-                    set_={"balance": balances.c.balance + stmt.excluded.balance},
-                ),
-                rows,
-            )
+        bulk_insert(conn, balances, rows, add_on_conflict=(balances.c.account_id, balances.c.currency))
 
     # ------------------------------------------------------------ purchases, batched
 
@@ -781,8 +839,14 @@ class WalletStore:
                 }
                 for _, i in sorted(owner.items())
             ]
-            stmt = insert_ignore(conn, purchases).returning(purchases.c.store, purchases.c.store_transaction_id)
-            created = {(row.store, row.store_transaction_id) for row in conn.execute(stmt, purchase_rows)}
+            returned = bulk_insert(
+                conn,
+                purchases,
+                purchase_rows,
+                ignore=True,
+                returning=(purchases.c.store, purchases.c.store_transaction_id),
+            )
+            created = {(row.store, row.store_transaction_id) for row in returned}
         earlier = [key for key in owner if key not in created]
         existing: dict[tuple[str, str], tuple[str, str, int, int]] = {}
         if earlier:
@@ -1158,9 +1222,9 @@ class WalletStore:
         def work(conn: Connection, now: datetime) -> M:
             if expire_at is not None and expire_at <= now:
                 raise InvalidArgument("expire_time", "must be in the future")
-            self._expire_due(conn, account_id, now)
             hold = hold_account(account_id)
             self._lock_balances(conn, Currency.COIN, [account_id])
+            self._expire_due(conn, account_id, now)
             self._lock_balances(conn, Currency.DIAMOND, [account_id, hold])
             inserted = conn.execute(
                 insert_ignore(conn, reservations)

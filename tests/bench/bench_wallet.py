@@ -317,10 +317,10 @@ async def _bench_memory(address: str, pid: int, metadata: Any, total: int) -> Re
 
 
 def run(args: BenchArgs) -> list[Result]:
-    credits = 1500 if args.quick else 20000
+    credits = 1500 if args.quick else 10000
     senders = 200 if args.quick else 1000
-    gifts_each = 3 if args.quick else 10
-    memory_gifts = 4000 if args.quick else 200_000
+    gifts_each = 3 if args.quick else 5
+    memory_gifts = 4000 if args.quick else 100_000
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp, scratch_postgres(args.admin_database_url) as url:
         state = Path(tmp)

@@ -1,0 +1,86 @@
+"""Pure rules of the wallet and the group-commit batcher, without a server."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.wallet.domain.ledger import Currency, Posting, UnbalancedTransaction, balanced
+from services.wallet.domain.rules import LimitState, Period, change_limit, clawback_target, period_start
+from services.wallet.group_commit import GroupCommit
+
+NOW = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)  # a Thursday
+
+
+def test_balanced_refuses_entries_that_do_not_sum_to_zero() -> None:
+    ok = balanced([Posting("a", Currency.COIN, 5), Posting("b", Currency.COIN, -5), Posting("c", Currency.DIAMOND, 0)])
+    assert len(ok) == 2
+    with pytest.raises(UnbalancedTransaction):
+        balanced([Posting("a", Currency.COIN, 5), Posting("b", Currency.DIAMOND, -5)])
+
+
+@pytest.mark.parametrize(
+    ("coins", "quantity", "refunded", "milli", "expected"),
+    [
+        (300, 3, 0, 0, 300),  # 0 = everything
+        (300, 3, 1, 0, 100),
+        (100, 3, 1, 0, 33),  # 33.3 rounds down, for the buyer
+        (100, 3, 2, 0, 66),
+        (100, 3, 5, 0, 100),  # more than bought: all
+        (99, 1, 0, 50_000, 49),
+        (99, 1, 0, 100_000, 99),
+        (99, 1, 0, 250_000, 99),
+    ],
+)
+def test_clawback_target(coins: int, quantity: int, refunded: int, milli: int, expected: int) -> None:
+    assert clawback_target(coins, quantity, refunded, milli) == expected
+
+
+def test_period_starts_are_utc_calendar_periods() -> None:
+    assert period_start(Period.DAILY, NOW) == datetime(2026, 11, 26, tzinfo=UTC)
+    assert period_start(Period.WEEKLY, NOW) == datetime(2026, 11, 23, tzinfo=UTC)
+    assert period_start(Period.MONTHLY, NOW) == datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def test_limit_changes() -> None:
+    none = LimitState(0, None, None)
+    first, now_effective, _ = change_limit(none, 100, NOW)
+    assert (first.limit_coins, now_effective) == (100, True)
+    raised, now_effective, when = change_limit(first, 200, NOW)
+    assert (raised.limit_coins, raised.pending_limit_coins, now_effective) == (100, 200, False)
+    assert when == NOW + timedelta(hours=24)
+    assert raised.effective(when - timedelta(seconds=1)).limit_coins == 100
+    assert raised.effective(when).limit_coins == 200
+    removed, now_effective, _ = change_limit(first, 0, NOW)
+    assert (removed.limit_coins, removed.pending_limit_coins, now_effective) == (100, 0, False)
+    lowered, now_effective, _ = change_limit(raised, 50, NOW)
+    assert (lowered.limit_coins, lowered.pending_limit_coins, now_effective) == (50, None, True)
+
+
+async def test_group_commit_gathers_concurrent_items_and_answers_each() -> None:
+    seen: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        seen.append(items)
+        await asyncio.sleep(0.01)
+        return [i * 10 for i in items]
+
+    group: GroupCommit[int, int] = GroupCommit(run, window_seconds=0.002, max_batch=50)
+    results = await asyncio.gather(*(group.submit(i) for i in range(200)))
+    assert results == [i * 10 for i in range(200)]
+    assert len(seen) < 20
+    assert max(len(batch) for batch in seen) <= 50
+
+
+async def test_group_commit_isolates_a_failing_item() -> None:
+    async def run(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise RuntimeError("poison")
+        return items
+
+    group: GroupCommit[int, int] = GroupCommit(run, window_seconds=0.002, max_batch=50)
+    results = await asyncio.gather(*(group.submit(i) for i in range(30)), return_exceptions=True)
+    assert isinstance(results[13], RuntimeError)
+    assert [r for i, r in enumerate(results) if i != 13] == [i for i in range(30) if i != 13]
