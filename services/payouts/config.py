@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from services.common.settings import CommonSettings, setting
+from services.common.settings import CommonSettings, SettingsError, setting
 
 
 class ProviderKind(enum.Enum):
@@ -36,3 +36,40 @@ class PayoutsSettings(CommonSettings):
     payout_daily_batch_hour: int = setting(
         "PAYOUT_DAILY_BATCH_HOUR", "UTC hour Celery beat creates the daily payout batch (-1 = off)", 2
     )
+    payout_poll_seconds: float = setting(
+        "PAYOUT_POLL_SECONDS", "Seconds between polls of a submitted payout for item results", 5.0, parse=float
+    )
+    payout_stuck_seconds: float = setting(
+        "PAYOUT_STUCK_SECONDS",
+        "Payout work untouched this long is re-queued by the sweeper (lost messages, killed workers)",
+        300.0,
+        parse=float,
+    )
+    payout_sweep_seconds: float = setting(
+        "PAYOUT_SWEEP_SECONDS", "How often Celery beat runs the payout sweeper", 60.0, parse=float
+    )
+    payout_reservation_days: int = setting(
+        "PAYOUT_RESERVATION_DAYS", "Days the wallet holds a cash-out's diamonds before the hold lapses", 30
+    )
+    payout_settle_concurrency: int = setting(
+        "PAYOUT_SETTLE_CONCURRENCY", "Parallel wallet calls per worker process when settling paid/failed items", 8
+    )
+    payout_queue: str = setting("PAYOUT_QUEUE", "Celery queue the payout tasks run on", "payouts")
+
+    def validate(self) -> None:
+        super().validate()
+        problems = []
+        if not 1 <= self.payout_chunk_size <= 15_000:
+            problems.append("COINSTORE_PAYOUT_CHUNK_SIZE must be between 1 and 15000 (PayPal's limit per call)")
+        if not -1 <= self.payout_daily_batch_hour <= 23:
+            problems.append("COINSTORE_PAYOUT_DAILY_BATCH_HOUR must be -1 (off) or an hour 0-23")
+        if self.paypal_timeout_seconds <= 0:
+            problems.append("COINSTORE_PAYPAL_TIMEOUT_SECONDS must be positive")
+        if self.payout_poll_seconds <= 0 or self.payout_sweep_seconds <= 0 or self.payout_stuck_seconds <= 0:
+            problems.append("COINSTORE_PAYOUT_POLL/SWEEP/STUCK_SECONDS must be positive")
+        if self.payout_reservation_days < 1:
+            problems.append("COINSTORE_PAYOUT_RESERVATION_DAYS must be at least 1")
+        if self.payout_settle_concurrency < 1:
+            problems.append("COINSTORE_PAYOUT_SETTLE_CONCURRENCY must be at least 1")
+        if problems:
+            raise SettingsError("invalid configuration: " + "; ".join(problems))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.errors import (  # noqa: F401  (re-exported for the service's modules)
+from services.common.errors import (
     Aborted,
     DomainError,
     FailedPrecondition,
@@ -11,3 +11,13 @@ from services.common.errors import (  # noqa: F401  (re-exported for the service
     PermissionDenied,
     Unavailable,
 )
+
+__all__ = [
+    "Aborted",
+    "DomainError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "Unavailable",
+]

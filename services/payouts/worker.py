@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from celery import Celery
 
 from services.common.bootstrap import load, run_main
 from services.common.celery_app import make_celery_app
+from services.payouts import tasks
 from services.payouts.config import PayoutsSettings
 
 SERVICE = "payouts"
@@ -18,7 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: PayoutsSettings) -> Celery:
-    return make_celery_app(SERVICE, settings.broker_url)
+    app = make_celery_app(SERVICE, settings.broker_url)
+    app.conf.task_default_queue = settings.payout_queue
+    tasks.register(app, settings)
+    return app
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,14 +40,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             "worker",
             f"--concurrency={args.concurrency}",
             f"--pool={args.pool}",
-            f"--queues={SERVICE}",
+            f"--queues={settings.payout_queue}",
             f"--hostname={SERVICE}@%h",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
         ]
         if args.beat:
-            worker_argv += ["--beat", f"--schedule=var/celerybeat-{SERVICE}"]
+            schedule = Path("var") / f"celerybeat-{SERVICE}"
+            schedule.parent.mkdir(parents=True, exist_ok=True)
+            worker_argv += ["--beat", f"--schedule={schedule}"]
         app.worker_main(worker_argv)
 
     run_main(f"{SERVICE}-worker", start)

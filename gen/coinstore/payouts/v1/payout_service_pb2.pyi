@@ -138,6 +138,11 @@ class Cashout(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     RATE_FIELD_NUMBER: _builtins.int
+    PROVIDER_BATCH_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    SENDER_BATCH_ID_FIELD_NUMBER: _builtins.int
+    SENDER_ITEM_ID_FIELD_NUMBER: _builtins.int
     cashout_id: _builtins.str
     creator_account_id: _builtins.str
     diamonds: _builtins.int
@@ -149,6 +154,16 @@ class Cashout(_message.Message):
     """Provider's item id, once submitted."""
     rate: _builtins.str
     """The exact rate used, as a decimal string (e.g. "0.005" USD per diamond)."""
+    provider_batch_id: _builtins.str
+    """Provider's batch id of the submission that carried this item."""
+    provider_transaction_id: _builtins.str
+    """Provider's transaction id, once paid."""
+    attempt: _builtins.int
+    """Provider submissions of this cash-out so far (RetryFailedItems adds one)."""
+    sender_batch_id: _builtins.str
+    """Our id of the submission that carried this item (PayPal sender_batch_id)."""
+    sender_item_id: _builtins.str
+    """Our id of this item at the provider (PayPal sender_item_id)."""
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
         """Cash the diamonds buy at the rate in force when requested, rounded down."""
@@ -174,10 +189,15 @@ class Cashout(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         rate: _builtins.str = ...,
+        provider_batch_id: _builtins.str = ...,
+        provider_transaction_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        sender_batch_id: _builtins.str = ...,
+        sender_item_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "destination", b"destination", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "batch_id", b"batch_id", "cashout_id", b"cashout_id", "create_time", b"create_time", "creator_account_id", b"creator_account_id", "destination", b"destination", "diamonds", b"diamonds", "failure_reason", b"failure_reason", "provider_item_id", b"provider_item_id", "rate", b"rate", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "attempt", b"attempt", "batch_id", b"batch_id", "cashout_id", b"cashout_id", "create_time", b"create_time", "creator_account_id", b"creator_account_id", "destination", b"destination", "diamonds", b"diamonds", "failure_reason", b"failure_reason", "provider_batch_id", b"provider_batch_id", "provider_item_id", b"provider_item_id", "provider_transaction_id", b"provider_transaction_id", "rate", b"rate", "sender_batch_id", b"sender_batch_id", "sender_item_id", b"sender_item_id", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -777,3 +797,52 @@ class CancelPayoutBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelPayoutBatchResponse: _TypeAlias = CancelPayoutBatchResponse  # noqa: Y015
+
+@_typing.final
+class ListBatchItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    page_size: _builtins.int
+    """At most 1000; 0 means 500."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchItemsRequest: _TypeAlias = ListBatchItemsRequest  # noqa: Y015
+
+@_typing.final
+class ListBatchItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASHOUTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def cashouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cashout]: ...
+    def __init__(
+        self,
+        *,
+        cashouts: _abc.Iterable[Global___Cashout] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cashouts", b"cashouts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchItemsResponse: _TypeAlias = ListBatchItemsResponse  # noqa: Y015

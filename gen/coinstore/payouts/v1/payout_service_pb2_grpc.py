@@ -90,6 +90,11 @@ class PayoutServiceStub:
                 request_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.CancelPayoutBatchRequest.SerializeToString,
                 response_deserializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.CancelPayoutBatchResponse.FromString,
                 _registered_method=True)
+        self.ListBatchItems = channel.unary_unary(
+                '/coinstore.payouts.v1.PayoutService/ListBatchItems',
+                request_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.ListBatchItemsRequest.SerializeToString,
+                response_deserializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.ListBatchItemsResponse.FromString,
+                _registered_method=True)
 
 
 class PayoutServiceServicer:
@@ -170,6 +175,13 @@ class PayoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBatchItems(self, request, context):
+        """A batch's items (one cash-out each), for reports.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PayoutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +239,11 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.CancelPayoutBatch,
                     request_deserializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.CancelPayoutBatchRequest.FromString,
                     response_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.CancelPayoutBatchResponse.SerializeToString,
+            ),
+            'ListBatchItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatchItems,
+                    request_deserializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.ListBatchItemsRequest.FromString,
+                    response_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.ListBatchItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +544,33 @@ class PayoutService:
             '/coinstore.payouts.v1.PayoutService/CancelPayoutBatch',
             coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.CancelPayoutBatchRequest.SerializeToString,
             coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.CancelPayoutBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatchItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coinstore.payouts.v1.PayoutService/ListBatchItems',
+            coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.ListBatchItemsRequest.SerializeToString,
+            coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.ListBatchItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

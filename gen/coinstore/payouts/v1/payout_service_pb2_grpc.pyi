@@ -52,6 +52,8 @@ class PayoutServiceStub:
     """Puts a batch's failed items into a new attempt."""
     CancelPayoutBatch: _grpc.UnaryUnaryMultiCallable[_payout_service_pb2.CancelPayoutBatchRequest, _payout_service_pb2.CancelPayoutBatchResponse]
     """Cancels a batch before submission; its cash-outs return to REQUESTED."""
+    ListBatchItems: _grpc.UnaryUnaryMultiCallable[_payout_service_pb2.ListBatchItemsRequest, _payout_service_pb2.ListBatchItemsResponse]
+    """A batch's items (one cash-out each), for reports."""
 
 @_typing.type_check_only
 class PayoutServiceAsyncStub(PayoutServiceStub):
@@ -77,6 +79,8 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     """Puts a batch's failed items into a new attempt."""
     CancelPayoutBatch: _aio.UnaryUnaryMultiCallable[_payout_service_pb2.CancelPayoutBatchRequest, _payout_service_pb2.CancelPayoutBatchResponse]  # type: ignore[assignment]
     """Cancels a batch before submission; its cash-outs return to REQUESTED."""
+    ListBatchItems: _aio.UnaryUnaryMultiCallable[_payout_service_pb2.ListBatchItemsRequest, _payout_service_pb2.ListBatchItemsResponse]  # type: ignore[assignment]
+    """A batch's items (one cash-out each), for reports."""
 
 class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
     """Creators cash out diamonds; ops run payout batches that pay every item once."""
@@ -165,5 +169,13 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_payout_service_pb2.CancelPayoutBatchResponse, _abc.Awaitable[_payout_service_pb2.CancelPayoutBatchResponse]]:
         """Cancels a batch before submission; its cash-outs return to REQUESTED."""
+
+    @_abc_1.abstractmethod
+    def ListBatchItems(
+        self,
+        request: _payout_service_pb2.ListBatchItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_service_pb2.ListBatchItemsResponse, _abc.Awaitable[_payout_service_pb2.ListBatchItemsResponse]]:
+        """A batch's items (one cash-out each), for reports."""
 
 def add_PayoutServiceServicer_to_server(servicer: PayoutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

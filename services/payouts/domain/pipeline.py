@@ -1,0 +1,213 @@
+"""The batch pipeline the Celery tasks run: plan → submit → poll → settle, and the sweeper.
+
+Every step re-reads its state from the database and moves it with conditional
+UPDATEs, so any step may run twice, concurrently, or after a killed worker:
+the provider sees each submission id once (it deduplicates ``sender_batch_id``),
+the wallet sees each commit/release under one deterministic request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from services.common.clock import Clock
+from services.payouts.domain.model import BatchState, ChunkState, Settlement, WalletAction, parse_sender_item_id
+from services.payouts.domain.ports import ItemOutcome, PayoutProvider, ProviderRejected, TaskQueue, WalletPort
+from services.payouts.errors import Unavailable
+from services.payouts.store import PayoutStore
+
+log = logging.getLogger(__name__)
+
+SUBMIT_TASK = "payouts.submit_chunk"
+POLL_TASK = "payouts.poll_chunk"
+PLAN_TASK = "payouts.plan_batch"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        store: PayoutStore,
+        provider: PayoutProvider,
+        wallet: WalletPort,
+        queue: TaskQueue,
+        clock: Clock,
+        *,
+        chunk_size: int,
+        poll_seconds: float,
+        stuck_seconds: float,
+        settle_concurrency: int,
+        max_countdown: float,
+    ) -> None:
+        self._store = store
+        self._provider = provider
+        self._wallet = wallet
+        self._queue = queue
+        self._clock = clock
+        self._chunk_size = min(chunk_size, provider.max_items_per_submission)
+        self._poll = min(poll_seconds, max_countdown)
+        self._stuck = timedelta(seconds=stuck_seconds)
+        self._concurrency = settle_concurrency
+
+    def plan_batch(self, batch_id: str) -> None:
+        now = self._clock.now()
+        if self._store.start_batch(batch_id, now, now + self._stuck) is not BatchState.SUBMITTED:
+            return
+        queued: set[str] = set()
+        # Each submission is queued as soon as it is planned, so paying starts while the rest is planned.
+        while (chunk_id := self._store.plan_chunk(batch_id, self._chunk_size, now, now + self._stuck)) is not None:
+            self._queue.enqueue(SUBMIT_TASK, chunk_id)
+            queued.add(chunk_id)
+        for chunk_id in self._store.chunk_ids(batch_id, ChunkState.PENDING):
+            if chunk_id not in queued:
+                self._queue.enqueue(SUBMIT_TASK, chunk_id)
+        self._store.finish_batch(batch_id, now)
+
+    def submit_chunk(self, chunk_id: str) -> None:
+        """Send one submission to the provider. ProviderUnavailable propagates: the task retries it unchanged."""
+        chunk = self._store.chunk(chunk_id)
+        if chunk is None or chunk.state is ChunkState.DONE:
+            return
+        now = self._clock.now()
+        if chunk.state is ChunkState.SUBMITTED:
+            self._queue.enqueue(POLL_TASK, chunk_id)
+            return
+        self._store.touch_chunk(chunk_id, now + self._stuck)
+        try:
+            provider_batch_id = self._provider.submit(chunk_id, chunk.lines)
+        except ProviderRejected as rejected:
+            # Refused as a whole: nothing was paid, so every item fails and its diamonds go back.
+            log.error("provider refused submission %s: %s", chunk_id, rejected)
+            self._store.mark_submitted(chunk_id, "", now, now + self._stuck)
+            self._store.record_results(
+                chunk_id,
+                [],
+                [_params(line.cashout_id, line.attempt, "", "", "REJECTED", rejected.reason) for line in chunk.lines],
+                [],
+                now,
+            )
+            self.poll_chunk(chunk_id)
+            return
+        self._store.mark_submitted(chunk_id, provider_batch_id, now, now + self._stuck + timedelta(seconds=self._poll))
+        self._queue.enqueue(POLL_TASK, chunk_id, countdown=self._poll)
+
+    def poll_chunk(self, chunk_id: str) -> bool:
+        """Take the provider's item results, settle them in the wallet; True once the chunk is done."""
+        chunk = self._store.chunk(chunk_id)
+        if chunk is None:
+            return True
+        if chunk.state is ChunkState.PENDING:
+            self._queue.enqueue(SUBMIT_TASK, chunk_id)
+            return False
+        now = self._clock.now()
+        started = time.perf_counter()
+        if chunk.state is ChunkState.SUBMITTED and chunk.provider_batch_id:
+            self._store.touch_chunk(chunk_id, now + self._stuck + timedelta(seconds=self._poll))
+            self._record(chunk_id, chunk.provider_batch_id, {(line.cashout_id, line.attempt) for line in chunk.lines})
+        recorded = time.perf_counter()
+        settled = self.settle(self._store.settlements(chunk_id=chunk_id))
+        wallet = time.perf_counter()
+        chunk_done, _batch_done = self._store.finish_chunk(chunk_id, chunk.batch_id, self._clock.now())
+        log.info(
+            "polled %s: results %.2fs, %d settled in %.2fs, finish %.2fs",
+            chunk_id,
+            recorded - started,
+            settled,
+            wallet - recorded,
+            time.perf_counter() - wallet,
+        )
+        if not chunk_done:
+            self._queue.enqueue(POLL_TASK, chunk_id, countdown=self._poll)
+        return chunk_done
+
+    def _record(self, chunk_id: str, provider_batch_id: str, lines: set[tuple[str, int]]) -> None:
+        result = self._provider.batch(provider_batch_id)
+        paid: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        pending: list[dict[str, Any]] = []
+        seen: set[tuple[str, int]] = set()
+        for item in result.items:
+            parsed = parse_sender_item_id(item.sender_item_id)
+            if parsed is None or parsed not in lines:
+                continue
+            seen.add(parsed)
+            outcome = item.outcome
+            if outcome is ItemOutcome.UNCLAIMED:
+                # The money sits with the receiver until claimed; take it back before returning the diamonds.
+                outcome = ItemOutcome.FAILED if self._provider.cancel_unclaimed(item.provider_item_id) else outcome
+            params = _params(parsed[0], parsed[1], item.provider_item_id, item.transaction_id, item.status, item.reason)
+            if outcome is ItemOutcome.PAID:
+                paid.append(params)
+            elif outcome is ItemOutcome.FAILED:
+                failed.append(params)
+            else:
+                pending.append(params)
+        if result.denied:
+            failed.extend(_params(c, a, "", "", result.status, "BATCH_DENIED") for c, a in lines - seen)
+        self._store.record_results(chunk_id, paid, failed, pending, self._clock.now())
+
+    def pending_settlement(self, cashout_id: str) -> list[Settlement]:
+        return self._store.settlements(cashout_id=cashout_id)
+
+    def settle(self, settlements: Sequence[Settlement]) -> int:
+        """Commit paid and release failed reservations; returns how many the wallet settled."""
+        if not settlements:
+            return 0
+
+        def one(item: Settlement) -> tuple[str, str] | None:
+            try:
+                if item.action is WalletAction.COMMIT:
+                    refusal = self._wallet.commit(f"commit:{item.reservation_id}", item.reservation_id)
+                else:
+                    refusal = self._wallet.release(f"release:{item.reservation_id}", item.reservation_id, item.reason)
+            except Unavailable as exc:
+                log.warning("wallet unavailable settling %s (retried later): %s", item.cashout_id, exc)
+                return None
+            if refusal:
+                log.error(
+                    "wallet refused to %s reservation %s of cash-out %s: %s (needs review)",
+                    item.action.value.lower(),
+                    item.reservation_id,
+                    item.cashout_id,
+                    refusal,
+                )
+            return item.cashout_id, item.reservation_id
+
+        if len(settlements) == 1:
+            results = [one(settlements[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self._concurrency, len(settlements))) as pool:
+                results = list(pool.map(one, settlements))
+        done = [r for r in results if r is not None]
+        self._store.mark_settled(done, self._clock.now())
+        return len(done)
+
+    def sweep(self) -> tuple[int, int, int]:
+        """Re-queue work whose messages were lost; returns (batches, chunks, settlements) touched."""
+        now = self._clock.now()
+        batch_ids, chunk_list = self._store.due_work(now, now + self._stuck)
+        for batch_id in batch_ids:
+            self._queue.enqueue(PLAN_TASK, batch_id)
+        for chunk_id, state in chunk_list:
+            self._queue.enqueue(SUBMIT_TASK if state == ChunkState.PENDING.value else POLL_TASK, chunk_id)
+        settled = self.settle(self._store.settlements(older_than=now - self._stuck))
+        if batch_ids or chunk_list or settled:
+            log.info(
+                "sweeper re-queued %d batches, %d submissions; settled %d", len(batch_ids), len(chunk_list), settled
+            )
+        return len(batch_ids), len(chunk_list), settled
+
+
+def _params(cashout_id: str, attempt: int, item_id: str, txn: str, status: str, reason: str) -> dict[str, Any]:
+    return {
+        "b_id": cashout_id,
+        "b_attempt": attempt,
+        "b_item": item_id[:64],
+        "b_txn": txn[:64],
+        "b_status": status[:32],
+        "b_reason": reason[:256],
+    }

@@ -1,0 +1,214 @@
+"""Cash-outs and payout batches: what the RPCs do, over the store and the wallet port."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy.engine import Connection
+
+from services.common.clock import Clock
+from services.common.errors import DomainError
+from services.payouts.domain.model import Batch, Cashout, CashoutState, Destination, derived_id, reservation_id
+from services.payouts.domain.pipeline import PLAN_TASK, Pipeline
+from services.payouts.domain.ports import TaskQueue, WalletPort
+from services.payouts.domain.rules import Rules, diamonds_for
+from services.payouts.errors import FailedPrecondition, NotFound
+from services.payouts.store import PayoutStore, RequestKey
+
+log = logging.getLogger(__name__)
+
+
+class Payouts:
+    def __init__(
+        self,
+        store: PayoutStore,
+        wallet: WalletPort,
+        rules: Rules,
+        clock: Clock,
+        queue: TaskQueue,
+        pipeline: Pipeline,
+        reservation_days: int,
+    ) -> None:
+        self._store = store
+        self._wallet = wallet
+        self._rules = rules
+        self._clock = clock
+        self._queue = queue
+        self._pipeline = pipeline
+        self._hold = timedelta(days=reservation_days)
+
+    # -- destinations ----------------------------------------------------------------------------------
+
+    def set_destination(self, key: RequestKey, creator: str, provider: str, receiver: str) -> bytes:
+        now = self._clock.now()
+        return self._store.in_request(
+            key, lambda conn: self._store.set_destination(conn, creator, provider, receiver, now)
+        )
+
+    def verify_destination(self, key: RequestKey, creator: str) -> bytes:
+        now = self._clock.now()
+        return self._store.in_request(key, lambda conn: self._store.verify_destination(conn, creator, now))
+
+    # -- cash-outs -------------------------------------------------------------------------------------
+
+    def request_cashout(
+        self, key: RequestKey, creator: str, diamonds: int, destination: Destination | None, currency_code: str
+    ) -> bytes:
+        stored = self._store.replayed(key)
+        if stored is not None:
+            return stored
+        currency = self._rules.currency("currency_code", currency_code)
+        verified = self._store.get_destination(creator)
+        if verified is None or not verified.verified:
+            raise FailedPrecondition(
+                "DESTINATION_NOT_VERIFIED",
+                "the creator has no verified payout destination",
+                {"creator_account_id": creator},
+            )
+        if destination is not None and (destination.provider, destination.receiver) != (
+            verified.provider,
+            verified.receiver,
+        ):
+            raise FailedPrecondition(
+                "DESTINATION_MISMATCH", "the destination differs from the creator's verified payout destination"
+            )
+        amount = self._rules.quote(diamonds, currency)
+        rate = self._rules.rate(currency)
+        # Only the diamonds the rounded-down amount pays for leave the wallet; the rest stay with the creator.
+        charged = diamonds_for(amount, rate, currency)
+        now = self._clock.now()
+        day = now.date().isoformat()
+        limit = self._rules.daily_limit(currency)
+        if limit is not None and self._store.daily_used(creator, day, currency) + amount > limit:
+            raise _daily_limit(limit, currency)
+        cashout_id = derived_id("co", key.request_id)
+        hold = reservation_id(cashout_id, 1)
+        self._wallet.reserve(f"reserve:{hold}", creator, charged, hold, now + self._hold)
+
+        def work(conn: Connection) -> Cashout:
+            if not self._store.add_daily(conn, creator, day, currency, amount, limit):
+                raise _daily_limit(limit or 0, currency)
+            self._store.insert_cashout(
+                conn,
+                {
+                    "cashout_id": cashout_id,
+                    "creator_account_id": creator,
+                    "diamonds": charged,
+                    "amount_minor": amount,
+                    "currency": currency,
+                    "rate": str(rate),
+                    "provider": verified.provider,
+                    "receiver": verified.receiver,
+                    "state": CashoutState.REQUESTED.value,
+                    "attempt": 1,
+                    "reservation_id": hold,
+                    "failure_reason": "",
+                    "provider_item_id": "",
+                    "provider_transaction_id": "",
+                    "provider_status": "",
+                    "wallet_action": None,
+                    "wallet_done": True,
+                    "request_day": day,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            found = self._store.cashout(conn, cashout_id)
+            assert found is not None
+            return found
+
+        try:
+            return self._store.in_request(key, work)
+        except DomainError as error:
+            if error.reason == "DAILY_LIMIT_EXCEEDED":
+                self._wallet.release(f"release:{hold}", hold, "DAILY_LIMIT_EXCEEDED")
+            raise
+
+    def get_cashout(self, cashout_id: str) -> Cashout:
+        found = self._store.get_cashout(cashout_id)
+        if found is None:
+            raise NotFound("CASHOUT_NOT_FOUND", "no such cash-out", {"cashout_id": cashout_id})
+        return found
+
+    def list_cashouts(self, creator: str, size: int, token: str) -> tuple[list[Cashout], str]:
+        return self._store.list_cashouts(creator, size, token)
+
+    def cancel_cashout(self, key: RequestKey, cashout_id: str) -> bytes:
+        now = self._clock.now()
+        response = self._store.in_request(key, lambda conn: self._store.cancel_cashout(conn, cashout_id, now))
+        # The wallet outbox: release now; the sweeper retries if the wallet is unreachable.
+        self._pipeline.settle(self._pipeline.pending_settlement(cashout_id))
+        return response
+
+    # -- batches ---------------------------------------------------------------------------------------
+
+    def preview_batch(self, currency_code: str, cutoff: datetime | None, max_items: int) -> tuple[str, int, int, int]:
+        currency = self._rules.currency("currency_code", currency_code)
+        count, diamonds, amount = self._store.preview_batch(currency, cutoff or self._clock.now(), max_items)
+        return currency, count, diamonds, amount
+
+    def create_batch(
+        self, key: RequestKey, currency_code: str, cutoff: datetime | None, max_items: int
+    ) -> tuple[bytes, str]:
+        currency = self._rules.currency("currency_code", currency_code)
+        now = self._clock.now()
+        batch_id = derived_id("pb", key.request_id)
+        response = self._store.in_request(
+            key, lambda conn: self._store.create_batch(conn, batch_id, currency, cutoff or now, max_items, now)
+        )
+        self._enqueue_plan(batch_id)
+        return response, batch_id
+
+    def get_batch(self, batch_id: str) -> Batch:
+        return self._store.get_batch(batch_id)
+
+    def list_batches(self, size: int, token: str) -> tuple[list[Batch], str]:
+        return self._store.list_batches(size, token)
+
+    def list_batch_items(self, batch_id: str, size: int, token: str) -> tuple[list[Cashout], str]:
+        self._store.get_batch(batch_id)
+        return self._store.list_batch_items(batch_id, size, token)
+
+    def retry_failed(self, key: RequestKey, batch_id: str) -> bytes:
+        stored = self._store.replayed(key)
+        if stored is not None:
+            return stored
+        ready: list[tuple[Cashout, str]] = []
+        for item in self._store.retry_candidates(batch_id):
+            hold = reservation_id(item.cashout_id, item.attempt + 1)
+            try:
+                self._wallet.reserve(
+                    f"reserve:{hold}", item.creator_account_id, item.diamonds, hold, self._clock.now() + self._hold
+                )
+            except FailedPrecondition as refusal:
+                log.info("not retrying %s: the wallet refused a new hold (%s)", item.cashout_id, refusal.reason)
+                continue
+            ready.append((item, hold))
+        now = self._clock.now()
+
+        def work(conn: Connection) -> tuple[int, Batch]:
+            moved = self._store.requeue_failed(conn, batch_id, ready, now)
+            return moved, self._store.batch(conn, batch_id)
+
+        response = self._store.in_request(key, work)
+        self._enqueue_plan(batch_id)
+        return response
+
+    def cancel_batch(self, key: RequestKey, batch_id: str) -> bytes:
+        now = self._clock.now()
+        return self._store.in_request(key, lambda conn: self._store.cancel_batch(conn, batch_id, now))
+
+    def _enqueue_plan(self, batch_id: str) -> None:
+        try:
+            self._queue.enqueue(PLAN_TASK, batch_id)
+        except Exception as exc:  # the broker is down: the sweeper starts the batch later
+            log.warning("could not queue batch %s (the sweeper will): %s", batch_id, exc)
+
+
+def _daily_limit(limit: int, currency: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "DAILY_LIMIT_EXCEEDED",
+        f"the cash-out would pass the daily limit of {limit} {currency} minor units",
+        {"daily_limit_minor": str(limit), "currency_code": currency},
+    )

@@ -1,0 +1,141 @@
+"""An in-memory stand-in for the wallet's reservation contract, served over real gRPC.
+
+Used where the real wallet service is not needed (or not yet available): it keeps
+the contract's semantics (idempotent by reservation id, request-id replays,
+refusal reasons) and counts every commit and release so tests can assert
+"exactly once"."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
+
+
+def _abort(context: Any, code: grpc.StatusCode, reason: str, message: str) -> None:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="coinstore"))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[info])
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+@dataclass
+class Account:
+    withdrawable: int = 0
+    immature: int = 0
+    restricted: bool = False
+
+
+@dataclass
+class Hold:
+    account_id: str
+    diamonds: int
+    state: wpb.ReservationState.ValueType = wpb.RESERVATION_STATE_HELD
+    resolved_by: str = ""
+
+
+@dataclass
+class FakeWallet(wpb_grpc.WalletServiceServicer):
+    accounts: dict[str, Account] = field(default_factory=dict)
+    holds: dict[str, Hold] = field(default_factory=dict)
+    commits: Counter[str] = field(default_factory=Counter)
+    releases: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    auth_headers: list[str] = field(default_factory=list)
+
+    def credit(self, account_id: str, diamonds: int, *, immature: int = 0, restricted: bool = False) -> None:
+        with self.lock:
+            account = self.accounts.setdefault(account_id, Account())
+            account.withdrawable += diamonds
+            account.immature += immature
+            account.restricted = restricted
+
+    def balance(self, account_id: str) -> int:
+        with self.lock:
+            return self.accounts.get(account_id, Account()).withdrawable
+
+    def _reservation(self, reservation_id: str) -> wpb.Reservation:
+        hold = self.holds[reservation_id]
+        return wpb.Reservation(
+            reservation_id=reservation_id, account_id=hold.account_id, diamonds=hold.diamonds, state=hold.state
+        )
+
+    def ReserveDiamonds(self, request: wpb.ReserveDiamondsRequest, context: Any) -> wpb.ReserveDiamondsResponse:
+        self.auth_headers.append(dict(context.invocation_metadata()).get("authorization", ""))
+        with self.lock:
+            if request.reservation_id in self.holds:
+                return wpb.ReserveDiamondsResponse(reservation=self._reservation(request.reservation_id))
+            account = self.accounts.get(request.account_id, Account())
+            if account.restricted:
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_RESTRICTED", "restricted")
+            if account.withdrawable < request.diamonds:
+                if account.withdrawable + account.immature >= request.diamonds:
+                    _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "DIAMONDS_NOT_MATURE", "not mature")
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_DIAMONDS", "insufficient")
+            account.withdrawable -= request.diamonds
+            self.holds[request.reservation_id] = Hold(request.account_id, request.diamonds)
+            return wpb.ReserveDiamondsResponse(reservation=self._reservation(request.reservation_id))
+
+    def _resolve(
+        self, request_id: str, reservation_id: str, target: wpb.ReservationState.ValueType, context: Any
+    ) -> wpb.Reservation:
+        with self.lock:
+            hold = self.holds.get(reservation_id)
+            if hold is None:
+                _abort(context, grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND", "unknown reservation")
+                raise AssertionError("unreachable")
+            if hold.state != wpb.RESERVATION_STATE_HELD:
+                if hold.resolved_by == request_id:
+                    return self._reservation(reservation_id)
+                reasons: dict[int, str] = {
+                    wpb.RESERVATION_STATE_COMMITTED: "RESERVATION_ALREADY_COMMITTED",
+                    wpb.RESERVATION_STATE_RELEASED: "RESERVATION_ALREADY_RELEASED",
+                }
+                reason = reasons.get(int(hold.state), "RESERVATION_EXPIRED")
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason, reason)
+            hold.state = target
+            hold.resolved_by = request_id
+            if target == wpb.RESERVATION_STATE_COMMITTED:
+                self.commits[reservation_id] += 1
+            else:
+                self.releases[reservation_id] += 1
+                self.accounts[hold.account_id].withdrawable += hold.diamonds
+            return self._reservation(reservation_id)
+
+    def CommitReservation(self, request: wpb.CommitReservationRequest, context: Any) -> wpb.CommitReservationResponse:
+        reservation = self._resolve(
+            request.request_id, request.reservation_id, wpb.RESERVATION_STATE_COMMITTED, context
+        )
+        return wpb.CommitReservationResponse(reservation=reservation)
+
+    def ReleaseReservation(
+        self, request: wpb.ReleaseReservationRequest, context: Any
+    ) -> wpb.ReleaseReservationResponse:
+        reservation = self._resolve(request.request_id, request.reservation_id, wpb.RESERVATION_STATE_RELEASED, context)
+        return wpb.ReleaseReservationResponse(reservation=reservation)
+
+
+class FakeWalletServer:
+    def __init__(self) -> None:
+        self.wallet = FakeWallet()  # type: ignore[abstract]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        wpb_grpc.add_WalletServiceServicer_to_server(self.wallet, self._server)  # type: ignore[arg-type]
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._server.stop(0.5)

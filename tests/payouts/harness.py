@@ -1,0 +1,231 @@
+"""Real pieces for payouts tests: the PayPal simulator on a free port, the payouts
+gRPC service, and Celery worker subprocesses that can be SIGKILLed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from services.payouts.config import PayoutsSettings
+from services.storesim import paypal as paypal_sim
+from services.storesim.config import StoresimSettings
+from tests.support.tokens import Keys
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+CATALOG = """
+[diamonds]
+per_coin = "1"
+holding_days = {holding_days}
+
+[payouts]
+default_currency = "USD"
+minimum_diamonds = 10000
+
+[payouts.rates]
+USD = "0.005"
+EUR = "0.0045"
+
+[payouts.daily_limit]
+USD = "1000.00"
+
+[[packs]]
+store = "app_store"
+product_id = "com.coinstore.coins.70"
+coins = 70
+price = "1.29"
+currency = "USD"
+
+[[gifts]]
+id = "universe"
+name = "Universe"
+coin_price = 44999
+"""
+
+
+def write_catalog(directory: Path, holding_days: int = 0) -> Path:
+    path = directory / f"catalog-{holding_days}.toml"
+    path.write_text(CATALOG.format(holding_days=holding_days))
+    return path
+
+
+class PayPalSimServer:
+    """The simulator's PayPal routes on a free port, in a thread of this process."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.port = 0
+        settings = StoresimSettings(host="127.0.0.1", port=0, state_dir=tmp_path / "storesim")
+        self._app = web.Application(client_max_size=16 * 1024 * 1024)
+        paypal_sim.setup(self._app, settings)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the PayPal simulator did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        runner = web.AppRunner(self._app, access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner = runner
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+    @property
+    def sim(self) -> paypal_sim.PayPalSim:
+        return self._app[paypal_sim.SIM]
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/paypal"
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(
+            f"{self.api_url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def faults(self, **faults: Any) -> None:
+        self._post("/sim/faults", faults)
+
+    def payments(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.api_url}/sim/payments", timeout=10) as response:
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def payouts_settings(
+    *,
+    database_url: str,
+    broker_url: str,
+    catalog: Path,
+    keys: Keys,
+    wallet_address: str,
+    paypal_url: str,
+    **overrides: Any,
+) -> PayoutsSettings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "broker_url": broker_url,
+        "catalog": catalog,
+        "auth_trusted_keys": (keys.public_path,),
+        "auth_signing_key": keys.private_path,
+        "wallet_address": wallet_address,
+        "paypal_api_url": paypal_url,
+        "payout_queue": f"payouts-{uuid.uuid4().hex[:8]}",
+        "paypal_timeout_seconds": 2.0,
+        "payout_poll_seconds": 0.3,
+        "payout_stuck_seconds": 4.0,
+        "payout_sweep_seconds": 1.0,
+        "payout_daily_batch_hour": -1,
+        "payout_chunk_size": 5,
+        "db_pool_size": 4,
+    }
+    values.update(overrides)
+    return PayoutsSettings(**values)
+
+
+def settings_env(settings: PayoutsSettings) -> dict[str, str]:
+    """The environment a worker subprocess reads the same settings from."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COINSTORE_")}
+    env.update(
+        {
+            "COINSTORE_DATABASE_URL": settings.database_url,
+            "COINSTORE_BROKER_URL": settings.broker_url,
+            "COINSTORE_CATALOG": str(settings.catalog),
+            "COINSTORE_AUTH_TRUSTED_KEYS": ",".join(str(p) for p in settings.auth_trusted_keys),
+            "COINSTORE_AUTH_SIGNING_KEY": str(settings.auth_signing_key),
+            "COINSTORE_WALLET_ADDRESS": settings.wallet_address,
+            "COINSTORE_PAYPAL_API_URL": settings.paypal_api_url,
+            "COINSTORE_PAYPAL_TIMEOUT_SECONDS": str(settings.paypal_timeout_seconds),
+            "COINSTORE_PAYOUT_QUEUE": settings.payout_queue,
+            "COINSTORE_PAYOUT_POLL_SECONDS": str(settings.payout_poll_seconds),
+            "COINSTORE_PAYOUT_STUCK_SECONDS": str(settings.payout_stuck_seconds),
+            "COINSTORE_PAYOUT_SWEEP_SECONDS": str(settings.payout_sweep_seconds),
+            "COINSTORE_PAYOUT_DAILY_BATCH_HOUR": str(settings.payout_daily_batch_hour),
+            "COINSTORE_PAYOUT_CHUNK_SIZE": str(settings.payout_chunk_size),
+            "COINSTORE_PAYOUT_SETTLE_CONCURRENCY": str(settings.payout_settle_concurrency),
+            "COINSTORE_LOG_FORMAT": "text",
+            "COINSTORE_LOG_LEVEL": "INFO",
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+    )
+    return env
+
+
+class Worker:
+    """``python -m services.payouts.worker --beat`` as a real subprocess in its own process group."""
+
+    def __init__(self, settings: PayoutsSettings, cwd: Path, concurrency: int = 2, beat: bool = True) -> None:
+        self._env = settings_env(settings)
+        self._cwd = cwd
+        self._argv = [sys.executable, "-m", "services.payouts.worker", f"--concurrency={concurrency}"]
+        if beat:
+            self._argv.append("--beat")
+        self._process: subprocess.Popen[bytes] | None = None
+        self.log = cwd / "worker.log"
+        cwd.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> Worker:
+        handle = self.log.open("ab")
+        self._process = subprocess.Popen(
+            self._argv, env=self._env, cwd=self._cwd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        handle.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children at once: nothing gets to acknowledge or clean up."""
+        assert self._process is not None
+        os.killpg(self._process.pid, signal.SIGKILL)
+        self._process.wait(10)
+
+    def stop(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+
+async def wait_for(check: Callable[[], Any], timeout: float, what: str, worker: Worker | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f"\n--- worker log ---\n{worker.output()}" if worker is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        await asyncio.sleep(0.2)
