@@ -196,7 +196,7 @@ class PayoutStore:
         """Claim the request id, do ``work`` and record its rendered response, all in one transaction."""
 
         def tx(conn: Connection) -> bytes:
-            stored = self._claim(conn, key)
+            stored = self._log.claim(conn, key.method, key.request_id, key.request)
             if stored is not None:
                 return stored
             response = key.render(work(conn))
@@ -204,25 +204,6 @@ class PayoutStore:
             return response.SerializeToString(deterministic=True)
 
         return self.db.transaction(tx)
-
-    def _claim(self, conn: Connection, key: RequestKey) -> bytes | None:
-        # RETURNING tells a new claim from a conflict on every dialect (psycopg reports rowcount -1 here).
-        digest = fingerprint(key.request)
-        claimed = conn.execute(
-            insert_ignore(conn, request_log)
-            .values(method=key.method, request_id=key.request_id, request_hash=digest, created_at=datetime.now(UTC))
-            .returning(request_log.c.request_id)
-        ).first()
-        if claimed is not None:
-            return None
-        row = conn.execute(
-            sa.select(request_log.c.request_hash, request_log.c.response).where(
-                request_log.c.method == key.method, request_log.c.request_id == key.request_id
-            )
-        ).one()
-        if row.request_hash != digest or row.response is None:
-            raise RequestIdReused(key.request_id)
-        return bytes(row.response)
 
     # -- destinations --------------------------------------------------------------------------------
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 from celery import Celery
 
 from services.common.bootstrap import load, run_main
-from services.common.celery_app import make_celery_app
+from services.common.celery_app import beat_schedule_file, make_celery_app
 from services.payouts import tasks
 from services.payouts.config import PayoutsSettings
 
@@ -47,9 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "--without-mingle",
         ]
         if args.beat:
-            schedule = Path("var") / f"celerybeat-{SERVICE}"
-            schedule.parent.mkdir(parents=True, exist_ok=True)
-            worker_argv += ["--beat", f"--schedule={schedule}"]
+            worker_argv += ["--beat", f"--schedule={beat_schedule_file(SERVICE)}"]
         app.worker_main(worker_argv)
 
     run_main(f"{SERVICE}-worker", start)

@@ -18,7 +18,8 @@ async def healthz(_request: web.Request) -> web.Response:
 
 def create_app(settings: StoresimSettings) -> web.Application:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    app = web.Application(client_max_size=2 * 1024 * 1024)
+    # PayPal accepts 15,000 items in one payout request: several MiB of JSON.
+    app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_get("/healthz", healthz)
     apple.setup(app, settings)
     google.setup(app, settings)
