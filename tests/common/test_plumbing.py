@@ -21,6 +21,7 @@ from services.common import errors
 from services.common.db import Database
 from services.common.metrics import Metrics
 from tests.support.grpc_server import running_host
+from tests.support.status import error_info
 from tests.support.tokens import Keys
 
 # Each account id makes the test servicer raise one kind of error.
@@ -72,17 +73,6 @@ async def server(keys: Keys, sqlite_url: str) -> AsyncIterator[tuple[int, Metric
 async def stub(server: tuple[int, Metrics]) -> AsyncIterator[pb_grpc.WalletServiceAsyncStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server[0]}") as channel:
         yield pb_grpc.WalletServiceStub(channel)
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "the status must carry google.rpc.Status details"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo in the status details")
 
 
 async def test_health_serving_once_database_reachable(server: tuple[int, Metrics]) -> None:

@@ -227,21 +227,6 @@ async def receipts_service(
         yield Receipts(components, stub, wallet, keys)
 
 
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    """The ErrorInfo reason of a coinstore error."""
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "the status must carry google.rpc.Status details"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo in the status details")
-
-
 @asynccontextmanager
 async def apple_simulator(state_dir: Path) -> AsyncIterator[tuple[apple_sim.AppleStore, str]]:
     """The App Store simulator on a free port: (its store, base URL)."""

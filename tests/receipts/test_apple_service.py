@@ -13,7 +13,8 @@ import pytest
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from services.storesim.apple import AppleStore, Fault, make_pki
-from tests.receipts.support import Receipts, apple_simulator, error_reason, receipts_service, simulator_settings
+from tests.receipts.support import Receipts, apple_simulator, receipts_service, simulator_settings
+from tests.support.status import error_reason
 from tests.support.tokens import Keys
 
 PACK = "com.coinstore.coins.350"

@@ -11,7 +11,8 @@ import pytest
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from services.common.catalog import StoreId
-from tests.receipts.support import apple_simulator, error_reason, receipts_host, simulator_settings
+from tests.receipts.support import apple_simulator, receipts_host, simulator_settings
+from tests.support.status import error_reason
 from tests.support.tokens import Keys
 from tests.wallet.support import running_wallet
 

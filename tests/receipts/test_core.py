@@ -18,7 +18,8 @@ from services.common.catalog import Price, StoreId
 from services.common.errors import DomainError
 from services.receipts.domain.binding import Binding
 from services.receipts.domain.purchases import Environment, Outcome, VerifiedPurchase
-from tests.receipts.support import Receipts, error_reason, receipts_service
+from tests.receipts.support import Receipts, receipts_service
+from tests.support.status import error_reason
 from tests.support.tokens import Keys
 
 PACK = "com.coinstore.coins.350"

@@ -20,8 +20,9 @@ from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common.db import create_engine
 from services.wallet import store
+from tests.support.status import error_info
 from tests.support.tokens import Keys
-from tests.wallet.support import ALL_SCOPES, Wallet, credit_request, error_info, migrated, running_wallet, write_catalog
+from tests.wallet.support import ALL_SCOPES, Wallet, credit_request, migrated, running_wallet, write_catalog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,9 @@ import pytest
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.wallet import store
+from tests.support.status import error_info
 from tests.support.tokens import Keys
-from tests.wallet.support import Wallet, error_info, running_wallet, unique
+from tests.wallet.support import Wallet, running_wallet, unique
 
 
 async def refused(call: object, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:

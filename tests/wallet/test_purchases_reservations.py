@@ -13,8 +13,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from services.wallet import store
+from tests.support.status import error_info
 from tests.support.tokens import Keys
-from tests.wallet.support import Wallet, credit_request, error_info, running_wallet, unique
+from tests.wallet.support import Wallet, credit_request, running_wallet, unique
 
 
 def ledger_sums(wallet: Wallet) -> dict[str, int]:

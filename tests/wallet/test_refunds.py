@@ -10,7 +10,8 @@ import pytest
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from services.wallet import store
-from tests.wallet.support import Wallet, error_info, unique
+from tests.support.status import error_info
+from tests.wallet.support import Wallet, unique
 
 
 async def reverse(

@@ -12,7 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from coinstore.type.v1 import money_pb2
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
-from tests.wallet.support import Wallet, bad_field, credit_request, error_info
+from tests.support.status import bad_field, error_info
+from tests.wallet.support import Wallet, credit_request
 
 LONG = "x" * 129
 

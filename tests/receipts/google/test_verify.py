@@ -18,7 +18,8 @@ from services.common.catalog import StoreId
 from services.receipts.google.store import ConsumeState
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import PACKAGE, google_receipts
-from tests.receipts.support import Receipts, error_reason
+from tests.receipts.support import Receipts
+from tests.support.status import error_reason
 from tests.support.tokens import Keys
 
 
