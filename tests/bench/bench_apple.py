@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from services.receipts.appstore.jws import AppleJwsVerifier
 from services.storesim.apple import create_store
-from tests.bench.common import BenchArgs, Result, percentiles, scratch_postgres
+from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
 
 
 # Single-core figures count CPU seconds of this thread (time.thread_time), so
@@ -199,26 +198,9 @@ async def _end_to_end(args: BenchArgs) -> Result:
                     latencies.append(time.perf_counter() - began)
                     assert reply.purchases[0].state == pb.PURCHASE_STATE_CREDITED
 
-                for item in purchases[:8]:
-                    await call(*item)
-                latencies.clear()
-                queue = purchases[8:]
-
-                async def worker() -> None:
-                    while queue:
-                        await call(*queue.pop())
-
-                started = time.perf_counter()
-                await asyncio.gather(*(worker() for _ in range(concurrency)))
-                elapsed = time.perf_counter() - started
+                elapsed = await closed_loop(call, purchases, concurrency, latencies)
         finally:
-            for child in children:
-                child.send_signal(signal.SIGTERM)
-            for child in children:
-                try:
-                    child.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            stop_processes(children)
         p50, p99 = percentiles(latencies)
         return Result(
             "apple e2e: VerifyApplePurchase gRPC c=64 (PostgreSQL)",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import grpc
 
 from services.storesim.apple import create_store
 from tests.bench import bench_apple
-from tests.bench.common import BenchArgs, Result, percentiles, scratch_postgres
+from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
 
 REPO = Path(__file__).resolve().parents[2]
 CONCURRENCY = 64
@@ -127,26 +126,9 @@ async def _end_to_end(args: BenchArgs) -> Result:
                     latencies.append(time.perf_counter() - began)
                     assert reply.purchase.state == pb.PURCHASE_STATE_CREDITED, reply
 
-                for item in purchases[:8]:
-                    await call(*item)
-                latencies.clear()
-                queue = purchases[8:]
-
-                async def worker() -> None:
-                    while queue:
-                        await call(*queue.pop())
-
-                started = time.perf_counter()
-                await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-                elapsed = time.perf_counter() - started
+                elapsed = await closed_loop(call, purchases, CONCURRENCY, latencies)
         finally:
-            for child in children:
-                child.send_signal(signal.SIGTERM)
-            for child in children:
-                try:
-                    child.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            stop_processes(children)
         p50, p99 = percentiles(latencies)
         return Result(
             "google e2e: VerifyGooglePurchase gRPC c=64 (PostgreSQL)",

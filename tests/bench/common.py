@@ -3,10 +3,15 @@ throwaway PostgreSQL databases."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import statistics
-from collections.abc import Iterator, Sequence
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from uuid import uuid4
 
 import sqlalchemy as sa
@@ -66,3 +71,37 @@ def scratch_postgres(admin_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+async def closed_loop(
+    call: Callable[..., Awaitable[None]],
+    items: list[Any],
+    concurrency: int,
+    latencies: list[float],
+    warmup: int = 8,
+) -> float:
+    """Warm up with ``warmup`` items, then drive the rest from ``concurrency``
+    concurrent callers; returns the elapsed seconds of the measured part."""
+    for item in items[:warmup]:
+        await call(*item)
+    latencies.clear()
+    queue = items[warmup:]
+
+    async def worker() -> None:
+        while queue:
+            await call(*queue.pop())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+def stop_processes(children: Sequence[subprocess.Popen[bytes]], timeout: float = 20) -> None:
+    """SIGTERM every child, then kill the ones that do not stop in time."""
+    for child in children:
+        child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
