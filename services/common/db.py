@@ -97,13 +97,6 @@ def is_retryable(error: BaseException) -> bool:
     return False
 
 
-def is_unique_violation(error: BaseException) -> bool:
-    if not isinstance(error, sa.exc.IntegrityError):
-        return False
-    sqlstate = getattr(error.orig, "sqlstate", None)
-    return sqlstate == "23505" or "UNIQUE constraint failed" in str(error.orig)
-
-
 class Database:
     """An engine plus the thread pool its blocking work runs on."""
 

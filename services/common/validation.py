@@ -9,7 +9,6 @@ from typing import TypeVar
 from services.common.errors import InvalidArgument
 
 MAX_ID_LENGTH = 128
-MAX_TOKEN_LENGTH = 64 * 1024
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@+\-/=]+$")
 _CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")
 
