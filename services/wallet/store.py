@@ -30,6 +30,7 @@ from services.common.clock import Clock
 from services.common.db import Database
 from services.common.errors import RequestIdReused
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
+from services.wallet.bulk import Bulk
 from services.wallet.domain.ledger import (
     CLAWBACK,
     GIFT_REVENUE,
@@ -146,54 +147,6 @@ spending_limits = sa.Table(
     sa.Column("pending_effective_at", TZ, nullable=True),
     sa.Column("updated_at", TZ, nullable=False),
 )
-
-
-def bulk_insert(
-    conn: Connection,
-    table: sa.Table,
-    rows: Sequence[dict[str, Any]],
-    *,
-    ignore: bool = False,
-    returning: Sequence[sa.ColumnElement[Any]] = (),
-    add_on_conflict: Sequence[sa.Column[Any]] = (),
-) -> list[Any]:
-    """INSERT many rows in one statement (optionally ON CONFLICT DO NOTHING, or adding
-    ``balance`` on a conflict of ``add_on_conflict``), returning ``returning`` of the rows
-    actually inserted or updated.
-
-    On PostgreSQL the rows travel as one array per column (INSERT … SELECT unnest(…)):
-    a short statement psycopg caches and the server prepares once, whatever the number
-    of rows. A multi-row VALUES list would be re-parsed by the driver on every call.
-    """
-    if not rows:
-        return []
-    columns = list(rows[0])
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import ARRAY
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        arrays = [
-            sa.func.unnest(sa.bindparam(f"a_{c}", [r[c] for r in rows], type_=ARRAY(table.c[c].type))) for c in columns
-        ]
-        stmt: Any = pg_insert(table).from_select(columns, sa.select(*arrays))
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        stmt = sqlite_insert(table)
-    if ignore:
-        stmt = stmt.on_conflict_do_nothing()
-    if add_on_conflict:
-        stmt = stmt.on_conflict_do_update(
-            index_elements=list(add_on_conflict), set_={"balance": table.c.balance + stmt.excluded.balance}
-        )
-    if returning:
-        stmt = stmt.returning(*returning)
-    if conn.dialect.name == "postgresql":
-        result = conn.execute(stmt)
-    else:
-        # executemany with RETURNING: SQLAlchemy batches it into multi-row INSERTs.
-        result = conn.execute(stmt if returning else stmt.returning(*table.primary_key.columns), list(rows))
-    return list(result.all()) if returning else []
 
 
 def utc(moment: datetime) -> datetime:
@@ -369,6 +322,7 @@ class WalletStore:
         self._reservation_ttl = reservation_ttl
         self._log = RequestLog(request_log)
         self._holding = timedelta(days=catalog.diamonds.holding_days)
+        self._bulk = Bulk(database.dialect)
 
     # ------------------------------------------------------------ plumbing
 
@@ -492,42 +446,30 @@ class WalletStore:
     def _lock_balances(self, conn: Connection, currency: Currency, accounts: Iterable[str]) -> dict[str, int]:
         """Lock the balance rows of ``accounts`` in one currency (sorted: no deadlocks)."""
         ids = sorted(set(accounts))
-        if not ids:
-            return {}
-        query = (
-            sa.select(balances.c.account_id, balances.c.balance)
-            .where(balances.c.currency == currency.value, balances.c.account_id.in_(ids))
-            .order_by(balances.c.account_id)
-        )
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        found = {row.account_id: int(row.balance) for row in conn.execute(query)}
+        query = sa.select(balances.c.account_id, balances.c.balance).where(balances.c.currency == currency.value)
+        found = {
+            row.account_id: int(row.balance)
+            for row in self._bulk.select_for_keys(conn, balances.c.account_id, ids, query, for_update=True)
+        }
         return {account_id: found.get(account_id, 0) for account_id in ids}
 
     def _views(self, conn: Connection, accounts: Iterable[str], now: datetime) -> dict[str, BalanceView]:
         ids = sorted(set(accounts))
         if not ids:
             return {}
-        wanted = ids + [hold_account(a) for a in ids]
         amounts: dict[tuple[str, str], int] = {}
-        for row in conn.execute(
-            sa.select(balances.c.account_id, balances.c.currency, balances.c.balance).where(
-                balances.c.account_id.in_(wanted)
-            )
-        ):
+        query = sa.select(balances.c.account_id, balances.c.currency, balances.c.balance)
+        for row in self._bulk.select_for_keys(conn, balances.c.account_id, ids + [hold_account(a) for a in ids], query):
             amounts[(row.account_id, row.currency)] = int(row.balance)
         immature: dict[str, int] = {}
         if self._holding > timedelta(0):
-            for received in conn.execute(
-                sa.select(history.c.account_id, sa.func.coalesce(sa.func.sum(history.c.diamonds_delta), 0))
-                .where(
-                    history.c.account_id.in_(ids),
-                    history.c.kind == Kind.GIFT_RECEIVED.value,
-                    history.c.created_at > now - self._holding,
-                )
+            received = (
+                sa.select(history.c.account_id, sa.func.sum(history.c.diamonds_delta).label("diamonds"))
+                .where(history.c.kind == Kind.GIFT_RECEIVED.value, history.c.created_at > now - self._holding)
                 .group_by(history.c.account_id)
-            ):
-                immature[received[0]] = int(received[1])
+            )
+            for row in self._bulk.select_for_keys(conn, history.c.account_id, ids, received):
+                immature[row.account_id] = int(row.diamonds)
         coin, diamond = Currency.COIN.value, Currency.DIAMOND.value
         return {
             a: BalanceView(
@@ -706,7 +648,7 @@ class WalletStore:
             {"method": m, "request_id": r, "request_hash": batch.digests[batch.first[(m, r)]], "created_at": now}
             for m, r in claims
         ]
-        claimed = bulk_insert(
+        claimed = self._bulk.insert(
             conn, request_log, rows, ignore=True, returning=(request_log.c.method, request_log.c.request_id)
         )
         inserted = {(row.method, row.request_id) for row in claimed}
@@ -733,33 +675,11 @@ class WalletStore:
     ) -> list[Message | bytes | DomainError]:
         """Record the answers of the batch's new requests; drop the claims of refused ones."""
         recorded = [
-            {"m": keys[i][0], "r": keys[i][1], "body": result.SerializeToString(deterministic=True)}
+            {"method": keys[i][0], "request_id": keys[i][1], "response": result.SerializeToString(deterministic=True)}
             for i in batch.live
             if isinstance(result := batch.results[i], Message)
         ]
-        if recorded and conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import ARRAY
-
-            # One UPDATE … FROM unnest(…) for the whole batch instead of one UPDATE per answer.
-            answers = sa.select(
-                sa.func.unnest(sa.bindparam("m", [x["m"] for x in recorded], type_=ARRAY(sa.String))).label("m"),
-                sa.func.unnest(sa.bindparam("r", [x["r"] for x in recorded], type_=ARRAY(sa.String))).label("r"),
-                sa.func.unnest(sa.bindparam("b", [x["body"] for x in recorded], type_=ARRAY(sa.LargeBinary))).label(
-                    "body"
-                ),
-            ).subquery("answers")
-            conn.execute(
-                request_log.update()
-                .where(request_log.c.method == answers.c.m, request_log.c.request_id == answers.c.r)
-                .values(response=answers.c.body)
-            )
-        elif recorded:
-            conn.execute(
-                request_log.update()
-                .where(request_log.c.method == sa.bindparam("m"), request_log.c.request_id == sa.bindparam("r"))
-                .values(response=sa.bindparam("body")),
-                recorded,
-            )
+        self._bulk.update(conn, request_log, recorded, keys=("method", "request_id"))
         dropped = [{"m": keys[i][0], "r": keys[i][1]} for i in batch.live if isinstance(batch.results[i], DomainError)]
         if dropped:
             conn.execute(
@@ -783,15 +703,15 @@ class WalletStore:
         deltas: dict[tuple[str, Currency], int],
     ) -> None:
         """Bulk-write ledger transactions and add ``deltas`` to the balance rows (sorted order)."""
-        bulk_insert(conn, transactions, txn_rows)
-        bulk_insert(conn, entries, entry_rows)
-        bulk_insert(conn, history, history_rows)
+        self._bulk.insert(conn, transactions, txn_rows)
+        self._bulk.insert(conn, entries, entry_rows)
+        self._bulk.insert(conn, history, history_rows)
         rows = [
             {"account_id": a, "currency": c.value, "balance": d}
             for (a, c), d in sorted(deltas.items(), key=lambda kv: (kv[0][1].value, kv[0][0]))
             if d
         ]
-        bulk_insert(conn, balances, rows, add_on_conflict=(balances.c.account_id, balances.c.currency))
+        self._bulk.insert(conn, balances, rows, add_on_conflict=(balances.c.account_id, balances.c.currency))
 
     # ------------------------------------------------------------ purchases, batched
 
@@ -839,7 +759,7 @@ class WalletStore:
                 }
                 for _, i in sorted(owner.items())
             ]
-            returned = bulk_insert(
+            returned = self._bulk.insert(
                 conn,
                 purchases,
                 purchase_rows,
@@ -1067,7 +987,7 @@ class WalletStore:
         if not ids:
             return {}
         result: dict[str, list[list[Any]]] = {}
-        for row in conn.execute(sa.select(spending_limits).where(spending_limits.c.account_id.in_(ids))):
+        for row in self._bulk.select_for_keys(conn, spending_limits.c.account_id, ids, sa.select(spending_limits)):
             state = _limit_state(row).effective(now)
             if state.limit_coins > 0:
                 period = Period(row.period)

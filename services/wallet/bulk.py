@@ -1,0 +1,158 @@
+"""Set-based SQL for the batch (group-commit) paths: many rows per statement,
+at a Python cost per row close to nothing.
+
+On PostgreSQL a batch travels as ONE JSON text parameter which the server
+unpacks with ``json_populate_recordset`` against the target table's own row
+type, and key lookups bind ONE array. The driver then adapts one value per
+statement instead of one per cell (psycopg's text array dumper runs a regular
+expression on every element), the statement text is the same whatever the
+batch size, so psycopg prepares it once and SQLAlchemy compiles it once, and
+the server parses the rows in C. On SQLite the same calls use executemany and
+IN lists.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+
+_ROWS = "rows"
+
+
+def _cell(value: object) -> object:
+    # json_populate_recordset reads each cell in its column type's text form.
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    raise TypeError(f"cannot send {type(value).__name__} in a bulk statement")
+
+
+def _document(rows: Sequence[dict[str, Any]]) -> str:
+    return json.dumps(rows, default=_cell, separators=(",", ":"))
+
+
+class Bulk:
+    """Batch statements for one dialect, each built and compiled once."""
+
+    def __init__(self, dialect: str) -> None:
+        self._postgres = dialect == "postgresql"
+        self._statements: dict[tuple[Any, ...], Any] = {}
+
+    def _source(self, table: sa.Table) -> Any:
+        """``json_populate_recordset(NULL::<table>, :rows)``: the batch as rows of ``table``."""
+        rows = sa.cast(sa.bindparam(_ROWS, type_=sa.Text), sa.JSON)
+        function = sa.func.json_populate_recordset(sa.literal_column(f"NULL::{table.name}"), rows)
+        return function.table_valued(*(column.name for column in table.columns), name="batch")
+
+    def insert(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        rows: Sequence[dict[str, Any]],
+        *,
+        ignore: bool = False,
+        returning: Sequence[sa.Column[Any]] = (),
+        add_on_conflict: Sequence[sa.Column[Any]] = (),
+    ) -> list[Any]:
+        """INSERT ``rows`` in one statement (optionally ON CONFLICT DO NOTHING, or adding
+        ``balance`` on a conflict of ``add_on_conflict``), returning ``returning`` of the
+        rows actually inserted or updated. Rows are written in the order given, which is
+        the order their row locks are taken in."""
+        if not rows:
+            return []
+        columns = tuple(rows[0])
+        key = ("insert", table.name, columns, ignore, tuple(returning), tuple(add_on_conflict))
+        stmt = self._statements.get(key)
+        if stmt is None:
+            stmt = self._statements[key] = self._build_insert(table, columns, ignore, returning, add_on_conflict)
+        if self._postgres:
+            result = conn.execute(stmt, {_ROWS: _document(rows)})
+        else:
+            # executemany with RETURNING: SQLAlchemy batches it into multi-row INSERTs.
+            result = conn.execute(stmt, list(rows))
+        return list(result.all()) if returning else []
+
+    def _build_insert(
+        self,
+        table: sa.Table,
+        columns: tuple[str, ...],
+        ignore: bool,
+        returning: Sequence[sa.Column[Any]],
+        add_on_conflict: Sequence[sa.Column[Any]],
+    ) -> Any:
+        stmt: Any
+        if self._postgres:
+            source = self._source(table)
+            stmt = pg_insert(table).from_select(list(columns), sa.select(*(source.c[c] for c in columns)))
+        else:
+            stmt = sqlite_insert(table)
+        if ignore:
+            stmt = stmt.on_conflict_do_nothing()
+        if add_on_conflict:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(add_on_conflict), set_={"balance": table.c.balance + stmt.excluded.balance}
+            )
+        if returning or not self._postgres:
+            stmt = stmt.returning(*(returning or table.primary_key.columns))
+        return stmt
+
+    def update(self, conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+        """UPDATE the rows of ``table`` matching each row's ``keys`` with its other values."""
+        if not rows:
+            return
+        values = tuple(c for c in rows[0] if c not in keys)
+        key = ("update", table.name, tuple(keys), values)
+        stmt = self._statements.get(key)
+        if self._postgres:
+            if stmt is None:
+                source = self._source(table)
+                stmt = self._statements[key] = (
+                    table.update()
+                    .where(*(table.c[k] == source.c[k] for k in keys))
+                    .values({c: source.c[c] for c in values})
+                )
+            conn.execute(stmt, {_ROWS: _document(rows)})
+            return
+        if stmt is None:
+            stmt = self._statements[key] = (
+                table.update()
+                .where(*(table.c[k] == sa.bindparam(f"k_{k}") for k in keys))
+                .values({c: sa.bindparam(f"v_{c}") for c in values})
+            )
+        conn.execute(stmt, [{**{f"k_{k}": r[k] for k in keys}, **{f"v_{c}": r[c] for c in values}} for r in rows])
+
+    def select_for_keys(
+        self,
+        conn: Connection,
+        key: sa.Column[Any],
+        keys: Sequence[Any],
+        query: sa.Select[Any],
+        *,
+        for_update: bool = False,
+    ) -> list[Any]:
+        """The rows of ``query`` whose ``key`` is one of ``keys`` (locked, with ``for_update``).
+
+        On PostgreSQL this is one index probe per key, in the order of ``keys`` (so
+        also the order the row locks are taken in): a LATERAL subquery over the
+        unnested keys, kept from being flattened into a join by OFFSET 0. A plain
+        ``= ANY(:keys)`` lets the planner choose a sequential scan for a young table
+        without statistics, and its generic plan compares every row with the whole
+        array.
+        """
+        if not keys:
+            return []
+        if not self._postgres:
+            return list(conn.execute(query.where(key.in_(list(keys)))).all())
+        wanted = sa.func.unnest(sa.literal(list(keys), ARRAY(key.type))).table_valued("key").render_derived("wanted")
+        probe = query.where(key == wanted.c.key).offset(0)
+        found = (probe.with_for_update() if for_update else probe).lateral("found")
+        return list(conn.execute(sa.select(found).select_from(wanted.join(found, sa.true()))).all())
