@@ -56,29 +56,46 @@ _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps every unary-unary coinstore RPC. Health and reflection pass untouched."""
+    """Wraps every unary-unary coinstore RPC. Health and reflection pass untouched.
+
+    Each method's wrapped handler is built on its first call and reused: the
+    continuation resolves the same handler for a method every time.
+    """
 
     def __init__(self, verifier: TokenVerifier, scopes: Mapping[str, str], metrics: Metrics) -> None:
         self._verifier = verifier
         self._scopes = dict(scopes)
         self._metrics = metrics
+        self._handlers: dict[str, Any] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         scope = self._scopes.get(method)
         if handler is None or scope is None or handler.unary_unary is None:
             return handler
-        inner = handler.unary_unary
+        wrapped = self._handlers[method] = grpc.unary_unary_rpc_method_handler(
+            self._guard(method, scope, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        return wrapped
+
+    def _guard(self, method: str, scope: str, inner: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         metrics = self._metrics
         verifier = self._verifier
         short = method.rsplit("/", 1)[-1]
+        latency = metrics.rpc_latency.labels(metrics.service, short)
+        answered = metrics.rpc_requests.labels(metrics.service, short, "OK")
 
-        async def wrapped(request: Any, context: Any) -> Any:
+        async def guarded(request: Any, context: Any) -> Any:
             metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
             request_id = metadata.get(REQUEST_ID_HEADER, "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
             token = request_id_var.set(request_id)
@@ -108,15 +125,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     log.exception("unexpected error in %s", method)
                     await _abort(context, internal_status(), request_id)
             finally:
-                metrics.rpc_requests.labels(metrics.service, short, code).inc()
-                metrics.rpc_latency.labels(metrics.service, short).observe(time.perf_counter() - started)
+                (answered if code == "OK" else metrics.rpc_requests.labels(metrics.service, short, code)).inc()
+                latency.observe(time.perf_counter() - started)
                 request_id_var.reset(token)
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return guarded
 
 
 async def _abort(context: Any, status: status_pb2.Status, request_id: str) -> None:

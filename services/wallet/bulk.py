@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -40,6 +41,15 @@ def _document(rows: Sequence[dict[str, Any]]) -> str:
     return json.dumps(rows, default=_cell, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Rows for one table, for :meth:`Bulk.insert_all`."""
+
+    table: sa.Table
+    rows: Sequence[dict[str, Any]]
+    add_on_conflict: tuple[sa.Column[Any], ...] = ()
+
+
 class Bulk:
     """Batch statements for one dialect, each built and compiled once."""
 
@@ -47,9 +57,9 @@ class Bulk:
         self._postgres = dialect == "postgresql"
         self._statements: dict[tuple[Any, ...], Any] = {}
 
-    def _source(self, table: sa.Table) -> Any:
+    def _source(self, table: sa.Table, parameter: str = _ROWS) -> Any:
         """``json_populate_recordset(NULL::<table>, :rows)``: the batch as rows of ``table``."""
-        rows = sa.cast(sa.bindparam(_ROWS, type_=sa.Text), sa.JSON)
+        rows = sa.cast(sa.bindparam(parameter, type_=sa.Text), sa.JSON)
         function = sa.func.json_populate_recordset(sa.literal_column(f"NULL::{table.name}"), rows)
         return function.table_valued(*(column.name for column in table.columns), name="batch")
 
@@ -81,6 +91,27 @@ class Bulk:
             result = conn.execute(stmt, list(rows))
         return list(result.all()) if returning else []
 
+    def insert_all(self, conn: Connection, parts: Sequence[Rows]) -> None:
+        """INSERT into several tables in one round trip: on PostgreSQL one statement whose
+        last part is the main INSERT and the others data-modifying WITH clauses. Only the
+        last part should take row locks on existing rows (the WITH clauses run in no
+        guaranteed order)."""
+        parts = [part for part in parts if part.rows]
+        if not self._postgres or len(parts) < 2:
+            for part in parts:
+                self.insert(conn, part.table, part.rows, add_on_conflict=part.add_on_conflict)
+            return
+        key = ("insert_all", *((p.table.name, tuple(p.rows[0]), p.add_on_conflict) for p in parts))
+        stmt = self._statements.get(key)
+        if stmt is None:
+            statements = [
+                self._build_insert(p.table, tuple(p.rows[0]), False, (), p.add_on_conflict, f"rows_{p.table.name}")
+                for p in parts
+            ]
+            clauses = [s.cte(f"write_{p.table.name}") for s, p in zip(statements[:-1], parts, strict=False)]
+            stmt = self._statements[key] = statements[-1].add_cte(*clauses)
+        conn.execute(stmt, {f"rows_{p.table.name}": _document(p.rows) for p in parts})
+
     def _build_insert(
         self,
         table: sa.Table,
@@ -88,10 +119,11 @@ class Bulk:
         ignore: bool,
         returning: Sequence[sa.Column[Any]],
         add_on_conflict: Sequence[sa.Column[Any]],
+        parameter: str = _ROWS,
     ) -> Any:
         stmt: Any
         if self._postgres:
-            source = self._source(table)
+            source = self._source(table, parameter)
             stmt = pg_insert(table).from_select(list(columns), sa.select(*(source.c[c] for c in columns)))
         else:
             stmt = sqlite_insert(table)

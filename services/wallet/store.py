@@ -30,7 +30,7 @@ from services.common.clock import Clock
 from services.common.db import Database
 from services.common.errors import RequestIdReused
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
-from services.wallet.bulk import Bulk
+from services.wallet.bulk import Bulk, Rows
 from services.wallet.domain.ledger import (
     CLAWBACK,
     GIFT_REVENUE,
@@ -702,16 +702,23 @@ class WalletStore:
         history_rows: list[dict[str, Any]],
         deltas: dict[tuple[str, Currency], int],
     ) -> None:
-        """Bulk-write ledger transactions and add ``deltas`` to the balance rows (sorted order)."""
-        self._bulk.insert(conn, transactions, txn_rows)
-        self._bulk.insert(conn, entries, entry_rows)
-        self._bulk.insert(conn, history, history_rows)
+        """Bulk-write ledger transactions and add ``deltas`` to the balance rows (sorted
+        order), in one round trip on PostgreSQL."""
         rows = [
             {"account_id": a, "currency": c.value, "balance": d}
             for (a, c), d in sorted(deltas.items(), key=lambda kv: (kv[0][1].value, kv[0][0]))
             if d
         ]
-        self._bulk.insert(conn, balances, rows, add_on_conflict=(balances.c.account_id, balances.c.currency))
+        self._bulk.insert_all(
+            conn,
+            [
+                Rows(transactions, txn_rows),
+                Rows(entries, entry_rows),
+                Rows(history, history_rows),
+                # Last: the only part that locks existing rows, so its order is the lock order.
+                Rows(balances, rows, add_on_conflict=(balances.c.account_id, balances.c.currency)),
+            ],
+        )
 
     # ------------------------------------------------------------ purchases, batched
 
@@ -782,66 +789,70 @@ class WalletStore:
         for key in created:
             winner = items[owner[key]]
             existing[key] = (winner.account_id, txn_ids[owner[key]], winner.coins, winner.bonus_coins)
-        coins = self._lock_balances(conn, Currency.COIN, {items[owner[key]].account_id for key in created})
-        views = self._views(conn, (items[i].account_id for i in batch.live), now)
-        running = {account: view.coin_balance for account, view in views.items()}
-        running.update(coins)
         txn_rows: list[dict[str, Any]] = []
         entry_rows: list[dict[str, Any]] = []
         history_rows: list[dict[str, Any]] = []
         deltas: dict[tuple[str, Currency], int] = defaultdict(int)
+        outcomes: list[tuple[int, bool]] = []  # (item index, freshly credited) of the accepted items
         for index in batch.live:
             item = items[index]
-            account_id, txn_id, original_coins, original_bonus = existing[item.key]
+            account_id, txn_id, _, _ = existing[item.key]
             if account_id != item.account_id:
                 batch.results[index] = PermissionDenied(
                     "RECEIPT_BOUND_TO_OTHER_ACCOUNT", "this store transaction was already credited to another account"
                 )
                 continue
             fresh = item.key in created and owner[item.key] == index
+            outcomes.append((index, fresh))
+            if not fresh:
+                continue
+            deltas[(account_id, Currency.COIN)] += item.coins
+            txn_rows.append(
+                {
+                    "txn_id": txn_id,
+                    "kind": Kind.PURCHASE.value,
+                    "created_at": now,
+                    "reference": item.store_transaction_id,
+                    "sandbox": item.environment is Environment.SANDBOX,
+                }
+            )
+            postings = [
+                Posting(account_id, Currency.COIN, item.coins),
+                Posting(purchase_clearing(item.store, item.environment), Currency.COIN, item.bonus_coins - item.coins),
+                Posting(promotions_expense(item.environment), Currency.COIN, -item.bonus_coins),
+            ]
+            entry_rows.extend(
+                {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
+                for p in balanced(postings)
+            )
+            history_rows.append(
+                {
+                    "account_id": account_id,
+                    "txn_id": txn_id,
+                    "kind": Kind.PURCHASE.value,
+                    "created_at": now,
+                    "coins_delta": item.coins,
+                    "diamonds_delta": 0,
+                    "reference": item.store_transaction_id,
+                    "counterparty": "",
+                }
+            )
+        if txn_rows:
+            self._write_many(conn, txn_rows, entry_rows, history_rows, deltas)
+        # Read after writing (the credited rows are ours, locked): each answer shows the
+        # balance just after its own credit, counting from the balance before the batch.
+        views = self._views(conn, (items[i].account_id for i, _ in outcomes), now)
+        running = {a: view.coin_balance - deltas.get((a, Currency.COIN), 0) for a, view in views.items()}
+        for index, fresh in outcomes:
+            item = items[index]
+            account_id, txn_id, original_coins, original_bonus = existing[item.key]
             if fresh:
                 running[account_id] += item.coins
-                deltas[(account_id, Currency.COIN)] += item.coins
-                sandbox = item.environment is Environment.SANDBOX
-                txn_rows.append(
-                    {
-                        "txn_id": txn_id,
-                        "kind": Kind.PURCHASE.value,
-                        "created_at": now,
-                        "reference": item.store_transaction_id,
-                        "sandbox": sandbox,
-                    }
-                )
-                postings = [
-                    Posting(account_id, Currency.COIN, item.coins),
-                    Posting(
-                        purchase_clearing(item.store, item.environment), Currency.COIN, item.bonus_coins - item.coins
-                    ),
-                    Posting(promotions_expense(item.environment), Currency.COIN, -item.bonus_coins),
-                ]
-                entry_rows.extend(
-                    {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
-                    for p in balanced(postings)
-                )
-                history_rows.append(
-                    {
-                        "account_id": account_id,
-                        "txn_id": txn_id,
-                        "kind": Kind.PURCHASE.value,
-                        "created_at": now,
-                        "coins_delta": item.coins,
-                        "diamonds_delta": 0,
-                        "reference": item.store_transaction_id,
-                        "counterparty": "",
-                    }
-                )
             view = views[account_id]
             balance = BalanceView(
                 account_id, running[account_id], view.diamonds, view.diamonds_reserved, view.diamonds_immature
             )
             batch.results[index] = build(CreditResult(not fresh, txn_id, original_coins, original_bonus, balance))
-        if txn_rows:
-            self._write_many(conn, txn_rows, entry_rows, history_rows, deltas)
         return self._finish_batch(conn, batch, keys)
 
     # ------------------------------------------------------------ gifts and spending
@@ -968,16 +979,10 @@ class WalletStore:
                         "counterparty": item.sender,
                     }
                 )
-        # Senders' rows exist and are locked already: a plain update. Creators' rows may be new.
-        conn.execute(
-            balances.update()
-            .where(balances.c.account_id == sa.bindparam("a"), balances.c.currency == Currency.COIN.value)
-            .values(balance=balances.c.balance + sa.bindparam("d")),
-            [{"a": a, "d": d} for a, d in sorted(sender_deltas.items())],
-        )
-        self._write_many(
-            conn, txn_rows, entry_rows, history_rows, {(c, Currency.DIAMOND): d for c, d in creator_deltas.items()}
-        )
+        # Senders' coin rows exist and are locked already; creators' diamond rows may be new.
+        deltas = {(a, Currency.COIN): d for a, d in sender_deltas.items()}
+        deltas.update({(c, Currency.DIAMOND): d for c, d in creator_deltas.items()})
+        self._write_many(conn, txn_rows, entry_rows, history_rows, deltas)
 
     def _limits_with_spent(
         self, conn: Connection, accounts: Iterable[str], now: datetime
