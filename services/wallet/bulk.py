@@ -168,10 +168,12 @@ class Bulk:
         key: sa.Column[Any],
         keys: Sequence[Any],
         query: sa.Select[Any],
+        params: dict[str, Any] | None = None,
         *,
         for_update: bool = False,
     ) -> list[Any]:
-        """The rows of ``query`` whose ``key`` is one of ``keys`` (locked, with ``for_update``).
+        """The rows of ``query`` (built once by the caller, with ``params`` for its bind
+        parameters) whose ``key`` is one of ``keys``, locked with ``for_update``.
 
         On PostgreSQL this is one index probe per key, in the order of ``keys`` (so
         also the order the row locks are taken in): a LATERAL subquery over the
@@ -183,8 +185,13 @@ class Bulk:
         if not keys:
             return []
         if not self._postgres:
-            return list(conn.execute(query.where(key.in_(list(keys)))).all())
-        wanted = sa.func.unnest(sa.literal(list(keys), ARRAY(key.type))).table_valued("key").render_derived("wanted")
-        probe = query.where(key == wanted.c.key).offset(0)
-        found = (probe.with_for_update() if for_update else probe).lateral("found")
-        return list(conn.execute(sa.select(found).select_from(wanted.join(found, sa.true()))).all())
+            return list(conn.execute(query.where(key.in_(list(keys))), params or {}).all())
+        cache_key = ("keys", query, key, for_update)
+        stmt = self._statements.get(cache_key)
+        if stmt is None:
+            unnested = sa.func.unnest(sa.bindparam("keys", type_=ARRAY(key.type)))
+            wanted = unnested.table_valued("key").render_derived("wanted")
+            probe = query.where(key == wanted.c.key).offset(0)
+            found = (probe.with_for_update() if for_update else probe).lateral("found")
+            stmt = self._statements[cache_key] = sa.select(found).select_from(wanted.join(found, sa.true()))
+        return list(conn.execute(stmt, {"keys": list(keys), **(params or {})}).all())

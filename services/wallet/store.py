@@ -323,6 +323,17 @@ class WalletStore:
         self._log = RequestLog(request_log)
         self._holding = timedelta(days=catalog.diamonds.holding_days)
         self._bulk = Bulk(database.dialect)
+        # Look-ups by account for Bulk.select_for_keys, built once so they compile once.
+        self._rows_in_currency = sa.select(balances.c.account_id, balances.c.balance).where(
+            balances.c.currency == sa.bindparam("currency")
+        )
+        self._balance_rows = sa.select(balances.c.account_id, balances.c.currency, balances.c.balance)
+        self._received_since = (
+            sa.select(history.c.account_id, sa.func.sum(history.c.diamonds_delta).label("diamonds"))
+            .where(history.c.kind == Kind.GIFT_RECEIVED.value, history.c.created_at > sa.bindparam("since"))
+            .group_by(history.c.account_id)
+        )
+        self._limit_rows = sa.select(spending_limits)
 
     # ------------------------------------------------------------ plumbing
 
@@ -446,10 +457,11 @@ class WalletStore:
     def _lock_balances(self, conn: Connection, currency: Currency, accounts: Iterable[str]) -> dict[str, int]:
         """Lock the balance rows of ``accounts`` in one currency (sorted: no deadlocks)."""
         ids = sorted(set(accounts))
-        query = sa.select(balances.c.account_id, balances.c.balance).where(balances.c.currency == currency.value)
         found = {
             row.account_id: int(row.balance)
-            for row in self._bulk.select_for_keys(conn, balances.c.account_id, ids, query, for_update=True)
+            for row in self._bulk.select_for_keys(
+                conn, balances.c.account_id, ids, self._rows_in_currency, {"currency": currency.value}, for_update=True
+            )
         }
         return {account_id: found.get(account_id, 0) for account_id in ids}
 
@@ -458,17 +470,13 @@ class WalletStore:
         if not ids:
             return {}
         amounts: dict[tuple[str, str], int] = {}
-        query = sa.select(balances.c.account_id, balances.c.currency, balances.c.balance)
-        for row in self._bulk.select_for_keys(conn, balances.c.account_id, ids + [hold_account(a) for a in ids], query):
+        wanted = ids + [hold_account(a) for a in ids]
+        for row in self._bulk.select_for_keys(conn, balances.c.account_id, wanted, self._balance_rows):
             amounts[(row.account_id, row.currency)] = int(row.balance)
         immature: dict[str, int] = {}
         if self._holding > timedelta(0):
-            received = (
-                sa.select(history.c.account_id, sa.func.sum(history.c.diamonds_delta).label("diamonds"))
-                .where(history.c.kind == Kind.GIFT_RECEIVED.value, history.c.created_at > now - self._holding)
-                .group_by(history.c.account_id)
-            )
-            for row in self._bulk.select_for_keys(conn, history.c.account_id, ids, received):
+            since = {"since": now - self._holding}
+            for row in self._bulk.select_for_keys(conn, history.c.account_id, ids, self._received_since, since):
                 immature[row.account_id] = int(row.diamonds)
         coin, diamond = Currency.COIN.value, Currency.DIAMOND.value
         return {
@@ -992,7 +1000,7 @@ class WalletStore:
         if not ids:
             return {}
         result: dict[str, list[list[Any]]] = {}
-        for row in self._bulk.select_for_keys(conn, spending_limits.c.account_id, ids, sa.select(spending_limits)):
+        for row in self._bulk.select_for_keys(conn, spending_limits.c.account_id, ids, self._limit_rows):
             state = _limit_state(row).effective(now)
             if state.limit_coins > 0:
                 period = Period(row.period)
