@@ -72,18 +72,33 @@ class Bulk:
         ignore: bool = False,
         returning: Sequence[sa.Column[Any]] = (),
         add_on_conflict: Sequence[sa.Column[Any]] = (),
+        replace_on_conflict: Sequence[str] = (),
     ) -> list[Any]:
-        """INSERT ``rows`` in one statement (optionally ON CONFLICT DO NOTHING, or adding
-        ``balance`` on a conflict of ``add_on_conflict``), returning ``returning`` of the
-        rows actually inserted or updated. Rows are written in the order given, which is
-        the order their row locks are taken in."""
+        """INSERT ``rows`` in one statement, returning ``returning`` of the rows actually
+        inserted or updated. On a conflict: nothing (``ignore``), add ``balance``
+        (``add_on_conflict``: the conflict columns), or overwrite the
+        ``replace_on_conflict`` columns of the row with that primary key; the last is a
+        keyed UPDATE that always finds its rows through the index, where an
+        UPDATE … FROM a batch lets the planner hash-join it against a scan of the whole
+        table. Rows are written in the order given, which is the order their row locks
+        are taken in."""
         if not rows:
             return []
         columns = tuple(rows[0])
-        key = ("insert", table.name, columns, ignore, tuple(returning), tuple(add_on_conflict))
+        key = (
+            "insert",
+            table.name,
+            columns,
+            ignore,
+            tuple(returning),
+            tuple(add_on_conflict),
+            tuple(replace_on_conflict),
+        )
         stmt = self._statements.get(key)
         if stmt is None:
-            stmt = self._statements[key] = self._build_insert(table, columns, ignore, returning, add_on_conflict)
+            stmt = self._statements[key] = self._build_insert(
+                table, columns, ignore, returning, add_on_conflict, replace_on_conflict=replace_on_conflict
+            )
         if self._postgres:
             result = conn.execute(stmt, {_ROWS: _document(rows)})
         else:
@@ -120,6 +135,8 @@ class Bulk:
         returning: Sequence[sa.Column[Any]],
         add_on_conflict: Sequence[sa.Column[Any]],
         parameter: str = _ROWS,
+        *,
+        replace_on_conflict: Sequence[str] = (),
     ) -> Any:
         stmt: Any
         if self._postgres:
@@ -133,34 +150,13 @@ class Bulk:
             stmt = stmt.on_conflict_do_update(
                 index_elements=list(add_on_conflict), set_={"balance": table.c.balance + stmt.excluded.balance}
             )
+        if replace_on_conflict:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(table.primary_key.columns), set_={c: stmt.excluded[c] for c in replace_on_conflict}
+            )
         if returning or not self._postgres:
             stmt = stmt.returning(*(returning or table.primary_key.columns))
         return stmt
-
-    def update(self, conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
-        """UPDATE the rows of ``table`` matching each row's ``keys`` with its other values."""
-        if not rows:
-            return
-        values = tuple(c for c in rows[0] if c not in keys)
-        key = ("update", table.name, tuple(keys), values)
-        stmt = self._statements.get(key)
-        if self._postgres:
-            if stmt is None:
-                source = self._source(table)
-                stmt = self._statements[key] = (
-                    table.update()
-                    .where(*(table.c[k] == source.c[k] for k in keys))
-                    .values({c: source.c[c] for c in values})
-                )
-            conn.execute(stmt, {_ROWS: _document(rows)})
-            return
-        if stmt is None:
-            stmt = self._statements[key] = (
-                table.update()
-                .where(*(table.c[k] == sa.bindparam(f"k_{k}") for k in keys))
-                .values({c: sa.bindparam(f"v_{c}") for c in values})
-            )
-        conn.execute(stmt, [{**{f"k_{k}": r[k] for k in keys}, **{f"v_{c}": r[c] for c in values}} for r in rows])
 
     def select_for_keys(
         self,

@@ -334,6 +334,8 @@ class WalletStore:
             .group_by(history.c.account_id)
         )
         self._limit_rows = sa.select(spending_limits)
+        self._answers = sa.select(request_log).where(request_log.c.method == sa.bindparam("method"))
+        self._purchases_in_store = sa.select(purchases).where(purchases.c.store == sa.bindparam("store"))
 
     # ------------------------------------------------------------ plumbing
 
@@ -651,7 +653,6 @@ class WalletStore:
             else:
                 batch.first[key] = index
         claims = sorted(batch.first)
-        # executemany + RETURNING: SQLAlchemy sends one multi-row INSERT with a cached plan.
         rows = [
             {"method": m, "request_id": r, "request_hash": batch.digests[batch.first[(m, r)]], "created_at": now}
             for m, r in claims
@@ -664,8 +665,13 @@ class WalletStore:
         if replays:
             stored = {
                 (row.method, row.request_id): row
-                for row in conn.execute(
-                    sa.select(request_log).where(sa.tuple_(request_log.c.method, request_log.c.request_id).in_(replays))
+                for method in {m for m, _ in replays}
+                for row in self._bulk.select_for_keys(
+                    conn,
+                    request_log.c.request_id,
+                    [r for m, r in replays if m == method],
+                    self._answers,
+                    {"method": method},
                 )
             }
             for key in replays:
@@ -679,15 +685,22 @@ class WalletStore:
         return batch
 
     def _finish_batch(
-        self, conn: Connection, batch: _Batch, keys: Sequence[tuple[str, str]]
+        self, conn: Connection, batch: _Batch, keys: Sequence[tuple[str, str]], now: datetime
     ) -> list[Message | bytes | DomainError]:
         """Record the answers of the batch's new requests; drop the claims of refused ones."""
         recorded = [
-            {"method": keys[i][0], "request_id": keys[i][1], "response": result.SerializeToString(deterministic=True)}
+            {
+                "method": keys[i][0],
+                "request_id": keys[i][1],
+                "request_hash": batch.digests[i],
+                "created_at": now,
+                "response": result.SerializeToString(deterministic=True),
+            }
             for i in batch.live
             if isinstance(result := batch.results[i], Message)
         ]
-        self._bulk.update(conn, request_log, recorded, keys=("method", "request_id"))
+        # The claims exist (this transaction made them): the upsert only sets their answers.
+        self._bulk.insert(conn, request_log, recorded, replace_on_conflict=("response",))
         dropped = [{"m": keys[i][0], "r": keys[i][1]} for i in batch.live if isinstance(batch.results[i], DomainError)]
         if dropped:
             conn.execute(
@@ -784,9 +797,10 @@ class WalletStore:
             created = {(row.store, row.store_transaction_id) for row in returned}
         earlier = [key for key in owner if key not in created]
         existing: dict[tuple[str, str], tuple[str, str, int, int]] = {}
-        if earlier:
-            for row in conn.execute(
-                sa.select(purchases).where(sa.tuple_(purchases.c.store, purchases.c.store_transaction_id).in_(earlier))
+        for store in {s for s, _ in earlier}:
+            ids = [t for s, t in earlier if s == store]
+            for row in self._bulk.select_for_keys(
+                conn, purchases.c.store_transaction_id, ids, self._purchases_in_store, {"store": store}
             ):
                 existing[(row.store, row.store_transaction_id)] = (
                     row.account_id,
@@ -861,7 +875,7 @@ class WalletStore:
                 account_id, running[account_id], view.diamonds, view.diamonds_reserved, view.diamonds_immature
             )
             batch.results[index] = build(CreditResult(not fresh, txn_id, original_coins, original_bonus, balance))
-        return self._finish_batch(conn, batch, keys)
+        return self._finish_batch(conn, batch, keys, now)
 
     # ------------------------------------------------------------ gifts and spending
 
@@ -912,7 +926,7 @@ class WalletStore:
                 item.sender, coin_balance, view.diamonds, view.diamonds_reserved, view.diamonds_immature
             )
             batch.results[index] = build(item, DebitDone(txn_id, item.coins, item.diamonds, balance_view))
-        return self._finish_batch(conn, batch, keys)
+        return self._finish_batch(conn, batch, keys, now)
 
     def _refusal(self, item: DebitItem, balance: int, limits: list[list[Any]]) -> DomainError | None:
         if balance < 0:
