@@ -1,7 +1,8 @@
 """Wallet benchmarks on PostgreSQL over gRPC (`make bench BENCH_ARGS="wallet --quick"`).
 
 1. CreditPurchase of distinct receipts at concurrency 64, beside a bare gRPC echo
-   server measured in the same run with the same client (target: >= 50 % of echo).
+   server measured in the same run with the same client, in three alternating
+   rounds (target: >= 50 % of echo; the median ratio is reported).
 2. Hot creator: 1,000 senders gifting one creator concurrently, group commit vs the
    naive baseline (one database transaction per gift; COINSTORE_WALLET_GROUP_COMMIT_WINDOW_MS=0),
    same run, same database server (target: >= 3x).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -321,6 +323,7 @@ def run(args: BenchArgs) -> list[Result]:
     senders = 200 if args.quick else 1000
     gifts_each = 3 if args.quick else 5
     memory_gifts = 4000 if args.quick else 1_000_000
+    rounds = 1 if args.quick else 3
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp, scratch_postgres(args.admin_database_url) as url:
         state = Path(tmp)
@@ -336,10 +339,16 @@ def run(args: BenchArgs) -> list[Result]:
             asyncio.run(_wait_port(f"127.0.0.1:{echo_port}", health=False))
             asyncio.run(_bench_credit(address, metadata, min(credits, 500), "warm"))
             asyncio.run(_bench_echo(f"127.0.0.1:{echo_port}", min(credits, 500)))
-            echo = asyncio.run(_bench_echo(f"127.0.0.1:{echo_port}", credits))
-            credit = asyncio.run(_bench_credit(address, metadata, credits, "credit"))
-            credit.notes["vs_echo"] = f"{credit.per_second / echo.per_second:.0%}"
-            results += [echo, credit]
+            # Alternate rounds, so a slow moment of this shared machine hits both sides;
+            # the ratio reported for the target is the median over the rounds.
+            ratios: list[float] = []
+            for round_number in range(1, rounds + 1):
+                echo = asyncio.run(_bench_echo(f"127.0.0.1:{echo_port}", credits))
+                credit = asyncio.run(_bench_credit(address, metadata, credits, f"credit{round_number}"))
+                ratios.append(credit.per_second / echo.per_second)
+                credit.notes["vs_echo"] = f"{ratios[-1]:.0%}"
+                results += [echo, credit]
+            results[-1].notes[f"median_vs_echo_of_{rounds}"] = f"{statistics.median(ratios):.0%}"
 
         names = [f"hot-{i}" for i in range(senders)]
         with _wallet(url, state, window_ms=0.0) as (address, _pid):
