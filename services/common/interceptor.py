@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -96,15 +96,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         answered = metrics.rpc_requests.labels(metrics.service, short, "OK")
 
         async def guarded(request: Any, context: Any) -> Any:
-            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-            request_id = metadata.get(REQUEST_ID_HEADER, "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
+            request_id = authorization = None
+            for key, value in context.invocation_metadata() or ():
+                if key == REQUEST_ID_HEADER and isinstance(value, str):
+                    request_id = value[:_MAX_REQUEST_ID]
+                elif key == "authorization" and isinstance(value, str):
+                    authorization = value
+            request_id = request_id or secrets.token_hex(16)
             token = request_id_var.set(request_id)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
             started = time.perf_counter()
             code = "OK"
             try:
                 try:
-                    caller = verifier.verify(metadata.get("authorization"))
+                    caller = verifier.verify(authorization)
                     authorize(caller, scope)
                     result = inner(request, context)
                     if asyncio.iscoroutine(result):
