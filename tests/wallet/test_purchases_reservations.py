@@ -57,6 +57,15 @@ async def test_repeat_credit_returns_the_original(wallet: Wallet) -> None:
     assert (await wallet.balance("fan")).coins == 100
 
 
+async def test_concurrent_credits_each_answer_their_own_balance(wallet: Wallet) -> None:
+    await wallet.credit("fan", 5)
+    # Group commit books these in shared transactions; each answer still shows the
+    # balance right after its own credit, as if they had run one after another.
+    replies = await asyncio.gather(*(wallet.credit("fan", 10) for _ in range(30)))
+    assert sorted(r.balance.coins for r in replies) == list(range(15, 306, 10))
+    assert (await wallet.balance("fan")).coins == 305
+
+
 async def test_longest_store_transaction_id_is_credited(wallet: Wallet) -> None:
     # Play purchase tokens are long; the ledger keeps the whole id as the reference.
     token = "t" * 512
