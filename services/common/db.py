@@ -97,6 +97,17 @@ def is_retryable(error: BaseException) -> bool:
     return False
 
 
+def dialect_insert(conn: Connection, table: sa.Table) -> Any:
+    """The connection's dialect's INSERT, which offers ON CONFLICT (PostgreSQL, SQLite)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
 class Database:
     """An engine plus the thread pool its blocking work runs on."""
 

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
+from services.common.db import dialect_insert
 from services.common.errors import RequestIdReused
 
 
@@ -80,10 +81,5 @@ class RequestLog:
 
 def insert_ignore(conn: Connection, table: sa.Table) -> sa.Insert:
     """INSERT … ON CONFLICT DO NOTHING for the connection's dialect."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing()
+    statement: sa.Insert = dialect_insert(conn, table).on_conflict_do_nothing()
+    return statement

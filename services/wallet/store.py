@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 
 from services.common.catalog import Catalog
 from services.common.clock import Clock
-from services.common.db import Database
+from services.common.db import Database, dialect_insert
 from services.common.errors import RequestIdReused
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
 from services.wallet.bulk import Bulk, Rows
@@ -280,14 +280,6 @@ class _HistoryRow:
     kind: Kind
     coins_delta: int = 0
     diamonds_delta: int = 0
-    counterparty: str = ""
-    reference: str | None = None
-
-
-@dataclass
-class _Posted:
-    txn_id: str
-    new_balances: dict[tuple[str, Currency], int] = field(default_factory=dict)
 
 
 PAGE_TOKEN_PREFIX = "h1:"  # noqa: S105 (a page cursor, not a secret)
@@ -339,15 +331,6 @@ class WalletStore:
 
     # ------------------------------------------------------------ plumbing
 
-    def _insert(self, conn: Connection, table: sa.Table) -> Any:
-        if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            return pg_insert(table)
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(table)
-
     def _idempotent(
         self,
         method: str,
@@ -359,7 +342,7 @@ class WalletStore:
         """One transaction: claim the request id, do the work, record the response."""
 
         def unit(conn: Connection) -> M | _Deferred:
-            stored = self._claim(conn, method, request_id, request)
+            stored = self._log.claim(conn, method, request_id, request)
             if stored is not None:
                 return response_type.FromString(stored)
             result = work(conn, self._clock.now())
@@ -376,26 +359,6 @@ class WalletStore:
             raise outcome.error
         return outcome
 
-    def _claim(self, conn: Connection, method: str, request_id: str, request: Message) -> bytes | None:
-        """AIP-155 claim (as RequestLog.claim, but detecting the insert with RETURNING:
-        SQLAlchemy 2.1 reports rowcount -1 for INSERT … ON CONFLICT on psycopg)."""
-        digest = fingerprint(request)
-        inserted = conn.execute(
-            insert_ignore(conn, request_log)
-            .values(method=method, request_id=request_id, request_hash=digest, created_at=self._clock.now())
-            .returning(request_log.c.request_id)
-        ).first()
-        if inserted is not None:
-            return None
-        row = conn.execute(
-            sa.select(request_log.c.request_hash, request_log.c.response).where(
-                request_log.c.method == method, request_log.c.request_id == request_id
-            )
-        ).one()
-        if row.request_hash != digest or row.response is None:
-            raise RequestIdReused(request_id)
-        return bytes(row.response)
-
     def _post(
         self,
         conn: Connection,
@@ -406,55 +369,36 @@ class WalletStore:
         postings: Iterable[Posting],
         rows: Sequence[_HistoryRow],
         now: datetime,
-        txn_id: str | None = None,
-    ) -> _Posted:
+    ) -> None:
         """Write one balanced ledger transaction and apply it to the balance rows."""
         checked = balanced(postings)
-        posted = _Posted(txn_id or new_txn_id())
-        conn.execute(
-            transactions.insert().values(
-                txn_id=posted.txn_id, kind=kind, created_at=now, reference=reference, sandbox=sandbox
-            )
-        )
-        conn.execute(
-            entries.insert(),
-            [
-                {"txn_id": posted.txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
-                for p in checked
-            ],
-        )
+        txn_id = new_txn_id()
         deltas: dict[tuple[str, Currency], int] = defaultdict(int)
         for p in checked:
             if not is_system(p.account_id):
                 deltas[(p.account_id, p.currency)] += p.amount
-        for (account_id, currency), amount in sorted(deltas.items(), key=lambda kv: (kv[0][1].value, kv[0][0])):
-            posted.new_balances[(account_id, currency)] = self._add_balance(conn, account_id, currency, amount)
-        if rows:
-            conn.execute(
-                history.insert(),
-                [
-                    {
-                        "account_id": r.account_id,
-                        "txn_id": posted.txn_id,
-                        "kind": r.kind.value,
-                        "created_at": now,
-                        "coins_delta": r.coins_delta,
-                        "diamonds_delta": r.diamonds_delta,
-                        "reference": reference if r.reference is None else r.reference,
-                        "counterparty": r.counterparty,
-                    }
-                    for r in rows
-                ],
-            )
-        return posted
-
-    def _add_balance(self, conn: Connection, account_id: str, currency: Currency, amount: int) -> int:
-        stmt = self._insert(conn, balances).values(account_id=account_id, currency=currency.value, balance=amount)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[balances.c.account_id, balances.c.currency],
-            set_={"balance": balances.c.balance + stmt.excluded.balance},
-        ).returning(balances.c.balance)
-        return int(conn.execute(stmt).scalar_one())
+        self._write_many(
+            conn,
+            [{"txn_id": txn_id, "kind": kind, "created_at": now, "reference": reference, "sandbox": sandbox}],
+            [
+                {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
+                for p in checked
+            ],
+            [
+                {
+                    "account_id": r.account_id,
+                    "txn_id": txn_id,
+                    "kind": r.kind.value,
+                    "created_at": now,
+                    "coins_delta": r.coins_delta,
+                    "diamonds_delta": r.diamonds_delta,
+                    "reference": reference,
+                    "counterparty": "",
+                }
+                for r in rows
+            ],
+            deltas,
+        )
 
     def _lock_balances(self, conn: Connection, currency: Currency, accounts: Iterable[str]) -> dict[str, int]:
         """Lock the balance rows of ``accounts`` in one currency (sorted: no deadlocks)."""
@@ -1060,7 +1004,7 @@ class WalletStore:
                 "pending_effective_at": state.pending_effective_at,
                 "updated_at": now,
             }
-            stmt = self._insert(conn, spending_limits).values(account_id=account_id, period=period.value, **values)
+            stmt = dialect_insert(conn, spending_limits).values(account_id=account_id, period=period.value, **values)
             conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=[spending_limits.c.account_id, spending_limits.c.period], set_=values
