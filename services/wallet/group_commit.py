@@ -3,7 +3,7 @@ transaction, each keeping its own request-id claim, ledger transaction and answe
 
 While a batch is running, new arrivals keep queueing and form the next one, so
 the batch size grows with the load (classic group commit, like a WAL flush). One
-batch in flight is the default: with two, batches were half the size and the
+batch in flight: with two, batches were half the size and the
 per-statement cost per item doubled (CreditPurchase throughput fell by a quarter
 in the benchmark). A batch that fails as a whole is retried item by item, so one
 bad item cannot fail its neighbours.
@@ -29,18 +29,14 @@ class GroupCommit(Generic[I, R]):
         *,
         window_seconds: float,
         max_batch: int,
-        max_inflight: int = 1,
     ) -> None:
         self._run = run
         self._window = window_seconds
         self._max_batch = max_batch
-        self._max_inflight = max_inflight
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
-        self._inflight = 0
+        self._running = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0
-        self.items = 0
 
     async def submit(self, item: I) -> R:
         loop = asyncio.get_running_loop()
@@ -57,20 +53,18 @@ class GroupCommit(Generic[I, R]):
         self._flush()
 
     def _flush(self) -> None:
-        if self._inflight >= self._max_inflight or not self._pending:
-            return  # a running batch flushes again when it finishes
+        if self._running or not self._pending:
+            return  # the running batch flushes again when it finishes
         batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
         if not self._pending and self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._inflight += 1
+        self._running = True
         task = asyncio.get_running_loop().create_task(self._run_batch(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run_batch(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
-        self.batches += 1
-        self.items += len(batch)
         try:
             try:
                 results = await self._run([item for item, _ in batch])
@@ -94,6 +88,6 @@ class GroupCommit(Generic[I, R]):
                 if not future.done():
                     future.set_exception(exc)
         finally:
-            self._inflight -= 1
+            self._running = False
             if self._pending:
                 self._flush()

@@ -61,10 +61,16 @@ def test_limit_changes() -> None:
 
 async def test_group_commit_gathers_concurrent_items_and_answers_each() -> None:
     seen: list[list[int]] = []
+    running = 0
+    most_running = 0
 
     async def run(items: list[int]) -> list[int]:
+        nonlocal running, most_running
         seen.append(items)
+        running += 1
+        most_running = max(most_running, running)
         await asyncio.sleep(0.01)
+        running -= 1
         return [i * 10 for i in items]
 
     group: GroupCommit[int, int] = GroupCommit(run, window_seconds=0.002, max_batch=50)
@@ -72,6 +78,8 @@ async def test_group_commit_gathers_concurrent_items_and_answers_each() -> None:
     assert results == [i * 10 for i in range(200)]
     assert len(seen) < 20
     assert max(len(batch) for batch in seen) <= 50
+    # One batch at a time: what arrives meanwhile forms the next one.
+    assert most_running == 1
 
 
 async def test_group_commit_isolates_a_failing_item() -> None:
