@@ -7,10 +7,13 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import jwt
 import pytest
 
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from services.receipts.notifications.core import CoreActions
 from services.receipts.notifications.parse import APPLE, GOOGLE
+from services.receipts.notifications.ports import Refused
 from tests.notifications.system import System, running_system
 from tests.support.tokens import Keys
 
@@ -164,3 +167,30 @@ def _message(system: System, token: str, kind: str) -> str:
     found = [m for m, d in system.push.deliveries.items() if d.notification.get(kind, {}).get("purchaseToken") == token]
     assert found, f"no {kind} for {token}"
     return found[-1]
+
+
+async def test_notification_credits_only_what_the_app_store_rules_allow(
+    database_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    async with running_system(database_url, keys, tmp_path, with_worker=False) as s:
+        s.notifier.config.auto = False
+        token, _ = await s.bind("fan-n")
+        bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
+        # The payload as the webhook hands it on once its signature is verified.
+        payload = jwt.decode(bought["signedTransaction"], options={"verify_signature": False})
+        actions = CoreActions(
+            s.components.crediting, s.components.store, asyncio.get_running_loop(), s.components.apple.policy
+        )
+        for field, value, reason in [
+            ("type", "Non-Consumable", "NOT_CONSUMABLE"),
+            ("inAppOwnershipType", "FAMILY_SHARED", "NOT_PURCHASED"),
+            ("bundleId", "com.example.other", "WRONG_BUNDLE"),
+            ("quantity", 0, "MALFORMED_TRANSACTION"),
+        ]:
+            with pytest.raises(Refused) as refused:
+                await asyncio.to_thread(actions.credit_apple, "fan-n", {**payload, field: value}, f"n-{field}")
+            assert refused.value.reason == reason
+        assert await s.balance("fan-n") == 0
+        applied = await asyncio.to_thread(actions.credit_apple, "fan-n", payload, "n-ok")
+        assert applied.changed
+        assert await s.balance("fan-n") == 350

@@ -65,7 +65,7 @@ async def test_lost_apple_refund_is_found_and_applied_once(database_url: str, ke
         loop = asyncio.get_running_loop()
         metrics = Metrics("receipts-test")
         reconciler = Reconciler(
-            actions=CoreActions(s.components.crediting, s.components.store, loop),
+            actions=CoreActions(s.components.crediting, s.components.store, loop, s.components.apple.policy),
             runs=ReconcileRuns(s.components.database),
             metrics=metrics,
             clock=SystemClock(),
@@ -94,7 +94,9 @@ async def test_lost_play_refund_is_found_and_applied_once(database_url: str, key
         loop = asyncio.get_running_loop()
         metrics = Metrics("receipts-test")
         reconciler = Reconciler(
-            actions=CoreActions(s.components.crediting, s.components.store, loop, s.components.google),
+            actions=CoreActions(
+                s.components.crediting, s.components.store, loop, s.components.apple.policy, s.components.google
+            ),
             runs=ReconcileRuns(s.components.database),
             metrics=metrics,
             clock=SystemClock(),

@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Mapping
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, TypeVar
 
-from services.common.catalog import CURRENCY_EXPONENTS, Price, StoreId
+from services.common.catalog import StoreId
 from services.common.errors import DomainError, NotFound, Unavailable
 from services.receipts.appstore.api import AppStoreApi
 from services.receipts.appstore.jws import AppleJwsVerifier
 from services.receipts.crediting import Crediting
+from services.receipts.domain.apple import ApplePolicy, check_transaction
 from services.receipts.domain.purchases import Environment, Outcome, StoredState, VerifiedPurchase
 from services.receipts.google.client import PlayApiError, PlayClient
 from services.receipts.google.service import GooglePurchases
@@ -47,35 +46,6 @@ class LoopThread:
         self._thread.join(5)
 
 
-def apple_price(transaction: Mapping[str, Any]) -> Price | None:
-    """Apple's price is in milliunits of ``currency`` (990 = 0.99); minor units round down."""
-    price, currency = transaction.get("price"), transaction.get("currency")
-    if not isinstance(price, int) or not isinstance(currency, str) or currency not in CURRENCY_EXPONENTS:
-        return None
-    minor = int((Decimal(price) / 1000).scaleb(CURRENCY_EXPONENTS[currency]))
-    return Price(minor, currency)
-
-
-def _ms(value: Any) -> datetime | None:
-    return datetime.fromtimestamp(value / 1000, UTC) if isinstance(value, int) else None
-
-
-def apple_purchase(transaction: Mapping[str, Any]) -> VerifiedPurchase:
-    """A verified App Store transaction payload as the core's VerifiedPurchase."""
-    return VerifiedPurchase(
-        store=StoreId.APP_STORE,
-        store_transaction_id=str(transaction["transactionId"]),
-        product_id=str(transaction.get("productId", "")),
-        quantity=int(transaction.get("quantity") or 1),
-        environment=Environment.SANDBOX if transaction.get("environment") == "Sandbox" else Environment.PRODUCTION,
-        storefront=str(transaction.get("storefront", "")),
-        price=apple_price(transaction),
-        purchase_time=_ms(transaction.get("purchaseDate")),
-        original_transaction_id=str(transaction.get("originalTransactionId", "")),
-        revoked=transaction.get("revocationDate") is not None,
-    )
-
-
 def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` on ``loop`` (owned by another thread) and wait for it."""
     return asyncio.run_coroutine_threadsafe(coroutine, loop).result(CALL_TIMEOUT_SECONDS)
@@ -87,11 +57,13 @@ class CoreActions:
         crediting: Crediting,
         store: PurchaseStore,
         loop: asyncio.AbstractEventLoop,
+        apple_policy: ApplePolicy,
         google: GooglePurchases | None = None,
     ) -> None:
         self._crediting = crediting
         self._store = store
         self._loop = loop
+        self._apple_policy = apple_policy
         self._google = google
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -104,12 +76,22 @@ class CoreActions:
         except DomainError as exc:
             raise Refused(exc.reason) from exc
 
+    def _apple_purchase(self, transaction: Mapping[str, Any]) -> VerifiedPurchase:
+        """The same App Store rules as VerifyApplePurchase (bundle, environment,
+        consumable, ownership, quantity): a notification credits nothing the app's
+        own report would not."""
+        try:
+            return check_transaction(dict(transaction), self._apple_policy, "signedTransactionInfo")
+        except DomainError as exc:
+            raise Refused(exc.reason) from exc
+
     def credit_apple(self, account_id: str, transaction: Mapping[str, Any], request_id: str) -> Applied:
-        result = self._run(self._crediting.credit(apple_purchase(transaction), account_id, request_id=request_id))
+        purchase = self._apple_purchase(transaction)
+        result = self._run(self._crediting.credit(purchase, account_id, request_id=request_id))
         return Applied(result.outcome is Outcome.CREDITED, result.outcome.value)
 
     def record_apple(self, transaction: Mapping[str, Any]) -> None:
-        self._run(self._crediting.record(apple_purchase(transaction)))
+        self._run(self._crediting.record(self._apple_purchase(transaction)))
 
     def credit_google(self, account_id: str | None, product_id: str, purchase_token: str, request_id: str) -> Applied:
         if self._google is None:

@@ -113,7 +113,7 @@ def build_worker_components(settings: ReceiptsSettings) -> NotificationComponent
         settings,
         runtime.database,
         runtime.metrics,
-        CoreActions(parts.crediting, parts.store, loop.loop, parts.google),
+        CoreActions(parts.crediting, parts.store, loop.loop, parts.apple.policy, parts.google),
         apple=CoreAppleApi(parts.apple.api, loop.loop),
         play=CorePlayApi(parts.google.client),
     )
