@@ -4,6 +4,8 @@ simulator over HTTP, and a wallet on a real port."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -140,12 +142,14 @@ async def test_forged_and_foreign_signatures_refused(world: World) -> None:
 
     _txid, jws = await world.device_buy()
     header, payload, signature = jws.split(".")
-    tampered = f"{header}.{payload[:-4]}AAAA.{signature}"
-    assert (
-        await world.refused(
-            pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=tampered)
-        )
-    )[1] in ("INVALID_SIGNATURE", "MALFORMED_JWS")
+    # A well-formed payload with one value changed: only the signature can tell.
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["quantity"] = claims.get("quantity", 1) + 9
+    changed = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    tampered = f"{header}.{changed}.{signature}"
+    assert await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=tampered)
+    ) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SIGNATURE")
     foreign = make_pki(name="Foreign")
     forged = JwsSigner(foreign.leaf_key, foreign.chain).sign(world.store.transaction(_txid) or {})
     assert await world.refused(
@@ -217,6 +221,16 @@ async def test_legacy_receipt_credits_each_consumable_once(world: World) -> None
     assert world.receipts.wallet.balances == {"fan-1": 3 * 350}
     assert await world.refused(
         pb.VerifyApplePurchaseRequest(request_id="r-3", account_id="fan-1", app_receipt="bm90IGEgcmVjZWlwdA==")
+    ) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_RECEIPT")
+    # 5,000 nested SEQUENCEs exhaust the ASN.1 decoder's recursion: still the caller's bad input.
+    nested = b"\x30\x00"
+    for _ in range(5000):
+        size = len(nested).to_bytes(3, "big")  # DER long form: 0x83 and three length bytes
+        nested = b"\x30\x83" + size + nested
+    assert await world.refused(
+        pb.VerifyApplePurchaseRequest(
+            request_id="r-4", account_id="fan-1", app_receipt=base64.b64encode(nested).decode()
+        )
     ) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_RECEIPT")
 
 

@@ -161,6 +161,11 @@ class AppleJwsVerifier:
 
     # --- public API ----------------------------------------------------------
 
+    @property
+    def online_checks(self) -> bool:
+        """Whether verification also asks OCSP (then only :meth:`verify_async` works)."""
+        return self._online
+
     def verify(self, jws: str, field: str = "signed_transaction") -> dict[str, Any]:
         """Verify offline and return the payload (with online checks on, use :meth:`verify_async`).
 
@@ -171,31 +176,11 @@ class AppleJwsVerifier:
         """
         if self._online:
             raise RuntimeError("online checks are on: use verify_async")
-        payload, signing_input, signature, chain = self.decode(jws, field)
-        # The hot path, inlined: validity at signedDate, then the ES256 check.
-        signed = payload.get("signedDate")
-        if signed is None:
-            signed = payload.get("receiptCreationDate")
-        if type(signed) is int:
-            moment = signed / 1000
-        else:
-            moment = self._clock()
-        if not chain.not_before <= moment <= chain.not_after:
-            self._check_validity(chain, moment, field)
-        if len(signature) != 64:
-            raise InvalidArgument(field, "the ES256 signature is not 64 bytes", "INVALID_SIGNATURE")
-        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
-        try:
-            chain.key.verify(der, signing_input, _ECDSA_SHA256)
-        except InvalidSignature:
-            raise InvalidArgument(field, "the JWS signature does not verify", "INVALID_SIGNATURE") from None
-        return payload
+        return self._verify_offline(jws, field)[0]
 
     async def verify_async(self, jws: str, field: str = "signed_transaction") -> dict[str, Any]:
-        """:meth:`verify`, doing the OCSP checks first when online checks are on."""
-        decoded = self.decode(jws, field)
-        chain = decoded.chain
-        self._check_validity(chain, self._effective_date(decoded.payload), field)
+        """:meth:`verify`, then the OCSP checks of the chain when online checks are on."""
+        payload, chain = self._verify_offline(jws, field)
         if self._online:
             assert self._ocsp is not None
             if self._ocsp_until.get(chain.x5c, 0.0) <= self._clock():
@@ -209,10 +194,25 @@ class AppleJwsVerifier:
                         now = self._clock()
                         for key in [k for k, v in self._ocsp_until.items() if v <= now]:
                             del self._ocsp_until[key]
-        self._check_signature(decoded, field)
-        return decoded.payload
+        return payload
 
     # --- steps -----------------------------------------------------------------
+
+    def _verify_offline(self, jws: str, field: str) -> tuple[dict[str, Any], _Chain]:
+        """Decode, chain, validity (at signedDate offline, now online) and the ES256
+        signature: the one path both :meth:`verify` and :meth:`verify_async` take."""
+        payload, signing_input, signature, chain = self.decode(jws, field)
+        moment = self._effective_date(payload)
+        if not chain.not_before <= moment <= chain.not_after:
+            self._check_validity(chain, moment, field)
+        if len(signature) != 64:
+            raise InvalidArgument(field, "the ES256 signature is not 64 bytes", "INVALID_SIGNATURE")
+        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+        try:
+            chain.key.verify(der, signing_input, _ECDSA_SHA256)
+        except InvalidSignature:
+            raise InvalidArgument(field, "the JWS signature does not verify", "INVALID_SIGNATURE") from None
+        return payload, chain
 
     def decode(self, jws: str, field: str) -> Decoded:
         """Split and decode the JWS and find its verified chain (cached by header text)."""
@@ -326,16 +326,6 @@ class AppleJwsVerifier:
         if not chain.not_before <= moment <= chain.not_after:
             at = datetime.fromtimestamp(moment, UTC).isoformat()
             raise InvalidArgument(field, f"a certificate of the chain is not valid at {at}", "CERTIFICATE_EXPIRED")
-
-    def _check_signature(self, decoded: Decoded, field: str) -> None:
-        signature = decoded.signature
-        if len(signature) != 64:
-            raise InvalidArgument(field, "the ES256 signature is not 64 bytes", "INVALID_SIGNATURE")
-        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
-        try:
-            decoded.chain.key.verify(der, decoded.signing_input, _ECDSA_SHA256)
-        except InvalidSignature:
-            raise InvalidArgument(field, "the JWS signature does not verify", "INVALID_SIGNATURE") from None
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

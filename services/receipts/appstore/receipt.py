@@ -83,6 +83,6 @@ def parse_app_receipt(app_receipt: str, field: str = "app_receipt") -> AppReceip
                 chosen = transaction or original
                 if chosen and chosen not in ids:
                     ids.append(chosen)
-    except (ValueError, TypeError, IndexError, KeyError, binascii.Error, asn1.Error):
+    except (ValueError, TypeError, IndexError, KeyError, RecursionError, binascii.Error, asn1.Error):
         raise InvalidArgument(field, "not a base64 PKCS#7 App Store receipt", "MALFORMED_RECEIPT") from None
     return AppReceipt(bundle_id, tuple(ids))

@@ -162,12 +162,10 @@ class CoreAppleVerifier:
 
     def verify(self, jws: str) -> Mapping[str, Any]:
         try:
-            try:
-                # Offline (or a fresh cached OCSP answer): verify right here in the worker thread.
+            if not self._verifier.online_checks:
                 return self._verifier.verify(jws, "signedPayload")
-            except RuntimeError:
-                # Online checks due: OCSP runs on the loop that owns the core's HTTP client.
-                return run_on(self._loop, self._verifier.verify_async(jws, "signedPayload"))
+            # OCSP runs on the loop that owns the core's HTTP client.
+            return run_on(self._loop, self._verifier.verify_async(jws, "signedPayload"))
         except DomainError as exc:
             if isinstance(exc, Unavailable):
                 raise
