@@ -32,6 +32,9 @@ def _key(method: str, request: Any, render: Any) -> RequestKey:
     return RequestKey(method, v.require_id("request_id", request.request_id), request, render)
 
 
+_MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+
+
 class PayoutServiceServicer(pb_grpc.PayoutServiceServicer):
     def __init__(self, payouts: Payouts, database: Database) -> None:
         self._payouts = payouts
@@ -105,8 +108,8 @@ class PayoutServiceServicer(pb_grpc.PayoutServiceServicer):
         max_items = v.require_non_negative("max_items", request.max_items)
         cutoff = None
         if request.HasField("cutoff_time"):
-            if request.cutoff_time.seconds <= 0:
-                raise InvalidArgument("cutoff_time", "must be a time after 1970")
+            if not 0 < request.cutoff_time.seconds <= _MAX_TIMESTAMP_SECONDS:
+                raise InvalidArgument("cutoff_time", "must be a time between 1970 and 9999")
             cutoff = request.cutoff_time.ToDatetime(tzinfo=UTC)
         if request.dry_run:
             currency, count, diamonds, amount = await self._db.run(

@@ -161,6 +161,15 @@ def decode_token(field: str, token: str, parts: int) -> list[str]:
     return values
 
 
+def decode_time_token(field: str, token: str) -> tuple[datetime, str]:
+    """A (created_at, id) page token; a decodable token with a bad time is refused too."""
+    created, last_id = decode_token(field, token, 2)
+    try:
+        return datetime.fromisoformat(created), last_id
+    except ValueError:
+        raise InvalidArgument(field, "is not a page token this service issued") from None
+
+
 @dataclass(frozen=True)
 class RequestKey:
     """An AIP-155 request: replays return ``render``'s stored bytes, recorded in the effect's transaction."""
@@ -312,8 +321,7 @@ class PayoutStore:
     def list_cashouts(self, creator: str, size: int, token: str) -> tuple[list[Cashout], str]:
         query = _cashout_select().where(cashouts.c.creator_account_id == creator)
         if token:
-            created, last_id = decode_token("page_token", token, 2)
-            moment = datetime.fromisoformat(created)
+            moment, last_id = decode_time_token("page_token", token)
             query = query.where(
                 sa.or_(
                     cashouts.c.created_at < moment,
@@ -475,8 +483,7 @@ class PayoutStore:
     def list_batches(self, size: int, token: str) -> tuple[list[Batch], str]:
         query = sa.select(batches.c.batch_id, batches.c.created_at)
         if token:
-            created, last_id = decode_token("page_token", token, 2)
-            moment = datetime.fromisoformat(created)
+            moment, last_id = decode_time_token("page_token", token)
             query = query.where(
                 sa.or_(
                     batches.c.created_at < moment,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import grpc
@@ -282,6 +283,7 @@ async def test_cutoff_time_limits_the_batch(service: Service) -> None:
     assert reason == "NO_ELIGIBLE_CASHOUTS"
 
 
+BAD_TIME_TOKEN = base64.urlsafe_b64encode(b"not-a-time\x1fcashout-1").decode()
 BAD_INPUT = [
     ("RequestCashout", cashout_request("", "c", 10_000), "request_id"),
     ("RequestCashout", cashout_request("r", "", 10_000), "creator_account_id"),
@@ -309,10 +311,18 @@ BAD_INPUT = [
     ("ListCashouts", pb.ListCashoutsRequest(), "creator_account_id"),
     ("ListCashouts", pb.ListCashoutsRequest(creator_account_id="c", page_size=-1), "page_size"),
     ("ListCashouts", pb.ListCashoutsRequest(creator_account_id="c", page_token="%%%"), "page_token"),
+    # Decodes, but its time is not one: still the caller's bad token, not INTERNAL.
+    ("ListCashouts", pb.ListCashoutsRequest(creator_account_id="c", page_token=BAD_TIME_TOKEN), "page_token"),
+    ("ListPayoutBatches", pb.ListPayoutBatchesRequest(page_token=BAD_TIME_TOKEN), "page_token"),
     ("CancelCashout", pb.CancelCashoutRequest(request_id="r"), "cashout_id"),
     ("CreatePayoutBatch", pb.CreatePayoutBatchRequest(), "request_id"),
     ("CreatePayoutBatch", pb.CreatePayoutBatchRequest(request_id="r", max_items=-1), "max_items"),
     ("CreatePayoutBatch", pb.CreatePayoutBatchRequest(request_id="r", currency_code="XX"), "currency_code"),
+    (
+        "CreatePayoutBatch",
+        pb.CreatePayoutBatchRequest(request_id="r", cutoff_time=timestamp_pb2.Timestamp(seconds=253402300800)),
+        "cutoff_time",
+    ),
     ("GetPayoutBatch", pb.GetPayoutBatchRequest(), "batch_id"),
     ("RetryFailedItems", pb.RetryFailedItemsRequest(request_id="r"), "batch_id"),
     ("CancelPayoutBatch", pb.CancelPayoutBatchRequest(batch_id="b"), "request_id"),
