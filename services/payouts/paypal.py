@@ -98,8 +98,10 @@ class PayPalProvider:
             if response.status_code >= 500 or response.status_code == 429:
                 raise ProviderUnavailable(f"PayPal OAuth answered {response.status_code}")
             if response.status_code != 200:
-                raise ProviderRejected(
-                    "AUTHENTICATION_FAILURE", f"PayPal refused our client credentials: {response.text[:200]}"
+                # Our credentials, not the payout: an earlier submission of this batch may
+                # already be paying, so failing its items could pay them twice. Retry and alert.
+                raise ProviderUnavailable(
+                    f"PayPal refused our client credentials (fix COINSTORE_PAYPAL_*): {response.text[:200]}"
                 )
             body = response.json()
             self._token = str(body["access_token"])
@@ -164,6 +166,8 @@ class PayPalProvider:
                 )
             log.info("PayPal already has sender_batch_id %s as %s; not paying again", sender_batch_id, original)
             return original
+        if response.status_code in (401, 403):
+            raise ProviderUnavailable(f"PayPal refused our authorization for payouts: {response.text[:300]}")
         raise ProviderRejected(str(error.get("name") or f"HTTP_{response.status_code}"), response.text[:500])
 
     def batch(self, provider_batch_id: str) -> ProviderBatch:

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from services.payouts.domain.model import PayoutLine
-from services.payouts.domain.ports import ItemOutcome, ProviderRejected, ProviderUnavailable
+from services.payouts.domain.ports import ItemOutcome, ProviderUnavailable
 from services.payouts.paypal import PayPalProvider, format_amount
 from tests.payouts.harness import PayPalSimServer
 
@@ -53,11 +53,12 @@ def test_token_is_cached_until_it_expires(provider: PayPalProvider, paypal: PayP
     assert len(paypal.payments()["payments"]) == 4
 
 
-def test_bad_credentials_are_rejected(paypal: PayPalSimServer) -> None:
+def test_bad_credentials_are_retried_never_a_rejection(paypal: PayPalSimServer) -> None:
+    # A rejection fails the items and returns their diamonds; refused credentials say
+    # nothing about an earlier submission of the same batch, so they must stay retryable.
     wrong = PayPalProvider(paypal.api_url, "coinstore-dev", "nope", 1.0)
-    with pytest.raises(ProviderRejected) as caught:
+    with pytest.raises(ProviderUnavailable, match="credentials"):
         wrong.submit("x", lines(1))
-    assert caught.value.reason == "AUTHENTICATION_FAILURE"
     assert paypal.payments()["payments"] == []
 
 
