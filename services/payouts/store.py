@@ -759,10 +759,16 @@ class PayoutStore:
                     ).one()
                     self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
             if pending:
+                # Polled every few seconds for up to 15,000 items: write only the rows that changed.
                 conn.execute(
-                    guarded(CashoutState.SUBMITTED.value).values(
-                        provider_item_id=sa.bindparam("b_item"), provider_status=sa.bindparam("b_status")
-                    ),
+                    guarded(CashoutState.SUBMITTED.value)
+                    .where(
+                        sa.or_(
+                            cashouts.c.provider_item_id != sa.bindparam("b_item"),
+                            cashouts.c.provider_status != sa.bindparam("b_status"),
+                        )
+                    )
+                    .values(provider_item_id=sa.bindparam("b_item"), provider_status=sa.bindparam("b_status")),
                     list(pending),
                 )
 
