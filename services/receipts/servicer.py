@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from google.protobuf.message import Message
 
@@ -36,6 +36,7 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
 
     def __init__(self, components: Components) -> None:
         self._c = components
+        self._bindings = BindingStore(components.database)
 
     async def idempotent(
         self,
@@ -56,8 +57,8 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
             recorder = RequestRecorder(self._c.store.requests, method, request_id, request, build)
             results = await work(recorder)
             if recorder.done:
-                stored = recorder.stored
-                response = build(results)
+                # Built once, inside the transaction that recorded it.
+                stored, response = recorder.stored, cast(M, recorder.response)
             else:
                 response = build(results)
                 stored = await self._c.store.remember(method, request_id, request, response)
@@ -74,8 +75,7 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         binding = self._c.binding
         token, obfuscated = binding.app_account_token(account_id), binding.obfuscated_account_id(account_id)
         # Store notifications name only these values: remember whose they are (insert-once).
-        bindings = BindingStore(self._c.database)
-        await self._c.database.run(bindings.record_now, account_id, token, obfuscated, self._c.clock.now())
+        await self._c.database.run(self._bindings.record_now, account_id, token, obfuscated, self._c.clock.now())
         return pb.GetPurchaseBindingResponse(app_account_token=token, obfuscated_account_id=obfuscated)
 
     async def GetPurchase(self, request: pb.GetPurchaseRequest, context: Any) -> pb.GetPurchaseResponse:

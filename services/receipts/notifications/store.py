@@ -270,8 +270,8 @@ class BindingStore:
 
     The binding values are an HMAC of the account id and cannot be reversed, so
     the receipts core records each binding when it hands one out
-    (GetPurchaseBinding) or verifies a purchase for an account; notifications
-    that carry a value never recorded here are not ours and are only recorded.
+    (GetPurchaseBinding); notifications that carry a value never recorded here
+    are not ours and are only recorded.
     """
 
     def __init__(self, database: Database) -> None:
@@ -290,7 +290,14 @@ class BindingStore:
         )
 
     def record_now(self, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime) -> None:
-        self.db.transaction(lambda conn: self.record(conn, account_id, app_account_token, obfuscated_id, now))
+        """Record once: an account asks for its binding before every purchase, and a
+        read is all a known one costs (no write transaction, no SQLite write lock)."""
+        with self.db.connect() as conn:
+            known = conn.execute(
+                sa.select(account_bindings.c.account_id).where(account_bindings.c.account_id == account_id)
+            ).first()
+        if known is None:
+            self.db.transaction(lambda conn: self.record(conn, account_id, app_account_token, obfuscated_id, now))
 
     def account_for_app_account_token(self, token: str) -> str | None:
         with self.db.connect() as conn:
