@@ -311,12 +311,6 @@ class PlayClient:
     async def aget_purchase_v2(self, package_name: str, token: str) -> PurchaseV2:
         return await self._run(lambda: self.get_purchase_v2(package_name, token))
 
-    async def aconsume(self, package_name: str, product_id: str, token: str) -> None:
-        await self._run(lambda: self.consume(package_name, product_id, token))
-
-    async def alist_voided_page(self, package_name: str, **kwargs: Any) -> VoidedPage:
-        return await self._run(lambda: self.list_voided_page(package_name, **kwargs))
-
 
 def _refresh_is_transient(error: google.auth.exceptions.RefreshError) -> bool:
     retryable = getattr(error, "retryable", False)

@@ -38,8 +38,8 @@ class LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="receipts-core-loop", daemon=True)
         self._thread.start()
 
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT_SECONDS) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return run_on(self.loop, coroutine)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -98,11 +98,9 @@ class CoreActions:
             raise StoreUnavailable("no Google Play path configured")
         try:
             result = self._run(self._google.credit_token(purchase_token, product_id, account_id, request_id=request_id))
-        except DomainError as error:
-            if isinstance(error, Unavailable):
-                raise
-            # Google or the rules refuse this purchase (unknown product, wrong package,
-            # another account's): nothing to credit, and retrying will not change that.
+        except NotFound as error:
+            # Google does not know the token: nothing to credit, and retrying will not change
+            # that. (Other refusals arrive as Refused from _run and finish the notification.)
             return Applied(False, error.reason.lower())
         return Applied(result.outcome is Outcome.CREDITED, result.outcome.value)
 

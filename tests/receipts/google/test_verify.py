@@ -63,9 +63,12 @@ async def test_purchased_is_credited_then_queued_for_consumption_not_consumed_in
     keys: Keys, database_url: str, tmp_path: Path
 ) -> None:
     async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
+        queued: list[str] = []
+        receipts.components.google._enqueue = queued.append  # the Celery sender, observed
         bought = play.buy("coins_350", account_id=binding(receipts, "fan-1"), region_code="US")
         result = await verify(receipts, bought.token, product_id="coins_350", account_region="US")
         assert result.state == pb.PURCHASE_STATE_CREDITED
+        assert queued == [bought.token]
         assert (result.store, result.store_transaction_id) == (pb.STORE_GOOGLE_PLAY, bought.token)
         assert (result.coins_credited, result.quantity, result.new_balance) == (350, 1, 350)
         assert result.environment == pb.STORE_ENVIRONMENT_PRODUCTION
