@@ -163,6 +163,12 @@ def to_minor(amount: str | int | float, currency: str, where: str) -> int:
     return int(scaled)
 
 
+def from_minor(amount_minor: int, currency: str) -> str:
+    """Minor units as the currency's decimal text (1234 USD -> "12.34", 500 JPY -> "500")."""
+    exponent = CURRENCY_EXPONENTS.get(currency, 2)
+    return str(Decimal(amount_minor).scaleb(-exponent).quantize(Decimal(1).scaleb(-exponent)))
+
+
 def _rational(raw: Any, where: str) -> Fraction:
     if isinstance(raw, float):
         raise CatalogError(f'{where}: write the rate as a string such as "1/2", not a float')

@@ -9,6 +9,7 @@ sweeper that re-queues work its own tables say is unfinished.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from celery import Celery
@@ -55,3 +56,10 @@ def beat_schedule_file(service: str) -> str:
     path = Path("var") / f"celerybeat-{service}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def retry_countdown(retries: int, base_seconds: float) -> float:
+    """Seconds before retry number ``retries + 1``: base·2^retries with jitter (half to
+    all of it), never beyond MAX_COUNTDOWN_SECONDS (the broker's visibility timeout)."""
+    ceiling = min(float(MAX_COUNTDOWN_SECONDS), base_seconds * 2.0 ** min(retries, 32))
+    return random.uniform(0.5, 1.0) * ceiling

@@ -15,14 +15,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, TextIO
 
 import grpc
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
-from services.common.catalog import CURRENCY_EXPONENTS
+from services.common.catalog import from_minor
 
 OPS_TOKEN_SECONDS = 300
 CALL_TIMEOUT_SECONDS = 30.0
@@ -48,11 +47,6 @@ FINAL = (pb.CASHOUT_STATE_PAID, pb.CASHOUT_STATE_FAILED)
 
 def _state(value: int, enum: Any, prefix: str) -> str:
     return str(enum.Name(value)).removeprefix(prefix)
-
-
-def money_text(amount_minor: int, currency: str) -> str:
-    exponent = CURRENCY_EXPONENTS.get(currency, 2)
-    return str(Decimal(amount_minor).scaleb(-exponent).quantize(Decimal(1).scaleb(-exponent)))
 
 
 class Ops:
@@ -94,13 +88,13 @@ def describe(batch: pb.PayoutBatch, out: TextIO) -> None:
     print(
         f"batch {batch.batch_id or '(dry run)'}  {_state(batch.state, pb.BatchState, 'BATCH_STATE_')}  "
         f"{batch.item_count} items  {batch.diamonds} diamonds  "
-        f"{money_text(batch.amount.amount_minor, batch.currency_code)} {batch.currency_code}",
+        f"{from_minor(batch.amount.amount_minor, batch.currency_code)} {batch.currency_code}",
         file=out,
     )
     for total in batch.totals:
         print(
             f"  {_state(total.state, pb.CashoutState, 'CASHOUT_STATE_'):<10} {total.count:>8} items  "
-            f"{money_text(total.amount.amount_minor, batch.currency_code)} {batch.currency_code}",
+            f"{from_minor(total.amount.amount_minor, batch.currency_code)} {batch.currency_code}",
             file=out,
         )
 
@@ -145,7 +139,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         created = batch.create_time.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
         print(
             f"{batch.batch_id}  {_state(batch.state, pb.BatchState, 'BATCH_STATE_'):<9}  {created}  "
-            f"{batch.item_count:>7} items  {money_text(batch.amount.amount_minor, batch.currency_code)} "
+            f"{batch.item_count:>7} items  {from_minor(batch.amount.amount_minor, batch.currency_code)} "
             f"{batch.currency_code}"
         )
     return 0
@@ -195,7 +189,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                         c.cashout_id,
                         c.creator_account_id,
                         c.diamonds,
-                        money_text(c.amount.amount_minor, c.amount.currency_code),
+                        from_minor(c.amount.amount_minor, c.amount.currency_code),
                         c.amount.currency_code,
                         c.rate,
                         c.destination.receiver,

@@ -14,12 +14,11 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from decimal import Decimal
 from typing import Any
 
 import httpx
 
-from services.common.catalog import CURRENCY_EXPONENTS
+from services.common.catalog import from_minor
 from services.payouts.domain.model import PayoutLine
 from services.payouts.domain.ports import (
     ItemOutcome,
@@ -48,11 +47,6 @@ _OUTCOMES = {
     "CANCELED": ItemOutcome.FAILED,
     "UNCLAIMED": ItemOutcome.UNCLAIMED,
 }
-
-
-def format_amount(amount_minor: int, currency: str) -> str:
-    exponent = CURRENCY_EXPONENTS[currency]
-    return str(Decimal(amount_minor).scaleb(-exponent).quantize(Decimal(1).scaleb(-exponent)))
 
 
 class PayPalProvider:
@@ -140,7 +134,7 @@ class PayPalProvider:
             "items": [
                 {
                     "recipient_type": "EMAIL",
-                    "amount": {"value": format_amount(line.amount_minor, line.currency), "currency": line.currency},
+                    "amount": {"value": from_minor(line.amount_minor, line.currency), "currency": line.currency},
                     "receiver": line.receiver,
                     "sender_item_id": line.sender_item_id,
                     "note": "coinstore creator payout",

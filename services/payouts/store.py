@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -896,11 +896,6 @@ class PayoutStore:
 
         return self.db.transaction(tx)
 
-    def set_batch_due(self, batch_id: str, due_at: datetime) -> None:
-        self.db.transaction(
-            lambda conn: conn.execute(batches.update().where(batches.c.batch_id == batch_id).values(due_at=due_at))
-        )
-
 
 def _day(conn: Connection, cashout_id: str) -> str:
     return str(conn.execute(sa.select(cashouts.c.request_day).where(cashouts.c.cashout_id == cashout_id)).scalar_one())
@@ -956,7 +951,3 @@ def _batch(row: Any, totals: tuple[StateTotal, ...], provider_batch_id: str) -> 
         completed_at=utc(row.completed_at),
         provider_batch_id=provider_batch_id,
     )
-
-
-def stale(now: datetime, seconds: float) -> datetime:
-    return now - timedelta(seconds=seconds)

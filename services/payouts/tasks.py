@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from celery.schedules import crontab
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from services.common.catalog import load_catalog
-from services.common.celery_app import MAX_COUNTDOWN_SECONDS
+from services.common.celery_app import retry_countdown
 from services.common.clock import SystemClock
 from services.common.db import Database
 from services.payouts import convert
@@ -38,12 +37,6 @@ log = logging.getLogger(__name__)
 
 MAX_RETRIES = 8
 RETRY_BASE_SECONDS = 1.0
-
-
-def backoff(retries: int) -> float:
-    """1, 2, 4 … seconds with full jitter, capped below the broker's visibility timeout."""
-    ceiling = min(float(MAX_COUNTDOWN_SECONDS), RETRY_BASE_SECONDS * float(2 ** int(retries)))
-    return random.uniform(0.5, 1.0) * ceiling
 
 
 @dataclass
@@ -92,7 +85,7 @@ def register(app: Celery, settings: PayoutsSettings) -> None:
         try:
             context.get().pipeline.plan_batch(batch_id)
         except retryable as exc:
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
+            raise self.retry(exc=exc, countdown=retry_countdown(self.request.retries, RETRY_BASE_SECONDS)) from None
 
     @app.task(name="payouts.submit_chunk", bind=True, max_retries=MAX_RETRIES)
     def submit_chunk(self: Any, chunk_id: str) -> None:
@@ -100,7 +93,7 @@ def register(app: Celery, settings: PayoutsSettings) -> None:
             context.get().pipeline.submit_chunk(chunk_id)
         except retryable as exc:
             log.warning("submission %s: %s (retry %d)", chunk_id, exc, self.request.retries + 1)
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
+            raise self.retry(exc=exc, countdown=retry_countdown(self.request.retries, RETRY_BASE_SECONDS)) from None
 
     @app.task(name="payouts.poll_chunk", bind=True, max_retries=MAX_RETRIES)
     def poll_chunk(self: Any, chunk_id: str) -> None:
@@ -108,7 +101,7 @@ def register(app: Celery, settings: PayoutsSettings) -> None:
             context.get().pipeline.poll_chunk(chunk_id)
         except retryable as exc:
             log.warning("polling %s: %s (retry %d)", chunk_id, exc, self.request.retries + 1)
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
+            raise self.retry(exc=exc, countdown=retry_countdown(self.request.retries, RETRY_BASE_SECONDS)) from None
 
     @app.task(name="payouts.sweep")
     def sweep() -> None:

@@ -14,7 +14,6 @@ unconsumed after ``COINSTORE_GOOGLE_CONSUME_OVERDUE_SECONDS`` and counts them.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,7 +21,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from services.common.celery_app import MAX_COUNTDOWN_SECONDS
+from services.common.celery_app import retry_countdown
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.errors import Unavailable
@@ -41,12 +40,6 @@ QUEUE = "receipts"
 MAX_RETRIES = 12
 BASE_DELAY_SECONDS = 2.0
 SWEEP_BATCH = 50
-
-
-def retry_delay(retries: int) -> float:
-    """Exponential backoff with jitter, never beyond the broker-safe countdown cap."""
-    delay = min(float(MAX_COUNTDOWN_SECONDS), BASE_DELAY_SECONDS * 2**retries)
-    return float(delay * (0.5 + random.random() / 2))
 
 
 @dataclass
@@ -153,7 +146,7 @@ def register(app: Celery, settings: ReceiptsSettings, metrics: Metrics | None = 
         if self.request.retries >= MAX_RETRIES:
             log.warning("giving up consuming %s… for now (the sweep retries it): %s", token[:12], outcome.note)
             return "retry-later"
-        raise self.retry(countdown=retry_delay(self.request.retries))
+        raise self.retry(countdown=retry_countdown(self.request.retries, BASE_DELAY_SECONDS))
 
     @app.task(name=CONSUME_BATCH_TASK, acks_late=True)
     def consume_batch(tokens: list[str]) -> int:
@@ -162,7 +155,7 @@ def register(app: Celery, settings: ReceiptsSettings, metrics: Metrics | None = 
         retried = 0
         for token in tokens:
             if not consumer.consume(token).done:
-                consume.apply_async(args=[token], queue=QUEUE, countdown=retry_delay(0))
+                consume.apply_async(args=[token], queue=QUEUE, countdown=retry_countdown(0, BASE_DELAY_SECONDS))
                 retried += 1
         return retried
 

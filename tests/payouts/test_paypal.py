@@ -6,9 +6,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from services.common.catalog import from_minor
 from services.payouts.domain.model import PayoutLine
 from services.payouts.domain.ports import ItemOutcome, ProviderUnavailable
-from services.payouts.paypal import PayPalProvider, format_amount
+from services.payouts.paypal import PayPalProvider
 from tests.payouts.harness import PayPalSimServer
 
 
@@ -35,9 +36,9 @@ def provider(paypal: PayPalSimServer, clock: Clock) -> PayPalProvider:
 
 
 def test_amounts_are_decimal_strings() -> None:
-    assert format_amount(5000, "USD") == "50.00"
-    assert format_amount(7, "USD") == "0.07"
-    assert format_amount(7000, "JPY") == "7000"
+    assert from_minor(5000, "USD") == "50.00"
+    assert from_minor(7, "USD") == "0.07"
+    assert from_minor(7000, "JPY") == "7000"
 
 
 def test_token_is_cached_until_it_expires(provider: PayPalProvider, paypal: PayPalSimServer, clock: Clock) -> None:

@@ -11,13 +11,13 @@ import pytest
 import sqlalchemy as sa
 
 from services.common import migrate
-from services.common.celery_app import MAX_COUNTDOWN_SECONDS
+from services.common.celery_app import MAX_COUNTDOWN_SECONDS, retry_countdown
 from services.common.clock import SystemClock
 from services.common.db import Database
 from services.receipts.google.client import PlayClient
 from services.receipts.google.store import ConsumeState, ConsumptionStore
 from services.receipts.store import purchases
-from services.receipts.tasks_google import Consumer, retry_delay
+from services.receipts.tasks_google import Consumer
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import PACKAGE, play_simulator_thread
 
@@ -102,7 +102,7 @@ def test_unavailable_google_is_retried(world: tuple[Consumer, PlayState]) -> Non
 
 
 def test_retry_delays_never_exceed_the_countdown_cap() -> None:
-    delays = [retry_delay(n) for n in range(40)]
+    delays = [retry_countdown(n, 2.0) for n in range(40)]
     assert all(0 < d <= MAX_COUNTDOWN_SECONDS for d in delays)
     assert delays[0] < delays[5]
 
