@@ -407,3 +407,15 @@ async def test_daily_batch_is_created_once_per_day(sqlite_stack: Stack) -> None:
     await asyncio.sleep(1)
     assert len(await batches()) == 1
     assert len(paid_once(stack.paypal, await stack.items(batch.batch_id))) == 2
+    # A cash-out requested after today's batch waits for tomorrow's: the day's batch
+    # request id replays, it does not open a second batch that would take it.
+    stack.wallet.credit("creator-0", 10_000)
+    late = await stack.stub.RequestCashout(
+        pb.RequestCashoutRequest(request_id="r-late", creator_account_id="creator-0", diamonds=10_000),
+        metadata=stack.app(),
+    )
+    app.send_task("payouts.daily_batch", queue=stack.settings.payout_queue)
+    await asyncio.sleep(3)
+    assert len(await batches()) == 1
+    again = await stack.stub.GetCashout(pb.GetCashoutRequest(cashout_id=late.cashout.cashout_id), metadata=stack.app())
+    assert again.cashout.state == pb.CASHOUT_STATE_REQUESTED
