@@ -3,7 +3,6 @@ caller keys, free ports."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from tests.support import env
 from tests.support.databases import postgres_database, sqlite_database
+from tests.support.ports import free_port
 from tests.support.tokens import Keys, make_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,12 +60,6 @@ def keys(tmp_path: Path) -> Keys:
     return make_keys(directory)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def free_port() -> int:
-    return _free_port()
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> int:
+    return free_port()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from services.receipts.appstore.jws import AppleJwsVerifier
 from services.storesim.apple import create_store
 from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
+from tests.support.ports import free_port
 
 
 # Single-core figures count CPU seconds of this thread (time.thread_time), so
@@ -109,12 +109,6 @@ def verification(args: BenchArgs) -> list[Result]:
     return [coinstore, raw, library]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _wait_serving(address: str, process: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -153,7 +147,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
         (state / "auth").mkdir()
         keys = make_keys(state / "auth")
         store = create_store(state)
-        wallet_port, receipts_port = _free_port(), _free_port()
+        wallet_port, receipts_port = free_port(), free_port()
         env = {
             **os.environ,
             "COINSTORE_DATABASE_URL": url,

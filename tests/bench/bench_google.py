@@ -29,6 +29,7 @@ import grpc
 from services.storesim.apple import create_store
 from tests.bench import bench_apple
 from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONCURRENCY = 64
@@ -72,7 +73,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
         (state / "auth").mkdir()
         keys = make_keys(state / "auth")
         create_store(state)
-        sim_port, wallet_port, receipts_port = (bench_apple._free_port() for _ in range(3))
+        sim_port, wallet_port, receipts_port = (free_port() for _ in range(3))
         simulator = f"http://127.0.0.1:{sim_port}"
         env = {
             **os.environ,
@@ -88,7 +89,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
             "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet_port}",
             "COINSTORE_WALLET_METRICS_PORT": "0",
             "COINSTORE_RECEIPTS_METRICS_PORT": "0",
-            "COINSTORE_WEBHOOK_PORT": str(bench_apple._free_port()),
+            "COINSTORE_WEBHOOK_PORT": str(free_port()),
             "COINSTORE_APPLE_ROOT_CERTS": str(state / "apple" / "root.der"),
             "COINSTORE_APPLE_API_KEY_FILE": str(state / "apple" / "SubscriptionKey.p8"),
             "COINSTORE_GOOGLE_SERVICE_ACCOUNT_FILE": str(state / "google" / "service-account.json"),

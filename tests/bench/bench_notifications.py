@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,16 +29,11 @@ from kombu.connection import Connection
 from services.common import auth, migrate
 from services.storesim.apple import create_store
 from tests.bench.common import BenchArgs, Result, percentiles, scratch_postgres
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONCURRENCY = 32
 REDIS = "redis://127.0.0.1:6379/15"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _broker(directory: Path) -> tuple[str, str]:
@@ -122,15 +116,15 @@ def run(args: BenchArgs) -> list[Result]:
         migrate.upgrade("receipts", database_url)
         broker_url, broker = _broker(directory)
         bodies = _refunds(store, count)
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'gen'}",
             "COINSTORE_DATABASE_URL": database_url,
             "COINSTORE_BROKER_URL": broker_url,
             "COINSTORE_WEBHOOK_PORT": str(port),
-            "COINSTORE_RECEIPTS_GRPC_PORT": str(_free_port()),
-            "COINSTORE_RECEIPTS_METRICS_PORT": str(_free_port()),
+            "COINSTORE_RECEIPTS_GRPC_PORT": str(free_port()),
+            "COINSTORE_RECEIPTS_METRICS_PORT": str(free_port()),
             "COINSTORE_AUTH_SIGNING_KEY": str(directory / "private.pem"),
             "COINSTORE_AUTH_TRUSTED_KEYS": str(directory / "public.pem"),
             "COINSTORE_CATALOG": str(REPO / "deploy" / "catalog.toml"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,16 +34,11 @@ from services.payouts.store import cashouts
 from tests.bench.common import BenchArgs, Result, scratch_postgres
 from tests.payouts.fake_wallet import FakeWalletServer, Hold
 from tests.payouts.harness import payouts_settings, settings_env, write_catalog
+from tests.support.ports import free_port
 from tests.support.tokens import make_keys
 
 REDIS = "redis://127.0.0.1:6379/14"
 TIMEOUT_SECONDS = 900.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_http(url: str, seconds: float) -> None:
@@ -131,7 +125,7 @@ def one_run(admin_url: str, broker: str, count: int, chunk: int, concurrency: in
         keys_dir.mkdir()
         keys = make_keys(keys_dir)
         wallet = FakeWalletServer()
-        sim_port, grpc_port = _free_port(), _free_port()
+        sim_port, grpc_port = free_port(), free_port()
         settings = payouts_settings(
             database_url=url,
             broker_url=broker or f"sqla+sqlite:///{tmp / 'broker.db'}",

@@ -35,6 +35,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common import auth, migrate
 from tests.bench.common import BenchArgs, Result, percentiles, scratch_postgres
+from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ECHO_METHOD = "/bench.Echo/Echo"
@@ -56,14 +57,6 @@ id = "rose"
 name = "Rose"
 coin_price = 1
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _echo_server(port: int) -> None:
@@ -112,7 +105,7 @@ async def _wait_port(address: str, health: bool) -> None:
 
 @contextmanager
 def _wallet(url: str, state: Path, window_ms: float, pool: int = 16) -> Iterator[tuple[str, int]]:
-    port = _free_port()
+    port = free_port()
     env = {
         "COINSTORE_DATABASE_URL": url,
         "COINSTORE_CATALOG": str(state / "catalog.toml"),
@@ -337,7 +330,7 @@ def run(args: BenchArgs) -> list[Result]:
         metadata = (("authorization", f"Bearer {token}"),)
         migrate.upgrade("wallet", url)
 
-        echo_port = _free_port()
+        echo_port = free_port()
         echo_argv = [sys.executable, "-m", "tests.bench.bench_wallet", "--echo-server", str(echo_port)]
         with _process(echo_argv, {}), _wallet(url, state, window_ms=1.0) as (address, pid):
             asyncio.run(_wait_port(f"127.0.0.1:{echo_port}", health=False))

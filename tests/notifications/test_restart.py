@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +26,11 @@ from services.receipts.notifications.store import InboxStore
 from services.storesim import apple as apple_sim
 from tests.notifications.apple_payloads import notification
 from tests.notifications.system import credit_directly
+from tests.support.ports import free_port
 from tests.support.tokens import Keys
 from tests.wallet.support import running_wallet
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -81,15 +75,15 @@ async def test_stored_but_unprocessed_notification_is_processed_once_after_a_cra
     (tmp_path / "var").mkdir()  # the worker keeps its beat schedule in ./var (as under `make run`)
     async with running_wallet(database_url, keys, tmp_path) as wallet:
         await credit_directly(wallet, "fan-crash", wpb.STORE_APP_STORE, "4000000000000001", 350)
-        webhook_port = _free_port()
+        webhook_port = free_port()
         env = {
             **os.environ,
             "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'gen'}",
             "COINSTORE_DATABASE_URL": database_url,
             "COINSTORE_BROKER_URL": f"sqla+sqlite:///{broker}",
             "COINSTORE_WEBHOOK_PORT": str(webhook_port),
-            "COINSTORE_RECEIPTS_GRPC_PORT": str(_free_port()),
-            "COINSTORE_RECEIPTS_METRICS_PORT": str(_free_port()),
+            "COINSTORE_RECEIPTS_GRPC_PORT": str(free_port()),
+            "COINSTORE_RECEIPTS_METRICS_PORT": str(free_port()),
             "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet.port}",
             "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),
             "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
