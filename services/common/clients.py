@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from services.common.auth import TokenSource
 from services.common.logs import request_id_var
@@ -95,3 +97,19 @@ def aio_channel(address: str, tokens: TokenSource, timeout: float = DEFAULT_TIME
 def sync_channel(address: str, tokens: TokenSource, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> grpc.Channel:
     channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     return grpc.intercept_channel(channel, _SyncAuth(tokens, timeout))
+
+
+def error_info(error: grpc.RpcError) -> tuple[str, dict[str, str]]:
+    """The ErrorInfo reason and metadata a coinstore service put in a failed call's
+    status ("" and {} when there is none, or the details cannot be read)."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:  # details that do not match the status code and message
+        status = None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return str(info.reason), dict(info.metadata)
+    return "", {}

@@ -6,13 +6,11 @@ from datetime import datetime
 
 import grpc
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
 from services.common.auth import TokenSource
-from services.common.clients import sync_channel
+from services.common.clients import error_info, sync_channel
 from services.payouts.errors import FailedPrecondition, NotFound, Unavailable
 
 WALLET_TIMEOUT_SECONDS = 10.0
@@ -20,20 +18,9 @@ _DONE_ON_COMMIT = {"RESERVATION_ALREADY_COMMITTED"}
 _DONE_ON_RELEASE = {"RESERVATION_ALREADY_RELEASED", "RESERVATION_EXPIRED"}
 
 
-def _reason(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                return str(info.reason)
-    return ""
-
-
 def _translate(error: grpc.RpcError) -> Exception:
     code = error.code()
-    reason = _reason(error)
+    reason = error_info(error)[0]
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(reason or "WALLET_REFUSED", error.details() or "the wallet refused")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -76,7 +63,7 @@ class GrpcWallet:
             translated = _translate(error)
             if isinstance(translated, Unavailable):
                 raise translated from None
-            reason = _reason(error) or error.code().name
+            reason = error_info(error)[0] or error.code().name
             return "" if reason in _DONE_ON_COMMIT else reason
         return ""
 
@@ -89,6 +76,6 @@ class GrpcWallet:
             translated = _translate(error)
             if isinstance(translated, Unavailable):
                 raise translated from None
-            refusal = _reason(error) or error.code().name
+            refusal = error_info(error)[0] or error.code().name
             return "" if refusal in _DONE_ON_RELEASE else refusal
         return ""

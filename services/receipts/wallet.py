@@ -14,11 +14,10 @@ import hashlib
 import logging
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
+from services.common.clients import error_info
 from services.common.errors import DomainError
 from services.receipts.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 
@@ -38,23 +37,9 @@ def wallet_request_id(kind: str, *parts: str) -> str:
     return f"receipts-{kind}-{digest}"
 
 
-def _reason(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
-    try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    except ValueError:
-        status = None
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                return info.reason, dict(info.metadata)
-    return "", {}
-
-
 def map_wallet_error(error: grpc.aio.AioRpcError) -> DomainError:
     code = error.code()
-    reason, metadata = _reason(error)
+    reason, metadata = error_info(error)
     mapped = _PASS_THROUGH.get(code)
     if mapped is not None:
         return mapped(reason or code.name, f"wallet: {error.details()}", metadata)
