@@ -25,7 +25,6 @@ from services.common.celery_app import retry_countdown
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.errors import Unavailable
-from services.common.metrics import Metrics
 from services.receipts.config import ReceiptsSettings
 from services.receipts.domain.google import CANCELLED, PURCHASED
 from services.receipts.google.client import PlayApiError, PlayClient
@@ -108,15 +107,10 @@ class Consumer:
 class _Context:
     """Per-process resources, created on first use (after the prefork fork)."""
 
-    def __init__(self, settings: ReceiptsSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: ReceiptsSettings) -> None:
         self._settings = settings
-        self.metrics = metrics
         self._lock = threading.Lock()
         self._consumer: Consumer | None = None
-        self.found = metrics.counter(
-            "coinstore_receipts_google_unconsumed_overdue",
-            "Credited Play purchases the sweep found still unconsumed after the overdue age",
-        )
 
     def consumer(self) -> Consumer:
         with self._lock:
@@ -133,9 +127,13 @@ class _Context:
             return self._consumer
 
 
-def register(app: Celery, settings: ReceiptsSettings, metrics: Metrics | None = None) -> None:
-    """Register this module's tasks and beat entries on the receipts Celery app."""
-    context = _Context(settings, metrics or Metrics("receipts-worker"))
+def register(app: Celery, settings: ReceiptsSettings) -> None:
+    """Register this module's tasks and beat entries on the receipts Celery app.
+
+    The overdue count is exported by the receipts service itself
+    (coinstore_receipts_google_unconsumed_overdue_now, read from the database);
+    prefork worker processes serve no metrics."""
+    context = _Context(settings)
     overdue = timedelta(seconds=settings.google_consume_overdue_seconds)
 
     @app.task(name=CONSUME_TASK, bind=True, max_retries=MAX_RETRIES, acks_late=True)
@@ -164,7 +162,6 @@ def register(app: Celery, settings: ReceiptsSettings, metrics: Metrics | None = 
         consumer = context.consumer()
         tokens = consumer.store.overdue(settings.google_package_name, consumer.clock.now(), overdue)
         if tokens:
-            context.found.inc(len(tokens))
             log.warning(
                 "%d credited Play purchase(s) still unconsumed after %s; retrying (Google refunds after 3 days)",
                 len(tokens),
