@@ -10,12 +10,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from services.common.auth import TokenSource, TokenVerifier, load_private_key, load_public_keys
 from services.common.catalog import Catalog, CatalogError, load_catalog
 from services.common.db import Database
+from services.common.failpoints import Failpoints
 from services.common.logs import configure_logging
 from services.common.metrics import Metrics
 from services.common.migrate import NotMigrated, check_migrated
@@ -39,6 +40,7 @@ class Runtime:
     verifier: TokenVerifier
     metrics: Metrics
     catalog: Catalog
+    failpoints: Failpoints = field(default_factory=Failpoints)
 
     def token_source(self, subject: str, scopes: tuple[str, ...]) -> TokenSource:
         return TokenSource(load_private_key(self.settings.auth_signing_key), subject, scopes)
@@ -56,7 +58,7 @@ def build_runtime(service: str, settings: CommonSettings, *, migrated: bool = Tr
     database = Database.from_url(settings.database_url, settings.db_pool_size)
     if migrated:
         _wait_for_migrated_database(service, database)
-    return Runtime(settings, database, verifier, Metrics(service), catalog)
+    return Runtime(settings, database, verifier, Metrics(service), catalog, settings.failpoint_set())
 
 
 def _wait_for_migrated_database(service: str, database: Database) -> None:

@@ -18,6 +18,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.common.failpoints import Failpoints, parse_spec
+
 PREFIX = "COINSTORE_"
 _MISSING: Any = dataclasses.MISSING
 
@@ -222,6 +224,20 @@ class CommonSettings:
     db_pool_size: int = setting("DB_POOL_SIZE", "Database connections per process", 16)
     log_level: str = setting("LOG_LEVEL", "Log level (DEBUG, INFO, WARNING, ERROR)", "INFO")
     log_format: LogFormat = setting("LOG_FORMAT", "json or text", LogFormat.JSON)
+    failpoints: str = setting(
+        "FAILPOINTS",
+        "Tests only: failpoints to fire, e.g. `wallet.batch.before_commit=kill` (services/common/failpoints.py)",
+        "",
+    )
+    failpoints_dir: Path = setting(
+        "FAILPOINTS_DIR",
+        "Where fired failpoints leave their markers (one firing per point across processes)",
+        Path("var/failpoints"),
+    )
+
+    def failpoint_set(self) -> Failpoints:
+        """This process's failpoints (none unless COINSTORE_FAILPOINTS names some)."""
+        return Failpoints.from_spec(self.failpoints, self.failpoints_dir)
 
     def validate(self) -> None:
         problems = []
@@ -242,5 +258,9 @@ class CommonSettings:
             problems.append(f"{PREFIX}LOG_LEVEL: {self.log_level!r} is not a log level")
         if self.db_pool_size < 1:
             problems.append(f"{PREFIX}DB_POOL_SIZE must be at least 1")
+        try:
+            parse_spec(self.failpoints)
+        except ValueError as exc:
+            problems.append(f"{PREFIX}FAILPOINTS: {exc}")
         if problems:
             raise SettingsError("invalid configuration: " + "; ".join(problems))
