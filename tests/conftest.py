@@ -45,12 +45,22 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["embedded", *[pytest.param(u, marks=pytest.mark.broker) for u in env.broker_urls()]])
+SERVER_BROKERS = [pytest.param(kind, marks=pytest.mark.broker) for kind in env.SERVER_BROKERS]
+
+
+@pytest.fixture(params=["embedded", *SERVER_BROKERS])
 def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The embedded broker, plus every server broker named in COINSTORE_TEST_BROKER_URL."""
+    """The embedded broker, Redis and RabbitMQ (from COINSTORE_TEST_BROKER_URL; in CI both must be there)."""
     if request.param == "embedded":
         return f"sqla+sqlite:///{tmp_path / 'broker.db'}"
-    return str(request.param)
+    return env.server_broker_url(str(request.param))
+
+
+@pytest.fixture(params=SERVER_BROKERS)
+def server_broker_url(request: pytest.FixtureRequest) -> str:
+    """Redis and RabbitMQ only: for suites that also run on PostgreSQL, where the
+    embedded broker adds nothing the SQLite runs do not already cover."""
+    return env.server_broker_url(str(request.param))
 
 
 @pytest.fixture
