@@ -51,6 +51,7 @@ class ServiceHost:
         metrics: Metrics,
         bind: str,
         grace_seconds: float,
+        health_check_seconds: float = DB_CHECK_INTERVAL_SECONDS,
     ) -> None:
         self.name = name
         self._files = list(files)
@@ -60,6 +61,7 @@ class ServiceHost:
         self._metrics = metrics
         self._bind = bind
         self._grace = grace_seconds
+        self._health_check_seconds = health_check_seconds
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -104,7 +106,7 @@ class ServiceHost:
                 for service in ["", *self._service_names]:
                     await self._health.set(service, status)
                 serving = healthy
-            await asyncio.sleep(DB_CHECK_INTERVAL_SECONDS)
+            await asyncio.sleep(self._health_check_seconds)
 
     async def stop(self) -> None:
         if self._watcher is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -20,8 +21,9 @@ from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common import errors
 from services.common.db import Database
 from services.common.metrics import Metrics
+from tests.support.faultproxy import Mode, fault_proxy
 from tests.support.grpc_server import running_host
-from tests.support.status import error_info
+from tests.support.status import bad_field, error_info
 from tests.support.tokens import Keys
 
 # Each account id makes the test servicer raise one kind of error.
@@ -87,22 +89,49 @@ async def test_health_serving_once_database_reachable(server: tuple[int, Metrics
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_health_not_serving_when_database_unreachable(keys: Keys, tmp_path: Any) -> None:
-    # Nothing listens on port 1: every connection attempt is refused.
-    database = Database.from_url("postgresql://postgres@127.0.0.1:1/none", 1)
+async def _await_health(health: health_pb2_grpc.HealthStub, want: int, timeout: float = 30) -> None:
+    """Follow the Watch stream of the overall health until it reports ``want``."""
 
-    def register(srv: grpc.aio.Server) -> None:
-        pb_grpc.add_WalletServiceServicer_to_server(ProbeServicer(), srv)  # type: ignore[abstract]
+    async def follow() -> None:
+        async for reply in health.Watch(health_pb2.HealthCheckRequest()):
+            if reply.status == want:
+                return
 
-    async with (
-        running_host(
-            name="probe", files=[pb.DESCRIPTOR], register=register, database=database, public_key=keys.public_path
-        ) as host,
-        grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel,
-    ):
-        await asyncio.sleep(0.3)
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await asyncio.wait_for(follow(), timeout)
+
+
+async def test_health_follows_the_database_down_and_up(keys: Keys, postgres_url: str) -> None:
+    """SERVING -> NOT_SERVING when PostgreSQL stops answering -> SERVING when it is back."""
+    url = sa.engine.make_url(postgres_url)
+    with fault_proxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        database = Database.from_url(url.set(port=proxy.port).render_as_string(hide_password=False), 1)
+
+        def register(srv: grpc.aio.Server) -> None:
+            pb_grpc.add_WalletServiceServicer_to_server(ProbeServicer(), srv)  # type: ignore[abstract]
+
+        try:
+            async with (
+                running_host(
+                    name="probe",
+                    files=[pb.DESCRIPTOR],
+                    register=register,
+                    database=database,
+                    public_key=keys.public_path,
+                    health_check_seconds=0.2,
+                ) as host,
+                grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel,
+            ):
+                health = health_pb2_grpc.HealthStub(channel)
+                await _await_health(health, health_pb2.HealthCheckResponse.SERVING)
+                proxy.set_mode(Mode.RESET)
+                await _await_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+                service = health_pb2.HealthCheckRequest(service="coinstore.wallet.v1.WalletService")
+                assert (await health.Check(service)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                proxy.set_mode(Mode.PASS)
+                await _await_health(health, health_pb2.HealthCheckResponse.SERVING)
+                assert (await health.Check(service)).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            database.close()
 
 
 async def test_reflection_lists_the_service(server: tuple[int, Metrics]) -> None:
@@ -282,3 +311,35 @@ async def test_stop_drains_in_flight_calls_and_refuses_new_ones(keys: Keys, sqli
             )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     database.close()
+
+
+GET_BALANCE = "/coinstore.wallet.v1.WalletService/GetBalance"
+# Field 1 (account_id) announced as 255 bytes long, with 2 bytes following: not a protobuf message.
+GARBAGE = b"\x0a\xff\x01ab"
+
+
+async def test_garbage_from_an_authenticated_caller_is_invalid_argument(
+    server: tuple[int, Metrics], keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server[0]}") as channel:
+        raw = channel.unary_unary(GET_BALANCE, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(GARBAGE, metadata=keys.metadata("wallet:read"), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).reason == "MALFORMED_REQUEST"
+        assert bad_field(caught.value) == "request"
+        # The service is unharmed and nothing was logged as a crash.
+        reply = await pb_grpc.WalletServiceStub(channel).GetBalance(
+            pb.GetBalanceRequest(account_id="a"), metadata=keys.metadata("wallet:read"), timeout=5
+        )
+        assert reply.balance.coins == 7
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_garbage_from_an_unauthenticated_caller_is_unauthenticated(server: tuple[int, Metrics]) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server[0]}") as channel:
+        raw = channel.unary_unary(GET_BALANCE, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(GARBAGE, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info(caught.value).reason == "MISSING_CREDENTIALS"

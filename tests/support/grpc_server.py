@@ -24,6 +24,7 @@ async def running_host(
     database: Database,
     public_key: Path,
     metrics: Metrics | None = None,
+    health_check_seconds: float = 5.0,
 ) -> AsyncIterator[ServiceHost]:
     host = ServiceHost(
         name=name,
@@ -34,6 +35,7 @@ async def running_host(
         metrics=metrics or Metrics(name),
         bind="127.0.0.1:0",
         grace_seconds=1.0,
+        health_check_seconds=health_check_seconds,
     )
     await host.start()
     try:
