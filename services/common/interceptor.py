@@ -81,14 +81,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         scope = self._scopes.get(method)
         if handler is None or scope is None or handler.unary_unary is None:
             return handler
+        # The request arrives as bytes and is decoded in the guard, after authentication:
+        # grpc.aio would answer garbage with UNKNOWN and a logged traceback.
         wrapped = self._handlers[method] = grpc.unary_unary_rpc_method_handler(
-            self._guard(method, scope, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            self._guard(method, scope, handler.unary_unary, handler.request_deserializer),
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
         return wrapped
 
-    def _guard(self, method: str, scope: str, inner: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def _guard(
+        self,
+        method: str,
+        scope: str,
+        inner: Callable[[Any, Any], Any],
+        decode: Callable[[bytes], Any] | None,
+    ) -> Callable[[Any, Any], Any]:
         metrics = self._metrics
         verifier = self._verifier
         short = method.rsplit("/", 1)[-1]
@@ -111,7 +119,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 try:
                     caller = verifier.verify(authorization)
                     authorize(caller, scope)
-                    result = inner(request, context)
+                    result = inner(_decoded(request, decode, short), context)
                     if asyncio.iscoroutine(result):
                         result = await result
                     return result
@@ -135,6 +143,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request_id_var.reset(token)
 
         return guarded
+
+
+def _decoded(raw: Any, decode: Callable[[bytes], Any] | None, method: str) -> Any:
+    if decode is None or not isinstance(raw, bytes):
+        return raw
+    try:
+        return decode(raw)
+    except Exception:  # protobuf raises DecodeError, and others for some malformed input
+        raise InvalidArgument(
+            "request", f"the request body is not a valid {method} request message", reason="MALFORMED_REQUEST"
+        ) from None
 
 
 async def _abort(context: Any, status: status_pb2.Status, request_id: str) -> None:
