@@ -195,8 +195,23 @@ async def test_concurrent_gifts_respect_the_limit(wallet: Wallet) -> None:
     await wallet.credit("fan", 1000)
     await set_limit(wallet, pb.LIMIT_PERIOD_MONTHLY, 30)
     results = await asyncio.gather(*(wallet.gift("fan", f"c{i}") for i in range(60)), return_exceptions=True)
-    assert sum(isinstance(r, pb.SendGiftResponse) for r in results) == 30
+    sent = [r for r in results if isinstance(r, pb.SendGiftResponse)]
+    refusals = [r for r in results if not isinstance(r, pb.SendGiftResponse)]
+    assert len(sent) == 30
+    # Every other gift was refused by the budget, not by something else, and none of them moved a coin.
+    assert all(isinstance(r, grpc.aio.AioRpcError) for r in refusals), refusals
+    assert {(r.code(), error_info(r).reason, error_info(r).metadata["period"]) for r in refusals} == {
+        (grpc.StatusCode.FAILED_PRECONDITION, "SPENDING_LIMIT_EXCEEDED", "MONTHLY")
+    }
     assert (await wallet.balance("fan")).coins == 970
+    creators = [await wallet.balance(f"c{i}") for i in range(60)]
+    assert sum(c.diamonds for c in creators) == 30
+    limits = await wallet.stub.GetSpendingLimits(
+        pb.GetSpendingLimitsRequest(account_id="fan"), metadata=wallet.md("wallet:limits")
+    )
+    monthly = {limit.period: limit for limit in limits.limits}[pb.LIMIT_PERIOD_MONTHLY]
+    assert (monthly.limit_coins, monthly.spent_coins) == (30, 30)
+    assert store.audit(wallet.database) == []
 
 
 async def test_history_pages_newest_first_and_stable(wallet: Wallet) -> None:

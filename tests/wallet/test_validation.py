@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -158,9 +159,21 @@ async def test_bad_inputs_are_invalid_argument_naming_the_field(wallet: Wallet) 
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("page_size", [1, 500, 10_000])
-async def test_page_size_bounds_are_accepted(wallet: Wallet, page_size: int) -> None:
-    reply = await wallet.stub.ListTransactions(
-        pb.ListTransactionsRequest(account_id="fan", page_size=page_size), metadata=wallet.md()
+async def test_page_size_bounds(wallet: Wallet) -> None:
+    """0 means 50, at most 500 per page (a larger size is capped, not refused)."""
+    await asyncio.gather(*(wallet.credit("fan", 1, stx=f"page-{i}") for i in range(501)))
+
+    async def page(size: int) -> pb.ListTransactionsResponse:
+        request = pb.ListTransactionsRequest(account_id="fan", page_size=size)
+        reply: pb.ListTransactionsResponse = await wallet.stub.ListTransactions(request, metadata=wallet.md())
+        return reply
+
+    for size, expected in ((1, 1), (0, 50), (500, 500), (10_000, 500)):
+        reply = await page(size)
+        assert len(reply.transactions) == expected, size
+        assert reply.next_page_token
+    rest = await wallet.stub.ListTransactions(
+        pb.ListTransactionsRequest(account_id="fan", page_size=500, page_token=(await page(500)).next_page_token),
+        metadata=wallet.md(),
     )
-    assert list(reply.transactions) == []
+    assert (len(rest.transactions), rest.next_page_token) == (1, "")
