@@ -8,7 +8,6 @@ import asyncio
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coinstore.type.v1 import money_pb2
