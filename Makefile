@@ -58,8 +58,14 @@ run: proto ## Run every service, a Celery worker and the store simulator (Ctrl-C
 docs: $(STAMP) ## Regenerate the README's configuration table from the settings classes
 	$(BIN)/coinstore config --readme README.md
 
-bench: $(STAMP) ## Run the benchmarks (see tests/bench/README.md)
-	$(PY) -m tests.bench $(BENCH_ARGS)
+# `make bench wallet apple` names benchmarks as extra goals; BASELINE=<git ref> also measures that commit.
+ifeq (bench,$(firstword $(MAKECMDGOALS)))
+  BENCH_GOALS := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+  $(eval $(BENCH_GOALS):;@:)
+endif
+
+bench: $(STAMP) ## Run the benchmarks: make bench [BASELINE=<ref>] [wallet apple …] [BENCH_ARGS=--quick]
+	$(PY) -m tests.bench $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_GOALS) $(BENCH_ARGS)
 
 clean: ## Remove the virtual environment, run state and caches
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
