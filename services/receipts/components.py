@@ -75,7 +75,9 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
     wallet = WalletClient(
         aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
     )
-    crediting = Crediting(store, wallet, runtime.catalog, settings.region_policy, clock, runtime.metrics)
+    crediting = Crediting(
+        store, wallet, runtime.catalog, settings.region_policy, clock, runtime.metrics, runtime.failpoints
+    )
     binding = Binding(settings.binding_secret)
     return Components(
         settings=settings,

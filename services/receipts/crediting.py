@@ -13,7 +13,8 @@ notification inbox.
    ALREADY_CREDITED to repeats);
 4. marks the row CREDITED.
 A crash between 3 and 4 is harmless: the next call repeats 3 (a no-op in the
-wallet) and finishes 4.
+wallet) and finishes 4. Tests crash exactly there with the failpoints
+``receipts.credit.before_wallet`` and ``receipts.credit.after_wallet``.
 
 ``reverse``/``restore`` drive the wallet's state-based ReversePurchase and
 RestorePurchase for refunds and refund reversals (used by notifications).
@@ -31,6 +32,7 @@ from coinstore.type.v1 import money_pb2
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import Catalog, StoreId
 from services.common.clock import Clock
+from services.common.failpoints import Failpoints
 from services.common.metrics import Metrics
 from services.receipts.config import RegionPolicy
 from services.receipts.domain.purchases import (
@@ -82,12 +84,14 @@ class Crediting:
         region_policy: RegionPolicy,
         clock: Clock,
         metrics: Metrics,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self._store = store
         self._wallet = wallet
         self._catalog = catalog
         self._region_policy = region_policy
         self._clock = clock
+        self._failpoints = failpoints or Failpoints()
         self._credits = metrics.counter(
             "coinstore_receipts_purchases",
             "Store purchases verified, by store, environment and outcome",
@@ -128,7 +132,10 @@ class Crediting:
             record = await self._store.claim(terms, account_id, now)
             if record.state in _NOT_CREDITABLE:
                 return self._count(PurchaseResult(_NOT_CREDITABLE[record.state], record, 0, 0, 0))
+        self._failpoints.hit("receipts.credit.before_wallet")
         response = await self._wallet.credit(self._credit_request(terms, account_id, request_id))
+        # The wallet has credited; the purchase row does not say so yet.
+        self._failpoints.hit("receipts.credit.after_wallet")
         if response.state == wpb.CREDIT_STATE_CREDITED:
             outcome = Outcome.CREDITED
         else:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.common.clock import Clock
+from services.common.failpoints import Failpoints
 from services.common.metrics import Metrics
 from services.receipts.notifications.oidc import KeysUnavailable, PubSubTokenVerifier, TokenRejected
 from services.receipts.notifications.parse import (
@@ -52,6 +53,7 @@ class WebhookDeps:
     dispatch: Callable[[int], None]
     metrics: Metrics
     clock: Clock
+    failpoints: Failpoints = field(default_factory=Failpoints)
 
 
 class WebhookMetrics:
@@ -81,6 +83,8 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
     async def store(item: NewNotification) -> web.Response:
         # On the database's own pool (sized to its connections), not the loop's small default executor.
         accepted = await deps.inbox.db.run(deps.inbox.accept, item, deps.clock.now())
+        # Committed, not yet queued nor acknowledged: the store will send it again.
+        deps.failpoints.hit("receipts.webhook.after_commit")
         if not accepted.duplicate:
             try:
                 await asyncio.to_thread(deps.dispatch, accepted.id)

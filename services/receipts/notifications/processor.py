@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from services.common.clock import Clock
+from services.common.failpoints import Failpoints
 from services.common.metrics import Metrics
 from services.receipts.notifications.parse import APPLE, GOOGLE
 from services.receipts.notifications.ports import (
@@ -181,12 +182,25 @@ class DeliveredFacts:
 
 
 class InboxProcessor:
-    """Claims a stored row, applies it, and finishes or schedules a retry."""
+    """Claims a stored row, applies it, and finishes or schedules a retry.
 
-    def __init__(self, inbox: InboxStore, handler: NotificationHandler, metrics: Metrics, clock: Clock) -> None:
+    A process that dies between the effect and the finish (failpoint
+    ``receipts.notification.after_effect``) leaves the row leased; once the lease
+    runs out the sweeper re-queues it and the effect's own idempotency makes
+    the second run move nothing."""
+
+    def __init__(
+        self,
+        inbox: InboxStore,
+        handler: NotificationHandler,
+        metrics: Metrics,
+        clock: Clock,
+        failpoints: Failpoints | None = None,
+    ) -> None:
         self._inbox = inbox
         self._handler = handler
         self._clock = clock
+        self._failpoints = failpoints or Failpoints()
         self.processed = metrics.counter(
             "coinstore_notifications_processed", "Notifications applied, by source and outcome", ("source", "outcome")
         )
@@ -214,6 +228,7 @@ class InboxProcessor:
                 exc_info=True,
             )
             return "failed", None if state == DEAD else delay
+        self._failpoints.hit("receipts.notification.after_effect")
         if self._inbox.finish(notification_id, outcome, self._clock.now()):
             self.processed.labels(item.source, outcome).inc()
         return outcome, None

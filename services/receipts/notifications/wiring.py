@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from services.common.bootstrap import build_runtime
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
+from services.common.failpoints import Failpoints
 from services.common.metrics import Metrics
 from services.receipts.components import SERVICE, Components
 from services.receipts.components import build_components as core_components
@@ -38,6 +39,7 @@ def webhook_deps(
     core: Components,
     dispatch: Callable[[int], None],
     loop: asyncio.AbstractEventLoop,
+    failpoints: Failpoints | None = None,
 ) -> WebhookDeps:
     """The webhook's pieces, sharing the core's Apple verifier; call inside the serving loop."""
     return WebhookDeps(
@@ -49,6 +51,7 @@ def webhook_deps(
         dispatch=dispatch,
         metrics=core.metrics,
         clock=core.clock,
+        failpoints=failpoints or Failpoints(),
     )
 
 
@@ -73,6 +76,7 @@ def build_components(
     apple: AppleServerApi | None = None,
     play: PlayApi | None = None,
     clock: Clock | None = None,
+    failpoints: Failpoints | None = None,
 ) -> NotificationComponents:
     clock = clock or SystemClock()
     inbox = InboxStore(database)
@@ -91,7 +95,7 @@ def build_components(
     return NotificationComponents(
         inbox=inbox,
         bindings=bindings,
-        processor=InboxProcessor(inbox, handler, metrics, clock),
+        processor=InboxProcessor(inbox, handler, metrics, clock, failpoints),
         actions=actions,
         apple_api=apple,
         play=play,
@@ -116,6 +120,7 @@ def build_worker_components(settings: ReceiptsSettings) -> NotificationComponent
         CoreActions(parts.crediting, parts.store, loop.loop, parts.apple.policy, parts.google),
         apple=CoreAppleApi(parts.apple.api, loop.loop),
         play=CorePlayApi(parts.google.client),
+        failpoints=runtime.failpoints,
     )
     components.apple_verifier = CoreAppleVerifier(parts.apple.verifier, loop.loop)
     return components
