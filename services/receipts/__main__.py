@@ -19,8 +19,9 @@ async def serve(settings: ReceiptsSettings) -> None:
     runtime = build_runtime(SERVICE, settings)
     components = build_components(settings, runtime)
     host = build_host_with(components, runtime)
-    celery = make_celery_app(SERVICE, settings.broker_url)
-    deps = wiring.webhook_deps(settings, components, tasks_notifications.sender(celery), asyncio.get_running_loop())
+    celery = make_celery_app(settings.receipts_queue, settings.broker_url)
+    dispatch = tasks_notifications.sender(celery, settings.receipts_queue)
+    deps = wiring.webhook_deps(settings, components, dispatch, asyncio.get_running_loop(), runtime.failpoints)
     runtime.metrics.registry.register(InboxCollector(deps.inbox))  # type: ignore[arg-type]
     webhooks = WebhookServer(create_webhook_app(deps), settings.bind_host, settings.webhook_port)
     runtime.metrics.serve(settings.bind_host, settings.receipts_metrics_port)

@@ -114,6 +114,9 @@ class ReceiptsSettings(CommonSettings):
         "Expected email of Pub/Sub push tokens",
         "pubsub-push@coinstore-dev.iam.gserviceaccount.com",
     )
+    receipts_queue: str = setting(
+        "RECEIPTS_QUEUE", "Celery queue the receipts worker's tasks (notifications, Play consume) run on", "receipts"
+    )
     notifications_sweep_seconds: float = setting(
         "NOTIFICATIONS_SWEEP_SECONDS",
         "How often the worker's beat re-queues stored notifications that are unprocessed or due a retry",

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 CONSUME_TASK = "receipts.google.consume"
 CONSUME_BATCH_TASK = "receipts.google.consume_batch"
 SWEEP_TASK = "receipts.google.sweep"
-QUEUE = "receipts"
 MAX_RETRIES = 12
 BASE_DELAY_SECONDS = 2.0
 SWEEP_BATCH = 50
@@ -135,6 +134,7 @@ def register(app: Celery, settings: ReceiptsSettings) -> None:
     prefork worker processes serve no metrics."""
     context = _Context(settings)
     overdue = timedelta(seconds=settings.google_consume_overdue_seconds)
+    queue = settings.receipts_queue
 
     @app.task(name=CONSUME_TASK, bind=True, max_retries=MAX_RETRIES, acks_late=True)
     def consume(self: Task[Any, Any], token: str) -> str:
@@ -153,7 +153,7 @@ def register(app: Celery, settings: ReceiptsSettings) -> None:
         retried = 0
         for token in tokens:
             if not consumer.consume(token).done:
-                consume.apply_async(args=[token], queue=QUEUE, countdown=retry_countdown(0, BASE_DELAY_SECONDS))
+                consume.apply_async(args=[token], queue=queue, countdown=retry_countdown(0, BASE_DELAY_SECONDS))
                 retried += 1
         return retried
 
@@ -168,13 +168,13 @@ def register(app: Celery, settings: ReceiptsSettings) -> None:
                 overdue,
             )
         for start in range(0, len(tokens), SWEEP_BATCH):
-            consume_batch.apply_async(args=[tokens[start : start + SWEEP_BATCH]], queue=QUEUE)
+            consume_batch.apply_async(args=[tokens[start : start + SWEEP_BATCH]], queue=queue)
         return len(tokens)
 
     schedule = dict(app.conf.beat_schedule or {})
     schedule[SWEEP_TASK] = {
         "task": SWEEP_TASK,
         "schedule": settings.google_consume_sweep_seconds,
-        "options": {"queue": QUEUE},
+        "options": {"queue": queue},
     }
     app.conf.beat_schedule = schedule

@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: ReceiptsSettings) -> Celery:
-    app = make_celery_app(SERVICE, settings.broker_url)
+    app = make_celery_app(settings.receipts_queue, settings.broker_url)
     tasks_google.register(app, settings)
-    tasks_notifications.register(app, settings)
+    tasks_notifications.register(app, settings, queue=settings.receipts_queue)
     return app
 
 
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "worker",
             f"--concurrency={args.concurrency}",
             f"--pool={args.pool}",
-            f"--queues={SERVICE}",
+            f"--queues={settings.receipts_queue}",
             f"--hostname={SERVICE}@%h",
             "--loglevel=INFO",
             "--without-gossip",

@@ -23,7 +23,7 @@ from services.receipts.google.client import PlayClient
 from services.receipts.google.service import GooglePurchases
 from services.receipts.google.store import ConsumptionStore
 from services.receipts.store import PurchaseStore
-from services.receipts.tasks_google import CONSUME_BATCH_TASK, CONSUME_TASK, QUEUE
+from services.receipts.tasks_google import CONSUME_BATCH_TASK, CONSUME_TASK
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,15 @@ class BackgroundEnqueuer:
         self._thread.join(timeout)
 
 
-def celery_sender(broker_url: str) -> Callable[[list[str]], None]:
+def celery_sender(broker_url: str, queue: str) -> Callable[[list[str]], None]:
     """Send consume work to the receipts worker, one message per batch (blocking)."""
-    app = make_celery_app(QUEUE, broker_url)
+    app = make_celery_app(queue, broker_url)
 
     def send(tokens: list[str]) -> None:
         if len(tokens) == 1:
-            app.send_task(CONSUME_TASK, args=[tokens[0]], queue=QUEUE)
+            app.send_task(CONSUME_TASK, args=[tokens[0]], queue=queue)
         else:
-            app.send_task(CONSUME_BATCH_TASK, args=[tokens], queue=QUEUE)
+            app.send_task(CONSUME_BATCH_TASK, args=[tokens], queue=queue)
 
     return send
 
@@ -142,7 +142,7 @@ def build_google(
         store,
         consumptions,
         GooglePolicy(settings.google_package_name, settings.google_allow_test_purchases),
-        enqueue or BackgroundEnqueuer(celery_sender(settings.broker_url)),
+        enqueue or BackgroundEnqueuer(celery_sender(settings.broker_url, settings.receipts_queue)),
         clock,
         metrics,
     )
