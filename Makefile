@@ -49,8 +49,12 @@ fmt: $(STAMP) ## Format and autofix with ruff
 	$(BIN)/ruff format services tests
 	$(BIN)/ruff check --fix services tests
 
-test: $(STAMP) ## Run the whole test suite
-	$(BIN)/pytest $(PYTEST_ARGS)
+# Tests mostly wait on sockets, processes and databases, so they run in parallel
+# processes (pytest-xdist); every test has its own database, queues and ports.
+TEST_WORKERS ?= 4
+
+test: $(STAMP) ## Run the whole test suite (TEST_WORKERS=4 processes in parallel)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 run: proto ## Run every service, a Celery worker and the store simulator (Ctrl-C stops all)
 	$(BIN)/coinstore dev run
