@@ -9,8 +9,9 @@ from services.common.catalog import load_catalog
 from services.common.clock import SystemClock
 from services.common.db import Database
 from services.common.settings import load_settings
+from services.wallet.audit import audit
 from services.wallet.config import WalletSettings
-from services.wallet.store import WalletStore, audit
+from services.wallet.store import WalletStore
 
 
 def cmd_audit(_args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ def build_host(settings: WalletSettings, runtime: Runtime, port: int | None = No
         runtime.catalog,
         SystemClock(),
         reservation_ttl=timedelta(days=settings.wallet_reservation_ttl_days),
+        failpoints=runtime.failpoints,
     )
     servicer = WalletServiceServicer(
         store,

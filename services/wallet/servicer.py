@@ -23,10 +23,12 @@ from services.common.validation import (
     require_text,
 )
 from services.wallet.domain.ledger import BalanceView, Environment, Kind, Store
-from services.wallet.domain.rules import PERCENT_MILLI_FULL, Period, ReservationState
+from services.wallet.domain.provenance import PERCENT_MILLI_FULL, Leg, LegKind
+from services.wallet.domain.rules import Period, ReservationState
 from services.wallet.errors import DomainError, InvalidArgument, NotFound
 from services.wallet.group_commit import GroupCommit
 from services.wallet.store import (
+    ConsumptionView,
     CreditItem,
     CreditResult,
     DebitDone,
@@ -35,6 +37,7 @@ from services.wallet.store import (
     LimitView,
     ReservationView,
     ReversalResult,
+    ReversalState,
     WalletStore,
 )
 
@@ -65,8 +68,20 @@ KINDS: dict[int, Kind] = {
     pb.TRANSACTION_KIND_RESERVATION: Kind.RESERVATION,
     pb.TRANSACTION_KIND_RESERVATION_COMMIT: Kind.RESERVATION_COMMIT,
     pb.TRANSACTION_KIND_RESERVATION_RELEASE: Kind.RESERVATION_RELEASE,
+    pb.TRANSACTION_KIND_GIFT_REVERSAL: Kind.GIFT_REVERSAL,
+    pb.TRANSACTION_KIND_GIFT_RESTORE: Kind.GIFT_RESTORE,
 }
 KIND_NUMBERS: dict[Kind, Any] = {v: k for k, v in KINDS.items()}
+REVERSAL_STATES = {
+    ReversalState.APPLIED: pb.REVERSAL_STATE_APPLIED,
+    ReversalState.ALREADY_APPLIED: pb.REVERSAL_STATE_ALREADY_APPLIED,
+    ReversalState.NOTHING_REFUNDED: pb.REVERSAL_STATE_NOTHING_REFUNDED,
+}
+LEG_KINDS = {
+    LegKind.UNSPENT: pb.ClawbackLeg.KIND_UNSPENT,
+    LegKind.GIFT: pb.ClawbackLeg.KIND_GIFT,
+    LegKind.DEBT: pb.ClawbackLeg.KIND_DEBT,
+}
 RESERVATION_STATES = {
     ReservationState.HELD: pb.RESERVATION_STATE_HELD,
     ReservationState.COMMITTED: pb.RESERVATION_STATE_COMMITTED,
@@ -99,6 +114,10 @@ def balance_message(view: BalanceView) -> pb.Balance:
         diamonds_reserved=view.diamonds_reserved,
         restricted=view.restricted,
         debt_coins=view.debt_coins,
+        diamond_debt=view.diamond_debt,
+        sandbox_coins=view.sandbox_coins,
+        sandbox_diamonds=max(view.sandbox_diamonds, 0),
+        sandbox_debt_coins=view.sandbox_debt_coins,
     )
 
 
@@ -110,6 +129,7 @@ def reservation_message(view: ReservationView) -> pb.Reservation:
         state=RESERVATION_STATES[view.state],
         create_time=_stamp(view.created_at),
         expire_time=_stamp(view.expire_at),
+        diamonds_clawed_back=view.clawed_diamonds,
     )
 
 
@@ -135,6 +155,45 @@ def transaction_message(item: HistoryItem) -> pb.Transaction:
         diamonds_delta=item.diamonds_delta,
         reference=item.reference,
         counterparty_account_id=item.counterparty,
+        sandbox_coins_delta=item.sandbox_coins_delta,
+        sandbox_diamonds_delta=item.sandbox_diamonds_delta,
+    )
+
+
+def leg_message(leg: Leg) -> pb.ClawbackLeg:
+    return pb.ClawbackLeg(
+        kind=LEG_KINDS[leg.kind],
+        coins=leg.coins,
+        creator_account_id=leg.creator or "",
+        diamonds=leg.diamonds,
+        diamonds_from_holds=sum(d for _, d in leg.from_holds),
+        diamond_debt=leg.debt,
+    )
+
+
+def consumption_message(view: ConsumptionView) -> pb.GetPurchaseConsumptionResponse:
+    return pb.GetPurchaseConsumptionResponse(
+        account_id=view.account_id,
+        credit_sequence=view.lot_id,
+        coins=view.coins,
+        bonus_coins=view.bonus_coins,
+        unspent_coins=view.open_coins,
+        gift_coins=view.gift_coins,
+        spend_coins=view.spend_coins,
+        debt_repayment_coins=view.debt_repayment_coins,
+        untracked_coins=view.untracked_coins,
+        clawed_back_coins=view.clawed_back,
+        consumed_percentage_milli=view.consumed_percentage_milli,
+        creators=[
+            pb.CreatorConsumption(
+                creator_account_id=c.creator,
+                coins=c.coins,
+                diamonds=c.diamonds,
+                diamonds_clawed_back=c.clawed_diamonds,
+            )
+            for c in view.creators
+        ],
+        credit_time=_stamp(view.created_at),
     )
 
 
@@ -163,13 +222,18 @@ def _credit_response(result: CreditResult) -> Message:
 def _gift_response(item: DebitItem, done: DebitDone) -> Message:
     if item.creator is None:
         return pb.SpendCoinsResponse(
-            transaction_id=done.txn_id, coins_spent=done.coins, balance=balance_message(done.balance)
+            transaction_id=done.txn_id,
+            coins_spent=done.coins,
+            balance=balance_message(done.balance),
+            sandbox_coins_spent=done.sandbox_coins,
         )
     return pb.SendGiftResponse(
         transaction_id=done.txn_id,
         coins_spent=done.coins,
         diamonds_to_creator=done.diamonds,
         sender_balance=balance_message(done.balance),
+        sandbox_coins_spent=done.sandbox_coins,
+        sandbox_diamonds_to_creator=done.sandbox_diamonds,
     )
 
 
@@ -246,26 +310,35 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         response: pb.CreditPurchaseResponse = _answer(outcome, pb.CreditPurchaseResponse)
         return response
 
-    async def ReversePurchase(self, request: pb.ReversePurchaseRequest, context: Any) -> pb.ReversePurchaseResponse:
-        request_id = require_id("request_id", request.request_id)
+    def _purchase_key(self, request: Any) -> tuple[Store, Environment, str]:
         store = require_enum("store", request.store, STORES)
+        environment = require_enum("environment", request.environment, ENVIRONMENTS)
         store_transaction_id = require_id(
             "store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID
         )
+        return store, environment, store_transaction_id
+
+    async def ReversePurchase(self, request: pb.ReversePurchaseRequest, context: Any) -> pb.ReversePurchaseResponse:
+        request_id = require_id("request_id", request.request_id)
+        store, environment, store_transaction_id = self._purchase_key(request)
         quantity = require_non_negative("refunded_quantity", request.refunded_quantity)
         share = require_non_negative("refunded_percentage_milli", request.refunded_percentage_milli, PERCENT_MILLI_FULL)
-        if quantity and share:
+        said = [bool(request.full_refund), quantity > 0, share > 0]
+        if sum(said) != 1:
+            # A full refund is said explicitly: a forgotten field must never claw everything back.
             raise InvalidArgument(
-                "refunded_percentage_milli", "give either refunded_quantity or a percentage, not both"
+                "full_refund",
+                "say exactly one of full_refund, refunded_quantity or refunded_percentage_milli",
             )
-        reason = require_text("reason", request.reason, MAX_REASON, allow_empty=True)
+        require_text("reason", request.reason, MAX_REASON, allow_empty=True)
 
         def build(result: ReversalResult) -> pb.ReversePurchaseResponse:
             return pb.ReversePurchaseResponse(
-                state=pb.REVERSAL_STATE_APPLIED if result.applied else pb.REVERSAL_STATE_ALREADY_APPLIED,
+                state=REVERSAL_STATES[result.state],
                 coins_reversed=result.coins,
                 account_id=result.account_id,
                 balance=balance_message(result.balance),
+                legs=[leg_message(leg) for leg in result.legs],
             )
 
         return await self._db.run(
@@ -275,27 +348,26 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 response_type=pb.ReversePurchaseResponse,
                 build=build,
                 store=store,
+                environment=environment,
                 store_transaction_id=store_transaction_id,
                 refunded_quantity=quantity,
                 refunded_percentage_milli=share,
-                reason=reason,
+                full_refund=request.full_refund,
             )
         )
 
     async def RestorePurchase(self, request: pb.RestorePurchaseRequest, context: Any) -> pb.RestorePurchaseResponse:
         request_id = require_id("request_id", request.request_id)
-        store = require_enum("store", request.store, STORES)
-        store_transaction_id = require_id(
-            "store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID
-        )
+        store, environment, store_transaction_id = self._purchase_key(request)
         require_text("reason", request.reason, MAX_REASON, allow_empty=True)
 
         def build(result: ReversalResult) -> pb.RestorePurchaseResponse:
             return pb.RestorePurchaseResponse(
-                state=pb.REVERSAL_STATE_APPLIED if result.applied else pb.REVERSAL_STATE_ALREADY_APPLIED,
+                state=REVERSAL_STATES[result.state],
                 coins_restored=result.coins,
                 account_id=result.account_id,
                 balance=balance_message(result.balance),
+                legs=[leg_message(leg) for leg in result.legs],
             )
 
         return await self._db.run(
@@ -305,9 +377,17 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 response_type=pb.RestorePurchaseResponse,
                 build=build,
                 store=store,
+                environment=environment,
                 store_transaction_id=store_transaction_id,
             )
         )
+
+    async def GetPurchaseConsumption(
+        self, request: pb.GetPurchaseConsumptionRequest, context: Any
+    ) -> pb.GetPurchaseConsumptionResponse:
+        store, environment, store_transaction_id = self._purchase_key(request)
+        view = await self._db.run(self._store.consumption, store, environment, store_transaction_id)
+        return consumption_message(view)
 
     # ------------------------------------------------------------ gifts and spending
 

@@ -2,21 +2,31 @@
 
 Every method that moves value runs as ONE database transaction holding the
 AIP-155 request-id claim, the exactly-once key (purchase, reservation), the
-immutable ledger entries and the balance rows, so a crash or a concurrent
-duplicate can never apply anything twice or half.
+immutable ledger entries, the balance rows and the provenance records (lots,
+consumptions, clawback legs), so a crash or a concurrent duplicate can never
+apply anything twice or half. The rules themselves (which lots pay, how diamonds
+are attributed, how a refund is clawed back, the postings of each movement) are
+pure functions in ``domain/``; this module reads, locks and writes.
 
-Locking order (no deadlocks between our own transactions): request-log claims
-sorted by (method, request_id), then COIN balance rows by account id, then
-DIAMOND balance rows by account id. System accounts have no balance rows (their
-balances are the sums of their entries), so they are never a hot row.
+Lock order, kept by every path so our own transactions never deadlock:
+
+1. request-log claims, sorted by (method, request_id);
+2. the accounts' spendable rows (their COIN and SANDBOX_COIN balance rows), sorted;
+3. their lots (``wallet_purchases`` rows), by lot id;
+4. diamond rows, sorted: creators first, then holds (``#hold/…``);
+5. reservations.
+
+System accounts keep no balance rows (their balance is the sum of their entries),
+so they are never a hot row.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -29,13 +39,12 @@ from services.common.catalog import Catalog
 from services.common.clock import Clock
 from services.common.db import Database, dialect_insert
 from services.common.errors import RequestIdReused
-from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
+from services.common.failpoints import Failpoints
+from services.common.idempotency import RequestLog, fingerprint, insert_ignore
 from services.wallet.bulk import Bulk, Rows
+from services.wallet.domain import postings as recipes
 from services.wallet.domain.ledger import (
-    CLAWBACK,
-    GIFT_REVENUE,
-    PAYOUT_CLEARING,
-    SPEND_REVENUE,
+    COIN_CURRENCIES,
     BalanceView,
     Currency,
     Environment,
@@ -43,110 +52,51 @@ from services.wallet.domain.ledger import (
     Posting,
     Store,
     balanced,
+    coin_currency,
+    diamond_currency,
+    diamond_lock_order,
     hold_account,
     is_system,
-    promotions_expense,
-    purchase_clearing,
+)
+from services.wallet.domain.provenance import Consumption as ConsumptionState
+from services.wallet.domain.provenance import (
+    ConsumptionKind,
+    CreatorDiamonds,
+    Hold,
+    Leg,
+    LegKind,
+    OpenLot,
+    Take,
+    attribute,
+    clawback_target,
+    plan_clawback,
+    restore_repayments,
+    take_coins,
 )
 from services.wallet.domain.rules import (
     LimitState,
     Period,
     ReservationState,
     change_limit,
-    clawback_target,
     period_start,
     refuse_reservation,
     resolved_error,
 )
 from services.wallet.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.wallet.tables import (
+    balances,
+    clawback_legs,
+    consumptions,
+    entries,
+    history,
+    purchases,
+    request_log,
+    reservations,
+    spending_limits,
+    transactions,
+)
 
 M = TypeVar("M", bound=Message)
-
-metadata = sa.MetaData()
-request_log = request_log_table(metadata, "wallet")
-TZ = sa.DateTime(timezone=True)
-_ID = sa.BigInteger().with_variant(sa.Integer, "sqlite")
-
-transactions = sa.Table(
-    "wallet_transactions",
-    metadata,
-    sa.Column("txn_id", sa.String(40), primary_key=True),
-    sa.Column("kind", sa.String(32), nullable=False),
-    sa.Column("created_at", TZ, nullable=False),
-    sa.Column("reference", sa.String(512), nullable=False),
-    sa.Column("sandbox", sa.Boolean, nullable=False),
-)
-entries = sa.Table(
-    "wallet_entries",
-    metadata,
-    sa.Column("id", _ID, primary_key=True, autoincrement=True),
-    sa.Column("txn_id", sa.String(40), nullable=False),
-    sa.Column("account_id", sa.String(160), nullable=False),
-    sa.Column("currency", sa.String(8), nullable=False),
-    sa.Column("amount", sa.BigInteger, nullable=False),
-)
-balances = sa.Table(
-    "wallet_balances",
-    metadata,
-    sa.Column("account_id", sa.String(160), primary_key=True),
-    sa.Column("currency", sa.String(8), primary_key=True),
-    sa.Column("balance", sa.BigInteger, nullable=False),
-)
-history = sa.Table(
-    "wallet_history",
-    metadata,
-    sa.Column("id", _ID, primary_key=True, autoincrement=True),
-    sa.Column("account_id", sa.String(160), nullable=False),
-    sa.Column("txn_id", sa.String(40), nullable=False),
-    sa.Column("kind", sa.String(32), nullable=False),
-    sa.Column("created_at", TZ, nullable=False),
-    sa.Column("coins_delta", sa.BigInteger, nullable=False),
-    sa.Column("diamonds_delta", sa.BigInteger, nullable=False),
-    sa.Column("reference", sa.String(512), nullable=False),
-    sa.Column("counterparty", sa.String(160), nullable=False),
-)
-purchases = sa.Table(
-    "wallet_purchases",
-    metadata,
-    sa.Column("store", sa.String(16), primary_key=True),
-    sa.Column("store_transaction_id", sa.String(512), primary_key=True),
-    sa.Column("account_id", sa.String(160), nullable=False),
-    sa.Column("product_id", sa.String(128), nullable=False),
-    sa.Column("coins", sa.BigInteger, nullable=False),
-    sa.Column("bonus_coins", sa.BigInteger, nullable=False),
-    sa.Column("quantity", sa.Integer, nullable=False),
-    sa.Column("environment", sa.String(16), nullable=False),
-    sa.Column("storefront", sa.String(16), nullable=False),
-    sa.Column("price_minor", sa.BigInteger, nullable=False),
-    sa.Column("price_currency", sa.String(3), nullable=False),
-    sa.Column("purchase_time", TZ, nullable=True),
-    sa.Column("flagged_for_review", sa.Boolean, nullable=False),
-    sa.Column("credit_txn_id", sa.String(40), nullable=False),
-    sa.Column("clawed_back", sa.BigInteger, nullable=False),
-    sa.Column("created_at", TZ, nullable=False),
-)
-reservations = sa.Table(
-    "wallet_reservations",
-    metadata,
-    sa.Column("reservation_id", sa.String(128), primary_key=True),
-    sa.Column("account_id", sa.String(160), nullable=False),
-    sa.Column("diamonds", sa.BigInteger, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("requested_expire_at", TZ, nullable=True),
-    sa.Column("created_at", TZ, nullable=False),
-    sa.Column("expire_at", TZ, nullable=False),
-    sa.Column("resolved_at", TZ, nullable=True),
-)
-spending_limits = sa.Table(
-    "wallet_spending_limits",
-    metadata,
-    sa.Column("account_id", sa.String(160), primary_key=True),
-    sa.Column("period", sa.String(16), primary_key=True),
-    sa.Column("limit_coins", sa.BigInteger, nullable=False),
-    sa.Column("pending_limit_coins", sa.BigInteger, nullable=True),
-    sa.Column("pending_effective_at", TZ, nullable=True),
-    sa.Column("updated_at", TZ, nullable=False),
-)
 
 
 def utc(moment: datetime) -> datetime:
@@ -170,12 +120,23 @@ class CreditResult:
     balance: BalanceView
 
 
+class ReversalState:
+    APPLIED = "APPLIED"
+    ALREADY_APPLIED = "ALREADY_APPLIED"  # the purchase is already in the reported state
+    NOTHING_REFUNDED = "NOTHING_REFUNDED"  # the reported refund computes to no coins yet
+
+
 @dataclass(frozen=True)
 class ReversalResult:
-    applied: bool
-    coins: int
+    state: str
+    coins: int  # coins clawed back (or restored) by this call, all legs together
     account_id: str
     balance: BalanceView
+    legs: tuple[Leg, ...] = ()
+
+    @property
+    def applied(self) -> bool:
+        return self.state == ReversalState.APPLIED
 
 
 @dataclass(frozen=True)
@@ -186,6 +147,7 @@ class ReservationView:
     state: ReservationState
     created_at: datetime
     expire_at: datetime
+    clawed_diamonds: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +168,46 @@ class HistoryItem:
     diamonds_delta: int
     reference: str
     counterparty: str
+    sandbox_coins_delta: int = 0
+    sandbox_diamonds_delta: int = 0
+
+
+@dataclass(frozen=True)
+class CreatorShare:
+    creator: str
+    coins: int
+    diamonds: int
+    clawed_diamonds: int
+
+
+@dataclass(frozen=True)
+class ConsumptionView:
+    """How much of one purchase was used, and for what (GetPurchaseConsumption)."""
+
+    store: Store
+    environment: Environment
+    store_transaction_id: str
+    account_id: str
+    lot_id: int
+    coins: int
+    bonus_coins: int
+    open_coins: int
+    gift_coins: int
+    spend_coins: int
+    debt_repayment_coins: int
+    untracked_coins: int
+    clawed_back: int
+    creators: tuple[CreatorShare, ...]
+    created_at: datetime
+
+    @property
+    def consumed_coins(self) -> int:
+        return self.gift_coins + self.spend_coins + self.debt_repayment_coins + self.untracked_coins
+
+    @property
+    def consumed_percentage_milli(self) -> int:
+        """Consumed share of the purchase in milliunits (Apple's consumptionPercentage), rounded down."""
+        return min(self.consumed_coins * 100_000 // self.coins, 100_000) if self.coins else 0
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,8 @@ class DebitDone:
     coins: int
     diamonds: int
     balance: BalanceView
+    sandbox_coins: int = 0
+    sandbox_diamonds: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,8 +256,8 @@ class CreditItem:
     flagged_for_review: bool
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.store.value, self.store_transaction_id)
+    def key(self) -> tuple[str, str, str]:
+        return (self.store.value, self.environment.value, self.store_transaction_id)
 
 
 @dataclass
@@ -275,11 +279,89 @@ class _Deferred:
 
 
 @dataclass
-class _HistoryRow:
-    account_id: str
-    kind: Kind
-    coins_delta: int = 0
-    diamonds_delta: int = 0
+class _Writes:
+    """Everything one database transaction adds: ledger transactions, entries, history,
+    consumptions, and the balance deltas of user and hold accounts."""
+
+    now: datetime
+    txns: list[dict[str, Any]] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    consumptions: list[dict[str, Any]] = field(default_factory=list)
+    deltas: dict[tuple[str, Currency], int] = field(default_factory=lambda: defaultdict(int))
+
+    def transaction(self, kind: Kind | str, reference: str, postings: Iterable[Posting], txn_id: str = "") -> str:
+        checked = balanced(postings)
+        txn_id = txn_id or new_txn_id()
+        sandbox = any(p.currency in (Currency.SANDBOX_COIN, Currency.SANDBOX_DIAMOND) for p in checked)
+        self.txns.append(
+            {
+                "txn_id": txn_id,
+                "kind": kind.value if isinstance(kind, Kind) else kind,
+                "created_at": self.now,
+                "reference": reference,
+                "sandbox": sandbox,
+            }
+        )
+        for p in checked:
+            self.entries.append(
+                {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
+            )
+            if not is_system(p.account_id):
+                self.deltas[(p.account_id, p.currency)] += p.amount
+        return txn_id
+
+    def seen_by(
+        self,
+        account_id: str,
+        txn_id: str,
+        kind: Kind,
+        reference: str,
+        changes: Mapping[Currency, int],
+        counterparty: str = "",
+    ) -> None:
+        """One history row: the transaction as ``account_id`` sees it."""
+        self.history.append(
+            {
+                "account_id": account_id,
+                "txn_id": txn_id,
+                "kind": kind.value,
+                "created_at": self.now,
+                "coins_delta": changes.get(Currency.COIN, 0),
+                "diamonds_delta": changes.get(Currency.DIAMOND, 0),
+                "sandbox_coins_delta": changes.get(Currency.SANDBOX_COIN, 0),
+                "sandbox_diamonds_delta": changes.get(Currency.SANDBOX_DIAMOND, 0),
+                "reference": reference,
+                "counterparty": counterparty,
+            }
+        )
+
+    def consumed(
+        self,
+        lot: OpenLot | Take,
+        txn_id: str,
+        kind: ConsumptionKind,
+        account_id: str,
+        coins: int,
+        creator: str = "",
+        diamonds: int = 0,
+    ) -> None:
+        self.consumptions.append(
+            {
+                "lot_id": lot.lot_id,
+                "txn_id": txn_id,
+                "kind": kind.value,
+                "account_id": account_id,
+                "environment": lot.environment.value,
+                "creator_account_id": creator,
+                "coins": coins,
+                "diamonds": diamonds,
+                "clawed_coins": 0,
+                "clawed_diamonds": 0,
+                "undone_coins": 0,
+                "created_at": self.now,
+            }
+        )
 
 
 PAGE_TOKEN_PREFIX = "h1:"  # noqa: S105 (a page cursor, not a secret)
@@ -304,20 +386,48 @@ def decode_page_token(token: str) -> int | None:
     return value
 
 
+def _key_filter(store: Store, environment: Environment, store_transaction_id: str) -> Any:
+    return (
+        (purchases.c.store == store.value)
+        & (purchases.c.environment == environment.value)
+        & (purchases.c.store_transaction_id == store_transaction_id)
+    )
+
+
 class WalletStore:
     """The ledger and everything around it, over one :class:`Database`."""
 
-    def __init__(self, database: Database, catalog: Catalog, clock: Clock, *, reservation_ttl: timedelta) -> None:
+    def __init__(
+        self,
+        database: Database,
+        catalog: Catalog,
+        clock: Clock,
+        *,
+        reservation_ttl: timedelta,
+        failpoints: Failpoints | None = None,
+    ) -> None:
         self.db = database
         self._catalog = catalog
         self._clock = clock
         self._reservation_ttl = reservation_ttl
+        self._failpoints = failpoints or Failpoints()
         self._log = RequestLog(request_log)
         self._holding = timedelta(days=catalog.diamonds.holding_days)
         self._bulk = Bulk(database.dialect)
+        self._postgres = database.dialect == "postgresql"
         # Look-ups by account for Bulk.select_for_keys, built once so they compile once.
+        self._spendable_rows = (
+            sa.select(balances.c.account_id, balances.c.currency, balances.c.balance)
+            .where(balances.c.currency.in_([c.value for c in COIN_CURRENCIES]))
+            .order_by(balances.c.currency)
+        )
         self._rows_in_currency = sa.select(balances.c.account_id, balances.c.balance).where(
             balances.c.currency == sa.bindparam("currency")
+        )
+        self._open_lots = (
+            sa.select(purchases.c.account_id, purchases.c.lot_id, purchases.c.environment, purchases.c.open_coins)
+            .where(purchases.c.open_coins > 0)
+            .order_by(purchases.c.lot_id)
         )
         self._balance_rows = sa.select(balances.c.account_id, balances.c.currency, balances.c.balance)
         self._received_since = (
@@ -327,7 +437,14 @@ class WalletStore:
         )
         self._limit_rows = sa.select(spending_limits)
         self._answers = sa.select(request_log).where(request_log.c.method == sa.bindparam("method"))
-        self._purchases_in_store = sa.select(purchases).where(purchases.c.store == sa.bindparam("store"))
+        self._purchases_in = sa.select(purchases).where(
+            purchases.c.store == sa.bindparam("store"), purchases.c.environment == sa.bindparam("environment")
+        )
+        self._set_open = (
+            purchases.update()
+            .where(purchases.c.lot_id == sa.bindparam("b_lot"))
+            .values(open_coins=sa.bindparam("b_open"))
+        )
 
     # ------------------------------------------------------------ plumbing
 
@@ -359,50 +476,57 @@ class WalletStore:
             raise outcome.error
         return outcome
 
-    def _post(
-        self,
-        conn: Connection,
-        *,
-        kind: str,
-        reference: str,
-        sandbox: bool,
-        postings: Iterable[Posting],
-        rows: Sequence[_HistoryRow],
-        now: datetime,
-    ) -> None:
-        """Write one balanced ledger transaction and apply it to the balance rows."""
-        checked = balanced(postings)
-        txn_id = new_txn_id()
-        deltas: dict[tuple[str, Currency], int] = defaultdict(int)
-        for p in checked:
-            if not is_system(p.account_id):
-                deltas[(p.account_id, p.currency)] += p.amount
-        self._write_many(
+    def _flush(self, conn: Connection, writes: _Writes, path: str) -> None:
+        """Bulk-write ledger transactions, entries, history and consumptions and add the
+        deltas to the balance rows (sorted: the lock order), in one round trip on PostgreSQL.
+
+        Failpoint ``wallet.<path>.before_commit``: everything of the transaction is
+        written, nothing committed (``path``: credit, debit, reversal, restore, reservation)."""
+        rows = [
+            {"account_id": a, "currency": c.value, "balance": d}
+            for (a, c), d in sorted(writes.deltas.items(), key=lambda kv: (kv[0][1].value, kv[0][0]))
+            if d
+        ]
+        self._bulk.insert_all(
             conn,
-            [{"txn_id": txn_id, "kind": kind, "created_at": now, "reference": reference, "sandbox": sandbox}],
             [
-                {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
-                for p in checked
+                Rows(transactions, writes.txns),
+                Rows(entries, writes.entries),
+                Rows(history, writes.history),
+                Rows(consumptions, writes.consumptions),
+                # Last: the only part that locks existing rows, so its order is the lock order.
+                Rows(balances, rows, add_on_conflict=(balances.c.account_id, balances.c.currency)),
             ],
-            [
-                {
-                    "account_id": r.account_id,
-                    "txn_id": txn_id,
-                    "kind": r.kind.value,
-                    "created_at": now,
-                    "coins_delta": r.coins_delta,
-                    "diamonds_delta": r.diamonds_delta,
-                    "reference": reference,
-                    "counterparty": "",
-                }
-                for r in rows
-            ],
-            deltas,
         )
+        self._failpoints.hit(f"wallet.{path}.before_commit")
+
+    def _set_open_coins(self, conn: Connection, open_coins: Mapping[int, int]) -> None:
+        if open_coins:
+            conn.execute(self._set_open, [{"b_lot": lot, "b_open": coins} for lot, coins in sorted(open_coins.items())])
+
+    def _lock_spendable(self, conn: Connection, accounts: Iterable[str]) -> dict[tuple[str, Currency], int]:
+        """Lock the COIN and SANDBOX_COIN rows of ``accounts`` (sorted); absent rows read as 0."""
+        ids = sorted(set(accounts))
+        found = {
+            (row.account_id, Currency(row.currency)): int(row.balance)
+            for row in self._bulk.select_for_keys(
+                conn, balances.c.account_id, ids, self._spendable_rows, for_update=True
+            )
+        }
+        return {(a, c): found.get((a, c), 0) for a in ids for c in COIN_CURRENCIES}
+
+    def _lock_open_lots(self, conn: Connection, accounts: Iterable[str]) -> dict[str, list[OpenLot]]:
+        """The open lots of ``accounts``, oldest credited first, locked (after their spendable rows)."""
+        lots: dict[str, list[OpenLot]] = defaultdict(list)
+        for row in self._bulk.select_for_keys(
+            conn, purchases.c.account_id, sorted(set(accounts)), self._open_lots, for_update=True
+        ):
+            lots[row.account_id].append(OpenLot(int(row.lot_id), Environment(row.environment), int(row.open_coins)))
+        return lots
 
     def _lock_balances(self, conn: Connection, currency: Currency, accounts: Iterable[str]) -> dict[str, int]:
-        """Lock the balance rows of ``accounts`` in one currency (sorted: no deadlocks)."""
-        ids = sorted(set(accounts))
+        """Lock the balance rows of ``accounts`` in one currency, in lock order (creators before holds)."""
+        ids = sorted(set(accounts), key=diamond_lock_order)
         found = {
             row.account_id: int(row.balance)
             for row in self._bulk.select_for_keys(
@@ -432,6 +556,8 @@ class WalletStore:
                 diamonds=amounts.get((a, diamond), 0),
                 diamonds_reserved=amounts.get((hold_account(a), diamond), 0),
                 diamonds_immature=immature.get(a, 0),
+                sandbox_coin_balance=amounts.get((a, Currency.SANDBOX_COIN.value), 0),
+                sandbox_diamonds=amounts.get((a, Currency.SANDBOX_DIAMOND.value), 0),
             )
             for a in ids
         }
@@ -439,18 +565,78 @@ class WalletStore:
     def _view(self, conn: Connection, account_id: str, now: datetime) -> BalanceView:
         return self._views(conn, [account_id], now)[account_id]
 
+    def _repay_debt(
+        self,
+        writes: _Writes,
+        debt: dict[tuple[str, Currency], int],
+        account_id: str,
+        lot: OpenLot,
+        coins: int,
+        txn_id: str,
+    ) -> int:
+        """Coins coming into ``lot`` repay its owner's debt in that currency first (a
+        consumption of the lot); returns what stays open."""
+        key = (account_id, coin_currency(lot.environment))
+        repaid = min(coins, debt.get(key, 0))
+        if repaid > 0:
+            debt[key] -= repaid
+            writes.consumed(lot, txn_id, ConsumptionKind.DEBT_REPAYMENT, account_id, repaid)
+        return coins - repaid
+
     # ------------------------------------------------------------ purchases
 
-    def _purchase_for_update(self, conn: Connection, store: Store, store_transaction_id: str) -> Any:
-        query = sa.select(purchases).where(
-            purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id
-        )
-        if conn.dialect.name == "postgresql":
+    def _purchase(
+        self, conn: Connection, store: Store, environment: Environment, store_transaction_id: str, *, lock: bool
+    ) -> Any:
+        query = sa.select(purchases).where(_key_filter(store, environment, store_transaction_id))
+        if lock and self._postgres:
             query = query.with_for_update()
         row = conn.execute(query).one_or_none()
         if row is None:
-            raise NotFound("PURCHASE_NOT_FOUND", "no credited purchase has this store transaction id")
+            raise NotFound("PURCHASE_NOT_FOUND", "no credited purchase has this store, environment and transaction id")
         return row
+
+    def _lock_purchase_owner(
+        self, conn: Connection, store: Store, environment: Environment, store_transaction_id: str
+    ) -> tuple[Any, dict[tuple[str, Currency], int], list[OpenLot]]:
+        """The purchase row, with its buyer's spendable rows and open lots locked first (the lock order)."""
+        account_id = self._purchase(conn, store, environment, store_transaction_id, lock=False).account_id
+        spendable = self._lock_spendable(conn, [account_id])
+        lots = self._lock_open_lots(conn, [account_id]).get(account_id, [])
+        return self._purchase(conn, store, environment, store_transaction_id, lock=True), spendable, lots
+
+    def _consumptions_of(self, conn: Connection, lot_id: int) -> list[Any]:
+        query = sa.select(consumptions).where(consumptions.c.lot_id == lot_id).order_by(consumptions.c.consumption_id)
+        if self._postgres:
+            query = query.with_for_update()
+        return list(conn.execute(query).all())
+
+    def _creator_diamonds(
+        self, conn: Connection, environment: Environment, creators: Iterable[str]
+    ) -> dict[str, CreatorDiamonds]:
+        """Creators' diamond rows, then their hold rows, then their held reservations (newest first), locked."""
+        names = sorted(set(creators))
+        if not names:
+            return {}
+        currency = diamond_currency(environment)
+        rows = self._lock_balances(conn, currency, names)
+        held: dict[str, list[Hold]] = defaultdict(list)
+        if environment is Environment.PRODUCTION:
+            self._lock_balances(conn, Currency.DIAMOND, [hold_account(c) for c in names])
+            query = (
+                sa.select(reservations.c.reservation_id, reservations.c.account_id, reservations.c.diamonds)
+                .where(
+                    reservations.c.account_id.in_(names),
+                    reservations.c.state == ReservationState.HELD.value,
+                    reservations.c.diamonds > 0,
+                )
+                .order_by(reservations.c.created_at.desc(), reservations.c.reservation_id.desc())
+            )
+            if self._postgres:
+                query = query.with_for_update()
+            for row in conn.execute(query):
+                held[row.account_id].append(Hold(row.reservation_id, int(row.diamonds)))
+        return {c: CreatorDiamonds(rows[c], tuple(held[c])) for c in names}
 
     def reverse_purchase(
         self,
@@ -460,39 +646,125 @@ class WalletStore:
         response_type: type[M],
         build: Callable[[ReversalResult], M],
         store: Store,
+        environment: Environment,
         store_transaction_id: str,
         refunded_quantity: int,
         refunded_percentage_milli: int,
-        reason: str,
+        full_refund: bool,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M:
-            row = self._purchase_for_update(conn, store, store_transaction_id)
-            target = clawback_target(int(row.coins), int(row.quantity), refunded_quantity, refunded_percentage_milli)
+            row, _spendable, open_lots = self._lock_purchase_owner(conn, store, environment, store_transaction_id)
+            account_id, lot_id = row.account_id, int(row.lot_id)
+            target = clawback_target(
+                int(row.coins), int(row.quantity), refunded_quantity, refunded_percentage_milli, full_refund
+            )
             delta = target - int(row.clawed_back)
-            account_id = row.account_id
             if delta <= 0:
-                return build(ReversalResult(False, 0, account_id, self._view(conn, account_id, now)))
-            environment = Environment(row.environment)
-            self._post(
-                conn,
-                kind=Kind.PURCHASE_REVERSAL.value,
-                reference=store_transaction_id,
-                sandbox=environment is Environment.SANDBOX,
-                postings=[
-                    Posting(account_id, Currency.COIN, -delta),
-                    Posting(_clawback(environment), Currency.COIN, delta),
-                ],
-                rows=[_HistoryRow(account_id, Kind.PURCHASE_REVERSAL, coins_delta=-delta)],
-                now=now,
+                state = ReversalState.NOTHING_REFUNDED if target == 0 else ReversalState.ALREADY_APPLIED
+                return build(ReversalResult(state, 0, account_id, self._view(conn, account_id, now)))
+            used = [
+                ConsumptionState(
+                    int(c.consumption_id),
+                    ConsumptionKind(c.kind),
+                    int(c.coins) - int(c.undone_coins),
+                    int(c.clawed_coins),
+                    c.creator_account_id or None,
+                    int(c.diamonds),
+                    int(c.clawed_diamonds),
+                )
+                for c in self._consumptions_of(conn, lot_id)
+            ]
+            creators = self._creator_diamonds(
+                conn, environment, (c.creator for c in used if c.kind is ConsumptionKind.GIFT and c.creator)
             )
-            conn.execute(
-                purchases.update()
-                .where(purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id)
-                .values(clawed_back=target)
+            plan = plan_clawback(delta, int(row.open_coins), used, creators)
+            writes = _Writes(now)
+            txn_id = writes.transaction(
+                Kind.PURCHASE_REVERSAL, store_transaction_id, recipes.clawback(account_id, environment, plan.legs)
             )
-            return build(ReversalResult(True, delta, account_id, self._view(conn, account_id, now)))
+            self._apply_legs(conn, writes, row, plan.legs, txn_id, open_lots)
+            conn.execute(purchases.update().where(purchases.c.lot_id == lot_id).values(clawed_back=target))
+            self._flush(conn, writes, "reversal")
+            return build(
+                ReversalResult(
+                    ReversalState.APPLIED, plan.coins, account_id, self._view(conn, account_id, now), tuple(plan.legs)
+                )
+            )
 
         return self._idempotent("ReversePurchase", request_id, request, response_type, work)
+
+    def _apply_legs(
+        self,
+        conn: Connection,
+        writes: _Writes,
+        row: Any,
+        legs: Sequence[Leg],
+        txn_id: str,
+        open_lots: Sequence[OpenLot],
+    ) -> None:
+        """Record a clawback's legs and their effects on lots, consumptions, holds and history."""
+        account_id, lot_id, environment = row.account_id, int(row.lot_id), Environment(row.environment)
+        coin, diamond = coin_currency(environment), diamond_currency(environment)
+        reference = row.store_transaction_id
+        open_coins: dict[int, int] = {}
+        leg_rows = []
+        for leg in legs:
+            leg_rows.append(
+                {
+                    "lot_id": lot_id,
+                    "reversal_txn_id": txn_id,
+                    "kind": leg.kind.value,
+                    "consumption_id": leg.consumption_id,
+                    "creator_account_id": leg.creator or "",
+                    "coins": leg.coins,
+                    "diamonds": leg.diamonds,
+                    "from_balance": leg.from_balance,
+                    "from_holds": json.dumps([list(h) for h in leg.from_holds]),
+                    "diamond_debt": leg.debt,
+                    "restored_txn_id": None,
+                    "created_at": writes.now,
+                }
+            )
+            if leg.kind is LegKind.UNSPENT:
+                open_coins[lot_id] = int(row.open_coins) - leg.coins
+            if leg.consumption_id is not None:
+                conn.execute(
+                    consumptions.update()
+                    .where(consumptions.c.consumption_id == leg.consumption_id)
+                    .values(
+                        clawed_coins=consumptions.c.clawed_coins + leg.coins,
+                        clawed_diamonds=consumptions.c.clawed_diamonds + leg.diamonds,
+                    )
+                )
+            for reservation_id, taken in leg.from_holds:
+                conn.execute(
+                    reservations.update()
+                    .where(reservations.c.reservation_id == reservation_id)
+                    .values(
+                        diamonds=reservations.c.diamonds - taken,
+                        clawed_diamonds=reservations.c.clawed_diamonds + taken,
+                    )
+                )
+            if leg.kind is LegKind.GIFT and leg.creator is not None:
+                writes.seen_by(leg.creator, txn_id, Kind.GIFT_REVERSAL, reference, {diamond: -leg.diamonds}, account_id)
+        conn.execute(clawback_legs.insert(), leg_rows)
+        # Coins spent on services become the buyer's debt, which their other open lots repay at once.
+        owed = sum(leg.coins for leg in legs if leg.kind is LegKind.DEBT)
+        others = {
+            lot.lot_id: lot for lot in open_lots if lot.lot_id != lot_id and coin_currency(lot.environment) is coin
+        }
+        netted = min(owed, sum(lot.open_coins for lot in others.values()))
+        for take in take_coins(list(others.values()), netted) if netted else []:
+            writes.consumed(take, txn_id, ConsumptionKind.DEBT_REPAYMENT, account_id, take.coins)
+            open_coins[take.lot_id] = others[take.lot_id].open_coins - take.coins
+        self._set_open_coins(conn, open_coins)
+        taken = sum(leg.coins for leg in legs if leg.kind is not LegKind.GIFT)
+        if taken:
+            writes.seen_by(account_id, txn_id, Kind.PURCHASE_REVERSAL, reference, {coin: -taken})
+
+    @staticmethod
+    def _unspent_of(legs: Sequence[Leg]) -> int:
+        return sum(leg.coins for leg in legs if leg.kind is LegKind.UNSPENT)
 
     def restore_purchase(
         self,
@@ -502,35 +774,152 @@ class WalletStore:
         response_type: type[M],
         build: Callable[[ReversalResult], M],
         store: Store,
+        environment: Environment,
         store_transaction_id: str,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M:
-            row = self._purchase_for_update(conn, store, store_transaction_id)
-            clawed = int(row.clawed_back)
-            account_id = row.account_id
-            if clawed == 0:
-                return build(ReversalResult(False, 0, account_id, self._view(conn, account_id, now)))
-            environment = Environment(row.environment)
-            self._post(
-                conn,
-                kind=Kind.PURCHASE_RESTORE.value,
-                reference=store_transaction_id,
-                sandbox=environment is Environment.SANDBOX,
-                postings=[
-                    Posting(_clawback(environment), Currency.COIN, -clawed),
-                    Posting(account_id, Currency.COIN, clawed),
-                ],
-                rows=[_HistoryRow(account_id, Kind.PURCHASE_RESTORE, coins_delta=clawed)],
-                now=now,
+            row, spendable, _open_lots = self._lock_purchase_owner(conn, store, environment, store_transaction_id)
+            account_id, lot_id = row.account_id, int(row.lot_id)
+            leg_rows = list(
+                conn.execute(
+                    sa.select(clawback_legs)
+                    .where(clawback_legs.c.lot_id == lot_id, clawback_legs.c.restored_txn_id.is_(None))
+                    .order_by(clawback_legs.c.leg_id)
+                )
             )
+            if not leg_rows:
+                return build(
+                    ReversalResult(ReversalState.ALREADY_APPLIED, 0, account_id, self._view(conn, account_id, now))
+                )
+            legs = [
+                Leg(
+                    LegKind(r.kind),
+                    int(r.coins),
+                    None if r.consumption_id is None else int(r.consumption_id),
+                    r.creator_account_id or None,
+                    int(r.diamonds),
+                )
+                for r in leg_rows
+            ]
+            self._lock_balances(conn, diamond_currency(environment), (leg.creator for leg in legs if leg.creator))
+            writes = _Writes(now)
+            txn_id = writes.transaction(
+                Kind.PURCHASE_RESTORE,
+                store_transaction_id,
+                recipes.clawback(account_id, environment, legs, restore=True),
+            )
+            self._undo_legs(conn, writes, row, legs, txn_id, spendable)
             conn.execute(
-                purchases.update()
-                .where(purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id)
-                .values(clawed_back=0)
+                clawback_legs.update()
+                .where(clawback_legs.c.lot_id == lot_id, clawback_legs.c.restored_txn_id.is_(None))
+                .values(restored_txn_id=txn_id)
             )
-            return build(ReversalResult(True, clawed, account_id, self._view(conn, account_id, now)))
+            conn.execute(purchases.update().where(purchases.c.lot_id == lot_id).values(clawed_back=0))
+            self._flush(conn, writes, "restore")
+            coins = sum(leg.coins for leg in legs)
+            return build(
+                ReversalResult(ReversalState.APPLIED, coins, account_id, self._view(conn, account_id, now), tuple(legs))
+            )
 
         return self._idempotent("RestorePurchase", request_id, request, response_type, work)
+
+    def _undo_legs(
+        self,
+        conn: Connection,
+        writes: _Writes,
+        row: Any,
+        legs: Sequence[Leg],
+        txn_id: str,
+        spendable: Mapping[tuple[str, Currency], int],
+    ) -> None:
+        """A restore's effects on lots and consumptions: the debt its DEBT legs made goes
+        first (debt repayments made since are undone where the debt is already gone),
+        then the UNSPENT coins return to the lot, repaying any debt left."""
+        account_id, lot_id, environment = row.account_id, int(row.lot_id), Environment(row.environment)
+        coin, diamond = coin_currency(environment), diamond_currency(environment)
+        reference = row.store_transaction_id
+        debt = {(account_id, coin): max(-spendable[(account_id, coin)], 0)}
+        open_coins: dict[int, int] = {}
+        owed = sum(leg.coins for leg in legs if leg.kind is LegKind.DEBT)
+        cancelled = min(owed, debt[(account_id, coin)])
+        debt[(account_id, coin)] -= cancelled
+        if owed > cancelled:
+            repayments = conn.execute(
+                sa.select(consumptions).where(
+                    consumptions.c.account_id == account_id,
+                    consumptions.c.kind == ConsumptionKind.DEBT_REPAYMENT.value,
+                    consumptions.c.environment == environment.value,
+                    consumptions.c.coins - consumptions.c.undone_coins - consumptions.c.clawed_coins > 0,
+                )
+            ).all()
+            available = {
+                int(r.consumption_id): int(r.coins) - int(r.undone_coins) - int(r.clawed_coins) for r in repayments
+            }
+            lots_of = {int(r.consumption_id): int(r.lot_id) for r in repayments}
+            for consumption_id, coins in restore_repayments(owed - cancelled, list(available.items())):
+                conn.execute(
+                    consumptions.update()
+                    .where(consumptions.c.consumption_id == consumption_id)
+                    .values(undone_coins=consumptions.c.undone_coins + coins)
+                )
+                repaid_from = lots_of[consumption_id]
+                open_coins[repaid_from] = open_coins.get(repaid_from, self._open_of(conn, repaid_from)) + coins
+        unspent = self._unspent_of(legs)
+        if unspent:
+            kept = self._repay_debt(
+                writes, debt, account_id, OpenLot(lot_id, environment, int(row.open_coins)), unspent, txn_id
+            )
+            open_coins[lot_id] = open_coins.get(lot_id, int(row.open_coins)) + kept
+        for leg in legs:
+            if leg.consumption_id is not None:
+                conn.execute(
+                    consumptions.update()
+                    .where(consumptions.c.consumption_id == leg.consumption_id)
+                    .values(
+                        clawed_coins=consumptions.c.clawed_coins - leg.coins,
+                        clawed_diamonds=consumptions.c.clawed_diamonds - leg.diamonds,
+                    )
+                )
+            if leg.kind is LegKind.GIFT and leg.creator is not None:
+                writes.seen_by(leg.creator, txn_id, Kind.GIFT_RESTORE, reference, {diamond: leg.diamonds}, account_id)
+        self._set_open_coins(conn, open_coins)
+        given = sum(leg.coins for leg in legs if leg.kind is not LegKind.GIFT)
+        if given:
+            writes.seen_by(account_id, txn_id, Kind.PURCHASE_RESTORE, reference, {coin: given})
+
+    def _open_of(self, conn: Connection, lot_id: int) -> int:
+        return int(conn.execute(sa.select(purchases.c.open_coins).where(purchases.c.lot_id == lot_id)).scalar_one())
+
+    def consumption(self, store: Store, environment: Environment, store_transaction_id: str) -> ConsumptionView:
+        with self.db.connect() as conn:
+            row = self._purchase(conn, store, environment, store_transaction_id, lock=False)
+            used: dict[str, int] = defaultdict(int)
+            shares: dict[str, list[int]] = {}
+            for c in conn.execute(sa.select(consumptions).where(consumptions.c.lot_id == row.lot_id)):
+                coins = int(c.coins) - int(c.undone_coins)
+                used[c.kind] += coins
+                if c.kind == ConsumptionKind.GIFT.value:
+                    share = shares.setdefault(c.creator_account_id, [0, 0, 0])
+                    share[0] += coins
+                    share[1] += int(c.diamonds)
+                    share[2] += int(c.clawed_diamonds)
+        return ConsumptionView(
+            store=store,
+            environment=environment,
+            store_transaction_id=store_transaction_id,
+            account_id=row.account_id,
+            lot_id=int(row.lot_id),
+            coins=int(row.coins),
+            bonus_coins=int(row.bonus_coins),
+            open_coins=int(row.open_coins),
+            gift_coins=used[ConsumptionKind.GIFT.value],
+            spend_coins=used[ConsumptionKind.SPEND.value],
+            debt_repayment_coins=used[ConsumptionKind.DEBT_REPAYMENT.value],
+            untracked_coins=used[ConsumptionKind.UNTRACKED.value],
+            clawed_back=int(row.clawed_back),
+            creators=tuple(CreatorShare(k, *v) for k, v in sorted(shares.items())),
+            created_at=utc(row.created_at),
+        )
 
     # ------------------------------------------------------------ balances and history
 
@@ -576,6 +965,8 @@ class WalletStore:
                 int(row.diamonds_delta),
                 row.reference,
                 row.counterparty,
+                int(row.sandbox_coins_delta),
+                int(row.sandbox_diamonds_delta),
             )
             for row in rows[:page_size]
         ]
@@ -659,39 +1050,13 @@ class WalletStore:
             batch.results[index] = batch.results[leader] if same else RequestIdReused(keys[index][1])
         return [r for r in batch.results if r is not None]
 
-    def _write_many(
-        self,
-        conn: Connection,
-        txn_rows: list[dict[str, Any]],
-        entry_rows: list[dict[str, Any]],
-        history_rows: list[dict[str, Any]],
-        deltas: dict[tuple[str, Currency], int],
-    ) -> None:
-        """Bulk-write ledger transactions and add ``deltas`` to the balance rows (sorted
-        order), in one round trip on PostgreSQL."""
-        rows = [
-            {"account_id": a, "currency": c.value, "balance": d}
-            for (a, c), d in sorted(deltas.items(), key=lambda kv: (kv[0][1].value, kv[0][0]))
-            if d
-        ]
-        self._bulk.insert_all(
-            conn,
-            [
-                Rows(transactions, txn_rows),
-                Rows(entries, entry_rows),
-                Rows(history, history_rows),
-                # Last: the only part that locks existing rows, so its order is the lock order.
-                Rows(balances, rows, add_on_conflict=(balances.c.account_id, balances.c.currency)),
-            ],
-        )
-
     # ------------------------------------------------------------ purchases, batched
 
     def credit_batch(
         self, items: Sequence[CreditItem], build: Callable[[CreditResult], Message]
     ) -> list[Message | bytes | DomainError]:
         """Credit many purchases in ONE database transaction (group commit); each keeps
-        its own request-id claim, exactly-once purchase key, ledger transaction and answer."""
+        its own request-id claim, exactly-once purchase key, lot, ledger transaction and answer."""
         return self.db.transaction(lambda conn: self._credit_batch(conn, items, build, self._clock.now()))
 
     def _credit_batch(
@@ -704,22 +1069,25 @@ class WalletStore:
         keys = [("CreditPurchase", item.request_id) for item in items]
         batch = self._claim_batch(conn, keys, [item.request for item in items], now)
         # The first live item per purchase key tries to insert it; the others see the winner.
-        owner: dict[tuple[str, str], int] = {}
+        owner: dict[tuple[str, str, str], int] = {}
         for index in batch.live:
             owner.setdefault(items[index].key, index)
         txn_ids = {index: new_txn_id() for index in owner.values()}
-        created: set[tuple[str, str]] = set()
+        lots: dict[tuple[str, str, str], int] = {}
         if owner:
+            ordered = [i for _, i in sorted(owner.items())]
+            # PostgreSQL numbers the lots from its sequence; SQLite's one writer numbers them here.
+            first_lot = 0 if self._postgres else self._next_lot_id(conn)
             purchase_rows = [
                 {
                     "store": items[i].store.value,
+                    "environment": items[i].environment.value,
                     "store_transaction_id": items[i].store_transaction_id,
                     "account_id": items[i].account_id,
                     "product_id": items[i].product_id,
                     "coins": items[i].coins,
                     "bonus_coins": items[i].bonus_coins,
                     "quantity": items[i].quantity,
-                    "environment": items[i].environment.value,
                     "storefront": items[i].storefront,
                     "price_minor": items[i].price_minor,
                     "price_currency": items[i].price_currency,
@@ -728,25 +1096,37 @@ class WalletStore:
                     "credit_txn_id": txn_ids[i],
                     "clawed_back": 0,
                     "created_at": now,
+                    "open_coins": items[i].coins,
+                    **({} if self._postgres else {"lot_id": first_lot + n}),
                 }
-                for _, i in sorted(owner.items())
+                for n, i in enumerate(ordered)
             ]
             returned = self._bulk.insert(
                 conn,
                 purchases,
                 purchase_rows,
                 ignore=True,
-                returning=(purchases.c.store, purchases.c.store_transaction_id),
+                returning=(
+                    purchases.c.store,
+                    purchases.c.environment,
+                    purchases.c.store_transaction_id,
+                    purchases.c.lot_id,
+                ),
             )
-            created = {(row.store, row.store_transaction_id) for row in returned}
+            lots = {(row.store, row.environment, row.store_transaction_id): int(row.lot_id) for row in returned}
+        created = set(lots)
         earlier = [key for key in owner if key not in created]
-        existing: dict[tuple[str, str], tuple[str, str, int, int]] = {}
-        for store in {s for s, _ in earlier}:
-            ids = [t for s, t in earlier if s == store]
+        existing: dict[tuple[str, str, str], tuple[str, str, int, int]] = {}
+        for store, environment in {(s, e) for s, e, _ in earlier}:
+            ids = [t for s, e, t in earlier if (s, e) == (store, environment)]
             for row in self._bulk.select_for_keys(
-                conn, purchases.c.store_transaction_id, ids, self._purchases_in_store, {"store": store}
+                conn,
+                purchases.c.store_transaction_id,
+                ids,
+                self._purchases_in,
+                {"store": store, "environment": environment},
             ):
-                existing[(row.store, row.store_transaction_id)] = (
+                existing[(row.store, row.environment, row.store_transaction_id)] = (
                     row.account_id,
                     row.credit_txn_id,
                     int(row.coins),
@@ -755,10 +1135,7 @@ class WalletStore:
         for key in created:
             winner = items[owner[key]]
             existing[key] = (winner.account_id, txn_ids[owner[key]], winner.coins, winner.bonus_coins)
-        txn_rows: list[dict[str, Any]] = []
-        entry_rows: list[dict[str, Any]] = []
-        history_rows: list[dict[str, Any]] = []
-        deltas: dict[tuple[str, Currency], int] = defaultdict(int)
+        writes = _Writes(now)
         outcomes: list[tuple[int, bool]] = []  # (item index, freshly credited) of the accepted items
         for index in batch.live:
             item = items[index]
@@ -772,54 +1149,79 @@ class WalletStore:
             outcomes.append((index, fresh))
             if not fresh:
                 continue
-            deltas[(account_id, Currency.COIN)] += item.coins
-            txn_rows.append(
-                {
-                    "txn_id": txn_id,
-                    "kind": Kind.PURCHASE.value,
-                    "created_at": now,
-                    "reference": item.store_transaction_id,
-                    "sandbox": item.environment is Environment.SANDBOX,
-                }
+            postings = recipes.purchase(account_id, item.store, item.environment, item.coins, item.bonus_coins)
+            writes.transaction(Kind.PURCHASE, item.store_transaction_id, postings, txn_id)
+            writes.seen_by(
+                account_id,
+                txn_id,
+                Kind.PURCHASE,
+                item.store_transaction_id,
+                {coin_currency(item.environment): item.coins},
             )
-            postings = [
-                Posting(account_id, Currency.COIN, item.coins),
-                Posting(purchase_clearing(item.store, item.environment), Currency.COIN, item.bonus_coins - item.coins),
-                Posting(promotions_expense(item.environment), Currency.COIN, -item.bonus_coins),
-            ]
-            entry_rows.extend(
-                {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
-                for p in balanced(postings)
-            )
-            history_rows.append(
-                {
-                    "account_id": account_id,
-                    "txn_id": txn_id,
-                    "kind": Kind.PURCHASE.value,
-                    "created_at": now,
-                    "coins_delta": item.coins,
-                    "diamonds_delta": 0,
-                    "reference": item.store_transaction_id,
-                    "counterparty": "",
-                }
-            )
-        if txn_rows:
-            self._write_many(conn, txn_rows, entry_rows, history_rows, deltas)
+        if writes.txns:
+            self._flush(conn, writes, "credit")
         # Read after writing (the credited rows are ours, locked): each answer shows the
         # balance just after its own credit, counting from the balance before the batch.
         views = self._views(conn, (items[i].account_id for i, _ in outcomes), now)
-        running = {a: view.coin_balance - deltas.get((a, Currency.COIN), 0) for a, view in views.items()}
+        running: dict[tuple[str, Currency], int] = {}
+        for a, view in views.items():
+            running[(a, Currency.COIN)] = view.coin_balance - writes.deltas.get((a, Currency.COIN), 0)
+            running[(a, Currency.SANDBOX_COIN)] = view.sandbox_coin_balance - writes.deltas.get(
+                (a, Currency.SANDBOX_COIN), 0
+            )
+        self._repay_debts_from_credits(conn, items, outcomes, lots, txn_ids, owner, running, now)
         for index, fresh in outcomes:
             item = items[index]
             account_id, txn_id, original_coins, original_bonus = existing[item.key]
+            currency = coin_currency(item.environment)
             if fresh:
-                running[account_id] += item.coins
+                running[(account_id, currency)] += item.coins
             view = views[account_id]
             balance = BalanceView(
-                account_id, running[account_id], view.diamonds, view.diamonds_reserved, view.diamonds_immature
+                account_id,
+                running[(account_id, Currency.COIN)],
+                view.diamonds,
+                view.diamonds_reserved,
+                view.diamonds_immature,
+                running[(account_id, Currency.SANDBOX_COIN)],
+                view.sandbox_diamonds,
             )
             batch.results[index] = build(CreditResult(not fresh, txn_id, original_coins, original_bonus, balance))
         return self._finish_batch(conn, batch, keys, now)
+
+    def _next_lot_id(self, conn: Connection) -> int:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(purchases.c.lot_id), 0) + 1)).scalar_one())
+
+    def _repay_debts_from_credits(
+        self,
+        conn: Connection,
+        items: Sequence[CreditItem],
+        outcomes: Sequence[tuple[int, bool]],
+        lots: Mapping[tuple[str, str, str], int],
+        txn_ids: Mapping[int, str],
+        owner: Mapping[tuple[str, str, str], int],
+        balance_before: Mapping[tuple[str, Currency], int],
+        now: datetime,
+    ) -> None:
+        """A purchase credited to an account in debt repays the debt first: a consumption of
+        its new lot. Only accounts that were in debt cost anything here (their rows are
+        locked by the balance update, so the debt cannot change under us)."""
+        debt = {key: -balance for key, balance in balance_before.items() if balance < 0}
+        if not debt:
+            return
+        writes = _Writes(now)
+        open_coins: dict[int, int] = {}
+        for index, fresh in outcomes:
+            item = items[index]
+            if not fresh or (item.account_id, coin_currency(item.environment)) not in debt:
+                continue
+            lot = OpenLot(lots[item.key], item.environment, item.coins)
+            kept = self._repay_debt(writes, debt, item.account_id, lot, item.coins, txn_ids[owner[item.key]])
+            if kept != item.coins:
+                open_coins[lot.lot_id] = kept
+        if writes.consumptions:
+            self._bulk.insert(conn, consumptions, writes.consumptions)
+        self._set_open_coins(conn, open_coins)
 
     # ------------------------------------------------------------ gifts and spending
 
@@ -828,9 +1230,9 @@ class WalletStore:
     ) -> list[Message | bytes | DomainError]:
         """Apply gifts and spends in ONE database transaction (group commit).
 
-        Each item keeps its own request-id claim, its own ledger transaction and
-        its own answer: the stored response bytes for a replay, the new response,
-        or the refusal. Refused items leave nothing behind.
+        Each item keeps its own request-id claim, its own ledger transaction, its own
+        consumptions and its own answer: the stored response bytes for a replay, the
+        new response, or the refusal. Refused items leave nothing behind.
         """
         return self.db.transaction(lambda conn: self._debit_batch(conn, items, build, self._clock.now()))
 
@@ -843,40 +1245,86 @@ class WalletStore:
     ) -> list[Message | bytes | DomainError]:
         keys = [(item.method, item.request_id) for item in items]
         batch = self._claim_batch(conn, keys, [item.request for item in items], now)
-        # Lock the senders' coin rows; read their limits.
-        coins = self._lock_balances(conn, Currency.COIN, (items[i].sender for i in batch.live))
+        senders = [items[i].sender for i in batch.live]
+        spendable = self._lock_spendable(conn, senders)
+        lots = self._lock_open_lots(conn, senders)
         gift_senders = {items[i].sender for i in batch.live if items[i].creator is not None}
         limits = self._limits_with_spent(conn, gift_senders, now)
-        # Decide in arrival order.
-        done: dict[int, tuple[str, int]] = {}
+        writes = _Writes(now)
+        open_coins: dict[int, int] = {}
+        done: dict[int, DebitDone] = {}
+        after: dict[int, tuple[int, int]] = {}  # each item's answer shows the balance just after it
+        # Decide in arrival order: each item pays from what the earlier ones left.
         for index in batch.live:
             item = items[index]
-            balance = coins[item.sender]
-            refusal = self._refusal(item, balance, limits.get(item.sender, []))
+            real, sandbox = spendable[(item.sender, Currency.COIN)], spendable[(item.sender, Currency.SANDBOX_COIN)]
+            refusal = self._refusal(item, real, max(real, 0) + max(sandbox, 0), limits.get(item.sender, []))
             if refusal is not None:
                 batch.results[index] = refusal
                 continue
-            coins[item.sender] = balance - item.coins
+            takes = take_coins(lots[item.sender], item.coins)
+            taken = {take.lot_id: take.coins for take in takes}
+            remaining = []
+            for lot in lots[item.sender]:
+                left = lot.open_coins - taken.get(lot.lot_id, 0)
+                if lot.lot_id in taken:
+                    open_coins[lot.lot_id] = left
+                if left > 0:
+                    remaining.append(OpenLot(lot.lot_id, lot.environment, left))
+            lots[item.sender] = remaining
+            for take in takes:
+                spendable[(item.sender, coin_currency(take.environment))] -= take.coins
             for limit in limits.get(item.sender, []):
                 limit[1] += item.coins
-            done[index] = (new_txn_id(), coins[item.sender])
+            done[index] = self._write_debit(writes, item, takes)
+            after[index] = (spendable[(item.sender, Currency.COIN)], spendable[(item.sender, Currency.SANDBOX_COIN)])
         if done:
-            self._write_debits(conn, items, done, now)
+            self._set_open_coins(conn, open_coins)
+            self._flush(conn, writes, "debit")
         views = self._views(conn, (items[i].sender for i in done), now)
-        for index, (txn_id, coin_balance) in done.items():
+        for index, debit in done.items():
             item = items[index]
             view = views[item.sender]
-            balance_view = BalanceView(
-                item.sender, coin_balance, view.diamonds, view.diamonds_reserved, view.diamonds_immature
+            coins, sandbox_coins = after[index]
+            balance = BalanceView(
+                item.sender,
+                coins,
+                view.diamonds,
+                view.diamonds_reserved,
+                view.diamonds_immature,
+                sandbox_coins,
+                view.sandbox_diamonds,
             )
-            batch.results[index] = build(item, DebitDone(txn_id, item.coins, item.diamonds, balance_view))
+            batch.results[index] = build(item, _with_balance(debit, balance))
         return self._finish_batch(conn, batch, keys, now)
 
-    def _refusal(self, item: DebitItem, balance: int, limits: list[list[Any]]) -> DomainError | None:
-        if balance < 0:
+    def _write_debit(self, writes: _Writes, item: DebitItem, takes: Sequence[Take]) -> DebitDone:
+        txn_id = new_txn_id()
+        coins = recipes.coins_by_currency(takes)
+        if item.creator is None:
+            writes.transaction(Kind.SPEND, item.reference, recipes.spend(item.sender, takes), txn_id)
+            for take in takes:
+                writes.consumed(take, txn_id, ConsumptionKind.SPEND, item.sender, take.coins)
+            writes.seen_by(item.sender, txn_id, Kind.SPEND, item.reference, {c: -n for c, n in coins.items()})
+            return _debit_done(txn_id, coins, {})
+        parts = attribute(item.diamonds, takes)
+        diamonds = recipes.diamonds_by_currency(takes, parts)
+        writes.transaction(
+            Kind.GIFT_SENT, item.reference, recipes.gift(item.sender, item.creator, takes, parts), txn_id
+        )
+        for take, part in zip(takes, parts, strict=True):
+            writes.consumed(take, txn_id, ConsumptionKind.GIFT, item.sender, take.coins, item.creator, part)
+        writes.seen_by(
+            item.sender, txn_id, Kind.GIFT_SENT, item.reference, {c: -n for c, n in coins.items()}, item.creator
+        )
+        writes.seen_by(item.creator, txn_id, Kind.GIFT_RECEIVED, item.reference, diamonds, item.sender)
+        return _debit_done(txn_id, coins, diamonds)
+
+    def _refusal(self, item: DebitItem, real: int, spendable: int, limits: list[list[Any]]) -> DomainError | None:
+        if real < 0:
             return FailedPrecondition("ACCOUNT_RESTRICTED", "the account owes coins from a refund")
-        if balance < item.coins:
-            return FailedPrecondition("INSUFFICIENT_COINS", f"{item.coins} coins needed, {balance} available")
+        if spendable < item.coins:
+            return FailedPrecondition("INSUFFICIENT_COINS", f"{item.coins} coins needed, {spendable} available")
         if item.creator is not None:
             for period, spent, cap in limits:
                 if spent + item.coins > cap:
@@ -886,69 +1334,6 @@ class WalletStore:
                         {"period": period.value},
                     )
         return None
-
-    def _write_debits(
-        self, conn: Connection, items: Sequence[DebitItem], done: dict[int, tuple[str, int]], now: datetime
-    ) -> None:
-        txn_rows: list[dict[str, Any]] = []
-        entry_rows: list[dict[str, Any]] = []
-        history_rows: list[dict[str, Any]] = []
-        sender_deltas: dict[str, int] = defaultdict(int)
-        creator_deltas: dict[str, int] = defaultdict(int)
-        for index, (txn_id, _) in done.items():
-            item = items[index]
-            if item.creator is None:
-                kind = Kind.SPEND
-                postings = [
-                    Posting(item.sender, Currency.COIN, -item.coins),
-                    Posting(SPEND_REVENUE, Currency.COIN, item.coins),
-                ]
-            else:
-                kind = Kind.GIFT_SENT
-                postings = [
-                    Posting(item.sender, Currency.COIN, -item.coins),
-                    Posting(GIFT_REVENUE, Currency.COIN, item.coins),
-                    Posting(GIFT_REVENUE, Currency.DIAMOND, -item.diamonds),
-                    Posting(item.creator, Currency.DIAMOND, item.diamonds),
-                ]
-                creator_deltas[item.creator] += item.diamonds
-            sender_deltas[item.sender] -= item.coins
-            txn_rows.append(
-                {"txn_id": txn_id, "kind": kind.value, "created_at": now, "reference": item.reference, "sandbox": False}
-            )
-            entry_rows.extend(
-                {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
-                for p in balanced(postings)
-            )
-            history_rows.append(
-                {
-                    "account_id": item.sender,
-                    "txn_id": txn_id,
-                    "kind": kind.value,
-                    "created_at": now,
-                    "coins_delta": -item.coins,
-                    "diamonds_delta": 0,
-                    "reference": item.reference,
-                    "counterparty": item.creator or "",
-                }
-            )
-            if item.creator is not None:
-                history_rows.append(
-                    {
-                        "account_id": item.creator,
-                        "txn_id": txn_id,
-                        "kind": Kind.GIFT_RECEIVED.value,
-                        "created_at": now,
-                        "coins_delta": 0,
-                        "diamonds_delta": item.diamonds,
-                        "reference": item.reference,
-                        "counterparty": item.sender,
-                    }
-                )
-        # Senders' coin rows exist and are locked already; creators' diamond rows may be new.
-        deltas = {(a, Currency.COIN): d for a, d in sender_deltas.items()}
-        deltas.update({(c, Currency.DIAMOND): d for c, d in creator_deltas.items()})
-        self._write_many(conn, txn_rows, entry_rows, history_rows, deltas)
 
     def _limits_with_spent(
         self, conn: Connection, accounts: Iterable[str], now: datetime
@@ -967,8 +1352,9 @@ class WalletStore:
         return result
 
     def _spent(self, conn: Connection, account_id: str, period: Period, now: datetime) -> int:
+        """Coins sent as gifts in the period, real and Sandbox alike (the budget caps coins sent)."""
         total = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(-history.c.coins_delta), 0)).where(
+            sa.select(sa.func.coalesce(sa.func.sum(-history.c.coins_delta - history.c.sandbox_coins_delta), 0)).where(
                 history.c.account_id == account_id,
                 history.c.kind == Kind.GIFT_SENT.value,
                 history.c.created_at >= period_start(period, now),
@@ -993,7 +1379,7 @@ class WalletStore:
             query = sa.select(spending_limits).where(
                 spending_limits.c.account_id == account_id, spending_limits.c.period == period.value
             )
-            if conn.dialect.name == "postgresql":
+            if self._postgres:
                 query = query.with_for_update()
             row = conn.execute(query).one_or_none()
             current = _limit_state(row) if row is not None else LimitState(0, None, None)
@@ -1045,30 +1431,27 @@ class WalletStore:
 
     # ------------------------------------------------------------ reservations
 
-    def _reservation_for_update(self, conn: Connection, reservation_id: str) -> Any:
+    def _reservation(self, conn: Connection, reservation_id: str, *, lock: bool) -> Any:
         query = sa.select(reservations).where(reservations.c.reservation_id == reservation_id)
-        if conn.dialect.name == "postgresql":
+        if lock and self._postgres:
             query = query.with_for_update()
         return conn.execute(query).one_or_none()
 
     def _resolve(self, conn: Connection, row: Any, state: ReservationState, now: datetime) -> None:
-        """Move a held reservation's diamonds to payout clearing (commit) or back (release, expiry)."""
+        """Move a held reservation's diamonds to payout clearing (commit) or back (release,
+        expiry). The caller holds the diamond rows and then the reservation row (lock order)."""
         account_id, diamonds = row.account_id, int(row.diamonds)
-        hold = hold_account(account_id)
-        self._lock_balances(conn, Currency.DIAMOND, [account_id, hold])
         if state is ReservationState.COMMITTED:
-            destination, kind, delta = PAYOUT_CLEARING, Kind.RESERVATION_COMMIT, -diamonds
+            kind, delta = Kind.RESERVATION_COMMIT, -diamonds
         else:
-            destination, kind, delta = account_id, Kind.RESERVATION_RELEASE, 0
-        self._post(
-            conn,
-            kind=kind.value,
-            reference=row.reservation_id,
-            sandbox=False,
-            postings=[Posting(hold, Currency.DIAMOND, -diamonds), Posting(destination, Currency.DIAMOND, diamonds)],
-            rows=[_HistoryRow(account_id, kind, diamonds_delta=delta)],
-            now=now,
-        )
+            kind, delta = Kind.RESERVATION_RELEASE, 0
+        if diamonds:  # a hold a clawback took entirely moves nothing
+            writes = _Writes(now)
+            txn_id = writes.transaction(
+                kind, row.reservation_id, recipes.resolve(account_id, diamonds, state is ReservationState.COMMITTED)
+            )
+            writes.seen_by(account_id, txn_id, kind, row.reservation_id, {Currency.DIAMOND: delta})
+            self._flush(conn, writes, "reservation")
         updated = conn.execute(
             reservations.update()
             .where(
@@ -1081,15 +1464,16 @@ class WalletStore:
 
     def _expire_due(self, conn: Connection, account_id: str | None, now: datetime) -> int:
         """Return the diamonds of held reservations past their expiry (lazily, or by the sweep)."""
-        query = sa.select(reservations.c.reservation_id).where(
+        query = sa.select(reservations.c.reservation_id, reservations.c.account_id).where(
             reservations.c.state == ReservationState.HELD.value, reservations.c.expire_at <= now
         )
         if account_id is not None:
             query = query.where(reservations.c.account_id == account_id)
-        due = list(conn.execute(query.order_by(reservations.c.reservation_id)).scalars())
+        due = list(conn.execute(query.order_by(reservations.c.account_id, reservations.c.reservation_id)))
         expired = 0
-        for reservation_id in due:
-            held = self._reservation_for_update(conn, reservation_id)
+        for reservation_id, owner in due:
+            self._lock_balances(conn, Currency.DIAMOND, [owner, hold_account(owner)])
+            held = self._reservation(conn, reservation_id, lock=True)
             if held is not None and held.state == ReservationState.HELD.value:
                 self._resolve(conn, held, ReservationState.EXPIRED, now)
                 expired += 1
@@ -1113,10 +1497,9 @@ class WalletStore:
         def work(conn: Connection, now: datetime) -> M:
             if expire_at is not None and expire_at <= now:
                 raise InvalidArgument("expire_time", "must be in the future")
-            hold = hold_account(account_id)
-            self._lock_balances(conn, Currency.COIN, [account_id])
+            self._lock_spendable(conn, [account_id])
             self._expire_due(conn, account_id, now)
-            self._lock_balances(conn, Currency.DIAMOND, [account_id, hold])
+            self._lock_balances(conn, Currency.DIAMOND, [account_id, hold_account(account_id)])
             inserted = conn.execute(
                 insert_ignore(conn, reservations)
                 .values(
@@ -1127,14 +1510,15 @@ class WalletStore:
                     requested_expire_at=expire_at,
                     created_at=now,
                     expire_at=expire_at or now + self._reservation_ttl,
+                    clawed_diamonds=0,
                 )
                 .returning(reservations.c.reservation_id)
             ).first()
-            row = self._reservation_for_update(conn, reservation_id)
+            row = self._reservation(conn, reservation_id, lock=True)
             if inserted is None:
                 same = (
                     row.account_id == account_id
-                    and int(row.diamonds) == diamonds
+                    and int(row.diamonds) + int(row.clawed_diamonds) == diamonds
                     and (expire_at is None or (row.requested_expire_at and utc(row.requested_expire_at) == expire_at))
                 )
                 if not same:
@@ -1142,17 +1526,11 @@ class WalletStore:
                         "RESERVATION_ID_REUSED", "reservation_id was already used with different parameters"
                     )
                 return build(_reservation_view(row), self._view(conn, account_id, now))
-            view = self._view(conn, account_id, now)
-            refuse_reservation(diamonds, view.diamonds_total, view.diamonds_withdrawable, view.restricted)
-            self._post(
-                conn,
-                kind=Kind.RESERVATION.value,
-                reference=reservation_id,
-                sandbox=False,
-                postings=[Posting(account_id, Currency.DIAMOND, -diamonds), Posting(hold, Currency.DIAMOND, diamonds)],
-                rows=[_HistoryRow(account_id, Kind.RESERVATION)],
-                now=now,
-            )
+            refuse_reservation(diamonds, self._view(conn, account_id, now))
+            writes = _Writes(now)
+            txn_id = writes.transaction(Kind.RESERVATION, reservation_id, recipes.reserve(account_id, diamonds))
+            writes.seen_by(account_id, txn_id, Kind.RESERVATION, reservation_id, {})
+            self._flush(conn, writes, "reservation")
             return build(_reservation_view(row), self._view(conn, account_id, now))
 
         return self._idempotent("ReserveDiamonds", request_id, request, response_type, work)
@@ -1169,9 +1547,11 @@ class WalletStore:
         state: ReservationState,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M | _Deferred:
-            row = self._reservation_for_update(conn, reservation_id)
-            if row is None:
+            found = self._reservation(conn, reservation_id, lock=False)
+            if found is None:
                 raise NotFound("RESERVATION_NOT_FOUND", "no reservation has this id")
+            self._lock_balances(conn, Currency.DIAMOND, [found.account_id, hold_account(found.account_id)])
+            row = self._reservation(conn, reservation_id, lock=True)
             current = ReservationState(row.state)
             if current is ReservationState.HELD and utc(row.expire_at) <= now:
                 self._resolve(conn, row, ReservationState.EXPIRED, now)
@@ -1179,13 +1559,24 @@ class WalletStore:
             if current is not ReservationState.HELD:
                 raise resolved_error(current)
             self._resolve(conn, row, state, now)
-            return build(_reservation_view(self._reservation_for_update(conn, reservation_id)))
+            return build(_reservation_view(self._reservation(conn, reservation_id, lock=False)))
 
         return self._idempotent(method, request_id, request, response_type, work)
 
 
-def _clawback(environment: Environment) -> str:
-    return CLAWBACK + ("/sandbox" if environment is Environment.SANDBOX else "")
+def _debit_done(txn_id: str, coins: Mapping[Currency, int], diamonds: Mapping[Currency, int]) -> DebitDone:
+    return DebitDone(
+        txn_id,
+        coins.get(Currency.COIN, 0),
+        diamonds.get(Currency.DIAMOND, 0),
+        BalanceView("", 0, 0, 0, 0),
+        coins.get(Currency.SANDBOX_COIN, 0),
+        diamonds.get(Currency.SANDBOX_DIAMOND, 0),
+    )
+
+
+def _with_balance(done: DebitDone, balance: BalanceView) -> DebitDone:
+    return DebitDone(done.txn_id, done.coins, done.diamonds, balance, done.sandbox_coins, done.sandbox_diamonds)
 
 
 def _limit_state(row: Any) -> LimitState:
@@ -1204,81 +1595,5 @@ def _reservation_view(row: Any) -> ReservationView:
         ReservationState(row.state),
         utc(row.created_at),
         utc(row.expire_at),
+        int(row.clawed_diamonds),
     )
-
-
-def audit(database: Database) -> list[str]:
-    """Rebuild every balance from the entries and check every invariant; returns the discrepancies.
-
-    Runs in one repeatable-read snapshot on PostgreSQL (one transaction on SQLite).
-    """
-    return audit_engine(database.engine)
-
-
-def audit_engine(engine: sa.Engine) -> list[str]:
-    problems: list[str] = []
-
-    def check(conn: Connection) -> None:
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        unbalanced = conn.execute(
-            sa.select(entries.c.txn_id, entries.c.currency, sa.func.sum(entries.c.amount))
-            .group_by(entries.c.txn_id, entries.c.currency)
-            .having(sa.func.sum(entries.c.amount) != 0)
-        ).all()
-        for txn_id, currency, total in unbalanced:
-            problems.append(f"transaction {txn_id}: {currency} entries sum to {total}, not 0")
-        empty = conn.execute(
-            sa.select(transactions.c.txn_id).where(~sa.exists().where(entries.c.txn_id == transactions.c.txn_id))
-        ).scalars()
-        for txn_id in empty:
-            problems.append(f"transaction {txn_id}: has no entries")
-        orphans = conn.execute(
-            sa.select(entries.c.txn_id).distinct().where(~sa.exists().where(transactions.c.txn_id == entries.c.txn_id))
-        ).scalars()
-        for txn_id in orphans:
-            problems.append(f"entries of unknown transaction {txn_id}")
-        rebuilt = {
-            (row.account_id, row.currency): int(row.total)
-            for row in conn.execute(
-                sa.select(entries.c.account_id, entries.c.currency, sa.func.sum(entries.c.amount).label("total"))
-                .where(~entries.c.account_id.startswith("#sys/"))
-                .group_by(entries.c.account_id, entries.c.currency)
-            )
-        }
-        kept = {
-            (row.account_id, row.currency): int(row.balance)
-            for row in conn.execute(sa.select(balances.c.account_id, balances.c.currency, balances.c.balance))
-        }
-        for key in sorted(set(rebuilt) | set(kept)):
-            if rebuilt.get(key, 0) != kept.get(key, 0):
-                problems.append(
-                    f"account {key[0]} {key[1]}: balance row {kept.get(key, 0)}, entries sum to {rebuilt.get(key, 0)}"
-                )
-            if key[1] == Currency.DIAMOND.value and kept.get(key, 0) < 0:
-                problems.append(f"account {key[0]}: negative diamonds {kept[key]}")
-        for currency, total in conn.execute(
-            sa.select(entries.c.currency, sa.func.sum(entries.c.amount)).group_by(entries.c.currency)
-        ):
-            if total != 0:
-                problems.append(f"ledger: all {currency} entries sum to {total}, not 0")
-        held: dict[str, int] = defaultdict(int)
-        for row in conn.execute(
-            sa.select(reservations.c.account_id, reservations.c.diamonds).where(
-                reservations.c.state == ReservationState.HELD.value
-            )
-        ):
-            held[hold_account(row.account_id)] += int(row.diamonds)
-        for (account_id, _currency), amount in sorted(kept.items()):
-            if account_id.startswith("#hold/") and amount != held.get(account_id, 0):
-                problems.append(f"{account_id}: holds {amount} diamonds, held reservations total {held[account_id]}")
-        for account_id, amount in sorted(held.items()):
-            if kept.get((account_id, Currency.DIAMOND.value), 0) != amount:
-                problems.append(f"{account_id}: held reservations total {amount}, hold balance differs")
-        for row in conn.execute(sa.select(purchases)):
-            if not 0 <= int(row.clawed_back) <= int(row.coins):
-                problems.append(f"purchase {row.store}/{row.store_transaction_id}: clawed back {row.clawed_back}")
-
-    with engine.begin() as conn:
-        check(conn)
-    return problems

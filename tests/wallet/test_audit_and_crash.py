@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common.db import create_engine
-from services.wallet import store
+from services.wallet import tables
+from services.wallet.audit import audit, audit_engine
+from tests.support.failpoints import failpoint_env, fired_pid
 from tests.support.status import error_info
 from tests.support.tokens import Keys
 from tests.wallet.support import ALL_SCOPES, Wallet, credit_request, migrated, running_wallet, write_catalog
@@ -52,18 +54,18 @@ async def test_duplicate_storm_credits_each_receipt_once(wallet: Wallet) -> None
     assert states.count(pb.CREDIT_STATE_CREDITED) == receipts
     assert states.count(pb.CREDIT_STATE_ALREADY_CREDITED) == receipts * (copies - 1)
     with wallet.database.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(store.purchases)).scalar_one() == receipts
+        assert conn.execute(sa.select(sa.func.count()).select_from(tables.purchases)).scalar_one() == receipts
         assert (
             conn.execute(
                 sa.select(sa.func.count())
-                .select_from(store.transactions)
-                .where(store.transactions.c.kind == "PURCHASE")
+                .select_from(tables.transactions)
+                .where(tables.transactions.c.kind == "PURCHASE")
             ).scalar_one()
             == receipts
         )
     balances = [await wallet.balance(f"fan-{i}") for i in range(50)]
     assert sum(b.coins for b in balances) == receipts * 10
-    assert store.audit(wallet.database) == []
+    assert audit(wallet.database) == []
 
 
 def run_audit(url: str, keys: Keys) -> subprocess.CompletedProcess[str]:
@@ -92,22 +94,31 @@ async def test_audit_command_finds_discrepancies(wallet: Wallet, keys: Keys) -> 
     assert "audit clean" in clean.stdout
     with wallet.database.engine.begin() as conn:
         conn.execute(
-            store.balances.update()
-            .where(store.balances.c.account_id == "fan")
-            .values(balance=store.balances.c.balance + 7)
+            tables.balances.update()
+            .where(tables.balances.c.account_id == "fan")
+            .values(balance=tables.balances.c.balance + 7)
         )
-        txn_id = conn.execute(sa.select(store.transactions.c.txn_id).limit(1)).scalar_one()
+        txn_id = conn.execute(sa.select(tables.transactions.c.txn_id).limit(1)).scalar_one()
         conn.execute(
-            store.entries.insert().values(txn_id=txn_id, account_id="#sys/gift_revenue", currency="COIN", amount=3)
+            tables.entries.insert().values(txn_id=txn_id, account_id="#sys/gift_revenue", currency="COIN", amount=3)
         )
+        # Provenance: a lot claims coins it does not have, a gift's attribution is off by one.
+        conn.execute(tables.purchases.update().values(open_coins=tables.purchases.c.open_coins + 5))
+        conn.execute(tables.consumptions.update().values(diamonds=tables.consumptions.c.diamonds + 1))
+        lot_id = conn.execute(sa.select(tables.purchases.c.lot_id)).scalar_one()
     dirty = run_audit(wallet.url, keys)
     assert dirty.returncode == 1
     assert "account fan COIN: balance row 102, entries sum to 95" in dirty.stdout
     assert f"transaction {txn_id}: COIN entries sum to 3, not 0" in dirty.stdout
     assert "ledger: all COIN entries sum to 3, not 0" in dirty.stdout
+    assert f"lot {lot_id} (APP_STORE/PRODUCTION/" in dirty.stdout
+    assert "account fan COIN: balance 102, open lots hold 100" in dirty.stdout
+    assert "creator received 5 DIAMOND, attributed 6" in dirty.stdout
 
 
-def start_service(url: str, keys: Keys, catalog: Path, port: int) -> subprocess.Popen[bytes]:
+def start_service(
+    url: str, keys: Keys, catalog: Path, port: int, extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "COINSTORE_DATABASE_URL": url,
@@ -117,6 +128,7 @@ def start_service(url: str, keys: Keys, catalog: Path, port: int) -> subprocess.
         "COINSTORE_WALLET_GRPC_PORT": str(port),
         "COINSTORE_WALLET_METRICS_PORT": "0",
         "COINSTORE_LOG_LEVEL": "WARNING",
+        **(extra or {}),
     }
     return subprocess.Popen([sys.executable, "-m", "services.wallet"], env=env, cwd=REPO_ROOT)
 
@@ -138,7 +150,7 @@ async def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.slow
-async def test_sigkill_mid_load_leaves_no_half_applied_transaction(
+async def test_sigkill_mid_batch_leaves_no_half_applied_transaction(
     database_url: str, keys: Keys, tmp_path: Path, free_port: int
 ) -> None:
     migrated(database_url)
@@ -160,41 +172,43 @@ async def test_sigkill_mid_load_leaves_no_half_applied_transaction(
         for n in range(15)
     ]
     metadata = keys.metadata(*ALL_SCOPES)
-    process = start_service(database_url, keys, catalog, free_port)
-    answered = 0
+    # Every credit lands; then the second batch of gifts dies after writing everything and before committing.
+    points = tmp_path / "failpoints"
+    process = start_service(
+        database_url, keys, catalog, free_port, failpoint_env(points, "wallet.debit.before_commit=kill@2")
+    )
+    acknowledged: list[str] = []
     try:
         await wait_serving(address, process)
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.WalletServiceStub(channel)
+            await asyncio.gather(*(stub.CreditPurchase(r, metadata=metadata, timeout=30) for r in credits))
+            acknowledged += [r.request_id for r in credits]
 
-            async def fire(request: pb.CreditPurchaseRequest | pb.SendGiftRequest) -> None:
-                nonlocal answered
-                call = stub.CreditPurchase if isinstance(request, pb.CreditPurchaseRequest) else stub.SendGift
+            async def fire(request: pb.SendGiftRequest) -> None:
                 try:
-                    await call(request, metadata=metadata, timeout=30)  # type: ignore[operator,arg-type]
-                    answered += 1
+                    await stub.SendGift(request, metadata=metadata, timeout=30)
+                    acknowledged.append(request.request_id)
                 except grpc.aio.AioRpcError:
                     pass
 
-            async def killer() -> None:
-                while answered < 150:
-                    await asyncio.sleep(0.005)
-                process.send_signal(signal.SIGKILL)
-
-            interleaved = [r for pair in zip(credits, gifts[: len(credits)], strict=True) for r in pair]
-            load = [fire(r) for r in interleaved + gifts[len(credits) :]]
-            await asyncio.gather(killer(), *load)
+            await asyncio.gather(*(fire(r) for r in gifts))
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
-    assert 150 <= answered < len(credits) + len(gifts), "the kill must land in the middle of the load"
+    assert fired_pid(points, "wallet.debit.before_commit") == process.pid
+    assert 0 < len(acknowledged) < len(credits) + len(gifts), "the kill must land in the middle of the load"
 
-    # Nothing half-applied: the ledger balances right after the crash.
+    # Nothing half-applied: the ledger balances right after the crash, and every
+    # acknowledged request is in it.
     engine = create_engine(database_url, 1)
     try:
-        assert store.audit_engine(engine) == []
+        assert audit_engine(engine) == []
+        with engine.connect() as conn:
+            claimed = set(conn.execute(sa.select(tables.request_log.c.request_id)).scalars())
+        assert set(acknowledged) <= claimed
     finally:
         engine.dispose()
 
@@ -219,8 +233,8 @@ async def test_sigkill_mid_load_leaves_no_half_applied_transaction(
     finally:
         process.terminate()
         process.wait(timeout=30)
-    audit = run_audit(database_url, keys)
-    assert audit.returncode == 0, audit.stdout
+    report = run_audit(database_url, keys)
+    assert report.returncode == 0, report.stdout
 
 
 async def test_duplicate_storm_without_group_commit(database_url: str, keys: Keys, tmp_path: Path) -> None:
@@ -245,7 +259,7 @@ async def test_duplicate_storm_without_group_commit(database_url: str, keys: Key
                 await channel.close(None)
         assert [r.state for r in replies].count(pb.CREDIT_STATE_CREDITED) == 100
         assert (await wallet.balance("fan")).coins == 1000
-        assert store.audit(wallet.database) == []
+        assert audit(wallet.database) == []
 
 
 async def test_racing_accounts_for_one_receipt(wallet: Wallet) -> None:

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.wallet.domain.ledger import Currency, Posting, UnbalancedTransaction, balanced
-from services.wallet.domain.rules import LimitState, Period, change_limit, clawback_target, period_start
+from services.wallet.domain.provenance import clawback_target
+from services.wallet.domain.rules import LimitState, Period, change_limit, period_start
 from services.wallet.group_commit import GroupCommit
 
 NOW = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)  # a Thursday
@@ -24,7 +25,6 @@ def test_balanced_refuses_entries_that_do_not_sum_to_zero() -> None:
 @pytest.mark.parametrize(
     ("coins", "quantity", "refunded", "milli", "expected"),
     [
-        (300, 3, 0, 0, 300),  # 0 = everything
         (300, 3, 1, 0, 100),
         (100, 3, 1, 0, 33),  # 33.3 rounds down, for the buyer
         (100, 3, 2, 0, 66),
@@ -35,7 +35,8 @@ def test_balanced_refuses_entries_that_do_not_sum_to_zero() -> None:
     ],
 )
 def test_clawback_target(coins: int, quantity: int, refunded: int, milli: int, expected: int) -> None:
-    assert clawback_target(coins, quantity, refunded, milli) == expected
+    assert clawback_target(coins, quantity, refunded, milli, full=False) == expected
+    assert clawback_target(coins, quantity, 0, 0, full=True) == coins
 
 
 def test_period_starts_are_utc_calendar_periods() -> None:

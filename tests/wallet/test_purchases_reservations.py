@@ -12,20 +12,22 @@ import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
-from services.wallet import store
+from services.wallet import tables
+from services.wallet.audit import audit
 from tests.support.status import error_info
 from tests.support.tokens import Keys
 from tests.wallet.support import Wallet, credit_request, running_wallet, unique
 
 
-def ledger_sums(wallet: Wallet) -> dict[str, int]:
+def ledger_sums(wallet: Wallet) -> dict[tuple[str, str], int]:
+    entries = tables.entries
     with wallet.database.connect() as conn:
         rows = conn.execute(
-            sa.select(store.entries.c.account_id, sa.func.sum(store.entries.c.amount)).group_by(
-                store.entries.c.account_id
+            sa.select(entries.c.account_id, entries.c.currency, sa.func.sum(entries.c.amount)).group_by(
+                entries.c.account_id, entries.c.currency
             )
         ).all()
-    return {account: int(total) for account, total in rows}
+    return {(account, currency): int(total) for account, currency, total in rows}
 
 
 async def test_unknown_account_has_zero_balance(wallet: Wallet) -> None:
@@ -38,14 +40,17 @@ async def test_credit_books_store_clearing_and_promotions(wallet: Wallet) -> Non
     assert reply.state == pb.CREDIT_STATE_CREDITED
     assert (reply.coins_credited, reply.bonus_coins, reply.balance.coins) == (110, 10, 110)
     sandbox = await wallet.credit("fan", 7, environment=pb.STORE_ENVIRONMENT_SANDBOX)
-    assert sandbox.balance.coins == 117
+    # Sandbox coins are their own currency: shown apart, never mixed into real coins.
+    assert (sandbox.balance.coins, sandbox.balance.sandbox_coins) == (110, 7)
     sums = ledger_sums(wallet)
-    assert sums["fan"] == 117
-    assert sums["#sys/purchase_clearing/app_store"] == -100
-    assert sums["#sys/promotions_expense"] == -10
-    # Sandbox coins come from their own clearing account, out of revenue figures.
-    assert sums["#sys/purchase_clearing/app_store/sandbox"] == -7
-    assert store.audit(wallet.database) == []
+    assert sums[("fan", "COIN")] == 110
+    assert sums[("#sys/purchase_clearing/app_store", "COIN")] == -100
+    assert sums[("#sys/promotions_expense", "COIN")] == -10
+    # ... issued from their own clearing account, out of revenue figures.
+    assert sums[("fan", "SANDBOX_COIN")] == 7
+    assert sums[("#sys/purchase_clearing/app_store/sandbox", "SANDBOX_COIN")] == -7
+    assert not [key for key in sums if key[0].endswith("/sandbox") and key[1] == "COIN"]
+    assert audit(wallet.database) == []
 
 
 async def test_repeat_credit_returns_the_original(wallet: Wallet) -> None:
@@ -169,8 +174,8 @@ async def test_reserve_commit_release(wallet: Wallet) -> None:
     await refused(release(wallet, "cash-4"), grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_ALREADY_RELEASED")
     await refused(commit(wallet, "nope"), grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND")
     assert (await wallet.balance("creator")).diamonds_withdrawable == 400
-    assert ledger_sums(wallet)["#sys/payout_clearing"] == 600
-    assert store.audit(wallet.database) == []
+    assert ledger_sums(wallet)[("#sys/payout_clearing", "DIAMOND")] == 600
+    assert audit(wallet.database) == []
 
 
 async def test_reservation_id_is_idempotent(wallet: Wallet) -> None:
@@ -196,7 +201,7 @@ async def test_concurrent_reservations_never_overcommit(wallet: Wallet) -> None:
         if isinstance(failure, grpc.aio.AioRpcError):
             assert error_info(failure).reason == "DIAMONDS_NOT_MATURE"
     assert (await wallet.balance("creator")).diamonds_reserved == 1000
-    assert store.audit(wallet.database) == []
+    assert audit(wallet.database) == []
 
 
 async def test_immature_diamonds_cannot_be_reserved(database_url: str, keys: Keys, tmp_path: Path) -> None:
@@ -209,7 +214,7 @@ async def test_immature_diamonds_cannot_be_reserved(database_url: str, keys: Key
         )
         # Age the gift past the holding period: it matures.
         with wallet.database.engine.begin() as conn:
-            conn.execute(store.history.update().values(created_at=datetime.now(UTC) - timedelta(days=8)))
+            conn.execute(tables.history.update().values(created_at=datetime.now(UTC) - timedelta(days=8)))
         assert (await wallet.balance("creator")).diamonds_withdrawable == 100
         assert (await reserve(wallet, "creator", 100, "cash-2")).balance.diamonds_reserved == 100
 
@@ -223,7 +228,11 @@ async def test_restricted_account_cannot_reserve(wallet: Wallet) -> None:
     )
     await wallet.stub.ReversePurchase(
         pb.ReversePurchaseRequest(
-            request_id=unique("rv"), store=pb.STORE_APP_STORE, store_transaction_id="creator-buys"
+            request_id=unique("rv"),
+            store=pb.STORE_APP_STORE,
+            environment=pb.STORE_ENVIRONMENT_PRODUCTION,
+            store_transaction_id="creator-buys",
+            full_refund=True,
         ),
         metadata=wallet.md(),
     )
@@ -239,7 +248,7 @@ async def test_expired_reservation_returns_diamonds(wallet: Wallet) -> None:
     await asyncio.sleep(1.2)
     assert (await wallet.balance("creator")).diamonds_withdrawable == 100
     await refused(commit(wallet, "cash-1"), grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED")
-    assert store.audit(wallet.database) == []
+    assert audit(wallet.database) == []
 
 
 async def test_commit_after_expiry_is_refused_and_expires(wallet: Wallet) -> None:

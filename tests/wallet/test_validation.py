@@ -18,6 +18,18 @@ from tests.wallet.support import Wallet, credit_request
 LONG = "x" * 129
 
 
+def reverse(**changes: Any) -> pb.ReversePurchaseRequest:
+    fields: dict[str, Any] = {
+        "request_id": "r",
+        "store": 1,
+        "environment": 1,
+        "store_transaction_id": "s",
+        "full_refund": True,
+        **changes,
+    }
+    return pb.ReversePurchaseRequest(**fields)
+
+
 def credit(**changes: Any) -> pb.CreditPurchaseRequest:
     request = credit_request("fan", 100, stx="stx-1", request_id="r-1")
     for name, value in changes.items():
@@ -69,29 +81,25 @@ CASES: list[tuple[str, Any, str]] = [
     ("CreditPurchase", credit(price=money_pb2.Money(amount_minor=199, currency_code="")), "price.currency_code"),
     ("CreditPurchase", credit(price=money_pb2.Money(amount_minor=-1, currency_code="USD")), "price.amount_minor"),
     ("CreditPurchase", credit(purchase_time=bad_time()), "purchase_time"),
+    ("ReversePurchase", reverse(store_transaction_id=""), "store_transaction_id"),
+    ("ReversePurchase", reverse(request_id=""), "request_id"),
+    ("ReversePurchase", reverse(store=0), "store"),
+    ("ReversePurchase", reverse(environment=0), "environment"),
+    ("ReversePurchase", reverse(full_refund=False, refunded_quantity=-1), "refunded_quantity"),
+    ("ReversePurchase", reverse(full_refund=False, refunded_percentage_milli=100_001), "refunded_percentage_milli"),
+    ("ReversePurchase", reverse(reason="x" * 513), "reason"),
+    # A full refund is said explicitly; saying nothing, or two things, is refused.
+    ("ReversePurchase", reverse(full_refund=False), "full_refund"),
+    ("ReversePurchase", reverse(refunded_quantity=1), "full_refund"),
+    ("ReversePurchase", reverse(full_refund=False, refunded_quantity=1, refunded_percentage_milli=5), "full_refund"),
     (
-        "ReversePurchase",
-        pb.ReversePurchaseRequest(request_id="r", store=1, store_transaction_id=""),
-        "store_transaction_id",
+        "RestorePurchase",
+        pb.RestorePurchaseRequest(request_id="r", store=3, environment=1, store_transaction_id="s"),
+        "store",
     ),
-    ("ReversePurchase", pb.ReversePurchaseRequest(request_id="", store=1, store_transaction_id="s"), "request_id"),
-    ("ReversePurchase", pb.ReversePurchaseRequest(request_id="r", store=0, store_transaction_id="s"), "store"),
-    (
-        "ReversePurchase",
-        pb.ReversePurchaseRequest(request_id="r", store=1, store_transaction_id="s", refunded_quantity=-1),
-        "refunded_quantity",
-    ),
-    (
-        "ReversePurchase",
-        pb.ReversePurchaseRequest(request_id="r", store=1, store_transaction_id="s", refunded_percentage_milli=100_001),
-        "refunded_percentage_milli",
-    ),
-    (
-        "ReversePurchase",
-        pb.ReversePurchaseRequest(request_id="r", store=1, store_transaction_id="s", reason="x" * 513),
-        "reason",
-    ),
-    ("RestorePurchase", pb.RestorePurchaseRequest(request_id="r", store=3, store_transaction_id="s"), "store"),
+    ("RestorePurchase", pb.RestorePurchaseRequest(request_id="r", store=1, store_transaction_id="s"), "environment"),
+    ("GetPurchaseConsumption", pb.GetPurchaseConsumptionRequest(store=1, store_transaction_id="s"), "environment"),
+    ("GetPurchaseConsumption", pb.GetPurchaseConsumptionRequest(store=1, environment=1), "store_transaction_id"),
     ("SendGift", gift(request_id=""), "request_id"),
     ("SendGift", gift(sender_account_id=""), "sender_account_id"),
     ("SendGift", gift(creator_account_id=LONG), "creator_account_id"),

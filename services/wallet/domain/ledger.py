@@ -13,8 +13,13 @@ from dataclasses import dataclass
 
 
 class Currency(enum.Enum):
+    """Real value and Sandbox value are separate currencies, so the per-currency
+    balance of every transaction keeps them apart by construction."""
+
     COIN = "COIN"
     DIAMOND = "DIAMOND"
+    SANDBOX_COIN = "SANDBOX_COIN"
+    SANDBOX_DIAMOND = "SANDBOX_DIAMOND"
 
 
 class Store(enum.Enum):
@@ -27,6 +32,17 @@ class Environment(enum.Enum):
     SANDBOX = "SANDBOX"
 
 
+def coin_currency(environment: Environment) -> Currency:
+    return Currency.SANDBOX_COIN if environment is Environment.SANDBOX else Currency.COIN
+
+
+def diamond_currency(environment: Environment) -> Currency:
+    return Currency.SANDBOX_DIAMOND if environment is Environment.SANDBOX else Currency.DIAMOND
+
+
+COIN_CURRENCIES = (Currency.COIN, Currency.SANDBOX_COIN)
+
+
 class Kind(enum.Enum):
     """A transaction's kind as seen from one user account (history filter)."""
 
@@ -35,6 +51,8 @@ class Kind(enum.Enum):
     PURCHASE_RESTORE = "PURCHASE_RESTORE"
     GIFT_SENT = "GIFT_SENT"
     GIFT_RECEIVED = "GIFT_RECEIVED"
+    GIFT_REVERSAL = "GIFT_REVERSAL"  # a creator's diamonds taken back by a refund of the coins that paid
+    GIFT_RESTORE = "GIFT_RESTORE"  # ... and given back when the store reversed that refund
     SPEND = "SPEND"
     RESERVATION = "RESERVATION"
     RESERVATION_COMMIT = "RESERVATION_COMMIT"
@@ -72,6 +90,15 @@ def is_system(account_id: str) -> bool:
     return account_id.startswith(SYSTEM_PREFIX)
 
 
+def clawback_account(environment: Environment) -> str:
+    return CLAWBACK + ("/sandbox" if environment is Environment.SANDBOX else "")
+
+
+def diamond_lock_order(account_id: str) -> tuple[bool, str]:
+    """Diamond rows are locked creators first, then holds (each sorted)."""
+    return (account_id.startswith(HOLD_PREFIX), account_id)
+
+
 @dataclass(frozen=True)
 class Posting:
     account_id: str
@@ -96,13 +123,15 @@ def balanced(postings: Iterable[Posting]) -> list[Posting]:
 
 @dataclass(frozen=True)
 class BalanceView:
-    """An account's balances as the API shows them."""
+    """An account's balances as the API shows them: real value, and Sandbox value apart."""
 
     account_id: str
     coin_balance: int  # negative while in debt
-    diamonds: int  # unreserved diamonds on the account itself
+    diamonds: int  # the unreserved diamonds row; negative is diamond debt from clawed-back gifts
     diamonds_reserved: int
     diamonds_immature: int  # received within the holding period
+    sandbox_coin_balance: int = 0
+    sandbox_diamonds: int = 0
 
     @property
     def coins(self) -> int:
@@ -117,11 +146,27 @@ class BalanceView:
         return self.coin_balance < 0
 
     @property
+    def diamond_debt(self) -> int:
+        return max(-self.diamonds, 0)
+
+    @property
     def diamonds_total(self) -> int:
-        return self.diamonds + self.diamonds_reserved
+        return max(self.diamonds, 0) + self.diamonds_reserved
 
     @property
     def diamonds_withdrawable(self) -> int:
         # Diamonds leave the account only through reservations, which take
         # matured diamonds only, so what is left unmatured is the recent receipts.
         return max(self.diamonds - self.diamonds_immature, 0)
+
+    @property
+    def sandbox_coins(self) -> int:
+        return max(self.sandbox_coin_balance, 0)
+
+    @property
+    def sandbox_debt_coins(self) -> int:
+        return max(-self.sandbox_coin_balance, 0)
+
+    @property
+    def spendable_coins(self) -> int:
+        return self.coins + self.sandbox_coins

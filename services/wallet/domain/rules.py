@@ -1,5 +1,5 @@
-"""Pure rules of the wallet: refund clawback arithmetic, spending-limit periods
-and changes, reservation refusals."""
+"""Pure rules of the wallet: spending-limit periods and changes, reservation refusals.
+(Lots, attribution and refund clawbacks are in ``provenance``.)"""
 
 from __future__ import annotations
 
@@ -7,27 +7,10 @@ import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from services.wallet.domain.ledger import BalanceView
 from services.wallet.errors import FailedPrecondition
 
-# Refunds are reported by the stores as cumulative state, never as deltas.
-PERCENT_MILLI_FULL = 100_000
-
 LIMIT_COOL_OFF = timedelta(hours=24)
-
-
-def clawback_target(coins: int, quantity: int, refunded_quantity: int, refunded_percentage_milli: int) -> int:
-    """Coins that should be clawed back in total for the refund state the store reports.
-
-    Rounding rule: partial refunds round DOWN (in the buyer's favour), so the
-    sum of clawbacks never exceeds what was credited. ``refunded_quantity`` = 0
-    with no percentage means the whole purchase.
-    """
-    if refunded_percentage_milli > 0:
-        share = min(refunded_percentage_milli, PERCENT_MILLI_FULL)
-        return coins * share // PERCENT_MILLI_FULL
-    if refunded_quantity == 0 or refunded_quantity >= quantity:
-        return coins
-    return coins * refunded_quantity // quantity
 
 
 class Period(enum.Enum):
@@ -84,16 +67,30 @@ class ReservationState(enum.Enum):
     EXPIRED = "EXPIRED"
 
 
-def refuse_reservation(diamonds: int, total: int, withdrawable: int, restricted: bool) -> None:
-    """Raise the documented refusal if ``diamonds`` cannot be reserved."""
-    if restricted:
+def refuse_reservation(diamonds: int, view: BalanceView) -> None:
+    """Raise the documented refusal if ``diamonds`` cannot be reserved from ``view``.
+
+    Only real, matured, unreserved diamonds can be held: Sandbox diamonds never can."""
+    if view.restricted:
         raise FailedPrecondition("ACCOUNT_RESTRICTED", "the account owes coins from a refund")
-    if total < diamonds:
-        raise FailedPrecondition("INSUFFICIENT_DIAMONDS", f"the account holds {total} diamonds, {diamonds} requested")
-    if withdrawable < diamonds:
+    if view.diamond_debt:
+        raise FailedPrecondition(
+            "DIAMOND_DEBT",
+            f"the account owes {view.diamond_debt} diamonds from refunded gifts; later gifts repay them first",
+        )
+    if view.diamonds_total < diamonds:
+        if view.diamonds_total + max(view.sandbox_diamonds, 0) >= diamonds:
+            raise FailedPrecondition(
+                "SANDBOX_NOT_WITHDRAWABLE",
+                f"only {view.diamonds_total} of the account's diamonds are real; Sandbox diamonds cannot be cashed out",
+            )
+        raise FailedPrecondition(
+            "INSUFFICIENT_DIAMONDS", f"the account holds {view.diamonds_total} diamonds, {diamonds} requested"
+        )
+    if view.diamonds_withdrawable < diamonds:
         raise FailedPrecondition(
             "DIAMONDS_NOT_MATURE",
-            f"only {withdrawable} diamonds are matured and unreserved, {diamonds} requested",
+            f"only {view.diamonds_withdrawable} diamonds are matured and unreserved, {diamonds} requested",
         )
 
 

@@ -32,15 +32,23 @@ class _CurrencyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Currency.Val
     """Bought from a store; spent on gifts and promotions."""
     CURRENCY_DIAMOND: _Currency.ValueType  # 2
     """Earned by creators from gifts; cashed out for money."""
+    CURRENCY_SANDBOX_COIN: _Currency.ValueType  # 3
+    """Coins from Sandbox (App Review, TestFlight) or Play test purchases: spendable, never revenue."""
+    CURRENCY_SANDBOX_DIAMOND: _Currency.ValueType  # 4
+    """Diamonds from gifts paid with Sandbox coins: never withdrawable or reservable."""
 
 class Currency(_Currency, metaclass=_CurrencyEnumTypeWrapper):
-    """The two currencies of the ledger."""
+    """The currencies of the ledger: real value, and Sandbox value kept apart."""
 
 CURRENCY_UNSPECIFIED: Currency.ValueType  # 0
 CURRENCY_COIN: Currency.ValueType  # 1
 """Bought from a store; spent on gifts and promotions."""
 CURRENCY_DIAMOND: Currency.ValueType  # 2
 """Earned by creators from gifts; cashed out for money."""
+CURRENCY_SANDBOX_COIN: Currency.ValueType  # 3
+"""Coins from Sandbox (App Review, TestFlight) or Play test purchases: spendable, never revenue."""
+CURRENCY_SANDBOX_DIAMOND: Currency.ValueType  # 4
+"""Diamonds from gifts paid with Sandbox coins: never withdrawable or reservable."""
 Global___Currency: _TypeAlias = Currency  # noqa: Y015
 
 class _Store:
@@ -116,6 +124,10 @@ class _ReversalStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reversa
     """This call moved coins."""
     REVERSAL_STATE_ALREADY_APPLIED: _ReversalState.ValueType  # 2
     """The purchase was already in the requested state; nothing moved."""
+    REVERSAL_STATE_NOTHING_REFUNDED: _ReversalState.ValueType  # 3
+    """The reported partial refund computes to no coins (e.g. Play's refundable quantity
+    not updated yet): nothing moved; report it again once the store's figures change.
+    """
 
 class ReversalState(_ReversalState, metaclass=_ReversalStateEnumTypeWrapper):
     """Outcome of ReversePurchase and RestorePurchase."""
@@ -125,6 +137,10 @@ REVERSAL_STATE_APPLIED: ReversalState.ValueType  # 1
 """This call moved coins."""
 REVERSAL_STATE_ALREADY_APPLIED: ReversalState.ValueType  # 2
 """The purchase was already in the requested state; nothing moved."""
+REVERSAL_STATE_NOTHING_REFUNDED: ReversalState.ValueType  # 3
+"""The reported partial refund computes to no coins (e.g. Play's refundable quantity
+not updated yet): nothing moved; report it again once the store's figures change.
+"""
 Global___ReversalState: _TypeAlias = ReversalState  # noqa: Y015
 
 class _TransactionKind:
@@ -143,6 +159,10 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     TRANSACTION_KIND_RESERVATION: _TransactionKind.ValueType  # 7
     TRANSACTION_KIND_RESERVATION_COMMIT: _TransactionKind.ValueType  # 8
     TRANSACTION_KIND_RESERVATION_RELEASE: _TransactionKind.ValueType  # 9
+    TRANSACTION_KIND_GIFT_REVERSAL: _TransactionKind.ValueType  # 10
+    """A creator's diamonds taken back because the coins that paid for the gift were refunded."""
+    TRANSACTION_KIND_GIFT_RESTORE: _TransactionKind.ValueType  # 11
+    """Those diamonds given back because the store reversed the refund."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """Kinds of ledger transaction, for history filters."""
@@ -157,6 +177,10 @@ TRANSACTION_KIND_SPEND: TransactionKind.ValueType  # 6
 TRANSACTION_KIND_RESERVATION: TransactionKind.ValueType  # 7
 TRANSACTION_KIND_RESERVATION_COMMIT: TransactionKind.ValueType  # 8
 TRANSACTION_KIND_RESERVATION_RELEASE: TransactionKind.ValueType  # 9
+TRANSACTION_KIND_GIFT_REVERSAL: TransactionKind.ValueType  # 10
+"""A creator's diamonds taken back because the coins that paid for the gift were refunded."""
+TRANSACTION_KIND_GIFT_RESTORE: TransactionKind.ValueType  # 11
+"""Those diamonds given back because the store reversed the refund."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _LimitPeriod:
@@ -214,6 +238,10 @@ class Balance(_message.Message):
     DIAMONDS_RESERVED_FIELD_NUMBER: _builtins.int
     RESTRICTED_FIELD_NUMBER: _builtins.int
     DEBT_COINS_FIELD_NUMBER: _builtins.int
+    DIAMOND_DEBT_FIELD_NUMBER: _builtins.int
+    SANDBOX_COINS_FIELD_NUMBER: _builtins.int
+    SANDBOX_DIAMONDS_FIELD_NUMBER: _builtins.int
+    SANDBOX_DEBT_COINS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     coins: _builtins.int
     """Spendable coins; zero while the account is in debt."""
@@ -226,7 +254,17 @@ class Balance(_message.Message):
     restricted: _builtins.bool
     """True while the account owes coins from a refund; it cannot send gifts."""
     debt_coins: _builtins.int
-    """Coins owed after refunds of coins already spent."""
+    """Coins owed after refunds of coins already spent on services."""
+    diamond_debt: _builtins.int
+    """Diamonds owed after refunds of coins that paid for gifts this account received
+    (already cashed out); later gifts repay them before anything can be cashed out.
+    """
+    sandbox_coins: _builtins.int
+    """Sandbox coins: spendable like coins, never revenue."""
+    sandbox_diamonds: _builtins.int
+    """Sandbox diamonds: never withdrawable, reservable or cashed out."""
+    sandbox_debt_coins: _builtins.int
+    """Sandbox coins owed after Sandbox refunds (repaid only by Sandbox purchases)."""
     def __init__(
         self,
         *,
@@ -237,10 +275,14 @@ class Balance(_message.Message):
         diamonds_reserved: _builtins.int = ...,
         restricted: _builtins.bool = ...,
         debt_coins: _builtins.int = ...,
+        diamond_debt: _builtins.int = ...,
+        sandbox_coins: _builtins.int = ...,
+        sandbox_diamonds: _builtins.int = ...,
+        sandbox_debt_coins: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "coins", b"coins", "debt_coins", b"debt_coins", "diamonds", b"diamonds", "diamonds_reserved", b"diamonds_reserved", "diamonds_withdrawable", b"diamonds_withdrawable", "restricted", b"restricted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "coins", b"coins", "debt_coins", b"debt_coins", "diamond_debt", b"diamond_debt", "diamonds", b"diamonds", "diamonds_reserved", b"diamonds_reserved", "diamonds_withdrawable", b"diamonds_withdrawable", "restricted", b"restricted", "sandbox_coins", b"sandbox_coins", "sandbox_debt_coins", b"sandbox_debt_coins", "sandbox_diamonds", b"sandbox_diamonds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,6 +391,12 @@ Global___CreditPurchaseResponse: _TypeAlias = CreditPurchaseResponse  # noqa: Y0
 
 @_typing.final
 class ReversePurchaseRequest(_message.Message):
+    """Say exactly one of full_refund, refunded_quantity or refunded_percentage_milli.
+    Reversal is state-based (each is cumulative, not a delta), so the same refund
+    reported twice moves coins once. Rounding: a partial refund claws
+    coins × share rounded down (in the buyer's favour).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
@@ -357,19 +405,21 @@ class ReversePurchaseRequest(_message.Message):
     REFUNDED_QUANTITY_FIELD_NUMBER: _builtins.int
     REFUNDED_PERCENTAGE_MILLI_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    FULL_REFUND_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     store: Global___Store.ValueType
     store_transaction_id: _builtins.str
     refunded_quantity: _builtins.int
-    """Total packs refunded so far (cumulative, not a delta); 0 means all of them.
-    Reversal is state-based, so the same refund reported twice moves coins once.
-    """
+    """Total packs refunded so far (cumulative); at or above the purchase's quantity is all of it."""
     refunded_percentage_milli: _builtins.int
-    """For prorated refunds: the refunded share in milliunits (50000 = 50 %),
-    cumulative. 0 when the refund is by quantity.
-    """
+    """For prorated refunds: the refunded share in milliunits (50000 = 50 %), cumulative."""
     reason: _builtins.str
     """Free-text reason from the store, for the history."""
+    environment: Global___StoreEnvironment.ValueType
+    """Part of the purchase key: a Sandbox refund can never touch a Production purchase."""
+    full_refund: _builtins.bool
+    """The whole purchase was refunded."""
     def __init__(
         self,
         *,
@@ -379,14 +429,81 @@ class ReversePurchaseRequest(_message.Message):
         refunded_quantity: _builtins.int = ...,
         refunded_percentage_milli: _builtins.int = ...,
         reason: _builtins.str = ...,
+        environment: Global___StoreEnvironment.ValueType = ...,
+        full_refund: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "refunded_percentage_milli", b"refunded_percentage_milli", "refunded_quantity", b"refunded_quantity", "request_id", b"request_id", "store", b"store", "store_transaction_id", b"store_transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "full_refund", b"full_refund", "reason", b"reason", "refunded_percentage_milli", b"refunded_percentage_milli", "refunded_quantity", b"refunded_quantity", "request_id", b"request_id", "store", b"store", "store_transaction_id", b"store_transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReversePurchaseRequest: _TypeAlias = ReversePurchaseRequest  # noqa: Y015
+
+@_typing.final
+class ClawbackLeg(_message.Message):
+    """One part of a refund clawback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ClawbackLeg._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: ClawbackLeg._Kind.ValueType  # 0
+        KIND_UNSPENT: ClawbackLeg._Kind.ValueType  # 1
+        """The purchase's own unspent coins."""
+        KIND_GIFT: ClawbackLeg._Kind.ValueType  # 2
+        """Diamonds a gift paid with the purchase's coins gave a creator."""
+        KIND_DEBT: ClawbackLeg._Kind.ValueType  # 3
+        """Coins spent on services (or on repaying a debt): they become the buyer's debt."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """What the leg takes."""
+
+    KIND_UNSPECIFIED: ClawbackLeg.Kind.ValueType  # 0
+    KIND_UNSPENT: ClawbackLeg.Kind.ValueType  # 1
+    """The purchase's own unspent coins."""
+    KIND_GIFT: ClawbackLeg.Kind.ValueType  # 2
+    """Diamonds a gift paid with the purchase's coins gave a creator."""
+    KIND_DEBT: ClawbackLeg.Kind.ValueType  # 3
+    """Coins spent on services (or on repaying a debt): they become the buyer's debt."""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    CREATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FROM_HOLDS_FIELD_NUMBER: _builtins.int
+    DIAMOND_DEBT_FIELD_NUMBER: _builtins.int
+    kind: Global___ClawbackLeg.Kind.ValueType
+    coins: _builtins.int
+    """The purchase's coins this leg accounts for."""
+    creator_account_id: _builtins.str
+    """For gifts: the creator, and the diamonds taken back (from the unreserved
+    diamonds, then from holds; the rest became the creator's diamond debt).
+    """
+    diamonds: _builtins.int
+    diamonds_from_holds: _builtins.int
+    diamond_debt: _builtins.int
+    def __init__(
+        self,
+        *,
+        kind: Global___ClawbackLeg.Kind.ValueType = ...,
+        coins: _builtins.int = ...,
+        creator_account_id: _builtins.str = ...,
+        diamonds: _builtins.int = ...,
+        diamonds_from_holds: _builtins.int = ...,
+        diamond_debt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "creator_account_id", b"creator_account_id", "diamond_debt", b"diamond_debt", "diamonds", b"diamonds", "diamonds_from_holds", b"diamonds_from_holds", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClawbackLeg: _TypeAlias = ClawbackLeg  # noqa: Y015
 
 @_typing.final
 class ReversePurchaseResponse(_message.Message):
@@ -396,12 +513,17 @@ class ReversePurchaseResponse(_message.Message):
     COINS_REVERSED_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    LEGS_FIELD_NUMBER: _builtins.int
     state: Global___ReversalState.ValueType
     coins_reversed: _builtins.int
-    """Coins taken back by this call."""
+    """Coins of the purchase clawed back by this call, all legs together."""
     account_id: _builtins.str
     @_builtins.property
     def balance(self) -> Global___Balance: ...
+    @_builtins.property
+    def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClawbackLeg]:
+        """What this call took, in the order it took it."""
+
     def __init__(
         self,
         *,
@@ -409,10 +531,11 @@ class ReversePurchaseResponse(_message.Message):
         coins_reversed: _builtins.int = ...,
         account_id: _builtins.str = ...,
         balance: Global___Balance | None = ...,
+        legs: _abc.Iterable[Global___ClawbackLeg] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "coins_reversed", b"coins_reversed", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "coins_reversed", b"coins_reversed", "legs", b"legs", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -426,10 +549,13 @@ class RestorePurchaseRequest(_message.Message):
     STORE_FIELD_NUMBER: _builtins.int
     STORE_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     store: Global___Store.ValueType
     store_transaction_id: _builtins.str
     reason: _builtins.str
+    environment: Global___StoreEnvironment.ValueType
+    """Part of the purchase key."""
     def __init__(
         self,
         *,
@@ -437,10 +563,11 @@ class RestorePurchaseRequest(_message.Message):
         store: Global___Store.ValueType = ...,
         store_transaction_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        environment: Global___StoreEnvironment.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "store", b"store", "store_transaction_id", b"store_transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "reason", b"reason", "request_id", b"request_id", "store", b"store", "store_transaction_id", b"store_transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -454,12 +581,17 @@ class RestorePurchaseResponse(_message.Message):
     COINS_RESTORED_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    LEGS_FIELD_NUMBER: _builtins.int
     state: Global___ReversalState.ValueType
     coins_restored: _builtins.int
-    """Coins given back by this call."""
+    """Coins of the purchase given back by this call, all legs together."""
     account_id: _builtins.str
     @_builtins.property
     def balance(self) -> Global___Balance: ...
+    @_builtins.property
+    def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClawbackLeg]:
+        """The legs reversed (a creator who cashed out in between gets the diamonds back)."""
+
     def __init__(
         self,
         *,
@@ -467,14 +599,134 @@ class RestorePurchaseResponse(_message.Message):
         coins_restored: _builtins.int = ...,
         account_id: _builtins.str = ...,
         balance: Global___Balance | None = ...,
+        legs: _abc.Iterable[Global___ClawbackLeg] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "coins_restored", b"coins_restored", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "coins_restored", b"coins_restored", "legs", b"legs", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestorePurchaseResponse: _TypeAlias = RestorePurchaseResponse  # noqa: Y015
+
+@_typing.final
+class GetPurchaseConsumptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    STORE_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    store: Global___Store.ValueType
+    environment: Global___StoreEnvironment.ValueType
+    store_transaction_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        store: Global___Store.ValueType = ...,
+        environment: Global___StoreEnvironment.ValueType = ...,
+        store_transaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "store", b"store", "store_transaction_id", b"store_transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPurchaseConsumptionRequest: _TypeAlias = GetPurchaseConsumptionRequest  # noqa: Y015
+
+@_typing.final
+class CreatorConsumption(_message.Message):
+    """The coins of one purchase a creator's gifts were paid with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    DIAMONDS_CLAWED_BACK_FIELD_NUMBER: _builtins.int
+    creator_account_id: _builtins.str
+    coins: _builtins.int
+    diamonds: _builtins.int
+    """Diamonds attributed to this purchase, and of them taken back by refunds."""
+    diamonds_clawed_back: _builtins.int
+    def __init__(
+        self,
+        *,
+        creator_account_id: _builtins.str = ...,
+        coins: _builtins.int = ...,
+        diamonds: _builtins.int = ...,
+        diamonds_clawed_back: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins", b"coins", "creator_account_id", b"creator_account_id", "diamonds", b"diamonds", "diamonds_clawed_back", b"diamonds_clawed_back"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatorConsumption: _TypeAlias = CreatorConsumption  # noqa: Y015
+
+@_typing.final
+class GetPurchaseConsumptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    COINS_FIELD_NUMBER: _builtins.int
+    BONUS_COINS_FIELD_NUMBER: _builtins.int
+    UNSPENT_COINS_FIELD_NUMBER: _builtins.int
+    GIFT_COINS_FIELD_NUMBER: _builtins.int
+    SPEND_COINS_FIELD_NUMBER: _builtins.int
+    DEBT_REPAYMENT_COINS_FIELD_NUMBER: _builtins.int
+    UNTRACKED_COINS_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_COINS_FIELD_NUMBER: _builtins.int
+    CONSUMED_PERCENTAGE_MILLI_FIELD_NUMBER: _builtins.int
+    CREATORS_FIELD_NUMBER: _builtins.int
+    CREDIT_TIME_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    credit_sequence: _builtins.int
+    """Credit order of the purchase among the account's purchases (ascending)."""
+    coins: _builtins.int
+    """Coins credited, bonus included."""
+    bonus_coins: _builtins.int
+    unspent_coins: _builtins.int
+    """Still unspent."""
+    gift_coins: _builtins.int
+    """Used on gifts, on services (SpendCoins), on repaying refund debt, and before provenance was recorded."""
+    spend_coins: _builtins.int
+    debt_repayment_coins: _builtins.int
+    untracked_coins: _builtins.int
+    clawed_back_coins: _builtins.int
+    """Coins clawed back by refunds (all legs)."""
+    consumed_percentage_milli: _builtins.int
+    """Used coins as a share of the purchase in milliunits (0-100000, rounded down): Apple's consumptionPercentage."""
+    @_builtins.property
+    def creators(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreatorConsumption]: ...
+    @_builtins.property
+    def credit_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        credit_sequence: _builtins.int = ...,
+        coins: _builtins.int = ...,
+        bonus_coins: _builtins.int = ...,
+        unspent_coins: _builtins.int = ...,
+        gift_coins: _builtins.int = ...,
+        spend_coins: _builtins.int = ...,
+        debt_repayment_coins: _builtins.int = ...,
+        untracked_coins: _builtins.int = ...,
+        clawed_back_coins: _builtins.int = ...,
+        consumed_percentage_milli: _builtins.int = ...,
+        creators: _abc.Iterable[Global___CreatorConsumption] | None = ...,
+        credit_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_time", b"credit_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "clawed_back_coins", b"clawed_back_coins", "coins", b"coins", "consumed_percentage_milli", b"consumed_percentage_milli", "creators", b"creators", "credit_sequence", b"credit_sequence", "credit_time", b"credit_time", "debt_repayment_coins", b"debt_repayment_coins", "gift_coins", b"gift_coins", "spend_coins", b"spend_coins", "unspent_coins", b"unspent_coins", "untracked_coins", b"untracked_coins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPurchaseConsumptionResponse: _TypeAlias = GetPurchaseConsumptionResponse  # noqa: Y015
 
 @_typing.final
 class SendGiftRequest(_message.Message):
@@ -519,9 +771,17 @@ class SendGiftResponse(_message.Message):
     COINS_SPENT_FIELD_NUMBER: _builtins.int
     DIAMONDS_TO_CREATOR_FIELD_NUMBER: _builtins.int
     SENDER_BALANCE_FIELD_NUMBER: _builtins.int
+    SANDBOX_COINS_SPENT_FIELD_NUMBER: _builtins.int
+    SANDBOX_DIAMONDS_TO_CREATOR_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     coins_spent: _builtins.int
+    """Real coins spent, and the creator's real diamonds."""
     diamonds_to_creator: _builtins.int
+    sandbox_coins_spent: _builtins.int
+    """The part paid with Sandbox coins, and the creator's Sandbox diamonds for it
+    (a gift may be paid partly with each: oldest credited coins first).
+    """
+    sandbox_diamonds_to_creator: _builtins.int
     @_builtins.property
     def sender_balance(self) -> Global___Balance:
         """The sender's balance after the gift."""
@@ -533,10 +793,12 @@ class SendGiftResponse(_message.Message):
         coins_spent: _builtins.int = ...,
         diamonds_to_creator: _builtins.int = ...,
         sender_balance: Global___Balance | None = ...,
+        sandbox_coins_spent: _builtins.int = ...,
+        sandbox_diamonds_to_creator: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sender_balance", b"sender_balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_spent", b"coins_spent", "diamonds_to_creator", b"diamonds_to_creator", "sender_balance", b"sender_balance", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_spent", b"coins_spent", "diamonds_to_creator", b"diamonds_to_creator", "sandbox_coins_spent", b"sandbox_coins_spent", "sandbox_diamonds_to_creator", b"sandbox_diamonds_to_creator", "sender_balance", b"sender_balance", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -582,8 +844,10 @@ class SpendCoinsResponse(_message.Message):
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     COINS_SPENT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    SANDBOX_COINS_SPENT_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     coins_spent: _builtins.int
+    sandbox_coins_spent: _builtins.int
     @_builtins.property
     def balance(self) -> Global___Balance: ...
     def __init__(
@@ -592,10 +856,11 @@ class SpendCoinsResponse(_message.Message):
         transaction_id: _builtins.str = ...,
         coins_spent: _builtins.int = ...,
         balance: Global___Balance | None = ...,
+        sandbox_coins_spent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "coins_spent", b"coins_spent", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "coins_spent", b"coins_spent", "sandbox_coins_spent", b"sandbox_coins_spent", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -876,6 +1141,8 @@ class Transaction(_message.Message):
     DIAMONDS_DELTA_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     COUNTERPARTY_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    SANDBOX_COINS_DELTA_FIELD_NUMBER: _builtins.int
+    SANDBOX_DIAMONDS_DELTA_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     coins_delta: _builtins.int
@@ -886,6 +1153,9 @@ class Transaction(_message.Message):
     """The counterparty or reference: gift id, store transaction id, reservation id."""
     counterparty_account_id: _builtins.str
     """The other user account, for gifts."""
+    sandbox_coins_delta: _builtins.int
+    """Change of this account's Sandbox coins and Sandbox diamonds."""
+    sandbox_diamonds_delta: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -898,10 +1168,12 @@ class Transaction(_message.Message):
         diamonds_delta: _builtins.int = ...,
         reference: _builtins.str = ...,
         counterparty_account_id: _builtins.str = ...,
+        sandbox_coins_delta: _builtins.int = ...,
+        sandbox_diamonds_delta: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_delta", b"coins_delta", "counterparty_account_id", b"counterparty_account_id", "create_time", b"create_time", "diamonds_delta", b"diamonds_delta", "kind", b"kind", "reference", b"reference", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_delta", b"coins_delta", "counterparty_account_id", b"counterparty_account_id", "create_time", b"create_time", "diamonds_delta", b"diamonds_delta", "kind", b"kind", "reference", b"reference", "sandbox_coins_delta", b"sandbox_coins_delta", "sandbox_diamonds_delta", b"sandbox_diamonds_delta", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -984,10 +1256,13 @@ class Reservation(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DIAMONDS_CLAWED_BACK_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     account_id: _builtins.str
     diamonds: _builtins.int
     state: Global___ReservationState.ValueType
+    diamonds_clawed_back: _builtins.int
+    """Diamonds refund clawbacks took from this hold (diamonds is what is left)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1001,10 +1276,11 @@ class Reservation(_message.Message):
         state: Global___ReservationState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        diamonds_clawed_back: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "diamonds", b"diamonds", "expire_time", b"expire_time", "reservation_id", b"reservation_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "diamonds", b"diamonds", "diamonds_clawed_back", b"diamonds_clawed_back", "expire_time", b"expire_time", "reservation_id", b"reservation_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

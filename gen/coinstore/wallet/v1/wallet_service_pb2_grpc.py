@@ -29,7 +29,9 @@ class WalletServiceStub:
     """The system of record for coins and diamonds: a double-entry ledger.
     Coins are bound to the account that bought them; no RPC moves coins
     between user accounts. Every movement is a ledger transaction whose
-    entries sum to zero per currency.
+    entries sum to zero per currency. Every coin knows the purchase (lot) it
+    came from and what it paid for, so refunds follow the money. Sandbox
+    value is kept in its own currencies and can never become real value.
     """
 
     def __init__(self, channel):
@@ -52,6 +54,11 @@ class WalletServiceStub:
                 '/coinstore.wallet.v1.WalletService/RestorePurchase',
                 request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.RestorePurchaseRequest.SerializeToString,
                 response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.RestorePurchaseResponse.FromString,
+                _registered_method=True)
+        self.GetPurchaseConsumption = channel.unary_unary(
+                '/coinstore.wallet.v1.WalletService/GetPurchaseConsumption',
+                request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionRequest.SerializeToString,
+                response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionResponse.FromString,
                 _registered_method=True)
         self.SendGift = channel.unary_unary(
                 '/coinstore.wallet.v1.WalletService/SendGift',
@@ -109,7 +116,9 @@ class WalletServiceServicer:
     """The system of record for coins and diamonds: a double-entry ledger.
     Coins are bound to the account that bought them; no RPC moves coins
     between user accounts. Every movement is a ledger transaction whose
-    entries sum to zero per currency.
+    entries sum to zero per currency. Every coin knows the purchase (lot) it
+    came from and what it paid for, so refunds follow the money. Sandbox
+    value is kept in its own currencies and can never become real value.
     """
 
     def CreditPurchase(self, request, context):
@@ -120,14 +129,23 @@ class WalletServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReversePurchase(self, request, context):
-        """Claws back the coins of a refunded or revoked purchase, possibly into debt.
+        """Claws back a refunded or revoked purchase, following the money: the lot's unspent
+        coins, then the diamonds its coins gave creators, then debt (state-based).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RestorePurchase(self, request, context):
-        """Undoes the reversals of a purchase whose refund the store reversed.
+        """Undoes the reversals of a purchase whose refund the store reversed, leg by leg.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPurchaseConsumption(self, request, context):
+        """How much of one purchase was used, on what and for which creators (finance,
+        Apple's CONSUMPTION_REQUEST).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -221,6 +239,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.RestorePurchaseRequest.FromString,
                     response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.RestorePurchaseResponse.SerializeToString,
             ),
+            'GetPurchaseConsumption': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPurchaseConsumption,
+                    request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionRequest.FromString,
+                    response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionResponse.SerializeToString,
+            ),
             'SendGift': grpc.unary_unary_rpc_method_handler(
                     servicer.SendGift,
                     request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SendGiftRequest.FromString,
@@ -283,7 +306,9 @@ class WalletService:
     """The system of record for coins and diamonds: a double-entry ledger.
     Coins are bound to the account that bought them; no RPC moves coins
     between user accounts. Every movement is a ledger transaction whose
-    entries sum to zero per currency.
+    entries sum to zero per currency. Every coin knows the purchase (lot) it
+    came from and what it paid for, so refunds follow the money. Sandbox
+    value is kept in its own currencies and can never become real value.
     """
 
     @staticmethod
@@ -357,6 +382,33 @@ class WalletService:
             '/coinstore.wallet.v1.WalletService/RestorePurchase',
             coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.RestorePurchaseRequest.SerializeToString,
             coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.RestorePurchaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPurchaseConsumption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coinstore.wallet.v1.WalletService/GetPurchaseConsumption',
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionRequest.SerializeToString,
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

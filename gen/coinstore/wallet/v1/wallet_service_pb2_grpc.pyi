@@ -30,7 +30,9 @@ class WalletServiceStub:
     """The system of record for coins and diamonds: a double-entry ledger.
     Coins are bound to the account that bought them; no RPC moves coins
     between user accounts. Every movement is a ledger transaction whose
-    entries sum to zero per currency.
+    entries sum to zero per currency. Every coin knows the purchase (lot) it
+    came from and what it paid for, so refunds follow the money. Sandbox
+    value is kept in its own currencies and can never become real value.
     """
 
     @_typing.overload
@@ -40,9 +42,15 @@ class WalletServiceStub:
     CreditPurchase: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.CreditPurchaseRequest, _wallet_service_pb2.CreditPurchaseResponse]
     """Credits the coins of one store purchase, exactly once per (store, store_transaction_id)."""
     ReversePurchase: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.ReversePurchaseRequest, _wallet_service_pb2.ReversePurchaseResponse]
-    """Claws back the coins of a refunded or revoked purchase, possibly into debt."""
+    """Claws back a refunded or revoked purchase, following the money: the lot's unspent
+    coins, then the diamonds its coins gave creators, then debt (state-based).
+    """
     RestorePurchase: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.RestorePurchaseRequest, _wallet_service_pb2.RestorePurchaseResponse]
-    """Undoes the reversals of a purchase whose refund the store reversed."""
+    """Undoes the reversals of a purchase whose refund the store reversed, leg by leg."""
+    GetPurchaseConsumption: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.GetPurchaseConsumptionRequest, _wallet_service_pb2.GetPurchaseConsumptionResponse]
+    """How much of one purchase was used, on what and for which creators (finance,
+    Apple's CONSUMPTION_REQUEST).
+    """
     SendGift: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.SendGiftRequest, _wallet_service_pb2.SendGiftResponse]
     """Turns a sender's coins into a creator's diamonds."""
     SpendCoins: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.SpendCoinsRequest, _wallet_service_pb2.SpendCoinsResponse]
@@ -69,16 +77,24 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """The system of record for coins and diamonds: a double-entry ledger.
     Coins are bound to the account that bought them; no RPC moves coins
     between user accounts. Every movement is a ledger transaction whose
-    entries sum to zero per currency.
+    entries sum to zero per currency. Every coin knows the purchase (lot) it
+    came from and what it paid for, so refunds follow the money. Sandbox
+    value is kept in its own currencies and can never become real value.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreditPurchase: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.CreditPurchaseRequest, _wallet_service_pb2.CreditPurchaseResponse]  # type: ignore[assignment]
     """Credits the coins of one store purchase, exactly once per (store, store_transaction_id)."""
     ReversePurchase: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.ReversePurchaseRequest, _wallet_service_pb2.ReversePurchaseResponse]  # type: ignore[assignment]
-    """Claws back the coins of a refunded or revoked purchase, possibly into debt."""
+    """Claws back a refunded or revoked purchase, following the money: the lot's unspent
+    coins, then the diamonds its coins gave creators, then debt (state-based).
+    """
     RestorePurchase: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.RestorePurchaseRequest, _wallet_service_pb2.RestorePurchaseResponse]  # type: ignore[assignment]
-    """Undoes the reversals of a purchase whose refund the store reversed."""
+    """Undoes the reversals of a purchase whose refund the store reversed, leg by leg."""
+    GetPurchaseConsumption: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.GetPurchaseConsumptionRequest, _wallet_service_pb2.GetPurchaseConsumptionResponse]  # type: ignore[assignment]
+    """How much of one purchase was used, on what and for which creators (finance,
+    Apple's CONSUMPTION_REQUEST).
+    """
     SendGift: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.SendGiftRequest, _wallet_service_pb2.SendGiftResponse]  # type: ignore[assignment]
     """Turns a sender's coins into a creator's diamonds."""
     SpendCoins: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.SpendCoinsRequest, _wallet_service_pb2.SpendCoinsResponse]  # type: ignore[assignment]
@@ -104,7 +120,9 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     """The system of record for coins and diamonds: a double-entry ledger.
     Coins are bound to the account that bought them; no RPC moves coins
     between user accounts. Every movement is a ledger transaction whose
-    entries sum to zero per currency.
+    entries sum to zero per currency. Every coin knows the purchase (lot) it
+    came from and what it paid for, so refunds follow the money. Sandbox
+    value is kept in its own currencies and can never become real value.
     """
 
     @_abc_1.abstractmethod
@@ -121,7 +139,9 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_service_pb2.ReversePurchaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_service_pb2.ReversePurchaseResponse, _abc.Awaitable[_wallet_service_pb2.ReversePurchaseResponse]]:
-        """Claws back the coins of a refunded or revoked purchase, possibly into debt."""
+        """Claws back a refunded or revoked purchase, following the money: the lot's unspent
+        coins, then the diamonds its coins gave creators, then debt (state-based).
+        """
 
     @_abc_1.abstractmethod
     def RestorePurchase(
@@ -129,7 +149,17 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_service_pb2.RestorePurchaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_service_pb2.RestorePurchaseResponse, _abc.Awaitable[_wallet_service_pb2.RestorePurchaseResponse]]:
-        """Undoes the reversals of a purchase whose refund the store reversed."""
+        """Undoes the reversals of a purchase whose refund the store reversed, leg by leg."""
+
+    @_abc_1.abstractmethod
+    def GetPurchaseConsumption(
+        self,
+        request: _wallet_service_pb2.GetPurchaseConsumptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_service_pb2.GetPurchaseConsumptionResponse, _abc.Awaitable[_wallet_service_pb2.GetPurchaseConsumptionResponse]]:
+        """How much of one purchase was used, on what and for which creators (finance,
+        Apple's CONSUMPTION_REQUEST).
+        """
 
     @_abc_1.abstractmethod
     def SendGift(
