@@ -79,7 +79,8 @@ class PayPalSimServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        runner = web.AppRunner(self._app, access_log=None)
+        # A stalled handler (a simulated timeout) must not hold the test's teardown.
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=0.5)
         self._loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self._loop.run_until_complete(site.start())
