@@ -30,7 +30,14 @@ def build_host(
     app = make_celery_app(SERVICE, settings.broker_url)
     queue = CeleryQueue(app, settings.payout_queue)
     payouts, _pipeline = build_domain(
-        settings, runtime.database, runtime.catalog, queue, clock or SystemClock(), provider=provider, wallet=wallet
+        settings,
+        runtime.database,
+        runtime.catalog,
+        queue,
+        clock or SystemClock(),
+        provider=provider,
+        wallet=wallet,
+        failpoints=runtime.failpoints,
     )
     servicer = PayoutServiceServicer(payouts, runtime.database)
 

@@ -67,6 +67,7 @@ class ProcessContext:
                     load_catalog(settings.catalog),
                     CeleryQueue(self._app, settings.payout_queue),
                     SystemClock(),
+                    failpoints=settings.failpoint_set(),
                 )
                 self._context = _Context(os.getpid(), database, payouts, pipeline)
             return self._context

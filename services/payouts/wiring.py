@@ -9,6 +9,7 @@ from services.common.catalog import Catalog
 from services.common.celery_app import MAX_COUNTDOWN_SECONDS
 from services.common.clock import Clock
 from services.common.db import Database
+from services.common.failpoints import Failpoints
 from services.payouts.config import PayoutsSettings, ProviderKind
 from services.payouts.domain.pipeline import Pipeline
 from services.payouts.domain.ports import PayoutProvider, WalletPort
@@ -58,6 +59,7 @@ def build_domain(
     *,
     provider: PayoutProvider | None = None,
     wallet: WalletPort | None = None,
+    failpoints: Failpoints | None = None,
 ) -> tuple[Payouts, Pipeline]:
     store = PayoutStore(database)
     wallet_port = wallet if wallet is not None else build_wallet(settings)
@@ -72,6 +74,7 @@ def build_domain(
         stuck_seconds=settings.payout_stuck_seconds,
         settle_concurrency=settings.payout_settle_concurrency,
         max_countdown=MAX_COUNTDOWN_SECONDS,
+        failpoints=failpoints,
     )
     payouts = Payouts(
         store, wallet_port, Rules(catalog.payouts), clock, queue, pipeline, settings.payout_reservation_days

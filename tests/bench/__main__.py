@@ -90,6 +90,17 @@ def measure_in(tree: Path, label: str, names: list[str], passthrough: list[str])
         out.unlink(missing_ok=True)
 
 
+def median_results(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per result (same position in every run), the run with the median rate."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = []
+    for versions in zip(*runs, strict=False):
+        ordered = sorted(versions, key=lambda r: r["per_second"])
+        merged.append({**ordered[len(ordered) // 2], "rates": [round(r["per_second"], 1) for r in versions]})
+    return merged
+
+
 def compare(baseline: list[dict[str, Any]], current: list[dict[str, Any]], ref: str) -> list[str]:
     """One line per result present on both sides (matched by name and occurrence)."""
 
@@ -114,6 +125,8 @@ def compare(baseline: list[dict[str, Any]], current: list[dict[str, Any]], ref: 
             p99 = f"{before['p99_ms']:.1f} -> {result['p99_ms']:.1f}"
         rates = f"{before['per_second']:>16.1f}/s {result['per_second']:>10.1f}/s"
         lines.append(f"{name:<56} {rates} {ratio:>6.2f}x  {p99}")
+        if "rates" in before and "rates" in result:
+            lines.append(f"{'':<8}rounds (ops/s): baseline {before['rates']}, this tree {result['rates']}")
         for note in sorted(set(before.get("notes", {})) & set(result.get("notes", {}))):
             if note.startswith(("vs_", "median_")):
                 lines.append(f"{'':<8}{note}: {before['notes'][note]} -> {result['notes'][note]}")
@@ -131,23 +144,42 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--baseline", metavar="REF", help="also measure this git commit, in the same run")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="with --baseline: alternate baseline and this tree this many times; report each result's median",
+    )
+    parser.add_argument("--skip", action="append", default=[], help="leave out a part of a benchmark (e.g. memory)")
     ns = parser.parse_args()
     names = ns.only or discover()
     unknown = sorted(set(names) - set(discover()))
     if unknown:
         parser.error(f"no benchmark {', '.join(unknown)} (have: {', '.join(discover())})")
     if ns.baseline:
-        passthrough = ["--database-url", ns.database_url, *(["--quick"] if ns.quick else [])]
+        passthrough = [
+            "--database-url",
+            ns.database_url,
+            *(["--quick"] if ns.quick else []),
+            *(f"--skip={part}" for part in ns.skip),
+        ]
         tree, sha = baseline_tree(ns.baseline)
-        baseline = measure_in(tree, f"baseline {sha[:9]}", names, passthrough)
-        current = measure_in(REPO, "this tree", names, passthrough)
-        print(f"\n######## this tree vs baseline {sha[:9]} (same run)")
+        runs: dict[str, list[list[dict[str, Any]]]] = {"baseline": [], "current": []}
+        # Alternate the sides, so a slow spell of this shared machine hits both.
+        for round_number in range(1, ns.repeat + 1):
+            label = f" (round {round_number} of {ns.repeat})" if ns.repeat > 1 else ""
+            runs["baseline"].append(measure_in(tree, f"baseline {sha[:9]}{label}", names, passthrough))
+            runs["current"].append(measure_in(REPO, f"this tree{label}", names, passthrough))
+        baseline, current = median_results(runs["baseline"]), median_results(runs["current"])
+        medians = f", medians of {ns.repeat} alternating rounds" if ns.repeat > 1 else ""
+        print(f"\n######## this tree vs baseline {sha[:9]} (same run{medians})")
         for line in compare(baseline, current, sha):
             print("  " + line)
         if ns.json:
             ns.json.write_text(json.dumps({"baseline": sha, "before": baseline, "after": current}, indent=2))
         return 0
-    results = run_modules(names, BenchArgs(quick=ns.quick, admin_database_url=ns.database_url))
+    args = BenchArgs(quick=ns.quick, admin_database_url=ns.database_url, skip=frozenset(ns.skip))
+    results = run_modules(names, args)
     if ns.json:
         ns.json.write_text(json.dumps([r.as_dict() for r in results], indent=2))
     return 0

@@ -361,7 +361,8 @@ def run(args: BenchArgs) -> list[Result]:
             )
             grouped.notes["vs_baseline"] = f"{grouped.per_second / naive.per_second:.2f}x"
             results += [naive, grouped]
-            results.append(asyncio.run(_bench_memory(address, pid, metadata, memory_gifts)))
+            if "memory" not in args.skip:
+                results.append(asyncio.run(_bench_memory(address, pid, metadata, memory_gifts)))
     return results
 
 

@@ -23,6 +23,7 @@ from services.common.db import normalize_url
 class BenchArgs:
     quick: bool
     admin_database_url: str
+    skip: frozenset[str] = frozenset()  # parts a module may leave out (e.g. "memory")
 
 
 @dataclass

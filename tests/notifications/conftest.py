@@ -1,12 +1,13 @@
 """Fixtures of the notification tests: a migrated receipts database, the store
-simulator's Pub/Sub side on a real port, a test Apple PKI, and the webhook
-server on a real port."""
+simulator's Pub/Sub side on a real port, a test Apple PKI, the webhook server
+on a real port, and the receipts core over the real wallet (``core``)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,20 @@ from services.common.clock import SystemClock
 from services.common.db import Database
 from services.common.metrics import Metrics
 from services.receipts.appstore.jws import AppleJwsVerifier
-from services.receipts.notifications.core import CoreAppleVerifier
+from services.receipts.components import Components, build_components
+from services.receipts.notifications.core import CoreActions, CoreAppleVerifier, CorePlayApi, LoopThread
 from services.receipts.notifications.oidc import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.parse import AppleExpectations
-from services.receipts.notifications.ports import Applied
+from services.receipts.notifications.ports import Applied, PurchaseActions
 from services.receipts.notifications.store import InboxStore
 from services.receipts.webhooks import WebhookDeps, WebhookServer, create_webhook_app
 from services.storesim import apple as apple_sim
 from services.storesim import pubsub
 from services.storesim.config import StoresimSettings
+from tests.receipts.google.support import google_settings, play_simulator_thread
+from tests.receipts.support import ledger, receipts_settings, runtime_for
+from tests.support.tokens import Keys
+from tests.wallet.support import Wallet, running_wallet
 
 AUDIENCE = "https://receipts.test/notifications/google"
 SERVICE_ACCOUNT = "pubsub-push@coinstore-test.iam.gserviceaccount.com"
@@ -137,80 +143,94 @@ async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleS
         await server.stop()
 
 
-class FakeLedger:
-    """The core's exactly-once paths, in memory: credits keyed by store
-    transaction, state-based reversal by cumulative share. Thread-safe."""
+class CountingActions:
+    """The receipts core's PurchaseActions, with every call recorded as (kind, store
+    transaction id) before it is passed on. For tests where exactly one call is the
+    requirement; what a call moved is read from the wallet."""
 
-    def __init__(self, coins_per_pack: int = 100) -> None:
-        self.coins_per_pack = coins_per_pack
-        self.balances: dict[str, int] = {}
-        self.purchases: dict[tuple[str, str], dict[str, Any]] = {}
+    def __init__(self, inner: PurchaseActions) -> None:
+        self._inner = inner
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
-    def add_purchase(self, store: str, txid: str, account: str, quantity: int = 1) -> None:
+    def _count(self, kind: str, store_transaction_id: str) -> None:
         with self._lock:
-            coins = self.coins_per_pack * quantity
-            self.purchases[(store, txid)] = {"account": account, "quantity": quantity, "coins": coins, "reversed": 0}
-            self.balances[account] = self.balances.get(account, 0) + coins
+            self.calls.append((kind, store_transaction_id))
 
     def credit_apple(self, account_id: str, transaction: Mapping[str, Any], request_id: str) -> Applied:
-        with self._lock:
-            self.calls.append(("credit", str(transaction["transactionId"])))
-            key = ("APP_STORE", str(transaction["transactionId"]))
-            if key in self.purchases:
-                return Applied(False)
-        self.add_purchase(*key, account_id, int(transaction.get("quantity") or 1))
-        return Applied(True)
+        self._count("credit", str(transaction.get("transactionId")))
+        return self._inner.credit_apple(account_id, transaction, request_id)
 
     def record_apple(self, transaction: Mapping[str, Any]) -> None:
-        with self._lock:
-            self.calls.append(("record", str(transaction["transactionId"])))
+        self._count("record", str(transaction.get("transactionId")))
+        self._inner.record_apple(transaction)
 
     def credit_google(self, account_id: str | None, product_id: str, purchase_token: str, request_id: str) -> Applied:
-        with self._lock:
-            self.calls.append(("credit", purchase_token))
-            if account_id is None:
-                return Applied(False, "recorded")
-            if ("GOOGLE_PLAY", purchase_token) in self.purchases:
-                return Applied(False)
-        self.add_purchase("GOOGLE_PLAY", purchase_token, account_id)
-        return Applied(True)
+        self._count("credit", purchase_token)
+        return self._inner.credit_google(account_id, product_id, purchase_token, request_id)
 
-    def reverse(
-        self,
-        *,
-        store: str,
-        store_transaction_id: str,
-        refunded_quantity: int,
-        refunded_percentage_milli: int,
-        reason: str,
-        request_id: str,
-    ) -> Applied:
-        with self._lock:
-            self.calls.append(("reverse", store_transaction_id))
-            purchase = self.purchases.get((store, store_transaction_id))
-            if purchase is None:
-                return Applied(False, "unknown")
-            if refunded_percentage_milli:
-                target = purchase["coins"] * refunded_percentage_milli // 100_000
-            elif refunded_quantity:
-                target = purchase["coins"] * refunded_quantity // purchase["quantity"]
-            else:
-                target = purchase["coins"]
-            delta = target - purchase["reversed"]
-            if delta <= 0:
-                return Applied(False)
-            purchase["reversed"] = target
-            self.balances[purchase["account"]] -= delta
-            return Applied(True)
+    def reverse(self, **kwargs: Any) -> Applied:
+        self._count("reverse", kwargs["store_transaction_id"])
+        return self._inner.reverse(**kwargs)
 
-    def restore(self, *, store: str, store_transaction_id: str, reason: str, request_id: str) -> Applied:
-        with self._lock:
-            self.calls.append(("restore", store_transaction_id))
-            purchase = self.purchases.get((store, store_transaction_id))
-            if purchase is None or purchase["reversed"] == 0:
-                return Applied(False)
-            self.balances[purchase["account"]] += purchase["reversed"]
-            purchase["reversed"] = 0
-            return Applied(True)
+    def restore(self, **kwargs: Any) -> Applied:
+        self._count("restore", kwargs["store_transaction_id"])
+        return self._inner.restore(**kwargs)
+
+
+class Core:
+    """The receipts core's exactly-once paths (CoreActions over build_components, as the
+    worker builds them) in front of the REAL wallet service and the Play simulator,
+    for synchronous callers such as the inbox processor. The core and the wallet run
+    on their own event loop thread; every effect is read back from the wallet."""
+
+    def __init__(self, database_url: str, keys: Keys, tmp_path: Path) -> None:
+        self.loop = LoopThread()
+        self._stack = ExitStack()
+        self._async_stack = AsyncExitStack()
+        self.play, base = self._stack.enter_context(play_simulator_thread(tmp_path / "play"))
+        self.wallet: Wallet = self.loop.run(
+            self._async_stack.enter_async_context(running_wallet(database_url, keys, tmp_path))
+        )
+        settings = receipts_settings(
+            keys,
+            database_url,
+            self.wallet.port,
+            tmp_path / "storesim",
+            **google_settings(self.play, base, tmp_path),
+        )
+        self._runtime = runtime_for(settings)
+
+        async def build() -> Components:
+            return build_components(settings, self._runtime)
+
+        self.components = self.loop.run(build())
+        parts = self.components
+        self.actions = CountingActions(
+            CoreActions(parts.crediting, parts.store, self.loop.loop, parts.apple.policy, parts.google)
+        )
+        self.play_api = CorePlayApi(parts.google.client)
+
+    def balance(self, account_id: str) -> int:
+        return self.loop.run(self.wallet.balance(account_id)).coins
+
+    def ledger(self, account_id: str) -> list[tuple[str, int]]:
+        return self.loop.run(ledger(self.wallet, account_id))
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self.components.close())
+            self._runtime.database.close()
+            self.loop.run(self._async_stack.aclose())
+        finally:
+            self._stack.close()
+            self.loop.close()
+
+
+@pytest.fixture
+def core(database_url: str, keys: Keys, tmp_path: Path) -> Iterator[Core]:
+    core = Core(database_url, keys, tmp_path)
+    try:
+        yield core
+    finally:
+        core.close()

@@ -4,6 +4,7 @@ real servers, a real wallet and a real Celery worker."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -80,7 +81,16 @@ async def test_apple_notifications_reach_the_wallet(database_url: str, keys: Key
 async def test_same_notification_ten_times_and_the_app_racing_it_credit_once(
     database_url: str, keys: Keys, tmp_path: Path
 ) -> None:
-    async with running_system(database_url, keys, tmp_path) as s:
+    dispatched: list[int] = []
+
+    def counting(dispatch: Callable[[int], None]) -> Callable[[int], None]:
+        def wrapped(notification_id: int) -> None:
+            dispatched.append(notification_id)
+            dispatch(notification_id)
+
+        return wrapped
+
+    async with running_system(database_url, keys, tmp_path, dispatch_wrapper=counting) as s:
         s.notifier.config.auto = False
         token, _ = await s.bind("fan-2")
         bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
@@ -108,7 +118,13 @@ async def test_same_notification_ten_times_and_the_app_racing_it_credit_once(
         assert outcomes[:10] == [200] * 10
         assert outcomes[10] in ("credited", "already_credited")
         assert await s.wait_processed(APPLE, uuid_) in ("credited", "already_credited")
-        await asyncio.sleep(0.5)
+        # Every delivery has been answered, and each answer follows its row's commit and dispatch:
+        # one row, queued once, processed once; no other work is in flight.
+        stored = s.inbox.get(APPLE, uuid_)
+        assert stored is not None
+        assert dispatched == [stored.id]
+        assert s.inbox.counts() == {"processed": 1}
+        assert stored.attempts == 1
         assert await s.balance("fan-2") == 350
         history = await s.wallet.stub.ListTransactions(
             wpb.ListTransactionsRequest(account_id="fan-2"), metadata=s.wallet.md(), timeout=10

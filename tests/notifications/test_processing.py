@@ -1,6 +1,8 @@
-"""Processing stored notifications: each type's effect through the exactly-once
-port, once however often or concurrently a row is processed; failures are
-retried with backoff and counted; a real Celery worker and the sweeper."""
+"""Processing stored notifications: each type's effect through the receipts
+core's exactly-once paths and the REAL wallet (whose ledger says what moved),
+once however often or concurrently a row is processed; failures are retried
+with backoff and counted; a real Celery worker and the sweeper, on the
+embedded broker, Redis and RabbitMQ."""
 
 from __future__ import annotations
 
@@ -8,13 +10,12 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 
 from services.common.celery_app import make_celery_app
 from services.common.clock import SystemClock
@@ -25,29 +26,19 @@ from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import wiring
 from services.receipts.notifications.core import LoopThread
 from services.receipts.notifications.parse import AppleExpectations, parse_apple, parse_google
-from services.receipts.notifications.ports import StoreUnavailable
+from services.receipts.notifications.ports import PurchaseActions, StoreUnavailable
 from services.receipts.notifications.processor import Handlers, InboxProcessor, NotificationHandler
 from services.receipts.notifications.store import BindingStore, InboxStore, NewNotification
 from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
 from tests.notifications.apple_payloads import notification, transaction
-from tests.notifications.conftest import PACKAGE, FakeLedger, core_verifier
+from tests.notifications.conftest import PACKAGE, Core, core_verifier
 from tests.notifications.test_webhook import rtdn
+from tests.support.receipts_backends import broker_url, dropped_queue, thread_worker, unique_queue, worker_backends
 
 EXPECT = AppleExpectations("com.coinstore.app", 1234567890, ("Production", "Sandbox"))
-
-
-class FakePlay:
-    def __init__(self) -> None:
-        self.purchases: dict[str, dict[str, Any]] = {}
-
-    def get_product_purchase_v2(self, package_name: str, purchase_token: str) -> Mapping[str, Any]:
-        return self.purchases[purchase_token]
-
-    def list_voided_purchases(
-        self, package_name: str, start_time_ms: int, end_time_ms: int, page_token: str | None
-    ) -> Mapping[str, Any]:
-        raise NotImplementedError
+APPLE_PACK = "com.coinstore.coins.350"
+GOOGLE_PACK = "coins_70"
 
 
 class RecordingAppleApi:
@@ -66,22 +57,35 @@ class Facts:
         return "DELIVERED", 25_000
 
 
+class NoEffects:
+    """PurchaseActions for notifications that must move nothing: any call fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"{name} was called; this notification must move nothing")
+
+
 class Harness:
-    def __init__(self, db: Database, apple_store: AppleStore, *, send_consumption: bool = False) -> None:
+    def __init__(
+        self,
+        db: Database,
+        apple_store: AppleStore,
+        core: Core | None = None,
+        *,
+        send_consumption: bool = False,
+    ) -> None:
         self.db = db
         self.sign = apple_store.sign
         self.inbox = InboxStore(db)
         self.bindings = BindingStore(db)
-        self.ledger = FakeLedger()
-        self.play = FakePlay()
+        self.core = core
         self.apple_api = RecordingAppleApi()
         self.metrics = Metrics("receipts-worker")
         handler = NotificationHandler(
             Handlers(
-                actions=self.ledger,
+                actions=core.actions if core is not None else cast(PurchaseActions, NoEffects()),
                 accounts=self.bindings,
                 apple_api=self.apple_api,
-                play=self.play,
+                play=core.play_api if core is not None else None,
                 package_name=PACKAGE,
                 send_consumption=send_consumption,
                 consumption=Facts(),
@@ -101,42 +105,65 @@ class Harness:
         item = parse_google(json.dumps(envelope).encode(), PACKAGE)
         return self.inbox.accept(item, datetime.now(UTC)).id
 
+    def process(self, row: int) -> str:
+        return self.processor.process(row)[0]
+
 
 @pytest.fixture
-def harness(receipts_db: Database, apple_store: AppleStore) -> Iterator[Harness]:
+def bare(receipts_db: Database, apple_store: AppleStore) -> Iterator[Harness]:
+    """For notifications that move nothing: no wallet behind it."""
     harness = Harness(receipts_db, apple_store)
     yield harness
     harness.loop.close()
 
 
-def test_apple_types_end_to_end_through_the_ledger(harness: Harness) -> None:
-    token = str(uuid.uuid4())
-    harness.bindings.record_now("acct-1", token, "obf-1", datetime.now(UTC))
-    tx = transaction("3000000001", app_account_token=token, quantity=2)
-    assert harness.processor.process(harness.store_apple("ONE_TIME_CHARGE", tx))[0] == "credited"
-    assert harness.ledger.balances["acct-1"] == 200
+@pytest.fixture
+def harness(receipts_db: Database, apple_store: AppleStore, core: Core) -> Iterator[Harness]:
+    """Processing through the receipts core and the real wallet."""
+    harness = Harness(receipts_db, apple_store, core)
+    yield harness
+    harness.loop.close()
+
+
+def bind(harness: Harness, account_id: str) -> tuple[str, str]:
+    """Record the account's binding (as GetPurchaseBinding does): (appAccountToken, obfuscated id)."""
+    assert harness.core is not None
+    binding = harness.core.components.binding
+    token, obfuscated = binding.app_account_token(account_id), binding.obfuscated_account_id(account_id)
+    harness.bindings.record_now(account_id, token, obfuscated, datetime.now(UTC))
+    return token, obfuscated
+
+
+def test_apple_types_end_to_end_through_the_wallet(harness: Harness, core: Core) -> None:
+    token, _ = bind(harness, "acct-1")
+    tx = transaction("3000000001", product_id=APPLE_PACK, app_account_token=token, quantity=2)
+    assert harness.process(harness.store_apple("ONE_TIME_CHARGE", tx)) == "credited"
+    assert core.balance("acct-1") == 700
     # A transaction without our token is only recorded until the app reports it.
-    stranger = transaction("3000000002", app_account_token=str(uuid.uuid4()))
-    assert harness.processor.process(harness.store_apple("ONE_TIME_CHARGE", stranger))[0] == "recorded"
-    assert harness.processor.process(harness.store_apple("CONSUMPTION_REQUEST", tx))[0] == "recorded"
-    assert harness.processor.process(harness.store_apple("REFUND_DECLINED", tx))[0] == "recorded"
+    stranger = transaction("3000000002", product_id=APPLE_PACK, app_account_token=str(uuid.uuid4()))
+    assert harness.process(harness.store_apple("ONE_TIME_CHARGE", stranger)) == "recorded"
+    assert harness.process(harness.store_apple("CONSUMPTION_REQUEST", tx)) == "recorded"
+    assert harness.process(harness.store_apple("REFUND_DECLINED", tx)) == "recorded"
     prorated = {**tx, "revocationType": "REFUND_PRORATED", "revocationPercentage": 50_000, "revocationReason": 1}
-    assert harness.processor.process(harness.store_apple("REFUND", prorated))[0] == "reversed"
-    assert harness.ledger.balances["acct-1"] == 100
+    assert harness.process(harness.store_apple("REFUND", prorated)) == "reversed"
+    assert core.balance("acct-1") == 350
     # Apple re-sends the (new, full) refund state: state-based, only the difference moves.
     full = {**tx, "revocationType": "REFUND_FULL", "revocationReason": 0}
-    assert harness.processor.process(harness.store_apple("REFUND", full))[0] == "reversed"
-    assert harness.ledger.balances["acct-1"] == 0
-    assert harness.processor.process(harness.store_apple("REFUND", full))[0] == "already_reversed"
-    assert harness.processor.process(harness.store_apple("REFUND_REVERSED", tx))[0] == "restored"
-    assert harness.ledger.balances["acct-1"] == 200
-    assert harness.processor.process(harness.store_apple("TEST", tx))[0] == "test"
+    assert harness.process(harness.store_apple("REFUND", full)) == "reversed"
+    assert core.balance("acct-1") == 0
+    assert harness.process(harness.store_apple("REFUND", full)) == "already_reversed"
+    assert harness.process(harness.store_apple("REFUND_REVERSED", tx)) == "restored"
+    assert harness.process(harness.store_apple("TEST", tx)) == "test"
+    assert [coins for _, coins in core.ledger("acct-1")] == [700, -350, -350, 700]
     assert harness.apple_api.sent == []
 
 
 def test_consumption_request_is_answered_when_enabled(receipts_db: Database, apple_store: AppleStore) -> None:
     harness = Harness(receipts_db, apple_store, send_consumption=True)
-    outcome, _ = harness.processor.process(harness.store_apple("CONSUMPTION_REQUEST", transaction("3000000003")))
+    try:
+        outcome = harness.process(harness.store_apple("CONSUMPTION_REQUEST", transaction("3000000003")))
+    finally:
+        harness.loop.close()
     assert outcome == "consumption_sent"
     assert harness.apple_api.sent == [
         (
@@ -152,49 +179,59 @@ def test_consumption_request_is_answered_when_enabled(receipts_db: Database, app
     ]
 
 
-def test_google_types_end_to_end_through_the_ledger(harness: Harness) -> None:
-    harness.bindings.record_now("acct-g", str(uuid.uuid4()), "obf-g", datetime.now(UTC))
-    harness.play.purchases["tok-1"] = {
-        "obfuscatedExternalAccountId": "obf-g",
-        "productLineItem": [
-            {"productId": "coins_100", "productOfferDetails": {"quantity": 1, "refundableQuantity": 1}}
-        ],
-    }
-    harness.play.purchases["tok-other"] = {"obfuscatedExternalAccountId": "someone-else", "productLineItem": []}
-    assert harness.processor.process(harness.store_google(rtdn("oneTimeProductNotification", "tok-1")))[0] == "credited"
-    assert harness.ledger.balances["acct-g"] == 100
-    other = rtdn("oneTimeProductNotification", "tok-other")
-    assert harness.processor.process(harness.store_google(other))[0] == "recorded"
-    canceled = rtdn("oneTimeProductNotification", "tok-1", notificationType=2)
-    assert harness.processor.process(harness.store_google(canceled))[0] == "canceled"
-    assert harness.processor.process(harness.store_google(rtdn("testNotification")))[0] == "test"
-    assert harness.processor.process(harness.store_google(rtdn("voidedPurchaseNotification", "tok-1")))[0] == "reversed"
-    assert harness.ledger.balances["acct-g"] == 0
+def test_google_types_end_to_end_through_the_wallet(harness: Harness, core: Core) -> None:
+    _, obfuscated = bind(harness, "acct-g")
+    token = core.play.buy(GOOGLE_PACK, account_id=obfuscated).token
+    other = core.play.buy(GOOGLE_PACK, account_id="someone-else").token
+    bought = rtdn("oneTimeProductNotification", token, sku=GOOGLE_PACK)
+    assert harness.process(harness.store_google(bought)) == "credited"
+    assert core.balance("acct-g") == 70
+    assert harness.process(harness.store_google(bought)) == "already_credited"  # a new message, same purchase
+    assert harness.process(harness.store_google(rtdn("oneTimeProductNotification", other, sku=GOOGLE_PACK))) == (
+        "recorded"
+    )
+    canceled = rtdn("oneTimeProductNotification", token, sku=GOOGLE_PACK, notificationType=2)
+    assert harness.process(harness.store_google(canceled)) == "canceled"
+    assert harness.process(harness.store_google(rtdn("testNotification"))) == "test"
+    core.play.refund(token)
+    assert harness.process(harness.store_google(rtdn("voidedPurchaseNotification", token))) == "reversed"
+    assert core.ledger("acct-g") == [(token, 70), (token, -70)]
 
 
-def test_google_partial_refund_uses_the_cumulative_quantity(harness: Harness) -> None:
-    harness.ledger.add_purchase("GOOGLE_PLAY", "tok-5", "acct-p", quantity=5)
-    details = {"quantity": 5, "refundableQuantity": 3}
-    harness.play.purchases["tok-5"] = {"productLineItem": [{"productId": "coins_100", "productOfferDetails": details}]}
-    partial = rtdn("voidedPurchaseNotification", "tok-5", refundType=2)
-    assert harness.processor.process(harness.store_google(partial))[0] == "reversed"
-    assert harness.ledger.balances["acct-p"] == 300
+def test_google_partial_refund_uses_the_cumulative_quantity(harness: Harness, core: Core) -> None:
+    _, obfuscated = bind(harness, "acct-p")
+    token = core.play.buy(GOOGLE_PACK, account_id=obfuscated, quantity=5).token
+    assert harness.process(harness.store_google(rtdn("oneTimeProductNotification", token, sku=GOOGLE_PACK))) == (
+        "credited"
+    )
+    core.play.refund(token, 2)
+    partial = rtdn("voidedPurchaseNotification", token, refundType=2)
+    assert harness.process(harness.store_google(partial)) == "reversed"
+    assert core.balance("acct-p") == 210
     # The same partial refund notified again (new messageId) moves nothing.
-    assert harness.processor.process(harness.store_google(partial))[0] == "already_reversed"
-    details["refundableQuantity"] = 2
-    assert harness.processor.process(harness.store_google(partial))[0] == "reversed"
-    assert harness.ledger.balances["acct-p"] == 200
+    assert harness.process(harness.store_google(partial)) == "already_reversed"
+    core.play.refund(token, 1)
+    assert harness.process(harness.store_google(partial)) == "reversed"
+    assert core.ledger("acct-p") == [(token, 350), (token, -140), (token, -70)]
 
 
-def test_a_row_processed_concurrently_is_applied_once(harness: Harness) -> None:
-    harness.ledger.add_purchase("APP_STORE", "3000000009", "acct-c")
-    row = harness.store_apple("REFUND", transaction("3000000009"))
+def credited(harness: Harness, account_id: str, txid: str) -> dict[str, Any]:
+    """An App Store purchase credited to ``account_id`` through the core; its transaction payload."""
+    token, _ = bind(harness, account_id)
+    tx = transaction(txid, product_id=APPLE_PACK, app_account_token=token)
+    assert harness.process(harness.store_apple("ONE_TIME_CHARGE", tx)) == "credited"
+    return tx
+
+
+def test_a_row_processed_concurrently_is_applied_once(harness: Harness, core: Core) -> None:
+    tx = credited(harness, "acct-c", "3000000009")
+    row = harness.store_apple("REFUND", tx)
     barrier = threading.Barrier(10)
     outcomes: list[str] = []
 
     def worker() -> None:
         barrier.wait()
-        outcomes.append(harness.processor.process(row)[0])
+        outcomes.append(harness.process(row))
 
     threads = [threading.Thread(target=worker) for _ in range(10)]
     for thread in threads:
@@ -202,15 +239,19 @@ def test_a_row_processed_concurrently_is_applied_once(harness: Harness) -> None:
     for thread in threads:
         thread.join()
     assert sorted(outcomes) == ["reversed"] + ["skipped"] * 9
-    assert harness.ledger.calls.count(("reverse", "3000000009")) == 1
-    assert harness.processor.process(row)[0] == "skipped"
+    # The lease lets one claimant through: one call to the core, not ten the wallet absorbs.
+    assert core.actions.calls.count(("reverse", "3000000009")) == 1
+    assert harness.process(row) == "skipped"
     assert harness.inbox.outcome(row)[:2] == ("processed", "reversed")
+    assert core.ledger("acct-c") == [("3000000009", 350), ("3000000009", -350)]
 
 
-def test_failures_are_retried_with_backoff_and_counted(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    harness.ledger.add_purchase("APP_STORE", "3000000010", "acct-f")
-    row = harness.store_apple("REFUND", transaction("3000000010"))
-    real_reverse = harness.ledger.reverse
+def test_failures_are_retried_with_backoff_and_counted(
+    harness: Harness, core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tx = credited(harness, "acct-f", "3000000010")
+    row = harness.store_apple("REFUND", tx)
+    real_reverse = core.actions.reverse
     failures = iter([StoreUnavailable("wallet down"), StoreUnavailable("wallet down")])
 
     def flaky(**kwargs: Any) -> Any:
@@ -219,71 +260,77 @@ def test_failures_are_retried_with_backoff_and_counted(harness: Harness, monkeyp
             raise error
         return real_reverse(**kwargs)
 
-    monkeypatch.setattr(harness.ledger, "reverse", flaky)
+    monkeypatch.setattr(core.actions, "reverse", flaky)
     outcome, delay = harness.processor.process(row)
     assert (outcome, delay) == ("failed", timedelta(seconds=5))
     # Not due yet: the sweeper leaves it alone until its backoff has passed.
     assert row not in harness.inbox.due(datetime.now(UTC), timedelta(seconds=30))
     assert row in harness.inbox.due(datetime.now(UTC) + timedelta(seconds=6), timedelta(seconds=30))
     assert harness.processor.process(row) == ("failed", timedelta(seconds=10))
-    assert harness.processor.process(row)[0] == "reversed"
-    assert harness.ledger.balances["acct-f"] == 0
+    assert harness.process(row) == "reversed"
+    assert core.balance("acct-f") == 0
     failed = harness.metrics.registry.get_sample_value(
         "coinstore_notification_failures_total", {"source": "apple", "dead": "false"}
     )
     assert failed == 2
-    assert harness.inbox.counts() == {"processed": 1}
+    assert harness.inbox.counts() == {"processed": 2}
 
 
+@worker_backends
 @pytest.mark.timeout(120)
 def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
-    receipts_db: Database, apple_store: AppleStore, tmp_path: Path
+    harness: Harness, core: Core, broker_kind: str, tmp_path: Path
 ) -> None:
-    # The embedded broker is the one that loses unacknowledged messages: the sweeper's case.
-    broker_url = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
-    harness = Harness(receipts_db, apple_store)
-    queue = f"receipts-{uuid.uuid4().hex[:8]}"
-    app = make_celery_app(queue, broker_url)
-    settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=0.0)  # type: ignore[call-arg]
-    components = wiring.NotificationComponents(
-        inbox=harness.inbox,
-        bindings=harness.bindings,
-        processor=harness.processor,
-        actions=harness.ledger,
-        apple_api=None,
-        play=None,
-        metrics=harness.metrics,
-    )
-    tasks_notifications.register(app, settings, factory=lambda: components, queue=queue)
-    for i in range(3):
-        harness.ledger.add_purchase("APP_STORE", f"31000000{i}", f"acct-w{i}")
-    queued = harness.store_apple("REFUND", transaction("310000000"))
-    lost = [harness.store_apple("REFUND", transaction(f"31000000{i}")) for i in (1, 2)]
-    dispatch = tasks_notifications.sender(app, queue)
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[queue], loglevel="WARNING"):
-        dispatch(queued)  # the other two rows' tasks were "lost": only the sweeper can find them
-        deadline = time.monotonic() + 60
-        while harness.inbox.outcome(queued)[0] != "processed" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [harness.inbox.outcome(r)[0] for r in lost] == ["pending", "pending"]
-        app.send_task(tasks_notifications.task_names(queue)[1], queue=queue)
-        while any(harness.inbox.outcome(r)[0] != "processed" for r in lost) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    assert [harness.inbox.outcome(r)[0] for r in [queued, *lost]] == ["processed"] * 3
-    assert all(harness.ledger.balances[f"acct-w{i}"] == 0 for i in range(3))
-    assert sorted(c for c in harness.ledger.calls if c[0] == "reverse") == [
-        ("reverse", f"31000000{i}") for i in range(3)
-    ]
+    broker = broker_url(broker_kind, tmp_path)
+    with dropped_queue(broker, unique_queue()) as queue:
+        app = make_celery_app(queue, broker)
+        settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=0.0)  # type: ignore[call-arg]
+        components = wiring.NotificationComponents(
+            inbox=harness.inbox,
+            bindings=harness.bindings,
+            processor=harness.processor,
+            actions=core.actions,
+            apple_api=None,
+            play=None,
+            metrics=harness.metrics,
+        )
+        tasks_notifications.register(app, settings, factory=lambda: components, queue=queue)
+        txids = [f"31000000{i}" for i in range(3)]
+        refunds = [harness.store_apple("REFUND", credited(harness, f"acct-w{i}", t)) for i, t in enumerate(txids)]
+        queued, lost = refunds[0], refunds[1:]
+        dispatch = tasks_notifications.sender(app, queue)
+
+        def processed(rows: list[int]) -> bool:
+            return all(harness.inbox.outcome(r)[0] == "processed" for r in rows)
+
+        with thread_worker(app, queue):
+            dispatch(queued)  # the other two rows' tasks were "lost": only the sweeper can find them
+            wait_until(lambda: processed([queued]), 60, "the worker to process the queued row")
+            # The worker has run the one task it was sent, and only that one.
+            assert [harness.inbox.outcome(r)[0] for r in lost] == ["pending", "pending"]
+            app.send_task(tasks_notifications.task_names(queue)[1], queue=queue)
+            wait_until(lambda: processed(lost), 60, "the sweeper's tasks to process the lost rows")
+    for i, txid in enumerate(txids):
+        assert core.ledger(f"acct-w{i}") == [(txid, 350), (txid, -350)]
+    assert sorted(c for c in core.actions.calls if c[0] == "reverse") == [("reverse", t) for t in txids]
 
 
-def test_new_notification_fields_are_kept(harness: Harness) -> None:
-    row = harness.store_google(rtdn("voidedPurchaseNotification", "tok-keep", futureField="x"))
-    stored = harness.inbox.claim(row, datetime.now(UTC))
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_new_notification_fields_are_kept(bare: Harness) -> None:
+    row = bare.store_google(rtdn("voidedPurchaseNotification", "tok-keep", futureField="x"))
+    stored = bare.inbox.claim(row, datetime.now(UTC))
     assert stored is not None
     assert stored.payload["notification"]["voidedPurchaseNotification"]["futureField"] == "x"
 
 
-def test_unused_new_notification(harness: Harness) -> None:
+def test_unused_new_notification(bare: Harness) -> None:
     item = NewNotification("google", "m-unknown", "unknown", None, None, "{}", {"notification": {}})
-    row = harness.inbox.accept(item, datetime.now(UTC)).id
-    assert harness.processor.process(row)[0] == "ignored"
+    row = bare.inbox.accept(item, datetime.now(UTC)).id
+    assert bare.processor.process(row)[0] == "ignored"

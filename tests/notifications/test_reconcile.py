@@ -1,7 +1,7 @@
 """Reconciliation finds refunds whose notification was lost and applies them
 once: Apple through Get Refund History against the simulator and the real
 wallet (by the CLI, in a real process); Google's voidedpurchases paging and
-quota with a fake Play API."""
+quota with a fake Play API in front of the receipts core and the real wallet."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from services.receipts.notifications.core import CoreActions, CoreAppleApi, Core
 from services.receipts.notifications.store import RecentApplePurchases, ReconcileRuns
 from services.receipts.reconcile import Quota, QuotaExhausted, Reconciler
 from services.receipts.reconcile_cli import parse_since
-from tests.notifications.conftest import FakeLedger
+from tests.notifications.conftest import Core
 from tests.notifications.system import running_system
 from tests.support.tokens import Keys
 
@@ -153,18 +153,20 @@ class PagedPlay:
         return answer
 
 
-def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any) -> None:
-    ledger = FakeLedger()
-    for i in range(7):
-        ledger.add_purchase("GOOGLE_PLAY", f"tok-{i}", f"acct-{i}", quantity=4)
-    records = [{"purchaseToken": f"tok-{i}", "orderId": f"GPA.{i}", "voidedReason": 1} for i in range(6)]
-    # tok-6 was refunded 1 of 4 packs (quantity-based); Google's refundableQuantity says 3 remain.
-    records.append({"purchaseToken": "tok-6", "orderId": "GPA.6", "voidedQuantity": 1})
+def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any, core: Core) -> None:
+    tokens = [core.play.buy("coins_70", quantity=4).token for _ in range(7)]
+    for i, token in enumerate(tokens):
+        assert core.actions.credit_google(f"acct-{i}", "coins_70", token, f"r-{i}").changed
+    records: list[dict[str, Any]] = [
+        {"purchaseToken": t, "orderId": f"GPA.{i}", "voidedReason": 1} for i, t in enumerate(tokens[:6])
+    ]
+    # The last was refunded 1 of 4 packs (quantity-based); Google's refundableQuantity says 3 remain.
+    records.append({"purchaseToken": tokens[6], "orderId": "GPA.6", "voidedQuantity": 1})
     details = {"quantity": 4, "refundableQuantity": 3}
-    play = PagedPlay(records, 3, {"tok-6": {"productLineItem": [{"productOfferDetails": details}]}})
+    play = PagedPlay(records, 3, {tokens[6]: {"productLineItem": [{"productOfferDetails": details}]}})
     metrics = Metrics("receipts-test")
     reconciler = Reconciler(
-        actions=ledger,
+        actions=core.actions,
         runs=ReconcileRuns(receipts_db),
         metrics=metrics,
         clock=SystemClock(),
@@ -174,9 +176,13 @@ def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any) ->
     first = reconciler.google()
     assert (first.examined, first.applied, first.pages) == (7, 7, 3)
     assert play.calls == [None, "3", "6"]
-    assert [ledger.balances[f"acct-{i}"] for i in range(7)] == [0] * 6 + [300]
+    assert [core.balance(f"acct-{i}") for i in range(7)] == [0] * 6 + [210]
     again = reconciler.google(datetime.now(UTC) - timedelta(days=90))
     assert (again.examined, again.applied) == (7, 0)
+    assert [core.ledger(f"acct-{i}") for i in (0, 6)] == [
+        [(tokens[0], 280), (tokens[0], -280)],
+        [(tokens[6], 280), (tokens[6], -70)],
+    ]
     assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "google"}) == 7
     assert ReconcileRuns(receipts_db).last_finished("google") is not None
 

@@ -1,7 +1,9 @@
-"""Crash safety with real processes: the receipts service stores a
-notification and is killed (SIGKILL) before anything processed it, and the
-broker message is gone too; after a restart the worker's sweeper finds the row
-and applies it exactly once."""
+"""Crash safety with real processes: the receipts service is killed (SIGKILL,
+failpoint ``receipts.webhook.after_commit``) after a notification's row
+commits and before the task is queued or the store gets an answer. After a
+restart the store's retry is a duplicate (not queued again), the worker's
+sweeper finds the row and applies it exactly once, through the real wallet;
+on SQLite with the embedded broker and on PostgreSQL with Redis and RabbitMQ."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -22,15 +26,19 @@ from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common import migrate
 from services.common.db import Database
 from services.receipts.notifications.parse import APPLE
-from services.receipts.notifications.store import InboxStore
+from services.receipts.notifications.store import InboxStore, NewNotification
 from services.storesim import apple as apple_sim
 from tests.notifications.apple_payloads import notification
 from tests.notifications.system import credit_directly
+from tests.receipts.support import ledger
+from tests.support.failpoints import failpoint_env, wait_fired
 from tests.support.ports import free_port
+from tests.support.receipts_backends import broker_url, dropped_queue, unique_queue, worker_backends
 from tests.support.tokens import Keys
 from tests.wallet.support import running_wallet
 
 REPO = Path(__file__).resolve().parents[2]
+AFTER_COMMIT = "receipts.webhook.after_commit"
 
 
 @contextmanager
@@ -64,88 +72,100 @@ async def _wait_http(url: str, timeout: float = 60.0) -> None:
             await asyncio.sleep(0.2)
 
 
+async def _wait(condition: Callable[[], bool], what: str, log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{log.read_text()[-4000:]}"
+        await asyncio.sleep(0.1)
+
+
+@worker_backends
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-async def test_stored_but_unprocessed_notification_is_processed_once_after_a_crash(
-    database_url: str, keys: Keys, tmp_path: Path
+async def test_notification_committed_but_never_queued_is_applied_once_after_a_crash(
+    database_url: str, broker_kind: str, keys: Keys, tmp_path: Path
 ) -> None:
     store = apple_sim.create_store(tmp_path / "storesim")
     migrate.upgrade("receipts", database_url)
-    broker = tmp_path / "broker.db"
     (tmp_path / "var").mkdir()  # the worker keeps its beat schedule in ./var (as under `make run`)
-    async with running_wallet(database_url, keys, tmp_path) as wallet:
-        await credit_directly(wallet, "fan-crash", wpb.STORE_APP_STORE, "4000000000000001", 350)
-        webhook_port = free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'gen'}",
-            "COINSTORE_DATABASE_URL": database_url,
-            "COINSTORE_BROKER_URL": f"sqla+sqlite:///{broker}",
-            "COINSTORE_WEBHOOK_PORT": str(webhook_port),
-            "COINSTORE_RECEIPTS_GRPC_PORT": str(free_port()),
-            "COINSTORE_RECEIPTS_METRICS_PORT": str(free_port()),
-            "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet.port}",
-            "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),
-            "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
-            "COINSTORE_CATALOG": str(REPO / "deploy" / "catalog.toml"),
-            "COINSTORE_APPLE_ROOT_CERTS": str(tmp_path / "storesim" / "apple" / "root.der"),
-            "COINSTORE_APPLE_API_KEY_FILE": str(tmp_path / "storesim" / "apple" / "SubscriptionKey.p8"),
-            "COINSTORE_NOTIFICATIONS_SWEEP_SECONDS": "1",
-            "COINSTORE_LOG_FORMAT": "text",
-        }
-        tx = store.transaction(store.buy("com.coinstore.coins.350")[0])
-        assert tx is not None
-        tx["transactionId"] = "4000000000000001"
-        store.transactions["4000000000000001"] = apple_sim.Transaction(tx, "crash")
-        store.refund("4000000000000001")
-        body = notification(store.sign, "REFUND", store.signed_transaction("4000000000000001"))
-        url = f"http://127.0.0.1:{webhook_port}"
-        log = tmp_path / "processes.log"
+    broker = broker_url(broker_kind, tmp_path)
+    failpoints = tmp_path / "failpoints"
+    with dropped_queue(broker, unique_queue()) as queue:
+        async with running_wallet(database_url, keys, tmp_path) as wallet:
+            await credit_directly(wallet, "fan-crash", wpb.STORE_APP_STORE, "4000000000000001", 350)
+            webhook_port = free_port()
+            env = {
+                **os.environ,
+                "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'gen'}",
+                "COINSTORE_DATABASE_URL": database_url,
+                "COINSTORE_BROKER_URL": broker,
+                "COINSTORE_RECEIPTS_QUEUE": queue,
+                "COINSTORE_WEBHOOK_PORT": str(webhook_port),
+                "COINSTORE_RECEIPTS_GRPC_PORT": str(free_port()),
+                "COINSTORE_RECEIPTS_METRICS_PORT": str(free_port()),
+                "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet.port}",
+                "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),
+                "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
+                "COINSTORE_CATALOG": str(REPO / "deploy" / "catalog.toml"),
+                "COINSTORE_APPLE_ROOT_CERTS": str(tmp_path / "storesim" / "apple" / "root.der"),
+                "COINSTORE_APPLE_API_KEY_FILE": str(tmp_path / "storesim" / "apple" / "SubscriptionKey.p8"),
+                "COINSTORE_NOTIFICATIONS_SWEEP_SECONDS": "1",
+                "COINSTORE_LOG_FORMAT": "text",
+                # Every process gets the same failpoint: it fires once, in the first one to get there.
+                **failpoint_env(failpoints, f"{AFTER_COMMIT}=kill"),
+            }
+            tx = store.transaction(store.buy("com.coinstore.coins.350")[0])
+            assert tx is not None
+            tx["transactionId"] = "4000000000000001"
+            store.transactions["4000000000000001"] = apple_sim.Transaction(tx, "crash")
+            store.refund("4000000000000001")
+            body = notification(store.sign, "REFUND", store.signed_transaction("4000000000000001"))
+            url = f"http://127.0.0.1:{webhook_port}"
+            log = tmp_path / "processes.log"
 
-        with process(["-m", "services.receipts"], env, tmp_path, log) as receipts:
-            await _wait_http(url + "/healthz")
-            async with (
-                aiohttp.ClientSession() as session,
-                session.post(url + "/notifications/apple/v2", json=body) as reply,
-            ):
-                assert reply.status == 200
-            receipts.kill()  # SIGKILL: no shutdown, nothing processed
-            receipts.wait()
-        broker.unlink()  # and the task message is lost with the embedded broker
-
-        database = Database.from_url(database_url, 2)
-        inbox = InboxStore(database)
-        try:
-            uuid_ = _uuid_of(body["signedPayload"])
-            stored = inbox.get(APPLE, uuid_)
-            assert stored is not None
-            assert inbox.outcome(stored.id)[0] == "pending"
-            assert (await wallet.balance("fan-crash")).coins == 350
-
-            worker_args = ["-m", "services.receipts.worker", "--beat", "--pool", "solo", "--concurrency", "1"]
-            with process(["-m", "services.receipts"], env, tmp_path, log), process(worker_args, env, tmp_path, log):
-                await _wait_http(url + "/healthz")
-                deadline = time.monotonic() + 120
-                while inbox.outcome(stored.id)[0] != "processed":
-                    assert time.monotonic() < deadline, log.read_text()[-4000:]
-                    await asyncio.sleep(0.25)
-                # Apple retries the same notification after the restart: acknowledged, not applied again.
+            async def deliver() -> tuple[int, str]:
                 async with (
                     aiohttp.ClientSession() as session,
                     session.post(url + "/notifications/apple/v2", json=body) as reply,
                 ):
-                    assert reply.status == 200
-                    assert "duplicate" in await reply.text()
-                await asyncio.sleep(3)  # a few sweeps
-            assert inbox.outcome(stored.id)[:2] == ("processed", "reversed")
-            assert inbox.get(APPLE, uuid_).attempts == 1  # type: ignore[union-attr]
-            assert (await wallet.balance("fan-crash")).coins == 0
-            history = await wallet.stub.ListTransactions(
-                wpb.ListTransactionsRequest(account_id="fan-crash"), metadata=wallet.md(), timeout=10
-            )
-            assert sorted(t.coins_delta for t in history.transactions) == [-350, 350]
-        finally:
-            database.close()
+                    return reply.status, await reply.text()
+
+            with process(["-m", "services.receipts"], env, tmp_path, log) as receipts:
+                await _wait_http(url + "/healthz")
+                with pytest.raises(aiohttp.ClientError):
+                    await deliver()  # the store gets no answer
+                assert wait_fired(failpoints, AFTER_COMMIT, 30) == receipts.pid
+                assert receipts.wait(30) == -signal.SIGKILL
+
+            database = Database.from_url(database_url, 2)
+            inbox = InboxStore(database)
+            try:
+                uuid_ = _uuid_of(body["signedPayload"])
+                stored = inbox.get(APPLE, uuid_)
+                assert stored is not None
+                # No process is left that could have touched it.
+                assert inbox.outcome(stored.id)[0] == "pending"
+                assert await ledger(wallet, "fan-crash") == [("4000000000000001", 350)]
+
+                worker_args = ["-m", "services.receipts.worker", "--beat", "--pool", "solo", "--concurrency", "1"]
+                with process(["-m", "services.receipts"], env, tmp_path, log), process(worker_args, env, tmp_path, log):
+                    await _wait_http(url + "/healthz")
+                    # The store retries what it got no answer for: acknowledged as a duplicate, not queued.
+                    assert await deliver() == (200, '{"status": "duplicate"}')
+                    # Only the sweeper can find the row: nothing was ever queued for it.
+                    await _wait(lambda: inbox.outcome(stored.id)[0] == "processed", "the sweeper", log)
+                    # A row stored after that, and never queued, is processed only by a later sweep:
+                    # once it is, the sweeper has run again and left the processed row alone.
+                    marker = inbox.accept(
+                        NewNotification(APPLE, f"marker-{uuid.uuid4()}", "TEST", None, None, "{}", {}),
+                        datetime.now(UTC),
+                    )
+                    await _wait(lambda: inbox.outcome(marker.id)[0] == "processed", "a later sweep", log)
+                assert inbox.outcome(stored.id)[:2] == ("processed", "reversed")
+                assert inbox.get(APPLE, uuid_).attempts == 1  # type: ignore[union-attr]
+                assert await ledger(wallet, "fan-crash") == [("4000000000000001", 350), ("4000000000000001", -350)]
+            finally:
+                database.close()
 
 
 def _uuid_of(signed_payload: str) -> str:

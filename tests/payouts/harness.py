@@ -4,6 +4,7 @@ gRPC service, and Celery worker subprocesses that can be SIGKILLed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -79,7 +80,8 @@ class PayPalSimServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        runner = web.AppRunner(self._app, access_log=None)
+        # A stalled handler (a simulated timeout) must not hold the test's teardown.
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=0.5)
         self._loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self._loop.run_until_complete(site.start())
@@ -181,8 +183,15 @@ def settings_env(settings: PayoutsSettings) -> dict[str, str]:
 class Worker:
     """``python -m services.payouts.worker --beat`` as a real subprocess in its own process group."""
 
-    def __init__(self, settings: PayoutsSettings, cwd: Path, concurrency: int = 2, beat: bool = True) -> None:
-        self._env = settings_env(settings)
+    def __init__(
+        self,
+        settings: PayoutsSettings,
+        cwd: Path,
+        concurrency: int = 2,
+        beat: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self._env = {**settings_env(settings), **(env or {})}
         self._cwd = cwd
         self._argv = [sys.executable, "-m", "services.payouts.worker", f"--concurrency={concurrency}"]
         if beat:
@@ -202,8 +211,20 @@ class Worker:
     def kill(self) -> None:
         """SIGKILL the worker and its pool children at once: nothing gets to acknowledge or clean up."""
         assert self._process is not None
-        os.killpg(self._process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # already gone, group and all
+            os.killpg(self._process.pid, signal.SIGKILL)
         self._process.wait(10)
+
+    @property
+    def returncode(self) -> int | None:
+        """None while the worker runs; its exit status once it ended (negative: the signal)."""
+        assert self._process is not None
+        return self._process.poll()
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        """Wait for a worker that is dying on its own (a failpoint's kill-group); its exit status."""
+        assert self._process is not None
+        return self._process.wait(timeout)
 
     def stop(self) -> None:
         if self._process is None or self._process.poll() is not None:
@@ -229,3 +250,9 @@ async def wait_for(check: Callable[[], Any], timeout: float, what: str, worker: 
             detail = f"\n--- worker log ---\n{worker.output()}" if worker is not None else ""
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         await asyncio.sleep(0.2)
+
+
+async def exit_status(worker: Worker, timeout: float = 90) -> int:
+    """Wait for a worker that is about to die on its own (a failpoint's kill-group); its exit status."""
+    await wait_for(lambda: worker.returncode is not None, timeout, "the worker to die", worker)
+    return worker.wait_exit()

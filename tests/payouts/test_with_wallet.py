@@ -1,25 +1,33 @@
 """Payouts against the real wallet service: its refusals reach the creator with the same
-reasons, and a batch run by a real worker debits paid diamonds, returns failed ones and
-leaves the wallet's ledger audit clean."""
+reasons and move nothing, and a batch run by real workers (one killed between the wallet's
+commit and payouts recording it) debits paid diamonds once, returns failed ones and leaves
+the wallet's ledger audit clean."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
-from services.wallet.store import audit
+from services.wallet.domain.ledger import PAYOUT_CLEARING, Currency, Kind
+from services.wallet.domain.rules import ReservationState
+from services.wallet.store import audit, entries, reservations, transactions
 from tests.payouts.conftest import start_service
-from tests.payouts.harness import PayPalSimServer, Worker, payouts_settings, write_catalog
+from tests.payouts.harness import PayPalSimServer, Worker, exit_status, payouts_settings, write_catalog
 from tests.payouts.test_service import details
+from tests.support.failpoints import failpoint_env, fired_pid
 from tests.support.tokens import Keys
 from tests.wallet.support import Wallet, running_wallet
 
@@ -66,9 +74,49 @@ class Payouts:
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         return details(caught.value)[0]
 
+    async def cashouts(self, creator: str) -> list[pb.Cashout]:
+        reply = await self.stub.ListCashouts(
+            pb.ListCashoutsRequest(creator_account_id=creator), metadata=self.keys.metadata("payouts:request")
+        )
+        return list(reply.cashouts)
+
+
+async def diamonds(wallet: Wallet, creator: str) -> tuple[int, int, int]:
+    """(total, reserved, withdrawable) diamonds of the creator, as the wallet says."""
+    balance = await wallet.balance(creator)
+    return balance.diamonds, balance.diamonds_reserved, balance.diamonds_withdrawable
+
+
+def ledger(wallet: Wallet) -> tuple[Counter[tuple[str, str]], int]:
+    """The wallet's reservation transactions by (kind, reservation id), and the diamonds in payout clearing."""
+    kinds = [Kind.RESERVATION_COMMIT.value, Kind.RESERVATION_RELEASE.value]
+    with wallet.database.engine.connect() as conn:
+        posted = Counter(
+            (r.kind, r.reference)
+            for r in conn.execute(
+                sa.select(transactions.c.kind, transactions.c.reference).where(transactions.c.kind.in_(kinds))
+            )
+        )
+        # A system account keeps no balance row: its entries are its balance.
+        clearing = conn.execute(
+            sa.select(sa.func.sum(entries.c.amount)).where(
+                entries.c.account_id == PAYOUT_CLEARING, entries.c.currency == Currency.DIAMOND.value
+            )
+        ).scalar()
+    return posted, int(clearing or 0)
+
+
+def committed_in_wallet(wallet: Wallet) -> list[str]:
+    with wallet.database.engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.select(reservations.c.reservation_id).where(reservations.c.state == ReservationState.COMMITTED.value)
+            ).scalars()
+        )
+
 
 async def with_payouts(
-    tmp_path: Path, wallet: Wallet, keys: Keys, paypal: PayPalSimServer, database_url: str
+    tmp_path: Path, wallet: Wallet, keys: Keys, paypal: PayPalSimServer, database_url: str, **overrides: Any
 ) -> AsyncIterator[tuple[Payouts, object]]:
     settings = payouts_settings(
         database_url=database_url,
@@ -77,6 +125,7 @@ async def with_payouts(
         keys=keys,
         wallet_address=wallet.address,
         paypal_url=paypal.api_url,
+        **overrides,
     )
     host, database, channel = await start_service(settings)
     try:
@@ -95,6 +144,8 @@ async def test_wallet_refusals_reach_the_creator(
             await payouts.onboard("poor")
             await earn(wallet, "poor", 9_000)
             assert await payouts.refusal("poor", 10_000) == "INSUFFICIENT_DIAMONDS"
+            assert await diamonds(wallet, "poor") == (9_000, 0, 9_000)
+            assert await payouts.cashouts("poor") == []
 
             # Restricted: the creator spent coins whose purchase was then refunded.
             await payouts.onboard("debtor")
@@ -109,7 +160,8 @@ async def test_wallet_refusals_reach_the_creator(
             )
             assert (await wallet.balance("debtor")).restricted
             assert await payouts.refusal("debtor", 10_000) == "ACCOUNT_RESTRICTED"
-            assert (await wallet.balance("debtor")).diamonds_reserved == 0
+            assert await diamonds(wallet, "debtor") == (20_000, 0, 20_000)
+            assert await payouts.cashouts("debtor") == []
 
 
 async def test_immature_diamonds_cannot_be_cashed_out(
@@ -120,6 +172,11 @@ async def test_immature_diamonds_cannot_be_cashed_out(
             await payouts.onboard("fresh")
             await earn(wallet, "fresh", 20_000)
             assert await payouts.refusal("fresh", 10_000) == "DIAMONDS_NOT_MATURE"
+            assert await diamonds(wallet, "fresh") == (20_000, 0, 0)
+            assert await payouts.cashouts("fresh") == []
+
+
+SETTLE_KILL = "payouts.settle.after_wallet"
 
 
 @pytest.mark.slow
@@ -128,25 +185,32 @@ async def test_batch_against_the_real_wallet_keeps_the_ledger_clean(
 ) -> None:
     paypal.faults(final_delay_seconds=0.5, receiver_outcomes={"bounce@example.com": "RETURNED"})
     async with running_wallet(database_url, keys, tmp_path) as wallet:
-        async for payouts, settings in with_payouts(tmp_path, wallet, keys, paypal, database_url):
+        # A short stuck time: the sweeper re-sends the settlement the killed worker never recorded.
+        async for payouts, settings in with_payouts(
+            tmp_path, wallet, keys, paypal, database_url, payout_stuck_seconds=3.0
+        ):
             creators = [f"star-{i}" for i in range(6)]
+            cashouts = {}
             for i, creator in enumerate(creators):
                 await earn(wallet, creator, 25_000)
                 await payouts.onboard(creator, "bounce@example.com" if i == 3 else "")
-                await payouts.request(creator, 20_001)
+                cashouts[creator] = (await payouts.request(creator, 20_001)).cashout_id
             for creator in creators:
-                balance = await wallet.balance(creator)
-                assert (balance.diamonds, balance.diamonds_reserved, balance.diamonds_withdrawable) == (
-                    25_000,
-                    20_000,
-                    5_000,
-                )
-            worker = Worker(settings, tmp_path / "worker").start()  # type: ignore[arg-type]
+                assert await diamonds(wallet, creator) == (25_000, 20_000, 5_000)
+            points = tmp_path / "failpoints"
+            armed = failpoint_env(points, f"{SETTLE_KILL}=kill-group")
+            worker = Worker(settings, tmp_path / "worker-0", env=armed).start()  # type: ignore[arg-type]
+            workers = [worker]
             try:
                 created = await payouts.stub.CreatePayoutBatch(
                     pb.CreatePayoutBatchRequest(request_id="real"), metadata=keys.metadata("payouts:ops")
                 )
                 batch_id = created.batch.batch_id
+                # Killed after the wallet settled a submission and before payouts recorded it.
+                assert await exit_status(worker) == -signal.SIGKILL, worker.output()
+                assert fired_pid(points, SETTLE_KILL) is not None
+                assert committed_in_wallet(wallet), "the wallet had committed before the kill"
+                workers.append(Worker(settings, tmp_path / "worker-1", env=armed).start())  # type: ignore[arg-type]
 
                 deadline = time.monotonic() + 90
                 while True:
@@ -155,16 +219,24 @@ async def test_batch_against_the_real_wallet_keeps_the_ledger_clean(
                     )
                     if reply.batch.state == pb.BATCH_STATE_COMPLETED:
                         break
-                    assert time.monotonic() < deadline, worker.output()
+                    assert time.monotonic() < deadline, workers[-1].output()
                     await asyncio.sleep(0.3)
             finally:
-                worker.stop()
+                for running in workers:
+                    running.kill()
             for i, creator in enumerate(creators):
-                balance = await wallet.balance(creator)
+                (cashout,) = await payouts.cashouts(creator)
                 if i == 3:
                     # Returned by PayPal: the diamonds are the creator's again.
-                    assert (balance.diamonds, balance.diamonds_reserved) == (25_000, 0)
+                    assert cashout.state == pb.CASHOUT_STATE_FAILED
+                    assert await diamonds(wallet, creator) == (25_000, 0, 25_000)
                 else:
                     # Paid: 20,000 diamonds left for $100.00; the odd diamond stayed.
-                    assert (balance.diamonds, balance.diamonds_reserved) == (5_000, 0)
+                    assert cashout.state == pb.CASHOUT_STATE_PAID
+                    assert await diamonds(wallet, creator) == (5_000, 0, 5_000)
+            # One ledger transaction per settled reservation, though one settlement was sent twice.
+            posted, clearing = ledger(wallet)
+            commit, release = Kind.RESERVATION_COMMIT.value, Kind.RESERVATION_RELEASE.value
+            assert posted == Counter({(release if i == 3 else commit, cashouts[c]): 1 for i, c in enumerate(creators)})
+            assert clearing == 5 * 20_000
             assert audit(wallet.database) == []

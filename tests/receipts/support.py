@@ -1,11 +1,11 @@
-"""Test harness of the receipts service: a fake WalletService on a real port
-(exactly once per store transaction, like the real wallet's contract) and a
-real receipts gRPC host wired by ``build_components``."""
+"""Test harness of the receipts service: a real receipts gRPC host wired by
+``build_components``, in front of either the real wallet service
+(``receipts_with_wallet``: what gets credited, and how often) or a fake
+WalletService on a real port that records every call (``receipts_service``:
+what the receipts service asked the wallet)."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,97 +31,62 @@ from services.receipts.server import build_host_with
 from services.storesim import apple as apple_sim
 from tests.support.grpc_server import running_host
 from tests.support.tokens import Keys
+from tests.wallet.support import Wallet, running_wallet
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
-class Credit:
-    account_id: str
-    coins: int
-    request: wpb.CreditPurchaseRequest
-    reversed_coins: int = 0
-
-
-@dataclass
 class FakeWallet(wpb_grpc.WalletServiceServicer):
-    """Exactly once per (store, store_transaction_id); bound to the first account."""
+    """A WalletService stand-in that answers every call and remembers each one.
 
-    credits: dict[tuple[int, str], Credit] = field(default_factory=dict)
+    It deduplicates nothing: exactly once per store transaction is the real
+    wallet's guarantee, and tests of it go through the real wallet
+    (``receipts_with_wallet``). What this fake can tell honestly is what the
+    receipts service asked: every CreditPurchase, ReversePurchase and
+    RestorePurchase that reached it, in order. ``credit_state`` is what every
+    credit answers, ``balances`` the coins of every credit received (a
+    repeated credit counts twice), ``down`` answers UNAVAILABLE."""
+
+    credits: list[wpb.CreditPurchaseRequest] = field(default_factory=list)
+    reversals: list[wpb.ReversePurchaseRequest] = field(default_factory=list)
+    restores: list[wpb.RestorePurchaseRequest] = field(default_factory=list)
     balances: dict[str, int] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
-    callers: list[str] = field(default_factory=list)
+    credit_state: wpb.CreditState.ValueType = wpb.CREDIT_STATE_CREDITED
     down: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # AIP-155 like the real wallet: the same request id gets the original answer.
-    answers: dict[str, wpb.CreditPurchaseResponse] = field(default_factory=dict)
+
+    def credits_of(self, store_transaction_id: str) -> list[wpb.CreditPurchaseRequest]:
+        return [c for c in self.credits if c.store_transaction_id == store_transaction_id]
+
+    def only_credit(self, store_transaction_id: str) -> wpb.CreditPurchaseRequest:
+        """The one CreditPurchase received for this store transaction (fails on none or several)."""
+        (credit,) = self.credits_of(store_transaction_id)
+        return credit
 
     async def CreditPurchase(self, request: wpb.CreditPurchaseRequest, context: Any) -> wpb.CreditPurchaseResponse:
         self.calls.append("CreditPurchase")
         if self.down:
             raise errors.Unavailable("DATABASE_UNAVAILABLE", "down")
-        async with self.lock:
-            await asyncio.sleep(0.002)
-            if request.request_id in self.answers:
-                return self.answers[request.request_id]
-            key = (request.store, request.store_transaction_id)
-            existing = self.credits.get(key)
-            if existing is not None:
-                if existing.account_id != request.account_id:
-                    raise errors.PermissionDenied("RECEIPT_BOUND_TO_OTHER_ACCOUNT", "bound to another account")
-                state = wpb.CREDIT_STATE_ALREADY_CREDITED
-            else:
-                self.credits[key] = Credit(request.account_id, request.coins, request)
-                self.balances[request.account_id] = self.balances.get(request.account_id, 0) + request.coins
-                state = wpb.CREDIT_STATE_CREDITED
-            answer = wpb.CreditPurchaseResponse(
-                state=state,
-                transaction_id=f"ltx-{hashlib.sha256(request.store_transaction_id.encode()).hexdigest()[:32]}",
-                coins_credited=request.coins,
-                bonus_coins=request.bonus_coins,
-                balance=wpb.Balance(account_id=request.account_id, coins=self.balances[request.account_id]),
-            )
-            self.answers[request.request_id] = answer
-            return answer
+        self.credits.append(request)
+        balance = self.balances[request.account_id] = self.balances.get(request.account_id, 0) + request.coins
+        return wpb.CreditPurchaseResponse(
+            state=self.credit_state,
+            transaction_id=f"ltx-{len(self.credits)}",
+            coins_credited=request.coins,
+            bonus_coins=request.bonus_coins,
+            balance=wpb.Balance(account_id=request.account_id, coins=balance),
+        )
 
     async def ReversePurchase(self, request: wpb.ReversePurchaseRequest, context: Any) -> wpb.ReversePurchaseResponse:
         self.calls.append("ReversePurchase")
-        async with self.lock:
-            credit = self.credits.get((request.store, request.store_transaction_id))
-            if credit is None:
-                raise errors.NotFound("PURCHASE_NOT_FOUND", "no such purchase")
-            quantity = credit.request.quantity
-            if request.refunded_percentage_milli:
-                target = credit.coins * request.refunded_percentage_milli // 100_000
-            elif request.refunded_quantity:
-                target = credit.coins * request.refunded_quantity // quantity
-            else:
-                target = credit.coins
-            delta = target - credit.reversed_coins
-            credit.reversed_coins = target
-            self.balances[credit.account_id] -= delta
-            return wpb.ReversePurchaseResponse(
-                state=wpb.REVERSAL_STATE_APPLIED if delta else wpb.REVERSAL_STATE_ALREADY_APPLIED,
-                coins_reversed=delta,
-                account_id=credit.account_id,
-                balance=wpb.Balance(account_id=credit.account_id, coins=self.balances[credit.account_id]),
-            )
+        self.reversals.append(request)
+        return wpb.ReversePurchaseResponse(state=wpb.REVERSAL_STATE_APPLIED)
 
     async def RestorePurchase(self, request: wpb.RestorePurchaseRequest, context: Any) -> wpb.RestorePurchaseResponse:
         self.calls.append("RestorePurchase")
-        async with self.lock:
-            credit = self.credits.get((request.store, request.store_transaction_id))
-            if credit is None:
-                raise errors.NotFound("PURCHASE_NOT_FOUND", "no such purchase")
-            delta = credit.reversed_coins
-            credit.reversed_coins = 0
-            self.balances[credit.account_id] += delta
-            return wpb.RestorePurchaseResponse(
-                state=wpb.REVERSAL_STATE_APPLIED if delta else wpb.REVERSAL_STATE_ALREADY_APPLIED,
-                coins_restored=delta,
-                account_id=credit.account_id,
-                balance=wpb.Balance(account_id=credit.account_id, coins=self.balances[credit.account_id]),
-            )
+        self.restores.append(request)
+        return wpb.RestorePurchaseResponse(state=wpb.REVERSAL_STATE_APPLIED)
 
 
 @asynccontextmanager
@@ -225,6 +190,46 @@ async def receipts_service(
         ),
     ):
         yield Receipts(components, stub, wallet, keys)
+
+
+async def ledger(wallet: Wallet, account_id: str) -> list[tuple[str, int]]:
+    """The account's purchase movements in the real wallet's ledger, oldest first:
+    (store transaction id, coins delta) per credit, reversal or restore."""
+    reply = await wallet.stub.ListTransactions(
+        wpb.ListTransactionsRequest(account_id=account_id, page_size=500), metadata=wallet.md(), timeout=30
+    )
+    return [(t.reference, t.coins_delta) for t in reversed(reply.transactions)]
+
+
+@dataclass
+class WalletReceipts:
+    """A real receipts host in front of the real wallet service, on one database."""
+
+    components: Components
+    stub: rpb_grpc.ReceiptServiceAsyncStub
+    wallet: Wallet
+    keys: Keys
+
+    def md(self, *scopes: str) -> tuple[tuple[str, str], ...]:
+        return self.keys.metadata(*(scopes or ("purchases:verify",)), subject="app-backend")
+
+    async def balance(self, account_id: str) -> int:
+        return (await self.wallet.balance(account_id)).coins
+
+    async def ledger(self, account_id: str) -> list[tuple[str, int]]:
+        return await ledger(self.wallet, account_id)
+
+
+@asynccontextmanager
+async def receipts_with_wallet(
+    keys: Keys, database_url: str, state_dir: Path, settings_extra: Mapping[str, str] | None = None
+) -> AsyncIterator[WalletReceipts]:
+    """A real receipts gRPC host and the real wallet service, sharing ``database_url`` like production."""
+    async with (
+        running_wallet(database_url, keys, state_dir) as wallet,
+        receipts_host(keys, database_url, state_dir, wallet.address, settings_extra) as (components, stub),
+    ):
+        yield WalletReceipts(components, stub, wallet, keys)
 
 
 @asynccontextmanager

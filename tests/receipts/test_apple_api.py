@@ -1,6 +1,8 @@
 """The App Store Server API client against the App Store simulator over real
 HTTP: JWT claims, 429 with Retry-After, 5xx and slow answers, 404, Sandbox
-fallback, paging."""
+fallback, paging. The client's clock and sleep are fake (waiting is asserted
+by what it asked to wait, never by the wall clock), and no healthy call ever
+runs under a timeout a busy machine could miss."""
 
 from __future__ import annotations
 
@@ -21,13 +23,22 @@ from services.storesim.apple import BUNDLE_ID, ISSUER_ID, KEY_ID, AppleStore, Fa
 from tests.receipts.support import apple_simulator
 
 
-class Sleeps:
+class FakeTime:
+    """The client's clock and sleep: sleeping records the delay and moves the clock, nothing waits."""
+
     def __init__(self) -> None:
+        self.now = float(int(time.time()))
         self.delays: list[float] = []
 
-    async def __call__(self, seconds: float) -> None:
+    def clock(self) -> float:
+        return self.now
+
+    def clock_ms(self) -> int:
+        return round(self.now * 1000)
+
+    async def sleep(self, seconds: float) -> None:
         self.delays.append(seconds)
-        await asyncio.sleep(seconds)
+        self.now += seconds
 
 
 @pytest.fixture
@@ -37,8 +48,9 @@ async def sim(tmp_path: Path) -> AsyncIterator[tuple[AppleStore, str, Path]]:
 
 
 def make_api(
-    url: str, key_file: Path, sleeps: Sleeps | None = None, timeout: float = 2.0, **token_options: Any
+    url: str, key_file: Path, fake: FakeTime | None = None, timeout: float = 5.0, **token_options: Any
 ) -> AppStoreApi:
+    fake = fake or FakeTime()
     tokens = TokenMinter(
         load_api_key(key_file),
         token_options.get("key_id", KEY_ID),
@@ -52,7 +64,8 @@ def make_api(
         sandbox_url=f"{url}/apple/sandbox",
         timeout_seconds=timeout,
         retry=RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, max_retry_after=5.0),
-        sleep=sleeps or Sleeps(),
+        clock=fake.clock,
+        sleep=fake.sleep,
     )
 
 
@@ -113,20 +126,20 @@ async def test_not_found_and_sandbox_fallback(sim: tuple[AppleStore, str, Path])
 async def test_429_honours_retry_after(sim: tuple[AppleStore, str, Path]) -> None:
     store, url, key_file = sim
     txid, _ = store.buy("com.coinstore.coins.70", environment="Production")
+    fake = FakeTime()
+    store.clock = fake.clock_ms  # Retry-After is a moment (UNIX ms): the store and the client share the clock
     store.inject(Fault(status=429, count=2, retry_after_ms=300))
-    sleeps = Sleeps()
-    started = time.monotonic()
-    await make_api(url, key_file, sleeps).get_transaction_info(Environment.PRODUCTION, txid)
-    assert len(sleeps.delays) == 2
-    assert all(0.1 < d <= 0.31 for d in sleeps.delays), sleeps.delays
-    assert time.monotonic() - started >= 0.3
+    await make_api(url, key_file, fake).get_transaction_info(Environment.PRODUCTION, txid)
+    # Each 429 waits until the moment Apple named, not the (0.01-0.05 s) backoff.
+    assert fake.delays == pytest.approx([0.3, 0.3])
     # A Retry-After beyond what one call may wait → UNAVAILABLE at once.
     store.inject(Fault(status=429, count=1, retry_after_ms=60_000))
-    sleeps = Sleeps()
+    fake = FakeTime()
+    store.clock = fake.clock_ms
     with pytest.raises(DomainError) as caught:
-        await make_api(url, key_file, sleeps).get_transaction_info(Environment.PRODUCTION, txid)
+        await make_api(url, key_file, fake).get_transaction_info(Environment.PRODUCTION, txid)
     assert (caught.value.code.name, caught.value.reason) == ("UNAVAILABLE", "APP_STORE_RATE_LIMITED")
-    assert sleeps.delays == []
+    assert fake.delays == []
 
 
 async def test_5xx_retries_then_unavailable(sim: tuple[AppleStore, str, Path]) -> None:
@@ -145,14 +158,23 @@ async def test_5xx_retries_then_unavailable(sim: tuple[AppleStore, str, Path]) -
 async def test_slow_answers_time_out_and_retry(sim: tuple[AppleStore, str, Path]) -> None:
     store, url, key_file = sim
     txid, _ = store.buy("com.coinstore.coins.70", environment="Production")
-    store.inject(Fault(delay_seconds=1.5, count=1))
-    await make_api(url, key_file, timeout=0.3).get_transaction_info(Environment.PRODUCTION, txid)
+    # One answer slower than the timeout, then a healthy one (the timeout is generous for it).
+    store.inject(Fault(delay_seconds=3.0, count=1))
+    fake = FakeTime()
+    calls = len(store.api_calls)
+    await make_api(url, key_file, fake, timeout=2.0).get_transaction_info(Environment.PRODUCTION, txid)
+    assert len(fake.delays) == 1  # the slow attempt was cut and retried once
+    assert len(store.api_calls) - calls == 2
+    # Every answer slow: each attempt is cut, so the call fails well before the answers would
+    # come (without the timeout every attempt would wait them out and succeed).
     store.inject(Fault(delay_seconds=1.5, count=100))
-    started = time.monotonic()
+    fake = FakeTime()
     with pytest.raises(DomainError) as caught:
-        await make_api(url, key_file, timeout=0.3).get_transaction_info(Environment.PRODUCTION, txid)
+        await asyncio.wait_for(
+            make_api(url, key_file, fake, timeout=0.2).get_transaction_info(Environment.PRODUCTION, txid), 30
+        )
     assert caught.value.reason == "APP_STORE_UNAVAILABLE"
-    assert time.monotonic() - started < 3.0
+    assert len(fake.delays) == 3
 
 
 async def test_history_v2_pages_consumables_only(sim: tuple[AppleStore, str, Path]) -> None:
@@ -231,6 +253,6 @@ async def test_faults_and_refunds_over_the_simulators_http_endpoints(sim: tuple[
             reverse.json()["signedTransaction"], options={"verify_signature": False}
         )
         await client.post(f"{url}/apple/faults", json={"status": 503, "count": 1, "path": "/transactions/"})
-    sleeps = Sleeps()
-    await make_api(url, key_file, sleeps).get_transaction_info(Environment.SANDBOX, txid)
-    assert len(sleeps.delays) == 1
+    fake = FakeTime()
+    await make_api(url, key_file, fake).get_transaction_info(Environment.SANDBOX, txid)
+    assert len(fake.delays) == 1

@@ -11,7 +11,7 @@ import pytest
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from services.common.catalog import StoreId
-from tests.receipts.support import apple_simulator, receipts_host, simulator_settings
+from tests.receipts.support import apple_simulator, ledger, receipts_host, receipts_with_wallet, simulator_settings
 from tests.support.status import error_reason
 from tests.support.tokens import Keys
 from tests.wallet.support import running_wallet
@@ -40,6 +40,8 @@ async def test_app_store_purchase_credited_once_by_the_real_wallet(
         assert states.count(pb.PURCHASE_STATE_CREDITED) == 1
         assert states.count(pb.PURCHASE_STATE_ALREADY_CREDITED) == 19
         assert (await wallet.balance("fan-1")).coins == 2800
+        txid = replies[0].purchases[0].store_transaction_id
+        assert await ledger(wallet, "fan-1") == [(txid, 2800)]
 
         # Another account: refused before the wallet, and nothing moves.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -51,7 +53,6 @@ async def test_app_store_purchase_credited_once_by_the_real_wallet(
 
         # Refund of one of the two packs (state-based: reported twice, moved once), then reversed.
         crediting = components.crediting
-        txid = replies[0].purchases[0].store_transaction_id
         first = await crediting.reverse(StoreId.APP_STORE, txid, refunded_quantity=1, request_id="n-1")
         again = await crediting.reverse(StoreId.APP_STORE, txid, refunded_quantity=1, request_id="n-2")
         assert (first.coins_moved, again.coins_moved) == (1400, 0)
@@ -59,3 +60,18 @@ async def test_app_store_purchase_credited_once_by_the_real_wallet(
         restored = await crediting.restore(StoreId.APP_STORE, txid, request_id="n-3")
         assert restored.coins_moved == 1400
         assert (await wallet.balance("fan-1")).coins == 2800
+
+
+async def test_a_legacy_receipt_verified_twice_credits_each_consumable_once(
+    keys: Keys, database_url: str, tmp_path: Path
+) -> None:
+    async with (
+        apple_simulator(tmp_path) as (store, url),
+        receipts_with_wallet(keys, database_url, tmp_path, simulator_settings(url)) as receipts,
+    ):
+        ids = [store.buy("com.coinstore.coins.70", customer="fan", environment="Production")[0] for _ in range(3)]
+        receipt = store.app_receipt(ids[:1])
+        for request_id in ("r-1", "r-2"):
+            request = pb.VerifyApplePurchaseRequest(request_id=request_id, account_id="fan-1", app_receipt=receipt)
+            await receipts.stub.VerifyApplePurchase(request, metadata=receipts.md(), timeout=30)
+        assert sorted(await receipts.ledger("fan-1")) == sorted((txid, 70) for txid in ids)

@@ -1,5 +1,7 @@
 """The receipts core through real sockets: purchase binding, the one crediting
-path against a wallet on a real port, GetPurchase and ListProducts."""
+path, GetPurchase and ListProducts. What is credited, and how often, is read
+from the real wallet's ledger; what the receipts service asks the wallet (and
+when it must not ask at all) from a fake wallet that records every call."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from services.common.catalog import Price, StoreId
 from services.common.errors import DomainError
 from services.receipts.domain.binding import Binding
 from services.receipts.domain.purchases import Environment, Outcome, VerifiedPurchase
-from tests.receipts.support import Receipts, receipts_service
+from tests.receipts.support import Receipts, WalletReceipts, receipts_service, receipts_with_wallet
 from tests.support.status import error_reason
 from tests.support.tokens import Keys
 
@@ -28,6 +30,12 @@ PACK = "com.coinstore.coins.350"
 @pytest.fixture
 async def receipts(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[Receipts]:
     async with receipts_service(keys, database_url, tmp_path) as service:
+        yield service
+
+
+@pytest.fixture
+async def real(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[WalletReceipts]:
+    async with receipts_with_wallet(keys, database_url, tmp_path) as service:
         yield service
 
 
@@ -79,8 +87,8 @@ async def test_get_purchase_binding_rpc(receipts: Receipts) -> None:
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_credit_once_then_already_credited(receipts: Receipts) -> None:
-    crediting = receipts.components.crediting
+async def test_credit_once_then_already_credited(real: WalletReceipts) -> None:
+    crediting = real.components.crediting
     first = await crediting.credit(purchase("t-1", quantity=3), "fan-1", request_id="r-1")
     assert first.outcome is Outcome.CREDITED
     assert first.coins_credited == 3 * 350
@@ -88,30 +96,41 @@ async def test_credit_once_then_already_credited(receipts: Receipts) -> None:
     again = await crediting.credit(purchase("t-1", quantity=3), "fan-1", request_id="r-2")
     assert again.outcome is Outcome.ALREADY_CREDITED
     assert again.new_balance == 1050
-    assert receipts.wallet.balances == {"fan-1": 1050}
-    # The wallet saw the terms of the first claim, with the receipts service's own token.
-    credit = receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-1")]
-    assert credit.request.quantity == 3
-    assert credit.request.price.amount_minor == 649
-    assert credit.request.environment == wpb.STORE_ENVIRONMENT_PRODUCTION
+    assert await real.ledger("fan-1") == [("t-1", 1050)]
 
-    reply = await receipts.stub.GetPurchase(
-        pb.GetPurchaseRequest(store=pb.STORE_APP_STORE, store_transaction_id="t-1"), metadata=receipts.md(), timeout=10
+    reply = await real.stub.GetPurchase(
+        pb.GetPurchaseRequest(store=pb.STORE_APP_STORE, store_transaction_id="t-1"), metadata=real.md(), timeout=10
     )
     assert reply.purchase.state == pb.PURCHASE_STATE_CREDITED
     assert reply.purchase.account_id == "fan-1"
     assert reply.purchase.coins_credited == 1050
 
 
-async def test_same_transaction_twenty_times_concurrently_credits_once(receipts: Receipts) -> None:
+async def test_the_wallet_is_asked_with_the_terms_of_the_first_claim(receipts: Receipts) -> None:
     crediting = receipts.components.crediting
+    await crediting.credit(purchase("t-1", quantity=3), "fan-1", request_id="r-1")
+    # The wallet saw the terms of the first claim, with the receipts service's own token.
+    credit = receipts.wallet.only_credit("t-1")
+    assert (credit.store, credit.account_id, credit.coins, credit.quantity) == (wpb.STORE_APP_STORE, "fan-1", 1050, 3)
+    assert credit.price.amount_minor == 649
+    assert credit.environment == wpb.STORE_ENVIRONMENT_PRODUCTION
+    # A later report of the same transaction asks again, under the same key and for the stored coins.
+    await crediting.credit(purchase("t-1", quantity=1, storefront="DEU"), "fan-1", request_id="r-2")
+    assert [(c.store, c.store_transaction_id, c.coins) for c in receipts.wallet.credits] == [
+        (wpb.STORE_APP_STORE, "t-1", 1050)
+    ] * 2
+
+
+async def test_same_transaction_twenty_times_concurrently_credits_once(real: WalletReceipts) -> None:
+    crediting = real.components.crediting
     results = await asyncio.gather(
         *(crediting.credit(purchase("t-many"), "fan-1", request_id=f"r-{i}") for i in range(20))
     )
     outcomes = [r.outcome for r in results]
     assert outcomes.count(Outcome.CREDITED) == 1
     assert outcomes.count(Outcome.ALREADY_CREDITED) == 19
-    assert receipts.wallet.balances == {"fan-1": 350}
+    assert await real.ledger("fan-1") == [("t-many", 350)]
+    assert await real.balance("fan-1") == 350
 
 
 async def test_second_account_is_refused_and_nothing_moves(receipts: Receipts) -> None:
@@ -123,7 +142,7 @@ async def test_second_account_is_refused_and_nothing_moves(receipts: Receipts) -
     assert caught.value.reason == "RECEIPT_BOUND_TO_OTHER_ACCOUNT"
     assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert len(receipts.wallet.calls) == calls
-    assert receipts.wallet.balances == {"fan-1": 350}
+    assert receipts.wallet.only_credit("t-2").account_id == "fan-1"
 
 
 async def test_recorded_purchase_belongs_to_first_claimer(receipts: Receipts) -> None:
@@ -161,7 +180,7 @@ async def test_region_policy_flag_marks_purchase(receipts: Receipts) -> None:
     )
     assert result.outcome is Outcome.CREDITED
     assert result.record.flagged_for_review
-    assert receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-6")].request.flagged_for_review
+    assert receipts.wallet.only_credit("t-6").flagged_for_review
     same = await receipts.components.crediting.credit(
         purchase("t-7", storefront="DEU"), "fan-1", request_id="r-2", account_region="DE"
     )
@@ -188,7 +207,7 @@ async def test_promotion_bonus_at_purchase_time(receipts: Receipts) -> None:
     )
     assert result.bonus_coins == 280
     assert result.coins_credited == 2 * 1400 + 280
-    request = receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-9")].request
+    request = receipts.wallet.only_credit("t-9")
     assert (request.coins, request.bonus_coins) == (3080, 280)
 
 
@@ -204,8 +223,8 @@ async def test_wallet_down_is_unavailable_not_internal(receipts: Receipts) -> No
     assert result.outcome is Outcome.CREDITED
 
 
-async def test_reverse_is_cumulative_and_restore(receipts: Receipts) -> None:
-    crediting = receipts.components.crediting
+async def test_reverse_is_cumulative_and_restore(real: WalletReceipts) -> None:
+    crediting = real.components.crediting
     await crediting.credit(purchase("t-11", quantity=4), "fan-1", request_id="r-1")
     first = await crediting.reverse(StoreId.APP_STORE, "t-11", refunded_quantity=1, request_id="n-1")
     assert (first.applied, first.coins_moved, first.new_balance) == (True, 350, 1050)
@@ -213,10 +232,12 @@ async def test_reverse_is_cumulative_and_restore(receipts: Receipts) -> None:
     assert (repeat.applied, repeat.coins_moved) == (False, 0)
     assert repeat.record is not None
     assert repeat.record.refunded_quantity == 1
+    assert repeat.record.state.value == "refunded"
     restored = await crediting.restore(StoreId.APP_STORE, "t-11", request_id="n-3")
     assert restored.coins_moved == 350
     assert restored.record is not None
     assert restored.record.state.value == "credited"
+    assert await real.ledger("fan-1") == [("t-11", 1400), ("t-11", -350), ("t-11", 350)]
 
 
 async def test_get_purchase_not_found_and_list_products(receipts: Receipts) -> None:
@@ -276,4 +297,4 @@ async def test_notification_recorded_purchase_flagged_by_its_claimer_region(rece
     result = await crediting.credit(purchase("t-13", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE")
     assert result.outcome is Outcome.CREDITED
     assert result.record.flagged_for_review
-    assert receipts.wallet.credits[(wpb.STORE_APP_STORE, "t-13")].request.flagged_for_review
+    assert receipts.wallet.only_credit("t-13").flagged_for_review

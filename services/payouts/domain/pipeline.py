@@ -4,6 +4,16 @@ Every step re-reads its state from the database and moves it with conditional
 UPDATEs, so any step may run twice, concurrently, or after a killed worker:
 the provider sees each submission id once (it deduplicates ``sender_batch_id``),
 the wallet sees each commit/release under one deterministic request id.
+
+Named failpoints (services/common/failpoints.py) mark the places where a crash
+costs the most, so crash tests can kill a worker exactly there:
+
+- ``payouts.submit.after_provider``: the provider accepted (and may be paying) a
+  submission we have not yet recorded as submitted;
+- ``payouts.poll.before_settle``: the provider's item results are recorded, the
+  wallet has not yet heard of them;
+- ``payouts.settle.after_wallet``: the wallet committed/released, the outbox
+  rows are not yet marked settled.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from services.common.clock import Clock
+from services.common.failpoints import Failpoints
 from services.payouts.domain.model import BatchState, ChunkState, Settlement, WalletAction, parse_sender_item_id
 from services.payouts.domain.ports import ItemOutcome, PayoutProvider, ProviderRejected, TaskQueue, WalletPort
 from services.payouts.errors import Unavailable
@@ -42,6 +53,7 @@ class Pipeline:
         stuck_seconds: float,
         settle_concurrency: int,
         max_countdown: float,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self._store = store
         self._provider = provider
@@ -52,6 +64,7 @@ class Pipeline:
         self._poll = min(poll_seconds, max_countdown)
         self._stuck = timedelta(seconds=stuck_seconds)
         self._concurrency = settle_concurrency
+        self._failpoints = failpoints or Failpoints()
 
     def plan_batch(self, batch_id: str) -> None:
         now = self._clock.now()
@@ -92,6 +105,7 @@ class Pipeline:
             )
             self.poll_chunk(chunk_id)
             return
+        self._failpoints.hit("payouts.submit.after_provider")
         self._store.mark_submitted(chunk_id, provider_batch_id, now, now + self._stuck + timedelta(seconds=self._poll))
         self._queue.enqueue(POLL_TASK, chunk_id, countdown=self._poll)
 
@@ -109,7 +123,10 @@ class Pipeline:
             self._store.touch_chunk(chunk_id, now + self._stuck + timedelta(seconds=self._poll))
             self._record(chunk_id, chunk.provider_batch_id, {(line.cashout_id, line.attempt) for line in chunk.lines})
         recorded = time.perf_counter()
-        settled = self.settle(self._store.settlements(chunk_id=chunk_id))
+        settlements = self._store.settlements(chunk_id=chunk_id)
+        if settlements:
+            self._failpoints.hit("payouts.poll.before_settle")
+        settled = self.settle(settlements)
         wallet = time.perf_counter()
         chunk_done, _batch_done = self._store.finish_chunk(chunk_id, chunk.batch_id, self._clock.now())
         log.info(
@@ -183,6 +200,7 @@ class Pipeline:
             with ThreadPoolExecutor(max_workers=min(self._concurrency, len(settlements))) as pool:
                 results = list(pool.map(one, settlements))
         done = [r for r in results if r is not None]
+        self._failpoints.hit("payouts.settle.after_wallet")
         self._store.mark_settled(done, self._clock.now())
         return len(done)
 
