@@ -158,6 +158,31 @@ class Bulk:
             stmt = stmt.returning(*(returning or table.primary_key.columns))
         return stmt
 
+    def update(self, conn: Connection, table: sa.Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Set the other columns of ``rows`` on the rows of ``table`` whose ``key`` matches,
+        in one statement on PostgreSQL (``UPDATE … FROM`` the batch; the caller has locked
+        those rows already, so the join order takes no new lock). SQLite: executemany."""
+        if not rows:
+            return
+        columns = tuple(c for c in rows[0] if c != key)
+        cache_key = ("update", table.name, key, columns)
+        stmt = self._statements.get(cache_key)
+        if stmt is None:
+            if self._postgres:
+                source = self._source(table)
+                stmt = table.update().where(table.c[key] == source.c[key]).values({c: source.c[c] for c in columns})
+            else:
+                stmt = (
+                    table.update()
+                    .where(table.c[key] == sa.bindparam(f"b_{key}"))
+                    .values({c: sa.bindparam(f"b_{c}") for c in columns})
+                )
+            self._statements[cache_key] = stmt
+        if self._postgres:
+            conn.execute(stmt, {_ROWS: _document(rows)})
+        else:
+            conn.execute(stmt, [{f"b_{c}": v for c, v in row.items()} for row in rows])
+
     def select_for_keys(
         self,
         conn: Connection,

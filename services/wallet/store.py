@@ -440,11 +440,6 @@ class WalletStore:
         self._purchases_in = sa.select(purchases).where(
             purchases.c.store == sa.bindparam("store"), purchases.c.environment == sa.bindparam("environment")
         )
-        self._set_open = (
-            purchases.update()
-            .where(purchases.c.lot_id == sa.bindparam("b_lot"))
-            .values(open_coins=sa.bindparam("b_open"))
-        )
 
     # ------------------------------------------------------------ plumbing
 
@@ -502,7 +497,8 @@ class WalletStore:
 
     def _set_open_coins(self, conn: Connection, open_coins: Mapping[int, int]) -> None:
         if open_coins:
-            conn.execute(self._set_open, [{"b_lot": lot, "b_open": coins} for lot, coins in sorted(open_coins.items())])
+            rows = [{"lot_id": lot, "open_coins": coins} for lot, coins in sorted(open_coins.items())]
+            self._bulk.update(conn, purchases, "lot_id", rows)
 
     def _lock_spendable(self, conn: Connection, accounts: Iterable[str]) -> dict[tuple[str, Currency], int]:
         """Lock the COIN and SANDBOX_COIN rows of ``accounts`` (sorted); absent rows read as 0."""

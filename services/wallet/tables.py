@@ -117,12 +117,13 @@ consumptions = sa.Table(
     sa.Column("created_at", TZ, nullable=False),
 )
 sa.Index("wallet_consumptions_lot", consumptions.c.lot_id, consumptions.c.consumption_id)
-sa.Index("wallet_consumptions_txn", consumptions.c.txn_id)
+# Restores look up an account's debt repayments; gifts, the bulk of the rows, skip this index.
 sa.Index(
-    "wallet_consumptions_account_kind",
+    "wallet_consumptions_repayments",
     consumptions.c.account_id,
-    consumptions.c.kind,
     consumptions.c.consumption_id,
+    postgresql_where=consumptions.c.kind == "DEBT_REPAYMENT",
+    sqlite_where=consumptions.c.kind == "DEBT_REPAYMENT",
 )
 clawback_legs = sa.Table(
     "wallet_clawback_legs",

@@ -76,8 +76,15 @@ def upgrade() -> None:
         sa.Column("created_at", TZ, nullable=False),
     )
     op.create_index("wallet_consumptions_lot", "wallet_consumptions", ["lot_id", "consumption_id"])
-    op.create_index("wallet_consumptions_txn", "wallet_consumptions", ["txn_id"])
-    op.create_index("wallet_consumptions_account_kind", "wallet_consumptions", ["account_id", "kind", "consumption_id"])
+    # Restores look up an account's debt repayments; gifts, the bulk of the rows, skip this index.
+    repayments = sa.text("kind = 'DEBT_REPAYMENT'")
+    op.create_index(
+        "wallet_consumptions_repayments",
+        "wallet_consumptions",
+        ["account_id", "consumption_id"],
+        postgresql_where=repayments,
+        sqlite_where=repayments,
+    )
     op.create_table(
         "wallet_clawback_legs",
         sa.Column("leg_id", ID, primary_key=True, autoincrement=True),
