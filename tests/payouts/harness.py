@@ -142,7 +142,9 @@ def payouts_settings(
         "payout_queue": f"payouts-{uuid.uuid4().hex[:8]}",
         "paypal_timeout_seconds": 2.0,
         "payout_poll_seconds": 0.3,
-        "payout_stuck_seconds": 4.0,
+        # Long enough that in a run without crashes the sweeper never re-queues a step that is
+        # merely slow, so every step is delivered once; crash tests shorten it.
+        "payout_stuck_seconds": 30.0,
         "payout_sweep_seconds": 1.0,
         "payout_daily_batch_hour": -1,
         "payout_chunk_size": 5,

@@ -7,27 +7,36 @@ import asyncio
 import contextlib
 import csv
 import io
+import signal
 import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from kombu.connection import Connection
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
 from services.payouts.config import PayoutsSettings
 from tests.payouts.conftest import start_service
-from tests.payouts.fake_wallet import FakeWallet, FakeWalletServer
-from tests.payouts.harness import PayPalSimServer, Worker, payouts_settings, settings_env, wait_for, write_catalog
+from tests.payouts.fake_wallet import COMMIT, FakeWallet, FakeWalletServer
+from tests.payouts.harness import (
+    PayPalSimServer,
+    Worker,
+    exit_status,
+    payouts_settings,
+    settings_env,
+    write_catalog,
+)
 from tests.support import env
+from tests.support.databases import postgres_database, sqlite_database
+from tests.support.failpoints import failpoint_env, fired_pid
 from tests.support.tokens import Keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -100,16 +109,6 @@ class Stack:
             await asyncio.sleep(0.3)
 
 
-def reachable(broker_url: str) -> None:
-    if broker_url.startswith("sqla+"):
-        return
-    try:
-        with Connection(broker_url, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-    except Exception as exc:
-        env.unavailable(f"broker {broker_url} unreachable: {exc}")
-
-
 async def make_stack(
     tmp_path: Path,
     database_url: str,
@@ -119,7 +118,6 @@ async def make_stack(
     paypal: PayPalSimServer,
     **overrides: Any,
 ) -> AsyncIterator[Stack]:
-    reachable(broker_url)
     settings = payouts_settings(
         database_url=database_url,
         broker_url=broker_url,
@@ -171,6 +169,22 @@ def paid_once(paypal: PayPalSimServer, items: list[pb.Cashout]) -> Counter[str]:
     return counts
 
 
+def committed_once(wallet: FakeWallet, reservation_ids: Iterable[str], *, replays: bool = False) -> None:
+    """Each reservation was committed under one request id and never released.
+
+    Without crashes or redeliveries (``replays=False``) the wallet received exactly one
+    commit call per reservation. With them, a commit may be sent again, but only under
+    the same request id, which the wallet answers with the original response: a second
+    request id would be a second, different commit."""
+    for reservation_id in reservation_ids:
+        request_ids = wallet.request_ids(COMMIT, reservation_id)
+        assert len(request_ids) == 1, (reservation_id, request_ids)
+        if not replays:
+            assert wallet.commits[reservation_id] == 1, (reservation_id, request_ids)
+        assert wallet.releases[reservation_id] == 0, reservation_id
+        assert wallet.state(reservation_id) == wpb.RESERVATION_STATE_COMMITTED, reservation_id
+
+
 @pytest.fixture
 async def stack(
     tmp_path: Path, database_url: str, keys: Keys, fake_wallet: FakeWalletServer, paypal: PayPalSimServer
@@ -202,11 +216,12 @@ async def test_batch_settles_every_item_and_retry_pays_the_failed(stack: Stack) 
         if index in (2, 5):
             assert item.state == pb.CASHOUT_STATE_FAILED
             assert stack.wallet.releases[item.cashout_id] == 1
+            assert stack.wallet.commits[item.cashout_id] == 0
             assert stack.wallet.balance(creator) == 10_000
         else:
             assert item.state == pb.CASHOUT_STATE_PAID, item
             assert item.provider_transaction_id
-            assert stack.wallet.commits[item.cashout_id] == 1
+            committed_once(stack.wallet, [item.cashout_id])
             assert stack.wallet.balance(creator) == 0
     assert items[creators[2]].failure_reason == "RECEIVER_ACCOUNT_LOCKED"
     assert items[creators[5]].failure_reason == "RECEIVER_UNREGISTERED"
@@ -227,7 +242,10 @@ async def test_batch_settles_every_item_and_retry_pays_the_failed(stack: Stack) 
     after = {c.creator_account_id: c for c in await stack.items(batch_id)}
     assert all(c.state == pb.CASHOUT_STATE_PAID for c in after.values())
     assert after[creators[2]].attempt == 2
-    assert stack.wallet.commits[f"{after[creators[2]].cashout_id}.2"] == 1
+    committed_once(stack.wallet, [f"{after[creators[i]].cashout_id}.2" for i in (2, 5)])
+    # The first attempt's holds stay released; the paid items were not committed again.
+    assert all(stack.wallet.releases[after[creators[i]].cashout_id] == 1 for i in (2, 5))
+    committed_once(stack.wallet, [after[c].cashout_id for i, c in enumerate(creators) if i not in (2, 5)])
     assert all(stack.wallet.balance(c) == 0 for c in creators)
     counts = paid_once(stack.paypal, list(after.values()))
     assert len(counts) == 9
@@ -239,7 +257,7 @@ async def test_batch_settles_every_item_and_retry_pays_the_failed(stack: Stack) 
 async def test_provider_errors_and_timeout_after_paying_pay_once(stack: Stack) -> None:
     # One 500 (nothing paid), then a payout that is paid but whose answer never arrives in time.
     stack.paypal.faults(submit_errors=1, submit_timeouts=1, stall_seconds=5)
-    await stack.creators(4)
+    creators = await stack.creators(4)
     stack.worker()
     created = await stack.stub.CreatePayoutBatch(pb.CreatePayoutBatchRequest(request_id="bt"), metadata=stack.ops())
     await stack.completed(created.batch.batch_id)
@@ -248,12 +266,13 @@ async def test_provider_errors_and_timeout_after_paying_pay_once(stack: Stack) -
     report = stack.paypal.payments()
     assert report["duplicates"] >= 1, "the retry after the timeout must have met the duplicate sender_batch_id"
     assert len(paid_once(stack.paypal, items)) == 4
-    assert all(stack.wallet.commits[c.cashout_id] == 1 for c in items)
+    committed_once(stack.wallet, [c.cashout_id for c in items])
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
 
 
 async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack) -> None:
     stack.paypal.faults(final_delay_seconds=3)
-    await stack.creators(6)
+    creators = await stack.creators(6)
     stack.worker()
     request = pb.CreatePayoutBatchRequest(request_id="twice")
     created = await stack.stub.CreatePayoutBatch(request, metadata=stack.ops())
@@ -283,7 +302,9 @@ async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack)
     items = await stack.items(batch_id)
     assert all(c.state == pb.CASHOUT_STATE_PAID for c in items)
     assert len(paid_once(stack.paypal, items)) == 6
-    assert all(stack.wallet.commits[c.cashout_id] == 1 for c in items)
+    # Redelivered polls may settle the same item concurrently: same request id, one commit.
+    committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
     # And once more after completion: nothing moves.
     for chunk_id in chunk_ids:
         app.send_task("payouts.submit_chunk", args=[chunk_id], queue=stack.settings.payout_queue)
@@ -291,32 +312,62 @@ async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack)
     assert len(paid_once(stack.paypal, items)) == 6
 
 
-@pytest.fixture
-async def broker_stack(
-    tmp_path: Path, broker_url: str, keys: Keys, fake_wallet: FakeWalletServer, paypal: PayPalSimServer
+# The crash points of services/payouts/domain/pipeline.py, in the order a batch meets them.
+KILL_POINTS = ("payouts.submit.after_provider", "payouts.poll.before_settle", "payouts.settle.after_wallet")
+
+CRASH_BACKENDS = [
+    pytest.param(("sqlite", "embedded"), id="sqlite-embedded"),
+    pytest.param(("postgres", "redis"), id="postgres-redis", marks=[pytest.mark.postgres, pytest.mark.broker]),
+    pytest.param(("postgres", "rabbitmq"), id="postgres-rabbitmq", marks=[pytest.mark.postgres, pytest.mark.broker]),
+]
+
+
+@pytest.fixture(params=CRASH_BACKENDS)
+async def crash_stack(
+    request: pytest.FixtureRequest, tmp_path: Path, keys: Keys, fake_wallet: FakeWalletServer, paypal: PayPalSimServer
 ) -> AsyncIterator[Stack]:
-    database_url = f"sqlite:///{tmp_path / f'payouts-{uuid.uuid4().hex[:6]}.db'}"
-    async for value in make_stack(tmp_path, database_url, broker_url, keys, fake_wallet, paypal, payout_chunk_size=3):
-        yield value
+    """SQLite with the embedded broker, and PostgreSQL with each server broker."""
+    database, broker = request.param
+    broker_url = f"sqla+sqlite:///{tmp_path / 'broker.db'}" if broker == "embedded" else env.server_broker_url(broker)
+    with sqlite_database(tmp_path) if database == "sqlite" else postgres_database() as database_url:
+        async for value in make_stack(
+            tmp_path, database_url, broker_url, keys, fake_wallet, paypal, payout_chunk_size=3, payout_stuck_seconds=3.0
+        ):
+            yield value
 
 
-async def test_sigkill_mid_batch_then_restart_pays_each_item_once(broker_stack: Stack) -> None:
-    stack = broker_stack
-    stack.paypal.faults(final_delay_seconds=1.5)
-    await stack.creators(12)
-    worker = stack.worker()
+async def test_worker_killed_at_each_crash_point_then_restarted_pays_each_item_once(crash_stack: Stack) -> None:
+    stack = crash_stack
+    creators = await stack.creators(12)
+    points = stack.tmp_path / "failpoints"
+    # Every worker gets the same points; each fires once across them all. So the first worker
+    # dies (with its pool) at the first point, its replacement runs through that one and dies
+    # at the next, and the fourth worker meets no armed point and finishes the batch.
+    armed = failpoint_env(points, *(f"{point}=kill-group" for point in KILL_POINTS))
+    worker = stack.worker(env=armed)
     created = await stack.stub.CreatePayoutBatch(pb.CreatePayoutBatchRequest(request_id="kill"), metadata=stack.ops())
     batch_id = created.batch.batch_id
-    await wait_for(lambda: len(stack.paypal.payments()["payments"]) >= 3, 60, "a first submission", worker)
-    worker.kill()
-    assert (await stack.batch(batch_id)).state != pb.BATCH_STATE_COMPLETED
-    stack.worker()
+    fired: list[str] = []
+    while len(fired) < len(KILL_POINTS):
+        assert await exit_status(worker) == -signal.SIGKILL, worker.output()
+        new = [p for p in KILL_POINTS if p not in fired and fired_pid(points, p) is not None]
+        assert new, f"the worker died without firing a failpoint:\n{worker.output()}"
+        fired += new
+        assert (await stack.batch(batch_id)).state != pb.BATCH_STATE_COMPLETED
+        worker = stack.worker(env=armed)
+    assert fired == list(KILL_POINTS)
     await stack.completed(batch_id, timeout=120)
+
     items = await stack.items(batch_id)
     assert len(items) == 12
     assert all(c.state == pb.CASHOUT_STATE_PAID for c in items)
     assert len(paid_once(stack.paypal, items)) == 12
-    assert all(stack.wallet.commits[c.cashout_id] == 1 for c in items)
+    # The submission killed before it was recorded was sent again; PayPal knew its id.
+    assert stack.paypal.payments()["duplicates"] >= 1
+    # The commits killed before they were marked settled were sent again, under the same request id.
+    committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
+    assert any(stack.wallet.commits[c.cashout_id] > 1 for c in items), stack.wallet.commits
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
 
 
 async def test_refused_grpc_without_ops_scope(stack: Stack) -> None:
