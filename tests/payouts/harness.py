@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,6 +183,10 @@ def settings_env(settings: PayoutsSettings) -> dict[str, str]:
     return env
 
 
+# Celery's own line for a task that returned (celery.app.trace, INFO): the evidence a task ran.
+_SUCCEEDED = re.compile(r"Task (?P<name>[\w.]+)\[(?P<id>[\w-]+)\] succeeded in [0-9.e-]+s: (?P<result>.*)$", re.M)
+
+
 class Worker:
     """``python -m services.payouts.worker --beat`` as a real subprocess in its own process group."""
 
@@ -240,6 +245,11 @@ class Worker:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
+
+    def results(self) -> dict[str, str]:
+        """The repr of what each task that returned gave back, by task id."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return {m["id"]: m["result"] for m in _SUCCEEDED.finditer(text)}
 
 
 async def wait_for(check: Callable[[], Any], timeout: float, what: str, worker: Worker | None = None) -> Any:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import csv
@@ -10,6 +11,7 @@ import io
 import signal
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from celery import Celery
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
@@ -32,6 +35,7 @@ from tests.payouts.harness import (
     exit_status,
     payouts_settings,
     settings_env,
+    wait_for,
     write_catalog,
 )
 from tests.support import env
@@ -58,6 +62,31 @@ class Stack:
 
     def app(self) -> tuple[tuple[str, str], ...]:
         return self.keys.metadata("payouts:request", subject="app-backend")
+
+    def celery(self) -> Celery:
+        return make_celery_app("payouts-test", self.settings.broker_url)
+
+    def send(self, app: Celery, task: str, *args: str) -> str:
+        """Queue ``task`` under a task id of our own, to find its result in the worker log."""
+        task_id = f"test-{uuid.uuid4().hex}"
+        app.send_task(task, args=list(args), queue=self.settings.payout_queue, task_id=task_id)
+        return task_id
+
+    async def results(self, task_ids: Iterable[str], timeout: float = 60) -> dict[str, Any]:
+        """Wait until every task has run and returned; what each returned.
+
+        The evidence is Celery's own "Task …[id] succeeded" line, so "nothing moved"
+        is asserted after the work ran, never after a sleep that may have been too short."""
+        wanted = set(task_ids)
+
+        def returned() -> dict[str, str] | None:
+            seen: dict[str, str] = {}
+            for worker in self.workers:
+                seen.update(worker.results())
+            return seen if wanted <= seen.keys() else None
+
+        seen = await wait_for(returned, timeout, f"tasks {sorted(wanted)}", self.workers[-1])
+        return {task_id: ast.literal_eval(seen[task_id]) for task_id in wanted}
 
     def worker(self, **kwargs: Any) -> Worker:
         worker = Worker(self.settings, self.tmp_path / f"worker-{len(self.workers)}", **kwargs).start()
@@ -271,7 +300,8 @@ async def test_provider_errors_and_timeout_after_paying_pay_once(stack: Stack) -
 
 
 async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack) -> None:
-    stack.paypal.faults(final_delay_seconds=3)
+    # Items stay PENDING at PayPal until the test lets them settle: "in flight" is a state, not a race.
+    stack.paypal.faults(final_delay_seconds=3600)
     creators = await stack.creators(6)
     stack.worker()
     request = pb.CreatePayoutBatchRequest(request_id="twice")
@@ -279,11 +309,11 @@ async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack)
     batch_id = created.batch.batch_id
     assert (await stack.stub.CreatePayoutBatch(request, metadata=stack.ops())).batch.batch_id == batch_id
 
-    async def in_flight() -> bool:
-        return any(c.state == pb.CASHOUT_STATE_SUBMITTED for c in await stack.items(batch_id))
+    async def all_submitted() -> bool:
+        return all(c.state == pb.CASHOUT_STATE_SUBMITTED for c in await stack.items(batch_id))
 
     deadline = time.monotonic() + 60
-    while not await in_flight():
+    while not await all_submitted():
         assert time.monotonic() < deadline, stack.workers[0].output()
         await asyncio.sleep(0.2)
     retried = await stack.stub.RetryFailedItems(
@@ -291,13 +321,21 @@ async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack)
     )
     assert retried.retried_count == 0
     # Deliver every step of the batch again, as a broker redelivering or an operator re-running would.
-    app = make_celery_app("payouts", stack.settings.broker_url)
+    app = stack.celery()
     chunk_ids = {c.sender_batch_id for c in await stack.items(batch_id)}
+    assert len(chunk_ids) == 2
+    sent = []
     for _ in range(2):
-        app.send_task("payouts.plan_batch", args=[batch_id], queue=stack.settings.payout_queue)
+        sent.append(stack.send(app, "payouts.plan_batch", batch_id))
         for chunk_id in chunk_ids:
-            app.send_task("payouts.submit_chunk", args=[chunk_id], queue=stack.settings.payout_queue)
-            app.send_task("payouts.poll_chunk", args=[chunk_id], queue=stack.settings.payout_queue)
+            sent.append(stack.send(app, "payouts.submit_chunk", chunk_id))
+            sent.append(stack.send(app, "payouts.poll_chunk", chunk_id))
+    await stack.results(sent)
+    # All of them ran while the items were in flight: nothing was paid twice, nothing settled yet.
+    assert len(paid_once(stack.paypal, await stack.items(batch_id))) == 6
+    assert stack.wallet.calls == []
+
+    stack.paypal.faults(final_delay_seconds=0)
     await stack.completed(batch_id)
     items = await stack.items(batch_id)
     assert all(c.state == pb.CASHOUT_STATE_PAID for c in items)
@@ -305,11 +343,17 @@ async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack)
     # Redelivered polls may settle the same item concurrently: same request id, one commit.
     committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
     assert all(stack.wallet.balance(c) == 0 for c in creators)
-    # And once more after completion: nothing moves.
+
+    # And once more after completion: every step runs again, and nothing moves.
+    sent = [stack.send(app, "payouts.plan_batch", batch_id)]
     for chunk_id in chunk_ids:
-        app.send_task("payouts.submit_chunk", args=[chunk_id], queue=stack.settings.payout_queue)
-    await asyncio.sleep(2)
+        sent.append(stack.send(app, "payouts.submit_chunk", chunk_id))
+        sent.append(stack.send(app, "payouts.poll_chunk", chunk_id))
+    await stack.results(sent)
     assert len(paid_once(stack.paypal, items)) == 6
+    committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
+    assert (await stack.batch(batch_id)).state == pb.BATCH_STATE_COMPLETED
 
 
 # The crash points of services/payouts/domain/pipeline.py, in the order a batch meets them.
@@ -439,34 +483,37 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
 
 async def test_daily_batch_is_created_once_per_day(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
-    await stack.creators(2)
+    creators = await stack.creators(2)
     stack.worker()
-    app = make_celery_app("payouts", stack.settings.broker_url)
-    for _ in range(3):
-        app.send_task("payouts.daily_batch", queue=stack.settings.payout_queue)
+    app = stack.celery()
+    runs = await stack.results([stack.send(app, "payouts.daily_batch") for _ in range(3)])
+    # All three ran; each answered with the same batch (the day's request id replays).
+    (batch_id,) = set(runs.values())
+    assert batch_id.startswith("pb_")
 
-    async def batches() -> list[pb.PayoutBatch]:
+    async def batches() -> list[str]:
         reply = await stack.stub.ListPayoutBatches(pb.ListPayoutBatchesRequest(), metadata=stack.ops())
-        return list(reply.batches)
+        return [b.batch_id for b in reply.batches]
 
-    deadline = time.monotonic() + 60
-    while not await batches():
-        assert time.monotonic() < deadline, stack.workers[0].output()
-        await asyncio.sleep(0.3)
-    (batch,) = await batches()
-    await stack.completed(batch.batch_id)
-    await asyncio.sleep(1)
-    assert len(await batches()) == 1
-    assert len(paid_once(stack.paypal, await stack.items(batch.batch_id))) == 2
+    assert await batches() == [batch_id]
+    await stack.completed(batch_id)
+    items = await stack.items(batch_id)
+    assert len(paid_once(stack.paypal, items)) == 2
+    # Each replayed daily run queues the batch's plan again, so its steps may run twice.
+    committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
     # A cash-out requested after today's batch waits for tomorrow's: the day's batch
     # request id replays, it does not open a second batch that would take it.
-    stack.wallet.credit("creator-0", 10_000)
+    stack.wallet.credit(creators[0], 10_000)
     late = await stack.stub.RequestCashout(
-        pb.RequestCashoutRequest(request_id="r-late", creator_account_id="creator-0", diamonds=10_000),
+        pb.RequestCashoutRequest(request_id="r-late", creator_account_id=creators[0], diamonds=10_000),
         metadata=stack.app(),
     )
-    app.send_task("payouts.daily_batch", queue=stack.settings.payout_queue)
-    await asyncio.sleep(3)
-    assert len(await batches()) == 1
-    again = await stack.stub.GetCashout(pb.GetCashoutRequest(cashout_id=late.cashout.cashout_id), metadata=stack.app())
-    assert again.cashout.state == pb.CASHOUT_STATE_REQUESTED
+    (again,) = (await stack.results([stack.send(app, "payouts.daily_batch")])).values()
+    assert again == batch_id
+    assert await batches() == [batch_id]
+    cashout = await stack.stub.GetCashout(
+        pb.GetCashoutRequest(cashout_id=late.cashout.cashout_id), metadata=stack.app()
+    )
+    assert cashout.cashout.state == pb.CASHOUT_STATE_REQUESTED
+    assert cashout.cashout.batch_id == ""
+    assert stack.wallet.holds[late.cashout.cashout_id].state == wpb.RESERVATION_STATE_HELD
