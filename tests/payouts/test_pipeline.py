@@ -453,17 +453,23 @@ async def sqlite_stack(
 async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
     stack.paypal.faults(final_delay_seconds=1, receiver_outcomes={"gone@example.com": "FAILED"})
-    await stack.creators(3, receivers={1: "gone@example.com"})
+    creators = await stack.creators(3, receivers={1: "gone@example.com"})
     preview = await cli(stack, "create-batch", "--dry-run")
-    assert "(dry run)" in preview
-    assert "3 items" in preview
-    assert "150.00 USD" in preview
+    assert preview.splitlines() == ["batch (dry run)  UNSPECIFIED  3 items  30000 diamonds  150.00 USD"]
     stack.worker()
     created = await cli(stack, "create-batch", "--request-id", "cli-batch-1")
     batch_id = created.split()[1]
     assert batch_id.startswith("pb_")
+    assert created.splitlines() == [
+        f"batch {batch_id}  CREATED  3 items  30000 diamonds  150.00 USD",
+        "  BATCHED           3 items  150.00 USD",
+    ]
     status = await cli(stack, "status", batch_id, "--interval", "0.3")
-    assert "COMPLETED" in status
+    assert status.splitlines() == [
+        f"batch {batch_id}  COMPLETED  3 items  30000 diamonds  150.00 USD",
+        "  FAILED            1 items  50.00 USD",
+        "  PAID              2 items  100.00 USD",
+    ]
     assert batch_id in await cli(stack, "list")
     rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
     assert len(rows) == 3
@@ -472,13 +478,36 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     failed = next(r for r in rows if r["state"] == "FAILED")
     assert failed["receiver"] == "gone@example.com"
     assert failed["failure_reason"] == "RECEIVER_ACCOUNT_LOCKED"
+    assert stack.wallet.balance(creators[1]) == 10_000
     paid = next(r for r in rows if r["state"] == "PAID")
     assert (paid["diamonds"], paid["amount"], paid["currency"]) == ("10000", "50.00", "USD")
     assert paid["provider_item_id"]
     assert paid["provider_transaction_id"]
     assert paid["sender_item_id"] == f"{paid['cashout_id']}-1"
-    retried = await cli(stack, "retry", batch_id)
-    assert retried.startswith("1 failed items")
+
+    # The receiver fixed their account: `retry` puts the failed item into a second attempt
+    # under a new hold, and the worker pays it.
+    stack.paypal.faults(final_delay_seconds=0, receiver_outcomes={"gone@example.com": "SUCCESS"})
+    retried = await cli(stack, "retry", batch_id, "--request-id", "cli-retry-1")
+    assert retried.splitlines() == [
+        "1 failed items put into a new attempt",
+        f"batch {batch_id}  SUBMITTED  3 items  30000 diamonds  150.00 USD",
+        "  BATCHED           1 items  50.00 USD",
+        "  PAID              2 items  100.00 USD",
+    ]
+    status = await cli(stack, "status", batch_id, "--interval", "0.3")
+    assert status.splitlines() == [
+        f"batch {batch_id}  COMPLETED  3 items  30000 diamonds  150.00 USD",
+        "  PAID              3 items  150.00 USD",
+    ]
+    rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
+    again = next(r for r in rows if r["cashout_id"] == failed["cashout_id"])
+    assert (again["state"], again["attempt"], again["failure_reason"]) == ("PAID", "2", "")
+    assert again["sender_item_id"] == f"{failed['cashout_id']}-2"
+    assert stack.wallet.releases[failed["cashout_id"]] == 1
+    committed_once(stack.wallet, [f"{failed['cashout_id']}.2"])
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
+    assert len(paid_once(stack.paypal, [])) == 4
 
 
 async def test_daily_batch_is_created_once_per_day(sqlite_stack: Stack) -> None:
