@@ -141,7 +141,9 @@ def payouts_settings(
         "wallet_address": wallet_address,
         "paypal_api_url": paypal_url,
         "payout_queue": f"payouts-{uuid.uuid4().hex[:8]}",
-        "paypal_timeout_seconds": 2.0,
+        # Generous: on a busy machine a healthy call must not time out. Tests of timeouts
+        # stall the simulator far beyond the timeout they set.
+        "paypal_timeout_seconds": 10.0,
         "payout_poll_seconds": 0.3,
         # Long enough that in a run without crashes the sweeper never re-queues a step that is
         # merely slow, so every step is delivered once; crash tests shorten it.

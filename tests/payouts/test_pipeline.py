@@ -215,11 +215,22 @@ def committed_once(wallet: FakeWallet, reservation_ids: Iterable[str], *, replay
 
 
 @pytest.fixture
+def stack_overrides() -> dict[str, Any]:
+    """Settings a test changes for its stack (parametrize ``stack_overrides`` to set them)."""
+    return {}
+
+
+@pytest.fixture
 async def stack(
-    tmp_path: Path, database_url: str, keys: Keys, fake_wallet: FakeWalletServer, paypal: PayPalSimServer
+    tmp_path: Path,
+    database_url: str,
+    keys: Keys,
+    fake_wallet: FakeWalletServer,
+    paypal: PayPalSimServer,
+    stack_overrides: dict[str, Any],
 ) -> AsyncIterator[Stack]:
     async for value in make_stack(
-        tmp_path, database_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}", keys, fake_wallet, paypal
+        tmp_path, database_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}", keys, fake_wallet, paypal, **stack_overrides
     ):
         yield value
 
@@ -283,9 +294,11 @@ async def test_batch_settles_every_item_and_retry_pays_the_failed(stack: Stack) 
     assert committed + sum(stack.wallet.balance(c) for c in creators) == 70_000
 
 
+@pytest.mark.parametrize("stack_overrides", [{"paypal_timeout_seconds": 2.0}], ids=["paypal-timeout-2s"])
 async def test_provider_errors_and_timeout_after_paying_pay_once(stack: Stack) -> None:
-    # One 500 (nothing paid), then a payout that is paid but whose answer never arrives in time.
-    stack.paypal.faults(submit_errors=1, submit_timeouts=1, stall_seconds=5)
+    # One 500 (nothing paid), then a payout that is paid but whose answer never arrives:
+    # the simulator stalls far beyond the client's timeout, however busy the machine.
+    stack.paypal.faults(submit_errors=1, submit_timeouts=1, stall_seconds=120)
     creators = await stack.creators(4)
     stack.worker()
     created = await stack.stub.CreatePayoutBatch(pb.CreatePayoutBatchRequest(request_id="bt"), metadata=stack.ops())
