@@ -93,6 +93,12 @@ class PayPalSimServer:
         self._ready.set()
         self._loop.run_forever()
         self._loop.run_until_complete(runner.cleanup())
+        # A handler stalled on purpose outlives the cleanup: cancel it rather than abandon it.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
 
     @property
     def sim(self) -> paypal_sim.PayPalSim:
