@@ -171,7 +171,7 @@ async def make_stack(
         yield stack
     finally:
         for worker in stack.workers:
-            worker.stop()
+            worker.kill()  # the test is over: a graceful shutdown would only cost seconds
         await channel.close(None)
         await host.stop()  # type: ignore[attr-defined]
         database.close()
