@@ -18,8 +18,9 @@ from typing import Any, cast
 import pytest
 
 from services.common.celery_app import make_celery_app
-from services.common.clock import SystemClock
+from services.common.clock import Clock, SystemClock
 from services.common.db import Database
+from services.common.failpoints import Action, FailpointError, Failpoints
 from services.common.metrics import Metrics
 from services.receipts import tasks_notifications
 from services.receipts.config import ReceiptsSettings
@@ -28,7 +29,7 @@ from services.receipts.notifications.core import LoopThread
 from services.receipts.notifications.parse import AppleExpectations, parse_apple, parse_google
 from services.receipts.notifications.ports import PurchaseActions, StoreUnavailable
 from services.receipts.notifications.processor import Handlers, InboxProcessor, NotificationHandler
-from services.receipts.notifications.store import BindingStore, InboxStore, NewNotification
+from services.receipts.notifications.store import LEASE, BindingStore, InboxStore, NewNotification
 from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
 from tests.notifications.apple_payloads import notification, transaction
@@ -39,6 +40,7 @@ from tests.support.receipts_backends import broker_url, dropped_queue, thread_wo
 EXPECT = AppleExpectations("com.coinstore.app", 1234567890, ("Production", "Sandbox"))
 APPLE_PACK = "com.coinstore.coins.350"
 GOOGLE_PACK = "coins_70"
+AFTER_EFFECT = "receipts.notification.after_effect"
 
 
 class RecordingAppleApi:
@@ -72,6 +74,8 @@ class Harness:
         core: Core | None = None,
         *,
         send_consumption: bool = False,
+        clock: Clock | None = None,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self.db = db
         self.sign = apple_store.sign
@@ -91,7 +95,7 @@ class Harness:
                 consumption=Facts(),
             )
         )
-        self.processor = InboxProcessor(self.inbox, handler, self.metrics, SystemClock())
+        self.processor = InboxProcessor(self.inbox, handler, self.metrics, clock or SystemClock(), failpoints)
         self.loop = LoopThread()
         self.verifier = core_verifier(apple_store, self.loop.loop)
 
@@ -274,6 +278,42 @@ def test_failures_are_retried_with_backoff_and_counted(
     )
     assert failed == 2
     assert harness.inbox.counts() == {"processed": 2}
+
+
+class MovableClock:
+    def __init__(self) -> None:
+        self.moment = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.moment
+
+
+def test_a_worker_dying_after_the_effect_is_applied_once_after_its_lease(
+    receipts_db: Database, apple_store: AppleStore, core: Core, tmp_path: Path
+) -> None:
+    clock = MovableClock()
+    # An error where a kill would be: the effect is done, the row never finished.
+    failpoints = Failpoints({AFTER_EFFECT: Action("error")}, tmp_path / "failpoints")
+    harness = Harness(receipts_db, apple_store, core, clock=clock, failpoints=failpoints)
+    try:
+        token, _ = bind(harness, "acct-d")
+        tx = transaction("3000000011", product_id=APPLE_PACK, app_account_token=token)
+        row = harness.store_apple("ONE_TIME_CHARGE", tx)
+        with pytest.raises(FailpointError):
+            harness.processor.process(row)
+        assert core.ledger("acct-d") == [("3000000011", 350)]
+        assert harness.inbox.outcome(row)[0] == "pending"
+        # Leased to the dead worker: no one takes it until the lease runs out.
+        assert harness.process(row) == "skipped"
+        assert row not in harness.inbox.due(clock.now(), timedelta(seconds=1))
+        clock.moment += LEASE + timedelta(seconds=1)
+        assert row in harness.inbox.due(clock.now(), timedelta(seconds=1))
+        # The same notification asks the wallet with the same request: it replays its answer, moving nothing.
+        assert harness.process(row) == "credited"
+        assert harness.inbox.outcome(row)[:2] == ("processed", "credited")
+        assert core.ledger("acct-d") == [("3000000011", 350)]
+    finally:
+        harness.loop.close()
 
 
 @worker_backends

@@ -8,14 +8,10 @@ on SQLite with the embedded broker and on PostgreSQL with Redis and RabbitMQ."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,29 +28,12 @@ from tests.notifications.apple_payloads import notification
 from tests.notifications.system import credit_directly
 from tests.receipts.support import ledger
 from tests.support.failpoints import failpoint_env, wait_fired
-from tests.support.ports import free_port
 from tests.support.receipts_backends import broker_url, dropped_queue, unique_queue, worker_backends
+from tests.support.receipts_processes import SERVICE, WORKER, child, receipts_env
 from tests.support.tokens import Keys
 from tests.wallet.support import running_wallet
 
-REPO = Path(__file__).resolve().parents[2]
 AFTER_COMMIT = "receipts.webhook.after_commit"
-
-
-@contextmanager
-def process(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        child = subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=out, stderr=out)
-    try:
-        yield child
-    finally:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
 
 
 async def _wait_http(url: str, timeout: float = 60.0) -> None:
@@ -93,34 +72,24 @@ async def test_notification_committed_but_never_queued_is_applied_once_after_a_c
     with dropped_queue(broker, unique_queue()) as queue:
         async with running_wallet(database_url, keys, tmp_path) as wallet:
             await credit_directly(wallet, "fan-crash", wpb.STORE_APP_STORE, "4000000000000001", 350)
-            webhook_port = free_port()
-            env = {
-                **os.environ,
-                "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'gen'}",
-                "COINSTORE_DATABASE_URL": database_url,
-                "COINSTORE_BROKER_URL": broker,
-                "COINSTORE_RECEIPTS_QUEUE": queue,
-                "COINSTORE_WEBHOOK_PORT": str(webhook_port),
-                "COINSTORE_RECEIPTS_GRPC_PORT": str(free_port()),
-                "COINSTORE_RECEIPTS_METRICS_PORT": str(free_port()),
-                "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet.port}",
-                "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),
-                "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
-                "COINSTORE_CATALOG": str(REPO / "deploy" / "catalog.toml"),
-                "COINSTORE_APPLE_ROOT_CERTS": str(tmp_path / "storesim" / "apple" / "root.der"),
-                "COINSTORE_APPLE_API_KEY_FILE": str(tmp_path / "storesim" / "apple" / "SubscriptionKey.p8"),
-                "COINSTORE_NOTIFICATIONS_SWEEP_SECONDS": "1",
-                "COINSTORE_LOG_FORMAT": "text",
-                # Every process gets the same failpoint: it fires once, in the first one to get there.
-                **failpoint_env(failpoints, f"{AFTER_COMMIT}=kill"),
-            }
+            env = receipts_env(
+                database_url,
+                keys,
+                tmp_path / "storesim",
+                wallet.port,
+                broker_url=broker,
+                receipts_queue=queue,
+                notifications_sweep_seconds="1",
+            )
+            # Every process gets the same failpoint: it fires once, in the first one to get there.
+            env.update(failpoint_env(failpoints, f"{AFTER_COMMIT}=kill"))
             tx = store.transaction(store.buy("com.coinstore.coins.350")[0])
             assert tx is not None
             tx["transactionId"] = "4000000000000001"
             store.transactions["4000000000000001"] = apple_sim.Transaction(tx, "crash")
             store.refund("4000000000000001")
             body = notification(store.sign, "REFUND", store.signed_transaction("4000000000000001"))
-            url = f"http://127.0.0.1:{webhook_port}"
+            url = f"http://127.0.0.1:{env['COINSTORE_WEBHOOK_PORT']}"
             log = tmp_path / "processes.log"
 
             async def deliver() -> tuple[int, str]:
@@ -130,7 +99,7 @@ async def test_notification_committed_but_never_queued_is_applied_once_after_a_c
                 ):
                     return reply.status, await reply.text()
 
-            with process(["-m", "services.receipts"], env, tmp_path, log) as receipts:
+            with child(SERVICE, env, tmp_path, log) as receipts:
                 await _wait_http(url + "/healthz")
                 with pytest.raises(aiohttp.ClientError):
                     await deliver()  # the store gets no answer
@@ -147,8 +116,7 @@ async def test_notification_committed_but_never_queued_is_applied_once_after_a_c
                 assert inbox.outcome(stored.id)[0] == "pending"
                 assert await ledger(wallet, "fan-crash") == [("4000000000000001", 350)]
 
-                worker_args = ["-m", "services.receipts.worker", "--beat", "--pool", "solo", "--concurrency", "1"]
-                with process(["-m", "services.receipts"], env, tmp_path, log), process(worker_args, env, tmp_path, log):
+                with child(SERVICE, env, tmp_path, log), child(WORKER, env, tmp_path, log):
                     await _wait_http(url + "/healthz")
                     # The store retries what it got no answer for: acknowledged as a duplicate, not queued.
                     assert await deliver() == (200, '{"status": "duplicate"}')

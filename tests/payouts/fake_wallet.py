@@ -2,8 +2,12 @@
 
 Used where the real wallet service is not needed (or not yet available): it keeps
 the contract's semantics (idempotent by reservation id, request-id replays,
-refusal reasons) and counts every commit and release so tests can assert
-"exactly once"."""
+refusal reasons) and records every CommitReservation and ReleaseReservation call
+it receives, before deciding anything, with its request id. So ``commits[r] == 1``
+means payouts sent one commit for ``r``, and a replay after a crash shows up as a
+second call: whether that replay was harmless (the same request id) is for the
+test to check, the fake does not hide it. (The hold's ``state`` is the contract's
+state machine, which by itself can only ever move once.)"""
 
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from grpc_status import rpc_status
 
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
+
+COMMIT = "commit"
+RELEASE = "release"
 
 
 def _abort(context: Any, code: grpc.StatusCode, reason: str, message: str) -> None:
@@ -44,14 +51,41 @@ class Hold:
     resolved_by: str = ""
 
 
+@dataclass(frozen=True)
+class Call:
+    """One CommitReservation or ReleaseReservation the fake received, refused or not."""
+
+    method: str
+    reservation_id: str
+    request_id: str
+
+
 @dataclass
 class FakeWallet(wpb_grpc.WalletServiceServicer):
     accounts: dict[str, Account] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    # Every CommitReservation / ReleaseReservation received, by reservation id (replays included).
     commits: Counter[str] = field(default_factory=Counter)
     releases: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
     auth_headers: list[str] = field(default_factory=list)
+
+    def request_ids(self, method: str, reservation_id: str) -> Counter[str]:
+        """How many ``method`` calls for the reservation carried each request id."""
+        with self.lock:
+            return Counter(
+                c.request_id for c in self.calls if c.method == method and c.reservation_id == reservation_id
+            )
+
+    def state(self, reservation_id: str) -> wpb.ReservationState.ValueType:
+        with self.lock:
+            return self.holds[reservation_id].state
+
+    def _received(self, method: str, reservation_id: str, request_id: str) -> None:
+        with self.lock:
+            self.calls.append(Call(method, reservation_id, request_id))
+            (self.commits if method == COMMIT else self.releases)[reservation_id] += 1
 
     def credit(self, account_id: str, diamonds: int, *, immature: int = 0, restricted: bool = False) -> None:
         with self.lock:
@@ -105,14 +139,12 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
                 _abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason, reason)
             hold.state = target
             hold.resolved_by = request_id
-            if target == wpb.RESERVATION_STATE_COMMITTED:
-                self.commits[reservation_id] += 1
-            else:
-                self.releases[reservation_id] += 1
+            if target == wpb.RESERVATION_STATE_RELEASED:
                 self.accounts[hold.account_id].withdrawable += hold.diamonds
             return self._reservation(reservation_id)
 
     def CommitReservation(self, request: wpb.CommitReservationRequest, context: Any) -> wpb.CommitReservationResponse:
+        self._received(COMMIT, request.reservation_id, request.request_id)
         reservation = self._resolve(
             request.request_id, request.reservation_id, wpb.RESERVATION_STATE_COMMITTED, context
         )
@@ -121,6 +153,7 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
     def ReleaseReservation(
         self, request: wpb.ReleaseReservationRequest, context: Any
     ) -> wpb.ReleaseReservationResponse:
+        self._received(RELEASE, request.reservation_id, request.request_id)
         reservation = self._resolve(request.request_id, request.reservation_id, wpb.RESERVATION_STATE_RELEASED, context)
         return wpb.ReleaseReservationResponse(reservation=reservation)
 

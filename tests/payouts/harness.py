@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,12 @@ class PayPalSimServer:
         self._ready.set()
         self._loop.run_forever()
         self._loop.run_until_complete(runner.cleanup())
+        # A handler stalled on purpose outlives the cleanup: cancel it rather than abandon it.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
 
     @property
     def sim(self) -> paypal_sim.PayPalSim:
@@ -140,9 +147,13 @@ def payouts_settings(
         "wallet_address": wallet_address,
         "paypal_api_url": paypal_url,
         "payout_queue": f"payouts-{uuid.uuid4().hex[:8]}",
-        "paypal_timeout_seconds": 2.0,
+        # Generous: on a busy machine a healthy call must not time out. Tests of timeouts
+        # stall the simulator far beyond the timeout they set.
+        "paypal_timeout_seconds": 10.0,
         "payout_poll_seconds": 0.3,
-        "payout_stuck_seconds": 4.0,
+        # Long enough that in a run without crashes the sweeper never re-queues a step that is
+        # merely slow, so every step is delivered once; crash tests shorten it.
+        "payout_stuck_seconds": 30.0,
         "payout_sweep_seconds": 1.0,
         "payout_daily_batch_hour": -1,
         "payout_chunk_size": 5,
@@ -178,6 +189,10 @@ def settings_env(settings: PayoutsSettings) -> dict[str, str]:
         }
     )
     return env
+
+
+# Celery's own line for a task that returned (celery.app.trace, INFO): the evidence a task ran.
+_SUCCEEDED = re.compile(r"Task (?P<name>[\w.]+)\[(?P<id>[\w-]+)\] succeeded in [0-9.e-]+s: (?P<result>.*)$", re.M)
 
 
 class Worker:
@@ -238,6 +253,11 @@ class Worker:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
+
+    def results(self) -> dict[str, str]:
+        """The repr of what each task that returned gave back, by task id."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return {m["id"]: m["result"] for m in _SUCCEEDED.finditer(text)}
 
 
 async def wait_for(check: Callable[[], Any], timeout: float, what: str, worker: Worker | None = None) -> Any:

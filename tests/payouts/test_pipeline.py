@@ -3,31 +3,44 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import csv
 import io
+import signal
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from kombu.connection import Connection
+from celery import Celery
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
 from services.payouts.config import PayoutsSettings
 from tests.payouts.conftest import start_service
-from tests.payouts.fake_wallet import FakeWallet, FakeWalletServer
-from tests.payouts.harness import PayPalSimServer, Worker, payouts_settings, settings_env, wait_for, write_catalog
+from tests.payouts.fake_wallet import COMMIT, FakeWallet, FakeWalletServer
+from tests.payouts.harness import (
+    PayPalSimServer,
+    Worker,
+    exit_status,
+    payouts_settings,
+    settings_env,
+    wait_for,
+    write_catalog,
+)
 from tests.support import env
+from tests.support.databases import postgres_database, sqlite_database
+from tests.support.failpoints import failpoint_env, fired_pid
 from tests.support.tokens import Keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -49,6 +62,31 @@ class Stack:
 
     def app(self) -> tuple[tuple[str, str], ...]:
         return self.keys.metadata("payouts:request", subject="app-backend")
+
+    def celery(self) -> Celery:
+        return make_celery_app("payouts-test", self.settings.broker_url)
+
+    def send(self, app: Celery, task: str, *args: str) -> str:
+        """Queue ``task`` under a task id of our own, to find its result in the worker log."""
+        task_id = f"test-{uuid.uuid4().hex}"
+        app.send_task(task, args=list(args), queue=self.settings.payout_queue, task_id=task_id)
+        return task_id
+
+    async def results(self, task_ids: Iterable[str], timeout: float = 60) -> dict[str, Any]:
+        """Wait until every task has run and returned; what each returned.
+
+        The evidence is Celery's own "Task …[id] succeeded" line, so "nothing moved"
+        is asserted after the work ran, never after a sleep that may have been too short."""
+        wanted = set(task_ids)
+
+        def returned() -> dict[str, str] | None:
+            seen: dict[str, str] = {}
+            for worker in self.workers:
+                seen.update(worker.results())
+            return seen if wanted <= seen.keys() else None
+
+        seen = await wait_for(returned, timeout, f"tasks {sorted(wanted)}", self.workers[-1])
+        return {task_id: ast.literal_eval(seen[task_id]) for task_id in wanted}
 
     def worker(self, **kwargs: Any) -> Worker:
         worker = Worker(self.settings, self.tmp_path / f"worker-{len(self.workers)}", **kwargs).start()
@@ -100,16 +138,6 @@ class Stack:
             await asyncio.sleep(0.3)
 
 
-def reachable(broker_url: str) -> None:
-    if broker_url.startswith("sqla+"):
-        return
-    try:
-        with Connection(broker_url, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-    except Exception as exc:
-        env.unavailable(f"broker {broker_url} unreachable: {exc}")
-
-
 async def make_stack(
     tmp_path: Path,
     database_url: str,
@@ -119,7 +147,6 @@ async def make_stack(
     paypal: PayPalSimServer,
     **overrides: Any,
 ) -> AsyncIterator[Stack]:
-    reachable(broker_url)
     settings = payouts_settings(
         database_url=database_url,
         broker_url=broker_url,
@@ -144,7 +171,7 @@ async def make_stack(
         yield stack
     finally:
         for worker in stack.workers:
-            worker.stop()
+            worker.kill()  # the test is over: a graceful shutdown would only cost seconds
         await channel.close(None)
         await host.stop()  # type: ignore[attr-defined]
         database.close()
@@ -171,12 +198,39 @@ def paid_once(paypal: PayPalSimServer, items: list[pb.Cashout]) -> Counter[str]:
     return counts
 
 
+def committed_once(wallet: FakeWallet, reservation_ids: Iterable[str], *, replays: bool = False) -> None:
+    """Each reservation was committed under one request id and never released.
+
+    Without crashes or redeliveries (``replays=False``) the wallet received exactly one
+    commit call per reservation. With them, a commit may be sent again, but only under
+    the same request id, which the wallet answers with the original response: a second
+    request id would be a second, different commit."""
+    for reservation_id in reservation_ids:
+        request_ids = wallet.request_ids(COMMIT, reservation_id)
+        assert len(request_ids) == 1, (reservation_id, request_ids)
+        if not replays:
+            assert wallet.commits[reservation_id] == 1, (reservation_id, request_ids)
+        assert wallet.releases[reservation_id] == 0, reservation_id
+        assert wallet.state(reservation_id) == wpb.RESERVATION_STATE_COMMITTED, reservation_id
+
+
+@pytest.fixture
+def stack_overrides() -> dict[str, Any]:
+    """Settings a test changes for its stack (parametrize ``stack_overrides`` to set them)."""
+    return {}
+
+
 @pytest.fixture
 async def stack(
-    tmp_path: Path, database_url: str, keys: Keys, fake_wallet: FakeWalletServer, paypal: PayPalSimServer
+    tmp_path: Path,
+    database_url: str,
+    keys: Keys,
+    fake_wallet: FakeWalletServer,
+    paypal: PayPalSimServer,
+    stack_overrides: dict[str, Any],
 ) -> AsyncIterator[Stack]:
     async for value in make_stack(
-        tmp_path, database_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}", keys, fake_wallet, paypal
+        tmp_path, database_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}", keys, fake_wallet, paypal, **stack_overrides
     ):
         yield value
 
@@ -202,11 +256,12 @@ async def test_batch_settles_every_item_and_retry_pays_the_failed(stack: Stack) 
         if index in (2, 5):
             assert item.state == pb.CASHOUT_STATE_FAILED
             assert stack.wallet.releases[item.cashout_id] == 1
+            assert stack.wallet.commits[item.cashout_id] == 0
             assert stack.wallet.balance(creator) == 10_000
         else:
             assert item.state == pb.CASHOUT_STATE_PAID, item
             assert item.provider_transaction_id
-            assert stack.wallet.commits[item.cashout_id] == 1
+            committed_once(stack.wallet, [item.cashout_id])
             assert stack.wallet.balance(creator) == 0
     assert items[creators[2]].failure_reason == "RECEIVER_ACCOUNT_LOCKED"
     assert items[creators[5]].failure_reason == "RECEIVER_UNREGISTERED"
@@ -227,7 +282,10 @@ async def test_batch_settles_every_item_and_retry_pays_the_failed(stack: Stack) 
     after = {c.creator_account_id: c for c in await stack.items(batch_id)}
     assert all(c.state == pb.CASHOUT_STATE_PAID for c in after.values())
     assert after[creators[2]].attempt == 2
-    assert stack.wallet.commits[f"{after[creators[2]].cashout_id}.2"] == 1
+    committed_once(stack.wallet, [f"{after[creators[i]].cashout_id}.2" for i in (2, 5)])
+    # The first attempt's holds stay released; the paid items were not committed again.
+    assert all(stack.wallet.releases[after[creators[i]].cashout_id] == 1 for i in (2, 5))
+    committed_once(stack.wallet, [after[c].cashout_id for i, c in enumerate(creators) if i not in (2, 5)])
     assert all(stack.wallet.balance(c) == 0 for c in creators)
     counts = paid_once(stack.paypal, list(after.values()))
     assert len(counts) == 9
@@ -236,10 +294,12 @@ async def test_batch_settles_every_item_and_retry_pays_the_failed(stack: Stack) 
     assert committed + sum(stack.wallet.balance(c) for c in creators) == 70_000
 
 
+@pytest.mark.parametrize("stack_overrides", [{"paypal_timeout_seconds": 2.0}], ids=["paypal-timeout-2s"])
 async def test_provider_errors_and_timeout_after_paying_pay_once(stack: Stack) -> None:
-    # One 500 (nothing paid), then a payout that is paid but whose answer never arrives in time.
-    stack.paypal.faults(submit_errors=1, submit_timeouts=1, stall_seconds=5)
-    await stack.creators(4)
+    # One 500 (nothing paid), then a payout that is paid but whose answer never arrives:
+    # the simulator stalls far beyond the client's timeout, however busy the machine.
+    stack.paypal.faults(submit_errors=1, submit_timeouts=1, stall_seconds=120)
+    creators = await stack.creators(4)
     stack.worker()
     created = await stack.stub.CreatePayoutBatch(pb.CreatePayoutBatchRequest(request_id="bt"), metadata=stack.ops())
     await stack.completed(created.batch.batch_id)
@@ -248,23 +308,25 @@ async def test_provider_errors_and_timeout_after_paying_pay_once(stack: Stack) -
     report = stack.paypal.payments()
     assert report["duplicates"] >= 1, "the retry after the timeout must have met the duplicate sender_batch_id"
     assert len(paid_once(stack.paypal, items)) == 4
-    assert all(stack.wallet.commits[c.cashout_id] == 1 for c in items)
+    committed_once(stack.wallet, [c.cashout_id for c in items])
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
 
 
 async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack) -> None:
-    stack.paypal.faults(final_delay_seconds=3)
-    await stack.creators(6)
+    # Items stay PENDING at PayPal until the test lets them settle: "in flight" is a state, not a race.
+    stack.paypal.faults(final_delay_seconds=3600)
+    creators = await stack.creators(6)
     stack.worker()
     request = pb.CreatePayoutBatchRequest(request_id="twice")
     created = await stack.stub.CreatePayoutBatch(request, metadata=stack.ops())
     batch_id = created.batch.batch_id
     assert (await stack.stub.CreatePayoutBatch(request, metadata=stack.ops())).batch.batch_id == batch_id
 
-    async def in_flight() -> bool:
-        return any(c.state == pb.CASHOUT_STATE_SUBMITTED for c in await stack.items(batch_id))
+    async def all_submitted() -> bool:
+        return all(c.state == pb.CASHOUT_STATE_SUBMITTED for c in await stack.items(batch_id))
 
     deadline = time.monotonic() + 60
-    while not await in_flight():
+    while not await all_submitted():
         assert time.monotonic() < deadline, stack.workers[0].output()
         await asyncio.sleep(0.2)
     retried = await stack.stub.RetryFailedItems(
@@ -272,51 +334,97 @@ async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack)
     )
     assert retried.retried_count == 0
     # Deliver every step of the batch again, as a broker redelivering or an operator re-running would.
-    app = make_celery_app("payouts", stack.settings.broker_url)
+    app = stack.celery()
     chunk_ids = {c.sender_batch_id for c in await stack.items(batch_id)}
+    assert len(chunk_ids) == 2
+    sent = []
     for _ in range(2):
-        app.send_task("payouts.plan_batch", args=[batch_id], queue=stack.settings.payout_queue)
+        sent.append(stack.send(app, "payouts.plan_batch", batch_id))
         for chunk_id in chunk_ids:
-            app.send_task("payouts.submit_chunk", args=[chunk_id], queue=stack.settings.payout_queue)
-            app.send_task("payouts.poll_chunk", args=[chunk_id], queue=stack.settings.payout_queue)
+            sent.append(stack.send(app, "payouts.submit_chunk", chunk_id))
+            sent.append(stack.send(app, "payouts.poll_chunk", chunk_id))
+    await stack.results(sent)
+    # All of them ran while the items were in flight: nothing was paid twice, nothing settled yet.
+    assert len(paid_once(stack.paypal, await stack.items(batch_id))) == 6
+    assert stack.wallet.calls == []
+
+    stack.paypal.faults(final_delay_seconds=0)
     await stack.completed(batch_id)
     items = await stack.items(batch_id)
     assert all(c.state == pb.CASHOUT_STATE_PAID for c in items)
     assert len(paid_once(stack.paypal, items)) == 6
-    assert all(stack.wallet.commits[c.cashout_id] == 1 for c in items)
-    # And once more after completion: nothing moves.
+    # Redelivered polls may settle the same item concurrently: same request id, one commit.
+    committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
+
+    # And once more after completion: every step runs again, and nothing moves.
+    sent = [stack.send(app, "payouts.plan_batch", batch_id)]
     for chunk_id in chunk_ids:
-        app.send_task("payouts.submit_chunk", args=[chunk_id], queue=stack.settings.payout_queue)
-    await asyncio.sleep(2)
+        sent.append(stack.send(app, "payouts.submit_chunk", chunk_id))
+        sent.append(stack.send(app, "payouts.poll_chunk", chunk_id))
+    await stack.results(sent)
     assert len(paid_once(stack.paypal, items)) == 6
+    committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
+    assert (await stack.batch(batch_id)).state == pb.BATCH_STATE_COMPLETED
 
 
-@pytest.fixture
-async def broker_stack(
-    tmp_path: Path, broker_url: str, keys: Keys, fake_wallet: FakeWalletServer, paypal: PayPalSimServer
+# The crash points of services/payouts/domain/pipeline.py, in the order a batch meets them.
+KILL_POINTS = ("payouts.submit.after_provider", "payouts.poll.before_settle", "payouts.settle.after_wallet")
+
+CRASH_BACKENDS = [
+    pytest.param(("sqlite", "embedded"), id="sqlite-embedded"),
+    pytest.param(("postgres", "redis"), id="postgres-redis", marks=[pytest.mark.postgres, pytest.mark.broker]),
+    pytest.param(("postgres", "rabbitmq"), id="postgres-rabbitmq", marks=[pytest.mark.postgres, pytest.mark.broker]),
+]
+
+
+@pytest.fixture(params=CRASH_BACKENDS)
+async def crash_stack(
+    request: pytest.FixtureRequest, tmp_path: Path, keys: Keys, fake_wallet: FakeWalletServer, paypal: PayPalSimServer
 ) -> AsyncIterator[Stack]:
-    database_url = f"sqlite:///{tmp_path / f'payouts-{uuid.uuid4().hex[:6]}.db'}"
-    async for value in make_stack(tmp_path, database_url, broker_url, keys, fake_wallet, paypal, payout_chunk_size=3):
-        yield value
+    """SQLite with the embedded broker, and PostgreSQL with each server broker."""
+    database, broker = request.param
+    broker_url = f"sqla+sqlite:///{tmp_path / 'broker.db'}" if broker == "embedded" else env.server_broker_url(broker)
+    with sqlite_database(tmp_path) if database == "sqlite" else postgres_database() as database_url:
+        async for value in make_stack(
+            tmp_path, database_url, broker_url, keys, fake_wallet, paypal, payout_chunk_size=3, payout_stuck_seconds=3.0
+        ):
+            yield value
 
 
-async def test_sigkill_mid_batch_then_restart_pays_each_item_once(broker_stack: Stack) -> None:
-    stack = broker_stack
-    stack.paypal.faults(final_delay_seconds=1.5)
-    await stack.creators(12)
-    worker = stack.worker()
+async def test_worker_killed_at_each_crash_point_then_restarted_pays_each_item_once(crash_stack: Stack) -> None:
+    stack = crash_stack
+    creators = await stack.creators(12)
+    points = stack.tmp_path / "failpoints"
+    # Every worker gets the same points; each fires once across them all. So the first worker
+    # dies (with its pool) at the first point, its replacement runs through that one and dies
+    # at the next, and the fourth worker meets no armed point and finishes the batch.
+    armed = failpoint_env(points, *(f"{point}=kill-group" for point in KILL_POINTS))
+    worker = stack.worker(env=armed)
     created = await stack.stub.CreatePayoutBatch(pb.CreatePayoutBatchRequest(request_id="kill"), metadata=stack.ops())
     batch_id = created.batch.batch_id
-    await wait_for(lambda: len(stack.paypal.payments()["payments"]) >= 3, 60, "a first submission", worker)
-    worker.kill()
-    assert (await stack.batch(batch_id)).state != pb.BATCH_STATE_COMPLETED
-    stack.worker()
+    fired: list[str] = []
+    while len(fired) < len(KILL_POINTS):
+        assert await exit_status(worker) == -signal.SIGKILL, worker.output()
+        new = [p for p in KILL_POINTS if p not in fired and fired_pid(points, p) is not None]
+        assert new, f"the worker died without firing a failpoint:\n{worker.output()}"
+        fired += new
+        assert (await stack.batch(batch_id)).state != pb.BATCH_STATE_COMPLETED
+        worker = stack.worker(env=armed)
+    assert fired == list(KILL_POINTS)
     await stack.completed(batch_id, timeout=120)
+
     items = await stack.items(batch_id)
     assert len(items) == 12
     assert all(c.state == pb.CASHOUT_STATE_PAID for c in items)
     assert len(paid_once(stack.paypal, items)) == 12
-    assert all(stack.wallet.commits[c.cashout_id] == 1 for c in items)
+    # The submission killed before it was recorded was sent again; PayPal knew its id.
+    assert stack.paypal.payments()["duplicates"] >= 1
+    # The commits killed before they were marked settled were sent again, under the same request id.
+    committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
+    assert any(stack.wallet.commits[c.cashout_id] > 1 for c in items), stack.wallet.commits
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
 
 
 async def test_refused_grpc_without_ops_scope(stack: Stack) -> None:
@@ -358,17 +466,23 @@ async def sqlite_stack(
 async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
     stack.paypal.faults(final_delay_seconds=1, receiver_outcomes={"gone@example.com": "FAILED"})
-    await stack.creators(3, receivers={1: "gone@example.com"})
+    creators = await stack.creators(3, receivers={1: "gone@example.com"})
     preview = await cli(stack, "create-batch", "--dry-run")
-    assert "(dry run)" in preview
-    assert "3 items" in preview
-    assert "150.00 USD" in preview
+    assert preview.splitlines() == ["batch (dry run)  UNSPECIFIED  3 items  30000 diamonds  150.00 USD"]
     stack.worker()
     created = await cli(stack, "create-batch", "--request-id", "cli-batch-1")
     batch_id = created.split()[1]
     assert batch_id.startswith("pb_")
+    assert created.splitlines() == [
+        f"batch {batch_id}  CREATED  3 items  30000 diamonds  150.00 USD",
+        "  BATCHED           3 items  150.00 USD",
+    ]
     status = await cli(stack, "status", batch_id, "--interval", "0.3")
-    assert "COMPLETED" in status
+    assert status.splitlines() == [
+        f"batch {batch_id}  COMPLETED  3 items  30000 diamonds  150.00 USD",
+        "  FAILED            1 items  50.00 USD",
+        "  PAID              2 items  100.00 USD",
+    ]
     assert batch_id in await cli(stack, "list")
     rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
     assert len(rows) == 3
@@ -377,45 +491,71 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     failed = next(r for r in rows if r["state"] == "FAILED")
     assert failed["receiver"] == "gone@example.com"
     assert failed["failure_reason"] == "RECEIVER_ACCOUNT_LOCKED"
+    assert stack.wallet.balance(creators[1]) == 10_000
     paid = next(r for r in rows if r["state"] == "PAID")
     assert (paid["diamonds"], paid["amount"], paid["currency"]) == ("10000", "50.00", "USD")
     assert paid["provider_item_id"]
     assert paid["provider_transaction_id"]
     assert paid["sender_item_id"] == f"{paid['cashout_id']}-1"
-    retried = await cli(stack, "retry", batch_id)
-    assert retried.startswith("1 failed items")
+
+    # The receiver fixed their account: `retry` puts the failed item into a second attempt
+    # under a new hold, and the worker pays it.
+    stack.paypal.faults(final_delay_seconds=0, receiver_outcomes={"gone@example.com": "SUCCESS"})
+    retried = await cli(stack, "retry", batch_id, "--request-id", "cli-retry-1")
+    assert retried.splitlines() == [
+        "1 failed items put into a new attempt",
+        f"batch {batch_id}  SUBMITTED  3 items  30000 diamonds  150.00 USD",
+        "  BATCHED           1 items  50.00 USD",
+        "  PAID              2 items  100.00 USD",
+    ]
+    status = await cli(stack, "status", batch_id, "--interval", "0.3")
+    assert status.splitlines() == [
+        f"batch {batch_id}  COMPLETED  3 items  30000 diamonds  150.00 USD",
+        "  PAID              3 items  150.00 USD",
+    ]
+    rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
+    again = next(r for r in rows if r["cashout_id"] == failed["cashout_id"])
+    assert (again["state"], again["attempt"], again["failure_reason"]) == ("PAID", "2", "")
+    assert again["sender_item_id"] == f"{failed['cashout_id']}-2"
+    assert stack.wallet.releases[failed["cashout_id"]] == 1
+    committed_once(stack.wallet, [f"{failed['cashout_id']}.2"])
+    assert all(stack.wallet.balance(c) == 0 for c in creators)
+    assert len(paid_once(stack.paypal, [])) == 4
 
 
 async def test_daily_batch_is_created_once_per_day(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
-    await stack.creators(2)
+    creators = await stack.creators(2)
     stack.worker()
-    app = make_celery_app("payouts", stack.settings.broker_url)
-    for _ in range(3):
-        app.send_task("payouts.daily_batch", queue=stack.settings.payout_queue)
+    app = stack.celery()
+    runs = await stack.results([stack.send(app, "payouts.daily_batch") for _ in range(3)])
+    # All three ran; each answered with the same batch (the day's request id replays).
+    (batch_id,) = set(runs.values())
+    assert batch_id.startswith("pb_")
 
-    async def batches() -> list[pb.PayoutBatch]:
+    async def batches() -> list[str]:
         reply = await stack.stub.ListPayoutBatches(pb.ListPayoutBatchesRequest(), metadata=stack.ops())
-        return list(reply.batches)
+        return [b.batch_id for b in reply.batches]
 
-    deadline = time.monotonic() + 60
-    while not await batches():
-        assert time.monotonic() < deadline, stack.workers[0].output()
-        await asyncio.sleep(0.3)
-    (batch,) = await batches()
-    await stack.completed(batch.batch_id)
-    await asyncio.sleep(1)
-    assert len(await batches()) == 1
-    assert len(paid_once(stack.paypal, await stack.items(batch.batch_id))) == 2
+    assert await batches() == [batch_id]
+    await stack.completed(batch_id)
+    items = await stack.items(batch_id)
+    assert len(paid_once(stack.paypal, items)) == 2
+    # Each replayed daily run queues the batch's plan again, so its steps may run twice.
+    committed_once(stack.wallet, [c.cashout_id for c in items], replays=True)
     # A cash-out requested after today's batch waits for tomorrow's: the day's batch
     # request id replays, it does not open a second batch that would take it.
-    stack.wallet.credit("creator-0", 10_000)
+    stack.wallet.credit(creators[0], 10_000)
     late = await stack.stub.RequestCashout(
-        pb.RequestCashoutRequest(request_id="r-late", creator_account_id="creator-0", diamonds=10_000),
+        pb.RequestCashoutRequest(request_id="r-late", creator_account_id=creators[0], diamonds=10_000),
         metadata=stack.app(),
     )
-    app.send_task("payouts.daily_batch", queue=stack.settings.payout_queue)
-    await asyncio.sleep(3)
-    assert len(await batches()) == 1
-    again = await stack.stub.GetCashout(pb.GetCashoutRequest(cashout_id=late.cashout.cashout_id), metadata=stack.app())
-    assert again.cashout.state == pb.CASHOUT_STATE_REQUESTED
+    (again,) = (await stack.results([stack.send(app, "payouts.daily_batch")])).values()
+    assert again == batch_id
+    assert await batches() == [batch_id]
+    cashout = await stack.stub.GetCashout(
+        pb.GetCashoutRequest(cashout_id=late.cashout.cashout_id), metadata=stack.app()
+    )
+    assert cashout.cashout.state == pb.CASHOUT_STATE_REQUESTED
+    assert cashout.cashout.batch_id == ""
+    assert stack.wallet.holds[late.cashout.cashout_id].state == wpb.RESERVATION_STATE_HELD

@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from tests.payouts.conftest import Service
 
 EMAIL = "creator@example.com"
@@ -261,6 +262,10 @@ async def test_batch_dry_run_create_and_cancel(service: Service) -> None:
         )
     ).batch
     assert cancelled.state == pb.BATCH_STATE_CANCELLED
+    # Its cash-outs are requested again, their diamonds still held for the next batch.
+    assert service.wallet.calls == []
+    assert {h.state for h in service.wallet.holds.values()} == {wpb.RESERVATION_STATE_HELD}
+    assert service.wallet.balance("c7") == 100_000 - 30_600
     again = await service.stub.CreatePayoutBatch(pb.CreatePayoutBatchRequest(request_id="b2"), metadata=service.ops())
     assert again.batch.item_count == 3
     reason, _ = await refused(
