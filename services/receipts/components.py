@@ -26,6 +26,7 @@ from services.receipts.config import ReceiptsSettings
 from services.receipts.crediting import Crediting
 from services.receipts.domain.apple import ApplePolicy
 from services.receipts.domain.binding import Binding
+from services.receipts.domain.purchases import SandboxPolicy
 from services.receipts.google.service import GooglePurchases
 from services.receipts.google.wiring import build_google
 from services.receipts.store import PurchaseStore
@@ -76,7 +77,14 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
     )
     crediting = Crediting(
-        store, wallet, runtime.catalog, settings.region_policy, clock, runtime.metrics, runtime.failpoints
+        store,
+        wallet,
+        runtime.catalog,
+        settings.region_policy,
+        clock,
+        runtime.metrics,
+        runtime.failpoints,
+        SandboxPolicy.from_setting(settings.sandbox_accounts),
     )
     binding = Binding(settings.binding_secret)
     return Components(
@@ -114,5 +122,5 @@ def build_apple(settings: ReceiptsSettings, crediting: Crediting, binding: Bindi
         sandbox_url=settings.apple_sandbox_api_url,
         timeout_seconds=settings.apple_api_timeout_seconds,
     )
-    policy = ApplePolicy(settings.apple_bundle_id, frozenset(settings.apple_environments))
+    policy = ApplePolicy(settings.apple_bundle_id)
     return ApplePurchases(verifier, api, crediting, binding, policy, metrics)

@@ -29,6 +29,12 @@ class ReceiptsSettings(CommonSettings):
     region_policy: RegionPolicy = setting(
         "REGION_POLICY", "Storefront vs account country: allow, flag (credit and mark) or refuse", RegionPolicy.FLAG
     )
+    sandbox_accounts: tuple[str, ...] = setting(
+        "SANDBOX_ACCOUNTS",
+        "Accounts whose Sandbox / Play test purchases are credited (as Sandbox value): comma-separated account ids"
+        " (include the App Review demo account), * for everyone (development), empty for nobody",
+        ("*",),
+    )
 
     # --- App Store ---
     apple_bundle_id: str = setting(
@@ -36,9 +42,6 @@ class ReceiptsSettings(CommonSettings):
     )
     apple_app_id: int = setting(
         "APPLE_APP_ID", "The app's Apple id (appAppleId), checked on production notifications", 1234567890
-    )
-    apple_environments: tuple[str, ...] = setting(
-        "APPLE_ENVIRONMENTS", "App Store environments accepted (Production, Sandbox)", ("Production", "Sandbox")
     )
     apple_root_certs: tuple[Path, ...] = setting(
         "APPLE_ROOT_CERTS",
@@ -82,9 +85,6 @@ class ReceiptsSettings(CommonSettings):
     google_api_endpoint: str = setting(
         "GOOGLE_API_ENDPOINT", "Android Publisher API endpoint override (empty = Google's)", "http://127.0.0.1:8090/"
     )
-    google_allow_test_purchases: bool = setting(
-        "GOOGLE_ALLOW_TEST_PURCHASES", "Credit Play test purchases (recorded as test)", True
-    )
     google_api_timeout_seconds: float = setting(
         "GOOGLE_API_TIMEOUT_SECONDS", "Timeout of each Android Publisher API call", 10.0, parse=float
     )
@@ -127,13 +127,8 @@ class ReceiptsSettings(CommonSettings):
     def validate(self) -> None:
         super().validate()
         problems = []
-        allowed = {"Production", "Sandbox"}
-        bad = [e for e in self.apple_environments if e not in allowed]
-        if bad or not self.apple_environments:
-            problems.append(
-                f"COINSTORE_APPLE_ENVIRONMENTS: {', '.join(bad) or '(empty)'} not allowed;"
-                " use Production and/or Sandbox (Xcode and LocalTesting data is unsigned and never accepted)"
-            )
+        if "*" in self.sandbox_accounts and len(self.sandbox_accounts) > 1:
+            problems.append("COINSTORE_SANDBOX_ACCOUNTS: * (everyone) cannot be combined with account ids")
         if len(self.binding_secret) < 16:
             problems.append("COINSTORE_BINDING_SECRET: must be at least 16 characters")
         if problems:

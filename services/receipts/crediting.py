@@ -41,8 +41,10 @@ from services.receipts.domain.purchases import (
     Outcome,
     PurchaseRecord,
     PurchaseResult,
+    SandboxPolicy,
     StoredState,
     VerifiedPurchase,
+    check_sandbox,
     credit_terms,
     normalize_account_region,
 )
@@ -65,6 +67,7 @@ class ReversalResult:
     account_id: str
     new_balance: int
     record: PurchaseRecord | None
+    nothing_refunded: bool = False
 
 
 def _timestamp(moment: datetime | None) -> Timestamp | None:
@@ -85,11 +88,13 @@ class Crediting:
         clock: Clock,
         metrics: Metrics,
         failpoints: Failpoints | None = None,
+        sandbox: SandboxPolicy | None = None,
     ) -> None:
         self._store = store
         self._wallet = wallet
         self._catalog = catalog
         self._region_policy = region_policy
+        self.sandbox = sandbox or SandboxPolicy(everyone=True)
         self._clock = clock
         self._failpoints = failpoints or Failpoints()
         self._credits = metrics.counter(
@@ -113,6 +118,7 @@ class Crediting:
         (the wallet's own key is the store transaction). A ``recorder`` gets the
         result recorded in the same transaction as the purchase.
         """
+        check_sandbox(self.sandbox, purchase, account_id)
         now = self._clock.now()
         region = normalize_account_region(account_region)
         terms = credit_terms(self._catalog, purchase, now, self._region_policy, region)
@@ -181,19 +187,32 @@ class Crediting:
         terms = credit_terms(self._catalog, purchase, now, RegionPolicy.ALLOW, "")
         return await self._store.claim(terms, None, now)
 
+    async def _environment(
+        self, store: StoreId, store_transaction_id: str, environment: Environment | None
+    ) -> Environment:
+        """The purchase key's environment: the caller's (a notification says it), else the recorded purchase's."""
+        if environment is not None:
+            return environment
+        record = await self._store.get(store, store_transaction_id)
+        return record.environment if record is not None else Environment.PRODUCTION
+
     async def reverse(
         self,
         store: StoreId,
         store_transaction_id: str,
         *,
+        environment: Environment | None = None,
+        full: bool,
         refunded_quantity: int = 0,
         refunded_percentage_milli: int = 0,
         reason: str = "",
         request_id: str,
     ) -> ReversalResult:
-        """Claw back a refunded purchase. State-based: pass the cumulative refunded
-        quantity (0 = all) or the cumulative ``refunded_percentage_milli``; the
-        same refund reported twice moves coins once."""
+        """Claw back a refunded purchase. State-based: ``full``, or the cumulative refunded
+        quantity, or the cumulative ``refunded_percentage_milli``; the same refund reported
+        twice moves coins once. A partial refund that computes to nothing moves nothing
+        (``nothing_refunded``): report it again when the store's figures change."""
+        key = await self._environment(store, store_transaction_id, environment)
         response = await self._wallet.reverse(
             wpb.ReversePurchaseRequest(
                 request_id=wallet_request_id(
@@ -201,18 +220,26 @@ class Crediting:
                     request_id,
                     store.value,
                     store_transaction_id,
-                    str(refunded_quantity),
+                    "full" if full else str(refunded_quantity),
                     str(refunded_percentage_milli),
                 ),
                 store=WALLET_STORE[store],
+                environment=WALLET_ENVIRONMENT[key],
                 store_transaction_id=store_transaction_id,
-                refunded_quantity=refunded_quantity,
-                refunded_percentage_milli=refunded_percentage_milli,
+                full_refund=full,
+                refunded_quantity=0 if full else refunded_quantity,
+                refunded_percentage_milli=0 if full else refunded_percentage_milli,
                 reason=reason[:256],
             )
         )
+        if response.state == wpb.REVERSAL_STATE_NOTHING_REFUNDED:
+            return ReversalResult(False, 0, response.account_id, response.balance.coins, None, nothing_refunded=True)
         record = await self._store.mark_refund(
-            store, store_transaction_id, refunded_quantity, refunded_percentage_milli, self._clock.now()
+            store,
+            store_transaction_id,
+            0 if full else refunded_quantity,
+            0 if full else refunded_percentage_milli,
+            self._clock.now(),
         )
         return ReversalResult(
             response.state == wpb.REVERSAL_STATE_APPLIED,
@@ -223,13 +250,21 @@ class Crediting:
         )
 
     async def restore(
-        self, store: StoreId, store_transaction_id: str, *, reason: str = "", request_id: str
+        self,
+        store: StoreId,
+        store_transaction_id: str,
+        *,
+        environment: Environment | None = None,
+        reason: str = "",
+        request_id: str,
     ) -> ReversalResult:
         """Undo the reversals of a purchase whose refund the store reversed."""
+        key = await self._environment(store, store_transaction_id, environment)
         response = await self._wallet.restore(
             wpb.RestorePurchaseRequest(
                 request_id=wallet_request_id("restore", request_id, store.value, store_transaction_id),
                 store=WALLET_STORE[store],
+                environment=WALLET_ENVIRONMENT[key],
                 store_transaction_id=store_transaction_id,
                 reason=reason[:256],
             )

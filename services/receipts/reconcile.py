@@ -173,7 +173,8 @@ class Reconciler:
 
     def _apply_google(self, run_id: int, purchase_token: str, records: list[Mapping[str, Any]]) -> bool:
         refunded = 0
-        if all(r.get("voidedQuantity") for r in records):
+        partial = all(r.get("voidedQuantity") for r in records)
+        if partial:
             # Quantity-based partial refunds: Google's refundableQuantity gives the cumulative figure.
             try:
                 refunded = refunded_quantity_from_play(
@@ -187,6 +188,8 @@ class Reconciler:
         applied = self._actions.reverse(
             store=GOOGLE_PLAY,
             store_transaction_id=purchase_token,
+            environment="",
+            full=not partial,
             refunded_quantity=refunded,
             refunded_percentage_milli=0,
             reason=f"google voidedpurchases orderId={order} reason={records[-1].get('voidedReason')}",
@@ -231,13 +234,14 @@ class Reconciler:
         return result
 
     def _apply_apple(self, run_id: int, refund: Mapping[str, Any]) -> bool:
-        percentage = 0
-        if refund.get("revocationType") == "REFUND_PRORATED":
-            percentage = int(refund.get("revocationPercentage") or 0)
+        prorated = refund.get("revocationType") == "REFUND_PRORATED"
+        percentage = int(refund.get("revocationPercentage") or 0) if prorated else 0
         txid = str(refund.get("transactionId"))
         applied = self._actions.reverse(
             store=APP_STORE,
             store_transaction_id=txid,
+            environment=str(refund.get("environment") or ""),
+            full=not prorated,
             refunded_quantity=0,
             refunded_percentage_milli=percentage,
             reason=f"apple refund history reason={refund.get('revocationReason')}",

@@ -421,7 +421,7 @@ class AppleStore:
         *,
         app_account_token: str | None = None,
         quantity: int = 1,
-        environment: str = "Sandbox",
+        environment: str = "Production",
         storefront: str = "USA",
         price: int | None = None,
         currency: str = "USD",
@@ -754,7 +754,7 @@ async def _buy(request: web.Request) -> web.Response:
     product_id = body.get("productId")
     if not isinstance(product_id, str) or not product_id:
         return web.json_response({"error": "productId is required"}, status=400)
-    environment = body.get("environment", "Sandbox")
+    environment = body.get("environment", "Production")
     if environment not in ("Production", "Sandbox", "Xcode"):
         return web.json_response({"error": "environment must be Production, Sandbox or Xcode"}, status=400)
     transaction_id, signed = store.buy(

@@ -17,7 +17,7 @@ def transaction(
     product_id: str = "coins_100",
     app_account_token: str | None = None,
     bundle_id: str = "com.coinstore.app",
-    environment: str = "Sandbox",
+    environment: str = "Production",
     quantity: int = 1,
     **extra: Any,
 ) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def notification(
     signed_transaction: str | None,
     *,
     bundle_id: str = "com.coinstore.app",
-    environment: str = "Sandbox",
+    environment: str = "Production",
     app_apple_id: int | None = 1234567890,
     notification_uuid: str | None = None,
 ) -> dict[str, Any]:

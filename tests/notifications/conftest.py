@@ -127,7 +127,7 @@ async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleS
     deps = WebhookDeps(
         inbox=inbox,
         apple_verifier=core_verifier(apple_store, asyncio.get_running_loop()),
-        apple=AppleExpectations("com.coinstore.app", 1234567890, ("Production", "Sandbox")),
+        apple=AppleExpectations("com.coinstore.app", 1234567890),
         pubsub=PubSubTokenVerifier(JwksCache(sim.jwks_url, refresh_cooldown=0.0), AUDIENCE, SERVICE_ACCOUNT),
         package_name=PACKAGE,
         dispatch=dispatch,

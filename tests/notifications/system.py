@@ -202,7 +202,7 @@ async def credit_directly(wallet: Wallet, account_id: str, store: int, token: st
             product_id="com.coinstore.coins.350",
             coins=coins,
             quantity=1,
-            environment=wpb.STORE_ENVIRONMENT_SANDBOX,
+            environment=wpb.STORE_ENVIRONMENT_PRODUCTION,
             storefront="US",
             price=money_pb2.Money(amount_minor=649, currency_code="USD"),
         ),

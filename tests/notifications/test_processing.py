@@ -37,7 +37,7 @@ from tests.notifications.conftest import PACKAGE, Core, core_verifier
 from tests.notifications.test_webhook import rtdn
 from tests.support.receipts_backends import broker_url, dropped_queue, thread_worker, unique_queue, worker_backends
 
-EXPECT = AppleExpectations("com.coinstore.app", 1234567890, ("Production", "Sandbox"))
+EXPECT = AppleExpectations("com.coinstore.app", 1234567890)
 APPLE_PACK = "com.coinstore.coins.350"
 GOOGLE_PACK = "coins_70"
 AFTER_EFFECT = "receipts.notification.after_effect"
@@ -172,7 +172,7 @@ def test_consumption_request_is_answered_when_enabled(receipts_db: Database, app
     assert harness.apple_api.sent == [
         (
             "3000000003",
-            "Sandbox",
+            "Production",
             {
                 "customerConsented": True,
                 "sampleContentProvided": False,

@@ -254,5 +254,5 @@ async def test_faults_and_refunds_over_the_simulators_http_endpoints(sim: tuple[
         )
         await client.post(f"{url}/apple/faults", json={"status": 503, "count": 1, "path": "/transactions/"})
     fake = FakeTime()
-    await make_api(url, key_file, fake).get_transaction_info(Environment.SANDBOX, txid)
+    await make_api(url, key_file, fake).get_transaction_info(Environment.PRODUCTION, txid)
     assert len(fake.delays) == 1

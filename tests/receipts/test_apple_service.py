@@ -71,7 +71,7 @@ async def test_signed_transaction_credited_once(world: World) -> None:
     assert purchase.state == pb.PURCHASE_STATE_CREDITED
     assert purchase.store_transaction_id == txid
     assert (purchase.quantity, purchase.coins_credited, purchase.new_balance) == (2, 700, 700)
-    assert purchase.environment == pb.STORE_ENVIRONMENT_SANDBOX
+    assert purchase.environment == pb.STORE_ENVIRONMENT_PRODUCTION  # the simulator signs Production by default
     assert purchase.storefront == "USA"
     assert (purchase.price.amount_minor, purchase.price.currency_code) == (1298, "USD")
     wallet = world.receipts.wallet
@@ -184,22 +184,34 @@ async def test_transaction_id_with_sandbox_fallback(world: World) -> None:
     ) == (grpc.StatusCode.NOT_FOUND, "TRANSACTION_NOT_FOUND")
 
 
-async def test_production_only_policy_never_credits_sandbox(keys: Keys, sqlite_url: str, tmp_path: Path) -> None:
+async def test_sandbox_is_credited_only_to_allow_listed_accounts(keys: Keys, sqlite_url: str, tmp_path: Path) -> None:
+    """Production settings list the App Review demo account: App Review buys in the Sandbox
+    against the production build and must be credited; nobody else's Sandbox purchase is."""
     async with (
         apple_simulator(tmp_path) as (store, url),
         receipts_service(
-            keys, sqlite_url, tmp_path, {**simulator_settings(url), "APPLE_ENVIRONMENTS": "Production"}
+            keys, sqlite_url, tmp_path, {**simulator_settings(url), "SANDBOX_ACCOUNTS": "app-review"}
         ) as receipts,
     ):
         world = World(receipts, store, url)
         txid, jws = await world.device_buy(environment="Sandbox")
         assert await world.refused(
             pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=jws)
-        ) == (grpc.StatusCode.FAILED_PRECONDITION, "WRONG_ENVIRONMENT")
+        ) == (grpc.StatusCode.FAILED_PRECONDITION, "SANDBOX_NOT_ALLOWED")
+        # A transaction id is not even looked up in the Sandbox for an account that may not buy there.
         assert await world.refused(
             pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", transaction_id=txid)
         ) == (grpc.StatusCode.NOT_FOUND, "TRANSACTION_NOT_FOUND")
         assert all("/sandbox/" not in p for _m, p, _q in store.api_calls)
+        assert world.receipts.wallet.credits == []
+        _, review_jws = await world.device_buy(environment="Sandbox")
+        reply = await world.verify(
+            pb.VerifyApplePurchaseRequest(request_id="r-3", account_id="app-review", signed_transaction=review_jws)
+        )
+        assert (reply.purchases[0].state, reply.purchases[0].environment) == (
+            pb.PURCHASE_STATE_CREDITED,
+            pb.STORE_ENVIRONMENT_SANDBOX,
+        )
 
 
 async def test_legacy_receipt_asks_the_wallet_for_each_consumable(world: World) -> None:

@@ -53,8 +53,8 @@ async def test_app_store_purchase_credited_once_by_the_real_wallet(
 
         # Refund of one of the two packs (state-based: reported twice, moved once), then reversed.
         crediting = components.crediting
-        first = await crediting.reverse(StoreId.APP_STORE, txid, refunded_quantity=1, request_id="n-1")
-        again = await crediting.reverse(StoreId.APP_STORE, txid, refunded_quantity=1, request_id="n-2")
+        first = await crediting.reverse(StoreId.APP_STORE, txid, full=False, refunded_quantity=1, request_id="n-1")
+        again = await crediting.reverse(StoreId.APP_STORE, txid, full=False, refunded_quantity=1, request_id="n-2")
         assert (first.coins_moved, again.coins_moved) == (1400, 0)
         assert (await wallet.balance("fan-1")).coins == 1400
         restored = await crediting.restore(StoreId.APP_STORE, txid, request_id="n-3")

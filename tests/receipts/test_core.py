@@ -226,9 +226,9 @@ async def test_wallet_down_is_unavailable_not_internal(receipts: Receipts) -> No
 async def test_reverse_is_cumulative_and_restore(real: WalletReceipts) -> None:
     crediting = real.components.crediting
     await crediting.credit(purchase("t-11", quantity=4), "fan-1", request_id="r-1")
-    first = await crediting.reverse(StoreId.APP_STORE, "t-11", refunded_quantity=1, request_id="n-1")
+    first = await crediting.reverse(StoreId.APP_STORE, "t-11", full=False, refunded_quantity=1, request_id="n-1")
     assert (first.applied, first.coins_moved, first.new_balance) == (True, 350, 1050)
-    repeat = await crediting.reverse(StoreId.APP_STORE, "t-11", refunded_quantity=1, request_id="n-2")
+    repeat = await crediting.reverse(StoreId.APP_STORE, "t-11", full=False, refunded_quantity=1, request_id="n-2")
     assert (repeat.applied, repeat.coins_moved) == (False, 0)
     assert repeat.record is not None
     assert repeat.record.refunded_quantity == 1

@@ -112,7 +112,7 @@ class ApplePurchases:
                 ]
             if transaction_id:
                 environment, signed = await self.api.find_transaction(
-                    transaction_id, self.policy.lookup_order(environment_hint)
+                    transaction_id, self._lookup_order(environment_hint, account_id)
                 )
                 return [
                     await self._credit_signed(
@@ -123,6 +123,9 @@ class ApplePurchases:
         except DomainError as error:
             self._refusals.labels(error.reason).inc()
             raise
+
+    def _lookup_order(self, hint: Environment | None, account_id: str) -> list[Environment]:
+        return self.policy.lookup_order(hint, self._crediting.sandbox.allows(account_id))
 
     async def _verify_receipt(
         self,
@@ -139,7 +142,7 @@ class ApplePurchases:
             raise FailedPrecondition("NO_TRANSACTIONS", "the receipt holds no App Store in-app purchase")
         anchor = receipt.transaction_ids[0]
         missing: NotFound | None = None
-        for environment in self.policy.lookup_order(environment_hint):
+        for environment in self._lookup_order(environment_hint, account_id):
             results: list[PurchaseResult] = []
             refusal: DomainError | None = None
             try:

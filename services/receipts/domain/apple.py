@@ -23,13 +23,11 @@ CONSUMABLE = "Consumable"
 @dataclass(frozen=True)
 class ApplePolicy:
     bundle_id: str
-    # Accepted App Store environments, as Apple spells them ("Production", "Sandbox").
-    environments: frozenset[str]
 
-    def lookup_order(self, hint: Environment | None) -> list[Environment]:
+    def lookup_order(self, hint: Environment | None, sandbox_allowed: bool) -> list[Environment]:
         """Where to look a transaction id up: the device's hint if allowed, else
-        Production then Sandbox as the policy allows."""
-        allowed = [APPLE_ENVIRONMENTS[e] for e in ("Production", "Sandbox") if e in self.environments]
+        Production, then the Sandbox when the account may buy there."""
+        allowed = [Environment.PRODUCTION, *([Environment.SANDBOX] if sandbox_allowed else [])]
         if hint is not None and hint in allowed:
             return [hint]
         return allowed
@@ -58,7 +56,8 @@ def check_transaction(payload: dict[str, Any], policy: ApplePolicy, field: str) 
             field, f"the transaction is for bundle {payload.get('bundleId')!r}, not this app", "WRONG_BUNDLE"
         )
     environment = payload.get("environment")
-    if environment not in APPLE_ENVIRONMENTS or environment not in policy.environments:
+    if environment not in APPLE_ENVIRONMENTS:
+        # Xcode and LocalTesting transactions are signed by the device, never by Apple.
         raise FailedPrecondition(
             "WRONG_ENVIRONMENT",
             f"App Store environment {environment!r} is not accepted here",

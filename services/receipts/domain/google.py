@@ -123,7 +123,6 @@ class VoidedPage:
 @dataclass(frozen=True)
 class GooglePolicy:
     package_name: str
-    allow_test_purchases: bool
 
 
 @dataclass(frozen=True)
@@ -175,8 +174,6 @@ def evaluate(
             "PURCHASE_STATE_UNKNOWN", f"Google reports purchase state {state or '(none)'!r}", {"state": state}
         )
     item = line_item_for(purchase, product_id)
-    if purchase.test and not policy.allow_test_purchases:
-        raise FailedPrecondition("TEST_PURCHASE_NOT_ALLOWED", "Play test purchases are not credited here")
     pack = catalog.pack(StoreId.GOOGLE_PLAY, product_id)
     price = Price(pack.price.amount_minor * item.quantity, pack.price.currency) if pack is not None else None
     verified = VerifiedPurchase(

@@ -73,6 +73,33 @@ class VerifiedPurchase:
 
 
 @dataclass(frozen=True)
+class SandboxPolicy:
+    """Who may be credited Sandbox purchases (Apple Sandbox: App Review and TestFlight buy
+    there for free; Play test purchases). They are credited as Sandbox value, which can be
+    spent and gifted but never cashed out."""
+
+    everyone: bool
+    accounts: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_setting(cls, accounts: tuple[str, ...]) -> SandboxPolicy:
+        return cls("*" in accounts, frozenset(a for a in accounts if a != "*"))
+
+    def allows(self, account_id: str) -> bool:
+        return self.everyone or account_id in self.accounts
+
+
+def check_sandbox(policy: SandboxPolicy, purchase: VerifiedPurchase, account_id: str) -> None:
+    """Raise SANDBOX_NOT_ALLOWED for a Sandbox purchase of an account not on the allow-list."""
+    if purchase.environment is Environment.SANDBOX and not policy.allows(account_id):
+        raise FailedPrecondition(
+            "SANDBOX_NOT_ALLOWED",
+            "Sandbox and test purchases are accepted only for the accounts COINSTORE_SANDBOX_ACCOUNTS lists",
+            {"environment": "SANDBOX"},
+        )
+
+
+@dataclass(frozen=True)
 class CreditTerms:
     """What the wallet is asked to credit for one purchase; fixed at first claim."""
 

@@ -141,7 +141,7 @@ def build_google(
         binding,
         store,
         consumptions,
-        GooglePolicy(settings.google_package_name, settings.google_allow_test_purchases),
+        GooglePolicy(settings.google_package_name),
         enqueue or BackgroundEnqueuer(celery_sender(settings.broker_url, settings.receipts_queue)),
         clock,
         metrics,

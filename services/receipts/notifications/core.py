@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 CALL_TIMEOUT_SECONDS = 60.0
 _STORES = {"APP_STORE": StoreId.APP_STORE, "GOOGLE_PLAY": StoreId.GOOGLE_PLAY}
+# The environment a store's message names ('' or anything else: the one the purchase was recorded in).
+STORE_ENVIRONMENTS = {"Production": Environment.PRODUCTION, "Sandbox": Environment.SANDBOX}
 
 
 class LoopThread:
@@ -109,6 +111,8 @@ class CoreActions:
         *,
         store: str,
         store_transaction_id: str,
+        environment: str,
+        full: bool,
         refunded_quantity: int,
         refunded_percentage_milli: int,
         reason: str,
@@ -117,11 +121,11 @@ class CoreActions:
         # The purchases row already holds this cumulative refund: nothing to ask the wallet
         # (whose AIP-155 replay would repeat the original "applied" answer).
         record = self._run(self._store.get(_STORES[store], store_transaction_id))
+        state = (0, 0) if full else (refunded_quantity, refunded_percentage_milli)
         if (
             record is not None
             and record.state is StoredState.REFUNDED
-            and (record.refunded_quantity, record.refunded_percentage_milli)
-            == (refunded_quantity, refunded_percentage_milli)
+            and (record.refunded_quantity, record.refunded_percentage_milli) == state
         ):
             return Applied(False, "already refunded")
         try:
@@ -129,6 +133,8 @@ class CoreActions:
                 self._crediting.reverse(
                     _STORES[store],
                     store_transaction_id,
+                    environment=STORE_ENVIRONMENTS.get(environment),
+                    full=full,
                     refunded_quantity=refunded_quantity,
                     refunded_percentage_milli=refunded_percentage_milli,
                     reason=reason,
@@ -137,12 +143,22 @@ class CoreActions:
             )
         except NotFound:
             return Applied(False, "unknown_purchase")
+        if result.nothing_refunded:
+            return Applied(False, "nothing_refunded")
         return Applied(result.applied, f"{result.coins_moved} coins")
 
-    def restore(self, *, store: str, store_transaction_id: str, reason: str, request_id: str) -> Applied:
+    def restore(
+        self, *, store: str, store_transaction_id: str, environment: str, reason: str, request_id: str
+    ) -> Applied:
         try:
             result = self._run(
-                self._crediting.restore(_STORES[store], store_transaction_id, reason=reason, request_id=request_id)
+                self._crediting.restore(
+                    _STORES[store],
+                    store_transaction_id,
+                    environment=STORE_ENVIRONMENTS.get(environment),
+                    reason=reason,
+                    request_id=request_id,
+                )
             )
         except NotFound:
             return Applied(False, "unknown_purchase")

@@ -34,7 +34,6 @@ class Rejected(Exception):
 class AppleExpectations:
     bundle_id: str
     app_apple_id: int
-    environments: tuple[str, ...]
 
 
 def _json_object(raw: bytes | str, what: str) -> dict[str, Any]:
@@ -79,7 +78,7 @@ def parse_apple(body: bytes, verifier: AppleJwsVerifier, expect: AppleExpectatio
         environment = _text(data.get("environment"), "data.environment", limit=16)
         if data.get("bundleId") != expect.bundle_id:
             raise Rejected(403, "data.bundleId is not this app's")
-        if environment not in expect.environments:
+        if environment not in ("Production", "Sandbox"):
             raise Rejected(403, f"data.environment {environment!r} is not accepted")
         if environment == "Production" and data.get("appAppleId") != expect.app_apple_id:
             raise Rejected(403, "data.appAppleId is not this app's")

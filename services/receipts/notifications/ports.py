@@ -65,15 +65,20 @@ class PurchaseActions(Protocol):
         *,
         store: str,
         store_transaction_id: str,
+        environment: str,
+        full: bool,
         refunded_quantity: int,
         refunded_percentage_milli: int,
         reason: str,
         request_id: str,
     ) -> Applied:
-        """State-based claw-back: cumulative refunded quantity (0 = all) or percentage."""
+        """State-based claw-back: the whole purchase (``full``), or the cumulative refunded
+        quantity or percentage. ``environment`` as the store spells it ('' = as recorded)."""
         ...
 
-    def restore(self, *, store: str, store_transaction_id: str, reason: str, request_id: str) -> Applied: ...
+    def restore(
+        self, *, store: str, store_transaction_id: str, environment: str, reason: str, request_id: str
+    ) -> Applied: ...
 
 
 class AccountDirectory(Protocol):

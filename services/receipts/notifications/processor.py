@@ -91,12 +91,13 @@ class NotificationHandler:
             applied = h.actions.credit_apple(account, transaction, _request_id(item, "credit"))
             return "credited" if applied.changed else (applied.detail or "already_credited")
         if kind == "REFUND":
-            percentage = 0
-            if transaction.get("revocationType") == "REFUND_PRORATED":
-                percentage = int(transaction.get("revocationPercentage") or 0)
+            prorated = transaction.get("revocationType") == "REFUND_PRORATED"
+            percentage = int(transaction.get("revocationPercentage") or 0) if prorated else 0
             applied = h.actions.reverse(
                 store=APP_STORE,
                 store_transaction_id=txid,
+                environment=item.environment or "",
+                full=not prorated,
                 refunded_quantity=0,
                 refunded_percentage_milli=percentage,
                 reason=f"apple REFUND reason={transaction.get('revocationReason')}",
@@ -107,6 +108,7 @@ class NotificationHandler:
             applied = h.actions.restore(
                 store=APP_STORE,
                 store_transaction_id=txid,
+                environment=item.environment or "",
                 reason="apple REFUND_REVERSED",
                 request_id=_request_id(item, "restore"),
             )
@@ -157,11 +159,14 @@ class NotificationHandler:
             if int(sub.get("productType") or 2) != 2:
                 return "ignored"
             refunded = 0
-            if int(sub.get("refundType") or 1) == REFUND_TYPE_QUANTITY_BASED_PARTIAL_REFUND and h.play is not None:
+            partial = int(sub.get("refundType") or 1) == REFUND_TYPE_QUANTITY_BASED_PARTIAL_REFUND
+            if partial and h.play is not None:
                 refunded = refunded_quantity_from_play(h.play.get_product_purchase_v2(h.package_name, token))
             applied = h.actions.reverse(
                 store=GOOGLE_PLAY,
                 store_transaction_id=token,
+                environment="",
+                full=not partial,
                 refunded_quantity=refunded,
                 refunded_percentage_milli=0,
                 reason=f"google voided orderId={sub.get('orderId', '')} refundType={sub.get('refundType')}",

@@ -25,7 +25,7 @@ from services.receipts.webhooks import WebhookDeps
 
 
 def apple_expectations(settings: ReceiptsSettings) -> AppleExpectations:
-    return AppleExpectations(settings.apple_bundle_id, settings.apple_app_id, settings.apple_environments)
+    return AppleExpectations(settings.apple_bundle_id, settings.apple_app_id)
 
 
 def pubsub_verifier(settings: ReceiptsSettings) -> PubSubTokenVerifier:

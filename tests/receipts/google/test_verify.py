@@ -164,16 +164,18 @@ async def test_test_purchases_are_sandbox_and_follow_the_policy(keys: Keys, data
         assert result.state == pb.PURCHASE_STATE_CREDITED
         assert result.environment == pb.STORE_ENVIRONMENT_SANDBOX
         assert receipts.wallet.only_credit(bought.token).environment == wpb.STORE_ENVIRONMENT_SANDBOX
-    async with google_receipts(keys, database_url, tmp_path / "strict", {"GOOGLE_ALLOW_TEST_PURCHASES": "false"}) as (
+    # Production settings: test purchases only for the allow-listed accounts (e.g. the review account).
+    async with google_receipts(keys, database_url, tmp_path / "strict", {"SANDBOX_ACCOUNTS": "reviewer"}) as (
         receipts,
         play,
     ):
         bought = play.buy("coins_70", account_id=binding(receipts, "fan-1"), test=True)
-        assert await refused(receipts, bought.token) == (
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "TEST_PURCHASE_NOT_ALLOWED",
-        )
+        assert await refused(receipts, bought.token) == (grpc.StatusCode.FAILED_PRECONDITION, "SANDBOX_NOT_ALLOWED")
         assert receipts.wallet.credits == []
+        allowed = play.buy("coins_70", account_id=binding(receipts, "reviewer"), test=True)
+        assert (await verify(receipts, allowed.token, account_id="reviewer")).state == pb.PURCHASE_STATE_CREDITED
+        real = play.buy("coins_70", account_id=binding(receipts, "fan-1"))
+        assert (await verify(receipts, real.token)).environment == pb.STORE_ENVIRONMENT_PRODUCTION
 
 
 async def test_product_and_package_must_match(keys: Keys, database_url: str, tmp_path: Path) -> None:

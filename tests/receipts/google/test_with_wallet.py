@@ -54,8 +54,8 @@ async def test_play_purchase_credited_once_by_the_real_wallet(keys: Keys, databa
 
         # Google voids one of the two packs, and says so twice: the coins of one pack go back, once.
         crediting = receipts.components.crediting
-        first = await crediting.reverse(StoreId.GOOGLE_PLAY, token, refunded_quantity=1, request_id="v-1")
-        again = await crediting.reverse(StoreId.GOOGLE_PLAY, token, refunded_quantity=1, request_id="v-2")
+        first = await crediting.reverse(StoreId.GOOGLE_PLAY, token, full=False, refunded_quantity=1, request_id="v-1")
+        again = await crediting.reverse(StoreId.GOOGLE_PLAY, token, full=False, refunded_quantity=1, request_id="v-2")
         assert (first.coins_moved, again.coins_moved) == (1400, 0)
         assert await receipts.ledger("fan-1") == [(token, 2800), (token, -1400)]
         assert await receipts.balance("fan-1") == 1400
