@@ -21,9 +21,10 @@ import sqlalchemy as sa
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from services.wallet.audit import audit
 from services.wallet.domain.ledger import PAYOUT_CLEARING, Currency, Kind
 from services.wallet.domain.rules import ReservationState
-from services.wallet.store import audit, entries, reservations, transactions
+from services.wallet.tables import entries, reservations, transactions
 from tests.payouts.conftest import start_service
 from tests.payouts.harness import PayPalSimServer, Worker, exit_status, payouts_settings, write_catalog
 from tests.payouts.test_service import details
@@ -32,6 +33,19 @@ from tests.support.tokens import Keys
 from tests.wallet.support import Wallet, running_wallet
 
 pytestmark = pytest.mark.timeout(240)
+
+
+async def refund(wallet: Wallet, stx: str) -> None:
+    await wallet.stub.ReversePurchase(
+        wpb.ReversePurchaseRequest(
+            request_id=f"rev-{stx}",
+            store=wpb.STORE_APP_STORE,
+            environment=wpb.STORE_ENVIRONMENT_PRODUCTION,
+            store_transaction_id=stx,
+            full_refund=True,
+        ),
+        metadata=wallet.md(),
+    )
 
 
 async def earn(wallet: Wallet, creator: str, diamonds: int) -> None:
@@ -147,21 +161,47 @@ async def test_wallet_refusals_reach_the_creator(
             assert await diamonds(wallet, "poor") == (9_000, 0, 9_000)
             assert await payouts.cashouts("poor") == []
 
-            # Restricted: the creator spent coins whose purchase was then refunded.
+            # Restricted: the creator spent coins on a promotion whose purchase was then refunded.
             await payouts.onboard("debtor")
             await earn(wallet, "debtor", 20_000)
             await wallet.credit("debtor", 50, stx="stx-debtor")
-            await wallet.gift("debtor", "someone", "rose", count=50)
-            await wallet.stub.ReversePurchase(
-                wpb.ReversePurchaseRequest(
-                    request_id="rev-debtor", store=wpb.STORE_APP_STORE, store_transaction_id="stx-debtor"
-                ),
+            await wallet.stub.SpendCoins(
+                wpb.SpendCoinsRequest(request_id="spend-debtor", account_id="debtor", purpose="PROMOTE", coins=50),
                 metadata=wallet.md(),
             )
+            await refund(wallet, "stx-debtor")
             assert (await wallet.balance("debtor")).restricted
             assert await payouts.refusal("debtor", 10_000) == "ACCOUNT_RESTRICTED"
             assert await diamonds(wallet, "debtor") == (20_000, 0, 20_000)
             assert await payouts.cashouts("debtor") == []
+
+            # Diamond debt: gifts already cashed out were paid with coins that were refunded.
+            await payouts.onboard("owing")
+            fan_purchase = await wallet.credit("fan-owing", 10_000, stx="stx-owing")
+            assert fan_purchase.state == wpb.CREDIT_STATE_CREDITED
+            await wallet.gift("fan-owing", "owing", "rose", count=10_000)
+            await earn(wallet, "owing", 10_000)
+            await wallet.stub.ReserveDiamonds(
+                wpb.ReserveDiamondsRequest(
+                    request_id="hold-owing", account_id="owing", diamonds=20_000, reservation_id="hold-owing"
+                ),
+                metadata=wallet.md(),
+            )
+            await wallet.stub.CommitReservation(
+                wpb.CommitReservationRequest(request_id="commit-owing", reservation_id="hold-owing"),
+                metadata=wallet.md(),
+            )
+            await refund(wallet, "stx-owing")
+            await earn(wallet, "owing", 12_000)  # 10,000 of it repay the debt first
+            assert await payouts.refusal("owing", 10_000) == "INSUFFICIENT_DIAMONDS"
+            assert (await wallet.balance("owing")).diamond_debt == 0
+
+            # Sandbox diamonds are never withdrawable.
+            await payouts.onboard("tested")
+            await wallet.credit("tester", 20_000, stx="stx-sandbox", environment=wpb.STORE_ENVIRONMENT_SANDBOX)
+            await wallet.gift("tester", "tested", "rose", count=20_000)
+            assert await payouts.refusal("tested", 10_000) == "SANDBOX_NOT_WITHDRAWABLE"
+            assert await payouts.cashouts("tested") == []
 
 
 async def test_immature_diamonds_cannot_be_cashed_out(
