@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from services.common import migrate
 from services.common.db import create_engine
@@ -106,3 +110,47 @@ def test_service_names_bad_configuration(variable: str, value: str, named: str, 
     assert result.returncode == 2
     assert named in result.stderr
     assert "Traceback" not in result.stderr
+
+
+RECEIPTS_OLD_HEADS = {"receipts_0002", "receipts_google_0001", "receipts_inbox_0001"}
+
+
+def test_receipts_history_has_one_head_and_a_database_at_the_old_heads_reaches_it(database_url: str) -> None:
+    config = migrate.alembic_config("receipts", database_url)
+    assert ScriptDirectory.from_config(config).get_heads() == ["receipts_0003"]
+    engine = create_engine(database_url, 1)
+    try:
+        # Where `coinstore migrate` left every database before the heads were joined.
+        for head in sorted(RECEIPTS_OLD_HEADS):
+            migrate.upgrade("receipts", database_url, head)
+        assert _receipts_revisions(engine) == RECEIPTS_OLD_HEADS
+        with pytest.raises(migrate.NotMigrated):
+            migrate.check_migrated("receipts", engine)
+        now = datetime.now(UTC)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO receipts_account_bindings (account_id, app_account_token, obfuscated_account_id,"
+                    " created_at) VALUES ('fan-1', 'token-1', 'obfuscated-1', :now)"
+                ),
+                {"now": now},
+            )
+        migrate.upgrade("receipts", database_url)
+        assert _receipts_revisions(engine) == {"receipts_0003"}
+        migrate.check_migrated("receipts", engine)
+        with engine.connect() as conn:
+            kept = conn.execute(sa.text("SELECT account_id FROM receipts_account_bindings")).scalars().all()
+        assert kept == ["fan-1"]
+        # And back: the join undoes to the three heads, with their tables.
+        command.downgrade(config, "receipts_0002")
+        assert _receipts_revisions(engine) == RECEIPTS_OLD_HEADS
+        tables = set(sa.inspect(engine).get_table_names())
+        assert {"receipts_purchases", "receipts_google_consumptions", "receipts_notifications"} <= tables
+    finally:
+        engine.dispose()
+
+
+def _receipts_revisions(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": "alembic_version_receipts"})
+        return set(context.get_current_heads())

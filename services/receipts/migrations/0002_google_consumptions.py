@@ -12,7 +12,7 @@ from alembic import op
 
 revision = "receipts_google_0001"
 down_revision = "receipts_0001"
-branch_labels = ("receipts_google",)
+branch_labels = None
 depends_on = None
 
 

@@ -13,7 +13,7 @@ from alembic import op
 
 revision = "receipts_inbox_0001"
 down_revision = "receipts_0001"
-branch_labels = ("receipts_inbox",)
+branch_labels = None
 depends_on = None
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
