@@ -7,12 +7,12 @@ import asyncio
 from services.common.bootstrap import build_runtime, load, run_main
 from services.common.celery_app import make_celery_app
 from services.common.server import run_until_signalled
-from services.receipts import tasks_notifications
 from services.receipts.components import build_components
 from services.receipts.config import ReceiptsSettings
+from services.receipts.notifications import tasks as notification_tasks
 from services.receipts.notifications import wiring
+from services.receipts.notifications.webhooks import InboxCollector, WebhookServer, create_webhook_app
 from services.receipts.server import SERVICE, build_host_with
-from services.receipts.webhooks import InboxCollector, WebhookServer, create_webhook_app
 
 
 async def serve(settings: ReceiptsSettings) -> None:
@@ -20,7 +20,7 @@ async def serve(settings: ReceiptsSettings) -> None:
     components = build_components(settings, runtime)
     host = build_host_with(components, runtime)
     celery = make_celery_app(settings.receipts_queue, settings.broker_url)
-    dispatch = tasks_notifications.sender(celery, settings.receipts_queue)
+    dispatch = notification_tasks.sender(celery, settings.receipts_queue)
     deps = wiring.webhook_deps(settings, components, dispatch, asyncio.get_running_loop(), runtime.failpoints)
     runtime.metrics.registry.register(InboxCollector(deps.inbox))  # type: ignore[arg-type]
     webhooks = WebhookServer(create_webhook_app(deps), settings.bind_host, settings.webhook_port)

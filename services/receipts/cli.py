@@ -1,10 +1,14 @@
-"""`coinstore receipts …` subcommands."""
+"""`coinstore receipts …` subcommands: ``reconcile --since …`` runs the reconciliation by hand."""
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+from datetime import UTC, datetime, timedelta
 
-from services.receipts import reconcile_cli
+_RELATIVE = re.compile(r"^(\d+)([dhm])$")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,4 +20,64 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     parser.set_defaults(handler=show_help)
     commands = parser.add_subparsers(dest="receipts_command")
-    reconcile_cli.add_reconcile(commands)
+    add_reconcile(commands)
+
+
+def parse_since(raw: str, now: datetime) -> datetime:
+    """``7d``, ``12h``, ``30m``, or an ISO 8601 date/time (UTC when no offset is given)."""
+    match = _RELATIVE.match(raw.strip())
+    if match:
+        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--since: {raw!r} is neither like 7d/12h/30m nor an ISO date") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def add_reconcile(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "reconcile",
+        help="apply store refunds no notification delivered (Google voided purchases, Apple refund history)",
+    )
+    parser.add_argument(
+        "--since",
+        type=lambda raw: parse_since(raw, datetime.now(UTC)),
+        default="30d",
+        help="how far back: 7d, 12h, 30m or an ISO date (default 30d)",
+    )
+    parser.add_argument("--store", choices=("all", "google", "apple"), default="all")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from services.common.bootstrap import load, run_main
+    from services.receipts.config import ReceiptsSettings
+    from services.receipts.notifications import wiring
+    from services.receipts.notifications.tasks import build_reconciler
+
+    def main() -> int:
+        since: datetime = args.since
+        settings = load(ReceiptsSettings, "receipts-reconcile")
+        components = wiring.build_worker_components(settings)
+        reconciler = build_reconciler(settings, components, components.metrics)
+        with tqdm(desc="reconciling", unit="purchase", file=sys.stderr) as bar:
+
+            def progress(count: int) -> None:
+                bar.update(count)
+
+            if args.store == "google":
+                results = [reconciler.google(since, progress)] if components.play else []
+            elif args.store == "apple":
+                results = [reconciler.apple(since, progress)]
+            else:
+                results = reconciler.run(since, progress)
+        for result in results:
+            print(f"{result.source}: examined {result.examined}, applied {result.applied}, pages {result.pages}")
+        if args.store in ("all", "google") and components.play is None:
+            print("google: skipped (no Play client configured)")
+        return 0
+
+    return run_main("receipts-reconcile", main)

@@ -18,19 +18,19 @@ from services.common.clients import aio_channel
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.metrics import Metrics
-from services.receipts.appstore.api import AppStoreApi, TokenMinter, load_api_key
-from services.receipts.appstore.jws import AppleJwsVerifier, load_root_certificates
-from services.receipts.appstore.ocsp import HttpOcspChecker
-from services.receipts.appstore.service import ApplePurchases
+from services.receipts.apple.client import AppStoreApi, TokenMinter, load_api_key
+from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
+from services.receipts.apple.ocsp import HttpOcspChecker
+from services.receipts.apple.rules import ApplePolicy
+from services.receipts.apple.verify import ApplePurchases
 from services.receipts.config import ReceiptsSettings
-from services.receipts.crediting import Crediting
-from services.receipts.domain.apple import ApplePolicy
-from services.receipts.domain.binding import Binding
-from services.receipts.domain.purchases import SandboxPolicy
-from services.receipts.google.service import GooglePurchases
+from services.receipts.google.verify import GooglePurchases
 from services.receipts.google.wiring import build_google
-from services.receipts.store import PurchaseStore
-from services.receipts.wallet import WalletClient
+from services.receipts.purchases.binding import Binding
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.repository import PurchaseStore
+from services.receipts.purchases.rules import SandboxPolicy
+from services.receipts.purchases.wallet import WalletClient
 
 SERVICE = "receipts"
 WALLET_SCOPES = ("wallet:credit",)

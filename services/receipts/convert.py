@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.type.v1 import money_pb2
 from services.common.catalog import CoinPack, Price, Promotion, StoreId
-from services.receipts.domain.purchases import Environment, Outcome, PurchaseRecord, PurchaseResult, StoredState
+from services.receipts.purchases.model import Environment, Outcome, PurchaseRecord, PurchaseResult, StoredState
 
 STORE_TO_PB = {StoreId.APP_STORE: pb.STORE_APP_STORE, StoreId.GOOGLE_PLAY: pb.STORE_GOOGLE_PLAY}
 STORE_FROM_PB: Mapping[int, StoreId] = {v: k for k, v in STORE_TO_PB.items()}

@@ -12,11 +12,11 @@ from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
 from services.common.validation import optional_id, require_enum, require_id, require_text
 from services.receipts.components import Components
 from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, result_pb
-from services.receipts.domain.purchases import Environment, PurchaseResult
 from services.receipts.errors import InvalidArgument, NotFound
-from services.receipts.google.service import require_purchase_token
-from services.receipts.notifications.store import BindingStore
-from services.receipts.store import RequestRecorder
+from services.receipts.google.verify import require_purchase_token
+from services.receipts.notifications.repository import BindingStore
+from services.receipts.purchases.model import Environment, PurchaseResult
+from services.receipts.purchases.repository import RequestRecorder
 
 M = TypeVar("M", bound=Message)
 

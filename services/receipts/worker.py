@@ -10,8 +10,9 @@ from celery import Celery
 
 from services.common.bootstrap import load, run_main
 from services.common.celery_app import beat_schedule_file, make_celery_app
-from services.receipts import tasks_google, tasks_notifications
 from services.receipts.config import ReceiptsSettings
+from services.receipts.google import tasks as google_tasks
+from services.receipts.notifications import tasks as notification_tasks
 
 SERVICE = "receipts"
 
@@ -20,8 +21,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: ReceiptsSettings) -> Celery:
     app = make_celery_app(settings.receipts_queue, settings.broker_url)
-    tasks_google.register(app, settings)
-    tasks_notifications.register(app, settings, queue=settings.receipts_queue)
+    google_tasks.register(app, settings)
+    notification_tasks.register(app, settings, queue=settings.receipts_queue)
     return app
 
 

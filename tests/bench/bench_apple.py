@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from services.receipts.appstore.jws import AppleJwsVerifier
+from services.receipts.apple.jws import AppleJwsVerifier
 from services.storesim.apple import create_store
 from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
 from tests.support.ports import free_port
@@ -134,7 +134,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
     from coinstore.receipts.v1 import receipt_service_pb2 as pb
     from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
     from services.common import migrate
-    from services.receipts.domain.binding import Binding
+    from services.receipts.purchases.binding import Binding
     from tests.support.tokens import make_keys
 
     total = 512 if args.quick else 4000

@@ -62,7 +62,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
     from coinstore.receipts.v1 import receipt_service_pb2 as pb
     from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
     from services.common import migrate
-    from services.receipts.domain.binding import Binding
+    from services.receipts.purchases.binding import Binding
     from tests.support.tokens import make_keys
 
     total = 512 if args.quick else 4000

@@ -20,14 +20,14 @@ from services.common import migrate
 from services.common.clock import SystemClock
 from services.common.db import Database
 from services.common.metrics import Metrics
-from services.receipts.appstore.jws import AppleJwsVerifier
+from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.components import Components, build_components
 from services.receipts.notifications.core import CoreActions, CoreAppleVerifier, CorePlayApi, LoopThread
-from services.receipts.notifications.oidc import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.ports import Applied, PurchaseActions
-from services.receipts.notifications.store import InboxStore
-from services.receipts.webhooks import WebhookDeps, WebhookServer, create_webhook_app
+from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
+from services.receipts.notifications.repository import InboxStore
+from services.receipts.notifications.webhooks import WebhookDeps, WebhookServer, create_webhook_app
 from services.storesim import apple as apple_sim
 from services.storesim import pubsub
 from services.storesim.config import StoresimSettings

@@ -23,13 +23,13 @@ from coinstore.receipts.v1 import receipt_service_pb2 as rpb
 from coinstore.type.v1 import money_pb2
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
-from services.receipts import tasks_notifications
 from services.receipts.components import Components, build_components
 from services.receipts.config import ReceiptsSettings
+from services.receipts.notifications import tasks as notification_tasks
 from services.receipts.notifications import wiring
-from services.receipts.notifications.store import BindingStore, InboxStore
+from services.receipts.notifications.repository import BindingStore, InboxStore
+from services.receipts.notifications.webhooks import WebhookServer, create_webhook_app
 from services.receipts.servicer import ReceiptServiceServicer
-from services.receipts.webhooks import WebhookServer, create_webhook_app
 from services.storesim.app import create_app
 from services.storesim.apple import APPLE_STORE, AppleStore
 from services.storesim.apple_notifications import APPLE_NOTIFIER, AppleNotifier
@@ -94,7 +94,7 @@ class System:
             await asyncio.sleep(0.05)
 
     def sweep(self) -> None:
-        self.celery.send_task(tasks_notifications.task_names(self.queue)[1], queue=self.queue)
+        self.celery.send_task(notification_tasks.task_names(self.queue)[1], queue=self.queue)
 
 
 @asynccontextmanager
@@ -154,8 +154,8 @@ async def running_system(
         components = build_components(settings, runtime)
         queue = f"receipts-{uuid.uuid4().hex[:8]}"
         celery = make_celery_app(queue, settings.broker_url)
-        tasks_notifications.register(celery, settings, queue=queue)
-        dispatch = tasks_notifications.sender(celery, queue)
+        notification_tasks.register(celery, settings, queue=queue)
+        dispatch = notification_tasks.sender(celery, queue)
         if dispatch_wrapper is not None:
             dispatch = dispatch_wrapper(dispatch)
         deps = wiring.webhook_deps(settings, components, dispatch, asyncio.get_running_loop())

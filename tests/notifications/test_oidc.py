@@ -16,8 +16,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.receipts.notifications.oidc import JwksCache, PubSubTokenVerifier, TokenRejected
 from services.receipts.notifications.parse import Rejected, decode_pubsub_data
+from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier, TokenRejected
 from tests.notifications.conftest import AUDIENCE, SERVICE_ACCOUNT, Sim
 
 

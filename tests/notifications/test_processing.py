@@ -22,14 +22,14 @@ from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.failpoints import Action, FailpointError, Failpoints
 from services.common.metrics import Metrics
-from services.receipts import tasks_notifications
 from services.receipts.config import ReceiptsSettings
+from services.receipts.notifications import tasks as notification_tasks
 from services.receipts.notifications import wiring
 from services.receipts.notifications.core import LoopThread
 from services.receipts.notifications.parse import AppleExpectations, parse_apple, parse_google
 from services.receipts.notifications.ports import PurchaseActions, StoreUnavailable
 from services.receipts.notifications.processor import Handlers, InboxProcessor, NotificationHandler
-from services.receipts.notifications.store import LEASE, BindingStore, InboxStore, NewNotification
+from services.receipts.notifications.repository import LEASE, BindingStore, InboxStore, NewNotification
 from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
 from tests.notifications.apple_payloads import notification, transaction
@@ -334,11 +334,11 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
             play=None,
             metrics=harness.metrics,
         )
-        tasks_notifications.register(app, settings, factory=lambda: components, queue=queue)
+        notification_tasks.register(app, settings, factory=lambda: components, queue=queue)
         txids = [f"31000000{i}" for i in range(3)]
         refunds = [harness.store_apple("REFUND", credited(harness, f"acct-w{i}", t)) for i, t in enumerate(txids)]
         queued, lost = refunds[0], refunds[1:]
-        dispatch = tasks_notifications.sender(app, queue)
+        dispatch = notification_tasks.sender(app, queue)
 
         def processed(rows: list[int]) -> bool:
             return all(harness.inbox.outcome(r)[0] == "processed" for r in rows)
@@ -348,7 +348,7 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
             wait_until(lambda: processed([queued]), 60, "the worker to process the queued row")
             # The worker has run the one task it was sent, and only that one.
             assert [harness.inbox.outcome(r)[0] for r in lost] == ["pending", "pending"]
-            app.send_task(tasks_notifications.task_names(queue)[1], queue=queue)
+            app.send_task(notification_tasks.task_names(queue)[1], queue=queue)
             wait_until(lambda: processed(lost), 60, "the sweeper's tasks to process the lost rows")
     for i, txid in enumerate(txids):
         assert core.ledger(f"acct-w{i}") == [(txid, 350), (txid, -350)]

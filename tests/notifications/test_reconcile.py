@@ -18,10 +18,10 @@ import pytest
 
 from services.common.clock import SystemClock
 from services.common.metrics import Metrics
+from services.receipts.cli import parse_since
 from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier, CorePlayApi
-from services.receipts.notifications.store import RecentApplePurchases, ReconcileRuns
-from services.receipts.reconcile import Quota, QuotaExhausted, Reconciler
-from services.receipts.reconcile_cli import parse_since
+from services.receipts.notifications.reconcile import Quota, QuotaExhausted, Reconciler
+from services.receipts.notifications.repository import RecentApplePurchases, ReconcileRuns
 from tests.notifications.conftest import Core
 from tests.notifications.system import running_system
 from tests.support.tokens import Keys

@@ -22,7 +22,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common import migrate
 from services.common.db import Database
 from services.receipts.notifications.parse import APPLE
-from services.receipts.notifications.store import InboxStore, NewNotification
+from services.receipts.notifications.repository import InboxStore, NewNotification
 from services.storesim import apple as apple_sim
 from tests.notifications.apple_payloads import notification
 from tests.notifications.system import credit_directly

@@ -17,8 +17,8 @@ import jwt
 import pytest
 
 from services.common.errors import DomainError
-from services.receipts.appstore.api import AppStoreApi, RetryPolicy, TokenMinter, load_api_key
-from services.receipts.domain.purchases import Environment
+from services.receipts.apple.client import AppStoreApi, RetryPolicy, TokenMinter, load_api_key
+from services.receipts.purchases.model import Environment
 from services.storesim.apple import BUNDLE_ID, ISSUER_ID, KEY_ID, AppleStore, Fault
 from tests.receipts.support import apple_simulator
 

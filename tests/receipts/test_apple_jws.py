@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.common.errors import DomainError
-from services.receipts.appstore.jws import AppleJwsVerifier, load_root_certificates
-from services.receipts.domain.apple import ApplePolicy, check_transaction
+from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
+from services.receipts.apple.rules import ApplePolicy, check_transaction
 from services.storesim.apple import JwsSigner, Pki, make_pki
 
 BUNDLE = "com.coinstore.app"

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from services.common.errors import DomainError
-from services.receipts.appstore.jws import AppleJwsVerifier
-from services.receipts.appstore.ocsp import HttpOcspChecker
+from services.receipts.apple.jws import AppleJwsVerifier
+from services.receipts.apple.ocsp import HttpOcspChecker
 from services.storesim.apple import JwsSigner, Pki, make_pki
 
 

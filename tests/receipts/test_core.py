@@ -18,8 +18,8 @@ from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import Price, StoreId
 from services.common.errors import DomainError
-from services.receipts.domain.binding import Binding
-from services.receipts.domain.purchases import Environment, Outcome, VerifiedPurchase
+from services.receipts.purchases.binding import Binding
+from services.receipts.purchases.model import Environment, Outcome, VerifiedPurchase
 from tests.receipts.support import Receipts, WalletReceipts, receipts_service, receipts_with_wallet
 from tests.support.status import error_reason
 from tests.support.tokens import Keys

@@ -18,8 +18,8 @@ from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
 from services.common import migrate
 from services.common.catalog import StoreId
 from services.common.db import Database
-from services.receipts.domain.purchases import StoredState
-from services.receipts.store import PurchaseStore
+from services.receipts.purchases.model import StoredState
+from services.receipts.purchases.repository import PurchaseStore
 from tests.receipts.support import apple_simulator, ledger, simulator_settings
 from tests.support.failpoints import failpoint_env, wait_fired
 from tests.support.receipts_processes import SERVICE, child, receipts_env

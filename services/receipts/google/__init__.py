@@ -1,2 +1,1 @@
-"""The Google Play path of the receipts service: the Android Publisher client,
-VerifyGooglePurchase and the consumption queue."""
+"""The Google Play slice: the Android Publisher client, VerifyGooglePurchase and consume after credit."""

@@ -38,7 +38,7 @@ from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from services.common.errors import Unavailable
-from services.receipts.domain.google import PurchaseV2, VoidedPage, VoidedPurchase
+from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from services.common.celery_app import make_celery_app
 from services.common.clock import Clock
 from services.common.metrics import Metrics
 from services.receipts.config import ReceiptsSettings
-from services.receipts.crediting import Crediting
-from services.receipts.domain.binding import Binding
-from services.receipts.domain.google import GooglePolicy
 from services.receipts.google.client import PlayClient
-from services.receipts.google.service import GooglePurchases
-from services.receipts.google.store import ConsumptionStore
-from services.receipts.store import PurchaseStore
-from services.receipts.tasks_google import CONSUME_BATCH_TASK, CONSUME_TASK
+from services.receipts.google.repository import ConsumptionStore
+from services.receipts.google.rules import GooglePolicy
+from services.receipts.google.tasks import CONSUME_BATCH_TASK, CONSUME_TASK
+from services.receipts.google.verify import GooglePurchases
+from services.receipts.purchases.binding import Binding
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.repository import PurchaseStore
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Store notifications: the durable inbox, verification and processing."""
+"""Store notifications: the webhooks, the durable inbox, processing through the purchases core, reconciliation."""

@@ -1,5 +1,5 @@
 """PurchaseActions over the receipts core's one exactly-once path
-(`services.receipts.crediting.Crediting`), for the synchronous Celery worker.
+(`services.receipts.purchases.crediting.Crediting`), for the synchronous Celery worker.
 
 The core is asyncio (grpc.aio wallet channel), so the worker runs one event
 loop in a background thread per process and submits coroutines to it.
@@ -14,15 +14,15 @@ from typing import Any, TypeVar
 
 from services.common.catalog import StoreId
 from services.common.errors import DomainError, NotFound, Unavailable
-from services.receipts.appstore.api import AppStoreApi
-from services.receipts.appstore.jws import AppleJwsVerifier
-from services.receipts.crediting import Crediting
-from services.receipts.domain.apple import ApplePolicy, check_transaction
-from services.receipts.domain.purchases import Environment, Outcome, StoredState, VerifiedPurchase
+from services.receipts.apple.client import AppStoreApi
+from services.receipts.apple.jws import AppleJwsVerifier
+from services.receipts.apple.rules import ApplePolicy, check_transaction
 from services.receipts.google.client import PlayApiError, PlayClient
-from services.receipts.google.service import GooglePurchases
+from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications.ports import Applied, Refused, StoreUnavailable, VerificationFailed
-from services.receipts.store import PurchaseStore
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.model import Environment, Outcome, StoredState, VerifiedPurchase
+from services.receipts.purchases.repository import PurchaseStore
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.receipts.notifications.ports import AppleJwsVerifier, VerificationFailed
-from services.receipts.notifications.store import NewNotification
+from services.receipts.notifications.repository import NewNotification
 
 APPLE = "apple"
 _NEEDS_TRANSACTION = ("ONE_TIME_CHARGE", "REFUND", "REFUND_REVERSED", "REFUND_DECLINED", "CONSUMPTION_REQUEST")

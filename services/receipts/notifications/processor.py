@@ -26,7 +26,7 @@ from services.receipts.notifications.ports import (
     PurchaseActions,
     Refused,
 )
-from services.receipts.notifications.store import DEAD, InboxStore, StoredNotification
+from services.receipts.notifications.repository import DEAD, InboxStore, StoredNotification
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from services.receipts.components import SERVICE, Components
 from services.receipts.components import build_components as core_components
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier, CorePlayApi, LoopThread
-from services.receipts.notifications.oidc import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.ports import AppleJwsVerifier, AppleServerApi, PlayApi, PurchaseActions
 from services.receipts.notifications.processor import DeliveredFacts, Handlers, InboxProcessor, NotificationHandler
-from services.receipts.notifications.store import BindingStore, InboxStore
-from services.receipts.webhooks import WebhookDeps
+from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
+from services.receipts.notifications.repository import BindingStore, InboxStore
+from services.receipts.notifications.webhooks import WebhookDeps
 
 
 def apple_expectations(settings: ReceiptsSettings) -> AppleExpectations:

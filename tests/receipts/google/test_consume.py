@@ -15,9 +15,9 @@ from services.common.celery_app import MAX_COUNTDOWN_SECONDS, retry_countdown
 from services.common.clock import SystemClock
 from services.common.db import Database
 from services.receipts.google.client import PlayClient
-from services.receipts.google.store import ConsumeState, ConsumptionStore
-from services.receipts.store import purchases
-from services.receipts.tasks_google import Consumer
+from services.receipts.google.consume import Consumer
+from services.receipts.google.repository import ConsumeState, ConsumptionStore
+from services.receipts.purchases.repository import purchases
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import PACKAGE, play_simulator_thread
 

@@ -14,7 +14,7 @@ import pytest
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import StoreId
-from services.receipts.google.store import ConsumeState
+from services.receipts.google.repository import ConsumeState
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import PACKAGE, google_receipts
 from tests.receipts.support import Receipts

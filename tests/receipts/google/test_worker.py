@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
-from services.receipts.google.store import ConsumeState
+from services.receipts.google.repository import ConsumeState
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import google_settings, play_simulator_thread
 from tests.receipts.support import REPO, receipts_service

@@ -20,8 +20,8 @@ from sqlalchemy.engine import Connection
 from services.common.catalog import StoreId
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
-from services.receipts.domain.purchases import StoredState
-from services.receipts.store import metadata, purchases
+from services.receipts.purchases.model import StoredState
+from services.receipts.purchases.repository import metadata, purchases
 
 consumptions = sa.Table(
     "receipts_google_consumptions",

@@ -33,7 +33,7 @@ from services.receipts.notifications.ports import (
     StoreUnavailable,
 )
 from services.receipts.notifications.processor import APP_STORE, GOOGLE_PLAY, refunded_quantity_from_play
-from services.receipts.notifications.store import ReconcileRuns
+from services.receipts.notifications.repository import ReconcileRuns
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ through the one crediting path, then have the purchase consumed.
 Consumption happens strictly after the credit committed: the "credited, not
 yet consumed" row is written in the very transaction that marks the purchase
 CREDITED (through the crediting path's recorder hook), and only then is the
-Celery consume task queued (:mod:`services.receipts.tasks_google`). If queueing
+Celery consume task queued (:mod:`services.receipts.google.tasks`). If queueing
 fails or the worker dies, the periodic sweep finds the row (or a credited
 purchase without a row) and consumes it.
 
@@ -27,20 +27,14 @@ from services.common.catalog import Catalog
 from services.common.clock import Clock
 from services.common.errors import DomainError
 from services.common.metrics import Metrics
-from services.receipts.crediting import Crediting
-from services.receipts.domain.binding import Binding
-from services.receipts.domain.google import GooglePolicy, GoogleVerdict, check_account, check_package, evaluate
-from services.receipts.domain.purchases import (
-    Outcome,
-    PurchaseRecord,
-    PurchaseResult,
-    StoredState,
-    VerifiedPurchase,
-)
 from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.receipts.google.client import PlayApiError, PlayClient
-from services.receipts.google.store import ConsumptionStore
-from services.receipts.store import PurchaseStore, RequestRecorder
+from services.receipts.google.repository import ConsumptionStore
+from services.receipts.google.rules import GooglePolicy, GoogleVerdict, check_account, check_package, evaluate
+from services.receipts.purchases.binding import Binding
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.model import Outcome, PurchaseRecord, PurchaseResult, StoredState, VerifiedPurchase
+from services.receipts.purchases.repository import PurchaseStore, RequestRecorder
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.common.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.settings import SettingsError
-from services.receipts.domain.purchases import Environment
+from services.receipts.purchases.model import Environment
 
 log = logging.getLogger(__name__)
 

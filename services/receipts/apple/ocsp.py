@@ -23,7 +23,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from services.common.errors import InvalidArgument, Unavailable
-from services.receipts.appstore.jws import OcspChecker
+from services.receipts.apple.jws import OcspChecker
 
 MAX_SKEW_SECONDS = 60.0
 CACHE_SECONDS = 15 * 60.0

@@ -20,8 +20,8 @@ from services.common.catalog import Price, StoreId
 from services.common.db import Database
 from services.common.errors import RequestIdReused
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
-from services.receipts.domain.purchases import CreditTerms, Environment, PurchaseRecord, StoredState
 from services.receipts.errors import PermissionDenied
+from services.receipts.purchases.model import CreditTerms, Environment, PurchaseRecord, StoredState
 
 metadata = sa.MetaData()
 request_log = request_log_table(metadata, "receipts")

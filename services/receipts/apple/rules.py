@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.common.catalog import CURRENCY_EXPONENTS, Price, StoreId
-from services.receipts.domain.purchases import Environment, VerifiedPurchase
 from services.receipts.errors import FailedPrecondition, InvalidArgument
+from services.receipts.purchases.model import Environment, VerifiedPurchase
 
 APPLE_ENVIRONMENTS = {"Production": Environment.PRODUCTION, "Sandbox": Environment.SANDBOX}
 CONSUMABLE = "Consumable"

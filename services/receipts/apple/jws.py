@@ -126,7 +126,7 @@ class Decoded(NamedTuple):
 
 
 class OcspChecker:
-    """Revocation status of a (certificate, issuer) pair; see services.receipts.appstore.ocsp."""
+    """Revocation status of a (certificate, issuer) pair; see services.receipts.apple.ocsp."""
 
     async def check(self, cert: x509.Certificate, issuer: x509.Certificate, field: str) -> float:
         """Raise when revoked or unknown; return until when the answer may be cached (epoch seconds)."""

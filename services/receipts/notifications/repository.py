@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from services.common.catalog import StoreId
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
-from services.receipts.store import purchases
+from services.receipts.purchases.repository import purchases
 
 metadata = sa.MetaData()
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")

@@ -17,15 +17,15 @@ from typing import Any
 
 from services.common.errors import DomainError
 from services.common.metrics import Metrics
-from services.receipts.appstore.api import AppStoreApi
-from services.receipts.appstore.jws import AppleJwsVerifier
-from services.receipts.appstore.receipt import parse_app_receipt
-from services.receipts.crediting import Crediting
-from services.receipts.domain.apple import ApplePolicy, app_account_token, check_transaction
-from services.receipts.domain.binding import Binding
-from services.receipts.domain.purchases import Environment, PurchaseResult, VerifiedPurchase
+from services.receipts.apple.app_receipt import parse_app_receipt
+from services.receipts.apple.client import AppStoreApi
+from services.receipts.apple.jws import AppleJwsVerifier
+from services.receipts.apple.rules import ApplePolicy, app_account_token, check_transaction
 from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from services.receipts.store import RequestRecorder
+from services.receipts.purchases.binding import Binding
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.model import Environment, PurchaseResult, VerifiedPurchase
+from services.receipts.purchases.repository import RequestRecorder
 
 log = logging.getLogger(__name__)
 

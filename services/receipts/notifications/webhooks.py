@@ -23,7 +23,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from services.common.clock import Clock
 from services.common.failpoints import Failpoints
 from services.common.metrics import Metrics
-from services.receipts.notifications.oidc import KeysUnavailable, PubSubTokenVerifier, TokenRejected
 from services.receipts.notifications.parse import (
     APPLE,
     GOOGLE,
@@ -33,7 +32,8 @@ from services.receipts.notifications.parse import (
     parse_google,
 )
 from services.receipts.notifications.ports import AppleJwsVerifier
-from services.receipts.notifications.store import InboxStore, NewNotification
+from services.receipts.notifications.pubsub_auth import KeysUnavailable, PubSubTokenVerifier, TokenRejected
+from services.receipts.notifications.repository import InboxStore, NewNotification
 
 log = logging.getLogger(__name__)
 

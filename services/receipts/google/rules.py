@@ -15,11 +15,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from services.common.catalog import Catalog, Price, StoreId
-from services.receipts.domain.purchases import Environment, VerifiedPurchase
 from services.receipts.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from services.receipts.purchases.model import Environment, VerifiedPurchase
 
 if TYPE_CHECKING:
-    from services.receipts.domain.binding import Binding
+    from services.receipts.purchases.binding import Binding
 
 # Purchase states of ProductPurchaseV2.purchaseStateContext (note Google's double L).
 PURCHASED = "PURCHASED"

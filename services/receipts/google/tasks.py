@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
 
 from services.common.celery_app import retry_countdown
-from services.common.clock import Clock, SystemClock
+from services.common.clock import SystemClock
 from services.common.db import Database
-from services.common.errors import Unavailable
 from services.receipts.config import ReceiptsSettings
-from services.receipts.domain.google import CANCELLED, PURCHASED
-from services.receipts.google.client import PlayApiError, PlayClient
-from services.receipts.google.store import ConsumeState, ConsumptionStore
+from services.receipts.google.client import PlayClient
+from services.receipts.google.consume import Consumer
+from services.receipts.google.repository import ConsumptionStore
 
 log = logging.getLogger(__name__)
 
@@ -38,69 +36,6 @@ SWEEP_TASK = "receipts.google.sweep"
 MAX_RETRIES = 12
 BASE_DELAY_SECONDS = 2.0
 SWEEP_BATCH = 50
-
-
-@dataclass
-class ConsumeOutcome:
-    """What one consume attempt decided: done (with the final state) or retry."""
-
-    done: bool
-    state: ConsumeState | None = None
-    note: str = ""
-
-
-class Consumer:
-    """Consumes one credited Play purchase; the decisions, without Celery."""
-
-    def __init__(self, client: PlayClient, store: ConsumptionStore, clock: Clock) -> None:
-        self.client = client
-        self.store = store
-        self.clock = clock
-
-    def consume(self, token: str) -> ConsumeOutcome:
-        row = self.store.get(token)
-        if row is None or row.state is not ConsumeState.UNCONSUMED:
-            return ConsumeOutcome(True, row.state if row else None, "nothing to do")
-        try:
-            self.client.consume(row.package_name, row.product_id, token)
-            return self._finish(token, ConsumeState.CONSUMED, "")
-        except PlayApiError as error:
-            if error.status == 409:
-                return self._retry(token, f"409 {error.reason}")
-            if error.status == 400 and error.reason == "invalidPurchaseState":
-                return self._reread(token, row.product_id, row.package_name)
-            if error.status in (404, 410):
-                return self._finish(token, ConsumeState.ABANDONED, f"{error.status} {error.reason}")
-            return self._retry(token, str(error))
-        except Unavailable as error:
-            return self._retry(token, f"{error.reason}: {error.message}")
-
-    def _reread(self, token: str, product_id: str, package_name: str) -> ConsumeOutcome:
-        try:
-            purchase = self.client.get_purchase_v2(package_name, token)
-        except PlayApiError as error:
-            if error.status in (404, 410):
-                return self._finish(token, ConsumeState.ABANDONED, f"{error.status} {error.reason}")
-            return self._retry(token, str(error))
-        except Unavailable as error:
-            return self._retry(token, f"{error.reason}: {error.message}")
-        items = [i for i in purchase.line_items if i.product_id == product_id]
-        if items and items[0].consumed:
-            return self._finish(token, ConsumeState.CONSUMED, "already consumed")
-        if purchase.purchase_state == CANCELLED or (items and items[0].refundable_quantity == 0):
-            return self._finish(token, ConsumeState.ABANDONED, "refunded or cancelled at Google")
-        if purchase.purchase_state != PURCHASED:
-            return self._finish(token, ConsumeState.ABANDONED, f"state {purchase.purchase_state}")
-        return self._retry(token, "400 invalidPurchaseState while PURCHASED and unconsumed")
-
-    def _finish(self, token: str, state: ConsumeState, note: str) -> ConsumeOutcome:
-        if self.store.finish(token, state, self.clock.now(), note):
-            log.info("Play purchase %s…: %s %s", token[:12], state.value, note)
-        return ConsumeOutcome(True, state, note)
-
-    def _retry(self, token: str, why: str) -> ConsumeOutcome:
-        self.store.attempt(token, why, self.clock.now())
-        return ConsumeOutcome(False, None, why)
 
 
 class _Context:

@@ -26,8 +26,8 @@ from services.common.clock import SystemClock
 from services.common.metrics import Metrics
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import wiring
-from services.receipts.notifications.store import RecentApplePurchases, ReconcileRuns
-from services.receipts.reconcile import Reconciler
+from services.receipts.notifications.reconcile import Reconciler
+from services.receipts.notifications.repository import RecentApplePurchases, ReconcileRuns
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ RestorePurchase for refunds and refund reversals (used by notifications).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -35,22 +34,20 @@ from services.common.clock import Clock
 from services.common.failpoints import Failpoints
 from services.common.metrics import Metrics
 from services.receipts.config import RegionPolicy
-from services.receipts.domain.purchases import (
+from services.receipts.errors import PermissionDenied
+from services.receipts.purchases.model import (
     CreditTerms,
     Environment,
     Outcome,
     PurchaseRecord,
     PurchaseResult,
-    SandboxPolicy,
+    ReversalResult,
     StoredState,
     VerifiedPurchase,
-    check_sandbox,
-    credit_terms,
-    normalize_account_region,
 )
-from services.receipts.errors import PermissionDenied
-from services.receipts.store import PurchaseStore, RequestRecorder
-from services.receipts.wallet import WalletClient, wallet_request_id
+from services.receipts.purchases.repository import PurchaseStore, RequestRecorder
+from services.receipts.purchases.rules import SandboxPolicy, check_sandbox, credit_terms, normalize_account_region
+from services.receipts.purchases.wallet import WalletClient, wallet_request_id
 
 WALLET_STORE = {StoreId.APP_STORE: wpb.STORE_APP_STORE, StoreId.GOOGLE_PLAY: wpb.STORE_GOOGLE_PLAY}
 WALLET_ENVIRONMENT = {
@@ -58,16 +55,6 @@ WALLET_ENVIRONMENT = {
     Environment.SANDBOX: wpb.STORE_ENVIRONMENT_SANDBOX,
 }
 _NOT_CREDITABLE = {StoredState.REVOKED: Outcome.REVOKED, StoredState.PENDING: Outcome.PENDING}
-
-
-@dataclass(frozen=True)
-class ReversalResult:
-    applied: bool
-    coins_moved: int
-    account_id: str
-    new_balance: int
-    record: PurchaseRecord | None
-    nothing_refunded: bool = False
 
 
 def _timestamp(moment: datetime | None) -> Timestamp | None:

@@ -1,1 +1,0 @@
-"""The App Store path of the receipts service."""

@@ -1,0 +1,1 @@
+"""The purchases core every path shares: verified purchase -> record -> credit -> outcome."""

@@ -1,0 +1,132 @@
+"""Purchases as the receipts service sees them, from a store's verified report
+to the wallet's answer: the values every path (the RPCs, the notifications, the
+worker, reconciliation) hands the one crediting path and gets back. No I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common.catalog import Price, StoreId
+
+
+class Environment(enum.Enum):
+    """Where the store says the purchase happened. Sandbox (Apple Sandbox, Play
+    test purchases) is credited when the policy allows but kept out of revenue."""
+
+    PRODUCTION = "production"
+    SANDBOX = "sandbox"
+
+
+class StoredState(enum.Enum):
+    """State of a row in ``receipts_purchases``."""
+
+    # Known and (possibly) bound, not credited yet.
+    RECORDED = "recorded"
+    CREDITED = "credited"
+    # Revoked by the store before it was credited; never credited.
+    REVOKED = "revoked"
+    # Payment not complete (Play pending purchases).
+    PENDING = "pending"
+    # Credited, then refunded in whole or in part.
+    REFUNDED = "refunded"
+
+
+class Outcome(enum.Enum):
+    """What a verification call reports (PurchaseState in the proto)."""
+
+    CREDITED = "credited"
+    ALREADY_CREDITED = "already_credited"
+    REVOKED = "revoked"
+    PENDING = "pending"
+    REFUNDED = "refunded"
+    RECORDED = "recorded"
+
+
+@dataclass(frozen=True)
+class VerifiedPurchase:
+    """A store transaction whose authenticity a store-specific path has proven.
+
+    Store paths (App Store, Google Play, notifications) build this after their
+    own checks (signature, bundle/package, product type, account token) and
+    hand it to the one crediting path.
+    """
+
+    store: StoreId
+    store_transaction_id: str
+    product_id: str
+    quantity: int
+    environment: Environment
+    # As the store reports it: App Store storefront (alpha-3) or Play region (alpha-2).
+    storefront: str
+    price: Price | None
+    purchase_time: datetime | None
+    order_id: str = ""
+    original_transaction_id: str = ""
+    revoked: bool = False
+    pending: bool = False
+
+
+@dataclass(frozen=True)
+class CreditTerms:
+    """What the wallet is asked to credit for one purchase; fixed at first claim."""
+
+    purchase: VerifiedPurchase
+    coins: int
+    bonus_coins: int
+    flagged_for_review: bool
+
+    @property
+    def total_coins(self) -> int:
+        return self.coins + self.bonus_coins
+
+
+@dataclass(frozen=True)
+class PurchaseRecord:
+    """A row of ``receipts_purchases``."""
+
+    store: StoreId
+    store_transaction_id: str
+    account_id: str | None
+    product_id: str
+    quantity: int
+    coins: int
+    bonus_coins: int
+    environment: Environment
+    storefront: str
+    price: Price | None
+    purchase_time: datetime | None
+    order_id: str
+    original_transaction_id: str
+    state: StoredState
+    flagged_for_review: bool
+    wallet_transaction_id: str
+    refunded_quantity: int
+    refunded_percentage_milli: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class PurchaseResult:
+    """The answer for one store transaction."""
+
+    outcome: Outcome
+    record: PurchaseRecord
+    coins_credited: int
+    bonus_coins: int
+    new_balance: int
+
+
+@dataclass(frozen=True)
+class ReversalResult:
+    """What a refund (or its reversal) moved in the wallet, and the purchase row after it."""
+
+    applied: bool
+    coins_moved: int
+    account_id: str
+    new_balance: int
+    record: PurchaseRecord | None
+    nothing_refunded: bool = False
