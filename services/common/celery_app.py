@@ -10,10 +10,15 @@ sweeper that re-queues work its own tables say is unfinished.
 from __future__ import annotations
 
 import random
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from celery import Celery
 from sqlalchemy.engine import make_url
+
+T = TypeVar("T")
 
 # Longer than any task runs; Redis/SQS redeliver an unacknowledged task after this.
 VISIBILITY_TIMEOUT_SECONDS = 3600
@@ -63,3 +68,19 @@ def retry_countdown(retries: int, base_seconds: float) -> float:
     all of it), never beyond MAX_COUNTDOWN_SECONDS (the broker's visibility timeout)."""
     ceiling = min(float(MAX_COUNTDOWN_SECONDS), base_seconds * 2.0 ** min(retries, 32))
     return random.uniform(0.5, 1.0) * ceiling
+
+
+class PerProcess(Generic[T]):
+    """What a worker process's tasks share (database pools, clients): built on first
+    use, so in each prefork child after the fork, then kept."""
+
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._value: T | None = None
+
+    def __call__(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = self._build()
+            return self._value

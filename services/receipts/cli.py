@@ -55,29 +55,25 @@ def _run(args: argparse.Namespace) -> int:
 
     from services.common.bootstrap import load, run_main
     from services.receipts.config import ReceiptsSettings
-    from services.receipts.notifications import wiring
-    from services.receipts.notifications.tasks import build_reconciler
+    from services.receipts.wiring import build_notification_worker
 
     def main() -> int:
         since: datetime = args.since
         settings = load(ReceiptsSettings, "receipts-reconcile")
-        components = wiring.build_worker_components(settings)
-        reconciler = build_reconciler(settings, components, components.metrics)
+        reconciler = build_notification_worker(settings).reconciler
         with tqdm(desc="reconciling", unit="purchase", file=sys.stderr) as bar:
 
             def progress(count: int) -> None:
                 bar.update(count)
 
             if args.store == "google":
-                results = [reconciler.google(since, progress)] if components.play else []
+                results = [reconciler.google(since, progress)]
             elif args.store == "apple":
                 results = [reconciler.apple(since, progress)]
             else:
                 results = reconciler.run(since, progress)
         for result in results:
             print(f"{result.source}: examined {result.examined}, applied {result.applied}, pages {result.pages}")
-        if args.store in ("all", "google") and components.play is None:
-            print("google: skipped (no Play client configured)")
         return 0
 
     return run_main("receipts-reconcile", main)

@@ -9,14 +9,16 @@ from google.protobuf.message import Message
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
+from services.common.catalog import Catalog
+from services.common.clock import Clock
 from services.common.validation import optional_id, require_enum, require_id, require_text
-from services.receipts.components import Components
+from services.receipts.apple.verify import ApplePurchases
 from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, result_pb
 from services.receipts.errors import InvalidArgument, NotFound
-from services.receipts.google.verify import require_purchase_token
-from services.receipts.notifications.repository import BindingStore
+from services.receipts.google.verify import GooglePurchases, require_purchase_token
+from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.model import Environment, PurchaseResult
-from services.receipts.purchases.repository import RequestRecorder
+from services.receipts.purchases.repository import BindingStore, PurchaseStore, RequestRecorder
 
 M = TypeVar("M", bound=Message)
 
@@ -34,9 +36,24 @@ ENVIRONMENT_HINTS: dict[int, Environment | None] = {
 class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
     """RPCs without an implementation here answer UNIMPLEMENTED (the generated default)."""
 
-    def __init__(self, components: Components) -> None:
-        self._c = components
-        self._bindings = BindingStore(components.database)
+    def __init__(
+        self,
+        *,
+        store: PurchaseStore,
+        bindings: BindingStore,
+        binding: Binding,
+        catalog: Catalog,
+        clock: Clock,
+        apple: ApplePurchases,
+        google: GooglePurchases,
+    ) -> None:
+        self._store = store
+        self._bindings = bindings
+        self._binding = binding
+        self._catalog = catalog
+        self._clock = clock
+        self._apple = apple
+        self._google = google
 
     async def idempotent(
         self,
@@ -52,16 +69,16 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         refuse a reused id with a different body, else do the work and record
         its response — in the purchase's own transaction when the work takes the
         recorder, else in a transaction of its own."""
-        stored = await self._c.store.replay(method, request_id, request)
+        stored = await self._store.replay(method, request_id, request)
         if stored is None:
-            recorder = RequestRecorder(self._c.store.requests, method, request_id, request, build)
+            recorder = RequestRecorder(self._store.requests, method, request_id, request, build)
             results = await work(recorder)
             if recorder.done:
                 # Built once, inside the transaction that recorded it.
                 stored, response = recorder.stored, cast(M, recorder.response)
             else:
                 response = build(results)
-                stored = await self._c.store.remember(method, request_id, request, response)
+                stored = await self._store.remember(method, request_id, request, response)
             if stored is None:
                 return response
         replayed = response_type()
@@ -72,16 +89,16 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         self, request: pb.GetPurchaseBindingRequest, context: Any
     ) -> pb.GetPurchaseBindingResponse:
         account_id = require_id("account_id", request.account_id)
-        binding = self._c.binding
+        binding = self._binding
         token, obfuscated = binding.app_account_token(account_id), binding.obfuscated_account_id(account_id)
         # Store notifications name only these values: remember whose they are (insert-once).
-        await self._c.database.run(self._bindings.record_now, account_id, token, obfuscated, self._c.clock.now())
+        await self._store.database.run(self._bindings.record_now, account_id, token, obfuscated, self._clock.now())
         return pb.GetPurchaseBindingResponse(app_account_token=token, obfuscated_account_id=obfuscated)
 
     async def GetPurchase(self, request: pb.GetPurchaseRequest, context: Any) -> pb.GetPurchaseResponse:
         store = require_enum("store", request.store, STORE_FROM_PB)
         transaction_id = require_text("store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID)
-        record = await self._c.store.get(store, transaction_id)
+        record = await self._store.get(store, transaction_id)
         if record is None:
             raise NotFound("PURCHASE_NOT_FOUND", "no purchase with this store transaction id")
         return pb.GetPurchaseResponse(purchase=record_pb(record))
@@ -91,8 +108,8 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
             stores = list(STORE_FROM_PB.values())
         else:
             stores = [require_enum("store", request.store, STORE_FROM_PB)]
-        now = self._c.clock.now()
-        catalog = self._c.catalog
+        now = self._clock.now()
+        catalog = self._catalog
         products = [
             product_pb(pack, catalog.promotion_for(pack.store, pack.product_id, now))
             for store in stores
@@ -117,7 +134,7 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         hint = require_enum("environment_hint", request.environment_hint, ENVIRONMENT_HINTS)
 
         async def work(recorder: RequestRecorder) -> list[PurchaseResult]:
-            return await self._c.apple.verify(
+            return await self._apple.verify(
                 account_id=account_id,
                 request_id=request_id,
                 account_region=request.account_region,
@@ -145,7 +162,7 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         package_name = optional_id("package_name", request.package_name, MAX_PRODUCT_ID)
 
         async def work(recorder: RequestRecorder) -> list[PurchaseResult]:
-            result = await self._c.google.verify(
+            result = await self._google.verify(
                 account_id=account_id,
                 product_id=product_id,
                 purchase_token=token,

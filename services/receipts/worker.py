@@ -11,18 +11,14 @@ from celery import Celery
 from services.common.bootstrap import load, run_main
 from services.common.celery_app import beat_schedule_file, make_celery_app
 from services.receipts.config import ReceiptsSettings
-from services.receipts.google import tasks as google_tasks
-from services.receipts.notifications import tasks as notification_tasks
-
-SERVICE = "receipts"
+from services.receipts.wiring import SERVICE, register_tasks
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: ReceiptsSettings) -> Celery:
     app = make_celery_app(settings.receipts_queue, settings.broker_url)
-    google_tasks.register(app, settings)
-    notification_tasks.register(app, settings, queue=settings.receipts_queue)
+    register_tasks(app, settings)
     return app
 
 

@@ -4,9 +4,8 @@ on a real port, and the receipts core over the real wallet (``core``)."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +18,16 @@ from aiohttp import web
 from services.common import migrate
 from services.common.clock import SystemClock
 from services.common.db import Database
+from services.common.loop import LoopThread
 from services.common.metrics import Metrics
 from services.receipts.apple.jws import AppleJwsVerifier
-from services.receipts.components import Components, build_components
-from services.receipts.notifications.core import CoreActions, CoreAppleVerifier, CorePlayApi, LoopThread
 from services.receipts.notifications.parse import AppleExpectations
-from services.receipts.notifications.ports import Applied, PurchaseActions
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.repository import InboxStore
 from services.receipts.notifications.webhooks import WebhookDeps, WebhookServer, create_webhook_app
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.model import Refund, VerifiedPurchase
+from services.receipts.wiring import Components, build_components
 from services.storesim import apple as apple_sim
 from services.storesim import pubsub
 from services.storesim.config import StoresimSettings
@@ -93,9 +93,9 @@ def foreign_store(tmp_path_factory: pytest.TempPathFactory) -> apple_sim.AppleSt
     return apple_sim.create_store(tmp_path_factory.mktemp("apple-foreign"))
 
 
-def core_verifier(store: apple_sim.AppleStore, loop: asyncio.AbstractEventLoop) -> CoreAppleVerifier:
+def core_verifier(store: apple_sim.AppleStore) -> AppleJwsVerifier:
     """The receipts core's verifier (the one VerifyApplePurchase uses) trusting ``store``'s root."""
-    return CoreAppleVerifier(AppleJwsVerifier([store.pki.root]), loop)
+    return AppleJwsVerifier([store.pki.root])
 
 
 @dataclass
@@ -126,7 +126,7 @@ async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleS
     inbox = InboxStore(receipts_db)
     deps = WebhookDeps(
         inbox=inbox,
-        apple_verifier=core_verifier(apple_store, asyncio.get_running_loop()),
+        apple_verifier=core_verifier(apple_store),
         apple=AppleExpectations("com.coinstore.app", 1234567890),
         pubsub=PubSubTokenVerifier(JwksCache(sim.jwks_url, refresh_cooldown=0.0), AUDIENCE, SERVICE_ACCOUNT),
         package_name=PACKAGE,
@@ -143,46 +143,42 @@ async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleS
         await server.stop()
 
 
-class CountingActions:
-    """The receipts core's PurchaseActions, with every call recorded as (kind, store
-    transaction id) before it is passed on. For tests where exactly one call is the
-    requirement; what a call moved is read from the wallet."""
+def count_calls(crediting: Crediting) -> list[tuple[str, str]]:
+    """Every call of the core's use cases from now on, as (use case, store transaction
+    id), recorded before it runs: for tests where exactly one call is the requirement
+    (what a call moved is read from the wallet)."""
+    calls: list[tuple[str, str]] = []
+    lock = threading.Lock()
 
-    def __init__(self, inner: PurchaseActions) -> None:
-        self._inner = inner
-        self.calls: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
+    def counted(name: str, key: Callable[..., str]) -> None:
+        use_case = getattr(crediting, name)
 
-    def _count(self, kind: str, store_transaction_id: str) -> None:
-        with self._lock:
-            self.calls.append((kind, store_transaction_id))
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                calls.append((name, key(*args)))
+            return await use_case(*args, **kwargs)
 
-    def credit_apple(self, account_id: str, transaction: Mapping[str, Any], request_id: str) -> Applied:
-        self._count("credit", str(transaction.get("transactionId")))
-        return self._inner.credit_apple(account_id, transaction, request_id)
+        setattr(crediting, name, call)
 
-    def record_apple(self, transaction: Mapping[str, Any]) -> None:
-        self._count("record", str(transaction.get("transactionId")))
-        self._inner.record_apple(transaction)
+    def purchase_key(purchase: VerifiedPurchase, *_: Any) -> str:
+        return purchase.store_transaction_id
 
-    def credit_google(self, account_id: str | None, product_id: str, purchase_token: str, request_id: str) -> Applied:
-        self._count("credit", purchase_token)
-        return self._inner.credit_google(account_id, product_id, purchase_token, request_id)
+    def refund_key(refund: Refund) -> str:
+        return refund.store_transaction_id
 
-    def reverse(self, **kwargs: Any) -> Applied:
-        self._count("reverse", kwargs["store_transaction_id"])
-        return self._inner.reverse(**kwargs)
-
-    def restore(self, **kwargs: Any) -> Applied:
-        self._count("restore", kwargs["store_transaction_id"])
-        return self._inner.restore(**kwargs)
+    counted("credit", purchase_key)
+    counted("record", purchase_key)
+    counted("apply_refund", refund_key)
+    counted("restore", lambda _store, store_transaction_id: str(store_transaction_id))
+    return calls
 
 
 class Core:
-    """The receipts core's exactly-once paths (CoreActions over build_components, as the
-    worker builds them) in front of the REAL wallet service and the Play simulator,
-    for synchronous callers such as the inbox processor. The core and the wallet run
-    on their own event loop thread; every effect is read back from the wallet."""
+    """The receipts core (build_components, as the worker builds it) in front of the
+    REAL wallet service and the Play simulator, for synchronous callers such as the
+    inbox processor. The core and the wallet run on their own event loop thread
+    (``loop``); every effect is read back from the wallet, and ``calls`` lists every
+    call of the core's use cases."""
 
     def __init__(self, database_url: str, keys: Keys, tmp_path: Path) -> None:
         self.loop = LoopThread()
@@ -192,7 +188,7 @@ class Core:
         self.wallet: Wallet = self.loop.run(
             self._async_stack.enter_async_context(running_wallet(database_url, keys, tmp_path))
         )
-        settings = receipts_settings(
+        self.settings = settings = receipts_settings(
             keys,
             database_url,
             self.wallet.port,
@@ -205,11 +201,7 @@ class Core:
             return build_components(settings, self._runtime)
 
         self.components = self.loop.run(build())
-        parts = self.components
-        self.actions = CountingActions(
-            CoreActions(parts.crediting, parts.store, self.loop.loop, parts.apple.policy, parts.google)
-        )
-        self.play_api = CorePlayApi(parts.google.client)
+        self.calls = count_calls(self.components.crediting)
 
     def balance(self, account_id: str) -> int:
         return self.loop.run(self.wallet.balance(account_id)).coins

@@ -23,13 +23,18 @@ from coinstore.receipts.v1 import receipt_service_pb2 as rpb
 from coinstore.type.v1 import money_pb2
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
-from services.receipts.components import Components, build_components
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import tasks as notification_tasks
-from services.receipts.notifications import wiring
-from services.receipts.notifications.repository import BindingStore, InboxStore
+from services.receipts.notifications.repository import InboxStore
 from services.receipts.notifications.webhooks import WebhookServer, create_webhook_app
-from services.receipts.servicer import ReceiptServiceServicer
+from services.receipts.purchases.repository import BindingStore
+from services.receipts.wiring import (
+    Components,
+    build_components,
+    build_notification_worker,
+    build_servicer,
+    webhook_deps,
+)
 from services.storesim.app import create_app
 from services.storesim.apple import APPLE_STORE, AppleStore
 from services.storesim.apple_notifications import APPLE_NOTIFIER, AppleNotifier
@@ -68,7 +73,7 @@ class System:
 
     async def bind(self, account_id: str) -> tuple[str, str]:
         """GetPurchaseBinding, as the app backend calls it before a purchase (it records the binding)."""
-        servicer = ReceiptServiceServicer(self.components)  # type: ignore[abstract]
+        servicer = build_servicer(self.components)
         reply = await servicer.GetPurchaseBinding(rpb.GetPurchaseBindingRequest(account_id=account_id), None)
         return reply.app_account_token, reply.obfuscated_account_id
 
@@ -154,11 +159,11 @@ async def running_system(
         components = build_components(settings, runtime)
         queue = f"receipts-{uuid.uuid4().hex[:8]}"
         celery = make_celery_app(queue, settings.broker_url)
-        notification_tasks.register(celery, settings, queue=queue)
+        notification_tasks.register(celery, settings, lambda: build_notification_worker(settings), queue)
         dispatch = notification_tasks.sender(celery, queue)
         if dispatch_wrapper is not None:
             dispatch = dispatch_wrapper(dispatch)
-        deps = wiring.webhook_deps(settings, components, dispatch, asyncio.get_running_loop())
+        deps = webhook_deps(settings, components, dispatch)
         server = WebhookServer(create_webhook_app(deps), "127.0.0.1", 0)
         await server.start()
         webhook_url = f"http://127.0.0.1:{server.port}"

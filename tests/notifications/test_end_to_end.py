@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
 import pytest
 
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
-from services.receipts.notifications.core import CoreActions
+from services.common.loop import OnLoop
+from services.receipts.notifications.handle import Refused
 from services.receipts.notifications.parse import APPLE, GOOGLE
-from services.receipts.notifications.ports import Refused
+from services.receipts.notifications.repository import StoredNotification
+from services.receipts.wiring import notification_handler
 from tests.notifications.system import System, running_system
 from tests.support.tokens import Keys
 
@@ -194,9 +197,13 @@ async def test_notification_credits_only_what_the_app_store_rules_allow(
         bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
         # The payload as the webhook hands it on once its signature is verified.
         payload = jwt.decode(bought["signedTransaction"], options={"verify_signature": False})
-        actions = CoreActions(
-            s.components.crediting, s.components.store, asyncio.get_running_loop(), s.components.apple.policy
-        )
+        handler = notification_handler(s.settings, s.components, OnLoop(asyncio.get_running_loop()))
+
+        def charge(transaction: dict[str, Any], external_id: str) -> StoredNotification:
+            stored = {"notification": {}, "transaction": transaction}
+            txid, environment = str(transaction["transactionId"]), str(transaction["environment"])
+            return StoredNotification(0, APPLE, external_id, "ONE_TIME_CHARGE", txid, environment, stored, "pending", 1)
+
         for field, value, reason in [
             ("type", "Non-Consumable", "NOT_CONSUMABLE"),
             ("inAppOwnershipType", "FAMILY_SHARED", "NOT_PURCHASED"),
@@ -204,9 +211,8 @@ async def test_notification_credits_only_what_the_app_store_rules_allow(
             ("quantity", 0, "MALFORMED_TRANSACTION"),
         ]:
             with pytest.raises(Refused) as refused:
-                await asyncio.to_thread(actions.credit_apple, "fan-n", {**payload, field: value}, f"n-{field}")
+                await asyncio.to_thread(handler.handle, charge({**payload, field: value}, f"n-{field}"))
             assert refused.value.reason == reason
         assert await s.balance("fan-n") == 0
-        applied = await asyncio.to_thread(actions.credit_apple, "fan-n", payload, "n-ok")
-        assert applied.changed
+        assert await asyncio.to_thread(handler.handle, charge(payload, "n-ok")) == "credited"
         assert await s.balance("fan-n") == 350

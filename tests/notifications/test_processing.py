@@ -20,16 +20,23 @@ import pytest
 from services.common.celery_app import make_celery_app
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
+from services.common.errors import Unavailable
 from services.common.failpoints import Action, FailpointError, Failpoints
+from services.common.loop import LoopThread
 from services.common.metrics import Metrics
+from services.receipts.apple.client import AppStoreApi
+from services.receipts.apple.rules import ApplePolicy
 from services.receipts.config import ReceiptsSettings
+from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
-from services.receipts.notifications import wiring
-from services.receipts.notifications.core import LoopThread
+from services.receipts.notifications.handle import InboxProcessor, NotificationHandler
 from services.receipts.notifications.parse import AppleExpectations, parse_apple, parse_google
-from services.receipts.notifications.ports import PurchaseActions, StoreUnavailable
-from services.receipts.notifications.processor import Handlers, InboxProcessor, NotificationHandler
-from services.receipts.notifications.repository import LEASE, BindingStore, InboxStore, NewNotification
+from services.receipts.notifications.repository import LEASE, InboxStore, NewNotification
+from services.receipts.notifications.tasks import NotificationWorker
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.model import Environment
+from services.receipts.purchases.repository import BindingStore
+from services.receipts.wiring import reconciler
 from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
 from tests.notifications.apple_payloads import notification, transaction
@@ -44,14 +51,15 @@ AFTER_EFFECT = "receipts.notification.after_effect"
 
 
 class RecordingAppleApi:
+    """The App Store Server API calls the handler makes, recorded instead of sent."""
+
     def __init__(self) -> None:
-        self.sent: list[tuple[str, str, dict[str, Any]]] = []
+        self.sent: list[tuple[str, Environment, dict[str, Any]]] = []
 
-    def send_consumption_information(self, transaction_id: str, environment: str, body: Mapping[str, Any]) -> None:
-        self.sent.append((transaction_id, environment, dict(body)))
-
-    def get_refund_history(self, transaction_id: str, environment: str, revision: str | None) -> Mapping[str, Any]:
-        raise NotImplementedError
+    async def send_consumption_information(
+        self, environment: Environment, transaction_id: str, request: Mapping[str, Any]
+    ) -> None:
+        self.sent.append((transaction_id, environment, dict(request)))
 
 
 class Facts:
@@ -60,7 +68,7 @@ class Facts:
 
 
 class NoEffects:
-    """PurchaseActions for notifications that must move nothing: any call fails the test."""
+    """The core's use cases for notifications that must move nothing: any call fails the test."""
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"{name} was called; this notification must move nothing")
@@ -84,24 +92,23 @@ class Harness:
         self.core = core
         self.apple_api = RecordingAppleApi()
         self.metrics = Metrics("receipts-worker")
+        self.loop = LoopThread()
         handler = NotificationHandler(
-            Handlers(
-                actions=core.actions if core is not None else cast(PurchaseActions, NoEffects()),
-                accounts=self.bindings,
-                apple_api=self.apple_api,
-                play=core.play_api if core is not None else None,
-                package_name=PACKAGE,
-                send_consumption=send_consumption,
-                consumption=Facts(),
-            )
+            core.components.crediting if core is not None else cast(Crediting, NoEffects()),
+            core.components.google if core is not None else cast(GooglePurchases, NoEffects()),
+            ApplePolicy("com.coinstore.app"),
+            cast(AppStoreApi, self.apple_api),
+            self.bindings,
+            core.loop if core is not None else self.loop,
+            send_consumption=send_consumption,
+            consumption=Facts(),
         )
         self.processor = InboxProcessor(self.inbox, handler, self.metrics, clock or SystemClock(), failpoints)
-        self.loop = LoopThread()
-        self.verifier = core_verifier(apple_store, self.loop.loop)
+        self.verifier = core_verifier(apple_store)
 
     def store_apple(self, kind: str, tx: dict[str, Any], uuid_: str | None = None) -> int:
         body = notification(self.sign, kind, self.sign(tx), notification_uuid=uuid_)
-        item = parse_apple(json.dumps(body).encode(), self.verifier, EXPECT)
+        item = parse_apple(json.dumps(body).encode(), self.verifier, EXPECT, self.loop)
         return self.inbox.accept(item, datetime.now(UTC)).id
 
     def store_google(self, notification_body: dict[str, Any], message_id: str | None = None) -> int:
@@ -172,7 +179,7 @@ def test_consumption_request_is_answered_when_enabled(receipts_db: Database, app
     assert harness.apple_api.sent == [
         (
             "3000000003",
-            "Production",
+            Environment.PRODUCTION,
             {
                 "customerConsented": True,
                 "sampleContentProvided": False,
@@ -244,7 +251,7 @@ def test_a_row_processed_concurrently_is_applied_once(harness: Harness, core: Co
         thread.join()
     assert sorted(outcomes) == ["reversed"] + ["skipped"] * 9
     # The lease lets one claimant through: one call to the core, not ten the wallet absorbs.
-    assert core.actions.calls.count(("reverse", "3000000009")) == 1
+    assert core.calls.count(("apply_refund", "3000000009")) == 1
     assert harness.process(row) == "skipped"
     assert harness.inbox.outcome(row)[:2] == ("processed", "reversed")
     assert core.ledger("acct-c") == [("3000000009", 350), ("3000000009", -350)]
@@ -255,16 +262,17 @@ def test_failures_are_retried_with_backoff_and_counted(
 ) -> None:
     tx = credited(harness, "acct-f", "3000000010")
     row = harness.store_apple("REFUND", tx)
-    real_reverse = core.actions.reverse
-    failures = iter([StoreUnavailable("wallet down"), StoreUnavailable("wallet down")])
+    real_apply_refund = core.components.crediting.apply_refund
+    down = Unavailable("WALLET_UNAVAILABLE", "wallet down")
+    failures = iter([down, down])
 
-    def flaky(**kwargs: Any) -> Any:
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
         error = next(failures, None)
         if error is not None:
             raise error
-        return real_reverse(**kwargs)
+        return await real_apply_refund(*args, **kwargs)
 
-    monkeypatch.setattr(core.actions, "reverse", flaky)
+    monkeypatch.setattr(core.components.crediting, "apply_refund", flaky)
     outcome, delay = harness.processor.process(row)
     assert (outcome, delay) == ("failed", timedelta(seconds=5))
     # Not due yet: the sweeper leaves it alone until its backoff has passed.
@@ -325,16 +333,10 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
     with dropped_queue(broker, unique_queue()) as queue:
         app = make_celery_app(queue, broker)
         settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=0.0)  # type: ignore[call-arg]
-        components = wiring.NotificationComponents(
-            inbox=harness.inbox,
-            bindings=harness.bindings,
-            processor=harness.processor,
-            actions=core.actions,
-            apple_api=None,
-            play=None,
-            metrics=harness.metrics,
+        worker = NotificationWorker(
+            harness.inbox, harness.processor, reconciler(core.settings, core.components, core.loop)
         )
-        notification_tasks.register(app, settings, factory=lambda: components, queue=queue)
+        notification_tasks.register(app, settings, lambda: worker, queue)
         txids = [f"31000000{i}" for i in range(3)]
         refunds = [harness.store_apple("REFUND", credited(harness, f"acct-w{i}", t)) for i, t in enumerate(txids)]
         queued, lost = refunds[0], refunds[1:]
@@ -352,7 +354,7 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
             wait_until(lambda: processed(lost), 60, "the sweeper's tasks to process the lost rows")
     for i, txid in enumerate(txids):
         assert core.ledger(f"acct-w{i}") == [(txid, 350), (txid, -350)]
-    assert sorted(c for c in core.actions.calls if c[0] == "reverse") == [("reverse", t) for t in txids]
+    assert sorted(c for c in core.calls if c[0] == "apply_refund") == [("apply_refund", t) for t in txids]
 
 
 def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:

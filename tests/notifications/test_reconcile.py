@@ -9,19 +9,22 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from services.common.clock import SystemClock
+from services.common.loop import OnLoop
 from services.common.metrics import Metrics
 from services.receipts.cli import parse_since
-from services.receipts.notifications.core import CoreActions, CoreAppleApi, CoreAppleVerifier, CorePlayApi
+from services.receipts.google.client import PlayClient
+from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase
 from services.receipts.notifications.reconcile import Quota, QuotaExhausted, Reconciler
-from services.receipts.notifications.repository import RecentApplePurchases, ReconcileRuns
+from services.receipts.notifications.repository import ReconcileRuns
+from services.receipts.purchases.model import Outcome
+from services.receipts.wiring import reconciler
 from tests.notifications.conftest import Core
 from tests.notifications.system import running_system
 from tests.support.tokens import Keys
@@ -62,19 +65,9 @@ async def test_lost_apple_refund_is_found_and_applied_once(database_url: str, ke
         assert await s.balance("fan-r") == 0
 
         # Again, in process: the refund is already applied and moves nothing.
-        loop = asyncio.get_running_loop()
         metrics = Metrics("receipts-test")
-        reconciler = Reconciler(
-            actions=CoreActions(s.components.crediting, s.components.store, loop, s.components.apple.policy),
-            runs=ReconcileRuns(s.components.database),
-            metrics=metrics,
-            clock=SystemClock(),
-            package_name="com.coinstore.app",
-            apple_api=CoreAppleApi(s.components.apple.api, loop),
-            apple_verifier=CoreAppleVerifier(s.components.apple.verifier, loop),
-            recent=RecentApplePurchases(s.components.database),
-        )
-        result = await asyncio.to_thread(reconciler.apple, datetime.now(UTC) - timedelta(days=1))
+        again = reconciler(s.settings, s.components, OnLoop(asyncio.get_running_loop()), metrics)
+        result = await asyncio.to_thread(again.apple, datetime.now(UTC) - timedelta(days=1))
         assert (result.examined, result.applied) == (1, 0)
         assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "apple"}) is None
         assert await s.balance("fan-r") == 0
@@ -91,22 +84,12 @@ async def test_lost_play_refund_is_found_and_applied_once(database_url: str, key
         assert [d.state for d in s.push.deliveries.values()][-1] == "lost"
         assert await s.balance("fan-v") == 350
 
-        loop = asyncio.get_running_loop()
         metrics = Metrics("receipts-test")
-        reconciler = Reconciler(
-            actions=CoreActions(
-                s.components.crediting, s.components.store, loop, s.components.apple.policy, s.components.google
-            ),
-            runs=ReconcileRuns(s.components.database),
-            metrics=metrics,
-            clock=SystemClock(),
-            package_name="com.coinstore.app",
-            play=CorePlayApi(s.components.google.client),
-        )
-        first = await asyncio.to_thread(reconciler.google)
+        play_refunds = reconciler(s.settings, s.components, OnLoop(asyncio.get_running_loop()), metrics)
+        first = await asyncio.to_thread(play_refunds.google)
         assert (first.examined, first.applied) == (1, 1)
         assert await s.balance("fan-v") == 0
-        second = await asyncio.to_thread(reconciler.google)
+        second = await asyncio.to_thread(play_refunds.google)
         assert (second.examined, second.applied) == (1, 0)
         assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "google"}) == 1
         assert await s.balance("fan-v") == 0
@@ -135,28 +118,27 @@ class PagedPlay:
         self.records = records
         self.page_size = page_size
         self.purchases = purchases
-        self.calls: list[str | None] = []
+        self.calls: list[str] = []
 
-    def get_product_purchase_v2(self, package_name: str, purchase_token: str) -> Mapping[str, Any]:
-        purchase: Mapping[str, Any] = self.purchases[purchase_token]
-        return purchase
+    def get_purchase_v2(self, package_name: str, token: str) -> PurchaseV2:
+        return PurchaseV2.parse(self.purchases[token])
 
-    def list_voided_purchases(
-        self, package_name: str, start_time_ms: int, end_time_ms: int, page_token: str | None
-    ) -> Mapping[str, Any]:
+    def list_voided_page(
+        self, package_name: str, *, start_time_ms: int, end_time_ms: int, page_token: str = ""
+    ) -> VoidedPage:
         self.calls.append(page_token)
         offset = int(page_token or 0)
-        page = self.records[offset : offset + self.page_size]
-        answer: dict[str, Any] = {"voidedPurchases": page}
-        if offset + self.page_size < len(self.records):
-            answer["tokenPagination"] = {"nextPageToken": str(offset + self.page_size)}
-        return answer
+        page = tuple(VoidedPurchase.parse(r) for r in self.records[offset : offset + self.page_size])
+        more = offset + self.page_size < len(self.records)
+        return VoidedPage(page, str(offset + self.page_size) if more else "")
 
 
 def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any, core: Core) -> None:
     tokens = [core.play.buy("coins_70", quantity=4).token for _ in range(7)]
+    google = core.components.google
     for i, token in enumerate(tokens):
-        assert core.actions.credit_google(f"acct-{i}", "coins_70", token, f"r-{i}").changed
+        result = core.loop.run(google.credit_token(token, "coins_70", f"acct-{i}", request_id=f"r-{i}"))
+        assert result.outcome is Outcome.CREDITED
     records: list[dict[str, Any]] = [
         {"purchaseToken": t, "orderId": f"GPA.{i}", "voidedReason": 1} for i, t in enumerate(tokens[:6])
     ]
@@ -165,19 +147,24 @@ def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any, co
     details = {"quantity": 4, "refundableQuantity": 3}
     play = PagedPlay(records, 3, {tokens[6]: {"productLineItem": [{"productOfferDetails": details}]}})
     metrics = Metrics("receipts-test")
-    reconciler = Reconciler(
-        actions=core.actions,
+    parts = core.components
+    voided = Reconciler(
+        crediting=parts.crediting,
+        purchases=parts.store,
         runs=ReconcileRuns(receipts_db),
+        play=cast(PlayClient, play),
+        apple_api=parts.apple.api,
+        apple_verifier=parts.apple.verifier,
+        loop=core.loop,
         metrics=metrics,
         clock=SystemClock(),
         package_name="com.coinstore.app",
-        play=play,
     )
-    first = reconciler.google()
+    first = voided.google()
     assert (first.examined, first.applied, first.pages) == (7, 7, 3)
-    assert play.calls == [None, "3", "6"]
+    assert play.calls == ["", "3", "6"]
     assert [core.balance(f"acct-{i}") for i in range(7)] == [0] * 6 + [210]
-    again = reconciler.google(datetime.now(UTC) - timedelta(days=90))
+    again = voided.google(datetime.now(UTC) - timedelta(days=90))
     assert (again.examined, again.applied) == (7, 0)
     assert [core.ledger(f"acct-{i}") for i in (0, 6)] == [
         [(tokens[0], 280), (tokens[0], -280)],

@@ -25,9 +25,8 @@ from services.common.catalog import load_catalog
 from services.common.db import Database
 from services.common.metrics import Metrics
 from services.common.settings import load_settings
-from services.receipts.components import Components, build_components
 from services.receipts.config import ReceiptsSettings
-from services.receipts.server import build_host_with
+from services.receipts.wiring import Components, build_components, build_host
 from services.storesim import apple as apple_sim
 from tests.support.grpc_server import running_host
 from tests.support.tokens import Keys
@@ -163,7 +162,7 @@ async def receipts_host(
     settings = receipts_settings(keys, database_url, port, state_dir, **dict(settings_extra or {}))
     runtime = runtime_for(settings)
     components = build_components(settings, runtime)
-    host = build_host_with(components, runtime, port=0)
+    host = build_host(components, runtime, port=0)
     await host.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:

@@ -11,6 +11,7 @@ import pytest
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from services.common.catalog import StoreId
+from services.receipts.purchases.model import Refund
 from tests.receipts.support import apple_simulator, ledger, receipts_host, receipts_with_wallet, simulator_settings
 from tests.support.status import error_reason
 from tests.support.tokens import Keys
@@ -53,8 +54,9 @@ async def test_app_store_purchase_credited_once_by_the_real_wallet(
 
         # Refund of one of the two packs (state-based: reported twice, moved once), then reversed.
         crediting = components.crediting
-        first = await crediting.reverse(StoreId.APP_STORE, txid, full=False, refunded_quantity=1, request_id="n-1")
-        again = await crediting.reverse(StoreId.APP_STORE, txid, full=False, refunded_quantity=1, request_id="n-2")
+        one_pack = Refund(StoreId.APP_STORE, txid, None, full=False, refunded_quantity=1)
+        first = await crediting.reverse(one_pack, request_id="n-1")
+        again = await crediting.reverse(one_pack, request_id="n-2")
         assert (first.coins_moved, again.coins_moved) == (1400, 0)
         assert (await wallet.balance("fan-1")).coins == 1400
         restored = await crediting.restore(StoreId.APP_STORE, txid, request_id="n-3")

@@ -19,7 +19,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import Price, StoreId
 from services.common.errors import DomainError
 from services.receipts.purchases.binding import Binding
-from services.receipts.purchases.model import Environment, Outcome, VerifiedPurchase
+from services.receipts.purchases.model import Environment, Outcome, Refund, VerifiedPurchase
 from tests.receipts.support import Receipts, WalletReceipts, receipts_service, receipts_with_wallet
 from tests.support.status import error_reason
 from tests.support.tokens import Keys
@@ -226,9 +226,10 @@ async def test_wallet_down_is_unavailable_not_internal(receipts: Receipts) -> No
 async def test_reverse_is_cumulative_and_restore(real: WalletReceipts) -> None:
     crediting = real.components.crediting
     await crediting.credit(purchase("t-11", quantity=4), "fan-1", request_id="r-1")
-    first = await crediting.reverse(StoreId.APP_STORE, "t-11", full=False, refunded_quantity=1, request_id="n-1")
+    one_pack = Refund(StoreId.APP_STORE, "t-11", None, full=False, refunded_quantity=1)
+    first = await crediting.reverse(one_pack, request_id="n-1")
     assert (first.applied, first.coins_moved, first.new_balance) == (True, 350, 1050)
-    repeat = await crediting.reverse(StoreId.APP_STORE, "t-11", full=False, refunded_quantity=1, request_id="n-2")
+    repeat = await crediting.reverse(one_pack, request_id="n-2")
     assert (repeat.applied, repeat.coins_moved) == (False, 0)
     assert repeat.record is not None
     assert repeat.record.refunded_quantity == 1

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtensionOID
 
 from services.common.errors import InvalidArgument
+from services.common.loop import OnLoop
 from services.common.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,14 @@ class AppleJwsVerifier:
                         for key in [k for k, v in self._ocsp_until.items() if v <= now]:
                             del self._ocsp_until[key]
         return payload
+
+    def verify_blocking(self, jws: str, field: str, loop: OnLoop) -> dict[str, Any]:
+        """:meth:`verify_async` for a thread that waits: the offline checks run in it, and
+        with online checks on, the whole verification runs on ``loop`` (the one that owns
+        the OCSP client) while it waits."""
+        if not self._online:
+            return self._verify_offline(jws, field)[0]
+        return loop.run(self.verify_async(jws, field))
 
     # --- steps -----------------------------------------------------------------
 

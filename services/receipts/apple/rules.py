@@ -14,7 +14,7 @@ from typing import Any
 
 from services.common.catalog import CURRENCY_EXPONENTS, Price, StoreId
 from services.receipts.errors import FailedPrecondition, InvalidArgument
-from services.receipts.purchases.model import Environment, VerifiedPurchase
+from services.receipts.purchases.model import Environment, Refund, VerifiedPurchase
 
 APPLE_ENVIRONMENTS = {"Production": Environment.PRODUCTION, "Sandbox": Environment.SANDBOX}
 CONSUMABLE = "Consumable"
@@ -98,3 +98,26 @@ def app_account_token(payload: dict[str, Any]) -> str:
     """The transaction's appAccountToken ('' when absent)."""
     token = payload.get("appAccountToken")
     return token if isinstance(token, str) else ""
+
+
+def transaction_id(payload: dict[str, Any]) -> str:
+    return str(payload.get("transactionId", ""))
+
+
+def environment_of(payload: dict[str, Any]) -> Environment | None:
+    """The environment the transaction names; None when it names none we accept."""
+    return APPLE_ENVIRONMENTS.get(str(payload.get("environment") or ""))
+
+
+def refund_of(payload: dict[str, Any], source: str) -> Refund:
+    """The refund a revoked transaction reports (a REFUND notification, Get Refund History):
+    prorated by ``revocationPercentage`` (milli-percent), else in full."""
+    prorated = payload.get("revocationType") == "REFUND_PRORATED"
+    return Refund(
+        StoreId.APP_STORE,
+        transaction_id(payload),
+        environment_of(payload),
+        full=not prorated,
+        refunded_percentage_milli=int(payload.get("revocationPercentage") or 0) if prorated else 0,
+        reason=f"{source} reason={payload.get('revocationReason')}",
+    )

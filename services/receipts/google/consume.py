@@ -10,7 +10,12 @@ is success, refunded or cancelled is abandoned (nothing left to consume).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from services.common.clock import Clock
 from services.common.errors import Unavailable
@@ -82,3 +87,24 @@ class Consumer:
     def _retry(self, token: str, why: str) -> ConsumeOutcome:
         self.store.attempt(token, why, self.clock.now())
         return ConsumeOutcome(False, None, why)
+
+
+class OverdueCollector(Collector):
+    """``coinstore_receipts_google_unconsumed_overdue_now``: credited Play purchases
+    not consumed after the overdue age, counted from the database at scrape time."""
+
+    def __init__(self, store: ConsumptionStore, clock: Clock, overdue: timedelta) -> None:
+        self._store = store
+        self._clock = clock
+        self._overdue = overdue
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "coinstore_receipts_google_unconsumed_overdue_now",
+            "Credited Google Play purchases still unconsumed after COINSTORE_GOOGLE_CONSUME_OVERDUE_SECONDS",
+        )
+        try:
+            gauge.add_metric([], float(self._store.count_overdue(self._clock.now(), self._overdue)))
+        except Exception:  # the database is down: report nothing rather than fail the scrape
+            return
+        yield gauge

@@ -120,6 +120,51 @@ class VoidedPage:
     next_page_token: str
 
 
+# RTDN oneTimeProductNotification.notificationType and voidedPurchaseNotification fields.
+ONE_TIME_PRODUCT_PURCHASED = 1
+ONE_TIME_PRODUCT_CANCELED = 2
+PRODUCT_TYPE_ONE_TIME = 2
+REFUND_TYPE_FULL = 1
+REFUND_TYPE_QUANTITY_BASED_PARTIAL = 2
+
+
+@dataclass(frozen=True)
+class ProductNotification:
+    """RTDN ``oneTimeProductNotification`` (the webhook checked its fields)."""
+
+    notification_type: int
+    purchase_token: str
+    sku: str
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> ProductNotification:
+        return cls(int(body["notificationType"]), str(body["purchaseToken"]), str(body.get("sku", "")))
+
+
+@dataclass(frozen=True)
+class VoidedNotification:
+    """RTDN ``voidedPurchaseNotification``; ``refund_type`` as Google sent it (None: absent)."""
+
+    purchase_token: str
+    order_id: str
+    product_type: int
+    refund_type: int | None
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> VoidedNotification:
+        refund_type = body.get("refundType")
+        return cls(
+            str(body["purchaseToken"]),
+            str(body.get("orderId", "")),
+            int(body.get("productType") or PRODUCT_TYPE_ONE_TIME),
+            None if refund_type is None else int(refund_type),
+        )
+
+    @property
+    def partial(self) -> bool:
+        return (self.refund_type or REFUND_TYPE_FULL) == REFUND_TYPE_QUANTITY_BASED_PARTIAL
+
+
 @dataclass(frozen=True)
 class GooglePolicy:
     package_name: str
@@ -189,3 +234,10 @@ def evaluate(
         pending=state == PENDING,
     )
     return GoogleVerdict(verified, item, consumed=item.consumed, cancelled=state == CANCELLED)
+
+
+def refunded_quantity(purchase: PurchaseV2) -> int:
+    """Packs refunded so far (cumulative): quantity - refundableQuantity over the line items."""
+    bought = sum(item.quantity for item in purchase.line_items)
+    refundable = sum(item.refundable_quantity for item in purchase.line_items)
+    return max(0, bought - refundable)

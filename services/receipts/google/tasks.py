@@ -14,19 +14,17 @@ unconsumed after ``COINSTORE_GOOGLE_CONSUME_OVERDUE_SECONDS`` and counts them.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
 
-from services.common.celery_app import retry_countdown
-from services.common.clock import SystemClock
-from services.common.db import Database
+from services.common.celery_app import PerProcess, make_celery_app, retry_countdown
 from services.receipts.config import ReceiptsSettings
-from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer
-from services.receipts.google.repository import ConsumptionStore
 
 log = logging.getLogger(__name__)
 
@@ -38,42 +36,20 @@ BASE_DELAY_SECONDS = 2.0
 SWEEP_BATCH = 50
 
 
-class _Context:
-    """Per-process resources, created on first use (after the prefork fork)."""
-
-    def __init__(self, settings: ReceiptsSettings) -> None:
-        self._settings = settings
-        self._lock = threading.Lock()
-        self._consumer: Consumer | None = None
-
-    def consumer(self) -> Consumer:
-        with self._lock:
-            if self._consumer is None:
-                s = self._settings
-                database = Database.from_url(s.database_url, 2)
-                client = PlayClient(
-                    s.google_service_account_file,
-                    endpoint=s.google_api_endpoint,
-                    timeout_seconds=s.google_api_timeout_seconds,
-                    threads=2,
-                )
-                self._consumer = Consumer(client, ConsumptionStore(database), SystemClock())
-            return self._consumer
-
-
-def register(app: Celery, settings: ReceiptsSettings) -> None:
-    """Register this module's tasks and beat entries on the receipts Celery app.
+def register(app: Celery, settings: ReceiptsSettings, build_consumer: Callable[[], Consumer]) -> None:
+    """Register this module's tasks and beat entries on the receipts Celery app; each
+    worker process builds its Consumer with ``build_consumer`` on first use.
 
     The overdue count is exported by the receipts service itself
     (coinstore_receipts_google_unconsumed_overdue_now, read from the database);
     prefork worker processes serve no metrics."""
-    context = _Context(settings)
+    consumer = PerProcess(build_consumer)
     overdue = timedelta(seconds=settings.google_consume_overdue_seconds)
     queue = settings.receipts_queue
 
     @app.task(name=CONSUME_TASK, bind=True, max_retries=MAX_RETRIES, acks_late=True)
     def consume(self: Task[Any, Any], token: str) -> str:
-        outcome = context.consumer().consume(token)
+        outcome = consumer().consume(token)
         if outcome.done:
             return outcome.state.value if outcome.state else "missing"
         if self.request.retries >= MAX_RETRIES:
@@ -84,18 +60,18 @@ def register(app: Celery, settings: ReceiptsSettings) -> None:
     @app.task(name=CONSUME_BATCH_TASK, acks_late=True)
     def consume_batch(tokens: list[str]) -> int:
         """Consume several purchases (one broker message); each one that must wait is retried on its own."""
-        consumer = context.consumer()
+        consume_one = consumer()
         retried = 0
         for token in tokens:
-            if not consumer.consume(token).done:
+            if not consume_one.consume(token).done:
                 consume.apply_async(args=[token], queue=queue, countdown=retry_countdown(0, BASE_DELAY_SECONDS))
                 retried += 1
         return retried
 
     @app.task(name=SWEEP_TASK, acks_late=True)
     def sweep() -> int:
-        consumer = context.consumer()
-        tokens = consumer.store.overdue(settings.google_package_name, consumer.clock.now(), overdue)
+        sweeper = consumer()
+        tokens = sweeper.store.overdue(settings.google_package_name, sweeper.clock.now(), overdue)
         if tokens:
             log.warning(
                 "%d credited Play purchase(s) still unconsumed after %s; retrying (Google refunds after 3 days)",
@@ -113,3 +89,69 @@ def register(app: Celery, settings: ReceiptsSettings) -> None:
         "options": {"queue": queue},
     }
     app.conf.beat_schedule = schedule
+
+
+class BackgroundEnqueuer:
+    """Hands consume tasks to the broker from one background thread.
+
+    The RPC only puts the token on a bounded in-memory queue: a slow broker
+    (the embedded SQLite one takes tens of milliseconds per message) never adds
+    to a verification's latency. The durable record is the database row, so a
+    token dropped here (queue full, broker down, process killed) is consumed by
+    the sweep instead.
+    """
+
+    def __init__(self, send: Callable[[list[str]], None], capacity: int = 10_000, batch: int = 100) -> None:
+        self._send = send
+        self._batch = batch
+        self._queue: queue.Queue[str | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="play-consume-enqueuer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, token: str) -> None:
+        try:
+            self._queue.put_nowait(token)
+        except queue.Full:
+            log.warning("the consume queue is full; the sweep will consume this Play purchase")
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            tokens: list[str] = []
+            item = self._queue.get()
+            while item is not None:
+                tokens.append(item)
+                if len(tokens) >= self._batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stopping = item is None
+            if not tokens:
+                continue
+            try:
+                self._send(tokens)
+            except Exception as exc:
+                log.warning("could not queue %d Play consume(s) (the sweep will retry): %s", len(tokens), exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (up to ``timeout``), then stop."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+
+def celery_sender(broker_url: str, queue: str) -> Callable[[list[str]], None]:
+    """Send consume work to the receipts worker, one message per batch (blocking)."""
+    app = make_celery_app(queue, broker_url)
+
+    def send(tokens: list[str]) -> None:
+        if len(tokens) == 1:
+            app.send_task(CONSUME_TASK, args=[tokens[0]], queue=queue)
+        else:
+            app.send_task(CONSUME_BATCH_TASK, args=[tokens], queue=queue)
+
+    return send

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.receipts.notifications.ports import AppleJwsVerifier, VerificationFailed
+from services.common.errors import DomainError, Unavailable
+from services.common.loop import OnLoop
+from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.notifications.repository import NewNotification
 
 APPLE = "apple"
@@ -56,17 +58,26 @@ def _text(value: Any, field: str, *, required: bool = True, limit: int = 512) ->
     return value
 
 
-def parse_apple(body: bytes, verifier: AppleJwsVerifier, expect: AppleExpectations) -> NewNotification:
-    """ResponseBodyV2 → verified notification (payload plus the verified transaction)."""
+def _verified(jws: str, what: str, verifier: AppleJwsVerifier, loop: OnLoop) -> dict[str, Any]:
+    """The payload of an Apple JWS; forged or not chained to our roots → 401. An
+    unreachable OCSP responder is not the sender's fault: that error propagates."""
+    try:
+        return verifier.verify_blocking(jws, "signedPayload", loop)
+    except Unavailable:
+        raise
+    except DomainError as exc:
+        raise Rejected(401, f"{what}: {exc.reason}: {exc.message}") from None
+
+
+def parse_apple(body: bytes, verifier: AppleJwsVerifier, expect: AppleExpectations, loop: OnLoop) -> NewNotification:
+    """ResponseBodyV2 → verified notification (payload plus the verified transaction).
+    Runs in a worker thread; ``loop`` is the one owning the verifier's OCSP client."""
     envelope = _json_object(body, "body")
     signed = _text(envelope.get("signedPayload"), "signedPayload", limit=512 * 1024)
     assert signed is not None
     if signed.count(".") != 2:
         raise Rejected(400, "signedPayload is not a JWS")
-    try:
-        payload = dict(verifier.verify(signed))
-    except VerificationFailed as exc:
-        raise Rejected(401, f"signedPayload: {exc}") from None
+    payload = _verified(signed, "signedPayload", verifier, loop)
     notification_type = _text(payload.get("notificationType"), "notificationType", limit=64)
     uuid = _text(payload.get("notificationUUID"), "notificationUUID", limit=128)
     assert notification_type is not None
@@ -85,10 +96,7 @@ def parse_apple(body: bytes, verifier: AppleJwsVerifier, expect: AppleExpectatio
         signed_transaction = data.get("signedTransactionInfo")
         if signed_transaction is not None:
             _text(signed_transaction, "data.signedTransactionInfo", limit=256 * 1024)
-            try:
-                transaction = dict(verifier.verify(signed_transaction))
-            except VerificationFailed as exc:
-                raise Rejected(401, f"data.signedTransactionInfo: {exc}") from None
+            transaction = _verified(signed_transaction, "data.signedTransactionInfo", verifier, loop)
             if transaction.get("bundleId") != expect.bundle_id:
                 raise Rejected(403, "signedTransactionInfo.bundleId is not this app's")
             if transaction.get("environment") != environment:

@@ -5,7 +5,8 @@ limit), every page, within its quota (30 requests per 30 s, 6,000 per day).
 Apple: Get Refund History (v2) for recent App Store purchases.
 
 Whatever is found goes through the same exactly-once, state-based reversal
-the notifications use, so a refund already applied moves nothing; the ones
+the notifications use (``Crediting.apply_refund``), so a refund already
+applied moves nothing; the ones
 that did move coins are counted in ``coinstore_reconcile_applied``. Request ids
 carry the run, so the wallet's state-based answer (not an AIP-155 replay of an
 earlier run's) says whether this run moved anything.
@@ -17,23 +18,24 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
+from services.common.catalog import StoreId
 from services.common.clock import Clock
+from services.common.errors import Unavailable
+from services.common.loop import OnLoop
 from services.common.metrics import Metrics
-from services.receipts.notifications.ports import (
-    AppleJwsVerifier,
-    AppleServerApi,
-    PlayApi,
-    PurchaseActions,
-    RecentPurchases,
-    StoreUnavailable,
-)
-from services.receipts.notifications.processor import APP_STORE, GOOGLE_PLAY, refunded_quantity_from_play
+from services.receipts.apple.client import AppStoreApi
+from services.receipts.apple.jws import AppleJwsVerifier
+from services.receipts.apple.rules import refund_of, transaction_id
+from services.receipts.google.client import PlayClient
+from services.receipts.google.rules import VoidedPurchase, refunded_quantity
 from services.receipts.notifications.repository import ReconcileRuns
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.model import Refund
+from services.receipts.purchases.repository import PurchaseStore
 
 log = logging.getLogger(__name__)
 
@@ -100,32 +102,37 @@ def _ms(moment: datetime) -> int:
 
 
 class Reconciler:
+    """Runs from a worker thread; the purchases core and the App Store client run on
+    ``loop`` (the core's event loop) while it waits."""
+
     def __init__(
         self,
         *,
-        actions: PurchaseActions,
+        crediting: Crediting,
+        purchases: PurchaseStore,
         runs: ReconcileRuns,
+        play: PlayClient,
+        apple_api: AppStoreApi,
+        apple_verifier: AppleJwsVerifier,
+        loop: OnLoop,
         metrics: Metrics,
         clock: Clock,
         package_name: str,
-        play: PlayApi | None = None,
         google_quota: Quota | None = None,
         apple_quota: Quota | None = None,
-        apple_api: AppleServerApi | None = None,
-        apple_verifier: AppleJwsVerifier | None = None,
-        recent: RecentPurchases | None = None,
     ) -> None:
-        self._actions = actions
+        self._crediting = crediting
+        self._purchases = purchases
         self._runs = runs
+        self._play = play
+        self._apple = apple_api
+        self._verifier = apple_verifier
+        self._loop = loop
         self._clock = clock
         self._package = package_name
-        self._play = play
         self._quota = google_quota or Quota()
         # Get Refund History: 10 requests per second in production.
         self._apple_quota = apple_quota or Quota(per_window=10, window=1.0, per_day=10 * 86400)
-        self._apple = apple_api
-        self._verifier = apple_verifier
-        self._recent = recent
         self.examined = metrics.counter(
             "coinstore_reconcile_examined", "Store refund records reconciliation looked at", ("source",)
         )
@@ -136,28 +143,27 @@ class Reconciler:
         )
 
     def run(self, since: datetime | None = None, progress: Progress | None = None) -> list[ReconcileResult]:
-        results = []
-        if self._play is not None:
-            results.append(self.google(since, progress))
-        if self._apple is not None and self._verifier is not None and self._recent is not None:
-            results.append(self.apple(since, progress))
-        return results
+        return [self.google(since, progress), self.apple(since, progress)]
+
+    def _apply(self, refund: Refund, request_id: str) -> bool:
+        return self._loop.run(self._crediting.apply_refund(refund, request_id=request_id))
 
     def google(self, since: datetime | None = None, progress: Progress | None = None) -> ReconcileResult:
-        assert self._play is not None
         now = self._clock.now()
         start = max(since or now - GOOGLE_MAX_LOOKBACK, now - GOOGLE_MAX_LOOKBACK + timedelta(minutes=1))
         run_id = self._runs.start("google", start, now)
         result = ReconcileResult("google")
-        voided: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
-        token: str | None = None
+        voided: dict[str, list[VoidedPurchase]] = collections.defaultdict(list)
+        token = ""
         while True:
             self._quota.acquire()
-            page = self._play.list_voided_purchases(self._package, _ms(start), _ms(now), token)
+            page = self._play.list_voided_page(
+                self._package, start_time_ms=_ms(start), end_time_ms=_ms(now), page_token=token
+            )
             result.pages += 1
-            for record in page.get("voidedPurchases") or []:
-                voided[str(record["purchaseToken"])].append(record)
-            token = (page.get("tokenPagination") or {}).get("nextPageToken")
+            for record in page.purchases:
+                voided[record.purchase_token].append(record)
+            token = page.next_page_token
             if not token:
                 break
         for purchase_token, records in voided.items():
@@ -171,80 +177,62 @@ class Reconciler:
         self._runs.finish(run_id, result.examined, result.applied, self._clock.now())
         return result
 
-    def _apply_google(self, run_id: int, purchase_token: str, records: list[Mapping[str, Any]]) -> bool:
+    def _apply_google(self, run_id: int, purchase_token: str, records: list[VoidedPurchase]) -> bool:
         refunded = 0
-        partial = all(r.get("voidedQuantity") for r in records)
+        partial = all(r.voided_quantity for r in records)
         if partial:
             # Quantity-based partial refunds: Google's refundableQuantity gives the cumulative figure.
             try:
-                refunded = refunded_quantity_from_play(
-                    self._play.get_product_purchase_v2(self._package, purchase_token)  # type: ignore[union-attr]
-                )
-            except StoreUnavailable:
+                refunded = refunded_quantity(self._play.get_purchase_v2(self._package, purchase_token))
+            except Unavailable:
                 raise
             except Exception:
-                refunded = sum(int(r["voidedQuantity"]) for r in records)
-        order = records[-1].get("orderId", "")
-        applied = self._actions.reverse(
-            store=GOOGLE_PLAY,
-            store_transaction_id=purchase_token,
-            environment="",
+                refunded = sum(r.voided_quantity or 0 for r in records)
+        order = records[-1].order_id
+        refund = Refund(
+            StoreId.GOOGLE_PLAY,
+            purchase_token,
+            None,
             full=not partial,
             refunded_quantity=refunded,
-            refunded_percentage_milli=0,
-            reason=f"google voidedpurchases orderId={order} reason={records[-1].get('voidedReason')}",
-            request_id=f"reconcile:{run_id}:google:{purchase_token}:{refunded}"[:128],
+            reason=f"google voidedpurchases orderId={order} reason={records[-1].voided_reason}",
         )
-        if applied.changed:
+        applied = self._apply(refund, f"reconcile:{run_id}:google:{purchase_token}:{refunded}"[:128])
+        if applied:
             log.warning("reconciliation applied a Play refund no notification had", extra={"order_id": order})
-        return applied.changed
+        return applied
 
     def apple(self, since: datetime | None = None, progress: Progress | None = None) -> ReconcileResult:
-        assert self._apple is not None
-        assert self._verifier is not None
-        assert self._recent is not None
         now = self._clock.now()
         start = since or now - APPLE_LOOKBACK
         run_id = self._runs.start("apple", start, now)
         result = ReconcileResult("apple")
         seen: set[str] = set()
-        for transaction_id, environment in self._recent.recent_apple_transactions(_ms(start)):
-            revision: str | None = None
+        for txid, environment in self._loop.run(self._purchases.recent(StoreId.APP_STORE, start)):
+            revision = ""
             while True:
                 self._apple_quota.acquire()
-                page = self._apple.get_refund_history(transaction_id, environment, revision)
+                page = self._loop.run(self._apple.get_refund_history(environment, txid, revision))
                 result.pages += 1
-                for signed in page.get("signedTransactions") or []:
-                    refund = self._verifier.verify(signed)
-                    refunded_id = str(refund.get("transactionId"))
+                for signed in page.signed_transactions:
+                    refund = self._verifier.verify_blocking(signed, "signedPayload", self._loop)
+                    refunded_id = transaction_id(refund)
                     if refunded_id in seen:
                         continue
                     seen.add(refunded_id)
                     result.examined += 1
                     self.examined.labels("apple").inc()
-                    if self._apply_apple(run_id, refund):
+                    if self._apply_apple(run_id, refund_of(refund, "apple refund history")):
                         result.applied += 1
                         self.applied.labels("apple").inc()
-                revision = page.get("revision")
-                if not page.get("hasMore") or not revision:
+                revision = page.revision
+                if not page.has_more or not revision:
                     break
             if progress is not None:
                 progress(1)
         self._runs.finish(run_id, result.examined, result.applied, self._clock.now())
         return result
 
-    def _apply_apple(self, run_id: int, refund: Mapping[str, Any]) -> bool:
-        prorated = refund.get("revocationType") == "REFUND_PRORATED"
-        percentage = int(refund.get("revocationPercentage") or 0) if prorated else 0
-        txid = str(refund.get("transactionId"))
-        applied = self._actions.reverse(
-            store=APP_STORE,
-            store_transaction_id=txid,
-            environment=str(refund.get("environment") or ""),
-            full=not prorated,
-            refunded_quantity=0,
-            refunded_percentage_milli=percentage,
-            reason=f"apple refund history reason={refund.get('revocationReason')}",
-            request_id=f"reconcile:{run_id}:apple:{txid}:{percentage}"[:128],
-        )
-        return applied.changed
+    def _apply_apple(self, run_id: int, refund: Refund) -> bool:
+        txid, percentage = refund.store_transaction_id, refund.refunded_percentage_milli
+        return self._apply(refund, f"reconcile:{run_id}:apple:{txid}:{percentage}"[:128])

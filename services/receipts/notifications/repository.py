@@ -1,4 +1,4 @@
-"""SQL of the notifications inbox, account bindings and reconciliation runs.
+"""SQL of the notifications inbox and the reconciliation runs.
 
 The inbox is the durability boundary: a notification is acknowledged to the
 store only after its row is committed, and the unique key (source, external_id)
@@ -18,10 +18,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from services.common.catalog import StoreId
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
-from services.receipts.purchases.repository import purchases
 
 metadata = sa.MetaData()
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -46,15 +44,6 @@ notifications = sa.Table(
     sa.Column("lease_until", sa.DateTime(timezone=True)),
     sa.Column("processed_at", sa.DateTime(timezone=True)),
     sa.UniqueConstraint("source", "external_id"),
-)
-
-account_bindings = sa.Table(
-    "receipts_account_bindings",
-    metadata,
-    sa.Column("account_id", sa.String(128), primary_key=True),
-    sa.Column("app_account_token", sa.String(36), nullable=False, unique=True),
-    sa.Column("obfuscated_account_id", sa.String(64), nullable=False, unique=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 reconcile_runs = sa.Table(
@@ -265,57 +254,6 @@ class InboxStore:
         return row.state, row.outcome, _aware(row.processed_at)
 
 
-class BindingStore:
-    """Which account an appAccountToken / obfuscatedAccountId was issued to.
-
-    The binding values are an HMAC of the account id and cannot be reversed, so
-    the receipts core records each binding when it hands one out
-    (GetPurchaseBinding); notifications that carry a value never recorded here
-    are not ours and are only recorded.
-    """
-
-    def __init__(self, database: Database) -> None:
-        self.db = database
-
-    def record(
-        self, conn: Connection, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime
-    ) -> None:
-        conn.execute(
-            insert_ignore(conn, account_bindings).values(
-                account_id=account_id,
-                app_account_token=app_account_token.lower(),
-                obfuscated_account_id=obfuscated_id,
-                created_at=now,
-            )
-        )
-
-    def record_now(self, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime) -> None:
-        """Record once: an account asks for its binding before every purchase, and a
-        read is all a known one costs (no write transaction, no SQLite write lock)."""
-        with self.db.connect() as conn:
-            known = conn.execute(
-                sa.select(account_bindings.c.account_id).where(account_bindings.c.account_id == account_id)
-            ).first()
-        if known is None:
-            self.db.transaction(lambda conn: self.record(conn, account_id, app_account_token, obfuscated_id, now))
-
-    def account_for_app_account_token(self, token: str) -> str | None:
-        with self.db.connect() as conn:
-            value = conn.execute(
-                sa.select(account_bindings.c.account_id).where(account_bindings.c.app_account_token == token.lower())
-            ).scalar_one_or_none()
-        return None if value is None else str(value)
-
-    def account_for_obfuscated_id(self, obfuscated_id: str) -> str | None:
-        with self.db.connect() as conn:
-            value = conn.execute(
-                sa.select(account_bindings.c.account_id).where(
-                    account_bindings.c.obfuscated_account_id == obfuscated_id
-                )
-            ).scalar_one_or_none()
-        return None if value is None else str(value)
-
-
 class ReconcileRuns:
     def __init__(self, database: Database) -> None:
         self.db = database
@@ -344,24 +282,3 @@ class ReconcileRuns:
                 )
             ).scalar_one_or_none()
         return _aware(value)
-
-
-class RecentApplePurchases:
-    """App Store purchases recorded since a moment (receipts_purchases, the core's
-    table), newest first: what reconciliation asks Get Refund History about."""
-
-    def __init__(self, database: Database, limit: int = 5000) -> None:
-        self.db = database
-        self._limit = limit
-
-    def recent_apple_transactions(self, since_ms: int) -> list[tuple[str, str]]:
-        table = purchases
-        since = datetime.fromtimestamp(since_ms / 1000, UTC)
-        with self.db.connect() as conn:
-            rows = conn.execute(
-                sa.select(table.c.store_transaction_id, table.c.environment)
-                .where(table.c.store == StoreId.APP_STORE.value, table.c.created_at >= since)
-                .order_by(table.c.created_at.desc())
-                .limit(self._limit)
-            ).all()
-        return [(str(r.store_transaction_id), str(r.environment).capitalize()) for r in rows]

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 
-from services.common.celery_app import MAX_COUNTDOWN_SECONDS
+from services.common.celery_app import MAX_COUNTDOWN_SECONDS, PerProcess
 from services.common.clock import SystemClock
-from services.common.metrics import Metrics
 from services.receipts.config import ReceiptsSettings
-from services.receipts.notifications import wiring
+from services.receipts.notifications.handle import InboxProcessor
 from services.receipts.notifications.reconcile import Reconciler
-from services.receipts.notifications.repository import RecentApplePurchases, ReconcileRuns
+from services.receipts.notifications.repository import InboxStore
 
 log = logging.getLogger(__name__)
 
@@ -44,43 +44,29 @@ PROCESS, SWEEP, RECONCILE = task_names()
 RECONCILE_SECONDS = 15 * 60.0
 
 
-def build_reconciler(
-    settings: ReceiptsSettings, components: wiring.NotificationComponents, metrics: Metrics
-) -> Reconciler:
-    return Reconciler(
-        actions=components.actions,
-        runs=ReconcileRuns(components.inbox.db),
-        metrics=metrics,
-        clock=SystemClock(),
-        package_name=settings.google_package_name,
-        play=components.play,
-        apple_api=components.apple_api,
-        apple_verifier=components.apple_verifier,
-        recent=RecentApplePurchases(components.inbox.db),
-    )
+@dataclass
+class NotificationWorker:
+    """What the notification tasks use in one worker process."""
+
+    inbox: InboxStore
+    processor: InboxProcessor
+    reconciler: Reconciler
 
 
 def register(
     app: Celery,
     settings: ReceiptsSettings,
-    factory: Callable[[], wiring.NotificationComponents] | None = None,
+    build_worker: Callable[[], NotificationWorker],
     queue: str = QUEUE,
 ) -> None:
-    """Register this module's tasks and beat entries on the receipts Celery app.
-
-    Components are built on first use in each worker process (after the fork),
-    by ``factory`` when given (tests), from settings otherwise."""
-    state: dict[str, Any] = {}
+    """Register this module's tasks and beat entries on the receipts Celery app; each
+    worker process builds its :class:`NotificationWorker` with ``build_worker`` on first use."""
+    worker = PerProcess(build_worker)
     process_name, sweep_name, reconcile_name = task_names(queue)
-
-    def components() -> wiring.NotificationComponents:
-        if "components" not in state:
-            state["components"] = factory() if factory is not None else wiring.build_worker_components(settings)
-        return state["components"]  # type: ignore[no-any-return]
 
     @app.task(name=process_name, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
     def process(self: Any, notification_id: int) -> str:
-        outcome, retry_in = components().processor.process(int(notification_id))
+        outcome, retry_in = worker().processor.process(int(notification_id))
         if retry_in is not None:
             countdown = min(retry_in.total_seconds(), MAX_COUNTDOWN_SECONDS)
             app.send_task(process_name, args=[notification_id], queue=queue, countdown=countdown)
@@ -88,8 +74,7 @@ def register(
 
     @app.task(name=sweep_name)  # type: ignore[untyped-decorator]
     def sweep() -> int:
-        parts = components()
-        due = parts.inbox.due(SystemClock().now(), timedelta(seconds=settings.notifications_sweep_seconds))
+        due = worker().inbox.due(SystemClock().now(), timedelta(seconds=settings.notifications_sweep_seconds))
         for notification_id in due:
             app.send_task(process_name, args=[notification_id], queue=queue)
         if due:
@@ -98,11 +83,7 @@ def register(
 
     @app.task(name=reconcile_name)  # type: ignore[untyped-decorator]
     def reconcile() -> list[dict[str, int]]:
-        parts = components()
-        if "reconciler" not in state:
-            state["reconciler"] = build_reconciler(settings, parts, parts.metrics)
-        reconciler: Reconciler = state["reconciler"]
-        return [{"examined": r.examined, "applied": r.applied} for r in reconciler.run()]
+        return [{"examined": r.examined, "applied": r.applied} for r in worker().reconciler.run()]
 
     schedule = dict(app.conf.beat_schedule or {})
     schedule["receipts-notifications-sweep"] = {

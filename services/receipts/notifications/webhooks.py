@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.common.clock import Clock
 from services.common.failpoints import Failpoints
+from services.common.loop import OnLoop
 from services.common.metrics import Metrics
+from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.notifications.parse import (
     APPLE,
     GOOGLE,
@@ -31,7 +34,6 @@ from services.receipts.notifications.parse import (
     parse_apple,
     parse_google,
 )
-from services.receipts.notifications.ports import AppleJwsVerifier
 from services.receipts.notifications.pubsub_auth import KeysUnavailable, PubSubTokenVerifier, TokenRejected
 from services.receipts.notifications.repository import InboxStore, NewNotification
 
@@ -121,7 +123,8 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
         return response
 
     async def apple(request: web.Request) -> web.Response:
-        return await handle(APPLE, request, lambda body: parse_apple(body, deps.apple_verifier, deps.apple))
+        loop = OnLoop(asyncio.get_running_loop())
+        return await handle(APPLE, request, lambda body: parse_apple(body, deps.apple_verifier, deps.apple, loop))
 
     async def google(request: web.Request) -> web.Response:
         authorization = request.headers.get("Authorization")
@@ -167,7 +170,7 @@ class WebhookServer:
         await self._runner.cleanup()
 
 
-class InboxCollector:
+class InboxCollector(Collector):
     """`coinstore_notifications_inbox{state}`: rows per state, read at scrape time,
     so failed and dead notifications are visible on the receipts metrics port."""
 

@@ -17,7 +17,8 @@ wallet) and finishes 4. Tests crash exactly there with the failpoints
 ``receipts.credit.before_wallet`` and ``receipts.credit.after_wallet``.
 
 ``reverse``/``restore`` drive the wallet's state-based ReversePurchase and
-RestorePurchase for refunds and refund reversals (used by notifications).
+RestorePurchase for refunds and refund reversals; ``apply_refund`` is how the
+stores' reports (notifications, reconciliation) reach ``reverse``.
 """
 
 from __future__ import annotations
@@ -34,19 +35,26 @@ from services.common.clock import Clock
 from services.common.failpoints import Failpoints
 from services.common.metrics import Metrics
 from services.receipts.config import RegionPolicy
-from services.receipts.errors import PermissionDenied
+from services.receipts.errors import NotFound, PermissionDenied
 from services.receipts.purchases.model import (
     CreditTerms,
     Environment,
     Outcome,
     PurchaseRecord,
     PurchaseResult,
+    Refund,
     ReversalResult,
     StoredState,
     VerifiedPurchase,
 )
 from services.receipts.purchases.repository import PurchaseStore, RequestRecorder
-from services.receipts.purchases.rules import SandboxPolicy, check_sandbox, credit_terms, normalize_account_region
+from services.receipts.purchases.rules import (
+    SandboxPolicy,
+    already_refunded,
+    check_sandbox,
+    credit_terms,
+    normalize_account_region,
+)
 from services.receipts.purchases.wallet import WalletClient, wallet_request_id
 
 WALLET_STORE = {StoreId.APP_STORE: wpb.STORE_APP_STORE, StoreId.GOOGLE_PLAY: wpb.STORE_GOOGLE_PLAY}
@@ -183,23 +191,27 @@ class Crediting:
         record = await self._store.get(store, store_transaction_id)
         return record.environment if record is not None else Environment.PRODUCTION
 
-    async def reverse(
-        self,
-        store: StoreId,
-        store_transaction_id: str,
-        *,
-        environment: Environment | None = None,
-        full: bool,
-        refunded_quantity: int = 0,
-        refunded_percentage_milli: int = 0,
-        reason: str = "",
-        request_id: str,
-    ) -> ReversalResult:
+    async def apply_refund(self, refund: Refund, *, request_id: str) -> bool:
+        """A store reports ``refund`` (a notification, reconciliation): :meth:`reverse` it,
+        unless the purchase row already records this cumulative refund -- asked again with
+        the same request id, the wallet would replay its first answer, "applied". True when
+        this call moved coins; a purchase the wallet does not know moves nothing."""
+        record = await self._store.get(refund.store, refund.store_transaction_id)
+        if record is not None and already_refunded(record, refund):
+            return False
+        try:
+            result = await self.reverse(refund, request_id=request_id)
+        except NotFound:
+            return False
+        return result.applied
+
+    async def reverse(self, refund: Refund, *, request_id: str) -> ReversalResult:
         """Claw back a refunded purchase. State-based: ``full``, or the cumulative refunded
         quantity, or the cumulative ``refunded_percentage_milli``; the same refund reported
         twice moves coins once. A partial refund that computes to nothing moves nothing
         (``nothing_refunded``): report it again when the store's figures change."""
-        key = await self._environment(store, store_transaction_id, environment)
+        store, store_transaction_id, full = refund.store, refund.store_transaction_id, refund.full
+        key = await self._environment(store, store_transaction_id, refund.environment)
         response = await self._wallet.reverse(
             wpb.ReversePurchaseRequest(
                 request_id=wallet_request_id(
@@ -207,16 +219,16 @@ class Crediting:
                     request_id,
                     store.value,
                     store_transaction_id,
-                    "full" if full else str(refunded_quantity),
-                    str(refunded_percentage_milli),
+                    "full" if full else str(refund.refunded_quantity),
+                    str(refund.refunded_percentage_milli),
                 ),
                 store=WALLET_STORE[store],
                 environment=WALLET_ENVIRONMENT[key],
                 store_transaction_id=store_transaction_id,
                 full_refund=full,
-                refunded_quantity=0 if full else refunded_quantity,
-                refunded_percentage_milli=0 if full else refunded_percentage_milli,
-                reason=reason[:256],
+                refunded_quantity=0 if full else refund.refunded_quantity,
+                refunded_percentage_milli=0 if full else refund.refunded_percentage_milli,
+                reason=refund.reason[:256],
             )
         )
         if response.state == wpb.REVERSAL_STATE_NOTHING_REFUNDED:
@@ -224,8 +236,8 @@ class Crediting:
         record = await self._store.mark_refund(
             store,
             store_transaction_id,
-            0 if full else refunded_quantity,
-            0 if full else refunded_percentage_milli,
+            0 if full else refund.refunded_quantity,
+            0 if full else refund.refunded_percentage_milli,
             self._clock.now(),
         )
         return ReversalResult(

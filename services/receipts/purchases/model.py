@@ -70,6 +70,22 @@ class VerifiedPurchase:
 
 
 @dataclass(frozen=True)
+class Refund:
+    """A store's report that a purchase was refunded, cumulatively: all of it
+    (``full``), or so many of its packs, or a share in milli-percent. The same
+    report twice moves coins once (the wallet's reversal is state-based)."""
+
+    store: StoreId
+    store_transaction_id: str
+    # The environment the store names; None: the one the purchase was recorded in.
+    environment: Environment | None
+    full: bool
+    refunded_quantity: int = 0
+    refunded_percentage_milli: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class CreditTerms:
     """What the wallet is asked to credit for one purchase; fixed at first claim."""
 

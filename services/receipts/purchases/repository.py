@@ -52,6 +52,15 @@ purchases = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+account_bindings = sa.Table(
+    "receipts_account_bindings",
+    metadata,
+    sa.Column("account_id", sa.String(128), primary_key=True),
+    sa.Column("app_account_token", sa.String(36), nullable=False, unique=True),
+    sa.Column("obfuscated_account_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 T = TypeVar("T")
 
 
@@ -309,6 +318,20 @@ class PurchaseStore:
 
         return await self.database.run(self._read, work)
 
+    async def recent(self, store: StoreId, since: datetime, limit: int = 5000) -> list[tuple[str, Environment]]:
+        """(store transaction id, environment) of the purchases recorded since ``since``, newest first."""
+
+        def work(conn: Connection) -> list[tuple[str, Environment]]:
+            rows = conn.execute(
+                sa.select(purchases.c.store_transaction_id, purchases.c.environment)
+                .where(purchases.c.store == store.value, purchases.c.created_at >= since)
+                .order_by(purchases.c.created_at.desc())
+                .limit(limit)
+            ).all()
+            return [(str(r.store_transaction_id), Environment(r.environment)) for r in rows]
+
+        return await self.database.run(self._read, work)
+
     # --- request ids (AIP-155) -------------------------------------------
 
     async def replay(self, method: str, request_id: str, request: Message) -> bytes | None:
@@ -376,3 +399,54 @@ class RequestRecorder:
         self.response = response
         self.stored = stored
         self.done = True
+
+
+class BindingStore:
+    """Which account an appAccountToken / obfuscatedAccountId was issued to.
+
+    The binding values are an HMAC of the account id and cannot be reversed, so
+    the receipts core records each binding when it hands one out
+    (GetPurchaseBinding); notifications that carry a value never recorded here
+    are not ours and are only recorded.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def record(
+        self, conn: Connection, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime
+    ) -> None:
+        conn.execute(
+            insert_ignore(conn, account_bindings).values(
+                account_id=account_id,
+                app_account_token=app_account_token.lower(),
+                obfuscated_account_id=obfuscated_id,
+                created_at=now,
+            )
+        )
+
+    def record_now(self, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime) -> None:
+        """Record once: an account asks for its binding before every purchase, and a
+        read is all a known one costs (no write transaction, no SQLite write lock)."""
+        with self.db.connect() as conn:
+            known = conn.execute(
+                sa.select(account_bindings.c.account_id).where(account_bindings.c.account_id == account_id)
+            ).first()
+        if known is None:
+            self.db.transaction(lambda conn: self.record(conn, account_id, app_account_token, obfuscated_id, now))
+
+    def account_for_app_account_token(self, token: str) -> str | None:
+        with self.db.connect() as conn:
+            value = conn.execute(
+                sa.select(account_bindings.c.account_id).where(account_bindings.c.app_account_token == token.lower())
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
+    def account_for_obfuscated_id(self, obfuscated_id: str) -> str | None:
+        with self.db.connect() as conn:
+            value = conn.execute(
+                sa.select(account_bindings.c.account_id).where(
+                    account_bindings.c.obfuscated_account_id == obfuscated_id
+                )
+            ).scalar_one_or_none()
+        return None if value is None else str(value)

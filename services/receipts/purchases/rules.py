@@ -11,7 +11,14 @@ from datetime import datetime
 from services.common.catalog import Catalog
 from services.receipts.config import RegionPolicy
 from services.receipts.errors import FailedPrecondition, InvalidArgument
-from services.receipts.purchases.model import CreditTerms, Environment, VerifiedPurchase
+from services.receipts.purchases.model import (
+    CreditTerms,
+    Environment,
+    PurchaseRecord,
+    Refund,
+    StoredState,
+    VerifiedPurchase,
+)
 from services.receipts.purchases.regions import to_alpha2
 
 
@@ -92,3 +99,10 @@ def region_decision(policy: RegionPolicy, storefront: str, account_region: str) 
             {"storefront": storefront, "account_region": account_region},
         )
     return True
+
+
+def already_refunded(record: PurchaseRecord, refund: Refund) -> bool:
+    """True when the purchase row already records exactly this cumulative refund."""
+    refunded = (0, 0) if refund.full else (refund.refunded_quantity, refund.refunded_percentage_milli)
+    recorded = (record.refunded_quantity, record.refunded_percentage_milli)
+    return record.state is StoredState.REFUNDED and recorded == refunded

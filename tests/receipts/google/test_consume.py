@@ -152,7 +152,7 @@ def test_overdue_finds_old_unconsumed_rows_and_adopts_orphans(world: tuple[Consu
 def test_overdue_gauge_counts_from_the_database(world: tuple[Consumer, PlayState]) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from services.receipts.google.wiring import OverdueCollector
+    from services.receipts.google.consume import OverdueCollector
 
     consumer, play = world
     registry = CollectorRegistry()

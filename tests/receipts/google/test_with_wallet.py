@@ -12,6 +12,7 @@ import pytest
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from services.common.catalog import StoreId
+from services.receipts.purchases.model import Refund
 from tests.receipts.google.support import PACKAGE, google_settings, play_simulator
 from tests.receipts.support import receipts_with_wallet
 from tests.support.status import error_reason
@@ -54,8 +55,9 @@ async def test_play_purchase_credited_once_by_the_real_wallet(keys: Keys, databa
 
         # Google voids one of the two packs, and says so twice: the coins of one pack go back, once.
         crediting = receipts.components.crediting
-        first = await crediting.reverse(StoreId.GOOGLE_PLAY, token, full=False, refunded_quantity=1, request_id="v-1")
-        again = await crediting.reverse(StoreId.GOOGLE_PLAY, token, full=False, refunded_quantity=1, request_id="v-2")
+        one_pack = Refund(StoreId.GOOGLE_PLAY, token, None, full=False, refunded_quantity=1)
+        first = await crediting.reverse(one_pack, request_id="v-1")
+        again = await crediting.reverse(one_pack, request_id="v-2")
         assert (first.coins_moved, again.coins_moved) == (1400, 0)
         assert await receipts.ledger("fan-1") == [(token, 2800), (token, -1400)]
         assert await receipts.balance("fan-1") == 1400

@@ -1,0 +1,322 @@
+"""The one composition root of the receipts service: every adapter and use case
+is built here from the settings, for the gRPC service and its webhooks
+(``python -m services.receipts``), the Celery worker (``python -m
+services.receipts.worker``, whose tasks are registered here too) and the CLI.
+
+``build_components`` must be called with an event loop running (it opens the
+wallet's grpc.aio channel); close what it built with ``await components.close()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+import httpx
+from celery import Celery
+
+from coinstore.receipts.v1 import receipt_service_pb2 as pb
+from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
+from services.common.bootstrap import Runtime, build_runtime
+from services.common.catalog import Catalog
+from services.common.celery_app import make_celery_app
+from services.common.clients import aio_channel
+from services.common.clock import Clock, SystemClock
+from services.common.db import Database
+from services.common.failpoints import Failpoints
+from services.common.loop import LoopThread, OnLoop
+from services.common.metrics import Metrics
+from services.common.server import ServiceHost
+from services.receipts.apple.client import AppStoreApi, TokenMinter, load_api_key
+from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
+from services.receipts.apple.ocsp import HttpOcspChecker
+from services.receipts.apple.rules import ApplePolicy
+from services.receipts.apple.verify import ApplePurchases
+from services.receipts.config import ReceiptsSettings
+from services.receipts.google import tasks as google_tasks
+from services.receipts.google.client import PlayClient
+from services.receipts.google.consume import Consumer, OverdueCollector
+from services.receipts.google.repository import ConsumptionStore
+from services.receipts.google.rules import GooglePolicy
+from services.receipts.google.verify import GooglePurchases
+from services.receipts.notifications import tasks as notification_tasks
+from services.receipts.notifications.handle import DeliveredFacts, InboxProcessor, NotificationHandler
+from services.receipts.notifications.parse import AppleExpectations
+from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
+from services.receipts.notifications.reconcile import Reconciler
+from services.receipts.notifications.repository import InboxStore, ReconcileRuns
+from services.receipts.notifications.tasks import NotificationWorker
+from services.receipts.notifications.webhooks import InboxCollector, WebhookDeps, WebhookServer, create_webhook_app
+from services.receipts.purchases.binding import Binding
+from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.repository import BindingStore, PurchaseStore
+from services.receipts.purchases.rules import SandboxPolicy
+from services.receipts.purchases.wallet import WalletClient
+from services.receipts.servicer import ReceiptServiceServicer
+
+SERVICE = "receipts"
+WALLET_SCOPES = ("wallet:credit",)
+
+
+@dataclass
+class Components:
+    """The receipts service's adapters and use cases, one of each per process.
+
+    - ``store``: the purchases table and the AIP-155 request log; ``bindings``:
+      which account each appAccountToken / obfuscatedAccountId was handed to;
+    - ``wallet``: CreditPurchase / ReversePurchase / RestorePurchase client;
+    - ``crediting``: the one exactly-once crediting path (also refunds);
+    - ``binding``: appAccountToken / obfuscatedAccountId per account;
+    - ``apple``: VerifyApplePurchase; ``apple.verifier`` verifies any Apple JWS
+      (transactions, notifications), ``apple.api`` is the App Store Server API
+      client, ``apple.policy`` the bundle id and accepted environments.
+    - ``google``: VerifyGooglePurchase and ``google.credit_token`` (query Google
+      and credit, for RTDN); ``google.client`` is the Android Publisher client
+      (purchases v2/v1, consume, acknowledge, voided purchases).
+    """
+
+    settings: ReceiptsSettings
+    database: Database
+    catalog: Catalog
+    metrics: Metrics
+    clock: Clock
+    store: PurchaseStore
+    bindings: BindingStore
+    binding: Binding
+    wallet: WalletClient
+    crediting: Crediting
+    apple: ApplePurchases
+    google: GooglePurchases
+
+    async def close(self) -> None:
+        await self.wallet.close()
+        await self.apple.api.close()
+        self.google.close()
+
+
+def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock | None = None) -> Components:
+    clock = clock or SystemClock()
+    store = PurchaseStore(runtime.database)
+    wallet = WalletClient(
+        aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
+    )
+    crediting = Crediting(
+        store,
+        wallet,
+        runtime.catalog,
+        settings.region_policy,
+        clock,
+        runtime.metrics,
+        runtime.failpoints,
+        SandboxPolicy.from_setting(settings.sandbox_accounts),
+    )
+    binding = Binding(settings.binding_secret)
+    return Components(
+        settings=settings,
+        database=runtime.database,
+        catalog=runtime.catalog,
+        metrics=runtime.metrics,
+        clock=clock,
+        store=store,
+        bindings=BindingStore(runtime.database),
+        binding=binding,
+        wallet=wallet,
+        crediting=crediting,
+        apple=_apple(settings, crediting, binding, runtime.metrics),
+        google=_google(settings, crediting, runtime.catalog, binding, store, clock, runtime.metrics),
+    )
+
+
+def _apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, metrics: Metrics) -> ApplePurchases:
+    """The App Store path. Unreadable root certificates or API key stop start-up (SettingsError)."""
+    http = httpx.AsyncClient(timeout=settings.apple_api_timeout_seconds)
+    ocsp = HttpOcspChecker(http, settings.apple_api_timeout_seconds) if settings.apple_online_checks else None
+    verifier = AppleJwsVerifier(
+        load_root_certificates(settings.apple_root_certs), online_checks=settings.apple_online_checks, ocsp=ocsp
+    )
+    tokens = TokenMinter(
+        load_api_key(settings.apple_api_key_file),
+        settings.apple_api_key_id,
+        settings.apple_api_issuer_id,
+        settings.apple_bundle_id,
+    )
+    api = AppStoreApi(
+        http,
+        tokens,
+        production_url=settings.apple_api_url,
+        sandbox_url=settings.apple_sandbox_api_url,
+        timeout_seconds=settings.apple_api_timeout_seconds,
+    )
+    policy = ApplePolicy(settings.apple_bundle_id)
+    return ApplePurchases(verifier, api, crediting, binding, policy, metrics)
+
+
+def _play_client(settings: ReceiptsSettings, threads: int = 32) -> PlayClient:
+    return PlayClient(
+        settings.google_service_account_file,
+        endpoint=settings.google_api_endpoint,
+        timeout_seconds=settings.google_api_timeout_seconds,
+        threads=threads,
+    )
+
+
+def _google(
+    settings: ReceiptsSettings,
+    crediting: Crediting,
+    catalog: Catalog,
+    binding: Binding,
+    store: PurchaseStore,
+    clock: Clock,
+    metrics: Metrics,
+) -> GooglePurchases:
+    """The Google Play path; consumes are handed to the worker from a background thread."""
+    consumptions = ConsumptionStore(store.database)
+    metrics.registry.register(
+        OverdueCollector(consumptions, clock, timedelta(seconds=settings.google_consume_overdue_seconds))
+    )
+    sender = google_tasks.celery_sender(settings.broker_url, settings.receipts_queue)
+    return GooglePurchases(
+        _play_client(settings),
+        crediting,
+        catalog,
+        binding,
+        store,
+        consumptions,
+        GooglePolicy(settings.google_package_name),
+        google_tasks.BackgroundEnqueuer(sender),
+        clock,
+        metrics,
+    )
+
+
+# --- the gRPC service and its webhooks ---------------------------------------------------
+
+
+def build_servicer(components: Components) -> ReceiptServiceServicer:
+    return ReceiptServiceServicer(  # type: ignore[abstract]
+        store=components.store,
+        bindings=components.bindings,
+        binding=components.binding,
+        catalog=components.catalog,
+        clock=components.clock,
+        apple=components.apple,
+        google=components.google,
+    )
+
+
+def build_host(components: Components, runtime: Runtime, port: int | None = None) -> ServiceHost:
+    """The receipts gRPC host over ``components`` (shared with the webhook server)."""
+    settings = components.settings
+    servicer = build_servicer(components)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_ReceiptServiceServicer_to_server(servicer, server)
+
+    return ServiceHost(
+        name=SERVICE,
+        files=[pb.DESCRIPTOR],
+        register=register,
+        database=runtime.database,
+        verifier=runtime.verifier,
+        metrics=runtime.metrics,
+        bind=f"{settings.bind_host}:{settings.receipts_grpc_port if port is None else port}",
+        grace_seconds=settings.shutdown_grace_seconds,
+    )
+
+
+def webhook_deps(
+    settings: ReceiptsSettings,
+    components: Components,
+    dispatch: Callable[[int], None],
+    failpoints: Failpoints | None = None,
+) -> WebhookDeps:
+    """The webhook's pieces, sharing the core's Apple verifier (the one VerifyApplePurchase uses)."""
+    return WebhookDeps(
+        inbox=InboxStore(components.database),
+        apple_verifier=components.apple.verifier,
+        apple=AppleExpectations(settings.apple_bundle_id, settings.apple_app_id),
+        pubsub=PubSubTokenVerifier(
+            JwksCache(settings.pubsub_jwks_url), settings.pubsub_audience, settings.pubsub_service_account
+        ),
+        package_name=settings.google_package_name,
+        dispatch=dispatch,
+        metrics=components.metrics,
+        clock=components.clock,
+        failpoints=failpoints or Failpoints(),
+    )
+
+
+def build_webhooks(settings: ReceiptsSettings, components: Components, failpoints: Failpoints) -> WebhookServer:
+    """The webhook server; stored notifications are queued to the receipts worker."""
+    celery = make_celery_app(settings.receipts_queue, settings.broker_url)
+    dispatch = notification_tasks.sender(celery, settings.receipts_queue)
+    deps = webhook_deps(settings, components, dispatch, failpoints)
+    components.metrics.registry.register(InboxCollector(deps.inbox))
+    return WebhookServer(create_webhook_app(deps), settings.bind_host, settings.webhook_port)
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+
+def notification_handler(settings: ReceiptsSettings, components: Components, loop: OnLoop) -> NotificationHandler:
+    """Stored notifications through the core; ``loop`` is the one ``components`` run on."""
+    return NotificationHandler(
+        components.crediting,
+        components.google,
+        components.apple.policy,
+        components.apple.api,
+        components.bindings,
+        loop,
+        send_consumption=settings.apple_send_consumption,
+        consumption=DeliveredFacts(),
+    )
+
+
+def reconciler(
+    settings: ReceiptsSettings, components: Components, loop: OnLoop, metrics: Metrics | None = None
+) -> Reconciler:
+    return Reconciler(
+        crediting=components.crediting,
+        purchases=components.store,
+        runs=ReconcileRuns(components.database),
+        play=components.google.client,
+        apple_api=components.apple.api,
+        apple_verifier=components.apple.verifier,
+        loop=loop,
+        metrics=metrics or components.metrics,
+        clock=SystemClock(),
+        package_name=settings.google_package_name,
+    )
+
+
+def build_notification_worker(settings: ReceiptsSettings) -> NotificationWorker:
+    """What a worker process (or the reconcile command) needs to process notifications: the
+    core on an event loop thread of its own, the inbox and the reconciler."""
+    runtime = build_runtime(SERVICE, settings)
+    loop = LoopThread("receipts-core-loop")
+
+    async def build() -> Components:
+        return build_components(settings, runtime)
+
+    components = loop.run(build())
+    inbox = InboxStore(runtime.database)
+    handler = notification_handler(settings, components, loop)
+    return NotificationWorker(
+        inbox=inbox,
+        processor=InboxProcessor(inbox, handler, components.metrics, SystemClock(), runtime.failpoints),
+        reconciler=reconciler(settings, components, loop),
+    )
+
+
+def build_consumer(settings: ReceiptsSettings) -> Consumer:
+    """The Play consumer of a worker process: its own small pool and client (no wallet, no loop)."""
+    database = Database.from_url(settings.database_url, 2)
+    return Consumer(_play_client(settings, threads=2), ConsumptionStore(database), SystemClock())
+
+
+def register_tasks(app: Celery, settings: ReceiptsSettings) -> None:
+    """Every slice's Celery tasks and beat entries, on the receipts worker's app."""
+    google_tasks.register(app, settings, lambda: build_consumer(settings))
+    notification_tasks.register(app, settings, lambda: build_notification_worker(settings), settings.receipts_queue)
