@@ -18,7 +18,7 @@ from services.receipts.errors import InvalidArgument, NotFound
 from services.receipts.google.verify import GooglePurchases, require_purchase_token
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.model import Environment, PurchaseResult
-from services.receipts.purchases.repository import BindingStore, PurchaseStore, RequestRecorder
+from services.receipts.purchases.repository import BindingRepository, PurchaseRepository, RequestRecorder
 
 M = TypeVar("M", bound=Message)
 
@@ -39,15 +39,15 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
     def __init__(
         self,
         *,
-        store: PurchaseStore,
-        bindings: BindingStore,
+        purchases: PurchaseRepository,
+        bindings: BindingRepository,
         binding: Binding,
         catalog: Catalog,
         clock: Clock,
         apple: ApplePurchases,
         google: GooglePurchases,
     ) -> None:
-        self._store = store
+        self._purchases = purchases
         self._bindings = bindings
         self._binding = binding
         self._catalog = catalog
@@ -69,16 +69,16 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         refuse a reused id with a different body, else do the work and record
         its response — in the purchase's own transaction when the work takes the
         recorder, else in a transaction of its own."""
-        stored = await self._store.replay(method, request_id, request)
+        stored = await self._purchases.replay(method, request_id, request)
         if stored is None:
-            recorder = RequestRecorder(self._store.requests, method, request_id, request, build)
+            recorder = RequestRecorder(self._purchases.requests, method, request_id, request, build)
             results = await work(recorder)
             if recorder.done:
                 # Built once, inside the transaction that recorded it.
                 stored, response = recorder.stored, cast(M, recorder.response)
             else:
                 response = build(results)
-                stored = await self._store.remember(method, request_id, request, response)
+                stored = await self._purchases.remember(method, request_id, request, response)
             if stored is None:
                 return response
         replayed = response_type()
@@ -92,13 +92,13 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         binding = self._binding
         token, obfuscated = binding.app_account_token(account_id), binding.obfuscated_account_id(account_id)
         # Store notifications name only these values: remember whose they are (insert-once).
-        await self._store.database.run(self._bindings.record_now, account_id, token, obfuscated, self._clock.now())
+        await self._purchases.database.run(self._bindings.record_now, account_id, token, obfuscated, self._clock.now())
         return pb.GetPurchaseBindingResponse(app_account_token=token, obfuscated_account_id=obfuscated)
 
     async def GetPurchase(self, request: pb.GetPurchaseRequest, context: Any) -> pb.GetPurchaseResponse:
         store = require_enum("store", request.store, STORE_FROM_PB)
         transaction_id = require_text("store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID)
-        record = await self._store.get(store, transaction_id)
+        record = await self._purchases.get(store, transaction_id)
         if record is None:
             raise NotFound("PURCHASE_NOT_FOUND", "no purchase with this store transaction id")
         return pb.GetPurchaseResponse(purchase=record_pb(record))

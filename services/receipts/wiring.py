@@ -38,7 +38,7 @@ from services.receipts.config import ReceiptsSettings
 from services.receipts.google import tasks as google_tasks
 from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer, OverdueCollector
-from services.receipts.google.repository import ConsumptionStore
+from services.receipts.google.repository import ConsumptionRepository
 from services.receipts.google.rules import GooglePolicy
 from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
@@ -46,12 +46,12 @@ from services.receipts.notifications.handle import DeliveredFacts, InboxProcesso
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.reconcile import Reconciler
-from services.receipts.notifications.repository import InboxStore, ReconcileRuns
+from services.receipts.notifications.repository import InboxRepository, ReconcileRunRepository
 from services.receipts.notifications.tasks import NotificationWorker
 from services.receipts.notifications.webhooks import InboxCollector, WebhookDeps, WebhookServer, create_webhook_app
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
-from services.receipts.purchases.repository import BindingStore, PurchaseStore
+from services.receipts.purchases.repository import BindingRepository, PurchaseRepository
 from services.receipts.purchases.rules import SandboxPolicy
 from services.receipts.purchases.wallet import WalletClient
 from services.receipts.servicer import ReceiptServiceServicer
@@ -64,7 +64,7 @@ WALLET_SCOPES = ("wallet:credit",)
 class Components:
     """The receipts service's adapters and use cases, one of each per process.
 
-    - ``store``: the purchases table and the AIP-155 request log; ``bindings``:
+    - ``purchases``: the purchases table and the AIP-155 request log; ``bindings``:
       which account each appAccountToken / obfuscatedAccountId was handed to;
     - ``wallet``: CreditPurchase / ReversePurchase / RestorePurchase client;
     - ``crediting``: the one exactly-once crediting path (also refunds);
@@ -82,8 +82,8 @@ class Components:
     catalog: Catalog
     metrics: Metrics
     clock: Clock
-    store: PurchaseStore
-    bindings: BindingStore
+    purchases: PurchaseRepository
+    bindings: BindingRepository
     binding: Binding
     wallet: WalletClient
     crediting: Crediting
@@ -98,12 +98,12 @@ class Components:
 
 def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock | None = None) -> Components:
     clock = clock or SystemClock()
-    store = PurchaseStore(runtime.database)
+    purchases = PurchaseRepository(runtime.database)
     wallet = WalletClient(
         aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
     )
     crediting = Crediting(
-        store,
+        purchases,
         wallet,
         runtime.catalog,
         settings.region_policy,
@@ -119,13 +119,13 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         catalog=runtime.catalog,
         metrics=runtime.metrics,
         clock=clock,
-        store=store,
-        bindings=BindingStore(runtime.database),
+        purchases=purchases,
+        bindings=BindingRepository(runtime.database),
         binding=binding,
         wallet=wallet,
         crediting=crediting,
         apple=_apple(settings, crediting, binding, runtime.metrics),
-        google=_google(settings, crediting, runtime.catalog, binding, store, clock, runtime.metrics),
+        google=_google(settings, crediting, runtime.catalog, binding, purchases, clock, runtime.metrics),
     )
 
 
@@ -167,12 +167,12 @@ def _google(
     crediting: Crediting,
     catalog: Catalog,
     binding: Binding,
-    store: PurchaseStore,
+    purchases: PurchaseRepository,
     clock: Clock,
     metrics: Metrics,
 ) -> GooglePurchases:
     """The Google Play path; consumes are handed to the worker from a background thread."""
-    consumptions = ConsumptionStore(store.database)
+    consumptions = ConsumptionRepository(purchases.database)
     metrics.registry.register(
         OverdueCollector(consumptions, clock, timedelta(seconds=settings.google_consume_overdue_seconds))
     )
@@ -182,7 +182,7 @@ def _google(
         crediting,
         catalog,
         binding,
-        store,
+        purchases,
         consumptions,
         GooglePolicy(settings.google_package_name),
         google_tasks.BackgroundEnqueuer(sender),
@@ -196,7 +196,7 @@ def _google(
 
 def build_servicer(components: Components) -> ReceiptServiceServicer:
     return ReceiptServiceServicer(  # type: ignore[abstract]
-        store=components.store,
+        purchases=components.purchases,
         bindings=components.bindings,
         binding=components.binding,
         catalog=components.catalog,
@@ -234,7 +234,7 @@ def webhook_deps(
 ) -> WebhookDeps:
     """The webhook's pieces, sharing the core's Apple verifier (the one VerifyApplePurchase uses)."""
     return WebhookDeps(
-        inbox=InboxStore(components.database),
+        inbox=InboxRepository(components.database),
         apple_verifier=components.apple.verifier,
         apple=AppleExpectations(settings.apple_bundle_id, settings.apple_app_id),
         pubsub=PubSubTokenVerifier(
@@ -279,8 +279,8 @@ def reconciler(
 ) -> Reconciler:
     return Reconciler(
         crediting=components.crediting,
-        purchases=components.store,
-        runs=ReconcileRuns(components.database),
+        purchases=components.purchases,
+        runs=ReconcileRunRepository(components.database),
         play=components.google.client,
         apple_api=components.apple.api,
         apple_verifier=components.apple.verifier,
@@ -301,7 +301,7 @@ def build_notification_worker(settings: ReceiptsSettings) -> NotificationWorker:
         return build_components(settings, runtime)
 
     components = loop.run(build())
-    inbox = InboxStore(runtime.database)
+    inbox = InboxRepository(runtime.database)
     handler = notification_handler(settings, components, loop)
     return NotificationWorker(
         inbox=inbox,
@@ -313,7 +313,7 @@ def build_notification_worker(settings: ReceiptsSettings) -> NotificationWorker:
 def build_consumer(settings: ReceiptsSettings) -> Consumer:
     """The Play consumer of a worker process: its own small pool and client (no wallet, no loop)."""
     database = Database.from_url(settings.database_url, 2)
-    return Consumer(_play_client(settings, threads=2), ConsumptionStore(database), SystemClock())
+    return Consumer(_play_client(settings, threads=2), ConsumptionRepository(database), SystemClock())
 
 
 def register_tasks(app: Celery, settings: ReceiptsSettings) -> None:

@@ -23,7 +23,7 @@ from services.common.metrics import Metrics
 from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
-from services.receipts.notifications.repository import InboxStore
+from services.receipts.notifications.repository import InboxRepository
 from services.receipts.notifications.webhooks import WebhookDeps, WebhookServer, create_webhook_app
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Refund, VerifiedPurchase
@@ -101,7 +101,7 @@ def core_verifier(store: apple_sim.AppleStore) -> AppleJwsVerifier:
 @dataclass
 class Webhook:
     url: str
-    inbox: InboxStore
+    inbox: InboxRepository
     dispatched: list[int] = field(default_factory=list)
     metrics: Metrics = field(default_factory=lambda: Metrics("receipts"))
 
@@ -123,7 +123,7 @@ async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleS
             dispatched.append(notification_id)
 
     metrics = Metrics("receipts")
-    inbox = InboxStore(receipts_db)
+    inbox = InboxRepository(receipts_db)
     deps = WebhookDeps(
         inbox=inbox,
         apple_verifier=core_verifier(apple_store),

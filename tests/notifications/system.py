@@ -25,9 +25,9 @@ from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications import tasks as notification_tasks
-from services.receipts.notifications.repository import InboxStore
+from services.receipts.notifications.repository import InboxRepository
 from services.receipts.notifications.webhooks import WebhookServer, create_webhook_app
-from services.receipts.purchases.repository import BindingStore
+from services.receipts.purchases.repository import BindingRepository
 from services.receipts.wiring import (
     Components,
     build_components,
@@ -59,8 +59,8 @@ class System:
     wallet: Wallet
     settings: ReceiptsSettings
     components: Components
-    inbox: InboxStore
-    bindings: BindingStore
+    inbox: InboxRepository
+    bindings: BindingRepository
     webhook_url: str
     celery: Celery
     queue: str
@@ -179,7 +179,7 @@ async def running_system(
             settings,
             components,
             deps.inbox,
-            BindingStore(runtime.database),
+            BindingRepository(runtime.database),
             webhook_url,
             celery,
             queue,

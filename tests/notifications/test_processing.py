@@ -31,11 +31,11 @@ from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
 from services.receipts.notifications.handle import InboxProcessor, NotificationHandler
 from services.receipts.notifications.parse import AppleExpectations, parse_apple, parse_google
-from services.receipts.notifications.repository import LEASE, InboxStore, NewNotification
+from services.receipts.notifications.repository import LEASE, InboxRepository, NewNotification
 from services.receipts.notifications.tasks import NotificationWorker
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Environment
-from services.receipts.purchases.repository import BindingStore
+from services.receipts.purchases.repository import BindingRepository
 from services.receipts.wiring import reconciler
 from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
@@ -87,8 +87,8 @@ class Harness:
     ) -> None:
         self.db = db
         self.sign = apple_store.sign
-        self.inbox = InboxStore(db)
-        self.bindings = BindingStore(db)
+        self.inbox = InboxRepository(db)
+        self.bindings = BindingRepository(db)
         self.core = core
         self.apple_api = RecordingAppleApi()
         self.metrics = Metrics("receipts-worker")

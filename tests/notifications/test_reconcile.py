@@ -22,7 +22,7 @@ from services.receipts.cli import parse_since
 from services.receipts.google.client import PlayClient
 from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase
 from services.receipts.notifications.reconcile import Quota, QuotaExhausted, Reconciler
-from services.receipts.notifications.repository import ReconcileRuns
+from services.receipts.notifications.repository import ReconcileRunRepository
 from services.receipts.purchases.model import Outcome
 from services.receipts.wiring import reconciler
 from tests.notifications.conftest import Core
@@ -150,8 +150,8 @@ def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any, co
     parts = core.components
     voided = Reconciler(
         crediting=parts.crediting,
-        purchases=parts.store,
-        runs=ReconcileRuns(receipts_db),
+        purchases=parts.purchases,
+        runs=ReconcileRunRepository(receipts_db),
         play=cast(PlayClient, play),
         apple_api=parts.apple.api,
         apple_verifier=parts.apple.verifier,
@@ -171,7 +171,7 @@ def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any, co
         [(tokens[6], 280), (tokens[6], -70)],
     ]
     assert metrics.registry.get_sample_value("coinstore_reconcile_applied_total", {"source": "google"}) == 7
-    assert ReconcileRuns(receipts_db).last_finished("google") is not None
+    assert ReconcileRunRepository(receipts_db).last_finished("google") is not None
 
 
 def test_quota_spreads_requests_and_stops_at_the_daily_cap() -> None:

@@ -22,7 +22,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common import migrate
 from services.common.db import Database
 from services.receipts.notifications.parse import APPLE
-from services.receipts.notifications.repository import InboxStore, NewNotification
+from services.receipts.notifications.repository import InboxRepository, NewNotification
 from services.storesim import apple as apple_sim
 from tests.notifications.apple_payloads import notification
 from tests.notifications.system import credit_directly
@@ -107,7 +107,7 @@ async def test_notification_committed_but_never_queued_is_applied_once_after_a_c
                 assert receipts.wait(30) == -signal.SIGKILL
 
             database = Database.from_url(database_url, 2)
-            inbox = InboxStore(database)
+            inbox = InboxRepository(database)
             try:
                 uuid_ = _uuid_of(body["signedPayload"])
                 stored = inbox.get(APPLE, uuid_)

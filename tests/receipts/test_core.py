@@ -280,15 +280,15 @@ async def test_pending_purchase_credited_once_payment_completes(receipts: Receip
 
 
 async def test_request_log_claims_once_under_concurrency(receipts: Receipts) -> None:
-    store = receipts.components.store
+    purchases = receipts.components.purchases
     request = pb.GetPurchaseRequest(store_transaction_id="x")
     results = await asyncio.gather(
-        *(store.remember("M", "same-id", request, pb.GetPurchaseResponse()) for _ in range(6))
+        *(purchases.remember("M", "same-id", request, pb.GetPurchaseResponse()) for _ in range(6))
     )
     assert sum(r is None for r in results) == 1
     other = pb.GetPurchaseRequest(store_transaction_id="y")
     with pytest.raises(DomainError) as caught:
-        await store.remember("M", "same-id", other, pb.GetPurchaseResponse())
+        await purchases.remember("M", "same-id", other, pb.GetPurchaseResponse())
     assert caught.value.reason == "REQUEST_ID_REUSED"
 
 

@@ -19,7 +19,7 @@ from services.common import migrate
 from services.common.catalog import StoreId
 from services.common.db import Database
 from services.receipts.purchases.model import StoredState
-from services.receipts.purchases.repository import PurchaseStore
+from services.receipts.purchases.repository import PurchaseRepository
 from tests.receipts.support import apple_simulator, ledger, simulator_settings
 from tests.support.failpoints import failpoint_env, wait_fired
 from tests.support.receipts_processes import SERVICE, child, receipts_env
@@ -64,7 +64,7 @@ async def test_killed_between_the_wallet_credit_and_the_purchase_row(
         assert await ledger(wallet, "fan-1") == [(txid, 350)]
         database = Database.from_url(database_url, 2)
         try:
-            purchases = PurchaseStore(database)
+            purchases = PurchaseRepository(database)
             # A first report writes its purchase row only with the credit's outcome: none yet.
             assert await purchases.get(StoreId.APP_STORE, txid) is None
 

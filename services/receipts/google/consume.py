@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from services.common.clock import Clock
 from services.common.errors import Unavailable
 from services.receipts.google.client import PlayApiError, PlayClient
-from services.receipts.google.repository import ConsumeState, ConsumptionStore
+from services.receipts.google.repository import ConsumeState, ConsumptionRepository
 from services.receipts.google.rules import CANCELLED, PURCHASED
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,13 @@ class ConsumeOutcome:
 class Consumer:
     """Consumes one credited Play purchase; the decisions, without Celery."""
 
-    def __init__(self, client: PlayClient, store: ConsumptionStore, clock: Clock) -> None:
+    def __init__(self, client: PlayClient, consumptions: ConsumptionRepository, clock: Clock) -> None:
         self.client = client
-        self.store = store
+        self.consumptions = consumptions
         self.clock = clock
 
     def consume(self, token: str) -> ConsumeOutcome:
-        row = self.store.get(token)
+        row = self.consumptions.get(token)
         if row is None or row.state is not ConsumeState.UNCONSUMED:
             return ConsumeOutcome(True, row.state if row else None, "nothing to do")
         try:
@@ -80,12 +80,12 @@ class Consumer:
         return self._retry(token, "400 invalidPurchaseState while PURCHASED and unconsumed")
 
     def _finish(self, token: str, state: ConsumeState, note: str) -> ConsumeOutcome:
-        if self.store.finish(token, state, self.clock.now(), note):
+        if self.consumptions.finish(token, state, self.clock.now(), note):
             log.info("Play purchase %s…: %s %s", token[:12], state.value, note)
         return ConsumeOutcome(True, state, note)
 
     def _retry(self, token: str, why: str) -> ConsumeOutcome:
-        self.store.attempt(token, why, self.clock.now())
+        self.consumptions.attempt(token, why, self.clock.now())
         return ConsumeOutcome(False, None, why)
 
 
@@ -93,8 +93,8 @@ class OverdueCollector(Collector):
     """``coinstore_receipts_google_unconsumed_overdue_now``: credited Play purchases
     not consumed after the overdue age, counted from the database at scrape time."""
 
-    def __init__(self, store: ConsumptionStore, clock: Clock, overdue: timedelta) -> None:
-        self._store = store
+    def __init__(self, consumptions: ConsumptionRepository, clock: Clock, overdue: timedelta) -> None:
+        self._consumptions = consumptions
         self._clock = clock
         self._overdue = overdue
 
@@ -104,7 +104,7 @@ class OverdueCollector(Collector):
             "Credited Google Play purchases still unconsumed after COINSTORE_GOOGLE_CONSUME_OVERDUE_SECONDS",
         )
         try:
-            gauge.add_metric([], float(self._store.count_overdue(self._clock.now(), self._overdue)))
+            gauge.add_metric([], float(self._consumptions.count_overdue(self._clock.now(), self._overdue)))
         except Exception:  # the database is down: report nothing rather than fail the scrape
             return
         yield gauge

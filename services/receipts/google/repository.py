@@ -60,7 +60,7 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class ConsumptionStore:
+class ConsumptionRepository:
     def __init__(self, database: Database) -> None:
         self.database = database
 

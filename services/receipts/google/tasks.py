@@ -71,7 +71,7 @@ def register(app: Celery, settings: ReceiptsSettings, build_consumer: Callable[[
     @app.task(name=SWEEP_TASK, acks_late=True)
     def sweep() -> int:
         sweeper = consumer()
-        tokens = sweeper.store.overdue(settings.google_package_name, sweeper.clock.now(), overdue)
+        tokens = sweeper.consumptions.overdue(settings.google_package_name, sweeper.clock.now(), overdue)
         if tokens:
             log.warning(
                 "%d credited Play purchase(s) still unconsumed after %s; retrying (Google refunds after 3 days)",

@@ -29,12 +29,12 @@ from services.common.errors import DomainError
 from services.common.metrics import Metrics
 from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.receipts.google.client import PlayApiError, PlayClient
-from services.receipts.google.repository import ConsumptionStore
+from services.receipts.google.repository import ConsumptionRepository
 from services.receipts.google.rules import GooglePolicy, GoogleVerdict, check_account, check_package, evaluate
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Outcome, PurchaseRecord, PurchaseResult, StoredState, VerifiedPurchase
-from services.receipts.purchases.repository import PurchaseStore, RequestRecorder
+from services.receipts.purchases.repository import PurchaseRepository, RequestRecorder
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class GooglePurchases:
         crediting: Crediting,
         catalog: Catalog,
         binding: Binding,
-        store: PurchaseStore,
-        consumptions: ConsumptionStore,
+        purchases: PurchaseRepository,
+        consumptions: ConsumptionRepository,
         policy: GooglePolicy,
         enqueue_consume: Callable[[str], None],
         clock: Clock,
@@ -90,7 +90,7 @@ class GooglePurchases:
         self._crediting = crediting
         self._catalog = catalog
         self._binding = binding
-        self._store = store
+        self._purchases = purchases
         self._enqueue = enqueue_consume
         self._clock = clock
         self._refusals = metrics.counter(
@@ -172,7 +172,7 @@ class GooglePurchases:
     ) -> PurchaseResult:
         """Cancelled or already consumed at Google: only a purchase we credited before is answered."""
         token = verdict.purchase.store_transaction_id
-        record = await self._store.get(verdict.purchase.store, token)
+        record = await self._purchases.get(verdict.purchase.store, token)
         credited = record is not None and record.state in (StoredState.CREDITED, StoredState.REFUNDED)
         if credited and account_id is not None:
             return await self._crediting.credit(
@@ -209,7 +209,7 @@ class ConsumeAfterCredit(RequestRecorder):
 
     def __init__(
         self,
-        consumptions: ConsumptionStore,
+        consumptions: ConsumptionRepository,
         inner: RequestRecorder | None,
         token: str,
         package_name: str,

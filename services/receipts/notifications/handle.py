@@ -44,10 +44,10 @@ from services.receipts.google.rules import (
 )
 from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications.parse import APPLE, GOOGLE
-from services.receipts.notifications.repository import DEAD, InboxStore, StoredNotification
+from services.receipts.notifications.repository import DEAD, InboxRepository, StoredNotification
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Environment, Refund, VerifiedPurchase
-from services.receipts.purchases.repository import BindingStore
+from services.receipts.purchases.repository import BindingRepository
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class NotificationHandler:
         google: GooglePurchases,
         apple_policy: ApplePolicy,
         apple_api: AppStoreApi,
-        bindings: BindingStore,
+        bindings: BindingRepository,
         loop: OnLoop,
         *,
         send_consumption: bool,
@@ -247,7 +247,7 @@ class InboxProcessor:
 
     def __init__(
         self,
-        inbox: InboxStore,
+        inbox: InboxRepository,
         handler: NotificationHandler,
         metrics: Metrics,
         clock: Clock,

@@ -32,10 +32,10 @@ from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.apple.rules import refund_of, transaction_id
 from services.receipts.google.client import PlayClient
 from services.receipts.google.rules import VoidedPurchase, refunded_quantity
-from services.receipts.notifications.repository import ReconcileRuns
+from services.receipts.notifications.repository import ReconcileRunRepository
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Refund
-from services.receipts.purchases.repository import PurchaseStore
+from services.receipts.purchases.repository import PurchaseRepository
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class Reconciler:
         self,
         *,
         crediting: Crediting,
-        purchases: PurchaseStore,
-        runs: ReconcileRuns,
+        purchases: PurchaseRepository,
+        runs: ReconcileRunRepository,
         play: PlayClient,
         apple_api: AppStoreApi,
         apple_verifier: AppleJwsVerifier,

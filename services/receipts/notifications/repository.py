@@ -125,7 +125,7 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC)
 
 
-class InboxStore:
+class InboxRepository:
     def __init__(self, database: Database) -> None:
         self.db = database
 
@@ -254,7 +254,7 @@ class InboxStore:
         return row.state, row.outcome, _aware(row.processed_at)
 
 
-class ReconcileRuns:
+class ReconcileRunRepository:
     def __init__(self, database: Database) -> None:
         self.db = database
 

@@ -27,7 +27,7 @@ from services.common.clock import SystemClock
 from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications.handle import InboxProcessor
 from services.receipts.notifications.reconcile import Reconciler
-from services.receipts.notifications.repository import InboxStore
+from services.receipts.notifications.repository import InboxRepository
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ RECONCILE_SECONDS = 15 * 60.0
 class NotificationWorker:
     """What the notification tasks use in one worker process."""
 
-    inbox: InboxStore
+    inbox: InboxRepository
     processor: InboxProcessor
     reconciler: Reconciler
 

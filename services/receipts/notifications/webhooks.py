@@ -35,7 +35,7 @@ from services.receipts.notifications.parse import (
     parse_google,
 )
 from services.receipts.notifications.pubsub_auth import KeysUnavailable, PubSubTokenVerifier, TokenRejected
-from services.receipts.notifications.repository import InboxStore, NewNotification
+from services.receipts.notifications.repository import InboxRepository, NewNotification
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ GOOGLE_PATH = "/notifications/google"
 
 @dataclass
 class WebhookDeps:
-    inbox: InboxStore
+    inbox: InboxRepository
     apple_verifier: AppleJwsVerifier
     apple: AppleExpectations
     pubsub: PubSubTokenVerifier
@@ -82,7 +82,7 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
         except web.HTTPRequestEntityTooLarge:
             raise Rejected(413, "body over 1 MiB") from None
 
-    async def store(item: NewNotification) -> web.Response:
+    async def accept(item: NewNotification) -> web.Response:
         # On the database's own pool (sized to its connections), not the loop's small default executor.
         accepted = await deps.inbox.db.run(deps.inbox.accept, item, deps.clock.now())
         # Committed, not yet queued nor acknowledged: the store will send it again.
@@ -108,7 +108,7 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
         try:
             body = await read_body(request)
             item = await asyncio.to_thread(parse, body)
-            response = await store(item)
+            response = await accept(item)
         except Rejected as exc:
             log.warning("notification refused", extra={"source": source, "status": exc.status, "why": exc.reason})
             response = web.json_response({"error": exc.reason}, status=exc.status)
@@ -174,7 +174,7 @@ class InboxCollector(Collector):
     """`coinstore_notifications_inbox{state}`: rows per state, read at scrape time,
     so failed and dead notifications are visible on the receipts metrics port."""
 
-    def __init__(self, inbox: InboxStore) -> None:
+    def __init__(self, inbox: InboxRepository) -> None:
         self._inbox = inbox
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

@@ -47,7 +47,7 @@ from services.receipts.purchases.model import (
     StoredState,
     VerifiedPurchase,
 )
-from services.receipts.purchases.repository import PurchaseStore, RequestRecorder
+from services.receipts.purchases.repository import PurchaseRepository, RequestRecorder
 from services.receipts.purchases.rules import (
     SandboxPolicy,
     already_refunded,
@@ -76,7 +76,7 @@ def _timestamp(moment: datetime | None) -> Timestamp | None:
 class Crediting:
     def __init__(
         self,
-        store: PurchaseStore,
+        purchases: PurchaseRepository,
         wallet: WalletClient,
         catalog: Catalog,
         region_policy: RegionPolicy,
@@ -85,7 +85,7 @@ class Crediting:
         failpoints: Failpoints | None = None,
         sandbox: SandboxPolicy | None = None,
     ) -> None:
-        self._store = store
+        self._purchases = purchases
         self._wallet = wallet
         self._catalog = catalog
         self._region_policy = region_policy
@@ -117,7 +117,7 @@ class Crediting:
         now = self._clock.now()
         region = normalize_account_region(account_region)
         terms = credit_terms(self._catalog, purchase, now, self._region_policy, region)
-        existing = await self._store.get(purchase.store, purchase.store_transaction_id)
+        existing = await self._purchases.get(purchase.store, purchase.store_transaction_id)
         if existing is not None and existing.account_id not in (None, account_id):
             raise PermissionDenied(
                 "RECEIPT_BOUND_TO_OTHER_ACCOUNT",
@@ -130,7 +130,7 @@ class Crediting:
             flagged = existing.flagged_for_review or (existing.account_id is None and terms.flagged_for_review)
             terms = CreditTerms(purchase, existing.coins, existing.bonus_coins, flagged)
         if purchase.revoked or purchase.pending or (existing is not None and existing.state in _NOT_CREDITABLE):
-            record = await self._store.claim(terms, account_id, now)
+            record = await self._purchases.claim(terms, account_id, now)
             if record.state in _NOT_CREDITABLE:
                 return self._count(PurchaseResult(_NOT_CREDITABLE[record.state], record, 0, 0, 0))
         self._failpoints.hit("receipts.credit.before_wallet")
@@ -152,7 +152,8 @@ class Crediting:
             if recorder is not None:
                 recorder.record_in(conn, [result_for(record)])
 
-        record = await self._store.settle_credit(terms, account_id, response.transaction_id, self._clock.now(), finish)
+        settled = self._clock.now()
+        record = await self._purchases.settle_credit(terms, account_id, response.transaction_id, settled, finish)
         return self._count(result_for(record))
 
     def _credit_request(self, terms: CreditTerms, account_id: str, request_id: str) -> wpb.CreditPurchaseRequest:
@@ -180,7 +181,7 @@ class Crediting:
         notification); the first account to verify it later owns it."""
         now = self._clock.now()
         terms = credit_terms(self._catalog, purchase, now, RegionPolicy.ALLOW, "")
-        return await self._store.claim(terms, None, now)
+        return await self._purchases.claim(terms, None, now)
 
     async def _environment(
         self, store: StoreId, store_transaction_id: str, environment: Environment | None
@@ -188,7 +189,7 @@ class Crediting:
         """The purchase key's environment: the caller's (a notification says it), else the recorded purchase's."""
         if environment is not None:
             return environment
-        record = await self._store.get(store, store_transaction_id)
+        record = await self._purchases.get(store, store_transaction_id)
         return record.environment if record is not None else Environment.PRODUCTION
 
     async def apply_refund(self, refund: Refund, *, request_id: str) -> bool:
@@ -196,7 +197,7 @@ class Crediting:
         unless the purchase row already records this cumulative refund -- asked again with
         the same request id, the wallet would replay its first answer, "applied". True when
         this call moved coins; a purchase the wallet does not know moves nothing."""
-        record = await self._store.get(refund.store, refund.store_transaction_id)
+        record = await self._purchases.get(refund.store, refund.store_transaction_id)
         if record is not None and already_refunded(record, refund):
             return False
         try:
@@ -233,7 +234,7 @@ class Crediting:
         )
         if response.state == wpb.REVERSAL_STATE_NOTHING_REFUNDED:
             return ReversalResult(False, 0, response.account_id, response.balance.coins, None, nothing_refunded=True)
-        record = await self._store.mark_refund(
+        record = await self._purchases.mark_refund(
             store,
             store_transaction_id,
             0 if full else refund.refunded_quantity,
@@ -268,7 +269,7 @@ class Crediting:
                 reason=reason[:256],
             )
         )
-        record = await self._store.mark_restored(store, store_transaction_id, self._clock.now())
+        record = await self._purchases.mark_restored(store, store_transaction_id, self._clock.now())
         return ReversalResult(
             response.state == wpb.REVERSAL_STATE_APPLIED,
             response.coins_restored,

@@ -104,7 +104,7 @@ def _key(store: StoreId, store_transaction_id: str) -> sa.ColumnElement[bool]:
     return sa.and_(purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id)
 
 
-class PurchaseStore:
+class PurchaseRepository:
     """Purchases and the request log, on one :class:`Database`."""
 
     def __init__(self, database: Database) -> None:
@@ -374,7 +374,7 @@ class PurchaseStore:
 
 class RequestRecorder:
     """Records a call's AIP-155 response inside the transaction that records its
-    effect (see :meth:`PurchaseStore.settle_credit`), saving a commit.
+    effect (see :meth:`PurchaseRepository.settle_credit`), saving a commit.
 
     ``build`` turns the results into the response message. After the work,
     ``done`` tells whether it was recorded, and ``stored`` holds the response a
@@ -401,7 +401,7 @@ class RequestRecorder:
         self.done = True
 
 
-class BindingStore:
+class BindingRepository:
     """Which account an appAccountToken / obfuscatedAccountId was issued to.
 
     The binding values are an HMAC of the account id and cannot be reversed, so

@@ -16,7 +16,7 @@ from services.common.clock import SystemClock
 from services.common.db import Database
 from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer
-from services.receipts.google.repository import ConsumeState, ConsumptionStore
+from services.receipts.google.repository import ConsumeState, ConsumptionRepository
 from services.receipts.purchases.repository import purchases
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import PACKAGE, play_simulator_thread
@@ -28,20 +28,20 @@ def world(database_url: str, tmp_path: Path) -> Iterator[tuple[Consumer, PlaySta
     database = Database.from_url(database_url, 2)
     with play_simulator_thread(tmp_path) as (play, base):
         client = PlayClient(play.service_account_path, endpoint=base + "/", timeout_seconds=2, backoff_seconds=0.01)
-        yield Consumer(client, ConsumptionStore(database), SystemClock()), play
+        yield Consumer(client, ConsumptionRepository(database), SystemClock()), play
         client.close()
     database.close()
 
 
 def credited(consumer: Consumer, play: PlayState, **kwargs: object) -> str:
     token = play.buy("coins_70", **kwargs).token  # type: ignore[arg-type]
-    assert consumer.store.add(token, PACKAGE, "coins_70", datetime.now(UTC))
-    assert not consumer.store.add(token, PACKAGE, "coins_70", datetime.now(UTC))
+    assert consumer.consumptions.add(token, PACKAGE, "coins_70", datetime.now(UTC))
+    assert not consumer.consumptions.add(token, PACKAGE, "coins_70", datetime.now(UTC))
     return token
 
 
 def state_of(consumer: Consumer, token: str) -> ConsumeState:
-    row = consumer.store.get(token)
+    row = consumer.consumptions.get(token)
     assert row is not None
     return row.state
 
@@ -66,7 +66,7 @@ def test_conflict_is_retried(world: tuple[Consumer, PlayState]) -> None:
     first = consumer.consume(token)
     assert not first.done
     assert "409" in first.note
-    row = consumer.store.get(token)
+    row = consumer.consumptions.get(token)
     assert row is not None
     assert (row.state, row.attempts) == (ConsumeState.UNCONSUMED, 1)
     assert consumer.consume(token).state is ConsumeState.CONSUMED
@@ -109,18 +109,18 @@ def test_retry_delays_never_exceed_the_countdown_cap() -> None:
 
 def test_overdue_finds_old_unconsumed_rows_and_adopts_orphans(world: tuple[Consumer, PlayState]) -> None:
     consumer, play = world
-    store = consumer.store
+    consumptions = consumer.consumptions
     now = datetime.now(UTC)
     old = play.buy("coins_70").token
-    store.add(old, PACKAGE, "coins_70", now - timedelta(hours=2))
+    consumptions.add(old, PACKAGE, "coins_70", now - timedelta(hours=2))
     fresh = play.buy("coins_70").token
-    store.add(fresh, PACKAGE, "coins_70", now)
+    consumptions.add(fresh, PACKAGE, "coins_70", now)
     done = play.buy("coins_70").token
-    store.add(done, PACKAGE, "coins_70", now - timedelta(hours=2))
-    store.finish(done, ConsumeState.CONSUMED, now)
+    consumptions.add(done, PACKAGE, "coins_70", now - timedelta(hours=2))
+    consumptions.finish(done, ConsumeState.CONSUMED, now)
     # Credited (the purchase row says so) but the consumption row was never written.
     orphan = play.buy("coins_350").token
-    with store.database.engine.begin() as conn:
+    with consumptions.database.engine.begin() as conn:
         conn.execute(
             purchases.insert().values(
                 store="google_play",
@@ -138,14 +138,14 @@ def test_overdue_finds_old_unconsumed_rows_and_adopts_orphans(world: tuple[Consu
                 updated_at=now - timedelta(hours=3),
             )
         )
-    found = store.overdue(PACKAGE, now, timedelta(hours=1))
+    found = consumptions.overdue(PACKAGE, now, timedelta(hours=1))
     assert sorted(found) == sorted([old, orphan])
-    assert store.count_overdue(now, timedelta(hours=1)) == 2
-    adopted = store.get(orphan)
+    assert consumptions.count_overdue(now, timedelta(hours=1)) == 2
+    adopted = consumptions.get(orphan)
     assert adopted is not None
     assert (adopted.product_id, adopted.state) == ("coins_350", ConsumeState.UNCONSUMED)
     assert consumer.consume(orphan).state is ConsumeState.CONSUMED
-    with store.database.engine.connect() as conn:
+    with consumptions.database.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(purchases)).scalar_one() == 1
 
 
@@ -156,9 +156,9 @@ def test_overdue_gauge_counts_from_the_database(world: tuple[Consumer, PlayState
 
     consumer, play = world
     registry = CollectorRegistry()
-    registry.register(OverdueCollector(consumer.store, SystemClock(), timedelta(hours=1)))
+    registry.register(OverdueCollector(consumer.consumptions, SystemClock(), timedelta(hours=1)))
     name = b"coinstore_receipts_google_unconsumed_overdue_now"
     assert name + b" 0.0" in generate_latest(registry)
-    consumer.store.add(play.buy("coins_70").token, PACKAGE, "coins_70", datetime.now(UTC) - timedelta(hours=2))
-    consumer.store.add(play.buy("coins_70").token, PACKAGE, "coins_70", datetime.now(UTC))
+    consumer.consumptions.add(play.buy("coins_70").token, PACKAGE, "coins_70", datetime.now(UTC) - timedelta(hours=2))
+    consumer.consumptions.add(play.buy("coins_70").token, PACKAGE, "coins_70", datetime.now(UTC))
     assert name + b" 1.0" in generate_latest(registry)

@@ -85,7 +85,7 @@ async def test_purchased_is_credited_then_queued_for_consumption_not_consumed_in
         row = await receipts.components.database.run(google.consumptions.get, bought.token)
         assert row is not None
         assert (row.state, row.product_id, row.package_name) == (ConsumeState.UNCONSUMED, "coins_350", PACKAGE)
-        record = await receipts.components.store.get(StoreId.GOOGLE_PLAY, bought.token)
+        record = await receipts.components.purchases.get(StoreId.GOOGLE_PLAY, bought.token)
         assert record is not None
         assert record.state.value == "credited"
         # The same token again (another request id): the wallet is asked under the same key (and
@@ -105,7 +105,7 @@ async def test_another_account_is_refused(keys: Keys, database_url: str, tmp_pat
             grpc.StatusCode.PERMISSION_DENIED,
             "ACCOUNT_MISMATCH",
         )
-        assert await receipts.components.store.get(StoreId.GOOGLE_PLAY, bound.token) is None
+        assert await receipts.components.purchases.get(StoreId.GOOGLE_PLAY, bound.token) is None
         assert (await verify(receipts, bound.token)).state == pb.PURCHASE_STATE_CREDITED
         # No obfuscatedAccountId: the first account to claim it owns it.
         unbound = play.buy("coins_70")
@@ -142,7 +142,7 @@ async def test_cancelled_is_refused(keys: Keys, database_url: str, tmp_path: Pat
             grpc.StatusCode.FAILED_PRECONDITION,
             "PURCHASE_CANCELLED",
         )
-        record = await receipts.components.store.get(StoreId.GOOGLE_PLAY, bought.token)
+        record = await receipts.components.purchases.get(StoreId.GOOGLE_PLAY, bought.token)
         assert record is not None
         assert record.state.value == "revoked"
         assert receipts.wallet.credits == []
