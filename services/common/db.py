@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,8 @@ class Database:
         self.engine = engine
         size = workers or engine.pool.size()  # type: ignore[attr-defined]
         self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="db")
+        self._tables = sa.MetaData()
+        self._tables_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, pool_size: int = 16) -> Database:
@@ -123,6 +126,18 @@ class Database:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    def table(self, name: str) -> sa.Table:
+        """Table ``name`` as the migrations made it, read from the database once.
+
+        For code that keeps no copy of the schema: the columns, their types and
+        keys come from the database itself."""
+        with self._tables_lock:
+            table = self._tables.tables.get(name)
+            if table is None:
+                with self.engine.connect() as conn:
+                    table = sa.Table(name, self._tables, autoload_with=conn)
+            return table
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[Connection]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from google.protobuf.message import Message
@@ -17,7 +18,7 @@ from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, resu
 from services.receipts.errors import InvalidArgument, NotFound
 from services.receipts.google.verify import GooglePurchases, require_purchase_token
 from services.receipts.purchases.binding import Binding
-from services.receipts.purchases.model import Environment, PurchaseResult
+from services.receipts.purchases.model import Claim, Environment, PurchaseResult
 from services.receipts.purchases.repository import BindingRepository, PurchaseRepository, RequestRecorder
 
 M = TypeVar("M", bound=Message)
@@ -33,27 +34,17 @@ ENVIRONMENT_HINTS: dict[int, Environment | None] = {
 }
 
 
+@dataclass(eq=False, kw_only=True)
 class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
     """RPCs without an implementation here answer UNIMPLEMENTED (the generated default)."""
 
-    def __init__(
-        self,
-        *,
-        purchases: PurchaseRepository,
-        bindings: BindingRepository,
-        binding: Binding,
-        catalog: Catalog,
-        clock: Clock,
-        apple: ApplePurchases,
-        google: GooglePurchases,
-    ) -> None:
-        self._purchases = purchases
-        self._bindings = bindings
-        self._binding = binding
-        self._catalog = catalog
-        self._clock = clock
-        self._apple = apple
-        self._google = google
+    purchases: PurchaseRepository
+    bindings: BindingRepository
+    binding: Binding
+    catalog: Catalog
+    clock: Clock
+    apple: ApplePurchases
+    google: GooglePurchases
 
     async def idempotent(
         self,
@@ -69,16 +60,16 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         refuse a reused id with a different body, else do the work and record
         its response — in the purchase's own transaction when the work takes the
         recorder, else in a transaction of its own."""
-        stored = await self._purchases.replay(method, request_id, request)
+        stored = await self.purchases.replay(method, request_id, request)
         if stored is None:
-            recorder = RequestRecorder(self._purchases.requests, method, request_id, request, build)
+            recorder = RequestRecorder(self.purchases.requests, method, request_id, request, build)
             results = await work(recorder)
             if recorder.done:
                 # Built once, inside the transaction that recorded it.
                 stored, response = recorder.stored, cast(M, recorder.response)
             else:
                 response = build(results)
-                stored = await self._purchases.remember(method, request_id, request, response)
+                stored = await self.purchases.remember(method, request_id, request, response)
             if stored is None:
                 return response
         replayed = response_type()
@@ -89,16 +80,16 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         self, request: pb.GetPurchaseBindingRequest, context: Any
     ) -> pb.GetPurchaseBindingResponse:
         account_id = require_id("account_id", request.account_id)
-        binding = self._binding
+        binding = self.binding
         token, obfuscated = binding.app_account_token(account_id), binding.obfuscated_account_id(account_id)
         # Store notifications name only these values: remember whose they are (insert-once).
-        await self._purchases.database.run(self._bindings.record_now, account_id, token, obfuscated, self._clock.now())
+        await self.purchases.database.run(self.bindings.record_now, account_id, token, obfuscated, self.clock.now())
         return pb.GetPurchaseBindingResponse(app_account_token=token, obfuscated_account_id=obfuscated)
 
     async def GetPurchase(self, request: pb.GetPurchaseRequest, context: Any) -> pb.GetPurchaseResponse:
         store = require_enum("store", request.store, STORE_FROM_PB)
         transaction_id = require_text("store_transaction_id", request.store_transaction_id, MAX_STORE_TRANSACTION_ID)
-        record = await self._purchases.get(store, transaction_id)
+        record = await self.purchases.get(store, transaction_id)
         if record is None:
             raise NotFound("PURCHASE_NOT_FOUND", "no purchase with this store transaction id")
         return pb.GetPurchaseResponse(purchase=record_pb(record))
@@ -108,8 +99,8 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
             stores = list(STORE_FROM_PB.values())
         else:
             stores = [require_enum("store", request.store, STORE_FROM_PB)]
-        now = self._clock.now()
-        catalog = self._catalog
+        now = self.clock.now()
+        catalog = self.catalog
         products = [
             product_pb(pack, catalog.promotion_for(pack.store, pack.product_id, now))
             for store in stores
@@ -133,11 +124,11 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
             require_text("app_receipt", request.app_receipt, MAX_APP_RECEIPT)
         hint = require_enum("environment_hint", request.environment_hint, ENVIRONMENT_HINTS)
 
+        claim = Claim(account_id, request_id, request.account_region)
+
         async def work(recorder: RequestRecorder) -> list[PurchaseResult]:
-            return await self._apple.verify(
-                account_id=account_id,
-                request_id=request_id,
-                account_region=request.account_region,
+            return await self.apple.verify(
+                claim,
                 signed_transaction=request.signed_transaction,
                 transaction_id=request.transaction_id,
                 app_receipt=request.app_receipt,
@@ -161,17 +152,10 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         token = require_purchase_token(request.purchase_token)
         package_name = optional_id("package_name", request.package_name, MAX_PRODUCT_ID)
 
+        claim = Claim(account_id, request_id, request.account_region)
+
         async def work(recorder: RequestRecorder) -> list[PurchaseResult]:
-            result = await self._google.verify(
-                account_id=account_id,
-                product_id=product_id,
-                purchase_token=token,
-                package_name=package_name,
-                request_id=request_id,
-                account_region=request.account_region,
-                recorder=recorder,
-            )
-            return [result]
+            return [await self.google.verify(claim, product_id, token, package_name, recorder)]
 
         def build(results: Sequence[PurchaseResult]) -> pb.VerifyGooglePurchaseResponse:
             return pb.VerifyGooglePurchaseResponse(purchase=result_pb(results[0]))

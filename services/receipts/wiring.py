@@ -35,6 +35,7 @@ from services.receipts.apple.ocsp import HttpOcspChecker
 from services.receipts.apple.rules import ApplePolicy
 from services.receipts.apple.verify import ApplePurchases
 from services.receipts.config import ReceiptsSettings
+from services.receipts.errors import Refusals
 from services.receipts.google import tasks as google_tasks
 from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer, OverdueCollector
@@ -150,7 +151,8 @@ def _apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, m
         timeout_seconds=settings.apple_api_timeout_seconds,
     )
     policy = ApplePolicy(settings.apple_bundle_id)
-    return ApplePurchases(verifier, api, crediting, binding, policy, metrics)
+    refusals = Refusals(metrics, "coinstore_receipts_apple_refusals", "App Store proofs refused, by reason")
+    return ApplePurchases(verifier, api, crediting, binding, policy, refusals)
 
 
 def _play_client(settings: ReceiptsSettings, threads: int = 32) -> PlayClient:
@@ -187,7 +189,7 @@ def _google(
         GooglePolicy(settings.google_package_name),
         google_tasks.BackgroundEnqueuer(sender),
         clock,
-        metrics,
+        Refusals(metrics, "coinstore_receipts_google_refusals", "Google Play purchases refused, by reason"),
     )
 
 

@@ -17,6 +17,7 @@ from services.common.loop import OnLoop
 from services.receipts.notifications.handle import Refused
 from services.receipts.notifications.parse import APPLE, GOOGLE
 from services.receipts.notifications.repository import StoredNotification
+from services.receipts.purchases.model import Claim
 from services.receipts.wiring import notification_handler
 from tests.notifications.system import System, running_system
 from tests.support.tokens import Keys
@@ -110,9 +111,7 @@ async def test_same_notification_ten_times_and_the_app_racing_it_credit_once(
 
         async def app_reports() -> str:
             results = await s.components.apple.verify(
-                account_id="fan-2",
-                request_id="app-report-1",
-                account_region="",
+                Claim("fan-2", "app-report-1"),
                 signed_transaction=bought["signedTransaction"],
             )
             return results[0].outcome.value

@@ -20,10 +20,10 @@ from services.common.loop import OnLoop
 from services.common.metrics import Metrics
 from services.receipts.cli import parse_since
 from services.receipts.google.client import PlayClient
-from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase
+from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase, VoidedQuery
 from services.receipts.notifications.reconcile import Quota, QuotaExhausted, Reconciler
 from services.receipts.notifications.repository import ReconcileRunRepository
-from services.receipts.purchases.model import Outcome
+from services.receipts.purchases.model import Claim, Outcome
 from services.receipts.wiring import reconciler
 from tests.notifications.conftest import Core
 from tests.notifications.system import running_system
@@ -39,9 +39,7 @@ async def test_lost_apple_refund_is_found_and_applied_once(database_url: str, ke
         s.notifier.config.auto = False
         token, _ = await s.bind("fan-r")
         bought = await s.sim("/apple/buy", {"productId": PACK, "appAccountToken": token})
-        await s.components.apple.verify(
-            account_id="fan-r", request_id="r-1", account_region="", signed_transaction=bought["signedTransaction"]
-        )
+        await s.components.apple.verify(Claim("fan-r", "r-1"), signed_transaction=bought["signedTransaction"])
         assert await s.balance("fan-r") == 350
         s.notifier.config.auto = True
         s.notifier.config.lose_next = 1
@@ -123,9 +121,7 @@ class PagedPlay:
     def get_purchase_v2(self, package_name: str, token: str) -> PurchaseV2:
         return PurchaseV2.parse(self.purchases[token])
 
-    def list_voided_page(
-        self, package_name: str, *, start_time_ms: int, end_time_ms: int, page_token: str = ""
-    ) -> VoidedPage:
+    def list_voided_page(self, package_name: str, query: VoidedQuery, page_token: str = "") -> VoidedPage:
         self.calls.append(page_token)
         offset = int(page_token or 0)
         page = tuple(VoidedPurchase.parse(r) for r in self.records[offset : offset + self.page_size])
@@ -137,7 +133,7 @@ def test_google_voided_purchases_are_paged_and_applied_once(receipts_db: Any, co
     tokens = [core.play.buy("coins_70", quantity=4).token for _ in range(7)]
     google = core.components.google
     for i, token in enumerate(tokens):
-        result = core.loop.run(google.credit_token(token, "coins_70", f"acct-{i}", request_id=f"r-{i}"))
+        result = core.loop.run(google.credit_token(token, "coins_70", Claim(f"acct-{i}", f"r-{i}")))
         assert result.outcome is Outcome.CREDITED
     records: list[dict[str, Any]] = [
         {"purchaseToken": t, "orderId": f"GPA.{i}", "voidedReason": 1} for i, t in enumerate(tokens[:6])

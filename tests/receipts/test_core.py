@@ -19,7 +19,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import Price, StoreId
 from services.common.errors import DomainError
 from services.receipts.purchases.binding import Binding
-from services.receipts.purchases.model import Environment, Outcome, Refund, VerifiedPurchase
+from services.receipts.purchases.model import Claim, Environment, Outcome, Refund, VerifiedPurchase
 from tests.receipts.support import Receipts, WalletReceipts, receipts_service, receipts_with_wallet
 from tests.support.status import error_reason
 from tests.support.tokens import Keys
@@ -89,11 +89,11 @@ async def test_get_purchase_binding_rpc(receipts: Receipts) -> None:
 
 async def test_credit_once_then_already_credited(real: WalletReceipts) -> None:
     crediting = real.components.crediting
-    first = await crediting.credit(purchase("t-1", quantity=3), "fan-1", request_id="r-1")
+    first = await crediting.credit(purchase("t-1", quantity=3), Claim("fan-1", "r-1"))
     assert first.outcome is Outcome.CREDITED
     assert first.coins_credited == 3 * 350
     assert first.new_balance == 1050
-    again = await crediting.credit(purchase("t-1", quantity=3), "fan-1", request_id="r-2")
+    again = await crediting.credit(purchase("t-1", quantity=3), Claim("fan-1", "r-2"))
     assert again.outcome is Outcome.ALREADY_CREDITED
     assert again.new_balance == 1050
     assert await real.ledger("fan-1") == [("t-1", 1050)]
@@ -108,14 +108,14 @@ async def test_credit_once_then_already_credited(real: WalletReceipts) -> None:
 
 async def test_the_wallet_is_asked_with_the_terms_of_the_first_claim(receipts: Receipts) -> None:
     crediting = receipts.components.crediting
-    await crediting.credit(purchase("t-1", quantity=3), "fan-1", request_id="r-1")
+    await crediting.credit(purchase("t-1", quantity=3), Claim("fan-1", "r-1"))
     # The wallet saw the terms of the first claim, with the receipts service's own token.
     credit = receipts.wallet.only_credit("t-1")
     assert (credit.store, credit.account_id, credit.coins, credit.quantity) == (wpb.STORE_APP_STORE, "fan-1", 1050, 3)
     assert credit.price.amount_minor == 649
     assert credit.environment == wpb.STORE_ENVIRONMENT_PRODUCTION
     # A later report of the same transaction asks again, under the same key and for the stored coins.
-    await crediting.credit(purchase("t-1", quantity=1, storefront="DEU"), "fan-1", request_id="r-2")
+    await crediting.credit(purchase("t-1", quantity=1, storefront="DEU"), Claim("fan-1", "r-2"))
     assert [(c.store, c.store_transaction_id, c.coins) for c in receipts.wallet.credits] == [
         (wpb.STORE_APP_STORE, "t-1", 1050)
     ] * 2
@@ -123,9 +123,7 @@ async def test_the_wallet_is_asked_with_the_terms_of_the_first_claim(receipts: R
 
 async def test_same_transaction_twenty_times_concurrently_credits_once(real: WalletReceipts) -> None:
     crediting = real.components.crediting
-    results = await asyncio.gather(
-        *(crediting.credit(purchase("t-many"), "fan-1", request_id=f"r-{i}") for i in range(20))
-    )
+    results = await asyncio.gather(*(crediting.credit(purchase("t-many"), Claim("fan-1", f"r-{i}")) for i in range(20)))
     outcomes = [r.outcome for r in results]
     assert outcomes.count(Outcome.CREDITED) == 1
     assert outcomes.count(Outcome.ALREADY_CREDITED) == 19
@@ -135,10 +133,10 @@ async def test_same_transaction_twenty_times_concurrently_credits_once(real: Wal
 
 async def test_second_account_is_refused_and_nothing_moves(receipts: Receipts) -> None:
     crediting = receipts.components.crediting
-    await crediting.credit(purchase("t-2"), "fan-1", request_id="r-1")
+    await crediting.credit(purchase("t-2"), Claim("fan-1", "r-1"))
     calls = len(receipts.wallet.calls)
     with pytest.raises(DomainError) as caught:
-        await crediting.credit(purchase("t-2"), "fan-2", request_id="r-2")
+        await crediting.credit(purchase("t-2"), Claim("fan-2", "r-2"))
     assert caught.value.reason == "RECEIPT_BOUND_TO_OTHER_ACCOUNT"
     assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert len(receipts.wallet.calls) == calls
@@ -150,13 +148,13 @@ async def test_recorded_purchase_belongs_to_first_claimer(receipts: Receipts) ->
     record = await crediting.record(purchase("t-3"))
     assert record.account_id is None
     assert receipts.wallet.calls == []
-    result = await crediting.credit(purchase("t-3"), "fan-9", request_id="r-1")
+    result = await crediting.credit(purchase("t-3"), Claim("fan-9", "r-1"))
     assert result.outcome is Outcome.CREDITED
     assert result.record.account_id == "fan-9"
 
 
 async def test_revoked_purchase_credits_nothing(receipts: Receipts) -> None:
-    result = await receipts.components.crediting.credit(purchase("t-4", revoked=True), "fan-1", request_id="r-1")
+    result = await receipts.components.crediting.credit(purchase("t-4", revoked=True), Claim("fan-1", "r-1"))
     assert result.outcome is Outcome.REVOKED
     assert result.coins_credited == 0
     assert receipts.wallet.calls == []
@@ -165,34 +163,28 @@ async def test_revoked_purchase_credits_nothing(receipts: Receipts) -> None:
 async def test_unknown_product_and_bad_region(receipts: Receipts) -> None:
     crediting = receipts.components.crediting
     with pytest.raises(DomainError) as caught:
-        await crediting.credit(purchase("t-5", product_id="coins_70"), "fan-1", request_id="r-1")
+        await crediting.credit(purchase("t-5", product_id="coins_70"), Claim("fan-1", "r-1"))
     assert caught.value.reason == "UNKNOWN_PRODUCT"
     with pytest.raises(DomainError) as caught:
-        await crediting.credit(purchase("t-5"), "fan-1", request_id="r-1", account_region="USA")
+        await crediting.credit(purchase("t-5"), Claim("fan-1", "r-1", "USA"))
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert receipts.wallet.calls == []
 
 
 async def test_region_policy_flag_marks_purchase(receipts: Receipts) -> None:
     # The default policy is flag: credited, and marked for review.
-    result = await receipts.components.crediting.credit(
-        purchase("t-6", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE"
-    )
+    result = await receipts.components.crediting.credit(purchase("t-6", storefront="TUR"), Claim("fan-1", "r-1", "DE"))
     assert result.outcome is Outcome.CREDITED
     assert result.record.flagged_for_review
     assert receipts.wallet.only_credit("t-6").flagged_for_review
-    same = await receipts.components.crediting.credit(
-        purchase("t-7", storefront="DEU"), "fan-1", request_id="r-2", account_region="DE"
-    )
+    same = await receipts.components.crediting.credit(purchase("t-7", storefront="DEU"), Claim("fan-1", "r-2", "DE"))
     assert not same.record.flagged_for_review
 
 
 async def test_region_policy_refuse(keys: Keys, database_url: str, tmp_path: Path) -> None:
     async with receipts_service(keys, database_url, tmp_path, {"REGION_POLICY": "refuse"}) as receipts:
         with pytest.raises(DomainError) as caught:
-            await receipts.components.crediting.credit(
-                purchase("t-8", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE"
-            )
+            await receipts.components.crediting.credit(purchase("t-8", storefront="TUR"), Claim("fan-1", "r-1", "DE"))
         assert caught.value.reason == "REGION_MISMATCH"
         assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert receipts.wallet.calls == []
@@ -202,8 +194,7 @@ async def test_promotion_bonus_at_purchase_time(receipts: Receipts) -> None:
     in_window = datetime(2026, 12, 10, tzinfo=UTC)
     result = await receipts.components.crediting.credit(
         purchase("t-9", product_id="com.coinstore.coins.1400", quantity=2, purchase_time=in_window),
-        "fan-1",
-        request_id="r-1",
+        Claim("fan-1", "r-1"),
     )
     assert result.bonus_coins == 280
     assert result.coins_credited == 2 * 1400 + 280
@@ -214,18 +205,18 @@ async def test_promotion_bonus_at_purchase_time(receipts: Receipts) -> None:
 async def test_wallet_down_is_unavailable_not_internal(receipts: Receipts) -> None:
     receipts.wallet.down = True
     with pytest.raises(DomainError) as caught:
-        await receipts.components.crediting.credit(purchase("t-10"), "fan-1", request_id="r-1")
+        await receipts.components.crediting.credit(purchase("t-10"), Claim("fan-1", "r-1"))
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert caught.value.reason == "WALLET_UNAVAILABLE"
     receipts.wallet.down = False
     # The purchase stayed bound and is credited on the retry.
-    result = await receipts.components.crediting.credit(purchase("t-10"), "fan-1", request_id="r-1")
+    result = await receipts.components.crediting.credit(purchase("t-10"), Claim("fan-1", "r-1"))
     assert result.outcome is Outcome.CREDITED
 
 
 async def test_reverse_is_cumulative_and_restore(real: WalletReceipts) -> None:
     crediting = real.components.crediting
-    await crediting.credit(purchase("t-11", quantity=4), "fan-1", request_id="r-1")
+    await crediting.credit(purchase("t-11", quantity=4), Claim("fan-1", "r-1"))
     one_pack = Refund(StoreId.APP_STORE, "t-11", None, full=False, refunded_quantity=1)
     first = await crediting.reverse(one_pack, request_id="n-1")
     assert (first.applied, first.coins_moved, first.new_balance) == (True, 350, 1050)
@@ -271,10 +262,10 @@ async def test_get_purchase_not_found_and_list_products(receipts: Receipts) -> N
 
 async def test_pending_purchase_credited_once_payment_completes(receipts: Receipts) -> None:
     crediting = receipts.components.crediting
-    pending = await crediting.credit(purchase("t-12", pending=True), "fan-1", request_id="r-1")
+    pending = await crediting.credit(purchase("t-12", pending=True), Claim("fan-1", "r-1"))
     assert pending.outcome is Outcome.PENDING
     assert receipts.wallet.calls == []
-    done = await crediting.credit(purchase("t-12"), "fan-1", request_id="r-2")
+    done = await crediting.credit(purchase("t-12"), Claim("fan-1", "r-2"))
     assert done.outcome is Outcome.CREDITED
     assert done.record.state.value == "credited"
 
@@ -295,7 +286,7 @@ async def test_request_log_claims_once_under_concurrency(receipts: Receipts) -> 
 async def test_notification_recorded_purchase_flagged_by_its_claimer_region(receipts: Receipts) -> None:
     crediting = receipts.components.crediting
     await crediting.record(purchase("t-13", storefront="TUR"))
-    result = await crediting.credit(purchase("t-13", storefront="TUR"), "fan-1", request_id="r-1", account_region="DE")
+    result = await crediting.credit(purchase("t-13", storefront="TUR"), Claim("fan-1", "r-1", "DE"))
     assert result.outcome is Outcome.CREDITED
     assert result.record.flagged_for_review
     assert receipts.wallet.only_credit("t-13").flagged_for_review

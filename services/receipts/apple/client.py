@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -78,13 +78,13 @@ class TokenMinter:
         self._key_id = key_id
         self._issuer_id = issuer_id
         self._bundle_id = bundle_id
-        self._clock = clock
+        self.clock = clock
         self._token = ""
         self._expires = 0.0
         self._lock = threading.Lock()
 
     def token(self) -> str:
-        now = self._clock()
+        now = self.clock()
         with self._lock:
             if now < self._expires - TOKEN_REFRESH_MARGIN_SECONDS:
                 return self._token
@@ -150,34 +150,26 @@ def _retry_after_seconds(value: str | None, now: float) -> float | None:
     return max(0.0, number)  # delta-seconds (RFC 9110)
 
 
+@dataclass(eq=False)
 class AppStoreApi:
     """The App Store Server API of one app, Production and Sandbox."""
 
-    def __init__(
-        self,
-        client: httpx.AsyncClient,
-        tokens: TokenMinter,
-        *,
-        production_url: str,
-        sandbox_url: str,
-        timeout_seconds: float,
-        retry: RetryPolicy | None = None,
-        clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self._client = client
-        self._tokens = tokens
-        self._urls = {
-            Environment.PRODUCTION: production_url.rstrip("/"),
-            Environment.SANDBOX: sandbox_url.rstrip("/"),
-        }
-        self._timeout = timeout_seconds
-        self._retry = retry or RetryPolicy()
-        self._clock = clock
-        self._sleep = sleep
+    client: httpx.AsyncClient
+    tokens: TokenMinter
+    _: KW_ONLY
+    production_url: str
+    sandbox_url: str
+    timeout_seconds: float
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    def _base_url(self, environment: Environment) -> str:
+        url = self.production_url if environment is Environment.PRODUCTION else self.sandbox_url
+        return url.rstrip("/")
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self.client.aclose()
 
     # --- endpoints -----------------------------------------------------------
 
@@ -306,14 +298,14 @@ class AppStoreApi:
         json: Mapping[str, Any] | None = None,
         field: str = "",
     ) -> dict[str, Any]:
-        url = self._urls[environment] + path
-        policy = self._retry
+        url = self._base_url(environment) + path
+        policy = self.retry
         last = "no attempt"
         for attempt in range(1, policy.attempts + 1):
-            headers = {"Authorization": f"Bearer {self._tokens.token()}", "Accept": "application/json"}
+            headers = {"Authorization": f"Bearer {self.tokens.token()}", "Accept": "application/json"}
             try:
-                reply = await self._client.request(
-                    method, url, params=list(params), json=json, headers=headers, timeout=self._timeout
+                reply = await self.client.request(
+                    method, url, params=list(params), json=json, headers=headers, timeout=self.timeout_seconds
                 )
             except httpx.TimeoutException:
                 last = "timed out"
@@ -326,7 +318,7 @@ class AppStoreApi:
                 if 200 <= status < 300:
                     return _json_object(reply) if reply.content else {}
                 if status == 429:
-                    wait = _retry_after_seconds(reply.headers.get("Retry-After"), self._clock())
+                    wait = _retry_after_seconds(reply.headers.get("Retry-After"), self.clock())
                     if wait is not None and wait > policy.max_retry_after:
                         raise Unavailable(
                             "APP_STORE_RATE_LIMITED",
@@ -342,11 +334,11 @@ class AppStoreApi:
                     raise self._client_error(reply, field)
             if attempt < policy.attempts:
                 log.info("App Store API %s %s: %s; retrying in %.2fs", method, path, last, delay)
-                await self._sleep(delay)
+                await self.sleep(delay)
         raise Unavailable("APP_STORE_UNAVAILABLE", f"the App Store Server API is unavailable ({last}); retry later")
 
     def _backoff(self, attempt: int) -> float:
-        policy = self._retry
+        policy = self.retry
         delay: float = min(policy.max_delay, policy.base_delay * 2.0 ** (attempt - 1))
         return delay * (0.5 + random.random() / 2)
 

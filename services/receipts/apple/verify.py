@@ -13,41 +13,36 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import DomainError
-from services.common.metrics import Metrics
 from services.receipts.apple.app_receipt import parse_app_receipt
 from services.receipts.apple.client import AppStoreApi
 from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.apple.rules import ApplePolicy, app_account_token, check_transaction
-from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Refusals
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
-from services.receipts.purchases.model import Environment, PurchaseResult, VerifiedPurchase
+from services.receipts.purchases.model import Claim, Environment, PurchaseResult, VerifiedPurchase
 from services.receipts.purchases.repository import RequestRecorder
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class ApplePurchases:
-    def __init__(
-        self,
-        verifier: AppleJwsVerifier,
-        api: AppStoreApi,
-        crediting: Crediting,
-        binding: Binding,
-        policy: ApplePolicy,
-        metrics: Metrics,
-    ) -> None:
-        self.verifier = verifier
-        self.api = api
-        self.policy = policy
-        self._crediting = crediting
-        self._binding = binding
-        self._refusals = metrics.counter(
-            "coinstore_receipts_apple_refusals", "App Store proofs refused, by reason", ("reason",)
-        )
+    """VerifyApplePurchase: ``verifier`` verifies any Apple JWS (transactions,
+    notifications), ``api`` is the App Store Server API client, ``policy`` the
+    bundle id and accepted environments."""
+
+    verifier: AppleJwsVerifier
+    api: AppStoreApi
+    crediting: Crediting
+    binding: Binding
+    policy: ApplePolicy
+    # coinstore_receipts_apple_refusals
+    refusals: Refusals
 
     async def verified_purchase(self, jws: str, field: str) -> tuple[VerifiedPurchase, dict[str, Any]]:
         """Verify a signed transaction and apply the App Store rules (no account yet)."""
@@ -57,7 +52,7 @@ class ApplePurchases:
     def check_account(self, payload: dict[str, Any], account_id: str) -> None:
         """appAccountToken present and not this account's → PERMISSION_DENIED ACCOUNT_MISMATCH."""
         token = app_account_token(payload)
-        if token and not self._binding.app_account_token_matches(account_id, token):
+        if token and not self.binding.app_account_token_matches(account_id, token):
             raise PermissionDenied(
                 "ACCOUNT_MISMATCH",
                 "the purchase was made for another account (appAccountToken)",
@@ -68,9 +63,7 @@ class ApplePurchases:
         self,
         jws: str,
         field: str,
-        account_id: str,
-        request_id: str,
-        account_region: str,
+        claim: Claim,
         fetched_from: Environment | None = None,
         recorder: RequestRecorder | None = None,
     ) -> PurchaseResult:
@@ -79,17 +72,13 @@ class ApplePurchases:
             raise FailedPrecondition(
                 "WRONG_ENVIRONMENT", "the App Store answered with a transaction of another environment"
             )
-        self.check_account(payload, account_id)
-        return await self._crediting.credit(
-            purchase, account_id, request_id=request_id, account_region=account_region, recorder=recorder
-        )
+        self.check_account(payload, claim.account_id)
+        return await self.crediting.credit(purchase, claim, recorder)
 
     async def verify(
         self,
+        claim: Claim,
         *,
-        account_id: str,
-        request_id: str,
-        account_region: str,
         signed_transaction: str = "",
         transaction_id: str = "",
         app_receipt: str = "",
@@ -98,42 +87,21 @@ class ApplePurchases:
     ) -> list[PurchaseResult]:
         """Verify one proof and credit what it proves. A ``recorder`` gets the
         answer of a single-transaction proof recorded with its purchase."""
-        try:
+        with self.refusals.counted():
             if signed_transaction:
-                return [
-                    await self._credit_signed(
-                        signed_transaction,
-                        "signed_transaction",
-                        account_id,
-                        request_id,
-                        account_region,
-                        recorder=recorder,
-                    )
-                ]
+                return [await self._credit_signed(signed_transaction, "signed_transaction", claim, recorder=recorder)]
             if transaction_id:
                 environment, signed = await self.api.find_transaction(
-                    transaction_id, self._lookup_order(environment_hint, account_id)
+                    transaction_id, self._lookup_order(environment_hint, claim.account_id)
                 )
-                return [
-                    await self._credit_signed(
-                        signed, "transaction_id", account_id, request_id, account_region, environment, recorder
-                    )
-                ]
-            return await self._verify_receipt(app_receipt, account_id, request_id, account_region, environment_hint)
-        except DomainError as error:
-            self._refusals.labels(error.reason).inc()
-            raise
+                return [await self._credit_signed(signed, "transaction_id", claim, environment, recorder)]
+            return await self._verify_receipt(app_receipt, claim, environment_hint)
 
     def _lookup_order(self, hint: Environment | None, account_id: str) -> list[Environment]:
-        return self.policy.lookup_order(hint, self._crediting.sandbox.allows(account_id))
+        return self.policy.lookup_order(hint, self.crediting.sandbox.allows(account_id))
 
     async def _verify_receipt(
-        self,
-        app_receipt: str,
-        account_id: str,
-        request_id: str,
-        account_region: str,
-        environment_hint: Environment | None,
+        self, app_receipt: str, claim: Claim, environment_hint: Environment | None
     ) -> list[PurchaseResult]:
         receipt = parse_app_receipt(app_receipt)
         if receipt.bundle_id and receipt.bundle_id != self.policy.bundle_id:
@@ -142,18 +110,14 @@ class ApplePurchases:
             raise FailedPrecondition("NO_TRANSACTIONS", "the receipt holds no App Store in-app purchase")
         anchor = receipt.transaction_ids[0]
         missing: NotFound | None = None
-        for environment in self._lookup_order(environment_hint, account_id):
+        for environment in self._lookup_order(environment_hint, claim.account_id):
             results: list[PurchaseResult] = []
             refusal: DomainError | None = None
             try:
                 async for page in self.api.transaction_history(environment, anchor):
                     for signed in page.signed_transactions:
                         try:
-                            results.append(
-                                await self._credit_signed(
-                                    signed, "app_receipt", account_id, request_id, account_region, environment
-                                )
-                            )
+                            results.append(await self._credit_signed(signed, "app_receipt", claim, environment))
                         except (PermissionDenied, FailedPrecondition) as error:
                             log.info("receipt transaction left out: %s", error.reason)
                             refusal = refusal or error

@@ -38,7 +38,7 @@ from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from services.common.errors import Unavailable
-from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase
+from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase, VoidedQuery
 
 log = logging.getLogger(__name__)
 
@@ -251,56 +251,31 @@ class PlayClient:
             lambda s: s.products.acknowledge(packageName=package_name, productId=product_id, token=token, body=body),
         )
 
-    def list_voided_page(
-        self,
-        package_name: str,
-        *,
-        start_time_ms: int | None = None,
-        end_time_ms: int | None = None,
-        max_results: int = 1000,
-        page_token: str = "",
-        include_partial_refunds: bool = True,
-        include_subscriptions: bool = False,
-    ) -> VoidedPage:
-        """One page of purchases.voidedpurchases.list (oldest first)."""
+    def list_voided_page(self, package_name: str, query: VoidedQuery, page_token: str = "") -> VoidedPage:
+        """One page of purchases.voidedpurchases.list (oldest first); a page token carries the query on."""
         params: dict[str, Any] = {
             "packageName": package_name,
-            "maxResults": max_results,
-            "type": 1 if include_subscriptions else 0,
-            "includeQuantityBasedPartialRefund": include_partial_refunds,
+            "maxResults": query.max_results,
+            "type": 1 if query.include_subscriptions else 0,
+            "includeQuantityBasedPartialRefund": query.include_partial_refunds,
         }
         if page_token:
             params["token"] = page_token
         else:
-            if start_time_ms is not None:
-                params["startTime"] = str(start_time_ms)
-            if end_time_ms is not None:
-                params["endTime"] = str(end_time_ms)
+            if query.start_time_ms is not None:
+                params["startTime"] = str(query.start_time_ms)
+            if query.end_time_ms is not None:
+                params["endTime"] = str(query.end_time_ms)
         body = self._call("voidedpurchases.list", lambda s: s.voided.list(**params))
         records = tuple(VoidedPurchase.parse(v) for v in body.get("voidedPurchases") or [])
         next_token = str((body.get("tokenPagination") or {}).get("nextPageToken") or "")
         return VoidedPage(records, next_token)
 
-    def iter_voided(
-        self,
-        package_name: str,
-        *,
-        start_time_ms: int | None = None,
-        end_time_ms: int | None = None,
-        max_results: int = 1000,
-        include_partial_refunds: bool = True,
-    ) -> Iterator[VoidedPurchase]:
-        """Every voided purchase in the window, following the page tokens."""
+    def iter_voided(self, package_name: str, query: VoidedQuery) -> Iterator[VoidedPurchase]:
+        """Every voided purchase the query finds, following the page tokens."""
         page_token = ""
         while True:
-            page = self.list_voided_page(
-                package_name,
-                start_time_ms=start_time_ms,
-                end_time_ms=end_time_ms,
-                max_results=max_results,
-                page_token=page_token,
-                include_partial_refunds=include_partial_refunds,
-            )
+            page = self.list_voided_page(package_name, query, page_token)
             yield from page.purchases
             if not page.next_page_token:
                 return

@@ -12,30 +12,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from services.common.catalog import StoreId
+from services.common.clock import as_utc
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
 from services.receipts.purchases.model import StoredState
-from services.receipts.purchases.repository import metadata, purchases
-
-consumptions = sa.Table(
-    "receipts_google_consumptions",
-    metadata,
-    sa.Column("purchase_token", sa.String(512), primary_key=True),
-    sa.Column("package_name", sa.String(256), nullable=False),
-    sa.Column("product_id", sa.String(256), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("last_error", sa.String(512), nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("consumed_at", sa.DateTime(timezone=True), nullable=True),
-)
 
 
 class ConsumeState(enum.Enum):
@@ -56,13 +43,31 @@ class Consumption:
     created_at: datetime
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 class ConsumptionRepository:
     def __init__(self, database: Database) -> None:
         self.database = database
+        self._consumptions = database.table("receipts_google_consumptions")
+        # Read for the credited Play purchases that never got a row.
+        self._purchases = database.table("receipts_purchases")
+
+    def _unconsumed(
+        self, conn: Connection, token: str, package_name: str, product_id: str, created_at: datetime, now: datetime
+    ) -> Any:
+        """Insert an unconsumed row unless the token has one; RETURNING says whether it did."""
+        consumptions = self._consumptions
+        return conn.execute(
+            insert_ignore(conn, consumptions)
+            .values(
+                purchase_token=token,
+                package_name=package_name,
+                product_id=product_id,
+                state=ConsumeState.UNCONSUMED.value,
+                attempts=0,
+                created_at=created_at,
+                updated_at=now,
+            )
+            .returning(consumptions.c.purchase_token)
+        ).first()
 
     def add(self, token: str, package_name: str, product_id: str, now: datetime) -> bool:
         """Record "credited, not yet consumed" once per token; True when this call added it."""
@@ -71,23 +76,11 @@ class ConsumptionRepository:
     def add_in(self, conn: Connection, token: str, package_name: str, product_id: str, now: datetime) -> bool:
         """:meth:`add` inside the caller's transaction (the one that marks the purchase CREDITED)."""
         # RETURNING tells a skipped insert apart on every dialect (rowcount does not on psycopg).
-        inserted = conn.execute(
-            insert_ignore(conn, consumptions)
-            .values(
-                purchase_token=token,
-                package_name=package_name,
-                product_id=product_id,
-                state=ConsumeState.UNCONSUMED.value,
-                attempts=0,
-                created_at=now,
-                updated_at=now,
-            )
-            .returning(consumptions.c.purchase_token)
-        ).first()
-        return inserted is not None
+        return self._unconsumed(conn, token, package_name, product_id, now, now) is not None
 
     def get(self, token: str) -> Consumption | None:
         def work(conn: Connection) -> Consumption | None:
+            consumptions = self._consumptions
             row = conn.execute(sa.select(consumptions).where(consumptions.c.purchase_token == token)).one_or_none()
             if row is None:
                 return None
@@ -98,7 +91,7 @@ class ConsumptionRepository:
                 ConsumeState(row.state),
                 int(row.attempts),
                 row.last_error or "",
-                _utc(row.created_at),
+                as_utc(row.created_at),
             )
 
         return self.database.transaction(work)
@@ -107,6 +100,7 @@ class ConsumptionRepository:
         """Count a failed attempt and remember why."""
 
         def work(conn: Connection) -> None:
+            consumptions = self._consumptions
             conn.execute(
                 consumptions.update()
                 .where(consumptions.c.purchase_token == token)
@@ -119,6 +113,7 @@ class ConsumptionRepository:
         """unconsumed → consumed/abandoned; False when another worker finished it first."""
 
         def work(conn: Connection) -> bool:
+            consumptions = self._consumptions
             values: dict[str, object] = {"state": state.value, "updated_at": now}
             if state is ConsumeState.CONSUMED:
                 values["consumed_at"] = now
@@ -145,6 +140,7 @@ class ConsumptionRepository:
         cutoff = now - older_than
 
         def work(conn: Connection) -> list[str]:
+            consumptions, purchases = self._consumptions, self._purchases
             orphans = conn.execute(
                 sa.select(purchases.c.store_transaction_id, purchases.c.product_id)
                 .select_from(
@@ -159,17 +155,7 @@ class ConsumptionRepository:
                 .limit(limit)
             ).all()
             for token, product_id in orphans:
-                conn.execute(
-                    insert_ignore(conn, consumptions).values(
-                        purchase_token=token,
-                        package_name=package_name,
-                        product_id=product_id,
-                        state=ConsumeState.UNCONSUMED.value,
-                        attempts=0,
-                        created_at=cutoff,
-                        updated_at=now,
-                    )
-                )
+                self._unconsumed(conn, token, package_name, product_id, cutoff, now)
             rows = conn.execute(
                 sa.select(consumptions.c.purchase_token)
                 .where(
@@ -185,6 +171,7 @@ class ConsumptionRepository:
 
     def count_overdue(self, now: datetime, older_than: timedelta) -> int:
         def work(conn: Connection) -> int:
+            consumptions = self._consumptions
             return int(
                 conn.execute(
                     sa.select(sa.func.count())

@@ -115,6 +115,18 @@ class VoidedPurchase:
 
 
 @dataclass(frozen=True)
+class VoidedQuery:
+    """Which voided purchases purchases.voidedpurchases.list returns: voided in the
+    window (Google keeps 30 days), with quantity-based partial refunds or not."""
+
+    start_time_ms: int | None = None
+    end_time_ms: int | None = None
+    max_results: int = 1000
+    include_partial_refunds: bool = True
+    include_subscriptions: bool = False
+
+
+@dataclass(frozen=True)
 class VoidedPage:
     purchases: tuple[VoidedPurchase, ...]
     next_page_token: str
@@ -150,6 +162,11 @@ class VoidedNotification:
     product_type: int
     refund_type: int | None
 
+    @property
+    def partial(self) -> bool:
+        """A quantity-based partial refund (refundableQuantity says how many packs are left)."""
+        return (self.refund_type or REFUND_TYPE_FULL) == REFUND_TYPE_QUANTITY_BASED_PARTIAL
+
     @classmethod
     def parse(cls, body: dict[str, Any]) -> VoidedNotification:
         refund_type = body.get("refundType")
@@ -159,10 +176,6 @@ class VoidedNotification:
             int(body.get("productType") or PRODUCT_TYPE_ONE_TIME),
             None if refund_type is None else int(refund_type),
         )
-
-    @property
-    def partial(self) -> bool:
-        return (self.refund_type or REFUND_TYPE_FULL) == REFUND_TYPE_QUANTITY_BASED_PARTIAL
 
 
 @dataclass(frozen=True)

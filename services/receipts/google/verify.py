@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,14 +26,20 @@ from sqlalchemy.engine import Connection
 from services.common.catalog import Catalog
 from services.common.clock import Clock
 from services.common.errors import DomainError
-from services.common.metrics import Metrics
-from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound, Refusals
 from services.receipts.google.client import PlayApiError, PlayClient
 from services.receipts.google.repository import ConsumptionRepository
 from services.receipts.google.rules import GooglePolicy, GoogleVerdict, check_account, check_package, evaluate
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
-from services.receipts.purchases.model import Outcome, PurchaseRecord, PurchaseResult, StoredState, VerifiedPurchase
+from services.receipts.purchases.model import (
+    Claim,
+    Outcome,
+    PurchaseRecord,
+    PurchaseResult,
+    StoredState,
+    VerifiedPurchase,
+)
 from services.receipts.purchases.repository import PurchaseRepository, RequestRecorder
 
 log = logging.getLogger(__name__)
@@ -70,119 +76,79 @@ def map_lookup_error(error: PlayApiError) -> DomainError:
     )
 
 
+@dataclass(eq=False)
 class GooglePurchases:
-    def __init__(
-        self,
-        client: PlayClient,
-        crediting: Crediting,
-        catalog: Catalog,
-        binding: Binding,
-        purchases: PurchaseRepository,
-        consumptions: ConsumptionRepository,
-        policy: GooglePolicy,
-        enqueue_consume: Callable[[str], None],
-        clock: Clock,
-        metrics: Metrics,
-    ) -> None:
-        self.client = client
-        self.policy = policy
-        self.consumptions = consumptions
-        self._crediting = crediting
-        self._catalog = catalog
-        self._binding = binding
-        self._purchases = purchases
-        self._enqueue = enqueue_consume
-        self._clock = clock
-        self._refusals = metrics.counter(
-            "coinstore_receipts_google_refusals", "Google Play purchases refused, by reason", ("reason",)
-        )
+    """VerifyGooglePurchase and :meth:`credit_token`; ``client`` is the Android
+    Publisher client, ``enqueue_consume`` hands a credited token to the worker."""
+
+    client: PlayClient
+    crediting: Crediting
+    catalog: Catalog
+    binding: Binding
+    purchases: PurchaseRepository
+    consumptions: ConsumptionRepository
+    policy: GooglePolicy
+    enqueue_consume: Callable[[str], None]
+    clock: Clock
+    # coinstore_receipts_google_refusals
+    refusals: Refusals
 
     async def verify(
-        self,
-        *,
-        account_id: str,
-        product_id: str,
-        purchase_token: str,
-        package_name: str,
-        request_id: str,
-        account_region: str = "",
-        recorder: RequestRecorder | None = None,
+        self, claim: Claim, product_id: str, purchase_token: str, package_name: str, recorder: RequestRecorder | None
     ) -> PurchaseResult:
-        try:
-            return await self.credit_token(
-                purchase_token,
-                product_id,
-                account_id,
-                package_name=package_name,
-                request_id=request_id,
-                account_region=account_region,
-                recorder=recorder,
-            )
-        except DomainError as error:
-            self._refusals.labels(error.reason).inc()
-            raise
+        """VerifyGooglePurchase (``package_name`` '' means the configured one)."""
+        with self.refusals.counted():
+            return await self.credit_token(purchase_token, product_id, claim, package_name, recorder)
 
     async def credit_token(
         self,
         purchase_token: str,
         product_id: str,
-        account_id: str | None,
-        *,
+        claim: Claim | None,
         package_name: str = "",
-        request_id: str,
-        account_region: str = "",
         recorder: RequestRecorder | None = None,
     ) -> PurchaseResult:
-        """Query Google for ``purchase_token`` and credit it to ``account_id``.
+        """Query Google for ``purchase_token`` and credit it to the claiming account.
 
-        With ``account_id=None`` (a notification nobody claimed yet) the purchase
-        is only recorded (outcome RECORDED, or the stored state's answer); the first account to verify it
-        owns it (or the account its obfuscatedAccountId names, when set).
+        With no claim (a notification nobody claimed yet) the purchase is only
+        recorded (outcome RECORDED, or the stored state's answer); the first account
+        to verify it owns it (or the account its obfuscatedAccountId names, when set).
         """
         package = check_package(self.policy, package_name)
         try:
             purchase = await self.client.aget_purchase_v2(package, purchase_token)
         except PlayApiError as error:
             raise map_lookup_error(error) from None
-        verdict = evaluate(purchase, purchase_token, product_id, self.policy, self._catalog)
-        if account_id is not None:
-            check_account(purchase, self._binding, account_id)
+        verdict = evaluate(purchase, purchase_token, product_id, self.policy, self.catalog)
+        if claim is not None:
+            check_account(purchase, self.binding, claim.account_id)
         if verdict.cancelled or verdict.consumed:
-            return await self._settled(verdict, account_id, request_id, account_region, recorder)
-        if account_id is None:
-            return _recorded(await self._crediting.record(verdict.purchase))
+            return await self._settled(verdict, claim, recorder)
+        if claim is None:
+            return _recorded(await self.crediting.record(verdict.purchase))
         # The "credited, not yet consumed" row commits in the same transaction as the CREDITED state.
         note = ConsumeAfterCredit(
-            self.consumptions, recorder, purchase_token, package, verdict.line_item.product_id, self._clock.now()
+            self.consumptions, recorder, purchase_token, package, verdict.line_item.product_id, self.clock.now()
         )
-        result = await self._crediting.credit(
-            verdict.purchase, account_id, request_id=request_id, account_region=account_region, recorder=note
-        )
+        result = await self.crediting.credit(verdict.purchase, claim, note)
         if note.added:
             self._queue_consume(purchase_token)
         return result
 
     async def _settled(
-        self,
-        verdict: GoogleVerdict,
-        account_id: str | None,
-        request_id: str,
-        account_region: str,
-        recorder: RequestRecorder | None,
+        self, verdict: GoogleVerdict, claim: Claim | None, recorder: RequestRecorder | None
     ) -> PurchaseResult:
         """Cancelled or already consumed at Google: only a purchase we credited before is answered."""
         token = verdict.purchase.store_transaction_id
-        record = await self._purchases.get(verdict.purchase.store, token)
+        record = await self.purchases.get(verdict.purchase.store, token)
         credited = record is not None and record.state in (StoredState.CREDITED, StoredState.REFUNDED)
-        if credited and account_id is not None:
-            return await self._crediting.credit(
-                verdict.purchase, account_id, request_id=request_id, account_region=account_region, recorder=recorder
-            )
+        if credited and claim is not None:
+            return await self.crediting.credit(verdict.purchase, claim, recorder)
         if credited and record is not None:
             return _recorded(record)
         if verdict.cancelled:
             if record is not None and record.state is StoredState.PENDING:
-                await self._crediting.record(_revoked(verdict))
+                await self.crediting.record(_revoked(verdict))
             raise FailedPrecondition("PURCHASE_CANCELLED", "Google reports the purchase as cancelled")
         raise FailedPrecondition(
             "PURCHASE_ALREADY_CONSUMED", "the purchase was consumed at Google but never credited here"
@@ -191,12 +157,12 @@ class GooglePurchases:
     def _queue_consume(self, token: str) -> None:
         """Queue the consume without waiting for the broker; the sweep covers a lost message."""
         try:
-            self._enqueue(token)
+            self.enqueue_consume(token)
         except Exception as exc:
             log.warning("could not queue the consume of a Play purchase (the sweep will retry): %s", exc)
 
     def close(self) -> None:
-        close = getattr(self._enqueue, "close", None)
+        close = getattr(self.enqueue_consume, "close", None)
         if close is not None:
             close()
         self.client.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Coroutine
+from dataclasses import KW_ONLY, dataclass
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -46,7 +47,7 @@ from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications.parse import APPLE, GOOGLE
 from services.receipts.notifications.repository import DEAD, InboxRepository, StoredNotification
 from services.receipts.purchases.crediting import Crediting
-from services.receipts.purchases.model import Environment, Refund, VerifiedPurchase
+from services.receipts.purchases.model import Claim, Environment, Refund, VerifiedPurchase
 from services.receipts.purchases.repository import BindingRepository
 
 log = logging.getLogger(__name__)
@@ -82,27 +83,20 @@ def _request_id(item: StoredNotification, what: str) -> str:
     return f"notification:{item.source}:{item.external_id}:{what}"[:128]
 
 
+@dataclass(eq=False)
 class NotificationHandler:
-    def __init__(
-        self,
-        crediting: Crediting,
-        google: GooglePurchases,
-        apple_policy: ApplePolicy,
-        apple_api: AppStoreApi,
-        bindings: BindingRepository,
-        loop: OnLoop,
-        *,
-        send_consumption: bool,
-        consumption: ConsumptionFacts,
-    ) -> None:
-        self._crediting = crediting
-        self._google = google
-        self._apple_policy = apple_policy
-        self._apple_api = apple_api
-        self._bindings = bindings
-        self._loop = loop
-        self._send_consumption = send_consumption
-        self._consumption = consumption
+    """Applies stored notifications; ``loop`` is the one the purchases core runs on."""
+
+    crediting: Crediting
+    google: GooglePurchases
+    apple_policy: ApplePolicy
+    apple_api: AppStoreApi
+    bindings: BindingRepository
+    loop: OnLoop
+    _: KW_ONLY
+    # Answer CONSUMPTION_REQUEST with Send Consumption Information (COINSTORE_APPLE_SEND_CONSUMPTION).
+    send_consumption: bool
+    consumption: ConsumptionFacts
 
     def handle(self, item: StoredNotification) -> str:
         """What the notification did (the row's outcome); raises :class:`Refused`."""
@@ -116,7 +110,7 @@ class NotificationHandler:
         """Run a purchases use case; its refusals finish the notification, except
         UNAVAILABLE and NOT_FOUND (retried, unless the caller knows better)."""
         try:
-            return self._loop.run(use_case)
+            return self.loop.run(use_case)
         except (Unavailable, NotFound):
             raise
         except DomainError as error:
@@ -127,12 +121,12 @@ class NotificationHandler:
         consumable, ownership, quantity): a notification credits nothing the app's
         own report would not."""
         try:
-            return check_transaction(transaction, self._apple_policy, "signedTransactionInfo")
+            return check_transaction(transaction, self.apple_policy, "signedTransactionInfo")
         except DomainError as error:
             raise Refused(error.reason) from error
 
     def _refund(self, refund: Refund, request_id: str) -> str:
-        moved = self._core(self._crediting.apply_refund(refund, request_id=request_id))
+        moved = self._core(self.crediting.apply_refund(refund, request_id=request_id))
         return "reversed" if moved else "already_reversed"
 
     def _apple(self, item: StoredNotification) -> str:
@@ -142,12 +136,12 @@ class NotificationHandler:
             return "test"
         if kind == "ONE_TIME_CHARGE":
             token = app_account_token(transaction)
-            account = self._bindings.account_for_app_account_token(token) if token else None
+            account = self.bindings.account_for_app_account_token(token) if token else None
             purchase = self._apple_purchase(transaction)
             if account is None:
-                self._core(self._crediting.record(purchase))
+                self._core(self.crediting.record(purchase))
                 return "recorded"
-            result = self._core(self._crediting.credit(purchase, account, request_id=_request_id(item, "credit")))
+            result = self._core(self.crediting.credit(purchase, Claim(account, _request_id(item, "credit"))))
             return result.outcome.value
         if kind == "REFUND":
             return self._refund(refund_of(transaction, "apple REFUND"), _request_id(item, "reverse"))
@@ -161,7 +155,7 @@ class NotificationHandler:
         return "ignored"
 
     def _restore(self, transaction: dict[str, Any], request_id: str) -> str:
-        restore = self._crediting.restore(
+        restore = self.crediting.restore(
             StoreId.APP_STORE,
             transaction_id(transaction),
             environment=environment_of(transaction),
@@ -175,10 +169,10 @@ class NotificationHandler:
         return "restored" if result.applied else "already_restored"
 
     def _answer_consumption(self, transaction: dict[str, Any]) -> str:
-        if not self._send_consumption:
+        if not self.send_consumption:
             return "recorded"
         txid = transaction_id(transaction)
-        status, percentage = self._consumption.consumption(txid)
+        status, percentage = self.consumption.consumption(txid)
         request = {
             "customerConsented": True,
             "sampleContentProvided": False,
@@ -186,7 +180,7 @@ class NotificationHandler:
             "consumptionPercentage": percentage if status == "DELIVERED" else 0,
         }
         environment = environment_of(transaction) or Environment.PRODUCTION
-        self._loop.run(self._apple_api.send_consumption_information(environment, txid, request))
+        self.loop.run(self.apple_api.send_consumption_information(environment, txid, request))
         return "consumption_sent"
 
     def _google_notification(self, item: StoredNotification) -> str:
@@ -207,10 +201,11 @@ class NotificationHandler:
         if notification.notification_type != ONE_TIME_PRODUCT_PURCHASED:
             return "ignored"
         token = notification.purchase_token
-        purchase = self._google.client.get_purchase_v2(self._google.policy.package_name, token)
+        purchase = self.google.client.get_purchase_v2(self.google.policy.package_name, token)
         obfuscated = purchase.obfuscated_account_id
-        account = self._bindings.account_for_obfuscated_id(obfuscated) if obfuscated else None
-        credit = self._google.credit_token(token, notification.sku, account, request_id=_request_id(item, "credit"))
+        account = self.bindings.account_for_obfuscated_id(obfuscated) if obfuscated else None
+        claim = None if account is None else Claim(account, _request_id(item, "credit"))
+        credit = self.google.credit_token(token, notification.sku, claim)
         try:
             outcome = self._core(credit).outcome.value
         except NotFound as error:
@@ -225,7 +220,7 @@ class NotificationHandler:
         token = voided.purchase_token
         refunded = 0
         if voided.partial:
-            refunded = refunded_quantity(self._google.client.get_purchase_v2(self._google.policy.package_name, token))
+            refunded = refunded_quantity(self.google.client.get_purchase_v2(self.google.policy.package_name, token))
         refund = Refund(
             StoreId.GOOGLE_PLAY,
             token,

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import jwt
@@ -40,32 +41,24 @@ def _http_get(url: str, timeout: float) -> bytes:
         return bytes(response.read())
 
 
+@dataclass(eq=False)
 class JwksCache:
     """Public keys by kid, refetched on an unknown kid or after ``max_age``."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 5.0,
-        max_age: float = 3600.0,
-        refresh_cooldown: float = 10.0,
-        fetch: Fetch = _http_get,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._url = url
-        self._timeout = timeout
-        self._max_age = max_age
-        self._cooldown = refresh_cooldown
-        self._fetch = fetch
-        self._clock = clock
-        self._keys: dict[str, Any] = {}
-        self._fetched_at: float | None = None
-        self._lock = threading.Lock()
+    url: str
+    _: KW_ONLY
+    timeout: float = 5.0
+    max_age: float = 3600.0
+    refresh_cooldown: float = 10.0
+    fetch: Fetch = _http_get
+    clock: Callable[[], float] = time.monotonic
+    _keys: dict[str, Any] = field(default_factory=dict, init=False)
+    _fetched_at: float | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def _refresh(self) -> None:
         try:
-            document = json.loads(self._fetch(self._url, self._timeout))
+            document = json.loads(self.fetch(self.url, self.timeout))
             keys: dict[str, Any] = {}
             for entry in document.get("keys", []):
                 if entry.get("kty") == "RSA" and entry.get("kid") and entry.get("use", "sig") == "sig":
@@ -73,13 +66,13 @@ class JwksCache:
         except Exception as exc:  # network, JSON or key errors: the keys are unavailable
             raise KeysUnavailable(f"cannot load the Pub/Sub JWKS: {exc}") from exc
         self._keys = keys
-        self._fetched_at = self._clock()
+        self._fetched_at = self.clock()
 
     def key(self, kid: str) -> Any:
         with self._lock:
-            now = self._clock()
-            stale = self._fetched_at is None or now - self._fetched_at > self._max_age
-            if stale or (kid not in self._keys and now - (self._fetched_at or 0.0) >= self._cooldown):
+            now = self.clock()
+            stale = self._fetched_at is None or now - self._fetched_at > self.max_age
+            if stale or (kid not in self._keys and now - (self._fetched_at or 0.0) >= self.refresh_cooldown):
                 self._refresh()
             try:
                 return self._keys[kid]

@@ -19,8 +19,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from datetime import datetime, timedelta
+
+from prometheus_client import Counter
 
 from services.common.catalog import StoreId
 from services.common.clock import Clock
@@ -31,7 +33,7 @@ from services.receipts.apple.client import AppStoreApi
 from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.apple.rules import refund_of, transaction_id
 from services.receipts.google.client import PlayClient
-from services.receipts.google.rules import VoidedPurchase, refunded_quantity
+from services.receipts.google.rules import VoidedPurchase, VoidedQuery, refunded_quantity
 from services.receipts.notifications.repository import ReconcileRunRepository
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Refund
@@ -47,41 +49,34 @@ class QuotaExhausted(Exception):
     """The daily request budget is spent; the next run continues."""
 
 
+@dataclass(eq=False)
 class Quota:
     """A sliding window (``per_window`` requests per ``window`` seconds) plus a daily cap."""
 
-    def __init__(
-        self,
-        per_window: int = 30,
-        window: float = 30.0,
-        per_day: int = 6000,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._per_window = per_window
-        self._window = window
-        self._per_day = per_day
-        self._clock = clock
-        self._sleep = sleep
-        self._recent: collections.deque[float] = collections.deque()
-        self._day: collections.deque[float] = collections.deque()
-        self._lock = threading.Lock()
+    per_window: int = 30
+    window: float = 30.0
+    per_day: int = 6000
+    _: KW_ONLY
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    _recent: collections.deque[float] = field(default_factory=collections.deque, init=False)
+    _day: collections.deque[float] = field(default_factory=collections.deque, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def acquire(self) -> None:
         with self._lock:
-            now = self._clock()
+            now = self.clock()
             while self._day and now - self._day[0] >= 86400:
                 self._day.popleft()
-            if len(self._day) >= self._per_day:
+            if len(self._day) >= self.per_day:
                 raise QuotaExhausted("daily voidedpurchases quota spent")
             while True:
-                while self._recent and now - self._recent[0] >= self._window:
+                while self._recent and now - self._recent[0] >= self.window:
                     self._recent.popleft()
-                if len(self._recent) < self._per_window:
+                if len(self._recent) < self.per_window:
                     break
-                self._sleep(max(0.01, self._window - (now - self._recent[0])))
-                now = self._clock()
+                self.sleep(max(0.01, self.window - (now - self._recent[0])))
+                now = self.clock()
             self._recent.append(now)
             self._day.append(now)
 
@@ -101,38 +96,32 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def _apple_quota() -> Quota:
+    """Get Refund History: 10 requests per second in production."""
+    return Quota(per_window=10, window=1.0, per_day=10 * 86400)
+
+
+@dataclass(eq=False, kw_only=True)
 class Reconciler:
     """Runs from a worker thread; the purchases core and the App Store client run on
     ``loop`` (the core's event loop) while it waits."""
 
-    def __init__(
-        self,
-        *,
-        crediting: Crediting,
-        purchases: PurchaseRepository,
-        runs: ReconcileRunRepository,
-        play: PlayClient,
-        apple_api: AppStoreApi,
-        apple_verifier: AppleJwsVerifier,
-        loop: OnLoop,
-        metrics: Metrics,
-        clock: Clock,
-        package_name: str,
-        google_quota: Quota | None = None,
-        apple_quota: Quota | None = None,
-    ) -> None:
-        self._crediting = crediting
-        self._purchases = purchases
-        self._runs = runs
-        self._play = play
-        self._apple = apple_api
-        self._verifier = apple_verifier
-        self._loop = loop
-        self._clock = clock
-        self._package = package_name
-        self._quota = google_quota or Quota()
-        # Get Refund History: 10 requests per second in production.
-        self._apple_quota = apple_quota or Quota(per_window=10, window=1.0, per_day=10 * 86400)
+    crediting: Crediting
+    purchases: PurchaseRepository
+    runs: ReconcileRunRepository
+    play: PlayClient
+    apple_api: AppStoreApi
+    apple_verifier: AppleJwsVerifier
+    loop: OnLoop
+    metrics: InitVar[Metrics]
+    clock: Clock
+    package_name: str
+    google_quota: Quota = field(default_factory=Quota)
+    apple_quota: Quota = field(default_factory=_apple_quota)
+    examined: Counter = field(init=False)
+    applied: Counter = field(init=False)
+
+    def __post_init__(self, metrics: Metrics) -> None:
         self.examined = metrics.counter(
             "coinstore_reconcile_examined", "Store refund records reconciliation looked at", ("source",)
         )
@@ -146,20 +135,18 @@ class Reconciler:
         return [self.google(since, progress), self.apple(since, progress)]
 
     def _apply(self, refund: Refund, request_id: str) -> bool:
-        return self._loop.run(self._crediting.apply_refund(refund, request_id=request_id))
+        return self.loop.run(self.crediting.apply_refund(refund, request_id=request_id))
 
     def google(self, since: datetime | None = None, progress: Progress | None = None) -> ReconcileResult:
-        now = self._clock.now()
+        now = self.clock.now()
         start = max(since or now - GOOGLE_MAX_LOOKBACK, now - GOOGLE_MAX_LOOKBACK + timedelta(minutes=1))
-        run_id = self._runs.start("google", start, now)
+        run_id = self.runs.start("google", start, now)
         result = ReconcileResult("google")
         voided: dict[str, list[VoidedPurchase]] = collections.defaultdict(list)
         token = ""
         while True:
-            self._quota.acquire()
-            page = self._play.list_voided_page(
-                self._package, start_time_ms=_ms(start), end_time_ms=_ms(now), page_token=token
-            )
+            self.google_quota.acquire()
+            page = self.play.list_voided_page(self.package_name, VoidedQuery(_ms(start), _ms(now)), token)
             result.pages += 1
             for record in page.purchases:
                 voided[record.purchase_token].append(record)
@@ -174,7 +161,7 @@ class Reconciler:
                 self.applied.labels("google").inc()
             if progress is not None:
                 progress(1)
-        self._runs.finish(run_id, result.examined, result.applied, self._clock.now())
+        self.runs.finish(run_id, result.examined, result.applied, self.clock.now())
         return result
 
     def _apply_google(self, run_id: int, purchase_token: str, records: list[VoidedPurchase]) -> bool:
@@ -183,7 +170,7 @@ class Reconciler:
         if partial:
             # Quantity-based partial refunds: Google's refundableQuantity gives the cumulative figure.
             try:
-                refunded = refunded_quantity(self._play.get_purchase_v2(self._package, purchase_token))
+                refunded = refunded_quantity(self.play.get_purchase_v2(self.package_name, purchase_token))
             except Unavailable:
                 raise
             except Exception:
@@ -203,19 +190,19 @@ class Reconciler:
         return applied
 
     def apple(self, since: datetime | None = None, progress: Progress | None = None) -> ReconcileResult:
-        now = self._clock.now()
+        now = self.clock.now()
         start = since or now - APPLE_LOOKBACK
-        run_id = self._runs.start("apple", start, now)
+        run_id = self.runs.start("apple", start, now)
         result = ReconcileResult("apple")
         seen: set[str] = set()
-        for txid, environment in self._loop.run(self._purchases.recent(StoreId.APP_STORE, start)):
+        for txid, environment in self.loop.run(self.purchases.recent(StoreId.APP_STORE, start)):
             revision = ""
             while True:
-                self._apple_quota.acquire()
-                page = self._loop.run(self._apple.get_refund_history(environment, txid, revision))
+                self.apple_quota.acquire()
+                page = self.loop.run(self.apple_api.get_refund_history(environment, txid, revision))
                 result.pages += 1
                 for signed in page.signed_transactions:
-                    refund = self._verifier.verify_blocking(signed, "signedPayload", self._loop)
+                    refund = self.apple_verifier.verify_blocking(signed, "signedPayload", self.loop)
                     refunded_id = transaction_id(refund)
                     if refunded_id in seen:
                         continue
@@ -230,7 +217,7 @@ class Reconciler:
                     break
             if progress is not None:
                 progress(1)
-        self._runs.finish(run_id, result.examined, result.applied, self._clock.now())
+        self.runs.finish(run_id, result.examined, result.applied, self.clock.now())
         return result
 
     def _apply_apple(self, run_id: int, refund: Refund) -> bool:

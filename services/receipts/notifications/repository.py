@@ -11,52 +11,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from services.common.clock import as_utc
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
-
-metadata = sa.MetaData()
-_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-notifications = sa.Table(
-    "receipts_notifications",
-    metadata,
-    sa.Column("id", _ID, primary_key=True, autoincrement=True),
-    sa.Column("source", sa.String(16), nullable=False),
-    sa.Column("external_id", sa.String(128), nullable=False),
-    sa.Column("notification_type", sa.String(64), nullable=False),
-    sa.Column("store_transaction_id", sa.String(512)),
-    sa.Column("environment", sa.String(16)),
-    sa.Column("body", sa.Text, nullable=False),
-    sa.Column("payload", sa.Text, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("outcome", sa.String(64)),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("last_error", sa.Text),
-    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("lease_until", sa.DateTime(timezone=True)),
-    sa.Column("processed_at", sa.DateTime(timezone=True)),
-    sa.UniqueConstraint("source", "external_id"),
-)
-
-reconcile_runs = sa.Table(
-    "receipts_reconcile_runs",
-    metadata,
-    sa.Column("id", _ID, primary_key=True, autoincrement=True),
-    sa.Column("source", sa.String(16), nullable=False),
-    sa.Column("since", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("finished_at", sa.DateTime(timezone=True)),
-    sa.Column("examined", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("applied", sa.Integer, nullable=False, server_default="0"),
-)
 
 PENDING = "pending"
 FAILED = "failed"
@@ -118,37 +82,23 @@ def _to_stored(row: Any) -> StoredNotification:
     )
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored value is UTC."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
-
-
 class InboxRepository:
     def __init__(self, database: Database) -> None:
         self.db = database
+        self._notifications = database.table("receipts_notifications")
 
     def accept(self, item: NewNotification, now: datetime) -> Accepted:
         """Store a verified notification once; a redelivery returns the first row."""
+        notifications = self._notifications
 
         def work(conn: Connection) -> Accepted:
             # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT DO NOTHING.
+            # The notification's fields are the row's columns, the payload as JSON text.
+            row = {f.name: getattr(item, f.name) for f in fields(item)}
+            row["payload"] = json.dumps(item.payload, sort_keys=True, separators=(",", ":"))
             inserted = conn.execute(
                 insert_ignore(conn, notifications)
-                .values(
-                    source=item.source,
-                    external_id=item.external_id,
-                    notification_type=item.notification_type,
-                    store_transaction_id=item.store_transaction_id,
-                    environment=item.environment,
-                    body=item.body,
-                    payload=json.dumps(item.payload, sort_keys=True, separators=(",", ":")),
-                    state=PENDING,
-                    attempts=0,
-                    received_at=now,
-                    next_attempt_at=now,
-                )
+                .values(**row, state=PENDING, attempts=0, received_at=now, next_attempt_at=now)
                 .returning(notifications.c.id)
             ).scalar_one_or_none()
             if inserted is not None:
@@ -164,6 +114,7 @@ class InboxRepository:
 
     def claim(self, notification_id: int, now: datetime) -> StoredNotification | None:
         """Lease an unfinished row for processing; None when it is done or leased elsewhere."""
+        notifications = self._notifications
 
         def work(conn: Connection) -> StoredNotification | None:
             claimed = conn.execute(
@@ -183,6 +134,8 @@ class InboxRepository:
         return self.db.transaction(work)
 
     def finish(self, notification_id: int, outcome: str, now: datetime) -> bool:
+        notifications = self._notifications
+
         def work(conn: Connection) -> bool:
             return bool(
                 conn.execute(
@@ -196,6 +149,7 @@ class InboxRepository:
 
     def fail(self, notification_id: int, error: str, now: datetime) -> tuple[str, timedelta]:
         """Record a failed attempt; returns the new state and the delay before the next one."""
+        notifications = self._notifications
 
         def work(conn: Connection) -> tuple[str, timedelta]:
             attempts = conn.execute(
@@ -215,13 +169,17 @@ class InboxRepository:
     def due(self, now: datetime, pending_grace: timedelta, limit: int = 500) -> list[int]:
         """Rows the sweeper re-queues: failed ones past their backoff, and pending
         ones older than the grace (their first task was lost or is late)."""
+        notifications = self._notifications
         with self.db.connect() as conn:
             rows = conn.execute(
                 sa.select(notifications.c.id)
                 .where(
                     sa.or_(
                         sa.and_(notifications.c.state == FAILED, notifications.c.next_attempt_at <= now),
-                        sa.and_(notifications.c.state == PENDING, notifications.c.received_at <= now - pending_grace),
+                        sa.and_(
+                            notifications.c.state == PENDING,
+                            notifications.c.received_at <= now - pending_grace,
+                        ),
                     ),
                     sa.or_(notifications.c.lease_until.is_(None), notifications.c.lease_until < now),
                 )
@@ -231,11 +189,13 @@ class InboxRepository:
         return [int(r.id) for r in rows]
 
     def counts(self) -> dict[str, int]:
+        notifications = self._notifications
         with self.db.connect() as conn:
             rows = conn.execute(sa.select(notifications.c.state, sa.func.count()).group_by(notifications.c.state)).all()
         return {str(state): int(count) for state, count in rows}
 
     def get(self, source: str, external_id: str) -> StoredNotification | None:
+        notifications = self._notifications
         with self.db.connect() as conn:
             row = conn.execute(
                 sa.select(notifications).where(
@@ -245,40 +205,44 @@ class InboxRepository:
         return None if row is None else _to_stored(row)
 
     def outcome(self, notification_id: int) -> tuple[str, str | None, datetime | None]:
+        notifications = self._notifications
         with self.db.connect() as conn:
             row = conn.execute(
                 sa.select(notifications.c.state, notifications.c.outcome, notifications.c.processed_at).where(
                     notifications.c.id == notification_id
                 )
             ).one()
-        return row.state, row.outcome, _aware(row.processed_at)
+        return row.state, row.outcome, None if row.processed_at is None else as_utc(row.processed_at)
 
 
 class ReconcileRunRepository:
     def __init__(self, database: Database) -> None:
         self.db = database
+        self._runs = database.table("receipts_reconcile_runs")
 
     def start(self, source: str, since: datetime, now: datetime) -> int:
+        runs = self._runs
+
         def work(conn: Connection) -> int:
-            result = conn.execute(reconcile_runs.insert().values(source=source, since=since, started_at=now))
+            result = conn.execute(runs.insert().values(source=source, since=since, started_at=now))
             return int(result.inserted_primary_key[0])  # type: ignore[index]
 
         return self.db.transaction(work)
 
     def finish(self, run_id: int, examined: int, applied: int, now: datetime) -> None:
+        runs = self._runs
         self.db.transaction(
             lambda conn: conn.execute(
-                reconcile_runs.update()
-                .where(reconcile_runs.c.id == run_id)
-                .values(finished_at=now, examined=examined, applied=applied)
+                runs.update().where(runs.c.id == run_id).values(finished_at=now, examined=examined, applied=applied)
             )
         )
 
     def last_finished(self, source: str) -> datetime | None:
+        runs = self._runs
         with self.db.connect() as conn:
             value = conn.execute(
-                sa.select(sa.func.max(reconcile_runs.c.started_at)).where(
-                    reconcile_runs.c.source == source, reconcile_runs.c.finished_at.is_not(None)
+                sa.select(sa.func.max(runs.c.started_at)).where(
+                    runs.c.source == source, runs.c.finished_at.is_not(None)
                 )
             ).scalar_one_or_none()
-        return _aware(value)
+        return None if value is None else as_utc(value)

@@ -70,6 +70,17 @@ class VerifiedPurchase:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """An account's claim to a purchase, made by one call: the caller's AIP-155
+    request id (it only tells calls apart; the wallet's key is the store
+    transaction) and the account's country as the caller gives it ('' unknown)."""
+
+    account_id: str
+    request_id: str
+    account_region: str = ""
+
+
+@dataclass(frozen=True)
 class Refund:
     """A store's report that a purchase was refunded, cumulatively: all of it
     (``full``), or so many of its packs, or a share in milli-percent. The same

@@ -1,15 +1,18 @@
-"""SQL of the receipts service (SQLAlchemy Core). Transactions live here.
+"""SQL of the purchases core (SQLAlchemy Core). Transactions live here.
 
 ``receipts_purchases`` has one row per store transaction, keyed by
 (store, store_transaction_id). The row binds the purchase to the first account
 that claims it (a conditional ``UPDATE … WHERE account_id IS NULL``), and keeps
 the credit terms fixed at that moment so every later wallet call is identical.
+
+The schema is the migrations' alone: each repository reads the tables it
+queries from the database (:meth:`Database.table`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -17,65 +20,24 @@ from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.common.catalog import Price, StoreId
+from services.common.clock import as_utc
 from services.common.db import Database
 from services.common.errors import RequestIdReused
-from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
-from services.receipts.errors import PermissionDenied
-from services.receipts.purchases.model import CreditTerms, Environment, PurchaseRecord, StoredState
-
-metadata = sa.MetaData()
-request_log = request_log_table(metadata, "receipts")
-
-purchases = sa.Table(
-    "receipts_purchases",
-    metadata,
-    sa.Column("store", sa.String(16), primary_key=True),
-    sa.Column("store_transaction_id", sa.String(512), primary_key=True),
-    sa.Column("account_id", sa.String(128), nullable=True),
-    sa.Column("product_id", sa.String(256), nullable=False),
-    sa.Column("quantity", sa.Integer, nullable=False),
-    sa.Column("coins", sa.BigInteger, nullable=False),
-    sa.Column("bonus_coins", sa.BigInteger, nullable=False),
-    sa.Column("environment", sa.String(16), nullable=False),
-    sa.Column("storefront", sa.String(16), nullable=False),
-    sa.Column("price_minor", sa.BigInteger, nullable=True),
-    sa.Column("currency", sa.String(3), nullable=True),
-    sa.Column("purchase_time", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("order_id", sa.String(256), nullable=True),
-    sa.Column("original_transaction_id", sa.String(256), nullable=True),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("flagged_for_review", sa.Boolean, nullable=False),
-    sa.Column("wallet_transaction_id", sa.String(128), nullable=True),
-    sa.Column("refunded_quantity", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("refunded_percentage_milli", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-account_bindings = sa.Table(
-    "receipts_account_bindings",
-    metadata,
-    sa.Column("account_id", sa.String(128), primary_key=True),
-    sa.Column("app_account_token", sa.String(36), nullable=False, unique=True),
-    sa.Column("obfuscated_account_id", sa.String(64), nullable=False, unique=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-)
+from services.common.idempotency import RequestLog, fingerprint, insert_ignore
+from services.receipts.errors import ReceiptBoundToOtherAccount
+from services.receipts.purchases.model import CreditTerms, Environment, PurchaseRecord, StoredState, VerifiedPurchase
 
 T = TypeVar("T")
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return None if value is None else as_utc(value)
 
 
 def _record(row: Any) -> PurchaseRecord:
     price = Price(int(row.price_minor), row.currency) if row.price_minor is not None and row.currency else None
-    created = _utc(row.created_at)
-    updated = _utc(row.updated_at)
-    assert created is not None
-    assert updated is not None
+    created = as_utc(row.created_at)
+    updated = as_utc(row.updated_at)
     return PurchaseRecord(
         store=StoreId(row.store),
         store_transaction_id=row.store_transaction_id,
@@ -100,19 +62,71 @@ def _record(row: Any) -> PurchaseRecord:
     )
 
 
-def _key(store: StoreId, store_transaction_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id)
-
-
 class PurchaseRepository:
     """Purchases and the request log, on one :class:`Database`."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        self.requests = RequestLog(request_log)
+        self._request_log = database.table("receipts_request_log")
+        self.requests = RequestLog(self._request_log)
+        self._purchases = database.table("receipts_purchases")
 
     async def _tx(self, work: Callable[[Connection], T]) -> T:
         return await self.database.run(self.database.transaction, work)
+
+    def _key(self, store: StoreId, store_transaction_id: str) -> sa.ColumnElement[bool]:
+        purchases = self._purchases
+        return sa.and_(purchases.c.store == store.value, purchases.c.store_transaction_id == store_transaction_id)
+
+    def _insert(
+        self, conn: Connection, terms: CreditTerms, account: str | None, state: StoredState, now: datetime, **more: Any
+    ) -> None:
+        """The purchase's row with the terms of its first claim, unless it exists (first writer wins)."""
+        purchase, price = terms.purchase, terms.purchase.price
+        conn.execute(
+            insert_ignore(conn, self._purchases).values(
+                store=purchase.store.value,
+                store_transaction_id=purchase.store_transaction_id,
+                account_id=account,
+                product_id=purchase.product_id,
+                quantity=purchase.quantity,
+                coins=terms.coins,
+                bonus_coins=terms.bonus_coins,
+                environment=purchase.environment.value,
+                storefront=purchase.storefront,
+                price_minor=price.amount_minor if price else None,
+                currency=price.currency if price else None,
+                purchase_time=purchase.purchase_time,
+                order_id=purchase.order_id or None,
+                original_transaction_id=purchase.original_transaction_id or None,
+                state=state.value,
+                flagged_for_review=terms.flagged_for_review,
+                created_at=now,
+                updated_at=now,
+                **more,
+            )
+        )
+
+    def _bind(self, conn: Connection, terms: CreditTerms, account_id: str, now: datetime) -> None:
+        """Bind an unbound row to ``account_id`` (a conditional update: the first claimer wins)."""
+        purchase, purchases = terms.purchase, self._purchases
+        conn.execute(
+            purchases.update()
+            .where(self._key(purchase.store, purchase.store_transaction_id), purchases.c.account_id.is_(None))
+            .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
+        )
+
+    def _bound_record(self, conn: Connection, purchase: VerifiedPurchase, account_id: str | None) -> PurchaseRecord:
+        """The row after the claim; bound to another account than ``account_id`` → PERMISSION_DENIED."""
+        key = self._key(purchase.store, purchase.store_transaction_id)
+        record = _record(conn.execute(sa.select(self._purchases).where(key)).one())
+        if account_id is not None and record.account_id != account_id:
+            raise ReceiptBoundToOtherAccount(purchase.store_transaction_id)
+        return record
+
+    def _current(self, conn: Connection, store: StoreId, store_transaction_id: str) -> PurchaseRecord | None:
+        row = conn.execute(sa.select(self._purchases).where(self._key(store, store_transaction_id))).one_or_none()
+        return _record(row) if row is not None else None
 
     # --- purchases -------------------------------------------------------
 
@@ -134,35 +148,9 @@ class PurchaseRepository:
             initial = StoredState.RECORDED
 
         def work(conn: Connection) -> PurchaseRecord:
-            conn.execute(
-                insert_ignore(conn, purchases).values(
-                    store=purchase.store.value,
-                    store_transaction_id=purchase.store_transaction_id,
-                    account_id=account_id,
-                    product_id=purchase.product_id,
-                    quantity=purchase.quantity,
-                    coins=terms.coins,
-                    bonus_coins=terms.bonus_coins,
-                    environment=purchase.environment.value,
-                    storefront=purchase.storefront,
-                    price_minor=purchase.price.amount_minor if purchase.price else None,
-                    currency=purchase.price.currency if purchase.price else None,
-                    purchase_time=purchase.purchase_time,
-                    order_id=purchase.order_id or None,
-                    original_transaction_id=purchase.original_transaction_id or None,
-                    state=initial.value,
-                    flagged_for_review=terms.flagged_for_review,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            key = _key(purchase.store, purchase.store_transaction_id)
+            self._insert(conn, terms, account_id, initial, now)
             if account_id is not None:
-                conn.execute(
-                    purchases.update()
-                    .where(key, purchases.c.account_id.is_(None))
-                    .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
-                )
+                self._bind(conn, terms, account_id, now)
             # Revocation wins over recorded or pending; a completed payment ends pending.
             movable = [StoredState.RECORDED.value, StoredState.PENDING.value]
             values: dict[str, Any] = {"state": initial.value, "updated_at": now}
@@ -170,19 +158,17 @@ class PurchaseRepository:
                 movable = [StoredState.PENDING.value]
                 # A paid Play purchase gets the order id and completion time pending ones lack.
                 values.update(order_id=purchase.order_id or None, purchase_time=purchase.purchase_time)
+            purchases = self._purchases
             conn.execute(
                 purchases.update()
-                .where(key, purchases.c.state.in_(movable), purchases.c.state != initial.value)
+                .where(
+                    self._key(purchase.store, purchase.store_transaction_id),
+                    purchases.c.state.in_(movable),
+                    purchases.c.state != initial.value,
+                )
                 .values(**values)
             )
-            record = _record(conn.execute(sa.select(purchases).where(key)).one())
-            if account_id is not None and record.account_id != account_id:
-                raise PermissionDenied(
-                    "RECEIPT_BOUND_TO_OTHER_ACCOUNT",
-                    "this purchase was already claimed by another account",
-                    {"store_transaction_id": purchase.store_transaction_id},
-                )
-            return record
+            return self._bound_record(conn, purchase, account_id)
 
         return await self._tx(work)
 
@@ -200,47 +186,19 @@ class PurchaseRepository:
         purchase = terms.purchase
 
         def work(conn: Connection) -> PurchaseRecord:
-            conn.execute(
-                insert_ignore(conn, purchases).values(
-                    store=purchase.store.value,
-                    store_transaction_id=purchase.store_transaction_id,
-                    account_id=account_id,
-                    product_id=purchase.product_id,
-                    quantity=purchase.quantity,
-                    coins=terms.coins,
-                    bonus_coins=terms.bonus_coins,
-                    environment=purchase.environment.value,
-                    storefront=purchase.storefront,
-                    price_minor=purchase.price.amount_minor if purchase.price else None,
-                    currency=purchase.price.currency if purchase.price else None,
-                    purchase_time=purchase.purchase_time,
-                    order_id=purchase.order_id or None,
-                    original_transaction_id=purchase.original_transaction_id or None,
-                    state=StoredState.CREDITED.value,
-                    flagged_for_review=terms.flagged_for_review,
-                    wallet_transaction_id=wallet_transaction_id,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            key = _key(purchase.store, purchase.store_transaction_id)
+            credited = StoredState.CREDITED
+            self._insert(conn, terms, account_id, credited, now, wallet_transaction_id=wallet_transaction_id)
+            self._bind(conn, terms, account_id, now)
+            purchases = self._purchases
             conn.execute(
                 purchases.update()
-                .where(key, purchases.c.account_id.is_(None))
-                .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
-            )
-            conn.execute(
-                purchases.update()
-                .where(key, purchases.c.state == StoredState.RECORDED.value)
-                .values(state=StoredState.CREDITED.value, wallet_transaction_id=wallet_transaction_id, updated_at=now)
-            )
-            record = _record(conn.execute(sa.select(purchases).where(key)).one())
-            if record.account_id != account_id:
-                raise PermissionDenied(
-                    "RECEIPT_BOUND_TO_OTHER_ACCOUNT",
-                    "this purchase was already claimed by another account",
-                    {"store_transaction_id": purchase.store_transaction_id},
+                .where(
+                    self._key(purchase.store, purchase.store_transaction_id),
+                    purchases.c.state == StoredState.RECORDED.value,
                 )
+                .values(state=credited.value, wallet_transaction_id=wallet_transaction_id, updated_at=now)
+            )
+            record = self._bound_record(conn, purchase, account_id)
             if finish is not None:
                 finish(conn, record)
             return record
@@ -256,50 +214,47 @@ class PurchaseRepository:
         now: datetime,
     ) -> PurchaseRecord | None:
         """Record the cumulative refund of a credited purchase (state REFUNDED)."""
-
-        def work(conn: Connection) -> PurchaseRecord | None:
-            key = _key(store, store_transaction_id)
-            conn.execute(
-                purchases.update()
-                .where(key, purchases.c.state.in_([StoredState.CREDITED.value, StoredState.REFUNDED.value]))
-                .values(
-                    state=StoredState.REFUNDED.value,
-                    refunded_quantity=refunded_quantity,
-                    refunded_percentage_milli=refunded_percentage_milli,
-                    updated_at=now,
-                )
-            )
-            row = conn.execute(sa.select(purchases).where(key)).one_or_none()
-            return _record(row) if row is not None else None
-
-        return await self._tx(work)
+        refunded = StoredState.REFUNDED
+        return await self._move(
+            store,
+            store_transaction_id,
+            (StoredState.CREDITED, refunded),
+            refunded,
+            {"refunded_quantity": refunded_quantity, "refunded_percentage_milli": refunded_percentage_milli},
+            now,
+        )
 
     async def mark_restored(self, store: StoreId, store_transaction_id: str, now: datetime) -> PurchaseRecord | None:
         """REFUNDED → CREDITED after the store reversed the refund."""
+        nothing_refunded = {"refunded_quantity": 0, "refunded_percentage_milli": 0}
+        return await self._move(
+            store, store_transaction_id, (StoredState.REFUNDED,), StoredState.CREDITED, nothing_refunded, now
+        )
+
+    async def _move(
+        self,
+        store: StoreId,
+        store_transaction_id: str,
+        sources: tuple[StoredState, ...],
+        target: StoredState,
+        values: dict[str, int],
+        now: datetime,
+    ) -> PurchaseRecord | None:
+        """A row in one of ``sources`` moves to ``target`` with ``values``; the row after it."""
 
         def work(conn: Connection) -> PurchaseRecord | None:
-            key = _key(store, store_transaction_id)
+            purchases = self._purchases
             conn.execute(
                 purchases.update()
-                .where(key, purchases.c.state == StoredState.REFUNDED.value)
-                .values(
-                    state=StoredState.CREDITED.value,
-                    refunded_quantity=0,
-                    refunded_percentage_milli=0,
-                    updated_at=now,
-                )
+                .where(self._key(store, store_transaction_id), purchases.c.state.in_([s.value for s in sources]))
+                .values(state=target.value, updated_at=now, **values)
             )
-            row = conn.execute(sa.select(purchases).where(key)).one_or_none()
-            return _record(row) if row is not None else None
+            return self._current(conn, store, store_transaction_id)
 
         return await self._tx(work)
 
     async def get(self, store: StoreId, store_transaction_id: str) -> PurchaseRecord | None:
-        def work(conn: Connection) -> PurchaseRecord | None:
-            row = conn.execute(sa.select(purchases).where(_key(store, store_transaction_id))).one_or_none()
-            return _record(row) if row is not None else None
-
-        return await self.database.run(self._read, work)
+        return await self.database.run(self._read, lambda conn: self._current(conn, store, store_transaction_id))
 
     def _read(self, work: Callable[[Connection], T]) -> T:
         """A read outside a write transaction (on SQLite, no write lock is taken)."""
@@ -307,6 +262,8 @@ class PurchaseRepository:
             return work(conn)
 
     async def for_account(self, account_id: str, limit: int = 100) -> Sequence[PurchaseRecord]:
+        purchases = self._purchases
+
         def work(conn: Connection) -> list[PurchaseRecord]:
             rows = conn.execute(
                 sa.select(purchases)
@@ -320,6 +277,7 @@ class PurchaseRepository:
 
     async def recent(self, store: StoreId, since: datetime, limit: int = 5000) -> list[tuple[str, Environment]]:
         """(store transaction id, environment) of the purchases recorded since ``since``, newest first."""
+        purchases = self._purchases
 
         def work(conn: Connection) -> list[tuple[str, Environment]]:
             rows = conn.execute(
@@ -341,6 +299,7 @@ class PurchaseRepository:
         Raises REQUEST_ID_REUSED when the id came with a different body.
         """
         digest = fingerprint(request)
+        request_log = self._request_log
 
         def work(conn: Connection) -> bytes | None:
             row = conn.execute(
@@ -412,12 +371,13 @@ class BindingRepository:
 
     def __init__(self, database: Database) -> None:
         self.db = database
+        self._bindings = database.table("receipts_account_bindings")
 
     def record(
         self, conn: Connection, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime
     ) -> None:
         conn.execute(
-            insert_ignore(conn, account_bindings).values(
+            insert_ignore(conn, self._bindings).values(
                 account_id=account_id,
                 app_account_token=app_account_token.lower(),
                 obfuscated_account_id=obfuscated_id,
@@ -430,7 +390,7 @@ class BindingRepository:
         read is all a known one costs (no write transaction, no SQLite write lock)."""
         with self.db.connect() as conn:
             known = conn.execute(
-                sa.select(account_bindings.c.account_id).where(account_bindings.c.account_id == account_id)
+                sa.select(self._bindings.c.account_id).where(self._bindings.c.account_id == account_id)
             ).first()
         if known is None:
             self.db.transaction(lambda conn: self.record(conn, account_id, app_account_token, obfuscated_id, now))
@@ -438,15 +398,13 @@ class BindingRepository:
     def account_for_app_account_token(self, token: str) -> str | None:
         with self.db.connect() as conn:
             value = conn.execute(
-                sa.select(account_bindings.c.account_id).where(account_bindings.c.app_account_token == token.lower())
+                sa.select(self._bindings.c.account_id).where(self._bindings.c.app_account_token == token.lower())
             ).scalar_one_or_none()
         return None if value is None else str(value)
 
     def account_for_obfuscated_id(self, obfuscated_id: str) -> str | None:
         with self.db.connect() as conn:
             value = conn.execute(
-                sa.select(account_bindings.c.account_id).where(
-                    account_bindings.c.obfuscated_account_id == obfuscated_id
-                )
+                sa.select(self._bindings.c.account_id).where(self._bindings.c.obfuscated_account_id == obfuscated_id)
             ).scalar_one_or_none()
         return None if value is None else str(value)

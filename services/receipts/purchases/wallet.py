@@ -1,28 +1,44 @@
-"""The receipts service's client of the wallet's CreditPurchase, ReversePurchase
-and RestorePurchase, with the wallet's errors mapped to receipts errors.
+"""The purchases core's client of the wallet's CreditPurchase, ReversePurchase
+and RestorePurchase: typed requests in, typed answers out, the wallet's errors
+mapped to receipts errors.
 
 The wallet guarantees exactly once per (store, store_transaction_id). Its
 failures map as: UNAVAILABLE, DEADLINE_EXCEEDED and anything unexpected →
 UNAVAILABLE ``WALLET_UNAVAILABLE`` (retrying the verification is safe);
 PERMISSION_DENIED, FAILED_PRECONDITION, NOT_FOUND and ABORTED keep their code
 and the wallet's ErrorInfo reason (e.g. ``RECEIPT_BOUND_TO_OTHER_ACCOUNT``).
+Request ids are derived from the caller's, so a repeated call is the same call.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
+from services.common.catalog import StoreId
 from services.common.clients import error_info
 from services.common.errors import DomainError
+from services.receipts.convert import money, timestamp
 from services.receipts.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from services.receipts.purchases.model import CreditTerms, Environment, Refund
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R", bound=Message)
+
+WALLET_STORE = {StoreId.APP_STORE: wpb.STORE_APP_STORE, StoreId.GOOGLE_PLAY: wpb.STORE_GOOGLE_PLAY}
+WALLET_ENVIRONMENT = {
+    Environment.PRODUCTION: wpb.STORE_ENVIRONMENT_PRODUCTION,
+    Environment.SANDBOX: wpb.STORE_ENVIRONMENT_SANDBOX,
+}
 _PASS_THROUGH: dict[grpc.StatusCode, type[DomainError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
@@ -48,6 +64,27 @@ def map_wallet_error(error: grpc.aio.AioRpcError) -> DomainError:
     return Unavailable("WALLET_UNAVAILABLE", "the wallet is unavailable; retry later", {"wallet_code": code.name})
 
 
+@dataclass(frozen=True)
+class Credit:
+    """The wallet's answer to a credit: ``new`` is False when it had credited the purchase before."""
+
+    new: bool
+    wallet_transaction_id: str
+    balance: int
+
+
+@dataclass(frozen=True)
+class Reversal:
+    """The wallet's answer to a reversal or a restore (state-based: ``applied`` when coins moved now)."""
+
+    applied: bool
+    coins_moved: int
+    account_id: str
+    balance: int
+    # A partial refund that computes to nothing: nothing moved, nothing to record.
+    nothing_refunded: bool = False
+
+
 class WalletClient:
     """Typed calls to the wallet over one gRPC channel."""
 
@@ -56,26 +93,80 @@ class WalletClient:
         self._stub = wpb_grpc.WalletServiceStub(channel)
         self._timeout = timeout_seconds
 
-    async def credit(self, request: wpb.CreditPurchaseRequest) -> wpb.CreditPurchaseResponse:
+    async def _call(self, rpc: Callable[..., Awaitable[R]], request: Message) -> R:
         try:
-            response: wpb.CreditPurchaseResponse = await self._stub.CreditPurchase(request, timeout=self._timeout)
+            return await rpc(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
             raise map_wallet_error(error) from None
-        return response
 
-    async def reverse(self, request: wpb.ReversePurchaseRequest) -> wpb.ReversePurchaseResponse:
-        try:
-            response: wpb.ReversePurchaseResponse = await self._stub.ReversePurchase(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as error:
-            raise map_wallet_error(error) from None
-        return response
+    async def credit(self, terms: CreditTerms, account_id: str, request_id: str) -> Credit:
+        """CreditPurchase of ``terms`` (coins include the bonus) to ``account_id``."""
+        purchase = terms.purchase
+        response: wpb.CreditPurchaseResponse = await self._call(
+            self._stub.CreditPurchase,
+            wpb.CreditPurchaseRequest(
+                request_id=wallet_request_id("credit", request_id, purchase.store.value, purchase.store_transaction_id),
+                account_id=account_id,
+                store=WALLET_STORE[purchase.store],
+                store_transaction_id=purchase.store_transaction_id,
+                product_id=purchase.product_id,
+                coins=terms.total_coins,
+                bonus_coins=terms.bonus_coins,
+                quantity=purchase.quantity,
+                environment=WALLET_ENVIRONMENT[purchase.environment],
+                storefront=purchase.storefront,
+                price=money(purchase.price),
+                purchase_time=timestamp(purchase.purchase_time),
+                flagged_for_review=terms.flagged_for_review,
+            ),
+        )
+        new = response.state == wpb.CREDIT_STATE_CREDITED
+        return Credit(new, response.transaction_id, response.balance.coins)
 
-    async def restore(self, request: wpb.RestorePurchaseRequest) -> wpb.RestorePurchaseResponse:
-        try:
-            response: wpb.RestorePurchaseResponse = await self._stub.RestorePurchase(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as error:
-            raise map_wallet_error(error) from None
-        return response
+    async def reverse(self, refund: Refund, environment: Environment, request_id: str) -> Reversal:
+        """ReversePurchase: the whole purchase, or the cumulative refunded quantity or share."""
+        full = refund.full
+        quantity, share = (0, 0) if full else (refund.refunded_quantity, refund.refunded_percentage_milli)
+        response: wpb.ReversePurchaseResponse = await self._call(
+            self._stub.ReversePurchase,
+            wpb.ReversePurchaseRequest(
+                request_id=wallet_request_id(
+                    "reverse",
+                    request_id,
+                    refund.store.value,
+                    refund.store_transaction_id,
+                    "full" if full else str(refund.refunded_quantity),
+                    str(refund.refunded_percentage_milli),
+                ),
+                store=WALLET_STORE[refund.store],
+                environment=WALLET_ENVIRONMENT[environment],
+                store_transaction_id=refund.store_transaction_id,
+                full_refund=full,
+                refunded_quantity=quantity,
+                refunded_percentage_milli=share,
+                reason=refund.reason[:256],
+            ),
+        )
+        applied = response.state == wpb.REVERSAL_STATE_APPLIED
+        nothing = response.state == wpb.REVERSAL_STATE_NOTHING_REFUNDED
+        return Reversal(applied, response.coins_reversed, response.account_id, response.balance.coins, nothing)
+
+    async def restore(
+        self, store: StoreId, store_transaction_id: str, environment: Environment, reason: str, request_id: str
+    ) -> Reversal:
+        """RestorePurchase: undo the reversals of a purchase whose refund the store reversed."""
+        response: wpb.RestorePurchaseResponse = await self._call(
+            self._stub.RestorePurchase,
+            wpb.RestorePurchaseRequest(
+                request_id=wallet_request_id("restore", request_id, store.value, store_transaction_id),
+                store=WALLET_STORE[store],
+                environment=WALLET_ENVIRONMENT[environment],
+                store_transaction_id=store_transaction_id,
+                reason=reason[:256],
+            ),
+        )
+        applied = response.state == wpb.REVERSAL_STATE_APPLIED
+        return Reversal(applied, response.coins_restored, response.account_id, response.balance.coins)
 
     async def close(self) -> None:
         await self._channel.close(None)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from services.receipts.google.client import PlayApiError, PlayClient, StoreAuthFailed
+from services.receipts.google.rules import VoidedQuery
 from services.storesim.google import SOURCE_DEVELOPER, PlayState
 from tests.receipts.google.support import PACKAGE, play_simulator_thread
 
@@ -161,24 +162,24 @@ def test_voided_purchases_page_and_filter(sim: tuple[PlayState, str], client: Pl
     purchase = client.get_purchase_v2(PACKAGE, multi.token)
     assert (purchase.purchase_state, purchase.line_items[0].refundable_quantity) == ("CANCELLED", 0)
 
-    everything = list(client.iter_voided(PACKAGE, max_results=2))
+    everything = list(client.iter_voided(PACKAGE, VoidedQuery(max_results=2)))
     assert len(everything) == 6
     assert [v.voided_quantity for v in everything[:2]] == [1, None]
     assert [v.purchase_token for v in everything[2:]] == singles
     assert {(v.voided_source, v.voided_reason) for v in everything[2:]} == {(SOURCE_DEVELOPER, 7)}
-    first = client.list_voided_page(PACKAGE, max_results=2)
+    first = client.list_voided_page(PACKAGE, VoidedQuery(max_results=2))
     assert len(first.purchases) == 2
     assert first.next_page_token
-    last = client.list_voided_page(PACKAGE, max_results=5, page_token=first.next_page_token)
+    last = client.list_voided_page(PACKAGE, VoidedQuery(max_results=5), first.next_page_token)
     assert (len(last.purchases), last.next_page_token) == (4, "")
     # Without includeQuantityBasedPartialRefund the partial refund is left out.
-    full_only = list(client.iter_voided(PACKAGE, include_partial_refunds=False))
+    full_only = list(client.iter_voided(PACKAGE, VoidedQuery(include_partial_refunds=False)))
     assert len(full_only) == 5
     # startTime/endTime filter on when the void was recorded.
-    later = list(client.iter_voided(PACKAGE, start_time_ms=everything[-1].voided_time_ms))
+    later = list(client.iter_voided(PACKAGE, VoidedQuery(start_time_ms=everything[-1].voided_time_ms)))
     assert everything[-1].purchase_token in {v.purchase_token for v in later}
     with pytest.raises(PlayApiError) as caught:
-        client.list_voided_page(PACKAGE, end_time_ms=everything[-1].voided_time_ms + 10**9)
+        client.list_voided_page(PACKAGE, VoidedQuery(end_time_ms=everything[-1].voided_time_ms + 10**9))
     assert caught.value.status == 400
 
 

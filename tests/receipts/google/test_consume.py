@@ -17,7 +17,6 @@ from services.common.db import Database
 from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer
 from services.receipts.google.repository import ConsumeState, ConsumptionRepository
-from services.receipts.purchases.repository import purchases
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import PACKAGE, play_simulator_thread
 
@@ -120,6 +119,7 @@ def test_overdue_finds_old_unconsumed_rows_and_adopts_orphans(world: tuple[Consu
     consumptions.finish(done, ConsumeState.CONSUMED, now)
     # Credited (the purchase row says so) but the consumption row was never written.
     orphan = play.buy("coins_350").token
+    purchases = consumptions.database.table("receipts_purchases")
     with consumptions.database.engine.begin() as conn:
         conn.execute(
             purchases.insert().values(

@@ -68,7 +68,7 @@ async def test_purchased_is_credited_then_queued_for_consumption_not_consumed_in
 ) -> None:
     async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
         queued: list[str] = []
-        receipts.components.google._enqueue = queued.append  # the Celery sender, observed
+        receipts.components.google.enqueue_consume = queued.append  # the Celery sender, observed
         bought = play.buy("coins_350", account_id=binding(receipts, "fan-1"), region_code="US")
         result = await verify(receipts, bought.token, product_id="coins_350", account_region="US")
         assert result.state == pb.PURCHASE_STATE_CREDITED
