@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.receipts.notifications.parse import Rejected, decode_pubsub_data
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier, TokenRejected
-from tests.notifications.conftest import AUDIENCE, SERVICE_ACCOUNT, Sim
+from tests.receipts.notifications.conftest import AUDIENCE, SERVICE_ACCOUNT, Sim
 
 
 class _Verifier:

@@ -24,8 +24,8 @@ from services.common.db import Database
 from services.receipts.notifications.parse import APPLE
 from services.receipts.notifications.repository import InboxRepository, NewNotification
 from services.storesim import apple as apple_sim
-from tests.notifications.apple_payloads import notification
-from tests.notifications.system import credit_directly
+from tests.receipts.notifications.apple_payloads import notification
+from tests.receipts.notifications.system import credit_directly
 from tests.receipts.support import ledger
 from tests.support.failpoints import failpoint_env, wait_fired
 from tests.support.receipts_backends import broker_url, dropped_queue, unique_queue, worker_backends

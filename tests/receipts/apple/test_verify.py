@@ -1,6 +1,6 @@
 """VerifyApplePurchase end to end: a real receipts gRPC server, the App Store
 simulator over HTTP, and a fake wallet on a real port that records every call
-(crediting once is the real wallet's, in test_apple_with_wallet.py)."""
+(crediting once is the real wallet's, in apple/test_with_wallet.py)."""
 
 from __future__ import annotations
 

@@ -39,9 +39,9 @@ from services.receipts.purchases.repository import BindingRepository
 from services.receipts.wiring import reconciler
 from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
-from tests.notifications.apple_payloads import notification, transaction
-from tests.notifications.conftest import PACKAGE, Core, core_verifier
-from tests.notifications.test_webhook import rtdn
+from tests.receipts.notifications.apple_payloads import notification, transaction
+from tests.receipts.notifications.conftest import PACKAGE, Core, core_verifier
+from tests.receipts.notifications.test_webhooks import rtdn
 from tests.support.receipts_backends import broker_url, dropped_queue, thread_worker, unique_queue, worker_backends
 
 EXPECT = AppleExpectations("com.coinstore.app", 1234567890)

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from services.receipts.notifications.parse import APPLE, GOOGLE
 from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
-from tests.notifications.apple_payloads import notification, transaction
-from tests.notifications.conftest import PACKAGE, Sim, Webhook
+from tests.receipts.notifications.apple_payloads import notification, transaction
+from tests.receipts.notifications.conftest import PACKAGE, Sim, Webhook
 
 GOOGLE_PATH = "/notifications/google"
 APPLE_PATH = "/notifications/apple/v2"

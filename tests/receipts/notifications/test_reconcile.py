@@ -25,11 +25,11 @@ from services.receipts.notifications.reconcile import Quota, QuotaExhausted, Rec
 from services.receipts.notifications.repository import ReconcileRunRepository
 from services.receipts.purchases.model import Claim, Outcome
 from services.receipts.wiring import reconciler
-from tests.notifications.conftest import Core
-from tests.notifications.system import running_system
+from tests.receipts.notifications.conftest import Core
+from tests.receipts.notifications.system import running_system
 from tests.support.tokens import Keys
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PACK = "com.coinstore.coins.350"
 
 

@@ -1,13 +1,11 @@
-"""The receipts core through real sockets: purchase binding, the one crediting
-path, GetPurchase and ListProducts. What is credited, and how often, is read
-from the real wallet's ledger; what the receipts service asks the wallet (and
-when it must not ask at all) from a fake wallet that records every call."""
+"""The one crediting path (purchases/crediting.py) through real sockets. What is
+credited, and how often, is read from the real wallet's ledger; what the
+receipts service asks the wallet (and when it must not ask at all) from a fake
+wallet that records every call."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,25 +16,11 @@ from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import Price, StoreId
 from services.common.errors import DomainError
-from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.model import Claim, Environment, Outcome, Refund, VerifiedPurchase
-from tests.receipts.support import Receipts, WalletReceipts, receipts_service, receipts_with_wallet
-from tests.support.status import error_reason
+from tests.receipts.support import Receipts, WalletReceipts, receipts_service
 from tests.support.tokens import Keys
 
 PACK = "com.coinstore.coins.350"
-
-
-@pytest.fixture
-async def receipts(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[Receipts]:
-    async with receipts_service(keys, database_url, tmp_path) as service:
-        yield service
-
-
-@pytest.fixture
-async def real(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[WalletReceipts]:
-    async with receipts_with_wallet(keys, database_url, tmp_path) as service:
-        yield service
 
 
 def purchase(txid: str, **changes: object) -> VerifiedPurchase:
@@ -52,39 +36,6 @@ def purchase(txid: str, **changes: object) -> VerifiedPurchase:
     }
     values.update(changes)
     return VerifiedPurchase(**values)  # type: ignore[arg-type]
-
-
-def test_binding_is_stable_distinct_and_not_reversible() -> None:
-    binding = Binding("a-long-enough-secret-1")
-    token = binding.app_account_token("acct-1")
-    assert token == binding.app_account_token("acct-1")
-    assert uuid.UUID(token).version == 4
-    assert token != binding.app_account_token("acct-2")
-    assert token != Binding("a-long-enough-secret-2").app_account_token("acct-1")
-    assert binding.app_account_token_matches("acct-1", token.upper())
-    assert not binding.app_account_token_matches("acct-2", token)
-    assert not binding.app_account_token_matches("acct-1", "not-a-uuid")
-    obfuscated = binding.obfuscated_account_id("acct-1")
-    assert len(obfuscated) <= 64
-    assert "acct" not in obfuscated
-    assert binding.obfuscated_account_id_matches("acct-1", obfuscated)
-    assert not binding.obfuscated_account_id_matches("acct-2", obfuscated)
-
-
-async def test_get_purchase_binding_rpc(receipts: Receipts) -> None:
-    reply = await receipts.stub.GetPurchaseBinding(
-        pb.GetPurchaseBindingRequest(account_id="fan-1"), metadata=receipts.md(), timeout=10
-    )
-    assert reply.app_account_token == receipts.components.binding.app_account_token("fan-1")
-    assert reply.obfuscated_account_id == receipts.components.binding.obfuscated_account_id("fan-1")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await receipts.stub.GetPurchaseBinding(pb.GetPurchaseBindingRequest(), metadata=receipts.md(), timeout=10)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await receipts.stub.GetPurchaseBinding(
-            pb.GetPurchaseBindingRequest(account_id="fan-1"), metadata=receipts.md("wallet:read"), timeout=10
-        )
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_credit_once_then_already_credited(real: WalletReceipts) -> None:
@@ -232,34 +183,6 @@ async def test_reverse_is_cumulative_and_restore(real: WalletReceipts) -> None:
     assert await real.ledger("fan-1") == [("t-11", 1400), ("t-11", -350), ("t-11", 350)]
 
 
-async def test_get_purchase_not_found_and_list_products(receipts: Receipts) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await receipts.stub.GetPurchase(
-            pb.GetPurchaseRequest(store=pb.STORE_APP_STORE, store_transaction_id="nope"),
-            metadata=receipts.md(),
-            timeout=10,
-        )
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert error_reason(caught.value) == "PURCHASE_NOT_FOUND"
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await receipts.stub.GetPurchase(
-            pb.GetPurchaseRequest(store_transaction_id="x"), metadata=receipts.md(), timeout=10
-        )
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    products = await receipts.stub.ListProducts(
-        pb.ListProductsRequest(store=pb.STORE_APP_STORE), metadata=receipts.md(), timeout=10
-    )
-    assert {p.product_id for p in products.products} == {
-        "com.coinstore.coins.70",
-        "com.coinstore.coins.350",
-        "com.coinstore.coins.1400",
-        "com.coinstore.coins.7000",
-    }
-    assert all(p.store == pb.STORE_APP_STORE and p.price.currency_code == "USD" for p in products.products)
-    both = await receipts.stub.ListProducts(pb.ListProductsRequest(), metadata=receipts.md(), timeout=10)
-    assert len(both.products) == 8
-
-
 async def test_pending_purchase_credited_once_payment_completes(receipts: Receipts) -> None:
     crediting = receipts.components.crediting
     pending = await crediting.credit(purchase("t-12", pending=True), Claim("fan-1", "r-1"))
@@ -268,19 +191,6 @@ async def test_pending_purchase_credited_once_payment_completes(receipts: Receip
     done = await crediting.credit(purchase("t-12"), Claim("fan-1", "r-2"))
     assert done.outcome is Outcome.CREDITED
     assert done.record.state.value == "credited"
-
-
-async def test_request_log_claims_once_under_concurrency(receipts: Receipts) -> None:
-    purchases = receipts.components.purchases
-    request = pb.GetPurchaseRequest(store_transaction_id="x")
-    results = await asyncio.gather(
-        *(purchases.remember("M", "same-id", request, pb.GetPurchaseResponse()) for _ in range(6))
-    )
-    assert sum(r is None for r in results) == 1
-    other = pb.GetPurchaseRequest(store_transaction_id="y")
-    with pytest.raises(DomainError) as caught:
-        await purchases.remember("M", "same-id", other, pb.GetPurchaseResponse())
-    assert caught.value.reason == "REQUEST_ID_REUSED"
 
 
 async def test_notification_recorded_purchase_flagged_by_its_claimer_region(receipts: Receipts) -> None:

@@ -19,7 +19,7 @@ from services.receipts.notifications.parse import APPLE, GOOGLE
 from services.receipts.notifications.repository import StoredNotification
 from services.receipts.purchases.model import Claim
 from services.receipts.wiring import notification_handler
-from tests.notifications.system import System, running_system
+from tests.receipts.notifications.system import System, running_system
 from tests.support.tokens import Keys
 
 PACK = "com.coinstore.coins.350"
