@@ -25,7 +25,7 @@ from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFou
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Claim, Environment, PurchaseResult, VerifiedPurchase
-from services.receipts.purchases.repository import RequestRecorder
+from services.receipts.purchases.repository import CreditHook
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ApplePurchases:
         field: str,
         claim: Claim,
         fetched_from: Environment | None = None,
-        recorder: RequestRecorder | None = None,
+        recorder: CreditHook | None = None,
     ) -> PurchaseResult:
         purchase, payload = await self.verified_purchase(jws, field)
         if fetched_from is not None and purchase.environment is not fetched_from:
@@ -83,7 +83,7 @@ class ApplePurchases:
         transaction_id: str = "",
         app_receipt: str = "",
         environment_hint: Environment | None = None,
-        recorder: RequestRecorder | None = None,
+        recorder: CreditHook | None = None,
     ) -> list[PurchaseResult]:
         """Verify one proof and credit what it proves. A ``recorder`` gets the
         answer of a single-transaction proof recorded with its purchase."""

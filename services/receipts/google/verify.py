@@ -18,9 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
 
-from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.common.catalog import Catalog
@@ -40,7 +38,7 @@ from services.receipts.purchases.model import (
     StoredState,
     VerifiedPurchase,
 )
-from services.receipts.purchases.repository import PurchaseRepository, RequestRecorder
+from services.receipts.purchases.repository import CreditHook, PurchaseRepository
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ class GooglePurchases:
     refusals: Refusals
 
     async def verify(
-        self, claim: Claim, product_id: str, purchase_token: str, package_name: str, recorder: RequestRecorder | None
+        self, claim: Claim, product_id: str, purchase_token: str, package_name: str, recorder: CreditHook | None
     ) -> PurchaseResult:
         """VerifyGooglePurchase (``package_name`` '' means the configured one)."""
         with self.refusals.counted():
@@ -106,7 +104,7 @@ class GooglePurchases:
         product_id: str,
         claim: Claim | None,
         package_name: str = "",
-        recorder: RequestRecorder | None = None,
+        recorder: CreditHook | None = None,
     ) -> PurchaseResult:
         """Query Google for ``purchase_token`` and credit it to the claiming account.
 
@@ -136,7 +134,7 @@ class GooglePurchases:
         return result
 
     async def _settled(
-        self, verdict: GoogleVerdict, claim: Claim | None, recorder: RequestRecorder | None
+        self, verdict: GoogleVerdict, claim: Claim | None, recorder: CreditHook | None
     ) -> PurchaseResult:
         """Cancelled or already consumed at Google: only a purchase we credited before is answered."""
         token = verdict.purchase.store_transaction_id
@@ -168,15 +166,14 @@ class GooglePurchases:
         self.client.close()
 
 
-class ConsumeAfterCredit(RequestRecorder):
-    """Runs inside the crediting transaction (the core's recorder hook): writes the
-    "credited, not yet consumed" row, then records the AIP-155 response through
-    the caller's recorder, if any."""
+class ConsumeAfterCredit:
+    """A :class:`CreditHook`: writes the "credited, not yet consumed" row, then runs
+    the caller's hook (the AIP-155 answer), if any, in the crediting transaction."""
 
     def __init__(
         self,
         consumptions: ConsumptionRepository,
-        inner: RequestRecorder | None,
+        inner: CreditHook | None,
         token: str,
         package_name: str,
         product_id: str,
@@ -186,11 +183,8 @@ class ConsumeAfterCredit(RequestRecorder):
         self._inner = inner
         self._row = (token, package_name, product_id, now)
         self.added = False
-        self.done = False
-        self.stored: bytes | None = None
-        self.response: Message | None = None
 
-    def record_in(self, conn: Connection, results: Sequence[Any]) -> None:
+    def record_in(self, conn: Connection, results: Sequence[PurchaseResult]) -> None:
         self.added = self._consumptions.add_in(conn, *self._row)
         if self._inner is not None:
             self._inner.record_in(conn, results)

@@ -46,7 +46,7 @@ from services.receipts.purchases.model import (
     StoredState,
     VerifiedPurchase,
 )
-from services.receipts.purchases.repository import PurchaseRepository, RequestRecorder
+from services.receipts.purchases.repository import CreditHook, PurchaseRepository
 from services.receipts.purchases.rules import (
     SandboxPolicy,
     already_refunded,
@@ -84,11 +84,9 @@ class Crediting:
             ("store", "environment", "outcome"),
         )
 
-    async def credit(
-        self, purchase: VerifiedPurchase, claim: Claim, recorder: RequestRecorder | None = None
-    ) -> PurchaseResult:
-        """Have the wallet credit ``purchase`` once, to the claiming account. A
-        ``recorder`` gets the result recorded in the same transaction as the purchase."""
+    async def credit(self, purchase: VerifiedPurchase, claim: Claim, hook: CreditHook | None = None) -> PurchaseResult:
+        """Have the wallet credit ``purchase`` once, to the claiming account. A ``hook``
+        (the AIP-155 answer, the Play consumption row) commits with the purchase row."""
         account_id = claim.account_id
         check_sandbox(self.sandbox, purchase, account_id)
         now = self.clock.now()
@@ -117,8 +115,8 @@ class Crediting:
             return PurchaseResult(state, record, record.coins + record.bonus_coins, record.bonus_coins, credit.balance)
 
         def finish(conn: Connection, record: PurchaseRecord) -> None:
-            if recorder is not None:
-                recorder.record_in(conn, [result_for(record)])
+            if hook is not None:
+                hook.record_in(conn, [result_for(record)])
 
         settled = self.clock.now()
         record = await self.purchases.settle_credit(terms, account_id, credit.wallet_transaction_id, settled, finish)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from google.protobuf.message import Message
@@ -25,7 +25,14 @@ from services.common.db import Database
 from services.common.errors import RequestIdReused
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore
 from services.receipts.errors import ReceiptBoundToOtherAccount
-from services.receipts.purchases.model import CreditTerms, Environment, PurchaseRecord, StoredState, VerifiedPurchase
+from services.receipts.purchases.model import (
+    CreditTerms,
+    Environment,
+    PurchaseRecord,
+    PurchaseResult,
+    StoredState,
+    VerifiedPurchase,
+)
 
 T = TypeVar("T")
 
@@ -329,6 +336,13 @@ class PurchaseRepository:
             return stored
 
         return await self._tx(work)
+
+
+class CreditHook(Protocol):
+    """Work that commits in the transaction marking a purchase CREDITED (see
+    :meth:`PurchaseRepository.settle_credit`): one commit per verification."""
+
+    def record_in(self, conn: Connection, results: Sequence[PurchaseResult]) -> None: ...
 
 
 class RequestRecorder:
