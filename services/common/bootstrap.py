@@ -55,7 +55,7 @@ def load(cls: type[S], service: str) -> S:
 def build_runtime(service: str, settings: CommonSettings, *, migrated: bool = True) -> Runtime:
     verifier = TokenVerifier(load_public_keys(settings.auth_trusted_keys))
     catalog = load_catalog(settings.catalog)
-    database = Database.from_url(settings.database_url, settings.db_pool_size)
+    database = Database.from_url(settings.database_url, settings.db_pool_size, settings.db_statement_timeout_ms)
     if migrated:
         _wait_for_migrated_database(service, database)
     return Runtime(settings, database, verifier, Metrics(service), catalog, settings.failpoint_set())

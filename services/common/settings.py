@@ -177,6 +177,13 @@ class LogFormat(enum.Enum):
     TEXT = "text"
 
 
+class DeployEnvironment(enum.Enum):
+    """development (the defaults: simulators, dev keys) or production (start-up refuses unsafe settings)."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommonSettings:
     """Settings every coinstore process reads."""
@@ -222,6 +229,27 @@ class CommonSettings:
         parse=float,
     )
     db_pool_size: int = setting("DB_POOL_SIZE", "Database connections per process", 16)
+    db_statement_timeout_ms: int = setting(
+        "DB_STATEMENT_TIMEOUT_MS",
+        "PostgreSQL statement_timeout of service sessions (0 = none; the audit, migrations and reports set their own)",
+        30_000,
+    )
+    environment: DeployEnvironment = setting(
+        "ENVIRONMENT",
+        "development, or production: start-up then stops, naming each unsafe setting (dev keys, simulator URLs, …)",
+        DeployEnvironment.DEVELOPMENT,
+    )
+    grpc_reflection: bool = setting(
+        "GRPC_REFLECTION", "Serve gRPC server reflection (make run turns it on; never in production)", False
+    )
+    grpc_max_concurrent_rpcs: int = setting(
+        "GRPC_MAX_CONCURRENT_RPCS",
+        "RPCs a gRPC server runs at once; callers beyond it get RESOURCE_EXHAUSTED (safe to retry)",
+        1000,
+    )
+    grpc_max_message_bytes: int = setting(
+        "GRPC_MAX_MESSAGE_BYTES", "Largest gRPC request or response a server accepts or sends", 4 * 1024 * 1024
+    )
     log_level: str = setting("LOG_LEVEL", "Log level (DEBUG, INFO, WARNING, ERROR)", "INFO")
     log_format: LogFormat = setting("LOG_FORMAT", "json or text", LogFormat.JSON)
     failpoints: str = setting(
@@ -258,6 +286,12 @@ class CommonSettings:
             problems.append(f"{PREFIX}LOG_LEVEL: {self.log_level!r} is not a log level")
         if self.db_pool_size < 1:
             problems.append(f"{PREFIX}DB_POOL_SIZE must be at least 1")
+        if self.db_statement_timeout_ms < 0:
+            problems.append(f"{PREFIX}DB_STATEMENT_TIMEOUT_MS must not be negative")
+        if self.grpc_max_concurrent_rpcs < 1:
+            problems.append(f"{PREFIX}GRPC_MAX_CONCURRENT_RPCS must be at least 1")
+        if self.grpc_max_message_bytes < 64 * 1024:
+            problems.append(f"{PREFIX}GRPC_MAX_MESSAGE_BYTES must be at least 65536")
         try:
             parse_spec(self.failpoints)
         except ValueError as exc:

@@ -7,7 +7,7 @@ import grpc
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
 from services.common.bootstrap import Runtime
-from services.common.server import ServiceHost
+from services.common.server import ServerOptions, ServiceHost
 from services.receipts.components import SERVICE, Components, build_components
 from services.receipts.config import ReceiptsSettings
 from services.receipts.servicer import ReceiptServiceServicer
@@ -37,4 +37,5 @@ def build_host_with(components: Components, runtime: Runtime, port: int | None =
         metrics=runtime.metrics,
         bind=f"{settings.bind_host}:{settings.receipts_grpc_port if port is None else port}",
         grace_seconds=settings.shutdown_grace_seconds,
+        options=ServerOptions.from_settings(settings),
     )
