@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from services.common.auth import TokenVerifier, authorize
+from services.common.auth import TokenVerifier, authorize, caller_var
 from services.common.errors import ERROR_DOMAIN, DomainError, InvalidArgument
 from services.common.limits import check_request
 from services.common.logs import request_id_var
@@ -120,9 +120,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 try:
                     caller = verifier.verify(authorization)
                     authorize(caller, scope)
-                    result = inner(_decoded(request, decode, short), context)
-                    if asyncio.iscoroutine(result):
-                        result = await result
+                    caller_token = caller_var.set(caller)
+                    try:
+                        result = inner(_decoded(request, decode, short), context)
+                        if asyncio.iscoroutine(result):
+                            result = await result
+                    finally:
+                        caller_var.reset(caller_token)
                     return result
                 except DomainError as error:
                     code = error.code.name

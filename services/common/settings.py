@@ -212,6 +212,15 @@ class CommonSettings:
         Path("var/auth/dev-private.pem"),
         secret=True,
     )
+    auth_signing_key_id: str = setting(
+        "AUTH_SIGNING_KEY_ID", "kid of this process's signing key, as the key policy names it", ""
+    )
+    auth_key_policy: Path | None = setting(
+        "AUTH_KEY_POLICY",
+        "TOML key policy: the trusted keys (kid, public key) and the subjects, scopes, act and lifetime each may sign"
+        " (unset: COINSTORE_AUTH_TRUSTED_KEYS, unrestricted; development only)",
+        None,
+    )
     bind_host: str = setting("BIND_HOST", "Address the gRPC, HTTP and metrics servers listen on", "127.0.0.1")
     receipts_grpc_port: int = setting("RECEIPTS_GRPC_PORT", "Receipts service gRPC port", 50051)
     wallet_grpc_port: int = setting("WALLET_GRPC_PORT", "Wallet service gRPC port", 50052)
