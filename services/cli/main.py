@@ -33,9 +33,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from services.common import migrate
 
     settings = load_settings(CommonSettings)
+    grants = dict(pair.split("=", 1) for pair in args.grant)
+    unknown = sorted(set(grants) - set(SERVICES))
+    if unknown or any(not role for role in grants.values()):
+        print(f"--grant takes SERVICE=ROLE with SERVICE one of {', '.join(SERVICES)}", file=sys.stderr)
+        return 2
     for service in args.service or SERVICES:
         migrate.upgrade(service, settings.database_url)
         print(f"migrated {service}")
+    for service, role in grants.items():
+        migrate.grant(service, settings.database_url, role)
+        print(f"granted {role} the {service} tables")
     return 0
 
 
@@ -106,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply database migrations (COINSTORE_DATABASE_URL)")
     p.add_argument("service", nargs="*", help=f"services to migrate: {', '.join(SERVICES)} (default: all)")
+    p.add_argument(
+        "--grant",
+        action="append",
+        default=[],
+        metavar="SERVICE=ROLE",
+        help="then let ROLE read and write that service's tables only (PostgreSQL; repeat per service)",
+    )
     p.set_defaults(handler=cmd_migrate)
 
     p = sub.add_parser("serve", help="run one service in the foreground")

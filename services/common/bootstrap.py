@@ -75,7 +75,9 @@ def key_ring(settings: CommonSettings) -> KeyRing:
 def build_runtime(service: str, settings: CommonSettings, *, migrated: bool = True) -> Runtime:
     verifier = TokenVerifier(key_ring(settings))
     catalog = load_catalog(settings.catalog)
-    database = Database.from_url(settings.database_url, settings.db_pool_size, settings.db_statement_timeout_ms)
+    database = Database.from_url(
+        settings.database_url_for(service), settings.db_pool_size, settings.db_statement_timeout_ms
+    )
     if migrated:
         _wait_for_migrated_database(service, database)
     return Runtime(settings, database, verifier, Metrics(service), catalog, settings.failpoint_set())

@@ -193,6 +193,24 @@ class CommonSettings:
         "SQLAlchemy URL of the database (sqlite:///… or postgresql://…)",
         "sqlite:///var/coinstore.db",
     )
+    wallet_database_url: str = setting(
+        "WALLET_DATABASE_URL",
+        "The wallet's database URL, e.g. as its own role (overrides COINSTORE_DATABASE_URL for the wallet)",
+        "",
+        secret=True,
+    )
+    receipts_database_url: str = setting(
+        "RECEIPTS_DATABASE_URL",
+        "The receipts service's database URL (overrides COINSTORE_DATABASE_URL for receipts and its worker)",
+        "",
+        secret=True,
+    )
+    payouts_database_url: str = setting(
+        "PAYOUTS_DATABASE_URL",
+        "The payouts service's database URL (overrides COINSTORE_DATABASE_URL for payouts and its worker)",
+        "",
+        secret=True,
+    )
     broker_url: str = setting(
         "BROKER_URL",
         "Celery broker; the default is an embedded SQLite broker that needs no server",
@@ -271,6 +289,11 @@ class CommonSettings:
         "Where fired failpoints leave their markers (one firing per point across processes)",
         Path("var/failpoints"),
     )
+
+    def database_url_for(self, service: str) -> str:
+        """The service's own database URL (its own role) when set, else the shared one."""
+        own: str = getattr(self, f"{service}_database_url", "")
+        return own or self.database_url
 
     def failpoint_set(self) -> Failpoints:
         """This process's failpoints (none unless COINSTORE_FAILPOINTS names some)."""
