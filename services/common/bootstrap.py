@@ -57,7 +57,21 @@ class Runtime:
 def load(cls: type[S], service: str) -> S:
     settings = load_settings(cls)
     configure_logging(service, settings.log_level, settings.log_format)
+    check_production(settings)
     return settings
+
+
+def check_production(settings: CommonSettings) -> None:
+    """In production mode, stop naming every unsafe setting; log the test-only overrides."""
+    if not settings.production:
+        return
+    problems = settings.production_problems()
+    if problems:
+        raise SettingsError("production mode refuses to start: " + "; ".join(problems))
+    for prefix in settings.test_only_allowed_urls:
+        log.warning(
+            "COINSTORE_TEST_ONLY_ALLOWED_URLS lets %s through: a test setting, never for a real deployment", prefix
+        )
 
 
 def token_source(settings: CommonSettings, subject: str, scopes: tuple[str, ...]) -> TokenSource:

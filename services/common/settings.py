@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from services.common.failpoints import Failpoints, parse_spec
 
@@ -184,7 +185,7 @@ class DeployEnvironment(enum.Enum):
     PRODUCTION = "production"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class CommonSettings:
     """Settings every coinstore process reads."""
 
@@ -192,6 +193,7 @@ class CommonSettings:
         "DATABASE_URL",
         "SQLAlchemy URL of the database (sqlite:///… or postgresql://…)",
         "sqlite:///var/coinstore.db",
+        secret=True,
     )
     wallet_database_url: str = setting(
         "WALLET_DATABASE_URL",
@@ -215,6 +217,7 @@ class CommonSettings:
         "BROKER_URL",
         "Celery broker; the default is an embedded SQLite broker that needs no server",
         "sqla+sqlite:///var/broker.db",
+        secret=True,
     )
     catalog: Path = setting(
         "CATALOG", "Path of the product, gift and payout catalog (TOML)", Path("deploy/catalog.toml")
@@ -274,6 +277,15 @@ class CommonSettings:
         "RPCs a gRPC server runs at once; callers beyond it get RESOURCE_EXHAUSTED (safe to retry)",
         1000,
     )
+    test_only_allowed_urls: tuple[str, ...] = setting(
+        "TEST_ONLY_ALLOWED_URLS",
+        "Tests only, never in a manifest: https URL prefixes production mode accepts although they are loopback"
+        " (a simulator serving https with a test CA); logged at start-up",
+        (),
+    )
+    tls_ca_file: Path | None = setting(
+        "TLS_CA_FILE", "Extra CA certificates (PEM) outbound HTTPS calls trust, e.g. a private or test CA", None
+    )
     grpc_max_message_bytes: int = setting(
         "GRPC_MAX_MESSAGE_BYTES", "Largest gRPC request or response a server accepts or sends", 4 * 1024 * 1024
     )
@@ -289,6 +301,57 @@ class CommonSettings:
         "Where fired failpoints leave their markers (one firing per point across processes)",
         Path("var/failpoints"),
     )
+
+    def __repr__(self) -> str:
+        """Settings print their secrets as ***, wherever they are printed or logged."""
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            shown.append(f"{f.name}={'***' if f.metadata.get('secret') and value else repr(value)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    @property
+    def production(self) -> bool:
+        return self.environment is DeployEnvironment.PRODUCTION
+
+    def production_problems(self) -> list[str]:
+        """What makes these settings unsafe in production, one line each naming the setting.
+
+        Each service's settings add their own (dev secrets, simulator URLs, Sandbox for
+        everyone); in production mode start-up stops on any of them."""
+        problems = []
+        if self.auth_key_policy is None:
+            problems.append(
+                f"{PREFIX}AUTH_KEY_POLICY is not set: production trusts keys only with their subjects, scopes"
+                " and lifetimes"
+            )
+        for name, path in (
+            ("AUTH_SIGNING_KEY", self.auth_signing_key),
+            *(("AUTH_TRUSTED_KEYS", p) for p in self.auth_trusted_keys),
+        ):
+            if path.name.startswith("dev-") or "var/auth" in path.as_posix():
+                problems.append(f"{PREFIX}{name} is the development key {path}")
+        if self.grpc_reflection:
+            problems.append(f"{PREFIX}GRPC_REFLECTION is on: reflection is for development")
+        for service in ("", "wallet_", "receipts_", "payouts_"):
+            url = getattr(self, f"{service}database_url")
+            if url.startswith("sqlite"):
+                problems.append(f"{PREFIX}{service.upper()}DATABASE_URL is SQLite: production runs on PostgreSQL")
+        if self.broker_url.startswith(("sqla+", "sqlalchemy+")):
+            problems.append(f"{PREFIX}BROKER_URL is the embedded SQLite broker: use Redis or RabbitMQ")
+        return problems
+
+    def url_problem(self, name: str, url: str) -> str | None:
+        """Production: an outside system is reached over https, never at a loopback simulator
+        (unless a test names the URL in COINSTORE_TEST_ONLY_ALLOWED_URLS, still https)."""
+        parsed = urlparse(url)
+        if parsed.scheme != "https":
+            return f"{PREFIX}{name} is {url!r}: production calls outside systems over https only"
+        if any(url.startswith(prefix) for prefix in self.test_only_allowed_urls):
+            return None
+        if parsed.hostname in ("127.0.0.1", "localhost", "::1") or (parsed.hostname or "").startswith("127."):
+            return f"{PREFIX}{name} is {url!r}: a loopback address is the store simulator, not the real system"
+        return None
 
     def database_url_for(self, service: str) -> str:
         """The service's own database URL (its own role) when set, else the shared one."""
