@@ -63,7 +63,7 @@ def load(cls: type[S], service: str) -> S:
 
 def check_production(settings: CommonSettings) -> None:
     """In production mode, stop naming every unsafe setting; log the test-only overrides."""
-    if not settings.production:
+    if not isinstance(settings, CommonSettings) or not settings.production:
         return
     problems = settings.production_problems()
     if problems:
