@@ -68,6 +68,8 @@ def dev_environment() -> dict[str, str]:
     state = env.get("COINSTORE_STORESIM_STATE_DIR", "var/storesim")
     for key, value in dev_defaults(f"http://127.0.0.1:{port}", state).items():
         env.setdefault(key, value)
+    # Reflection is opt-in: on for a developer's grpcurl, never in production.
+    env.setdefault("COINSTORE_GRPC_REFLECTION", "true")
     return env
 
 

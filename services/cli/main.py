@@ -10,6 +10,7 @@ from typing import Any
 
 from services.cli import dev
 from services.common import auth
+from services.common.auth import load_key_policy
 from services.common.settings import CommonSettings, SettingsError, describe, load_settings
 from services.payouts import cli as payouts_cli
 from services.receipts import cli as receipts_cli
@@ -32,10 +33,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from services.common import migrate
 
     settings = load_settings(CommonSettings)
+    grants = dict(pair.split("=", 1) for pair in args.grant)
+    unknown = sorted(set(grants) - set(SERVICES))
+    if unknown or any(not role for role in grants.values()):
+        print(f"--grant takes SERVICE=ROLE with SERVICE one of {', '.join(SERVICES)}", file=sys.stderr)
+        return 2
     for service in args.service or SERVICES:
         migrate.upgrade(service, settings.database_url)
         print(f"migrated {service}")
+    for service, role in grants.items():
+        migrate.grant(service, settings.database_url, role)
+        print(f"granted {role} the {service} tables")
     return 0
+
+
+MAX_TOKEN_SECONDS = 3600
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -52,7 +64,14 @@ def cmd_token(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown scope(s): {', '.join(unknown)}; known: {', '.join(sorted(auth.SCOPES))}", file=sys.stderr)
         return 2
-    print(auth.mint_token(key, args.subject, scopes, args.ttl))
+    # The key policy's lifetime for this kid when there is one; an hour at most anyway.
+    settings = load_settings(CommonSettings)
+    trusted = load_key_policy(settings.auth_key_policy).by_kid(args.kid) if settings.auth_key_policy else None
+    longest = trusted.max_lifetime_seconds if trusted and trusted.max_lifetime_seconds else MAX_TOKEN_SECONDS
+    if not 0 < args.ttl <= longest:
+        print(f"--ttl must be between 1 and {longest} seconds for this key", file=sys.stderr)
+        return 2
+    print(auth.mint_token(key, args.subject, scopes, args.ttl, kid=args.kid, act=args.act))
     return 0
 
 
@@ -95,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply database migrations (COINSTORE_DATABASE_URL)")
     p.add_argument("service", nargs="*", help=f"services to migrate: {', '.join(SERVICES)} (default: all)")
+    p.add_argument(
+        "--grant",
+        action="append",
+        default=[],
+        metavar="SERVICE=ROLE",
+        help="then let ROLE read and write that service's tables only (PostgreSQL; repeat per service)",
+    )
     p.set_defaults(handler=cmd_migrate)
 
     p = sub.add_parser("serve", help="run one service in the foreground")
@@ -114,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = auth_sub.add_parser("token", help="mint a bearer token from the local development key")
     p.add_argument("--subject", required=True, help="caller name (the token's sub)")
     p.add_argument("--scopes", required=True, help='space-separated scopes, e.g. "wallet:read wallet:gift"')
-    p.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires")
+    p.add_argument(
+        "--ttl", type=int, default=900, help="seconds until the token expires (at most the key's lifetime, 1 hour)"
+    )
+    p.add_argument("--kid", default="", help="the signing key's id, as the key policy names it")
+    p.add_argument("--act", default="", help="the person or end user the caller acts for (act claim)")
     p.add_argument("--key", default="var/auth/dev-private.pem", help="PEM private key to sign with")
     p.set_defaults(handler=cmd_token)
 

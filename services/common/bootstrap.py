@@ -13,7 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from services.common.auth import TokenSource, TokenVerifier, load_private_key, load_public_keys
+from services.common.auth import (
+    KeyRing,
+    TokenSource,
+    TokenVerifier,
+    TrustedKey,
+    load_key_policy,
+    load_private_key,
+    load_public_keys,
+)
 from services.common.catalog import Catalog, CatalogError, load_catalog
 from services.common.db import Database
 from services.common.failpoints import Failpoints
@@ -43,19 +51,47 @@ class Runtime:
     failpoints: Failpoints = field(default_factory=Failpoints)
 
     def token_source(self, subject: str, scopes: tuple[str, ...]) -> TokenSource:
-        return TokenSource(load_private_key(self.settings.auth_signing_key), subject, scopes)
+        return token_source(self.settings, subject, scopes)
 
 
 def load(cls: type[S], service: str) -> S:
     settings = load_settings(cls)
     configure_logging(service, settings.log_level, settings.log_format)
+    check_production(settings)
     return settings
 
 
+def check_production(settings: CommonSettings) -> None:
+    """In production mode, stop naming every unsafe setting; log the test-only overrides."""
+    if not isinstance(settings, CommonSettings) or not settings.production:
+        return
+    problems = settings.production_problems()
+    if problems:
+        raise SettingsError("production mode refuses to start: " + "; ".join(problems))
+    for prefix in settings.test_only_allowed_urls:
+        log.warning(
+            "COINSTORE_TEST_ONLY_ALLOWED_URLS lets %s through: a test setting, never for a real deployment", prefix
+        )
+
+
+def token_source(settings: CommonSettings, subject: str, scopes: tuple[str, ...]) -> TokenSource:
+    """This process's token for calls to other services, signed with its own key."""
+    return TokenSource(load_private_key(settings.auth_signing_key), subject, scopes, kid=settings.auth_signing_key_id)
+
+
+def key_ring(settings: CommonSettings) -> KeyRing:
+    """The keys callers may sign with: the key policy's, or (development) the trusted key files unrestricted."""
+    if settings.auth_key_policy is not None:
+        return load_key_policy(settings.auth_key_policy)
+    return KeyRing(tuple(TrustedKey(key) for key in load_public_keys(settings.auth_trusted_keys)))
+
+
 def build_runtime(service: str, settings: CommonSettings, *, migrated: bool = True) -> Runtime:
-    verifier = TokenVerifier(load_public_keys(settings.auth_trusted_keys))
+    verifier = TokenVerifier(key_ring(settings))
     catalog = load_catalog(settings.catalog)
-    database = Database.from_url(settings.database_url, settings.db_pool_size)
+    database = Database.from_url(
+        settings.database_url_for(service), settings.db_pool_size, settings.db_statement_timeout_ms
+    )
     if migrated:
         _wait_for_migrated_database(service, database)
     return Runtime(settings, database, verifier, Metrics(service), catalog, settings.failpoint_set())

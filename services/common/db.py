@@ -45,7 +45,11 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def create_engine(url: str, pool_size: int = 16) -> Engine:
+def create_engine(url: str, pool_size: int = 16, statement_timeout_ms: int = 0) -> Engine:
+    """An engine that never logs bound parameters (they hold account ids and receipts).
+
+    ``statement_timeout_ms`` bounds every statement of a PostgreSQL session (0 = none:
+    the audit, migrations and reports run as long as they need)."""
     url = normalize_url(url)
     if is_sqlite(url):
         database = sa.engine.make_url(url).database
@@ -57,6 +61,7 @@ def create_engine(url: str, pool_size: int = 16) -> Engine:
             pool_size=pool_size,
             max_overflow=0,
             pool_pre_ping=False,
+            hide_parameters=True,
         )
         _make_sqlite_transactional(engine)
         return engine
@@ -66,7 +71,11 @@ def create_engine(url: str, pool_size: int = 16) -> Engine:
         max_overflow=pool_size // 2,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 10},
+        hide_parameters=True,
+        connect_args={
+            "connect_timeout": 10,
+            **({"options": f"-c statement_timeout={statement_timeout_ms}"} if statement_timeout_ms else {}),
+        },
     )
 
 
@@ -120,8 +129,8 @@ class Database:
         self._tables_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, pool_size: int = 16) -> Database:
-        return cls(create_engine(url, pool_size), pool_size)
+    def from_url(cls, url: str, pool_size: int = 16, statement_timeout_ms: int = 0) -> Database:
+        return cls(create_engine(url, pool_size, statement_timeout_ms), pool_size)
 
     @property
     def dialect(self) -> str:

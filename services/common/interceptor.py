@@ -15,8 +15,9 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from services.common.auth import TokenVerifier, authorize
+from services.common.auth import TokenVerifier, authorize, caller_var
 from services.common.errors import ERROR_DOMAIN, DomainError, InvalidArgument
+from services.common.limits import check_request
 from services.common.logs import request_id_var
 from services.common.metrics import Metrics
 
@@ -119,9 +120,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 try:
                     caller = verifier.verify(authorization)
                     authorize(caller, scope)
-                    result = inner(_decoded(request, decode, short), context)
-                    if asyncio.iscoroutine(result):
-                        result = await result
+                    caller_token = caller_var.set(caller)
+                    try:
+                        result = inner(_decoded(request, decode, short), context)
+                        if asyncio.iscoroutine(result):
+                            result = await result
+                    finally:
+                        caller_var.reset(caller_token)
                     return result
                 except DomainError as error:
                     code = error.code.name
@@ -149,11 +154,13 @@ def _decoded(raw: Any, decode: Callable[[bytes], Any] | None, method: str) -> An
     if decode is None or not isinstance(raw, bytes):
         return raw
     try:
-        return decode(raw)
+        message = decode(raw)
     except Exception:  # protobuf raises DecodeError, and others for some malformed input
         raise InvalidArgument(
             "request", f"the request body is not a valid {method} request message", reason="MALFORMED_REQUEST"
         ) from None
+    check_request(message)
+    return message
 
 
 async def _abort(context: Any, status: status_pb2.Status, request_id: str) -> None:

@@ -12,6 +12,7 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
@@ -22,6 +23,7 @@ from services.common.auth import TokenVerifier, required_scopes
 from services.common.db import Database
 from services.common.interceptor import ServerInterceptor
 from services.common.metrics import Metrics
+from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +32,27 @@ DB_CHECK_INTERVAL_SECONDS = 5.0
 # Every RPC allocates a few hundred short-lived objects, so the default ran a collection
 # every few calls; 20,000 keeps pauses short and cost CreditPurchase 12 % less CPU.
 SERVING_GC_THRESHOLD = (20_000, 50, 100)
-_SERVER_OPTIONS = (
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The limits and extras of a gRPC server, from the common settings."""
+
+    reflection: bool = False
+    max_concurrent_rpcs: int = 1000
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: CommonSettings) -> ServerOptions:
+        return cls(settings.grpc_reflection, settings.grpc_max_concurrent_rpcs, settings.grpc_max_message_bytes)
+
+    def channel_options(self) -> tuple[tuple[str, int], ...]:
+        return (
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        )
 
 
 class ServiceHost:
@@ -52,6 +70,7 @@ class ServiceHost:
         bind: str,
         grace_seconds: float,
         health_check_seconds: float = DB_CHECK_INTERVAL_SECONDS,
+        options: ServerOptions | None = None,
     ) -> None:
         self.name = name
         self._files = list(files)
@@ -62,6 +81,7 @@ class ServiceHost:
         self._bind = bind
         self._grace = grace_seconds
         self._health_check_seconds = health_check_seconds
+        self._options = options or ServerOptions()
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -70,14 +90,19 @@ class ServiceHost:
 
     async def start(self) -> int:
         scopes = required_scopes(self._files)
+        options = self._options
+        # Beyond max_concurrent_rpcs, grpc answers RESOURCE_EXHAUSTED itself: the caller may retry.
         server = grpc.aio.server(
-            interceptors=[ServerInterceptor(self._verifier, scopes, self._metrics)], options=_SERVER_OPTIONS
+            interceptors=[ServerInterceptor(self._verifier, scopes, self._metrics)],
+            options=options.channel_options(),
+            maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         )
         self._register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        if options.reflection:
+            reflection.enable_server_reflection(
+                [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
         for service in ["", *self._service_names]:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = server.add_insecure_port(self._bind)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from services.common.failpoints import Failpoints, parse_spec
 
@@ -177,7 +178,14 @@ class LogFormat(enum.Enum):
     TEXT = "text"
 
 
-@dataclass(frozen=True, kw_only=True)
+class DeployEnvironment(enum.Enum):
+    """development (the defaults: simulators, dev keys) or production (start-up refuses unsafe settings)."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
 class CommonSettings:
     """Settings every coinstore process reads."""
 
@@ -185,11 +193,31 @@ class CommonSettings:
         "DATABASE_URL",
         "SQLAlchemy URL of the database (sqlite:///… or postgresql://…)",
         "sqlite:///var/coinstore.db",
+        secret=True,
+    )
+    wallet_database_url: str = setting(
+        "WALLET_DATABASE_URL",
+        "The wallet's database URL, e.g. as its own role (overrides COINSTORE_DATABASE_URL for the wallet)",
+        "",
+        secret=True,
+    )
+    receipts_database_url: str = setting(
+        "RECEIPTS_DATABASE_URL",
+        "The receipts service's database URL (overrides COINSTORE_DATABASE_URL for receipts and its worker)",
+        "",
+        secret=True,
+    )
+    payouts_database_url: str = setting(
+        "PAYOUTS_DATABASE_URL",
+        "The payouts service's database URL (overrides COINSTORE_DATABASE_URL for payouts and its worker)",
+        "",
+        secret=True,
     )
     broker_url: str = setting(
         "BROKER_URL",
         "Celery broker; the default is an embedded SQLite broker that needs no server",
         "sqla+sqlite:///var/broker.db",
+        secret=True,
     )
     catalog: Path = setting(
         "CATALOG", "Path of the product, gift and payout catalog (TOML)", Path("deploy/catalog.toml")
@@ -204,6 +232,15 @@ class CommonSettings:
         "PEM private key this process signs its own calls to other services with",
         Path("var/auth/dev-private.pem"),
         secret=True,
+    )
+    auth_signing_key_id: str = setting(
+        "AUTH_SIGNING_KEY_ID", "kid of this process's signing key, as the key policy names it", ""
+    )
+    auth_key_policy: Path | None = setting(
+        "AUTH_KEY_POLICY",
+        "TOML key policy: the trusted keys (kid, public key) and the subjects, scopes, act and lifetime each may sign"
+        " (unset: COINSTORE_AUTH_TRUSTED_KEYS, unrestricted; development only)",
+        None,
     )
     bind_host: str = setting("BIND_HOST", "Address the gRPC, HTTP and metrics servers listen on", "127.0.0.1")
     receipts_grpc_port: int = setting("RECEIPTS_GRPC_PORT", "Receipts service gRPC port", 50051)
@@ -222,6 +259,36 @@ class CommonSettings:
         parse=float,
     )
     db_pool_size: int = setting("DB_POOL_SIZE", "Database connections per process", 16)
+    db_statement_timeout_ms: int = setting(
+        "DB_STATEMENT_TIMEOUT_MS",
+        "PostgreSQL statement_timeout of service sessions (0 = none; the audit, migrations and reports set their own)",
+        30_000,
+    )
+    environment: DeployEnvironment = setting(
+        "ENVIRONMENT",
+        "development, or production: start-up then stops, naming each unsafe setting (dev keys, simulator URLs, …)",
+        DeployEnvironment.DEVELOPMENT,
+    )
+    grpc_reflection: bool = setting(
+        "GRPC_REFLECTION", "Serve gRPC server reflection (make run turns it on; never in production)", False
+    )
+    grpc_max_concurrent_rpcs: int = setting(
+        "GRPC_MAX_CONCURRENT_RPCS",
+        "RPCs a gRPC server runs at once; callers beyond it get RESOURCE_EXHAUSTED (safe to retry)",
+        1000,
+    )
+    test_only_allowed_urls: tuple[str, ...] = setting(
+        "TEST_ONLY_ALLOWED_URLS",
+        "Tests only, never in a manifest: https URL prefixes production mode accepts although they are loopback"
+        " (a simulator serving https with a test CA); logged at start-up",
+        (),
+    )
+    tls_ca_file: Path | None = setting(
+        "TLS_CA_FILE", "Extra CA certificates (PEM) outbound HTTPS calls trust, e.g. a private or test CA", None
+    )
+    grpc_max_message_bytes: int = setting(
+        "GRPC_MAX_MESSAGE_BYTES", "Largest gRPC request or response a server accepts or sends", 4 * 1024 * 1024
+    )
     log_level: str = setting("LOG_LEVEL", "Log level (DEBUG, INFO, WARNING, ERROR)", "INFO")
     log_format: LogFormat = setting("LOG_FORMAT", "json or text", LogFormat.JSON)
     failpoints: str = setting(
@@ -234,6 +301,62 @@ class CommonSettings:
         "Where fired failpoints leave their markers (one firing per point across processes)",
         Path("var/failpoints"),
     )
+
+    def __repr__(self) -> str:
+        """Settings print their secrets as ***, wherever they are printed or logged."""
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            shown.append(f"{f.name}={'***' if f.metadata.get('secret') and value else repr(value)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    @property
+    def production(self) -> bool:
+        return self.environment is DeployEnvironment.PRODUCTION
+
+    def production_problems(self) -> list[str]:
+        """What makes these settings unsafe in production, one line each naming the setting.
+
+        Each service's settings add their own (dev secrets, simulator URLs, Sandbox for
+        everyone); in production mode start-up stops on any of them."""
+        problems = []
+        if self.auth_key_policy is None:
+            problems.append(
+                f"{PREFIX}AUTH_KEY_POLICY is not set: production trusts keys only with their subjects, scopes"
+                " and lifetimes"
+            )
+        for name, path in (
+            ("AUTH_SIGNING_KEY", self.auth_signing_key),
+            *(("AUTH_TRUSTED_KEYS", p) for p in self.auth_trusted_keys),
+        ):
+            if path.name.startswith("dev-") or "var/auth" in path.as_posix():
+                problems.append(f"{PREFIX}{name} is the development key {path}")
+        if self.grpc_reflection:
+            problems.append(f"{PREFIX}GRPC_REFLECTION is on: reflection is for development")
+        for service in ("", "wallet_", "receipts_", "payouts_"):
+            url = getattr(self, f"{service}database_url")
+            if url.startswith("sqlite"):
+                problems.append(f"{PREFIX}{service.upper()}DATABASE_URL is SQLite: production runs on PostgreSQL")
+        if self.broker_url.startswith(("sqla+", "sqlalchemy+")):
+            problems.append(f"{PREFIX}BROKER_URL is the embedded SQLite broker: use Redis or RabbitMQ")
+        return problems
+
+    def url_problem(self, name: str, url: str) -> str | None:
+        """Production: an outside system is reached over https, never at a loopback simulator
+        (unless a test names the URL in COINSTORE_TEST_ONLY_ALLOWED_URLS, still https)."""
+        parsed = urlparse(url)
+        if parsed.scheme != "https":
+            return f"{PREFIX}{name} is {url!r}: production calls outside systems over https only"
+        if any(url.startswith(prefix) for prefix in self.test_only_allowed_urls):
+            return None
+        if parsed.hostname in ("127.0.0.1", "localhost", "::1") or (parsed.hostname or "").startswith("127."):
+            return f"{PREFIX}{name} is {url!r}: a loopback address is the store simulator, not the real system"
+        return None
+
+    def database_url_for(self, service: str) -> str:
+        """The service's own database URL (its own role) when set, else the shared one."""
+        own: str = getattr(self, f"{service}_database_url", "")
+        return own or self.database_url
 
     def failpoint_set(self) -> Failpoints:
         """This process's failpoints (none unless COINSTORE_FAILPOINTS names some)."""
@@ -258,6 +381,12 @@ class CommonSettings:
             problems.append(f"{PREFIX}LOG_LEVEL: {self.log_level!r} is not a log level")
         if self.db_pool_size < 1:
             problems.append(f"{PREFIX}DB_POOL_SIZE must be at least 1")
+        if self.db_statement_timeout_ms < 0:
+            problems.append(f"{PREFIX}DB_STATEMENT_TIMEOUT_MS must not be negative")
+        if self.grpc_max_concurrent_rpcs < 1:
+            problems.append(f"{PREFIX}GRPC_MAX_CONCURRENT_RPCS must be at least 1")
+        if self.grpc_max_message_bytes < 64 * 1024:
+            problems.append(f"{PREFIX}GRPC_MAX_MESSAGE_BYTES must be at least 65536")
         try:
             parse_spec(self.failpoints)
         except ValueError as exc:

@@ -9,8 +9,9 @@ from typing import TypeVar
 from services.common.errors import InvalidArgument
 
 MAX_ID_LENGTH = 128
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@+\-/=]+$")
-_CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")
+# Whole-string matches (fullmatch): "$" alone would let a trailing newline through.
+_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@+\-/=]+")
+_CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
 
 E = TypeVar("E")
 
@@ -21,7 +22,7 @@ def require_id(field: str, value: str, max_length: int = MAX_ID_LENGTH) -> str:
         raise InvalidArgument(field, "must not be empty")
     if len(value) > max_length:
         raise InvalidArgument(field, f"must be at most {max_length} characters")
-    if not _ID_PATTERN.match(value):
+    if not _ID_PATTERN.fullmatch(value):
         raise InvalidArgument(field, "contains characters that are not allowed in an id")
     return value
 
@@ -55,7 +56,7 @@ def require_non_negative(field: str, value: int, maximum: int = 2**53) -> int:
 
 
 def require_currency(field: str, value: str) -> str:
-    if not _CURRENCY_PATTERN.match(value or ""):
+    if not _CURRENCY_PATTERN.fullmatch(value or ""):
         raise InvalidArgument(field, "must be an ISO 4217 code such as USD")
     return value
 

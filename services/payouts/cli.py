@@ -80,8 +80,9 @@ def _dev_token() -> str:
     from services.common.auth import load_private_key, mint_token
     from services.common.settings import CommonSettings, load_settings
 
-    key = load_private_key(load_settings(CommonSettings).auth_signing_key)
-    return mint_token(key, "ops-cli", ("payouts:ops",), OPS_TOKEN_SECONDS)
+    settings = load_settings(CommonSettings)
+    key = load_private_key(settings.auth_signing_key)
+    return mint_token(key, "ops-cli", ("payouts:ops",), OPS_TOKEN_SECONDS, kid=settings.auth_signing_key_id)
 
 
 def describe(batch: pb.PayoutBatch, out: TextIO) -> None:

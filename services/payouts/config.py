@@ -13,7 +13,7 @@ class ProviderKind(enum.Enum):
     PAYPAL = "paypal"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class PayoutsSettings(CommonSettings):
     """Everything the payouts service reads from the environment."""
 

@@ -9,7 +9,7 @@ from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
 from services.common.bootstrap import Runtime
 from services.common.celery_app import make_celery_app
 from services.common.clock import Clock, SystemClock
-from services.common.server import ServiceHost
+from services.common.server import ServerOptions, ServiceHost
 from services.payouts.config import PayoutsSettings
 from services.payouts.domain.ports import PayoutProvider, WalletPort
 from services.payouts.servicer import PayoutServiceServicer
@@ -53,4 +53,5 @@ def build_host(
         metrics=runtime.metrics,
         bind=f"{settings.bind_host}:{settings.payouts_grpc_port if port is None else port}",
         grace_seconds=settings.shutdown_grace_seconds,
+        options=ServerOptions.from_settings(settings),
     )

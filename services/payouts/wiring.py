@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from services.common.auth import TokenSource, load_private_key
+from services.common.bootstrap import token_source
 from services.common.catalog import Catalog
 from services.common.celery_app import MAX_COUNTDOWN_SECONDS
 from services.common.clock import Clock
@@ -46,7 +46,7 @@ def build_provider(settings: PayoutsSettings) -> PayoutProvider:
 
 
 def build_wallet(settings: PayoutsSettings) -> GrpcWallet:
-    tokens = TokenSource(load_private_key(settings.auth_signing_key), "payouts", WALLET_SCOPES)
+    tokens = token_source(settings, "payouts", WALLET_SCOPES)
     return GrpcWallet(settings.wallet_address, tokens)
 
 

@@ -16,7 +16,7 @@ class RegionPolicy(enum.Enum):
     REFUSE = "refuse"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class ReceiptsSettings(CommonSettings):
     """Everything the receipts service reads from the environment."""
 

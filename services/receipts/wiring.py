@@ -28,7 +28,7 @@ from services.common.db import Database
 from services.common.failpoints import Failpoints
 from services.common.loop import LoopThread, OnLoop
 from services.common.metrics import Metrics
-from services.common.server import ServiceHost
+from services.common.server import ServerOptions, ServiceHost
 from services.receipts.apple.client import AppStoreApi, TokenMinter, load_api_key
 from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
 from services.receipts.apple.ocsp import HttpOcspChecker
@@ -225,6 +225,7 @@ def build_host(components: Components, runtime: Runtime, port: int | None = None
         metrics=runtime.metrics,
         bind=f"{settings.bind_host}:{settings.receipts_grpc_port if port is None else port}",
         grace_seconds=settings.shutdown_grace_seconds,
+        options=ServerOptions.from_settings(settings),
     )
 
 

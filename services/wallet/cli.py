@@ -16,7 +16,7 @@ from services.wallet.store import WalletStore
 
 def cmd_audit(_args: argparse.Namespace) -> int:
     settings = load_settings(WalletSettings)
-    database = Database.from_url(settings.database_url, 1)
+    database = Database.from_url(settings.database_url_for("wallet"), 1)
     try:
         problems = audit(database)
     finally:
@@ -32,7 +32,7 @@ def cmd_audit(_args: argparse.Namespace) -> int:
 
 def cmd_expire(_args: argparse.Namespace) -> int:
     settings = load_settings(WalletSettings)
-    database = Database.from_url(settings.database_url, 1)
+    database = Database.from_url(settings.database_url_for("wallet"), 1)
     try:
         store = WalletStore(
             database,

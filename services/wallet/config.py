@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from services.common.settings import CommonSettings, SettingsError, setting
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class WalletSettings(CommonSettings):
     """Everything the wallet service reads from the environment."""
 

@@ -10,7 +10,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common.bootstrap import Runtime
 from services.common.clock import SystemClock
-from services.common.server import ServiceHost
+from services.common.server import ServerOptions, ServiceHost
 from services.wallet.config import WalletSettings
 from services.wallet.servicer import WalletServiceServicer
 from services.wallet.store import WalletStore
@@ -45,4 +45,5 @@ def build_host(settings: WalletSettings, runtime: Runtime, port: int | None = No
         metrics=runtime.metrics,
         bind=f"{settings.bind_host}:{settings.wallet_grpc_port if port is None else port}",
         grace_seconds=settings.shutdown_grace_seconds,
+        options=ServerOptions.from_settings(settings),
     )

@@ -426,7 +426,8 @@ class WalletStore:
         )
         self._open_lots = (
             sa.select(purchases.c.account_id, purchases.c.lot_id, purchases.c.environment, purchases.c.open_coins)
-            .where(purchases.c.open_coins > 0)
+            # A literal 0, not a bound parameter: only then can the planner use the partial index on open lots.
+            .where(purchases.c.open_coins > sa.literal_column("0"))
             .order_by(purchases.c.lot_id)
         )
         self._balance_rows = sa.select(balances.c.account_id, balances.c.currency, balances.c.balance)
@@ -843,7 +844,8 @@ class WalletStore:
             repayments = conn.execute(
                 sa.select(consumptions).where(
                     consumptions.c.account_id == account_id,
-                    consumptions.c.kind == ConsumptionKind.DEBT_REPAYMENT.value,
+                    # A literal, so the partial index on repayments applies.
+                    consumptions.c.kind == sa.literal_column(f"'{ConsumptionKind.DEBT_REPAYMENT.value}'"),
                     consumptions.c.environment == environment.value,
                     consumptions.c.coins - consumptions.c.undone_coins - consumptions.c.clawed_coins > 0,
                 )

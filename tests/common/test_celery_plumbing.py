@@ -8,10 +8,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 
 from services.common.celery_app import make_celery_app
-from tests.support.celery_probe import create_probe_app
+from tests.support.celery_probe import create_probe_app, thread_worker
 
 
 def test_reliability_settings() -> None:
@@ -27,7 +26,7 @@ def test_worker_consumes_from_broker(broker_url: str, tmp_path: Path) -> None:
     queue = f"probe-{uuid.uuid4().hex[:8]}"
     app = create_probe_app(broker_url, queue)
     out = tmp_path / "out.txt"
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[queue], loglevel="WARNING"):
+    with thread_worker(app, queue):
         for i in range(3):
             app.send_task("probe.record", args=[str(out), f"v{i}"], queue=queue)
         deadline = time.monotonic() + 60

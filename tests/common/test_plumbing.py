@@ -21,6 +21,7 @@ from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common import errors
 from services.common.db import Database
 from services.common.metrics import Metrics
+from services.common.server import ServerOptions
 from tests.support.faultproxy import Mode, fault_proxy
 from tests.support.grpc_server import running_host
 from tests.support.status import bad_field, error_info
@@ -66,6 +67,7 @@ async def server(keys: Keys, sqlite_url: str) -> AsyncIterator[tuple[int, Metric
         database=database,
         public_key=keys.public_path,
         metrics=metrics,
+        options=ServerOptions(reflection=True),
     ) as host:
         yield host.port, metrics
     database.close()
@@ -343,3 +345,112 @@ async def test_garbage_from_an_unauthenticated_caller_is_unauthenticated(server:
             await raw(GARBAGE, timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert error_info(caught.value).reason == "MISSING_CREDENTIALS"
+
+
+@pytest.mark.parametrize(
+    ("account_id", "field"),
+    [("fan\x00x", "account_id"), ("fan\n", "account_id"), ("\x1b[31mred", "account_id")],
+)
+async def test_control_characters_in_any_text_field_are_refused(
+    stub: pb_grpc.WalletServiceAsyncStub, keys: Keys, account_id: str, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetBalance(pb.GetBalanceRequest(account_id=account_id), metadata=keys.metadata("wallet:read"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_field(caught.value) == field
+
+
+async def test_nested_and_repeated_fields_are_checked_too(server: tuple[int, Metrics], keys: Keys) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server[0]}") as channel:
+        raw = channel.unary_unary(
+            "/coinstore.wallet.v1.WalletService/ListTransactions",
+            request_serializer=pb.ListTransactionsRequest.SerializeToString,
+            response_deserializer=pb.ListTransactionsResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(
+                pb.ListTransactionsRequest(account_id="a", kinds=[pb.TRANSACTION_KIND_PURCHASE] * 20_001),
+                metadata=keys.metadata("wallet:read"),
+            )
+        assert (caught.value.code(), bad_field(caught.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "kinds")
+        settle = channel.unary_unary(
+            "/coinstore.wallet.v1.WalletService/SetSpendingLimit",
+            request_serializer=pb.SetSpendingLimitRequest.SerializeToString,
+            response_deserializer=pb.SetSpendingLimitResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await settle(pb.SetSpendingLimitRequest(request_id="r\x00"), metadata=keys.metadata("wallet:limits"))
+        assert bad_field(caught.value) == "request_id"
+
+
+async def test_oversized_messages_and_too_many_calls_are_resource_exhausted(keys: Keys, sqlite_url: str) -> None:
+    database = Database.from_url(sqlite_url, 2)
+
+    def register(srv: grpc.aio.Server) -> None:
+        pb_grpc.add_WalletServiceServicer_to_server(ProbeServicer(), srv)  # type: ignore[abstract]
+
+    options = ServerOptions(max_concurrent_rpcs=2, max_message_bytes=64 * 1024)
+    async with (
+        running_host(
+            name="probe",
+            files=[pb.DESCRIPTOR],
+            register=register,
+            database=database,
+            public_key=keys.public_path,
+            options=options,
+        ) as host,
+        grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel,
+    ):
+        stub = pb_grpc.WalletServiceStub(channel)
+        md = keys.metadata("wallet:read")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetBalance(pb.GetBalanceRequest(account_id="x" * 100_000), metadata=md)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        slow = [
+            asyncio.ensure_future(stub.GetBalance(pb.GetBalanceRequest(account_id="slow"), metadata=md))
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetBalance(pb.GetBalanceRequest(account_id="a"), metadata=md)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert [r.balance.account_id for r in await asyncio.gather(*slow)] == ["slow", "slow"]
+        # The server is unharmed.
+        assert (await stub.GetBalance(pb.GetBalanceRequest(account_id="a"), metadata=md)).balance.coins == 7
+    database.close()
+
+
+async def test_reflection_is_opt_in(keys: Keys, sqlite_url: str) -> None:
+    database = Database.from_url(sqlite_url, 2)
+
+    def register(srv: grpc.aio.Server) -> None:
+        pb_grpc.add_WalletServiceServicer_to_server(ProbeServicer(), srv)  # type: ignore[abstract]
+
+    async with (
+        running_host(
+            name="probe", files=[pb.DESCRIPTOR], register=register, database=database, public_key=keys.public_path
+        ) as host,
+        grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel,
+    ):
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    database.close()
+
+
+def test_service_sessions_have_a_statement_timeout_and_never_log_parameters(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bounded = Database.from_url(postgres_url, 1, statement_timeout_ms=200)
+    unbounded = Database.from_url(postgres_url, 1)
+    try:
+        with pytest.raises(sa.exc.OperationalError) as caught:
+            bounded.transaction(lambda conn: conn.execute(sa.text("SELECT pg_sleep(:s)"), {"s": 2}))
+        assert "statement timeout" in str(caught.value)
+        assert "'s': 2" not in str(caught.value)  # bound parameters stay out of errors and logs
+        unbounded.transaction(lambda conn: conn.execute(sa.text("SELECT pg_sleep(0.3)")))
+    finally:
+        bounded.close()
+        unbounded.close()

@@ -83,3 +83,19 @@ def test_readme_documents_every_setting() -> None:
     documented = set(re.findall(r"`(COINSTORE_[A-Z0-9_]+)`", readme))
     missing = [row.env for cls in _settings_classes() for row in describe(cls) if row.env not in documented]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_settings_print_secrets_as_stars() -> None:
+    from services.payouts.config import PayoutsSettings
+
+    shown = repr(
+        PayoutsSettings(
+            paypal_client_secret="hunter2-live-secret",
+            database_url="postgresql://u:pw@db/x",
+            payouts_database_url="postgresql://u:pw2@db/y",
+        )
+    )
+    assert "hunter2" not in shown
+    assert "pw" not in shown
+    assert "paypal_client_secret=***" in shown
+    assert "payout_chunk_size=1000" in shown

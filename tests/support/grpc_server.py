@@ -12,7 +12,7 @@ from google.protobuf.descriptor import FileDescriptor
 from services.common.auth import TokenVerifier, load_public_keys
 from services.common.db import Database
 from services.common.metrics import Metrics
-from services.common.server import ServiceHost
+from services.common.server import ServerOptions, ServiceHost
 
 
 @asynccontextmanager
@@ -25,6 +25,7 @@ async def running_host(
     public_key: Path,
     metrics: Metrics | None = None,
     health_check_seconds: float = 5.0,
+    options: ServerOptions | None = None,
 ) -> AsyncIterator[ServiceHost]:
     host = ServiceHost(
         name=name,
@@ -36,6 +37,7 @@ async def running_host(
         bind="127.0.0.1:0",
         grace_seconds=1.0,
         health_check_seconds=health_check_seconds,
+        options=options,
     )
     await host.start()
     try:
