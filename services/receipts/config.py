@@ -4,10 +4,12 @@ services.common.settings only)."""
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from services.common.settings import CommonSettings, SettingsError, setting
+from services.common.settings import PREFIX, CommonSettings, SettingsError, setting
 
 
 class RegionPolicy(enum.Enum):
@@ -19,6 +21,8 @@ class RegionPolicy(enum.Enum):
 @dataclass(frozen=True, kw_only=True, repr=False)
 class ReceiptsSettings(CommonSettings):
     """Everything the receipts service reads from the environment."""
+
+    SERVICE: ClassVar[str] = "receipts"
 
     binding_secret: str = setting(
         "BINDING_SECRET",
@@ -123,6 +127,35 @@ class ReceiptsSettings(CommonSettings):
         30.0,
         parse=float,
     )
+
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        if self.at_default("binding_secret"):
+            problems.append(f"{PREFIX}BINDING_SECRET is the development secret: anyone could forge bindings")
+        if "*" in self.sandbox_accounts:
+            problems.append(
+                f"{PREFIX}SANDBOX_ACCOUNTS is *: Sandbox purchases would be credited to everyone; list the accounts"
+            )
+        for name in ("apple_api_url", "apple_sandbox_api_url", "pubsub_jwks_url"):
+            problems.append(self.url_problem(name.upper(), getattr(self, name)) or "")
+        if self.google_api_endpoint:
+            problems.append(self.url_problem("GOOGLE_API_ENDPOINT", self.google_api_endpoint) or "")
+        for name in ("apple_api_key_file", "google_service_account_file"):
+            if self.at_default(name) or "storesim" in getattr(self, name).parts:
+                problems.append(f"{PREFIX}{name.upper()} is the store simulator's {getattr(self, name)}")
+        for root in self.apple_root_certs:
+            if self.at_default("apple_root_certs") or "storesim" in root.parts:
+                problems.append(f"{PREFIX}APPLE_ROOT_CERTS trusts the store simulator's root {root}")
+        problems.append(self._token_uri_problem() or "")
+        return [problem for problem in problems if problem]
+
+    def _token_uri_problem(self) -> str | None:
+        """The service account's token_uri is where its signed assertion goes: https, never the simulator."""
+        try:
+            token_uri = json.loads(self.google_service_account_file.read_text()).get("token_uri", "")
+        except (OSError, ValueError, AttributeError) as exc:
+            return f"{PREFIX}GOOGLE_SERVICE_ACCOUNT_FILE cannot be read as a service-account key: {exc}"
+        return self.url_problem("GOOGLE_SERVICE_ACCOUNT_FILE's token_uri", str(token_uri))
 
     def validate(self) -> None:
         super().validate()
