@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from services.common.settings import PREFIX, CommonSettings, SettingsError, setting
+from services.receipts.purchases.binding import MIN_KEEP_DAYS, RetiredSecret, parse_retired_secrets
 
 
 class RegionPolicy(enum.Enum):
@@ -29,6 +30,19 @@ class ReceiptsSettings(CommonSettings):
         "Server secret the per-account appAccountToken / obfuscatedAccountId are derived with",
         "dev-binding-secret-change-me",
         secret=True,
+    )
+    binding_retired_secrets: tuple[RetiredSecret, ...] = setting(
+        "BINDING_RETIRED_SECRETS",
+        "Former binding secrets as YYYY-MM-DD:secret (the day each stopped deriving), comma-separated: they still"
+        " verify purchases bound under them for COINSTORE_BINDING_RETIRED_KEEP_DAYS",
+        (),
+        parse=parse_retired_secrets,
+        secret=True,
+    )
+    binding_retired_keep_days: int = setting(
+        "BINDING_RETIRED_KEEP_DAYS",
+        "Days a retired binding secret keeps verifying after its retirement (at least 180: the stores' refund windows)",
+        MIN_KEEP_DAYS,
     )
     region_policy: RegionPolicy = setting(
         "REGION_POLICY", "Storefront vs account country: allow, flag (credit and mark) or refuse", RegionPolicy.FLAG
@@ -130,8 +144,11 @@ class ReceiptsSettings(CommonSettings):
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
-        if self.at_default("binding_secret"):
+        dev_secret = self.__dataclass_fields__["binding_secret"].default
+        if self.binding_secret == dev_secret:
             problems.append(f"{PREFIX}BINDING_SECRET is the development secret: anyone could forge bindings")
+        if any(retired.secret == dev_secret for retired in self.binding_retired_secrets):
+            problems.append(f"{PREFIX}BINDING_RETIRED_SECRETS holds the development secret")
         if "*" in self.sandbox_accounts:
             problems.append(
                 f"{PREFIX}SANDBOX_ACCOUNTS is *: Sandbox purchases would be credited to everyone; list the accounts"
@@ -164,5 +181,14 @@ class ReceiptsSettings(CommonSettings):
             problems.append("COINSTORE_SANDBOX_ACCOUNTS: * (everyone) cannot be combined with account ids")
         if len(self.binding_secret) < 16:
             problems.append("COINSTORE_BINDING_SECRET: must be at least 16 characters")
+        for retired in self.binding_retired_secrets:
+            if len(retired.secret) < 16:
+                problems.append(f"COINSTORE_BINDING_RETIRED_SECRETS: the secret retired {retired.retired_on} is short")
+            if retired.secret == self.binding_secret:
+                problems.append("COINSTORE_BINDING_RETIRED_SECRETS: the newest secret cannot also be retired")
+        if self.binding_retired_keep_days < MIN_KEEP_DAYS:
+            problems.append(
+                f"COINSTORE_BINDING_RETIRED_KEEP_DAYS must be at least {MIN_KEEP_DAYS} (refunds come for months)"
+            )
         if problems:
             raise SettingsError("invalid configuration: " + "; ".join(problems))

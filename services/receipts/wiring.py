@@ -9,6 +9,7 @@ wallet's grpc.aio channel); close what it built with ``await components.close()`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +59,8 @@ from services.receipts.purchases.wallet import WalletClient
 from services.receipts.servicer import ReceiptServiceServicer
 
 SERVICE = "receipts"
+
+log = logging.getLogger(__name__)
 WALLET_SCOPES = ("wallet:credit",)
 
 
@@ -113,7 +116,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         runtime.failpoints,
         SandboxPolicy.from_setting(settings.sandbox_accounts),
     )
-    binding = Binding(settings.binding_secret)
+    binding = binding_from_settings(settings, clock)
     return Components(
         settings=settings,
         database=runtime.database,
@@ -128,6 +131,24 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         apple=_apple(settings, crediting, binding, runtime.metrics),
         google=_google(settings, crediting, runtime.catalog, binding, purchases, clock, runtime.metrics),
     )
+
+
+def binding_from_settings(settings: ReceiptsSettings, clock: Clock) -> Binding:
+    """The binding secrets; retired ones past their keep time are named at start-up (they verify nothing)."""
+    binding = Binding(
+        settings.binding_secret,
+        settings.binding_retired_secrets,
+        keep_days=settings.binding_retired_keep_days,
+        clock=clock,
+    )
+    for expired in binding.expired():
+        log.warning(
+            "COINSTORE_BINDING_RETIRED_SECRETS: the secret retired %s is past its %d days and verifies nothing;"
+            " remove it",
+            expired.retired_on,
+            settings.binding_retired_keep_days,
+        )
+    return binding
 
 
 def _apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, metrics: Metrics) -> ApplePurchases:
