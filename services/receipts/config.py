@@ -132,6 +132,27 @@ class ReceiptsSettings(CommonSettings):
         "Expected email of Pub/Sub push tokens",
         "pubsub-push@coinstore-dev.iam.gserviceaccount.com",
     )
+    webhook_max_body_bytes: int = setting(
+        "WEBHOOK_MAX_BODY_BYTES", "Largest webhook body accepted (413 beyond)", 1024 * 1024
+    )
+    webhook_max_json_depth: int = setting(
+        "WEBHOOK_MAX_JSON_DEPTH", "Deepest nesting of a webhook's JSON accepted (400 beyond)", 32
+    )
+    webhook_read_timeout_seconds: float = setting(
+        "WEBHOOK_READ_TIMEOUT_SECONDS", "Time a sender gets to send a webhook body (408 after)", 10.0, parse=float
+    )
+    webhook_max_concurrent_requests: int = setting(
+        "WEBHOOK_MAX_CONCURRENT_REQUESTS",
+        "Notifications the webhook handles at once; beyond it 503 with Retry-After (the stores retry)",
+        64,
+    )
+    apple_notification_max_age_hours: float = setting(
+        "APPLE_NOTIFICATION_MAX_AGE_HOURS",
+        "Apple notifications signed longer ago are refused at the webhook (403; Apple retries for about 6.5 days,"
+        " so at least 168); stored ones and reconciliation are not affected",
+        168.0,
+        parse=float,
+    )
     receipts_queue: str = setting(
         "RECEIPTS_QUEUE", "Celery queue the receipts worker's tasks (notifications, Play consume) run on", "receipts"
     )
@@ -186,6 +207,18 @@ class ReceiptsSettings(CommonSettings):
                 problems.append(f"COINSTORE_BINDING_RETIRED_SECRETS: the secret retired {retired.retired_on} is short")
             if retired.secret == self.binding_secret:
                 problems.append("COINSTORE_BINDING_RETIRED_SECRETS: the newest secret cannot also be retired")
+        if self.webhook_max_body_bytes < 64 * 1024:
+            problems.append("COINSTORE_WEBHOOK_MAX_BODY_BYTES must be at least 65536 (a notification with its JWS)")
+        if not 8 <= self.webhook_max_json_depth <= 512:
+            problems.append("COINSTORE_WEBHOOK_MAX_JSON_DEPTH must be between 8 and 512")
+        if self.webhook_read_timeout_seconds <= 0:
+            problems.append("COINSTORE_WEBHOOK_READ_TIMEOUT_SECONDS must be positive")
+        if self.webhook_max_concurrent_requests < 1:
+            problems.append("COINSTORE_WEBHOOK_MAX_CONCURRENT_REQUESTS must be at least 1")
+        if self.apple_notification_max_age_hours < 168:
+            problems.append(
+                "COINSTORE_APPLE_NOTIFICATION_MAX_AGE_HOURS must be at least 168: Apple retries for about 6.5 days"
+            )
         if self.binding_retired_keep_days < MIN_KEEP_DAYS:
             problems.append(
                 f"COINSTORE_BINDING_RETIRED_KEEP_DAYS must be at least {MIN_KEEP_DAYS} (refunds come for months)"

@@ -50,7 +50,13 @@ from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVe
 from services.receipts.notifications.reconcile import Reconciler
 from services.receipts.notifications.repository import InboxRepository, ReconcileRunRepository
 from services.receipts.notifications.tasks import NotificationWorker
-from services.receipts.notifications.webhooks import InboxCollector, WebhookDeps, WebhookServer, create_webhook_app
+from services.receipts.notifications.webhooks import (
+    InboxCollector,
+    WebhookDeps,
+    WebhookLimits,
+    WebhookServer,
+    create_webhook_app,
+)
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.repository import BindingRepository, PurchaseRepository
@@ -269,6 +275,13 @@ def webhook_deps(
         metrics=components.metrics,
         clock=components.clock,
         failpoints=failpoints or Failpoints(),
+        limits=WebhookLimits(
+            max_body_bytes=settings.webhook_max_body_bytes,
+            max_json_depth=settings.webhook_max_json_depth,
+            read_timeout_seconds=settings.webhook_read_timeout_seconds,
+            max_concurrent_requests=settings.webhook_max_concurrent_requests,
+            apple_max_age=timedelta(hours=settings.apple_notification_max_age_hours),
+        ),
     )
 
 
