@@ -291,6 +291,11 @@ class CommonSettings:
     tls_ca_file: Path | None = setting(
         "TLS_CA_FILE", "Extra CA certificates (PEM) outbound HTTPS calls trust, e.g. a private or test CA", None
     )
+    outbound_max_response_bytes: int = setting(
+        "OUTBOUND_MAX_RESPONSE_BYTES",
+        "Largest response an outside system (stores, OCSP, Google keys, PayPal) may send; abandoned while streaming",
+        8 * 1024 * 1024,
+    )
     grpc_max_message_bytes: int = setting(
         "GRPC_MAX_MESSAGE_BYTES", "Largest gRPC request or response a server accepts or sends", 4 * 1024 * 1024
     )
@@ -405,6 +410,8 @@ class CommonSettings:
             problems.append(f"{PREFIX}DB_STATEMENT_TIMEOUT_MS must not be negative")
         if self.grpc_max_concurrent_rpcs < 1:
             problems.append(f"{PREFIX}GRPC_MAX_CONCURRENT_RPCS must be at least 1")
+        if self.outbound_max_response_bytes < 64 * 1024:
+            problems.append(f"{PREFIX}OUTBOUND_MAX_RESPONSE_BYTES must be at least 65536")
         if self.grpc_max_message_bytes < 64 * 1024:
             problems.append(f"{PREFIX}GRPC_MAX_MESSAGE_BYTES must be at least 65536")
         try:

@@ -124,6 +124,12 @@ class ReceiptsSettings(CommonSettings):
         "JWKS of the keys Pub/Sub push tokens are signed with",
         "https://www.googleapis.com/oauth2/v3/certs",
     )
+    pubsub_jwks_failure_cooldown_seconds: float = setting(
+        "PUBSUB_JWKS_FAILURE_COOLDOWN_SECONDS",
+        "Seconds after a failed Pub/Sub JWKS fetch before the next try (the keys held meanwhile keep verifying)",
+        30.0,
+        parse=float,
+    )
     pubsub_audience: str = setting(
         "PUBSUB_AUDIENCE", "Expected aud of Pub/Sub push tokens", "http://127.0.0.1:8080/notifications/google"
     )

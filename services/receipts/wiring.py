@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
-import httpx
 from celery import Celery
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
@@ -29,6 +28,7 @@ from services.common.db import Database
 from services.common.failpoints import Failpoints
 from services.common.loop import LoopThread, OnLoop
 from services.common.metrics import Metrics
+from services.common.outbound import OutboundPolicy
 from services.common.server import ServerOptions, ServiceHost
 from services.receipts.apple.client import AppStoreApi, TokenMinter, load_api_key
 from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
@@ -159,8 +159,17 @@ def binding_from_settings(settings: ReceiptsSettings, clock: Clock) -> Binding:
 
 def _apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, metrics: Metrics) -> ApplePurchases:
     """The App Store path. Unreadable root certificates or API key stop start-up (SettingsError)."""
-    http = httpx.AsyncClient(timeout=settings.apple_api_timeout_seconds)
-    ocsp = HttpOcspChecker(http, settings.apple_api_timeout_seconds) if settings.apple_online_checks else None
+    outbound = OutboundPolicy.from_settings(settings)
+    http = outbound.async_client(settings.apple_api_timeout_seconds)
+    ocsp = (
+        # OCSP is http by specification (RFC 6960; its answers are signed).
+        HttpOcspChecker(
+            outbound.async_client(settings.apple_api_timeout_seconds, plain_http_allowed=True),
+            settings.apple_api_timeout_seconds,
+        )
+        if settings.apple_online_checks
+        else None
+    )
     verifier = AppleJwsVerifier(
         load_root_certificates(settings.apple_root_certs), online_checks=settings.apple_online_checks, ocsp=ocsp
     )
@@ -188,6 +197,7 @@ def _play_client(settings: ReceiptsSettings, threads: int = 32) -> PlayClient:
         endpoint=settings.google_api_endpoint,
         timeout_seconds=settings.google_api_timeout_seconds,
         threads=threads,
+        outbound=OutboundPolicy.from_settings(settings),
     )
 
 
@@ -268,7 +278,13 @@ def webhook_deps(
         apple_verifier=components.apple.verifier,
         apple=AppleExpectations(settings.apple_bundle_id, settings.apple_app_id),
         pubsub=PubSubTokenVerifier(
-            JwksCache(settings.pubsub_jwks_url), settings.pubsub_audience, settings.pubsub_service_account
+            JwksCache(
+                settings.pubsub_jwks_url,
+                fetch=OutboundPolicy.from_settings(settings).get,
+                failure_cooldown=settings.pubsub_jwks_failure_cooldown_seconds,
+            ),
+            settings.pubsub_audience,
+            settings.pubsub_service_account,
         ),
         package_name=settings.google_package_name,
         dispatch=dispatch,
