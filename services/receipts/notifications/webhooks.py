@@ -137,6 +137,8 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
             raise too_large from None
         except TimeoutError:
             raise Rejected(408, f"body not received within {limits.read_timeout_seconds:g} s") from None
+        except ConnectionError:  # the sender hung up mid-body: nobody to answer, nothing to store
+            raise Rejected(400, "connection lost before the body was complete") from None
 
     async def accept(item: NewNotification, client: str | None) -> web.Response:
         # On the database's own pool (sized to its connections), not the loop's small default executor.
@@ -180,7 +182,7 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
                 extra={"source": source, "status": exc.status, "why": exc.reason, "client": client},
             )
             response = web.json_response({"error": exc.reason}, status=exc.status)
-            if exc.status in (408, 413):
+            if exc.status in (400, 408, 413):
                 response.force_close()  # the rest of the body is not worth reading
         except RecursionError:  # nesting hidden where the depth check cannot see (inside base64)
             log.warning("notification refused", extra={"source": source, "status": 400, "client": client})
