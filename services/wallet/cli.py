@@ -30,19 +30,40 @@ def cmd_audit(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(settings: WalletSettings, database: Database) -> WalletStore:
+    return WalletStore(
+        database,
+        load_catalog(settings.catalog),
+        SystemClock(),
+        reservation_ttl=timedelta(days=settings.wallet_reservation_ttl_days),
+    )
+
+
 def cmd_expire(_args: argparse.Namespace) -> int:
     settings = load_settings(WalletSettings)
     database = Database.from_url(settings.database_url_for("wallet"), 1)
     try:
-        store = WalletStore(
-            database,
-            load_catalog(settings.catalog),
-            SystemClock(),
-            reservation_ttl=timedelta(days=settings.wallet_reservation_ttl_days),
-        )
-        print(f"expired {store.sweep_expired()} reservations")
+        print(f"expired {_store(settings, database).sweep_expired()} reservations")
     finally:
         database.close()
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    settings = load_settings(WalletSettings)
+    database = Database.from_url(settings.database_url_for("wallet"), 1)
+    try:
+        items, _ = _store(settings, database).history(
+            args.account, page_size=args.limit, page_token="", kinds=(), start=None, end=None
+        )
+    finally:
+        database.close()
+    for item in items:
+        print(
+            f"{item.created_at.isoformat(timespec='seconds')}  {item.kind.value:<20} "
+            f"coins {item.coins_delta:+d} diamonds {item.diamonds_delta:+d}  {item.reference}  "
+            f"by {item.moved_by.describe()}"
+        )
     return 0
 
 
@@ -61,5 +82,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         " exits 1 on any discrepancy",
     )
     p.set_defaults(handler=cmd_audit)
+    p = sub.add_parser(
+        "history", help="an account's latest transactions and who moved each (caller, key, act, request)"
+    )
+    p.add_argument("account")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(handler=cmd_history)
     p = sub.add_parser("expire-reservations", help="return the diamonds of every reservation past its expiry")
     p.set_defaults(handler=cmd_expire)
