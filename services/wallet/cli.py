@@ -9,20 +9,27 @@ from services.common.catalog import load_catalog
 from services.common.clock import SystemClock
 from services.common.db import Database
 from services.common.settings import load_settings
-from services.wallet.audit import audit
+from services.wallet.audit import audit, credits_without_evidence
 from services.wallet.config import WalletSettings
 from services.wallet.store import WalletStore
 
 
-def cmd_audit(_args: argparse.Namespace) -> int:
+def cmd_audit(args: argparse.Namespace) -> int:
     settings = load_settings(WalletSettings)
     database = Database.from_url(settings.database_url_for("wallet"), 1)
     try:
         problems = audit(database)
+        unproven, listed = credits_without_evidence(database)
     finally:
         database.close()
     for problem in problems:
         print(problem)
+    for line in listed:
+        print(line)
+    if unproven:
+        print(f"{unproven} credits without evidence (the store evidence hash the crediting service verified)")
+        if args.require_evidence:
+            return 1
     if problems:
         print(f"audit FAILED: {len(problems)} discrepancies")
         return 1
@@ -80,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "audit",
         help="rebuild every balance from the ledger entries, check every transaction sums to zero;"
         " exits 1 on any discrepancy",
+    )
+    p.add_argument(
+        "--require-evidence", action="store_true", help="also exit 1 if a credit came without an evidence hash"
     )
     p.set_defaults(handler=cmd_audit)
     p = sub.add_parser(

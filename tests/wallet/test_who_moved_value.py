@@ -130,6 +130,36 @@ async def test_each_gift_of_a_group_commit_keeps_its_own_caller(callers: tuple[W
     ) == sorted((f, f, f"gift-{f}") for f in fans)
 
 
+async def test_the_audit_lists_credits_without_evidence(callers: tuple[Wallet, dict[str, Keys]]) -> None:
+    wallet, keys = callers
+    receipts = keys["receipts"].metadata("wallet:credit", subject="receipts")
+    proven = credit_request("fan", 100, stx="stx-proven")
+    proven.evidence_sha256 = EVIDENCE
+    await wallet.stub.CreditPurchase(proven, metadata=receipts)
+    await wallet.stub.CreditPurchase(credit_request("fan", 500, stx="stx-bare", request_id="bare"), metadata=receipts)
+
+    def audit_command(*flags: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "COINSTORE_WALLET_DATABASE_URL": wallet.url, "COINSTORE_CATALOG": str(CATALOG)}
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli", "wallet", "audit", *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    done = audit_command()
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert [line for line in lines if "without evidence:" in line] == [
+        "credit without evidence: APP_STORE/PRODUCTION/stx-bare to fan, 500 coins,"
+        " by receipts (key receipts-1), request bare"
+    ]
+    assert "1 credits without evidence" in done.stdout
+    assert audit_command("--require-evidence").returncode == 1
+
+
 async def test_a_malformed_evidence_hash_is_refused(callers: tuple[Wallet, dict[str, Keys]]) -> None:
     wallet, keys = callers
     request = credit_request("fan", 100)

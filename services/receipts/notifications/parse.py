@@ -17,6 +17,7 @@ from services.common.errors import DomainError, Unavailable
 from services.common.loop import OnLoop
 from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.notifications.repository import NewNotification
+from services.receipts.purchases.model import evidence_hash
 
 APPLE = "apple"
 _NEEDS_TRANSACTION = ("ONE_TIME_CHARGE", "REFUND", "REFUND_REVERSED", "REFUND_DECLINED", "CONSUMPTION_REQUEST")
@@ -105,7 +106,11 @@ def parse_apple(body: bytes, verifier: AppleJwsVerifier, expect: AppleExpectatio
         raise Rejected(400, "data is missing")
     if notification_type in _NEEDS_TRANSACTION and transaction is None:
         raise Rejected(400, "data.signedTransactionInfo is missing")
-    stored: dict[str, Any] = {"notification": _without_signed(payload), "transaction": transaction}
+    stored: dict[str, Any] = {
+        "notification": _without_signed(payload),
+        "transaction": transaction,
+        "evidence_sha256": evidence_hash(signed_transaction) if isinstance(signed_transaction, str) else "",
+    }
     return NewNotification(
         source=APPLE,
         external_id=uuid,
