@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
+from services.common.actor import SYSTEM, Actor, actor_columns
 from services.common.db import Database
 from services.common.errors import RequestIdReused
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
@@ -28,6 +29,8 @@ from services.payouts.domain.model import (
     Chunk,
     ChunkState,
     Destination,
+    DestinationChange,
+    DestinationChangeKind,
     PayoutLine,
     Settlement,
     StateTotal,
@@ -48,6 +51,23 @@ destinations = sa.Table(
     sa.Column("receiver", sa.String(254), nullable=False),
     sa.Column("verified", sa.Boolean, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # Who last set the destination, and who verified it (NULL: before payouts_0004, or unverified).
+    *actor_columns("changed_by_"),
+    *actor_columns("verified_by_"),
+)
+
+# Every change of a destination (SET with a new receiver, VERIFY), with who made it.
+destination_changes = sa.Table(
+    "payouts_destination_changes",
+    metadata,
+    sa.Column("change_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("creator_account_id", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("provider", sa.String(16), nullable=False),
+    sa.Column("receiver", sa.String(254), nullable=False),
+    *actor_columns(nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("payouts_destination_changes_creator", "creator_account_id", "change_id"),
 )
 
 batches = sa.Table(
@@ -66,6 +86,7 @@ batches = sa.Table(
     sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
     # The sweeper re-queues the batch's planning when this passes.
     sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    *actor_columns(),  # who created the batch
     sa.Index("payouts_batches_created", "created_at"),
     sa.Index("payouts_batches_due", "state", "due_at"),
 )
@@ -112,6 +133,7 @@ cashouts = sa.Table(
     sa.Column("request_day", sa.String(10), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    *actor_columns(),  # who asked for the cash-out
     sa.Index("payouts_cashouts_eligible", "state", "currency", "created_at"),
     sa.Index("payouts_cashouts_creator", "creator_account_id", "created_at"),
     sa.Index("payouts_cashouts_batch", "batch_id", "state"),
@@ -178,6 +200,12 @@ class RequestKey:
     request_id: str
     request: Message
     render: Callable[[Any], Message]
+    actor: Actor = SYSTEM  # the authenticated caller; the service itself when empty
+
+    @property
+    def moved_by(self) -> Actor:
+        """Who moves value with this request (the service itself keeps the request id)."""
+        return self.actor if self.actor.request_id else Actor(request_id=self.request_id)
 
 
 class PayoutStore:
@@ -217,45 +245,122 @@ class PayoutStore:
     # -- destinations --------------------------------------------------------------------------------
 
     def set_destination(
-        self, conn: Connection, creator: str, provider: str, receiver: str, now: datetime
+        self, conn: Connection, creator: str, provider: str, receiver: str, now: datetime, actor: Actor = SYSTEM
     ) -> Destination:
-        conn.execute(
-            insert_ignore(conn, destinations).values(
-                creator_account_id=creator, provider=provider, receiver=receiver, verified=False, updated_at=now
+        unverified = {"verified": False, **Actor().columns("verified_by_")}
+        changed = conn.execute(
+            insert_ignore(conn, destinations)
+            .values(
+                creator_account_id=creator,
+                provider=provider,
+                receiver=receiver,
+                updated_at=now,
+                **unverified,
+                **actor.columns("changed_by_"),
             )
-        )
+            .returning(destinations.c.creator_account_id)
+        ).first()
         # A changed destination must be verified again; re-sending the same one keeps its verification.
-        conn.execute(
-            destinations.update()
-            .where(
-                destinations.c.creator_account_id == creator,
-                sa.or_(destinations.c.provider != provider, destinations.c.receiver != receiver),
-            )
-            .values(provider=provider, receiver=receiver, verified=False, updated_at=now)
+        changed = (
+            changed
+            or conn.execute(
+                destinations.update()
+                .where(
+                    destinations.c.creator_account_id == creator,
+                    sa.or_(destinations.c.provider != provider, destinations.c.receiver != receiver),
+                )
+                .values(
+                    provider=provider, receiver=receiver, updated_at=now, **unverified, **actor.columns("changed_by_")
+                )
+                .returning(destinations.c.creator_account_id)
+            ).first()
         )
+        if changed is not None:
+            self._record_change(conn, creator, DestinationChangeKind.SET, provider, receiver, now, actor)
         found = self.destination(conn, creator)
         assert found is not None
         return found
 
-    def verify_destination(self, conn: Connection, creator: str, now: datetime) -> Destination:
+    def verify_destination(
+        self, conn: Connection, creator: str, provider: str, receiver: str, now: datetime, actor: Actor = SYSTEM
+    ) -> Destination:
+        """Verify the destination ops looked at: still ``provider``/``receiver``, or refused."""
         updated = conn.execute(
             destinations.update()
-            .where(destinations.c.creator_account_id == creator)
-            .values(verified=True, updated_at=now)
+            .where(
+                destinations.c.creator_account_id == creator,
+                destinations.c.provider == provider,
+                destinations.c.receiver == receiver,
+            )
+            .values(verified=True, updated_at=now, **actor.columns("verified_by_"))
         ).rowcount
         if not updated:
-            raise NotFound(
-                "DESTINATION_NOT_FOUND", "the creator has no payout destination", {"creator_account_id": creator}
+            if self.destination(conn, creator) is None:
+                raise NotFound(
+                    "DESTINATION_NOT_FOUND", "the creator has no payout destination", {"creator_account_id": creator}
+                )
+            raise FailedPrecondition(
+                "DESTINATION_CHANGED",
+                "the creator's payout destination is no longer the one named: look at it again"
+                " (GetPayoutDestination) before verifying",
+                {"creator_account_id": creator},
             )
+        self._record_change(conn, creator, DestinationChangeKind.VERIFY, provider, receiver, now, actor)
         found = self.destination(conn, creator)
         assert found is not None
         return found
+
+    def _record_change(
+        self,
+        conn: Connection,
+        creator: str,
+        kind: DestinationChangeKind,
+        provider: str,
+        receiver: str,
+        now: datetime,
+        actor: Actor,
+    ) -> None:
+        conn.execute(
+            destination_changes.insert().values(
+                creator_account_id=creator,
+                kind=kind.value,
+                provider=provider,
+                receiver=receiver,
+                created_at=now,
+                **actor.columns(),
+            )
+        )
 
     def destination(self, conn: Connection, creator: str) -> Destination | None:
         row = conn.execute(sa.select(destinations).where(destinations.c.creator_account_id == creator)).first()
         if row is None:
             return None
-        return Destination(row.creator_account_id, row.provider, row.receiver, bool(row.verified))
+        return Destination(
+            row.creator_account_id,
+            row.provider,
+            row.receiver,
+            bool(row.verified),
+            Actor.of_row(row, "changed_by_"),
+            Actor.of_row(row, "verified_by_"),
+            utc(row.updated_at),
+        )
+
+    def destination_history(self, creator: str, limit: int) -> tuple[Destination | None, list[DestinationChange]]:
+        """The destination and its latest ``limit`` changes, newest first."""
+        with self.db.connect() as conn:
+            current = self.destination(conn, creator)
+            rows = conn.execute(
+                sa.select(destination_changes)
+                .where(destination_changes.c.creator_account_id == creator)
+                .order_by(destination_changes.c.change_id.desc())
+                .limit(limit)
+            ).all()
+        return current, [
+            DestinationChange(
+                DestinationChangeKind(r.kind), r.provider, r.receiver, Actor.of_row(r), _req(r.created_at)
+            )
+            for r in rows
+        ]
 
     def get_destination(self, creator: str) -> Destination | None:
         with self.db.connect() as conn:
@@ -408,7 +513,14 @@ class PayoutStore:
         return int(count), int(diamonds), int(amount)
 
     def create_batch(
-        self, conn: Connection, batch_id: str, currency: str, cutoff: datetime, max_items: int, now: datetime
+        self,
+        conn: Connection,
+        batch_id: str,
+        currency: str,
+        cutoff: datetime,
+        max_items: int,
+        now: datetime,
+        actor: Actor = SYSTEM,
     ) -> Batch:
         """Claim every eligible REQUESTED cash-out for a new batch, in this one transaction."""
         conn.execute(
@@ -423,6 +535,7 @@ class PayoutStore:
                 chunk_seq=0,
                 created_at=now,
                 due_at=now,
+                **actor.columns(),
             )
         )
         ids = self._eligible(currency, cutoff, max_items).subquery()
@@ -933,6 +1046,7 @@ def _cashout(row: Any) -> Cashout:
         provider_batch_id=row.provider_batch_id or "",
         created_at=_req(row.created_at),
         updated_at=_req(row.updated_at),
+        requested_by=Actor.of_row(row),
     )
 
 
@@ -950,4 +1064,5 @@ def _batch(row: Any, totals: tuple[StateTotal, ...], provider_batch_id: str) -> 
         submitted_at=utc(row.submitted_at),
         completed_at=utc(row.completed_at),
         provider_batch_id=provider_batch_id,
+        created_by=Actor.of_row(row),
     )

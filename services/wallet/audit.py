@@ -20,6 +20,10 @@ Checked:
   lots are the spender's entries in it, and the diamonds attributed are the creator's;
 - a negative diamond row (creator diamond debt) is covered by the diamond debt of
   unrestored clawback legs.
+
+Apart from those: :func:`credits_without_evidence` lists the credited purchases that
+came with no evidence hash (CreditPurchaseRequest.evidence_sha256), which a stolen
+``wallet:credit`` key would leave; the ledger itself is consistent either way.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from services.common.actor import Actor
 from services.common.db import Database
 from services.wallet.domain.ledger import (
     COIN_CURRENCIES,
@@ -45,6 +50,7 @@ from services.wallet.domain.ledger import (
 from services.wallet.domain.provenance import ConsumptionKind, LegKind
 from services.wallet.domain.rules import ReservationState
 from services.wallet.tables import (
+    MOVED_BY,
     balances,
     clawback_legs,
     consumptions,
@@ -71,6 +77,26 @@ def audit_engine(engine: sa.Engine) -> list[str]:
         _holds(conn, kept, problems)
         _provenance(conn, kept, problems)
     return problems
+
+
+def credits_without_evidence(database: Database, most: int = 100) -> tuple[int, list[str]]:
+    """How many credited purchases carry no evidence hash, and the first ``most`` of them
+    (credit order) with the caller that credited each."""
+    missing = (purchases.c.evidence_sha256.is_(None)) | (purchases.c.evidence_sha256 == "")
+    with database.engine.connect() as conn:
+        count = int(conn.execute(sa.select(sa.func.count()).where(missing)).scalar_one())
+        rows = conn.execute(
+            sa.select(purchases, *MOVED_BY)
+            .select_from(purchases.outerjoin(transactions, transactions.c.txn_id == purchases.c.credit_txn_id))
+            .where(missing)
+            .order_by(purchases.c.lot_id)
+            .limit(most)
+        ).all()
+    return count, [
+        f"credit without evidence: {r.store}/{r.environment}/{r.store_transaction_id} to {r.account_id},"
+        f" {r.coins} coins, by {Actor.of_row(r).describe()}"
+        for r in rows
+    ]
 
 
 def _ledger(conn: Connection, problems: list[str]) -> dict[tuple[str, str], int]:

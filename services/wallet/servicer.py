@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
+from services.common.actor import Actor
 from services.common.catalog import Catalog
 from services.common.validation import (
     optional_id,
@@ -45,6 +47,7 @@ MAX_STORE_TRANSACTION_ID = 512
 MAX_GIFT_COUNT = 100_000
 MAX_COINS = 10**12
 MAX_REASON = 512
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
 
 STORES: dict[int, Store] = {pb.STORE_APP_STORE: Store.APP_STORE, pb.STORE_GOOGLE_PLAY: Store.GOOGLE_PLAY}
@@ -157,6 +160,7 @@ def transaction_message(item: HistoryItem) -> pb.Transaction:
         counterparty_account_id=item.counterparty,
         sandbox_coins_delta=item.sandbox_coins_delta,
         sandbox_diamonds_delta=item.sandbox_diamonds_delta,
+        moved_by=item.moved_by.message(),
     )
 
 
@@ -194,6 +198,8 @@ def consumption_message(view: ConsumptionView) -> pb.GetPurchaseConsumptionRespo
             for c in view.creators
         ],
         credit_time=_stamp(view.created_at),
+        evidence_sha256=view.evidence_sha256,
+        credited_by=view.credited_by.message(),
     )
 
 
@@ -286,6 +292,9 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         price_minor = require_non_negative("price.amount_minor", request.price.amount_minor)
         price_currency = require_currency("price.currency_code", request.price.currency_code)
         purchase_time = _time("purchase_time", request.purchase_time, request.HasField("purchase_time"))
+        evidence = request.evidence_sha256
+        if evidence and not _SHA256.fullmatch(evidence):
+            raise InvalidArgument("evidence_sha256", "must be 64 lower-case hex digits (a SHA-256) or empty")
         item = CreditItem(
             request_id=request_id,
             request=request,
@@ -302,6 +311,8 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
             price_currency=price_currency,
             purchase_time=purchase_time,
             flagged_for_review=request.flagged_for_review,
+            evidence_sha256=evidence,
+            actor=Actor.of_request(request_id),
         )
         if self._credits is not None:
             outcome = await self._credits.submit(item)
@@ -320,6 +331,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
 
     async def ReversePurchase(self, request: pb.ReversePurchaseRequest, context: Any) -> pb.ReversePurchaseResponse:
         request_id = require_id("request_id", request.request_id)
+        actor = Actor.of_request(request_id)  # here: the store runs on another thread
         store, environment, store_transaction_id = self._purchase_key(request)
         quantity = require_non_negative("refunded_quantity", request.refunded_quantity)
         share = require_non_negative("refunded_percentage_milli", request.refunded_percentage_milli, PERCENT_MILLI_FULL)
@@ -353,11 +365,13 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 refunded_quantity=quantity,
                 refunded_percentage_milli=share,
                 full_refund=request.full_refund,
+                actor=actor,
             )
         )
 
     async def RestorePurchase(self, request: pb.RestorePurchaseRequest, context: Any) -> pb.RestorePurchaseResponse:
         request_id = require_id("request_id", request.request_id)
+        actor = Actor.of_request(request_id)  # here: the store runs on another thread
         store, environment, store_transaction_id = self._purchase_key(request)
         require_text("reason", request.reason, MAX_REASON, allow_empty=True)
 
@@ -379,6 +393,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 store=store,
                 environment=environment,
                 store_transaction_id=store_transaction_id,
+                actor=actor,
             )
         )
 
@@ -413,6 +428,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
             creator=creator,
             diamonds=self._catalog.diamonds_for_gift(gift, count),
             live_stream_id=live_stream_id,
+            actor=Actor.of_request(request_id),
         )
         response: pb.SendGiftResponse = await self._debit(item, pb.SendGiftResponse, grouped=True)
         return response
@@ -430,6 +446,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
             sender=account_id,
             coins=coins,
             reference=f"{purpose}:{reference}" if reference else purpose,
+            actor=Actor.of_request(request_id),
         )
         response: pb.SpendCoinsResponse = await self._debit(item, pb.SpendCoinsResponse, grouped=False)
         return response
@@ -502,6 +519,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
 
     async def ReserveDiamonds(self, request: pb.ReserveDiamondsRequest, context: Any) -> pb.ReserveDiamondsResponse:
         request_id = require_id("request_id", request.request_id)
+        actor = Actor.of_request(request_id)  # here: the store runs on another thread
         account_id = require_id("account_id", request.account_id)
         diamonds = require_positive("diamonds", request.diamonds, MAX_COINS)
         reservation_id = require_id("reservation_id", request.reservation_id)
@@ -522,6 +540,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 diamonds=diamonds,
                 reservation_id=reservation_id,
                 expire_at=expire_at,
+                actor=actor,
             )
         )
 
@@ -529,6 +548,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         self, request: pb.CommitReservationRequest, context: Any
     ) -> pb.CommitReservationResponse:
         request_id = require_id("request_id", request.request_id)
+        actor = Actor.of_request(request_id)  # here: the store runs on another thread
         reservation_id = require_id("reservation_id", request.reservation_id)
         return await self._db.run(
             lambda: self._store.resolve(
@@ -539,6 +559,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 build=lambda view: pb.CommitReservationResponse(reservation=reservation_message(view)),
                 reservation_id=reservation_id,
                 state=ReservationState.COMMITTED,
+                actor=actor,
             )
         )
 
@@ -546,6 +567,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         self, request: pb.ReleaseReservationRequest, context: Any
     ) -> pb.ReleaseReservationResponse:
         request_id = require_id("request_id", request.request_id)
+        actor = Actor.of_request(request_id)  # here: the store runs on another thread
         reservation_id = require_id("reservation_id", request.reservation_id)
         require_text("reason", request.reason, MAX_REASON, allow_empty=True)
         return await self._db.run(
@@ -557,5 +579,6 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 build=lambda view: pb.ReleaseReservationResponse(reservation=reservation_message(view)),
                 reservation_id=reservation_id,
                 state=ReservationState.RELEASED,
+                actor=actor,
             )
         )

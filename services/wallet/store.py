@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
+from services.common.actor import SYSTEM, Actor
 from services.common.catalog import Catalog
 from services.common.clock import Clock
 from services.common.db import Database, dialect_insert
@@ -84,6 +85,7 @@ from services.wallet.domain.rules import (
 )
 from services.wallet.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.wallet.tables import (
+    MOVED_BY,
     balances,
     clawback_legs,
     consumptions,
@@ -170,6 +172,7 @@ class HistoryItem:
     counterparty: str
     sandbox_coins_delta: int = 0
     sandbox_diamonds_delta: int = 0
+    moved_by: Actor = SYSTEM
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,8 @@ class ConsumptionView:
     clawed_back: int
     creators: tuple[CreatorShare, ...]
     created_at: datetime
+    evidence_sha256: str = ""
+    credited_by: Actor = SYSTEM
 
     @property
     def consumed_coins(self) -> int:
@@ -223,6 +228,7 @@ class DebitItem:
     creator: str | None = None
     diamonds: int = 0
     live_stream_id: str = ""
+    actor: Actor = SYSTEM
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,8 @@ class CreditItem:
     price_currency: str
     purchase_time: datetime | None
     flagged_for_review: bool
+    evidence_sha256: str = ""
+    actor: Actor = SYSTEM
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -284,13 +292,21 @@ class _Writes:
     consumptions, and the balance deltas of user and hold accounts."""
 
     now: datetime
+    actor: Actor = SYSTEM  # who moves the value of this unit of work (a batch item names its own)
     txns: list[dict[str, Any]] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     consumptions: list[dict[str, Any]] = field(default_factory=list)
     deltas: dict[tuple[str, Currency], int] = field(default_factory=lambda: defaultdict(int))
 
-    def transaction(self, kind: Kind | str, reference: str, postings: Iterable[Posting], txn_id: str = "") -> str:
+    def transaction(
+        self,
+        kind: Kind | str,
+        reference: str,
+        postings: Iterable[Posting],
+        txn_id: str = "",
+        actor: Actor | None = None,
+    ) -> str:
         checked = balanced(postings)
         txn_id = txn_id or new_txn_id()
         sandbox = any(p.currency in (Currency.SANDBOX_COIN, Currency.SANDBOX_DIAMOND) for p in checked)
@@ -301,6 +317,7 @@ class _Writes:
                 "created_at": self.now,
                 "reference": reference,
                 "sandbox": sandbox,
+                **(actor or self.actor).columns(),
             }
         )
         for p in checked:
@@ -648,6 +665,7 @@ class WalletStore:
         refunded_quantity: int,
         refunded_percentage_milli: int,
         full_refund: bool,
+        actor: Actor = SYSTEM,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M:
             row, _spendable, open_lots = self._lock_purchase_owner(conn, store, environment, store_transaction_id)
@@ -675,7 +693,7 @@ class WalletStore:
                 conn, environment, (c.creator for c in used if c.kind is ConsumptionKind.GIFT and c.creator)
             )
             plan = plan_clawback(delta, int(row.open_coins), used, creators)
-            writes = _Writes(now)
+            writes = _Writes(now, actor)
             txn_id = writes.transaction(
                 Kind.PURCHASE_REVERSAL, store_transaction_id, recipes.clawback(account_id, environment, plan.legs)
             )
@@ -773,6 +791,7 @@ class WalletStore:
         store: Store,
         environment: Environment,
         store_transaction_id: str,
+        actor: Actor = SYSTEM,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M:
             row, spendable, _open_lots = self._lock_purchase_owner(conn, store, environment, store_transaction_id)
@@ -799,7 +818,7 @@ class WalletStore:
                 for r in leg_rows
             ]
             self._lock_balances(conn, diamond_currency(environment), (leg.creator for leg in legs if leg.creator))
-            writes = _Writes(now)
+            writes = _Writes(now, actor)
             txn_id = writes.transaction(
                 Kind.PURCHASE_RESTORE,
                 store_transaction_id,
@@ -891,6 +910,7 @@ class WalletStore:
     def consumption(self, store: Store, environment: Environment, store_transaction_id: str) -> ConsumptionView:
         with self.db.connect() as conn:
             row = self._purchase(conn, store, environment, store_transaction_id, lock=False)
+            credit = conn.execute(sa.select(*MOVED_BY).where(transactions.c.txn_id == row.credit_txn_id)).first()
             used: dict[str, int] = defaultdict(int)
             shares: dict[str, list[int]] = {}
             for c in conn.execute(sa.select(consumptions).where(consumptions.c.lot_id == row.lot_id)):
@@ -917,6 +937,8 @@ class WalletStore:
             clawed_back=int(row.clawed_back),
             creators=tuple(CreatorShare(k, *v) for k, v in sorted(shares.items())),
             created_at=utc(row.created_at),
+            evidence_sha256=row.evidence_sha256 or "",
+            credited_by=SYSTEM if credit is None else Actor.of_row(credit),
         )
 
     # ------------------------------------------------------------ balances and history
@@ -942,7 +964,11 @@ class WalletStore:
         """Newest first; the page token is the last history id seen, so rows written
         meanwhile never shift a later page (ids only grow)."""
         before = decode_page_token(page_token)
-        query = sa.select(history).where(history.c.account_id == account_id)
+        query = (
+            sa.select(history, *MOVED_BY)
+            .select_from(history.outerjoin(transactions, transactions.c.txn_id == history.c.txn_id))
+            .where(history.c.account_id == account_id)
+        )
         if before is not None:
             query = query.where(history.c.id < before)
         if kinds:
@@ -965,6 +991,7 @@ class WalletStore:
                 row.counterparty,
                 int(row.sandbox_coins_delta),
                 int(row.sandbox_diamonds_delta),
+                Actor.of_row(row),
             )
             for row in rows[:page_size]
         ]
@@ -1095,6 +1122,7 @@ class WalletStore:
                     "clawed_back": 0,
                     "created_at": now,
                     "open_coins": items[i].coins,
+                    "evidence_sha256": items[i].evidence_sha256 or None,
                     **({} if self._postgres else {"lot_id": first_lot + n}),
                 }
                 for n, i in enumerate(ordered)
@@ -1148,7 +1176,7 @@ class WalletStore:
             if not fresh:
                 continue
             postings = recipes.purchase(account_id, item.store, item.environment, item.coins, item.bonus_coins)
-            writes.transaction(Kind.PURCHASE, item.store_transaction_id, postings, txn_id)
+            writes.transaction(Kind.PURCHASE, item.store_transaction_id, postings, txn_id, item.actor)
             writes.seen_by(
                 account_id,
                 txn_id,
@@ -1300,7 +1328,7 @@ class WalletStore:
         txn_id = new_txn_id()
         coins = recipes.coins_by_currency(takes)
         if item.creator is None:
-            writes.transaction(Kind.SPEND, item.reference, recipes.spend(item.sender, takes), txn_id)
+            writes.transaction(Kind.SPEND, item.reference, recipes.spend(item.sender, takes), txn_id, item.actor)
             for take in takes:
                 writes.consumed(take, txn_id, ConsumptionKind.SPEND, item.sender, take.coins)
             writes.seen_by(item.sender, txn_id, Kind.SPEND, item.reference, {c: -n for c, n in coins.items()})
@@ -1308,7 +1336,7 @@ class WalletStore:
         parts = attribute(item.diamonds, takes)
         diamonds = recipes.diamonds_by_currency(takes, parts)
         writes.transaction(
-            Kind.GIFT_SENT, item.reference, recipes.gift(item.sender, item.creator, takes, parts), txn_id
+            Kind.GIFT_SENT, item.reference, recipes.gift(item.sender, item.creator, takes, parts), txn_id, item.actor
         )
         for take, part in zip(takes, parts, strict=True):
             writes.consumed(take, txn_id, ConsumptionKind.GIFT, item.sender, take.coins, item.creator, part)
@@ -1435,7 +1463,9 @@ class WalletStore:
             query = query.with_for_update()
         return conn.execute(query).one_or_none()
 
-    def _resolve(self, conn: Connection, row: Any, state: ReservationState, now: datetime) -> None:
+    def _resolve(
+        self, conn: Connection, row: Any, state: ReservationState, now: datetime, actor: Actor = SYSTEM
+    ) -> None:
         """Move a held reservation's diamonds to payout clearing (commit) or back (release,
         expiry). The caller holds the diamond rows and then the reservation row (lock order)."""
         account_id, diamonds = row.account_id, int(row.diamonds)
@@ -1444,7 +1474,7 @@ class WalletStore:
         else:
             kind, delta = Kind.RESERVATION_RELEASE, 0
         if diamonds:  # a hold a clawback took entirely moves nothing
-            writes = _Writes(now)
+            writes = _Writes(now, actor)
             txn_id = writes.transaction(
                 kind, row.reservation_id, recipes.resolve(account_id, diamonds, state is ReservationState.COMMITTED)
             )
@@ -1491,6 +1521,7 @@ class WalletStore:
         diamonds: int,
         reservation_id: str,
         expire_at: datetime | None,
+        actor: Actor = SYSTEM,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M:
             if expire_at is not None and expire_at <= now:
@@ -1525,7 +1556,7 @@ class WalletStore:
                     )
                 return build(_reservation_view(row), self._view(conn, account_id, now))
             refuse_reservation(diamonds, self._view(conn, account_id, now))
-            writes = _Writes(now)
+            writes = _Writes(now, actor)
             txn_id = writes.transaction(Kind.RESERVATION, reservation_id, recipes.reserve(account_id, diamonds))
             writes.seen_by(account_id, txn_id, Kind.RESERVATION, reservation_id, {})
             self._flush(conn, writes, "reservation")
@@ -1543,6 +1574,7 @@ class WalletStore:
         build: Callable[[ReservationView], M],
         reservation_id: str,
         state: ReservationState,
+        actor: Actor = SYSTEM,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M | _Deferred:
             found = self._reservation(conn, reservation_id, lock=False)
@@ -1556,7 +1588,7 @@ class WalletStore:
                 return _Deferred(resolved_error(ReservationState.EXPIRED))
             if current is not ReservationState.HELD:
                 raise resolved_error(current)
-            self._resolve(conn, row, state, now)
+            self._resolve(conn, row, state, now, actor)
             return build(_reservation_view(self._reservation(conn, reservation_id, lock=False)))
 
         return self._idempotent(method, request_id, request, response_type, work)

@@ -1,6 +1,7 @@
 """The wallet's tables (SQLAlchemy Core). The migrations in ``migrations/`` create them.
 
 - ``wallet_transactions`` / ``wallet_entries``: the double-entry ledger (immutable);
+  each transaction names who moved the value (``actor_*``: caller, key, ``act``, request id);
 - ``wallet_balances``: every user and hold account's balance per currency, kept in
   the same database transaction as the entries and rebuildable from them;
 - ``wallet_history``: one row per user account and transaction, for ListTransactions;
@@ -35,6 +36,18 @@ transactions = sa.Table(
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("reference", sa.String(512), nullable=False),
     sa.Column("sandbox", sa.Boolean, nullable=False),
+    # Who moved the value (services.common.actor.Actor); NULL on rows from before wallet_0005.
+    sa.Column("actor_subject", sa.Text, nullable=True),
+    sa.Column("actor_key_id", sa.Text, nullable=True),
+    sa.Column("actor_acting_for", sa.Text, nullable=True),
+    sa.Column("actor_request_id", sa.Text, nullable=True),
+)
+# The columns that say who moved a transaction's value, in Actor's order.
+MOVED_BY = (
+    transactions.c.actor_subject,
+    transactions.c.actor_key_id,
+    transactions.c.actor_acting_for,
+    transactions.c.actor_request_id,
 )
 entries = sa.Table(
     "wallet_entries",
@@ -90,6 +103,8 @@ purchases = sa.Table(
     # serialized, so the store numbers them max + 1.
     sa.Column("lot_id", sa.BigInteger, nullable=False, unique=True),
     sa.Column("open_coins", sa.BigInteger, nullable=False),
+    # SHA-256 (hex) of the store evidence the crediting service verified; NULL: none given.
+    sa.Column("evidence_sha256", sa.String(64), nullable=True),
 )
 OPEN_LOTS_INDEX = "wallet_purchases_open_lots"
 sa.Index(

@@ -108,7 +108,12 @@ class Stack:
                 metadata=self.app(),
             )
             await self.stub.VerifyPayoutDestination(
-                pb.VerifyPayoutDestinationRequest(request_id=f"v-{creator}", creator_account_id=creator),
+                pb.VerifyPayoutDestinationRequest(
+                    request_id=f"v-{creator}",
+                    creator_account_id=creator,
+                    provider=pb.PROVIDER_PAYPAL,
+                    receiver=receiver,
+                ),
                 metadata=self.ops(),
             )
             await self.stub.RequestCashout(

@@ -7,6 +7,8 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
+from services.common.actor import SYSTEM, Actor
+
 
 class CashoutState(enum.Enum):
     REQUESTED = "REQUESTED"
@@ -39,12 +41,29 @@ class WalletAction(enum.Enum):
     RELEASE = "RELEASE"
 
 
+class DestinationChangeKind(enum.Enum):
+    SET = "SET"
+    VERIFY = "VERIFY"
+
+
 @dataclass(frozen=True)
 class Destination:
     creator_account_id: str
     provider: str
     receiver: str
     verified: bool
+    changed_by: Actor = SYSTEM
+    verified_by: Actor = SYSTEM
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DestinationChange:
+    kind: DestinationChangeKind
+    provider: str
+    receiver: str
+    changed_by: Actor
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,7 @@ class Cashout:
     provider_batch_id: str
     created_at: datetime
     updated_at: datetime
+    requested_by: Actor = SYSTEM
 
     @property
     def sender_item_id(self) -> str:
@@ -96,6 +116,7 @@ class Batch:
     submitted_at: datetime | None
     completed_at: datetime | None
     provider_batch_id: str
+    created_by: Actor = SYSTEM
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,15 @@ from sqlalchemy.engine import Connection
 
 from services.common.clock import Clock
 from services.common.errors import DomainError
-from services.payouts.domain.model import Batch, Cashout, CashoutState, Destination, derived_id, reservation_id
+from services.payouts.domain.model import (
+    Batch,
+    Cashout,
+    CashoutState,
+    Destination,
+    DestinationChange,
+    derived_id,
+    reservation_id,
+)
 from services.payouts.domain.pipeline import PLAN_TASK, Pipeline
 from services.payouts.domain.ports import TaskQueue, WalletPort
 from services.payouts.domain.rules import Rules, diamonds_for
@@ -43,12 +51,22 @@ class Payouts:
     def set_destination(self, key: RequestKey, creator: str, provider: str, receiver: str) -> bytes:
         now = self._clock.now()
         return self._store.in_request(
-            key, lambda conn: self._store.set_destination(conn, creator, provider, receiver, now)
+            key, lambda conn: self._store.set_destination(conn, creator, provider, receiver, now, key.moved_by)
         )
 
-    def verify_destination(self, key: RequestKey, creator: str) -> bytes:
+    def verify_destination(self, key: RequestKey, creator: str, provider: str, receiver: str) -> bytes:
         now = self._clock.now()
-        return self._store.in_request(key, lambda conn: self._store.verify_destination(conn, creator, now))
+        return self._store.in_request(
+            key, lambda conn: self._store.verify_destination(conn, creator, provider, receiver, now, key.moved_by)
+        )
+
+    def destination_history(self, creator: str, limit: int) -> tuple[Destination, list[DestinationChange]]:
+        current, changes = self._store.destination_history(creator, limit)
+        if current is None:
+            raise NotFound(
+                "DESTINATION_NOT_FOUND", "the creator has no payout destination", {"creator_account_id": creator}
+            )
+        return current, changes
 
     # -- cash-outs -------------------------------------------------------------------------------------
 
@@ -112,6 +130,7 @@ class Payouts:
                     "request_day": day,
                     "created_at": now,
                     "updated_at": now,
+                    **key.moved_by.columns(),
                 },
             )
             found = self._store.cashout(conn, cashout_id)
@@ -155,7 +174,10 @@ class Payouts:
         now = self._clock.now()
         batch_id = derived_id("pb", key.request_id)
         response = self._store.in_request(
-            key, lambda conn: self._store.create_batch(conn, batch_id, currency, cutoff or now, max_items, now)
+            key,
+            lambda conn: self._store.create_batch(
+                conn, batch_id, currency, cutoff or now, max_items, now, key.moved_by
+            ),
         )
         self._enqueue_plan(batch_id)
         return response, batch_id

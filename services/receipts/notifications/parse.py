@@ -18,6 +18,7 @@ from services.common.limits import json_depth
 from services.common.loop import OnLoop
 from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.notifications.repository import NewNotification
+from services.receipts.purchases.model import evidence_hash
 
 # Apple's and Google's bodies nest four or five levels; anything far deeper is an attack
 # on the parser (json.loads recurses), refused before parsing.
@@ -118,7 +119,11 @@ def parse_apple(
         raise Rejected(400, "data is missing")
     if notification_type in _NEEDS_TRANSACTION and transaction is None:
         raise Rejected(400, "data.signedTransactionInfo is missing")
-    stored: dict[str, Any] = {"notification": _without_signed(payload), "transaction": transaction}
+    stored: dict[str, Any] = {
+        "notification": _without_signed(payload),
+        "transaction": transaction,
+        "evidence_sha256": evidence_hash(signed_transaction) if isinstance(signed_transaction, str) else "",
+    }
     return NewNotification(
         source=APPLE,
         external_id=uuid,

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from coinstore.type.v1 import actor_pb2 as _actor_pb2
 from coinstore.type.v1 import money_pb2 as _money_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -305,6 +306,7 @@ class CreditPurchaseRequest(_message.Message):
     PRICE_FIELD_NUMBER: _builtins.int
     PURCHASE_TIME_FIELD_NUMBER: _builtins.int
     FLAGGED_FOR_REVIEW_FIELD_NUMBER: _builtins.int
+    EVIDENCE_SHA256_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (AIP-155). The (store, store_transaction_id) pair is the
     purchase's own key; request_id guards the call itself.
@@ -325,6 +327,12 @@ class CreditPurchaseRequest(_message.Message):
     """Storefront or billing region as the store reports it (e.g. "USA", "US")."""
     flagged_for_review: _builtins.bool
     """Set when the region policy flagged the purchase for review."""
+    evidence_sha256: _builtins.str
+    """Lower-case hex SHA-256 of the store evidence the caller verified before asking
+    for this credit (Apple: the signed transaction JWS, or the App Store Server API
+    answer; Google: the Android Publisher purchase resource), kept with the credit
+    for audit. Empty: no evidence (the wallet audit lists such credits).
+    """
     @_builtins.property
     def price(self) -> _money_pb2.Money:
         """What the buyer paid for the whole purchase."""
@@ -347,10 +355,11 @@ class CreditPurchaseRequest(_message.Message):
         price: _money_pb2.Money | None = ...,
         purchase_time: _timestamp_pb2.Timestamp | None = ...,
         flagged_for_review: _builtins.bool = ...,
+        evidence_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "purchase_time", b"purchase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "coins", b"coins", "environment", b"environment", "flagged_for_review", b"flagged_for_review", "price", b"price", "product_id", b"product_id", "purchase_time", b"purchase_time", "quantity", b"quantity", "request_id", b"request_id", "store", b"store", "store_transaction_id", b"store_transaction_id", "storefront", b"storefront"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "coins", b"coins", "environment", b"environment", "evidence_sha256", b"evidence_sha256", "flagged_for_review", b"flagged_for_review", "price", b"price", "product_id", b"product_id", "purchase_time", b"purchase_time", "quantity", b"quantity", "request_id", b"request_id", "store", b"store", "store_transaction_id", b"store_transaction_id", "storefront", b"storefront"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -682,6 +691,8 @@ class GetPurchaseConsumptionResponse(_message.Message):
     CONSUMED_PERCENTAGE_MILLI_FIELD_NUMBER: _builtins.int
     CREATORS_FIELD_NUMBER: _builtins.int
     CREDIT_TIME_FIELD_NUMBER: _builtins.int
+    EVIDENCE_SHA256_FIELD_NUMBER: _builtins.int
+    CREDITED_BY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     credit_sequence: _builtins.int
     """Credit order of the purchase among the account's purchases (ascending)."""
@@ -699,10 +710,16 @@ class GetPurchaseConsumptionResponse(_message.Message):
     """Coins clawed back by refunds (all legs)."""
     consumed_percentage_milli: _builtins.int
     """Used coins as a share of the purchase in milliunits (0-100000, rounded down): Apple's consumptionPercentage."""
+    evidence_sha256: _builtins.str
+    """The evidence hash the credit was asked with (CreditPurchaseRequest.evidence_sha256)."""
     @_builtins.property
     def creators(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreatorConsumption]: ...
     @_builtins.property
     def credit_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def credited_by(self) -> _actor_pb2.Actor:
+        """Who credited the purchase."""
+
     def __init__(
         self,
         *,
@@ -719,10 +736,12 @@ class GetPurchaseConsumptionResponse(_message.Message):
         consumed_percentage_milli: _builtins.int = ...,
         creators: _abc.Iterable[Global___CreatorConsumption] | None = ...,
         credit_time: _timestamp_pb2.Timestamp | None = ...,
+        evidence_sha256: _builtins.str = ...,
+        credited_by: _actor_pb2.Actor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_time", b"credit_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_time", b"credit_time", "credited_by", b"credited_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "clawed_back_coins", b"clawed_back_coins", "coins", b"coins", "consumed_percentage_milli", b"consumed_percentage_milli", "creators", b"creators", "credit_sequence", b"credit_sequence", "credit_time", b"credit_time", "debt_repayment_coins", b"debt_repayment_coins", "gift_coins", b"gift_coins", "spend_coins", b"spend_coins", "unspent_coins", b"unspent_coins", "untracked_coins", b"untracked_coins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "clawed_back_coins", b"clawed_back_coins", "coins", b"coins", "consumed_percentage_milli", b"consumed_percentage_milli", "creators", b"creators", "credit_sequence", b"credit_sequence", "credit_time", b"credit_time", "credited_by", b"credited_by", "debt_repayment_coins", b"debt_repayment_coins", "evidence_sha256", b"evidence_sha256", "gift_coins", b"gift_coins", "spend_coins", b"spend_coins", "unspent_coins", b"unspent_coins", "untracked_coins", b"untracked_coins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1143,6 +1162,7 @@ class Transaction(_message.Message):
     COUNTERPARTY_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     SANDBOX_COINS_DELTA_FIELD_NUMBER: _builtins.int
     SANDBOX_DIAMONDS_DELTA_FIELD_NUMBER: _builtins.int
+    MOVED_BY_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     coins_delta: _builtins.int
@@ -1158,6 +1178,10 @@ class Transaction(_message.Message):
     sandbox_diamonds_delta: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def moved_by(self) -> _actor_pb2.Actor:
+        """Who moved the value: the authenticated caller, whom it acted for, and its request id."""
+
     def __init__(
         self,
         *,
@@ -1170,10 +1194,11 @@ class Transaction(_message.Message):
         counterparty_account_id: _builtins.str = ...,
         sandbox_coins_delta: _builtins.int = ...,
         sandbox_diamonds_delta: _builtins.int = ...,
+        moved_by: _actor_pb2.Actor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "moved_by", b"moved_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_delta", b"coins_delta", "counterparty_account_id", b"counterparty_account_id", "create_time", b"create_time", "diamonds_delta", b"diamonds_delta", "kind", b"kind", "reference", b"reference", "sandbox_coins_delta", b"sandbox_coins_delta", "sandbox_diamonds_delta", b"sandbox_diamonds_delta", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_delta", b"coins_delta", "counterparty_account_id", b"counterparty_account_id", "create_time", b"create_time", "diamonds_delta", b"diamonds_delta", "kind", b"kind", "moved_by", b"moved_by", "reference", b"reference", "sandbox_coins_delta", b"sandbox_coins_delta", "sandbox_diamonds_delta", b"sandbox_diamonds_delta", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
