@@ -481,12 +481,14 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     assert created.splitlines() == [
         f"batch {batch_id}  CREATED  3 items  30000 diamonds  150.00 USD",
         "  BATCHED           3 items  150.00 USD",
+        "  created by ops-cli, request cli-batch-1",
     ]
     status = await cli(stack, "status", batch_id, "--interval", "0.3")
     assert status.splitlines() == [
         f"batch {batch_id}  COMPLETED  3 items  30000 diamonds  150.00 USD",
         "  FAILED            1 items  50.00 USD",
         "  PAID              2 items  100.00 USD",
+        "  created by ops-cli, request cli-batch-1",
     ]
     assert batch_id in await cli(stack, "list")
     rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
