@@ -514,11 +514,13 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
         f"batch {batch_id}  SUBMITTED  3 items  30000 diamonds  150.00 USD",
         "  BATCHED           1 items  50.00 USD",
         "  PAID              2 items  100.00 USD",
+        "  created by ops-cli, request cli-batch-1",
     ]
     status = await cli(stack, "status", batch_id, "--interval", "0.3")
     assert status.splitlines() == [
         f"batch {batch_id}  COMPLETED  3 items  30000 diamonds  150.00 USD",
         "  PAID              3 items  150.00 USD",
+        "  created by ops-cli, request cli-batch-1",
     ]
     rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
     again = next(r for r in rows if r["cashout_id"] == failed["cashout_id"])
