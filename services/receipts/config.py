@@ -196,9 +196,13 @@ class ReceiptsSettings(CommonSettings):
     def _token_uri_problem(self) -> str | None:
         """The service account's token_uri is where its signed assertion goes: https, never the simulator."""
         try:
-            token_uri = json.loads(self.google_service_account_file.read_text()).get("token_uri", "")
-        except (OSError, ValueError, AttributeError) as exc:
-            return f"{PREFIX}GOOGLE_SERVICE_ACCOUNT_FILE cannot be read as a service-account key: {exc}"
+            text = self.google_service_account_file.read_text()
+        except OSError:  # not mounted where this is judged; the Play client names it when used
+            return None
+        try:
+            token_uri = json.loads(text).get("token_uri", "")
+        except (ValueError, AttributeError) as exc:
+            return f"{PREFIX}GOOGLE_SERVICE_ACCOUNT_FILE is not a service-account key: {exc}"
         return self.url_problem("GOOGLE_SERVICE_ACCOUNT_FILE's token_uri", str(token_uri))
 
     def validate(self) -> None:

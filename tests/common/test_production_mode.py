@@ -166,7 +166,7 @@ def safe_receipts(tmp_path: Path) -> ReceiptsSettings:
         ({"pubsub_jwks_url": "https://localhost/certs"}, "PUBSUB_JWKS_URL"),
         ({"apple_api_key_file": Path("var/storesim/apple/SubscriptionKey.p8")}, "APPLE_API_KEY_FILE"),
         ({"apple_root_certs": (Path("var/storesim/apple/root.der"),)}, "APPLE_ROOT_CERTS"),
-        ({"google_service_account_file": Path("missing.json")}, "GOOGLE_SERVICE_ACCOUNT_FILE"),
+        ({"google_service_account_file": Path("/srv/storesim/google/sa.json")}, "GOOGLE_SERVICE_ACCOUNT_FILE"),
     ],
 )
 def test_each_receipts_setting_alone_is_refused(tmp_path: Path, change: dict[str, object], named: str) -> None:
