@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import ClassVar
 
-from services.common.settings import CommonSettings, SettingsError, setting
+from services.common.settings import PREFIX, CommonSettings, SettingsError, setting
 
 
 class ProviderKind(enum.Enum):
@@ -16,6 +17,8 @@ class ProviderKind(enum.Enum):
 @dataclass(frozen=True, kw_only=True, repr=False)
 class PayoutsSettings(CommonSettings):
     """Everything the payouts service reads from the environment."""
+
+    SERVICE: ClassVar[str] = "payouts"
 
     payout_provider: ProviderKind = setting(
         "PAYOUT_PROVIDER", "Payout provider adapter (paypal; the simulator speaks PayPal's API)", ProviderKind.PAYPAL
@@ -55,6 +58,16 @@ class PayoutsSettings(CommonSettings):
         "PAYOUT_SETTLE_CONCURRENCY", "Parallel wallet calls per worker process when settling paid/failed items", 8
     )
     payout_queue: str = setting("PAYOUT_QUEUE", "Celery queue the payout tasks run on", "payouts")
+
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        url = self.url_problem("PAYPAL_API_URL", self.paypal_api_url)
+        if url:
+            problems.append(url)
+        for name in ("paypal_client_id", "paypal_client_secret"):
+            if self.at_default(name):
+                problems.append(f"{PREFIX}{name.upper()} is the development credential")
+        return problems
 
     def validate(self) -> None:
         super().validate()

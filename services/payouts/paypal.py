@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from services.common.catalog import from_minor
+from services.common.outbound import OutboundPolicy
 from services.payouts.domain.model import PayoutLine
 from services.payouts.domain.ports import (
     ItemOutcome,
@@ -61,11 +62,12 @@ class PayPalProvider:
         timeout_seconds: float,
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._client_id = client_id
         self._secret = client_secret
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout_seconds))
+        self._http = (outbound or OutboundPolicy()).client(timeout_seconds)
         self._monotonic = monotonic
         self._token = ""
         self._token_expires = 0.0

@@ -10,6 +10,7 @@ from services.common.celery_app import MAX_COUNTDOWN_SECONDS
 from services.common.clock import Clock
 from services.common.db import Database
 from services.common.failpoints import Failpoints
+from services.common.outbound import OutboundPolicy
 from services.payouts.config import PayoutsSettings, ProviderKind
 from services.payouts.domain.pipeline import Pipeline
 from services.payouts.domain.ports import PayoutProvider, WalletPort
@@ -41,6 +42,7 @@ def build_provider(settings: PayoutsSettings) -> PayoutProvider:
             settings.paypal_client_id,
             settings.paypal_client_secret,
             settings.paypal_timeout_seconds,
+            outbound=OutboundPolicy.from_settings(settings),
         )
     raise ValueError(f"no adapter for payout provider {settings.payout_provider}")
 
