@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from services.common.actor import FIELDS, actor_columns
 from services.common.idempotency import request_log_table
 
 metadata = sa.MetaData()
@@ -37,18 +38,10 @@ transactions = sa.Table(
     sa.Column("reference", sa.String(512), nullable=False),
     sa.Column("sandbox", sa.Boolean, nullable=False),
     # Who moved the value (services.common.actor.Actor); NULL on rows from before wallet_0005.
-    sa.Column("actor_subject", sa.Text, nullable=True),
-    sa.Column("actor_key_id", sa.Text, nullable=True),
-    sa.Column("actor_acting_for", sa.Text, nullable=True),
-    sa.Column("actor_request_id", sa.Text, nullable=True),
+    *actor_columns(),
 )
 # The columns that say who moved a transaction's value, in Actor's order.
-MOVED_BY = (
-    transactions.c.actor_subject,
-    transactions.c.actor_key_id,
-    transactions.c.actor_acting_for,
-    transactions.c.actor_request_id,
-)
+MOVED_BY = tuple(transactions.c[f"actor_{name}"] for name in FIELDS)
 entries = sa.Table(
     "wallet_entries",
     metadata,

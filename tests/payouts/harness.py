@@ -185,7 +185,8 @@ def settings_env(settings: PayoutsSettings) -> dict[str, str]:
             "COINSTORE_PAYOUT_SETTLE_CONCURRENCY": str(settings.payout_settle_concurrency),
             "COINSTORE_LOG_FORMAT": "text",
             "COINSTORE_LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(REPO_ROOT),
+            # The generated code of this tree, not whatever the environment points at.
+            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'gen'}",
         }
     )
     return env
