@@ -1,0 +1,17 @@
+"""System scenarios: the real processes on PostgreSQL and a real broker, each
+bounded in time and followed by `coinstore wallet audit` (tests/system/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.system.harness import System, run_demo
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.mark.timeout(240)
+def test_the_demo_journey_runs_to_the_end(system: System) -> None:
+    output = run_demo(system)
+    assert "PayPal paid 93.00 USD" in output
+    assert "audit clean" in output
