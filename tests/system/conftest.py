@@ -39,7 +39,7 @@ def pytest_runtest_makereport(
         report.sections.append(
             (
                 "system seed",
-                f"seed {seed}: replay with {SEED_VARIABLE}={seed} pytest '{item.nodeid}' or make soak SEED={seed}",
+                f"seed {seed}: replay with {SEED_VARIABLE}={seed} pytest '{item.nodeid}'",
             )
         )
     return report

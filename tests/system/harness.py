@@ -269,6 +269,7 @@ def system_env(directory: Path, database_url: str, broker_url: str, keys: Keys) 
             "PAYOUTS_GRPC_PORT",
             "WEBHOOK_PORT",
             "STORESIM_PORT",
+            "RECEIPTS_METRICS_PORT",
         )
     }
     state = directory / "storesim"
@@ -279,7 +280,6 @@ def system_env(directory: Path, database_url: str, broker_url: str, keys: Keys) 
         **dev_defaults(sim, str(state)),
         "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'gen'}",
         **{f"COINSTORE_{k}": str(v) for k, v in ports.items()},
-        "COINSTORE_RECEIPTS_METRICS_PORT": "0",
         "COINSTORE_WALLET_METRICS_PORT": "0",
         "COINSTORE_PAYOUTS_METRICS_PORT": "0",
         "COINSTORE_DATABASE_URL": database_url,

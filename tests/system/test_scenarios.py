@@ -3,8 +3,11 @@ bounded in time and followed by `coinstore wallet audit` (tests/system/conftest.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from tests.system import scenarios
 from tests.system.harness import System, run_demo
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -15,3 +18,12 @@ def test_the_demo_journey_runs_to_the_end(system: System) -> None:
     output = run_demo(system)
     assert "PayPal paid 93.00 USD" in output
     assert "audit clean" in output
+
+
+STORM_PURCHASES = 200
+
+
+@pytest.mark.timeout(300)
+def test_duplicate_storm_credits_each_purchase_once(system: System, seed: int) -> None:
+    proof = scenarios.duplicate_storm(system, random.Random(seed), STORM_PURCHASES)
+    assert proof.operations["purchases"] == STORM_PURCHASES
