@@ -71,7 +71,9 @@ class WebhookMetrics:
 
 
 def create_webhook_app(deps: WebhookDeps) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    # The stores send plain JSON; decoding a Content-Encoding in the HTTP parser would
+    # let a sender make a 1 MiB limit of compressed bytes, and a bad stream can stall it.
+    app = web.Application(client_max_size=MAX_BODY_BYTES, handler_args={"auto_decompress": False})
     instruments = WebhookMetrics(deps.metrics)
 
     async def read_body(request: web.Request) -> bytes:
@@ -81,6 +83,8 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise Rejected(413, "body over 1 MiB") from None
+        except web.RequestPayloadError:  # e.g. a body shorter than its Content-Length
+            raise Rejected(400, "body cannot be read") from None
 
     async def accept(item: NewNotification) -> web.Response:
         # On the database's own pool (sized to its connections), not the loop's small default executor.
