@@ -12,13 +12,14 @@ No pytest here: ``python -m tests.system.soak`` drives the same harness.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -196,19 +197,19 @@ class System:
     def metadata(self, *scopes: str) -> tuple[tuple[str, str], ...]:
         return self.keys.metadata(*(scopes or APP_SCOPES), subject="system-test")
 
-    def _channel(self, service: str) -> grpc.Channel:
+    def channel(self, service: str) -> grpc.Channel:
         channel = grpc.insecure_channel(self.address(service))
         self.channels.append(channel)
         return channel
 
     def receipts(self) -> rpb_grpc.ReceiptServiceStub:
-        return rpb_grpc.ReceiptServiceStub(self._channel("receipts"))
+        return rpb_grpc.ReceiptServiceStub(self.channel("receipts"))
 
     def wallet(self) -> wpb_grpc.WalletServiceStub:
-        return wpb_grpc.WalletServiceStub(self._channel("wallet"))
+        return wpb_grpc.WalletServiceStub(self.channel("wallet"))
 
     def payouts(self) -> ppb_grpc.PayoutServiceStub:
-        return ppb_grpc.PayoutServiceStub(self._channel("payouts"))
+        return ppb_grpc.PayoutServiceStub(self.channel("payouts"))
 
     def balance(self, account: str) -> wpb.Balance:
         reply = self.wallet().GetBalance(
@@ -390,9 +391,18 @@ def run_demo(system: System, timeout: float = 180) -> str:
 
 
 def http_status(url: str, body: bytes, headers: Mapping[str, str], timeout: float = 30) -> int:
-    request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
+    """POST ``body``; the status, read even when the server answered (413) before the
+    body was sent in full and closed the connection; 0 if it closed without answering."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return int(reply.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
+        with suppress(BrokenPipeError, ConnectionResetError):
+            connection.request("POST", parts.path, body=body, headers=dict(headers))
+        try:
+            reply = connection.getresponse()
+        except (http.client.HTTPException, ConnectionError):
+            return 0
+        reply.read()
+        return int(reply.status)
+    finally:
+        connection.close()

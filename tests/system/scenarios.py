@@ -4,6 +4,7 @@ same code. Each returns what it proved, for the soak's summary."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import urllib.request
@@ -13,8 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+
 from coinstore.receipts.v1 import receipt_service_pb2 as rpb
-from tests.system.harness import System, SystemFailure, wait_until
+from tests.support.descriptors import Rpc, all_rpcs, request_bytes
+from tests.support.status import error_info
+from tests.system.harness import SERVICES, System, SystemFailure, http_status, wait_until
 
 APPLE_PACKS = {"com.coinstore.coins.70": 70, "com.coinstore.coins.350": 350, "com.coinstore.coins.1400": 1400}
 PLAY_PACKS = {"coins_70": 70, "coins_350": 350, "coins_1400": 1400}
@@ -227,3 +235,137 @@ def check_credited(system: System, purchases: list[Purchase]) -> None:
         ).purchase
         if found.state != rpb.PURCHASE_STATE_CREDITED or found.account_id != purchase.account:
             raise SystemFailure(f"{purchase}: {rpb.PurchaseState.Name(found.state)} for {found.account_id}")
+
+
+# -- abuse: every RPC and every webhook fuzzed on the wire ------------------------
+
+# Statuses a coinstore RPC may answer (CONVENTIONS.md); never INTERNAL, UNKNOWN, DATA_LOSS.
+DOCUMENTED = frozenset(
+    {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+# What a store's webhook may answer to something it did not sign (README: never 500).
+WEBHOOK_REFUSALS = frozenset({400, 401, 403, 413})
+MAX_WEBHOOK_BODY = 1024 * 1024
+WEBHOOKS = ("/notifications/apple/v2", "/notifications/google")
+
+
+def _fuzz_settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def fuzz_rpcs(system: System, seed: int, examples: int) -> Proof:
+    """Every RPC of the three services with requests drawn from its descriptor, sent as
+    raw bytes with a token holding every scope: only documented statuses, each error
+    with its ErrorInfo."""
+    metadata = system.metadata(*sorted({rpc.scope for rpc in all_rpcs()}))
+    channels = {service: system.channel(service) for service in SERVICES}
+    proof = Proof()
+    for rpc in all_rpcs():
+        _fuzz_rpc(rpc, channels[rpc.path.split(".")[1]], metadata, seed, examples, proof)
+    proof.operations["rpcs fuzzed"] = len(list(all_rpcs()))
+    return proof
+
+
+def _fuzz_rpc(
+    rpc: Rpc, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...], seed: int, examples: int, proof: Proof
+) -> None:
+    call = channel.unary_unary(rpc.path, request_serializer=None, response_deserializer=None)
+
+    @_fuzz_settings(examples)
+    @given(payload=request_bytes(rpc.method.input_type))
+    def check(payload: bytes) -> None:
+        try:
+            call(payload, metadata=metadata, timeout=60)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            code = error.code()  # type: ignore[attr-defined]
+            if code not in DOCUMENTED:
+                detail = error.details()  # type: ignore[attr-defined]
+                raise SystemFailure(f"{rpc.path} answered {code.name}: {detail}") from None
+            if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                info = error_info(error)
+                if info.domain != "coinstore" or not info.reason:
+                    raise SystemFailure(f"{rpc.path} {code.name} without a coinstore ErrorInfo") from None
+        proof.operations[f"rpc {code.name}"] += 1
+
+    hypothesis_seed(seed)(check)()
+
+
+@st.composite
+def webhook_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
+    jwt_like = st.builds(
+        lambda a, b, c: f"{a}.{b}.{c}", st.text(max_size=40), st.text(max_size=400), st.text(max_size=90)
+    )
+    body = draw(
+        st.one_of(
+            st.binary(max_size=2048),
+            st.text(max_size=500).map(str.encode),
+            st.builds(lambda p: json.dumps({"signedPayload": p}).encode(), st.one_of(jwt_like, st.integers())),
+            st.builds(
+                lambda data, mid: json.dumps(
+                    {"message": {"data": data, "messageId": mid}, "subscription": "projects/x/subscriptions/y"}
+                ).encode(),
+                st.one_of(st.text(max_size=200), st.integers()),
+                st.one_of(st.text(max_size=20), st.none()),
+            ),
+            st.sampled_from([b"", b"{}", b"[]", b"null", b'{"signedPayload": null}', b"\x00" * 64]),
+            st.integers(1024 * 1024 - 16, 1024 * 1024 + 4096).map(lambda n: b"{" + b" " * n + b"}"),
+            st.text(max_size=200).map(lambda t: t.encode("utf-16")),
+        )
+    )
+    headers = {
+        "Content-Type": draw(
+            st.sampled_from(["application/json", "text/plain", "application/json; charset=latin-1", "", "x/y"])
+        )
+    }
+    authorization = draw(st.one_of(st.none(), jwt_like.map(lambda t: f"Bearer {t}"), st.text(max_size=60)))
+    if authorization is not None and authorization.isprintable() and authorization.isascii():
+        headers["Authorization"] = authorization
+    if draw(st.booleans()):
+        headers["Content-Encoding"] = draw(st.sampled_from(["gzip", "deflate", "br", "identity", "x"]))
+    return body, headers
+
+
+def fuzz_webhooks(system: System, seed: int, examples: int) -> Proof:
+    """Both store webhooks with random bodies, headers and encodings: only the
+    documented refusals, never a 500."""
+    proof = Proof()
+    for path in WEBHOOKS:
+        _fuzz_webhook(system.webhook_url + path, seed, examples, proof)
+    return proof
+
+
+def _fuzz_webhook(url: str, seed: int, examples: int, proof: Proof) -> None:
+    @_fuzz_settings(examples)
+    @given(request=webhook_requests())
+    def check(request: tuple[bytes, dict[str, str]]) -> None:
+        body, headers = request
+        status = http_status(url, body, headers)
+        if status == 0 and len(body) > MAX_WEBHOOK_BODY:
+            status = 413  # refused before it was sent in full: the sender saw the connection close
+        if status not in WEBHOOK_REFUSALS:
+            raise SystemFailure(f"POST {url} {headers} {body[:200]!r} answered {status}")
+        proof.operations[f"webhook {status}"] += 1
+
+    hypothesis_seed(seed)(check)()
+
+
+def check_serving(system: System) -> None:
+    serving = system.serving()
+    if not all(serving.values()):
+        raise SystemFailure(f"not every service is SERVING after the abuse: {serving}")

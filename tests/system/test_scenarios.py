@@ -27,3 +27,16 @@ STORM_PURCHASES = 200
 def test_duplicate_storm_credits_each_purchase_once(system: System, seed: int) -> None:
     proof = scenarios.duplicate_storm(system, random.Random(seed), STORM_PURCHASES)
     assert proof.operations["purchases"] == STORM_PURCHASES
+
+
+FUZZ_EXAMPLES = 20
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("system_broker", ["redis"], indirect=True)
+def test_abuse_gets_documented_answers_and_everything_keeps_serving(system: System, seed: int) -> None:
+    rpcs = scenarios.fuzz_rpcs(system, seed, FUZZ_EXAMPLES)
+    webhooks = scenarios.fuzz_webhooks(system, seed, FUZZ_EXAMPLES * 5)
+    scenarios.check_serving(system)
+    assert rpcs.operations["rpcs fuzzed"] >= 30
+    assert sum(webhooks.operations.values()) == FUZZ_EXAMPLES * 5 * len(scenarios.WEBHOOKS)
