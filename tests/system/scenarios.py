@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
@@ -19,13 +22,18 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
+from coinstore.payouts.v1 import payout_service_pb2 as ppb
 from coinstore.receipts.v1 import receipt_service_pb2 as rpb
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from tests.support.descriptors import Rpc, all_rpcs, request_bytes
+from tests.support.failpoints import fired_pid
 from tests.support.status import error_info
 from tests.system.harness import SERVICES, System, SystemFailure, http_status, wait_until
 
 APPLE_PACKS = {"com.coinstore.coins.70": 70, "com.coinstore.coins.350": 350, "com.coinstore.coins.1400": 1400}
 PLAY_PACKS = {"coins_70": 70, "coins_350": 350, "coins_1400": 1400}
+BIG_PACKS = {"apple": "com.coinstore.coins.7000", "play": "coins_7000"}
+COINS = {**APPLE_PACKS, **PLAY_PACKS, BIG_PACKS["apple"]: 7000, BIG_PACKS["play"]: 7000}
 REPORTS_PER_PATH = 5
 STORM_THREADS = 24
 
@@ -71,6 +79,22 @@ def bind(system: System, accounts: list[str]) -> dict[str, rpb.GetPurchaseBindin
     }
 
 
+def buy_one(
+    system: System, store: str, account: str, product: str, binding: rpb.GetPurchaseBindingResponse
+) -> Purchase:
+    """One Production purchase of ``product`` in the simulator, as the device makes it."""
+    if store == "apple":
+        reply = system.sim("/apple/buy", {"productId": product, "appAccountToken": binding.app_account_token})
+        coins = {**APPLE_PACKS, BIG_PACKS["apple"]: 7000}[product]
+        return Purchase(store, account, product, coins, str(reply["transactionId"]), reply["signedTransaction"])
+    reply = system.sim(
+        "/google/sim/purchases", {"productId": product, "obfuscatedAccountId": binding.obfuscated_account_id}
+    )
+    return Purchase(
+        store, account, product, {**PLAY_PACKS, BIG_PACKS["play"]: 7000}[product], str(reply["purchaseToken"])
+    )
+
+
 def buy(system: System, rng: random.Random, accounts: list[str], count: int) -> list[Purchase]:
     """``count`` Production purchases in the simulator, each for a random account and
     store; the simulator's own notifications of them are lost on purpose, so the
@@ -79,32 +103,12 @@ def buy(system: System, rng: random.Random, accounts: list[str], count: int) -> 
     stores = [rng.choice(("apple", "play")) for _ in range(count)]
     system.sim("/apple/notifications/config", {"auto": False})
     system.sim("/pubsub/control/config", {"lose_next": stores.count("play")})
-    purchases = []
     try:
+        purchases = []
         for store in stores:
             account = rng.choice(accounts)
-            if store == "apple":
-                product = rng.choice(sorted(APPLE_PACKS))
-                reply = system.sim(
-                    "/apple/buy", {"productId": product, "appAccountToken": bindings[account].app_account_token}
-                )
-                purchases.append(
-                    Purchase(
-                        store,
-                        account,
-                        product,
-                        APPLE_PACKS[product],
-                        str(reply["transactionId"]),
-                        reply["signedTransaction"],
-                    )
-                )
-            else:
-                product = rng.choice(sorted(PLAY_PACKS))
-                reply = system.sim(
-                    "/google/sim/purchases",
-                    {"productId": product, "obfuscatedAccountId": bindings[account].obfuscated_account_id},
-                )
-                purchases.append(Purchase(store, account, product, PLAY_PACKS[product], str(reply["purchaseToken"])))
+            product = rng.choice(sorted(APPLE_PACKS if store == "apple" else PLAY_PACKS))
+            purchases.append(buy_one(system, store, account, product, bindings[account]))
     finally:
         system.sim("/apple/notifications/config", {"auto": True})
         system.sim("/pubsub/control/config", {"lose_next": 0})
@@ -369,3 +373,236 @@ def check_serving(system: System) -> None:
     serving = system.serving()
     if not all(serving.values()):
         raise SystemFailure(f"not every service is SERVING after the abuse: {serving}")
+
+
+# -- crash matrix: processes killed at named failpoints during mixed load ----------
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+# Where each process may die (services/common/failpoints.py); the seed picks one per
+# process and the hit it fires on (up to the number given). Workers die with their
+# pool (kill-group) on the first hit: each pool process counts its own hits; the
+# wallet's group commit makes one hit of a whole batch of gifts or credits.
+CRASH_POINTS: dict[str, tuple[tuple[str, int], ...]] = {
+    "wallet": (("wallet.credit.before_commit", 1), ("wallet.debit.before_commit", 1)),
+    "receipts": (
+        ("receipts.credit.before_wallet", 3),
+        ("receipts.credit.after_wallet", 3),
+        ("receipts.webhook.after_commit", 3),
+    ),
+    "receipts-worker": (("receipts.notification.after_effect", 1),),
+    "payouts-worker": (
+        ("payouts.submit.after_provider", 1),
+        ("payouts.poll.before_settle", 1),
+        ("payouts.settle.after_wallet", 1),
+    ),
+}
+
+
+def retrying(what: str, call: Callable[[], Any], timeout: float = 90) -> Any:
+    """``call`` until it answers; a dependency that is down (UNAVAILABLE, a deadline, a
+    conflict) is retried, anything else fails the scenario."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            code = error.code()  # type: ignore[attr-defined]
+            if code not in RETRYABLE:
+                raise SystemFailure(f"{what}: {code.name} {error.details()}") from None  # type: ignore[attr-defined]
+            if time.monotonic() > deadline:
+                raise SystemFailure(f"{what}: still {code.name} after {timeout:.0f}s") from None
+            time.sleep(0.3)
+
+
+class Supervisor:
+    """Restarts any process that died (a failpoint fired), as an orchestrator would."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.restarts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+        if self.error is not None:
+            raise SystemFailure(f"a restart failed: {self.error}")
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(0.2):
+                for name in list(self.system.processes):
+                    if self.system.exited(name):
+                        self.system.wait_exited(name, 10)
+                        self.restarts[name] += 1
+                        self.system.start(name)
+                        self.system.wait_serving(name)
+        except BaseException as exc:  # reported by __exit__
+            self.error = exc
+
+
+def arm_failpoints(system: System, rng: random.Random, targets: tuple[str, ...]) -> dict[str, str]:
+    """Restart each of ``targets`` with one failpoint armed, chosen by the seed."""
+    armed = {}
+    for name in targets:
+        point, most = rng.choice(CRASH_POINTS[name])
+        action = "kill-group" if name.endswith("worker") else "kill"
+        armed[point] = name
+        system.kill(name)
+        system.start(name, FAILPOINTS=f"{point}={action}@{rng.randint(1, most)}")
+    system.wait_serving(*(n for n in targets if n in SERVICES))
+    return armed
+
+
+def crash_matrix(system: System, rng: random.Random, fans: int = 4, timeout: float = 240) -> Proof:
+    """Purchases, gifts, refunds and a payout batch while the wallet, the receipts
+    service, the receipts worker and the payouts worker are each killed at a seeded
+    failpoint and restarted: every acknowledged credit is there once, every
+    acknowledged gift once, no cash-out paid twice at PayPal."""
+    proof = Proof()
+    armed = arm_failpoints(system, rng, tuple(CRASH_POINTS))
+    proof.faults.update(f"kill {name} at {point}" for point, name in armed.items())
+    accounts = [f"crash-fan-{rng.getrandbits(40):010x}" for _ in range(fans)]
+    creators = [f"crash-creator-{rng.getrandbits(40):010x}" for _ in range(max(2, fans // 2))]
+    bindings = bind(system, accounts)
+    receipts, wallet, payouts = system.receipts(), system.wallet(), system.payouts()
+    app, ops = system.metadata(), system.metadata("payouts:ops")
+
+    with Supervisor(system) as supervisor:
+        purchases = []
+        for i in range(fans * 3):
+            account, store = accounts[i % fans], rng.choice(("apple", "play"))
+            purchases.append(buy_one(system, store, account, BIG_PACKS[store], bindings[account]))
+
+        def acknowledge(purchase: Purchase) -> int:
+            report = app_report(system, purchase, 0)
+            return int(retrying(f"verify {purchase.transaction_id}", report))
+
+        with ThreadPoolExecutor(8) as pool:
+            states = list(pool.map(acknowledge, purchases))
+        if set(states) - {rpb.PURCHASE_STATE_CREDITED, rpb.PURCHASE_STATE_ALREADY_CREDITED}:
+            raise SystemFailure(f"verify answered {Counter(states)}")
+        proof.operations["purchases acknowledged"] += len(purchases)
+
+        gifts: Counter[str] = Counter()
+
+        def gift(n: int) -> None:
+            sender, creator = accounts[n % fans], creators[n % len(creators)]
+            request = wpb.SendGiftRequest(
+                request_id=f"crash-gift-{sender}-{n}",
+                sender_account_id=sender,
+                creator_account_id=creator,
+                gift_id="rainbow",
+                count=rng.randint(20, 60),
+            )
+            retrying(f"gift {n}", lambda: wallet.SendGift(request, metadata=app, timeout=30))
+            gifts[sender] += 1
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(gift, range(fans * 4)))
+        proof.operations["gifts acknowledged"] += sum(gifts.values())
+
+        refunded = rng.sample(purchases, k=max(1, len(purchases) // 4))
+        for purchase in refunded:
+            if purchase.store == "apple":
+                system.sim("/apple/refund", {"transactionId": purchase.transaction_id})
+            else:
+                system.sim(f"/google/sim/purchases/{purchase.transaction_id}/refund", {})
+        proof.operations["refunds by notification"] += len(refunded)
+
+        def refund_applied(purchase: Purchase) -> bool:
+            store = rpb.STORE_APP_STORE if purchase.store == "apple" else rpb.STORE_GOOGLE_PLAY
+            request = rpb.GetPurchaseRequest(store=store, store_transaction_id=purchase.transaction_id)
+            found = retrying("GetPurchase", lambda: receipts.GetPurchase(request, metadata=app, timeout=30))
+            return bool(found.purchase.state == rpb.PURCHASE_STATE_REFUNDED)
+
+        wait_until("every refund applied", lambda: all(refund_applied(p) for p in refunded), timeout, interval=0.5)
+
+        cashouts = [c for c in (cash_out(system, creator) for creator in creators) if c is not None]
+        proof.operations["cash-outs"] += len(cashouts)
+        if cashouts:
+            create = ppb.CreatePayoutBatchRequest(request_id=f"crash-batch-{rng.getrandbits(32)}")
+            batch = retrying("batch", lambda: payouts.CreatePayoutBatch(create, metadata=ops, timeout=30)).batch
+
+            def completed() -> bool:
+                get = ppb.GetPayoutBatchRequest(batch_id=batch.batch_id)
+                found = retrying("batch", lambda: payouts.GetPayoutBatch(get, metadata=ops, timeout=30)).batch
+                return bool(found.state == ppb.BATCH_STATE_COMPLETED)
+
+            wait_until(f"batch {batch.batch_id} completed", completed, timeout, interval=0.5)
+            proof.operations["payout batches"] += 1
+        try:
+            wait_until(
+                "every armed failpoint fired", lambda: all(fired_pid(system.failpoints_dir, p) for p in armed), 30
+            )
+        except SystemFailure:
+            missing = [p for p in armed if not fired_pid(system.failpoints_dir, p)]
+            raise SystemFailure(f"failpoints never reached: {missing} ({len(cashouts)} cash-outs)") from None
+        wait_until("every killed process restarted", lambda: all(not system.exited(n) for n in armed.values()), 60)
+    proof.faults.update({f"restart {n}": c for n, c in supervisor.restarts.items()})
+
+    check_once(system, accounts, purchases, gifts)
+    check_paid_once(system, cashouts)
+    return proof
+
+
+def cash_out(system: System, creator: str) -> ppb.Cashout | None:
+    """A PayPal destination, verified by ops, and a cash-out of every withdrawable
+    diamond (None below the minimum)."""
+    payouts, app, ops = system.payouts(), system.metadata(), system.metadata("payouts:ops")
+    destination = ppb.PayoutDestination(provider=ppb.PROVIDER_PAYPAL, receiver=f"{creator}@example.com")
+    set_request = ppb.SetPayoutDestinationRequest(
+        request_id=f"dest-{creator}", creator_account_id=creator, destination=destination
+    )
+    retrying("destination", partial(payouts.SetPayoutDestination, set_request, metadata=app, timeout=30))
+    verify = ppb.VerifyPayoutDestinationRequest(request_id=f"verify-{creator}", creator_account_id=creator)
+    retrying("verify", partial(payouts.VerifyPayoutDestination, verify, metadata=ops, timeout=30))
+    withdrawable = retrying("balance", partial(system.balance, creator)).diamonds_withdrawable
+    if withdrawable < 10_000:
+        return None
+    request = ppb.RequestCashoutRequest(
+        request_id=f"cashout-{creator}", creator_account_id=creator, diamonds=withdrawable
+    )
+    reply = retrying("cash-out", partial(payouts.RequestCashout, request, metadata=app, timeout=30))
+    return reply.cashout  # type: ignore[no-any-return]
+
+
+def history(system: System, account: str, kind: wpb.TransactionKind.ValueType) -> list[wpb.Transaction]:
+    wallet, metadata, rows, token = system.wallet(), system.metadata("wallet:read"), [], ""
+    while True:
+        page = wallet.ListTransactions(
+            wpb.ListTransactionsRequest(account_id=account, page_size=500, page_token=token, kinds=[kind]),
+            metadata=metadata,
+            timeout=30,
+        )
+        rows += list(page.transactions)
+        token = page.next_page_token
+        if not token:
+            return rows
+
+
+def check_once(system: System, accounts: list[str], purchases: list[Purchase], gifts: Counter[str]) -> None:
+    """Every acknowledged purchase credited once and every acknowledged gift sent once."""
+    for account in accounts:
+        mine = sorted(p.transaction_id for p in purchases if p.account == account)
+        credited = sorted(t.reference for t in history(system, account, wpb.TRANSACTION_KIND_PURCHASE))
+        if credited != mine:
+            raise SystemFailure(f"{account}: credited {credited}, acknowledged {mine}")
+        sent = len(history(system, account, wpb.TRANSACTION_KIND_GIFT_SENT))
+        if sent != gifts[account]:
+            raise SystemFailure(f"{account}: {sent} gifts in the ledger, {gifts[account]} acknowledged")
+
+
+def check_paid_once(system: System, cashouts: list[ppb.Cashout]) -> None:
+    """PayPal paid each cash-out exactly once (the simulator's own record)."""
+    payments = system.sim("/paypal/sim/payments")["payments"]
+    paid = Counter(p["sender_item_id"].rsplit("-", 1)[0] for p in payments)
+    for cashout in cashouts:
+        if paid[cashout.cashout_id] != 1:
+            raise SystemFailure(f"cash-out {cashout.cashout_id} paid {paid[cashout.cashout_id]} times at PayPal")

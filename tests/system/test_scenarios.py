@@ -40,3 +40,9 @@ def test_abuse_gets_documented_answers_and_everything_keeps_serving(system: Syst
     scenarios.check_serving(system)
     assert rpcs.operations["rpcs fuzzed"] >= 30
     assert sum(webhooks.operations.values()) == FUZZ_EXAMPLES * 5 * len(scenarios.WEBHOOKS)
+
+
+@pytest.mark.timeout(300)
+def test_crash_matrix_loses_nothing_and_pays_once(system: System, seed: int) -> None:
+    proof = scenarios.crash_matrix(system, random.Random(seed))
+    assert len([f for f in proof.faults if f.startswith("kill ")]) == len(scenarios.CRASH_POINTS)
