@@ -9,15 +9,18 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
@@ -25,8 +28,10 @@ from hypothesis import strategies as st
 from coinstore.payouts.v1 import payout_service_pb2 as ppb
 from coinstore.receipts.v1 import receipt_service_pb2 as rpb
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
+from services.common.db import normalize_url
 from tests.support.descriptors import Rpc, all_rpcs, request_bytes
 from tests.support.failpoints import fired_pid
+from tests.support.faultproxy import Mode, fault_proxy
 from tests.support.status import error_info
 from tests.system.harness import SERVICES, System, SystemFailure, http_status, wait_until
 
@@ -115,7 +120,7 @@ def buy(system: System, rng: random.Random, accounts: list[str], count: int) -> 
     return purchases
 
 
-def app_report(system: System, purchase: Purchase, attempt: int) -> Callable[[], int]:
+def app_report(system: System, purchase: Purchase, attempt: int, timeout: float = 60) -> Callable[[], int]:
     """VerifyApplePurchase / VerifyGooglePurchase as the app backend calls it; returns the PurchaseState."""
     stub, metadata = system.receipts(), system.metadata("purchases:verify")
     request_id = f"storm-{purchase.transaction_id[:40]}-{attempt}"
@@ -127,7 +132,7 @@ def app_report(system: System, purchase: Purchase, attempt: int) -> Callable[[],
                     request_id=request_id, account_id=purchase.account, signed_transaction=purchase.signed
                 ),
                 metadata=metadata,
-                timeout=60,
+                timeout=timeout,
             )
             return int(apple.purchases[0].state)
         play = stub.VerifyGooglePurchase(
@@ -138,7 +143,7 @@ def app_report(system: System, purchase: Purchase, attempt: int) -> Callable[[],
                 purchase_token=purchase.transaction_id,
             ),
             metadata=metadata,
-            timeout=60,
+            timeout=timeout,
         )
         return int(play.purchase.state)
 
@@ -606,3 +611,147 @@ def check_paid_once(system: System, cashouts: list[ppb.Cashout]) -> None:
     for cashout in cashouts:
         if paid[cashout.cashout_id] != 1:
             raise SystemFailure(f"cash-out {cashout.cashout_id} paid {paid[cashout.cashout_id]} times at PayPal")
+
+
+# -- dependency faults: a fault proxy between the processes and what they depend on --
+
+FAULT_MODES = (Mode.DROP, Mode.HANG, Mode.RESET)
+FAULT_TARGETS = ("postgresql", "broker", "simulator", "terminate-backends")
+FAULT_SECONDS = 3.0
+FAULT_CALL_TIMEOUT = 5.0
+
+
+def _with_port(url: str, port: int) -> str:
+    parts = urllib.parse.urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    host = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def _target(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname or "127.0.0.1", int(parts.port or 0)
+
+
+def terminate_backends(database_url: str) -> int:
+    """pg_terminate_backend for every other session of this test's own database (only)."""
+    engine = sa.create_engine(normalize_url(database_url), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return len(rows)
+
+
+def dependency_faults(system: System, rng: random.Random, episodes: int = 4, timeout: float = 180) -> Proof:
+    """The wallet and receipts reach PostgreSQL, the receipts processes the broker and
+    the receipts service the store APIs through fault proxies; in seeded episodes one
+    dependency drops, hangs or resets (or its sessions are terminated) while purchases
+    and gifts are made: every call answers or fails UNAVAILABLE (or the caller's
+    deadline), a retry after the fault succeeds, and the ledger holds each exactly once."""
+    proof = Proof()
+    with ExitStack() as stack:
+        proxies = {
+            "postgresql": stack.enter_context(fault_proxy(*_target(system.database_url))),
+            "broker": stack.enter_context(fault_proxy(*_target(system.broker_url))),
+            "simulator": stack.enter_context(fault_proxy("127.0.0.1", system.port("STORESIM_PORT"))),
+        }
+        database = _with_port(system.database_url, proxies["postgresql"].port)
+        broker = _with_port(system.broker_url, proxies["broker"].port)
+        sim = f"http://127.0.0.1:{proxies['simulator'].port}"
+        for name in ("wallet", "receipts", "receipts-worker"):
+            system.kill(name)
+        system.start("wallet", DATABASE_URL=database)
+        system.start(
+            "receipts",
+            DATABASE_URL=database,
+            BROKER_URL=broker,
+            GOOGLE_API_ENDPOINT=sim + "/",
+            APPLE_API_URL=sim + "/apple/production",
+        )
+        system.start("receipts-worker", DATABASE_URL=database, BROKER_URL=broker)
+        system.wait_serving("wallet", "receipts")
+
+        accounts = [f"fault-fan-{rng.getrandbits(40):010x}" for _ in range(3)]
+        creator = f"fault-creator-{rng.getrandbits(40):010x}"
+        bindings = bind(system, accounts)
+        wallet, app = system.wallet(), system.metadata()
+        purchases: list[Purchase] = []
+        gifts: list[wpb.SendGiftRequest] = []
+        outcomes: Counter[str] = Counter()
+        order = rng.sample(FAULT_TARGETS, len(FAULT_TARGETS))
+
+        def attempt(call: Callable[[], Any]) -> None:
+            try:
+                call()
+                outcomes["OK"] += 1
+            except grpc.RpcError as error:
+                code = error.code()  # type: ignore[attr-defined]
+                if code not in RETRYABLE:
+                    detail = error.details()  # type: ignore[attr-defined]
+                    raise SystemFailure(f"under a fault: {code.name} {detail}") from None
+                outcomes[code.name] += 1
+
+        for episode in range(episodes):
+            # Every target once (in seeded order), then seeded picks.
+            target = order[episode] if episode < len(order) else rng.choice(FAULT_TARGETS)
+            mode = rng.choice(FAULT_MODES)
+            # Work of this episode: made before the fault, sent during it.
+            batch = []
+            for account in accounts:
+                store = rng.choice(("apple", "play"))
+                product = rng.choice(sorted(APPLE_PACKS if store == "apple" else PLAY_PACKS))
+                batch.append(buy_one(system, store, account, product, bindings[account]))
+            purchases += batch
+            if target == "terminate-backends":
+                proof.faults[f"pg_terminate_backend ({terminate_backends(system.database_url)} sessions)"] += 1
+            else:
+                proxies[target].set_mode(mode)
+                proof.faults[f"{target} {mode.value}"] += 1
+            try:
+                with ThreadPoolExecutor(6) as pool:
+                    calls = [app_report(system, p, episode, FAULT_CALL_TIMEOUT) for p in batch]
+                    list(pool.map(attempt, calls))
+                time.sleep(0 if target == "terminate-backends" else FAULT_SECONDS)
+            finally:
+                for proxy in proxies.values():
+                    proxy.set_mode(Mode.PASS)
+            for p in batch:
+                retrying(f"verify {p.transaction_id} after the fault", app_report(system, p, episode, 30))
+            spend = min(system.balance(a).coins for a in accounts) // 2
+            if spend:
+                for account in accounts:
+                    request = wpb.SendGiftRequest(
+                        request_id=f"fault-gift-{account}-{episode}",
+                        sender_account_id=account,
+                        creator_account_id=creator,
+                        gift_id="rose",
+                        count=spend,
+                    )
+                    gifts.append(request)
+                    retrying("gift", partial(wallet.SendGift, request, metadata=app, timeout=30))
+        proof.operations.update({f"calls under faults: {k}": v for k, v in outcomes.items()})
+        proof.operations["purchases"] += len(purchases)
+        proof.operations["gifts"] += len(gifts)
+
+        expected = expected_coins(purchases)
+        for request in gifts:
+            expected[request.sender_account_id] -= request.count
+        wait_until("balances settle", lambda: all(system.balance(a).coins == c for a, c in expected.items()), timeout)
+        check_balances(system, expected)
+        diamonds = system.balance(creator).diamonds
+        if diamonds != sum(g.count for g in gifts):
+            raise SystemFailure(f"the creator holds {diamonds} diamonds for {sum(g.count for g in gifts)} gifted coins")
+        check_credited(system, purchases)
+        # Back on direct connections before the proxies go away.
+        for name in ("wallet", "receipts", "receipts-worker"):
+            system.kill(name)
+            system.start(name)
+        system.wait_serving("wallet", "receipts")
+    return proof

@@ -46,3 +46,9 @@ def test_abuse_gets_documented_answers_and_everything_keeps_serving(system: Syst
 def test_crash_matrix_loses_nothing_and_pays_once(system: System, seed: int) -> None:
     proof = scenarios.crash_matrix(system, random.Random(seed))
     assert len([f for f in proof.faults if f.startswith("kill ")]) == len(scenarios.CRASH_POINTS)
+
+
+@pytest.mark.timeout(300)
+def test_dependency_faults_answer_unavailable_and_leave_nothing_half_applied(system: System, seed: int) -> None:
+    proof = scenarios.dependency_faults(system, random.Random(seed))
+    assert sum(proof.faults.values()) == 4
