@@ -62,6 +62,13 @@ run: proto ## Run every service, a Celery worker and the store simulator (Ctrl-C
 demo: $(STAMP) ## With `make run` up: buy, verify, gift, refund, cash out and pay a batch, step by step
 	$(BIN)/coinstore demo
 
+# The system scenarios for DURATION on one system (PostgreSQL + BROKER); SEED replays a run.
+SEED ?= 0
+DURATION ?= 30m
+BROKER ?= redis
+soak: $(STAMP) ## Long system run: make soak [SEED=n] [DURATION=30m] [BROKER=redis|rabbitmq]; prints what it proved
+	PYTHONPATH=.:gen $(PY) -m tests.system.soak --seed $(SEED) --duration $(DURATION) --broker $(BROKER)
+
 docs: $(STAMP) ## Regenerate the README's configuration table from the settings classes
 	$(BIN)/coinstore config --readme README.md
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -197,7 +198,7 @@ def wait_notifications(system: System, processed: int, timeout: float) -> None:
         raise SystemFailure(f"{exc}: inbox {inbox_counts(system)}, wanted {processed} processed") from None
 
 
-def duplicate_storm(system: System, rng: random.Random, purchases_count: int, timeout: float = 240) -> Proof:
+def duplicate_storm(system: System, rng: random.Random, purchases_count: int, timeout: float | None = None) -> Proof:
     """Each purchase reported 5 times by the app and 5 times by store notifications,
     all released together in a seeded order: credits = distinct purchases."""
     accounts = [f"storm-{rng.getrandbits(40):010x}" for _ in range(max(2, purchases_count // 10))]
@@ -216,7 +217,7 @@ def duplicate_storm(system: System, rng: random.Random, purchases_count: int, ti
         raise SystemFailure(f"app reports answered {answered}")
     if answered[rpb.PURCHASE_STATE_CREDITED] > len(purchases):
         raise SystemFailure(f"{answered[rpb.PURCHASE_STATE_CREDITED]} app reports say CREDITED for {len(purchases)}")
-    wait_notifications(system, before + REPORTS_PER_PATH * len(purchases), timeout)
+    wait_notifications(system, before + REPORTS_PER_PATH * len(purchases), timeout or 120 + purchases_count * 0.5)
     check_balances(system, expected_coins(purchases))
     check_credited(system, purchases)
     proof = Proof()
@@ -452,15 +453,16 @@ class Supervisor:
             self.error = exc
 
 
-def arm_failpoints(system: System, rng: random.Random, targets: tuple[str, ...]) -> dict[str, str]:
-    """Restart each of ``targets`` with one failpoint armed, chosen by the seed."""
+def arm_failpoints(system: System, rng: random.Random, targets: tuple[str, ...], directory: Path) -> dict[str, str]:
+    """Restart each of ``targets`` with one failpoint armed, chosen by the seed; the
+    markers go to ``directory`` (a fresh one per run: each point fires once per directory)."""
     armed = {}
     for name in targets:
         point, most = rng.choice(CRASH_POINTS[name])
         action = "kill-group" if name.endswith("worker") else "kill"
         armed[point] = name
         system.kill(name)
-        system.start(name, FAILPOINTS=f"{point}={action}@{rng.randint(1, most)}")
+        system.start(name, FAILPOINTS=f"{point}={action}@{rng.randint(1, most)}", FAILPOINTS_DIR=str(directory))
     system.wait_serving(*(n for n in targets if n in SERVICES))
     return armed
 
@@ -471,7 +473,8 @@ def crash_matrix(system: System, rng: random.Random, fans: int = 4, timeout: flo
     failpoint and restarted: every acknowledged credit is there once, every
     acknowledged gift once, no cash-out paid twice at PayPal."""
     proof = Proof()
-    armed = arm_failpoints(system, rng, tuple(CRASH_POINTS))
+    markers = system.failpoints_dir / f"run-{rng.getrandbits(32):08x}"
+    armed = arm_failpoints(system, rng, tuple(CRASH_POINTS), markers)
     proof.faults.update(f"kill {name} at {point}" for point, name in armed.items())
     accounts = [f"crash-fan-{rng.getrandbits(40):010x}" for _ in range(fans)]
     creators = [f"crash-creator-{rng.getrandbits(40):010x}" for _ in range(max(2, fans // 2))]
@@ -543,11 +546,9 @@ def crash_matrix(system: System, rng: random.Random, fans: int = 4, timeout: flo
             wait_until(f"batch {batch.batch_id} completed", completed, timeout, interval=0.5)
             proof.operations["payout batches"] += 1
         try:
-            wait_until(
-                "every armed failpoint fired", lambda: all(fired_pid(system.failpoints_dir, p) for p in armed), 30
-            )
+            wait_until("every armed failpoint fired", lambda: all(fired_pid(markers, p) for p in armed), 30)
         except SystemFailure:
-            missing = [p for p in armed if not fired_pid(system.failpoints_dir, p)]
+            missing = [p for p in armed if not fired_pid(markers, p)]
             raise SystemFailure(f"failpoints never reached: {missing} ({len(cashouts)} cash-outs)") from None
         wait_until("every killed process restarted", lambda: all(not system.exited(n) for n in armed.values()), 60)
     proof.faults.update({f"restart {n}": c for n, c in supervisor.restarts.items()})
