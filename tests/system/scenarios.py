@@ -34,7 +34,7 @@ from tests.support.descriptors import Rpc, all_rpcs, request_bytes
 from tests.support.failpoints import fired_pid
 from tests.support.faultproxy import Mode, fault_proxy
 from tests.support.status import error_info
-from tests.system.harness import SERVICES, System, SystemFailure, http_status, wait_until
+from tests.system.harness import SERVICES, System, SystemFailure, http_status, wait_drained, wait_until
 
 APPLE_PACKS = {"com.coinstore.coins.70": 70, "com.coinstore.coins.350": 350, "com.coinstore.coins.1400": 1400}
 PLAY_PACKS = {"coins_70": 70, "coins_350": 350, "coins_1400": 1400}
@@ -220,6 +220,7 @@ def duplicate_storm(system: System, rng: random.Random, purchases_count: int, ti
     wait_notifications(system, before + REPORTS_PER_PATH * len(purchases), timeout or 120 + purchases_count * 0.5)
     check_balances(system, expected_coins(purchases))
     check_credited(system, purchases)
+    wait_drained(system, timeout or 120 + purchases_count * 0.5)
     proof = Proof()
     proof.operations.update(
         {"purchases": len(purchases), "app reports": REPORTS_PER_PATH * len(purchases)}
