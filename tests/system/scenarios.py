@@ -508,7 +508,7 @@ def crash_matrix(system: System, rng: random.Random, fans: int = 4, timeout: flo
                 sender_account_id=sender,
                 creator_account_id=creator,
                 gift_id="rainbow",
-                count=rng.randint(20, 60),
+                count=rng.randint(30, 50),  # 4 gifts ≤ the 21,000 coins a fan buys; one creator ≥ 10,000 diamonds
             )
             retrying(f"gift {n}", lambda: wallet.SendGift(request, metadata=app, timeout=30))
             gifts[sender] += 1
