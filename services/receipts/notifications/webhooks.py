@@ -124,7 +124,11 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
         finally:
             in_flight -= 1
 
-    app = web.Application(client_max_size=limits.max_body_bytes, middlewares=[capped])
+    # The stores send plain JSON; decoding a Content-Encoding in the HTTP parser would
+    # let a sender make a 1 MiB limit of compressed bytes, and a bad stream can stall it.
+    app = web.Application(
+        client_max_size=limits.max_body_bytes, middlewares=[capped], handler_args={"auto_decompress": False}
+    )
 
     async def read_body(request: web.Request) -> bytes:
         too_large = Rejected(413, f"body over {limits.max_body_bytes} bytes")
@@ -137,6 +141,8 @@ def create_webhook_app(deps: WebhookDeps) -> web.Application:
             raise too_large from None
         except TimeoutError:
             raise Rejected(408, f"body not received within {limits.read_timeout_seconds:g} s") from None
+        except web.RequestPayloadError:  # e.g. a body shorter than its Content-Length
+            raise Rejected(400, "body cannot be read") from None
         except ConnectionError:  # the sender hung up mid-body: nobody to answer, nothing to store
             raise Rejected(400, "connection lost before the body was complete") from None
 
