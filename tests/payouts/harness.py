@@ -185,7 +185,7 @@ def settings_env(settings: PayoutsSettings) -> dict[str, str]:
             "COINSTORE_PAYOUT_SETTLE_CONCURRENCY": str(settings.payout_settle_concurrency),
             "COINSTORE_LOG_FORMAT": "text",
             "COINSTORE_LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'gen'}",
         }
     )
     return env
