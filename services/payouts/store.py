@@ -512,8 +512,9 @@ class PayoutStore:
 
         self.db.transaction(tx)
 
-    def claim_attempt(self, chunk_id: str, due_at: datetime) -> int | None:
-        """Count a provider call about to start for a PENDING submission; its number, or None."""
+    def claim_attempt(self, chunk_id: str, now: datetime, due_at: datetime) -> int | None:
+        """Count a provider call about to start for a PENDING submission (its items SUBMITTED);
+        the call's number, or None."""
 
         def tx(conn: Connection) -> int | None:
             moved = conn.execute(
@@ -523,6 +524,12 @@ class PayoutStore:
             ).rowcount
             if not moved:
                 return None
+            # From here on the provider may be paying them.
+            conn.execute(
+                cashouts.update()
+                .where(cashouts.c.chunk_id == chunk_id, cashouts.c.state == CashoutState.BATCHED.value)
+                .values(state=CashoutState.SUBMITTED.value, updated_at=now)
+            )
             return int(conn.execute(sa.select(chunks.c.attempts).where(chunks.c.chunk_id == chunk_id)).scalar_one())
 
         return self.db.transaction(tx)
@@ -545,7 +552,7 @@ class PayoutStore:
                 return False
             conn.execute(
                 cashouts.update()
-                .where(cashouts.c.chunk_id == chunk_id, cashouts.c.state == CashoutState.BATCHED.value)
+                .where(cashouts.c.chunk_id == chunk_id, cashouts.c.state == CashoutState.SUBMITTED.value)
                 .values(
                     state=CashoutState.FAILED.value,
                     wallet_action=WalletAction.RELEASE.value,

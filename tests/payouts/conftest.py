@@ -62,6 +62,7 @@ async def start_service(settings: PayoutsSettings) -> tuple[object, Database, gr
         TokenVerifier(load_public_keys(list(settings.auth_trusted_keys))),
         Metrics("payouts"),
         load_catalog(settings.catalog),
+        settings.failpoint_set(),
     )
     host = build_host(settings, runtime, port=0)
     await host.start()

@@ -123,7 +123,7 @@ class Pipeline:
             self._store.mark_submitted(chunk_id, "", now, now + self._stuck)
             self.poll_chunk(chunk_id)
             return
-        attempt = self._store.claim_attempt(chunk_id, now + self._stuck)
+        attempt = self._store.claim_attempt(chunk_id, now, now + self._stuck)
         if attempt is None:
             return
         try:
