@@ -1067,16 +1067,38 @@ class PayoutStore:
             )
 
         def tx(conn: Connection) -> None:
-            if paid:
+            paid_values = {
+                "state": CashoutState.PAID.value,
+                "wallet_action": WalletAction.COMMIT.value,
+                "wallet_done": False,
+                "updated_at": now,
+            }
+            if paid and conn.dialect.name == "postgresql":
+                # One statement per part (UPDATE … FROM VALUES), not one per paid item.
+                for part in _parts(list(paid), 2000):
+                    results = _results(part)
+                    conn.execute(
+                        cashouts.update()
+                        .where(
+                            cashouts.c.cashout_id == results.c.b_id,
+                            cashouts.c.attempt == results.c.b_attempt,
+                            cashouts.c.chunk_id == chunk_id,
+                            cashouts.c.state == CashoutState.SUBMITTED.value,
+                        )
+                        .values(
+                            provider_item_id=results.c.b_item,
+                            provider_transaction_id=results.c.b_txn,
+                            provider_status=results.c.b_status,
+                            **paid_values,
+                        )
+                    )
+            elif paid:
                 conn.execute(
                     guarded(CashoutState.SUBMITTED.value).values(
-                        state=CashoutState.PAID.value,
-                        wallet_action=WalletAction.COMMIT.value,
-                        wallet_done=False,
                         provider_item_id=sa.bindparam("b_item"),
                         provider_transaction_id=sa.bindparam("b_txn"),
                         provider_status=sa.bindparam("b_status"),
-                        updated_at=now,
+                        **paid_values,
                     ),
                     list(paid),
                 )
@@ -1156,16 +1178,17 @@ class PayoutStore:
             return
 
         def tx(conn: Connection) -> None:
-            conn.execute(
-                cashouts.update()
-                .where(
-                    cashouts.c.cashout_id == sa.bindparam("b_id"),
-                    cashouts.c.reservation_id == sa.bindparam("b_res"),
-                    cashouts.c.wallet_done.is_(False),
+            # A reservation id names its cash-out and attempt, so the two IN lists select exactly the pairs.
+            for part in _parts(pairs, 5000):
+                conn.execute(
+                    cashouts.update()
+                    .where(
+                        cashouts.c.cashout_id.in_([c for c, _ in part]),
+                        cashouts.c.reservation_id.in_([r for _, r in part]),
+                        cashouts.c.wallet_done.is_(False),
+                    )
+                    .values(wallet_done=True, updated_at=now)
                 )
-                .values(wallet_done=True, updated_at=now),
-                [{"b_id": c, "b_res": r} for c, r in pairs],
-            )
 
         self.db.transaction(tx)
 
@@ -1253,7 +1276,14 @@ def _day(conn: Connection, cashout_id: str) -> str:
     return str(conn.execute(sa.select(cashouts.c.request_day).where(cashouts.c.cashout_id == cashout_id)).scalar_one())
 
 
-def _parts(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+def _results(rows: Sequence[dict[str, Any]]) -> Any:
+    """Provider results as a VALUES table (b_id, b_attempt, b_item, b_txn, b_status)."""
+    names = ("b_id", "b_attempt", "b_item", "b_txn", "b_status")
+    columns = [sa.column(n, sa.Integer if n == "b_attempt" else sa.String) for n in names]
+    return sa.values(*columns, name="results").data([tuple(row[n] for n in names) for row in rows])
+
+
+def _parts(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
