@@ -14,7 +14,7 @@ Lock order, kept by every path so our own transactions never deadlock:
 2. the accounts' spendable rows (their COIN and SANDBOX_COIN balance rows), sorted;
 3. their lots (``wallet_purchases`` rows), by lot id;
 4. diamond rows, sorted: creators first, then holds (``#hold/…``);
-5. reservations.
+5. reservations, by id (``SubmitReservations`` locks only these).
 
 System accounts keep no balance rows (their balance is the sum of their entries),
 so they are never a hot row.
@@ -652,17 +652,23 @@ class WalletStore:
         if environment is Environment.PRODUCTION:
             self._lock_balances(conn, Currency.DIAMOND, [hold_account(c) for c in names])
             query = (
-                sa.select(reservations.c.reservation_id, reservations.c.account_id, reservations.c.diamonds)
+                sa.select(
+                    reservations.c.reservation_id,
+                    reservations.c.account_id,
+                    reservations.c.diamonds,
+                    reservations.c.created_at,
+                )
                 .where(
                     reservations.c.account_id.in_(names),
                     reservations.c.state == ReservationState.HELD.value,
                     reservations.c.diamonds > 0,
                 )
-                .order_by(reservations.c.created_at.desc(), reservations.c.reservation_id.desc())
+                # Locked in id order, the order every path locks reservations in; taken newest first.
+                .order_by(reservations.c.reservation_id)
             )
             if self._postgres:
                 query = query.with_for_update()
-            for row in conn.execute(query):
+            for row in _newest_first(conn.execute(query)):
                 held[row.account_id].append(Hold(row.reservation_id, int(row.diamonds)))
         return {c: CreatorDiamonds(rows[c], tuple(held[c])) for c in names}
 
@@ -1694,11 +1700,11 @@ class WalletStore:
                 reservations.c.diamonds > 0,
                 reservations.c.reservation_id.not_in(sorted(rows)),
             )
-            .order_by(reservations.c.created_at.desc(), reservations.c.reservation_id.desc())
+            .order_by(reservations.c.reservation_id)
         )
         if self._postgres:
             query = query.with_for_update()
-        for row in conn.execute(query):
+        for row in _newest_first(conn.execute(query)):
             found[row.account_id].append(dict(row._mapping))
         return found
 
@@ -1774,6 +1780,10 @@ class WalletStore:
             return
         txn_id = writes.transaction(kind, row["reservation_id"], postings)
         writes.seen_by(row["account_id"], txn_id, kind, row["reservation_id"], {Currency.DIAMOND: delta})
+
+
+def _newest_first(rows: Iterable[Any]) -> list[Any]:
+    return sorted(rows, key=lambda r: (utc(r.created_at), r.reservation_id), reverse=True)
 
 
 def _debit_done(txn_id: str, coins: Mapping[Currency, int], diamonds: Mapping[Currency, int]) -> DebitDone:
