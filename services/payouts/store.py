@@ -8,6 +8,7 @@ the move, so every task can run twice without effect.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -1074,24 +1075,16 @@ class PayoutStore:
                 "updated_at": now,
             }
             if paid and conn.dialect.name == "postgresql":
-                # One statement per part (UPDATE … FROM VALUES), not one per paid item.
-                for part in _parts(list(paid), 2000):
-                    results = _results(part)
-                    conn.execute(
-                        cashouts.update()
-                        .where(
-                            cashouts.c.cashout_id == results.c.b_id,
-                            cashouts.c.attempt == results.c.b_attempt,
-                            cashouts.c.chunk_id == chunk_id,
-                            cashouts.c.state == CashoutState.SUBMITTED.value,
-                        )
-                        .values(
-                            provider_item_id=results.c.b_item,
-                            provider_transaction_id=results.c.b_txn,
-                            provider_status=results.c.b_status,
-                            **paid_values,
-                        )
-                    )
+                # One statement for the whole chunk: the results travel as one JSON parameter.
+                conn.execute(
+                    _PAID_FROM_JSON,
+                    {
+                        "rows": json.dumps(list(paid)),
+                        "chunk_id": chunk_id,
+                        "submitted": CashoutState.SUBMITTED.value,
+                        **paid_values,
+                    },
+                )
             elif paid:
                 conn.execute(
                     guarded(CashoutState.SUBMITTED.value).values(
@@ -1276,11 +1269,16 @@ def _day(conn: Connection, cashout_id: str) -> str:
     return str(conn.execute(sa.select(cashouts.c.request_day).where(cashouts.c.cashout_id == cashout_id)).scalar_one())
 
 
-def _results(rows: Sequence[dict[str, Any]]) -> Any:
-    """Provider results as a VALUES table (b_id, b_attempt, b_item, b_txn, b_status)."""
-    names = ("b_id", "b_attempt", "b_item", "b_txn", "b_status")
-    columns = [sa.column(n, sa.Integer if n == "b_attempt" else sa.String) for n in names]
-    return sa.values(*columns, name="results").data([tuple(row[n] for n in names) for row in rows])
+_PAID_FROM_JSON = sa.text(
+    """
+    UPDATE payouts_cashouts AS c
+    SET state = :state, wallet_action = :wallet_action, wallet_done = :wallet_done, updated_at = :updated_at,
+        provider_item_id = r.b_item, provider_transaction_id = r.b_txn, provider_status = r.b_status
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS r(b_id varchar, b_attempt integer, b_item varchar, b_txn varchar, b_status varchar)
+    WHERE c.cashout_id = r.b_id AND c.attempt = r.b_attempt AND c.chunk_id = :chunk_id AND c.state = :submitted
+    """
+)
 
 
 def _parts(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:

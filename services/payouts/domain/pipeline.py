@@ -218,7 +218,9 @@ class Pipeline:
         return chunk_done
 
     def _record(self, chunk_id: str, provider_batch_id: str, lines: set[tuple[str, int]]) -> None:
+        started = time.perf_counter()
         result = self._provider.batch(provider_batch_id)
+        fetched = time.perf_counter()
         paid: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         pending: list[dict[str, Any]] = []
@@ -242,6 +244,13 @@ class Pipeline:
         if result.denied:
             failed.extend(_params(c, a, "", "", result.status, "BATCH_DENIED") for c, a in lines - seen)
         self._store.record_results(chunk_id, paid, failed, pending, self._clock.now())
+        log.info(
+            "results of %s: provider %.2fs, %d paid recorded in %.2fs",
+            chunk_id,
+            fetched - started,
+            len(paid),
+            time.perf_counter() - fetched,
+        )
 
     def pending_settlement(self, cashout_id: str) -> list[Settlement]:
         return self._store.settlements(cashout_id=cashout_id)
