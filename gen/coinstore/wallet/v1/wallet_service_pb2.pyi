@@ -1503,7 +1503,9 @@ class SubmitItem(_message.Message):
     DIAMONDS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     diamonds: _builtins.int
-    """The diamonds the submission pays for: the hold must hold exactly these."""
+    """The diamonds the submission pays for: the hold must hold at least these (a
+    re-quoted cash-out pays less than its hold; the commit returns the rest).
+    """
     def __init__(
         self,
         *,
