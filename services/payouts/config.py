@@ -57,6 +57,19 @@ class PayoutsSettings(CommonSettings):
     payout_settle_concurrency: int = setting(
         "PAYOUT_SETTLE_CONCURRENCY", "Parallel wallet calls per worker process when settling paid/failed items", 8
     )
+    payout_hold_margin_seconds: float = setting(
+        "PAYOUT_HOLD_MARGIN_SECONDS",
+        "A cash-out not yet submitted whose wallet hold lapses within this many seconds is expired by the sweeper"
+        " (never paid; diamonds released)",
+        36 * 3600.0,
+        parse=float,
+    )
+    payout_park_after: int = setting(
+        "PAYOUT_PARK_AFTER",
+        "Ambiguous provider answers to one submission (a refused re-submission, a duplicate without a link)"
+        " before it is parked for ops review",
+        5,
+    )
     payout_queue: str = setting("PAYOUT_QUEUE", "Celery queue the payout tasks run on", "payouts")
 
     def production_problems(self) -> list[str]:
@@ -82,6 +95,12 @@ class PayoutsSettings(CommonSettings):
             problems.append("COINSTORE_PAYOUT_POLL/SWEEP/STUCK_SECONDS must be positive")
         if self.payout_reservation_days < 1:
             problems.append("COINSTORE_PAYOUT_RESERVATION_DAYS must be at least 1")
+        if self.payout_hold_margin_seconds < 0 or self.payout_park_after < 1:
+            problems.append(
+                "COINSTORE_PAYOUT_HOLD_MARGIN_SECONDS must not be negative and COINSTORE_PAYOUT_PARK_AFTER at least 1"
+            )
+        if self.payout_hold_margin_seconds >= self.payout_reservation_days * 86400:
+            problems.append("COINSTORE_PAYOUT_HOLD_MARGIN_SECONDS must be shorter than the hold itself")
         if self.payout_settle_concurrency < 1:
             problems.append("COINSTORE_PAYOUT_SETTLE_CONCURRENCY must be at least 1")
         if problems:

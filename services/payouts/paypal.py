@@ -23,6 +23,7 @@ from services.common.outbound import OutboundPolicy
 from services.payouts.domain.model import PayoutLine
 from services.payouts.domain.ports import (
     ItemOutcome,
+    ProviderAmbiguous,
     ProviderBatch,
     ProviderItem,
     ProviderRejected,
@@ -157,7 +158,7 @@ class PayPalProvider:
         if _is_duplicate(error):
             original = _batch_link(error)
             if original is None:
-                raise ProviderUnavailable(
+                raise ProviderAmbiguous(
                     f"PayPal says {sender_batch_id} exists but links no batch: {response.text[:300]}"
                 )
             log.info("PayPal already has sender_batch_id %s as %s; not paying again", sender_batch_id, original)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from datetime import timedelta
 
 from services.common.catalog import load_catalog
 from services.common.clock import SystemClock
 from services.common.db import Database
 from services.common.settings import load_settings
-from services.wallet.audit import audit, credits_without_evidence
+from services.wallet.audit import audit, credits_without_evidence, holds_to_review
 from services.wallet.config import WalletSettings
 from services.wallet.store import WalletStore
 
@@ -34,6 +35,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"audit FAILED: {len(problems)} discrepancies")
         return 1
     print("audit clean: every transaction sums to zero per currency and every balance matches its entries")
+    return 0
+
+
+def _read(query: Callable[[Database], list[str]]) -> list[str]:
+    settings = load_settings(WalletSettings)
+    database = Database.from_url(settings.database_url_for("wallet"), 1)
+    try:
+        return query(database)
+    finally:
+        database.close()
+
+
+def cmd_review_holds(_args: argparse.Namespace) -> int:
+    lines = _read(holds_to_review)
+    for line in lines:
+        print(line)
+    print(f"{len(lines)} settled holds flagged for review")
     return 0
 
 
@@ -98,5 +116,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("account")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(handler=cmd_history)
+    p = sub.add_parser(
+        "review-holds", help="list settled holds flagged for review (paid cash-outs whose holds fell short)"
+    )
+    p.set_defaults(handler=cmd_review_holds)
     p = sub.add_parser("expire-reservations", help="return the diamonds of every reservation past its expiry")
     p.set_defaults(handler=cmd_expire)

@@ -40,6 +40,8 @@ from services.wallet.store import (
     ReservationView,
     ReversalResult,
     ReversalState,
+    SettleHold,
+    SubmitHold,
     WalletStore,
 )
 
@@ -90,6 +92,7 @@ RESERVATION_STATES = {
     ReservationState.COMMITTED: pb.RESERVATION_STATE_COMMITTED,
     ReservationState.RELEASED: pb.RESERVATION_STATE_RELEASED,
     ReservationState.EXPIRED: pb.RESERVATION_STATE_EXPIRED,
+    ReservationState.SUBMITTED: pb.RESERVATION_STATE_SUBMITTED,
 }
 
 
@@ -133,6 +136,11 @@ def reservation_message(view: ReservationView) -> pb.Reservation:
         create_time=_stamp(view.created_at),
         expire_time=_stamp(view.expire_at),
         diamonds_clawed_back=view.clawed_diamonds,
+        diamonds_taken=view.taken_diamonds,
+        diamonds_shortfall=view.shortfall_diamonds,
+        diamond_debt=view.shortfall_debt,
+        review_reason=view.review_reason,
+        diamond_debt_repaid=view.debt_repaid,
     )
 
 
@@ -547,38 +555,106 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
     async def CommitReservation(
         self, request: pb.CommitReservationRequest, context: Any
     ) -> pb.CommitReservationResponse:
-        request_id = require_id("request_id", request.request_id)
-        actor = Actor.of_request(request_id)  # here: the store runs on another thread
-        reservation_id = require_id("reservation_id", request.reservation_id)
-        return await self._db.run(
-            lambda: self._store.resolve(
-                method="CommitReservation",
-                request_id=request_id,
-                request=request,
-                response_type=pb.CommitReservationResponse,
-                build=lambda view: pb.CommitReservationResponse(reservation=reservation_message(view)),
-                reservation_id=reservation_id,
-                state=ReservationState.COMMITTED,
-                actor=actor,
-            )
-        )
+        item = _settle_item(request.request_id, request.reservation_id, True, request.diamonds, "", "")
+        outcome = (await self._db.run(self._store.settle_holds, [item], _settled))[0]
+        return _answer(outcome, pb.CommitReservationResponse)  # type: ignore[no-any-return]
 
     async def ReleaseReservation(
         self, request: pb.ReleaseReservationRequest, context: Any
     ) -> pb.ReleaseReservationResponse:
-        request_id = require_id("request_id", request.request_id)
-        actor = Actor.of_request(request_id)  # here: the store runs on another thread
-        reservation_id = require_id("reservation_id", request.reservation_id)
-        require_text("reason", request.reason, MAX_REASON, allow_empty=True)
-        return await self._db.run(
-            lambda: self._store.resolve(
-                method="ReleaseReservation",
-                request_id=request_id,
-                request=request,
-                response_type=pb.ReleaseReservationResponse,
-                build=lambda view: pb.ReleaseReservationResponse(reservation=reservation_message(view)),
-                reservation_id=reservation_id,
-                state=ReservationState.RELEASED,
-                actor=actor,
+        item = _settle_item(request.request_id, request.reservation_id, False, 0, request.reason, "")
+        outcome = (await self._db.run(self._store.settle_holds, [item], _settled))[0]
+        return _answer(outcome, pb.ReleaseReservationResponse)  # type: ignore[no-any-return]
+
+    async def SubmitReservations(
+        self, request: pb.SubmitReservationsRequest, context: Any
+    ) -> pb.SubmitReservationsResponse:
+        _batch_size("items", len(request.items))
+        items = [
+            SubmitHold(
+                require_id(f"items[{i}].reservation_id", item.reservation_id),
+                require_positive(f"items[{i}].diamonds", item.diamonds, MAX_COINS),
             )
+            for i, item in enumerate(request.items)
+        ]
+        answers = await self._db.run(self._store.submit_holds, items)
+        return pb.SubmitReservationsResponse(
+            results=[
+                pb.SubmitResult(
+                    reservation=reservation_message(view) if view is not None else None,
+                    error_reason=error.reason if error is not None else "",
+                    error_message=error.message if error is not None else "",
+                )
+                for view, error in answers
+            ]
         )
+
+    async def SettleReservations(
+        self, request: pb.SettleReservationsRequest, context: Any
+    ) -> pb.SettleReservationsResponse:
+        _batch_size("items", len(request.items))
+        items: list[SettleHold] = []
+        for i, wanted in enumerate(request.items):
+            if wanted.action not in (pb.SettleItem.ACTION_COMMIT, pb.SettleItem.ACTION_RELEASE):
+                raise InvalidArgument(f"items[{i}].action", "must be ACTION_COMMIT or ACTION_RELEASE")
+            commit = wanted.action == pb.SettleItem.ACTION_COMMIT
+            items.append(
+                _settle_item(
+                    wanted.request_id,
+                    wanted.reservation_id,
+                    commit,
+                    wanted.diamonds,
+                    wanted.reason,
+                    f"items[{i}].",
+                )
+            )
+        outcomes = await self._db.run(self._store.settle_holds, items, _settled)
+        results = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            result = pb.SettleResult(request_id=item.request_id)
+            if isinstance(outcome, DomainError):
+                result.error_code = outcome.code.name
+                result.error_reason = outcome.reason
+                result.error_message = outcome.message
+            else:
+                raw = outcome if isinstance(outcome, bytes) else outcome.SerializeToString()
+                reply = (pb.CommitReservationResponse if item.commit else pb.ReleaseReservationResponse).FromString(raw)
+                result.reservation.CopyFrom(reply.reservation)
+            results.append(result)
+        return pb.SettleReservationsResponse(results=results)
+
+
+MAX_BATCH_ITEMS = 15_000
+
+
+def _batch_size(field: str, count: int) -> None:
+    if not 0 < count <= MAX_BATCH_ITEMS:
+        raise InvalidArgument(field, f"must hold 1 to {MAX_BATCH_ITEMS} items, not {count}")
+
+
+def _settle_item(
+    request_id: str,
+    reservation_id: str,
+    commit: bool,
+    diamonds: int,
+    reason: str,
+    prefix: str,
+) -> SettleHold:
+    """A commit or release, keyed like the single call (its method and request message)."""
+    request_id = require_id(f"{prefix}request_id", request_id)
+    reservation_id = require_id(f"{prefix}reservation_id", reservation_id)
+    request: Message
+    if commit:
+        diamonds = require_non_negative(f"{prefix}diamonds", diamonds, MAX_COINS)
+        request = pb.CommitReservationRequest(request_id=request_id, reservation_id=reservation_id, diamonds=diamonds)
+    else:
+        require_text(f"{prefix}reason", reason, MAX_REASON, allow_empty=True)
+        request = pb.ReleaseReservationRequest(request_id=request_id, reservation_id=reservation_id, reason=reason)
+    # Read here, on the event loop: the store runs on another thread.
+    return SettleHold(request_id, reservation_id, commit, diamonds, request, Actor.of_request(request_id))
+
+
+def _settled(item: SettleHold, view: ReservationView) -> Message:
+    if item.commit:
+        return pb.CommitReservationResponse(reservation=reservation_message(view))
+    return pb.ReleaseReservationResponse(reservation=reservation_message(view))

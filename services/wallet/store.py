@@ -14,7 +14,7 @@ Lock order, kept by every path so our own transactions never deadlock:
 2. the accounts' spendable rows (their COIN and SANDBOX_COIN balance rows), sorted;
 3. their lots (``wallet_purchases`` rows), by lot id;
 4. diamond rows, sorted: creators first, then holds (``#hold/…``);
-5. reservations.
+5. reservations, by id (``SubmitReservations`` locks only these).
 
 System accounts keep no balance rows (their balance is the sum of their entries),
 so they are never a hot row.
@@ -44,6 +44,7 @@ from services.common.failpoints import Failpoints
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore
 from services.wallet.bulk import Bulk, Rows
 from services.wallet.domain import postings as recipes
+from services.wallet.domain.holds import PAID_BEYOND_HOLD, debt_repaid, plan_commit
 from services.wallet.domain.ledger import (
     COIN_CURRENCIES,
     BalanceView,
@@ -75,6 +76,7 @@ from services.wallet.domain.provenance import (
     take_coins,
 )
 from services.wallet.domain.rules import (
+    OPEN_HOLDS,
     LimitState,
     Period,
     ReservationState,
@@ -150,6 +152,34 @@ class ReservationView:
     created_at: datetime
     expire_at: datetime
     clawed_diamonds: int = 0
+    taken_diamonds: int = 0
+    shortfall_diamonds: int = 0
+    shortfall_debt: int = 0
+    review_reason: str = ""
+    debt_repaid: int = 0
+
+
+@dataclass(frozen=True)
+class SubmitHold:
+    reservation_id: str
+    diamonds: int
+
+
+@dataclass(frozen=True)
+class SettleHold:
+    """One commit or release of a batch; ``request`` is the equivalent single-call request
+    (its fingerprint and method key the item's exactly-once claim)."""
+
+    request_id: str
+    reservation_id: str
+    commit: bool
+    diamonds: int
+    request: Message
+    actor: Actor = SYSTEM  # who asked for it (recorded on the ledger transaction)
+
+    @property
+    def method(self) -> str:
+        return "CommitReservation" if self.commit else "ReleaseReservation"
 
 
 @dataclass(frozen=True)
@@ -455,6 +485,8 @@ class WalletStore:
         )
         self._limit_rows = sa.select(spending_limits)
         self._answers = sa.select(request_log).where(request_log.c.method == sa.bindparam("method"))
+        self._reservation_rows = sa.select(reservations)
+        self._reservation_owners = sa.select(reservations.c.reservation_id, reservations.c.account_id)
         self._purchases_in = sa.select(purchases).where(
             purchases.c.store == sa.bindparam("store"), purchases.c.environment == sa.bindparam("environment")
         )
@@ -638,17 +670,23 @@ class WalletStore:
         if environment is Environment.PRODUCTION:
             self._lock_balances(conn, Currency.DIAMOND, [hold_account(c) for c in names])
             query = (
-                sa.select(reservations.c.reservation_id, reservations.c.account_id, reservations.c.diamonds)
+                sa.select(
+                    reservations.c.reservation_id,
+                    reservations.c.account_id,
+                    reservations.c.diamonds,
+                    reservations.c.created_at,
+                )
                 .where(
                     reservations.c.account_id.in_(names),
                     reservations.c.state == ReservationState.HELD.value,
                     reservations.c.diamonds > 0,
                 )
-                .order_by(reservations.c.created_at.desc(), reservations.c.reservation_id.desc())
+                # Locked in id order, the order every path locks reservations in; taken newest first.
+                .order_by(reservations.c.reservation_id)
             )
             if self._postgres:
                 query = query.with_for_update()
-            for row in conn.execute(query):
+            for row in _newest_first(conn.execute(query)):
                 held[row.account_id].append(Hold(row.reservation_id, int(row.diamonds)))
         return {c: CreatorDiamonds(rows[c], tuple(held[c])) for c in names}
 
@@ -1547,7 +1585,7 @@ class WalletStore:
             if inserted is None:
                 same = (
                     row.account_id == account_id
-                    and int(row.diamonds) + int(row.clawed_diamonds) == diamonds
+                    and int(row.diamonds) + int(row.clawed_diamonds) + int(row.taken_diamonds) == diamonds
                     and (expire_at is None or (row.requested_expire_at and utc(row.requested_expire_at) == expire_at))
                 )
                 if not same:
@@ -1564,34 +1602,229 @@ class WalletStore:
 
         return self._idempotent("ReserveDiamonds", request_id, request, response_type, work)
 
-    def resolve(
-        self,
-        *,
-        method: str,
-        request_id: str,
-        request: Message,
-        response_type: type[M],
-        build: Callable[[ReservationView], M],
-        reservation_id: str,
-        state: ReservationState,
-        actor: Actor = SYSTEM,
-    ) -> M:
-        def work(conn: Connection, now: datetime) -> M | _Deferred:
-            found = self._reservation(conn, reservation_id, lock=False)
-            if found is None:
-                raise NotFound("RESERVATION_NOT_FOUND", "no reservation has this id")
-            self._lock_balances(conn, Currency.DIAMOND, [found.account_id, hold_account(found.account_id)])
-            row = self._reservation(conn, reservation_id, lock=True)
-            current = ReservationState(row.state)
-            if current is ReservationState.HELD and utc(row.expire_at) <= now:
-                self._resolve(conn, row, ReservationState.EXPIRED, now)
-                return _Deferred(resolved_error(ReservationState.EXPIRED))
-            if current is not ReservationState.HELD:
-                raise resolved_error(current)
-            self._resolve(conn, row, state, now, actor)
-            return build(_reservation_view(self._reservation(conn, reservation_id, lock=False)))
+    def submit_holds(self, items: Sequence[SubmitHold]) -> list[tuple[ReservationView | None, DomainError | None]]:
+        """Mark the holds of one provider submission SUBMITTED, in one transaction.
 
-        return self._idempotent(method, request_id, request, response_type, work)
+        State-based: a submitted hold answers submitted again. A HELD hold is submitted
+        only while it has not expired and still holds at least the item's diamonds
+        (RESERVATION_SHRUNK otherwise). Only reservation rows are locked: a clawback
+        locks them too, so each sees the other's outcome."""
+
+        def work(conn: Connection) -> list[tuple[ReservationView | None, DomainError | None]]:
+            now = self._clock.now()
+            ids = sorted({item.reservation_id for item in items})
+            rows = {
+                row.reservation_id: dict(row._mapping)
+                for row in self._bulk.select_for_keys(
+                    conn, reservations.c.reservation_id, ids, self._reservation_rows, for_update=True
+                )
+            }
+            answers: list[tuple[ReservationView | None, DomainError | None]] = []
+            submitted: dict[str, dict[str, Any]] = {}
+            for item in items:
+                row = rows.get(item.reservation_id)
+                if row is None:
+                    answers.append((None, NotFound("RESERVATION_NOT_FOUND", "no reservation has this id")))
+                    continue
+                error = self._submit_refusal(row, item.diamonds, now)
+                if error is None and row["state"] == ReservationState.HELD.value:
+                    row.update(state=ReservationState.SUBMITTED.value, submitted_at=now)
+                    submitted[item.reservation_id] = {"reservation_id": item.reservation_id, "state": row["state"]}
+                answers.append((_view_of(row), error))
+            self._bulk.update(conn, reservations, "reservation_id", list(submitted.values()))
+            if submitted:
+                conn.execute(
+                    reservations.update()
+                    .where(reservations.c.reservation_id.in_(sorted(submitted)), reservations.c.submitted_at.is_(None))
+                    .values(submitted_at=now)
+                )
+            return answers
+
+        return self.db.transaction(work)
+
+    @staticmethod
+    def _submit_refusal(row: Mapping[str, Any], diamonds: int, now: datetime) -> DomainError | None:
+        state = ReservationState(row["state"])
+        if state is ReservationState.SUBMITTED:
+            return None
+        if state is not ReservationState.HELD:
+            return resolved_error(state)
+        if utc(row["expire_at"]) <= now:
+            return resolved_error(ReservationState.EXPIRED)
+        if int(row["diamonds"]) < diamonds:
+            return FailedPrecondition(
+                "RESERVATION_SHRUNK",
+                f"a refund clawback left {row['diamonds']} of the hold's diamonds, {diamonds} to be paid",
+            )
+        return None
+
+    def settle_holds(
+        self, items: Sequence[SettleHold], build: Callable[[SettleHold, ReservationView], Message]
+    ) -> list[Message | bytes | DomainError]:
+        """Commit or release many holds in ONE transaction; each item keeps its own request-id
+        claim (the single calls' key space), ledger transaction and answer (a Message; bytes
+        for a replay; a DomainError for a refusal, whose claim is dropped)."""
+        return self.db.transaction(lambda conn: self._settle_holds(conn, items, build, self._clock.now()))
+
+    def _settle_holds(
+        self,
+        conn: Connection,
+        items: Sequence[SettleHold],
+        build: Callable[[SettleHold, ReservationView], Message],
+        now: datetime,
+    ) -> list[Message | bytes | DomainError]:
+        keys = [(item.method, item.request_id) for item in items]
+        batch = self._claim_batch(conn, keys, [item.request for item in items], now)
+        live = [items[i] for i in batch.live]
+        ids = sorted({item.reservation_id for item in live})
+        owners = {
+            row.reservation_id: row.account_id
+            for row in self._bulk.select_for_keys(conn, reservations.c.reservation_id, ids, self._reservation_owners)
+        }
+        creators = sorted(set(owners.values()))
+        diamond_rows = self._lock_balances(conn, Currency.DIAMOND, [*creators, *(hold_account(c) for c in creators)])
+        rows = {
+            row.reservation_id: dict(row._mapping)
+            for row in self._bulk.select_for_keys(
+                conn, reservations.c.reservation_id, sorted(owners), self._reservation_rows, for_update=True
+            )
+        }
+        others = self._other_holds(conn, live, rows)
+        writes = _Writes(now)
+        changed: dict[str, dict[str, Any]] = {}
+        for index, item in zip(batch.live, live, strict=True):
+            row = rows.get(item.reservation_id)
+            if row is None:
+                batch.results[index] = NotFound("RESERVATION_NOT_FOUND", "no reservation has this id")
+                continue
+            outcome = self._settle_one(writes, item, row, diamond_rows, others, changed, now)
+            batch.results[index] = outcome if isinstance(outcome, DomainError) else build(item, outcome)
+        if changed:
+            self._bulk.update(conn, reservations, "reservation_id", [changed[k] for k in sorted(changed)])
+        self._flush(conn, writes, "reservation")
+        return self._finish_batch(conn, batch, keys, now)
+
+    def _other_holds(
+        self,
+        conn: Connection,
+        live: Sequence[SettleHold],
+        rows: Mapping[str, dict[str, Any]],
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Creators whose paid commits exceed their holds: their other unsubmitted holds, newest
+        first, locked (they may have to cover the shortfall; rare, so one plain query)."""
+        short = sorted(
+            {
+                rows[item.reservation_id]["account_id"]
+                for item in live
+                if item.commit
+                and item.reservation_id in rows
+                and item.diamonds > self._open_diamonds(rows[item.reservation_id])
+            }
+        )
+        found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        if not short:
+            return found
+        query = (
+            sa.select(reservations)
+            .where(
+                reservations.c.account_id.in_(short),
+                reservations.c.state == ReservationState.HELD.value,
+                reservations.c.diamonds > 0,
+                reservations.c.reservation_id.not_in(sorted(rows)),
+            )
+            .order_by(reservations.c.reservation_id)
+        )
+        if self._postgres:
+            query = query.with_for_update()
+        for row in _newest_first(conn.execute(query)):
+            found[row.account_id].append(dict(row._mapping))
+        return found
+
+    @staticmethod
+    def _open_diamonds(row: Mapping[str, Any]) -> int:
+        return int(row["diamonds"]) if ReservationState(row["state"]) in OPEN_HOLDS else 0
+
+    def _settle_one(
+        self,
+        writes: _Writes,
+        item: SettleHold,
+        row: dict[str, Any],
+        diamond_rows: dict[str, int],
+        others: Mapping[str, list[dict[str, Any]]],
+        changed: dict[str, dict[str, Any]],
+        now: datetime,
+    ) -> ReservationView | DomainError:
+        account_id, reservation_id = row["account_id"], row["reservation_id"]
+        state = ReservationState(row["state"])
+        hold = hold_account(account_id)
+        lapsed = state is ReservationState.HELD and utc(row["expire_at"]) <= now
+        paid_anyway = item.commit and item.diamonds > 0
+        if state is ReservationState.COMMITTED or (state not in OPEN_HOLDS and not paid_anyway):
+            return resolved_error(state)
+        if lapsed and not paid_anyway:
+            released = recipes.resolve(account_id, int(row["diamonds"]), False)
+            self._ledger_resolve(writes, row, Kind.RESERVATION_RELEASE, released, 0, item.actor)
+            diamond_rows[account_id] = diamond_rows.get(account_id, 0) + int(row["diamonds"])
+            diamond_rows[hold] = diamond_rows.get(hold, 0) - int(row["diamonds"])
+            row.update(state=ReservationState.EXPIRED.value, resolved_at=now)
+            changed[reservation_id] = _changes(row)
+            return resolved_error(ReservationState.EXPIRED)
+        held = self._open_diamonds(row)
+        if item.commit:
+            paid = item.diamonds or held
+            balance = diamond_rows.get(account_id, 0)
+            pool = [Hold(h["reservation_id"], int(h["diamonds"])) for h in others.get(account_id, [])]
+            plan = plan_commit(paid, held, balance, pool)
+            self._ledger_resolve(
+                writes, row, Kind.RESERVATION_COMMIT, recipes.commit(account_id, plan), -paid, item.actor
+            )
+            taken = dict(plan.from_holds)
+            for other in others.get(account_id, []):
+                part = taken.get(other["reservation_id"], 0)
+                if part:
+                    other.update(
+                        diamonds=int(other["diamonds"]) - part, taken_diamonds=int(other["taken_diamonds"]) + part
+                    )
+                    changed[other["reservation_id"]] = _changes(other)
+            diamond_rows[account_id] = balance + plan.returned - plan.from_balance - plan.debt
+            diamond_rows[hold] = diamond_rows.get(hold, 0) - plan.from_hold - plan.returned - sum(taken.values())
+            row.update(
+                state=ReservationState.COMMITTED.value,
+                resolved_at=now,
+                shortfall_diamonds=plan.shortfall,
+                shortfall_debt=plan.debt,
+                review_reason=PAID_BEYOND_HOLD if plan.shortfall else "",
+            )
+            changed[reservation_id] = _changes(row)
+            return _view_of(row)
+        balance = diamond_rows.get(account_id, 0)
+        self._ledger_resolve(
+            writes, row, Kind.RESERVATION_RELEASE, recipes.resolve(account_id, held, False), 0, item.actor
+        )
+        diamond_rows[account_id] = balance + held
+        diamond_rows[hold] = diamond_rows.get(hold, 0) - held
+        row.update(state=ReservationState.RELEASED.value, resolved_at=now, debt_repaid=debt_repaid(held, balance))
+        changed[reservation_id] = _changes(row)
+        return _view_of(row)
+
+    @staticmethod
+    def _ledger_resolve(
+        writes: _Writes,
+        row: Mapping[str, Any],
+        kind: Kind,
+        postings: list[Posting],
+        delta: int,
+        actor: Actor | None = None,
+    ) -> None:
+        """One ledger transaction resolving a hold (none when nothing moves: a hold a clawback took entirely)."""
+        if not any(p.amount for p in postings):
+            return
+        txn_id = writes.transaction(kind, row["reservation_id"], postings, actor=actor)
+        writes.seen_by(row["account_id"], txn_id, kind, row["reservation_id"], {Currency.DIAMOND: delta})
+
+
+def _newest_first(rows: Iterable[Any]) -> list[Any]:
+    return sorted(rows, key=lambda r: (utc(r.created_at), r.reservation_id), reverse=True)
 
 
 def _debit_done(txn_id: str, coins: Mapping[Currency, int], diamonds: Mapping[Currency, int]) -> DebitDone:
@@ -1617,13 +1850,39 @@ def _limit_state(row: Any) -> LimitState:
     )
 
 
+_MUTABLE = (
+    "state",
+    "diamonds",
+    "resolved_at",
+    "submitted_at",
+    "taken_diamonds",
+    "shortfall_diamonds",
+    "shortfall_debt",
+    "debt_repaid",
+    "review_reason",
+)
+
+
+def _changes(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"reservation_id": row["reservation_id"], **{c: row[c] for c in _MUTABLE}}
+
+
 def _reservation_view(row: Any) -> ReservationView:
+    return _view_of(dict(row._mapping))
+
+
+def _view_of(row: Mapping[str, Any]) -> ReservationView:
     return ReservationView(
-        row.reservation_id,
-        row.account_id,
-        int(row.diamonds),
-        ReservationState(row.state),
-        utc(row.created_at),
-        utc(row.expire_at),
-        int(row.clawed_diamonds),
+        row["reservation_id"],
+        row["account_id"],
+        int(row["diamonds"]),
+        ReservationState(row["state"]),
+        utc(row["created_at"]),
+        utc(row["expire_at"]),
+        int(row["clawed_diamonds"]),
+        int(row["taken_diamonds"]),
+        int(row["shortfall_diamonds"]),
+        int(row["shortfall_debt"]),
+        row["review_reason"],
+        int(row["debt_repaid"]),
     )

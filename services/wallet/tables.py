@@ -12,7 +12,8 @@
   debt repayment), with the diamonds a gift attributed to that lot;
 - ``wallet_clawback_legs``: every part of every refund clawback, so a restore can
   reverse it leg by leg;
-- ``wallet_reservations``: diamond holds for cash-outs;
+- ``wallet_reservations``: diamond holds for cash-outs (HELD → SUBMITTED → COMMITTED | RELEASED;
+  HELD → EXPIRED), with what a paid commit took beyond its hold and why it needs review;
 - ``wallet_spending_limits``; ``wallet_request_log`` (AIP-155).
 """
 
@@ -163,6 +164,20 @@ reservations = sa.Table(
     sa.Column("expire_at", TZ, nullable=False),
     sa.Column("resolved_at", TZ, nullable=True),
     sa.Column("clawed_diamonds", sa.BigInteger, nullable=False),
+    sa.Column("submitted_at", TZ, nullable=True),
+    # Taken by other paid cash-outs whose holds were gone.
+    sa.Column("taken_diamonds", sa.BigInteger, nullable=False, server_default="0"),
+    # What this hold's commit took beyond the hold, and the part that became diamond debt.
+    sa.Column("shortfall_diamonds", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("shortfall_debt", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("debt_repaid", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("review_reason", sa.String(64), nullable=False, server_default=""),
+)
+sa.Index(
+    "wallet_reservations_review",
+    reservations.c.account_id,
+    postgresql_where=reservations.c.review_reason != "",
+    sqlite_where=reservations.c.review_reason != "",
 )
 spending_limits = sa.Table(
     "wallet_spending_limits",

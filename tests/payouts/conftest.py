@@ -63,6 +63,7 @@ async def start_service(settings: PayoutsSettings) -> tuple[object, Database, gr
         TokenVerifier(key_ring(settings)),
         Metrics("payouts"),
         load_catalog(settings.catalog),
+        settings.failpoint_set(),
     )
     host = build_host(settings, runtime, port=0)
     await host.start()

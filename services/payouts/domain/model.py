@@ -11,12 +11,19 @@ from services.common.actor import SYSTEM, Actor
 
 
 class CashoutState(enum.Enum):
+    RESERVING = "RESERVING"  # the row exists; its wallet hold is being made
     REQUESTED = "REQUESTED"
     BATCHED = "BATCHED"
     SUBMITTED = "SUBMITTED"
     PAID = "PAID"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"  # the hold would lapse before submission: never paid, diamonds released
+
+
+# failure_reason values the creator sees.
+HOLD_EXPIRED = "HOLD_EXPIRED"
+CLAWED_BACK = "CLAWED_BACK"
 
 
 class BatchState(enum.Enum):
@@ -32,6 +39,8 @@ class ChunkState(enum.Enum):
     PENDING = "PENDING"
     SUBMITTED = "SUBMITTED"
     DONE = "DONE"
+    # Ambiguous provider answers kept coming: its holds stay submitted until ops resolve it.
+    PARKED = "PARKED"
 
 
 class WalletAction(enum.Enum):
@@ -88,6 +97,7 @@ class Cashout:
     created_at: datetime
     updated_at: datetime
     requested_by: Actor = SYSTEM
+    hold_expire_at: datetime | None = None
 
     @property
     def sender_item_id(self) -> str:
@@ -128,6 +138,9 @@ class PayoutLine:
     receiver: str
     amount_minor: int
     currency: str
+    reservation_id: str = ""
+    diamonds: int = 0
+    rate: str = ""
 
     @property
     def sender_item_id(self) -> str:
@@ -151,6 +164,7 @@ class Settlement:
     reservation_id: str
     action: WalletAction
     reason: str
+    diamonds: int = 0  # what the provider paid for (commits)
 
 
 def derived_id(prefix: str, *parts: str) -> str:

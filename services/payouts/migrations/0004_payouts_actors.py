@@ -6,7 +6,7 @@ acted for, and the request id), and every destination change is kept in
 ``payouts_destination_changes``. Rows from before read as empty.
 
 Revision ID: payouts_0004
-Revises: payouts_0002
+Revises: payouts_0003
 Create Date: 2026-11-29
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "payouts_0004"
-down_revision = "payouts_0002"
+down_revision = "payouts_0003"
 branch_labels = None
 depends_on = None
 

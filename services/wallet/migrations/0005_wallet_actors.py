@@ -6,7 +6,7 @@ of the store evidence the crediting service verified. Rows from before read as e
 (a transaction by the service itself, a credit without evidence).
 
 Revision ID: wallet_0005
-Revises: wallet_0003
+Revises: wallet_0004
 Create Date: 2026-11-29
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "wallet_0005"
-down_revision = "wallet_0003"
+down_revision = "wallet_0004"
 branch_labels = None
 depends_on = None
 

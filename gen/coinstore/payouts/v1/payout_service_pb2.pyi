@@ -51,10 +51,16 @@ class _CashoutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CashoutS
     CASHOUT_STATE_PAID: _CashoutState.ValueType  # 4
     CASHOUT_STATE_FAILED: _CashoutState.ValueType  # 5
     CASHOUT_STATE_CANCELLED: _CashoutState.ValueType  # 6
+    CASHOUT_STATE_RESERVING: _CashoutState.ValueType  # 7
+    """The row exists, its wallet hold is being made (a crash here is finished by the sweeper)."""
+    CASHOUT_STATE_EXPIRED: _CashoutState.ValueType  # 8
+    """The hold would have lapsed before the cash-out could be submitted: never paid, the
+    diamonds went back (failure_reason HOLD_EXPIRED); the creator may request again.
+    """
 
 class CashoutState(_CashoutState, metaclass=_CashoutStateEnumTypeWrapper):
-    """Cash-out lifecycle. Output only: REQUESTED -> BATCHED -> SUBMITTED -> PAID | FAILED;
-    REQUESTED -> CANCELLED.
+    """Cash-out lifecycle. Output only: RESERVING -> REQUESTED -> BATCHED -> SUBMITTED -> PAID | FAILED;
+    REQUESTED -> CANCELLED; REQUESTED | BATCHED -> EXPIRED; FAILED -> RESERVING (a retry's next attempt).
     """
 
 CASHOUT_STATE_UNSPECIFIED: CashoutState.ValueType  # 0
@@ -64,6 +70,12 @@ CASHOUT_STATE_SUBMITTED: CashoutState.ValueType  # 3
 CASHOUT_STATE_PAID: CashoutState.ValueType  # 4
 CASHOUT_STATE_FAILED: CashoutState.ValueType  # 5
 CASHOUT_STATE_CANCELLED: CashoutState.ValueType  # 6
+CASHOUT_STATE_RESERVING: CashoutState.ValueType  # 7
+"""The row exists, its wallet hold is being made (a crash here is finished by the sweeper)."""
+CASHOUT_STATE_EXPIRED: CashoutState.ValueType  # 8
+"""The hold would have lapsed before the cash-out could be submitted: never paid, the
+diamonds went back (failure_reason HOLD_EXPIRED); the creator may request again.
+"""
 Global___CashoutState: _TypeAlias = CashoutState  # noqa: Y015
 
 class _BatchState:
@@ -224,7 +236,10 @@ class Cashout(_message.Message):
     state: Global___CashoutState.ValueType
     batch_id: _builtins.str
     failure_reason: _builtins.str
-    """Provider's reason when FAILED."""
+    """Why it ended unpaid: the provider's reason when FAILED; CANCELLED_BY_CREATOR or
+    CLAWED_BACK (a refund took so much of the hold that the rest is below the minimum)
+    when CANCELLED; HOLD_EXPIRED when EXPIRED.
+    """
     provider_item_id: _builtins.str
     """Provider's item id, once submitted."""
     rate: _builtins.str
