@@ -52,6 +52,7 @@ from services.receipts.notifications.tasks import NotificationWorker
 from services.receipts.notifications.webhooks import InboxCollector, WebhookDeps, WebhookServer, create_webhook_app
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.refunds import RefundRepository
 from services.receipts.purchases.repository import BindingRepository, PurchaseRepository
 from services.receipts.purchases.rules import SandboxPolicy
 from services.receipts.purchases.wallet import WalletClient
@@ -105,6 +106,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
     )
     crediting = Crediting(
         purchases,
+        RefundRepository(runtime.database),
         wallet,
         runtime.catalog,
         settings.region_policy,

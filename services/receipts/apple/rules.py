@@ -80,6 +80,7 @@ def check_transaction(payload: dict[str, Any], policy: ApplePolicy, field: str) 
     if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
         raise InvalidArgument(field, "the transaction's quantity is not a positive integer", "MALFORMED_TRANSACTION")
     storefront = payload.get("storefront")
+    revoked = payload.get("revocationDate") is not None
     return VerifiedPurchase(
         store=StoreId.APP_STORE,
         store_transaction_id=transaction_id,
@@ -90,7 +91,8 @@ def check_transaction(payload: dict[str, Any], policy: ApplePolicy, field: str) 
         price=apple_price(payload.get("price"), payload.get("currency")),
         purchase_time=_millis(payload.get("purchaseDate")),
         original_transaction_id=str(payload.get("originalTransactionId") or ""),
-        revoked="revocationDate" in payload and payload["revocationDate"] is not None,
+        revoked=revoked,
+        refund=refund_of(payload, "apple revoked transaction") if revoked else None,
     )
 
 

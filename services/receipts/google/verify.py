@@ -144,6 +144,11 @@ class GooglePurchases:
             return await self.crediting.credit(verdict.purchase, claim, recorder)
         if credited and record is not None:
             return _recorded(record)
+        if verdict.cancelled and await self.crediting.refunds.get(verdict.purchase.store, token) is not None:
+            # Refunded (voided) before it was ever credited: recorded, and shown, as revoked.
+            if claim is not None:
+                return await self.crediting.credit(_revoked(verdict), claim, recorder)
+            return _recorded(await self.crediting.record(_revoked(verdict)))
         if verdict.cancelled:
             if record is not None and record.state is StoredState.PENDING:
                 await self.crediting.record(_revoked(verdict))

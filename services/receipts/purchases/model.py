@@ -67,6 +67,8 @@ class VerifiedPurchase:
     original_transaction_id: str = ""
     revoked: bool = False
     pending: bool = False
+    # What the store's revocation says (refunded in full or by a share), when revoked.
+    refund: Refund | None = None
 
 
 @dataclass(frozen=True)

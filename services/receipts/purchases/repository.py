@@ -231,6 +231,11 @@ class PurchaseRepository:
             now,
         )
 
+    async def revoke_uncredited(self, store: StoreId, store_transaction_id: str, now: datetime) -> None:
+        """A purchase refunded in full before it was credited: RECORDED or PENDING → REVOKED."""
+        sources = (StoredState.RECORDED, StoredState.PENDING)
+        await self._move(store, store_transaction_id, sources, StoredState.REVOKED, {}, now)
+
     async def mark_restored(self, store: StoreId, store_transaction_id: str, now: datetime) -> PurchaseRecord | None:
         """REFUNDED → CREDITED after the store reversed the refund."""
         nothing_refunded = {"refunded_quantity": 0, "refunded_percentage_milli": 0}
