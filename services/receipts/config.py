@@ -123,12 +123,27 @@ class ReceiptsSettings(CommonSettings):
         30.0,
         parse=float,
     )
+    notifications_refund_retry_days: float = setting(
+        "NOTIFICATIONS_REFUND_RETRY_DAYS",
+        "Days a failing refund, refund-reversed or voided-purchase notification is retried before it goes dead"
+        " (at least 7: the stores redeliver for about as long)",
+        7.0,
+        parse=float,
+    )
+    notifications_refund_retry_cap_seconds: float = setting(
+        "NOTIFICATIONS_REFUND_RETRY_CAP_SECONDS",
+        "Longest wait between two attempts of a failing refund notification (the sweeper re-queues it when due)",
+        3600.0,
+        parse=float,
+    )
 
     def validate(self) -> None:
         super().validate()
         problems = []
         if "*" in self.sandbox_accounts and len(self.sandbox_accounts) > 1:
             problems.append("COINSTORE_SANDBOX_ACCOUNTS: * (everyone) cannot be combined with account ids")
+        if self.notifications_refund_retry_days < 7:
+            problems.append("COINSTORE_NOTIFICATIONS_REFUND_RETRY_DAYS: must be at least 7")
         if len(self.binding_secret) < 16:
             problems.append("COINSTORE_BINDING_SECRET: must be at least 16 characters")
         if problems:

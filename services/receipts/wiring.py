@@ -47,7 +47,12 @@ from services.receipts.notifications.handle import DeliveredFacts, InboxProcesso
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.reconcile import Reconciler
-from services.receipts.notifications.repository import InboxRepository, ReconcileRunRepository
+from services.receipts.notifications.repository import (
+    DeadLetterPolicy,
+    InboxRepository,
+    ReconcileRunRepository,
+    RetryPolicy,
+)
 from services.receipts.notifications.tasks import NotificationWorker
 from services.receipts.notifications.webhooks import InboxCollector, WebhookDeps, WebhookServer, create_webhook_app
 from services.receipts.purchases.binding import Binding
@@ -195,6 +200,15 @@ def _google(
     )
 
 
+def inbox(settings: ReceiptsSettings, database: Database) -> InboxRepository:
+    """The notification inbox with the dead-letter policy of the settings."""
+    refunds = RetryPolicy(
+        cap=timedelta(seconds=settings.notifications_refund_retry_cap_seconds),
+        min_age=timedelta(days=settings.notifications_refund_retry_days),
+    )
+    return InboxRepository(database, DeadLetterPolicy(refunds=refunds))
+
+
 # --- the gRPC service and its webhooks ---------------------------------------------------
 
 
@@ -239,7 +253,7 @@ def webhook_deps(
 ) -> WebhookDeps:
     """The webhook's pieces, sharing the core's Apple verifier (the one VerifyApplePurchase uses)."""
     return WebhookDeps(
-        inbox=InboxRepository(components.database),
+        inbox=inbox(settings, components.database),
         apple_verifier=components.apple.verifier,
         apple=AppleExpectations(settings.apple_bundle_id, settings.apple_app_id),
         pubsub=PubSubTokenVerifier(
@@ -306,11 +320,11 @@ def build_notification_worker(settings: ReceiptsSettings) -> NotificationWorker:
         return build_components(settings, runtime)
 
     components = loop.run(build())
-    inbox = InboxRepository(runtime.database)
+    notifications = inbox(settings, runtime.database)
     handler = notification_handler(settings, components, loop)
     return NotificationWorker(
-        inbox=inbox,
-        processor=InboxProcessor(inbox, handler, components.metrics, SystemClock(), runtime.failpoints),
+        inbox=notifications,
+        processor=InboxProcessor(notifications, handler, components.metrics, SystemClock(), runtime.failpoints),
         reconciler=reconciler(settings, components, loop),
     )
 

@@ -67,9 +67,9 @@ def register(
     @app.task(name=process_name, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
     def process(self: Any, notification_id: int) -> str:
         outcome, retry_in = worker().processor.process(int(notification_id))
-        if retry_in is not None:
-            countdown = min(retry_in.total_seconds(), MAX_COUNTDOWN_SECONDS)
-            app.send_task(process_name, args=[notification_id], queue=queue, countdown=countdown)
+        # A longer wait than the broker can hold a message is the sweeper's: it re-queues rows when due.
+        if retry_in is not None and retry_in.total_seconds() <= MAX_COUNTDOWN_SECONDS:
+            app.send_task(process_name, args=[notification_id], queue=queue, countdown=retry_in.total_seconds())
         return outcome
 
     @app.task(name=sweep_name)  # type: ignore[untyped-decorator]

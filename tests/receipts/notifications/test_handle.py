@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from celery import Celery
 
 from services.common.celery_app import make_celery_app
 from services.common.clock import Clock, SystemClock
@@ -332,11 +333,7 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
     broker = broker_url(broker_kind, tmp_path)
     with dropped_queue(broker, unique_queue()) as queue:
         app = make_celery_app(queue, broker)
-        settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=0.0)  # type: ignore[call-arg]
-        worker = NotificationWorker(
-            harness.inbox, harness.processor, reconciler(core.settings, core.components, core.loop)
-        )
-        notification_tasks.register(app, settings, lambda: worker, queue)
+        notification_worker(app, harness, core, queue, sweep_seconds=0.0)
         txids = [f"31000000{i}" for i in range(3)]
         refunds = [harness.store_apple("REFUND", credited(harness, f"acct-w{i}", t)) for i, t in enumerate(txids)]
         queued, lost = refunds[0], refunds[1:]
@@ -355,6 +352,13 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
     for i, txid in enumerate(txids):
         assert core.ledger(f"acct-w{i}") == [(txid, 350), (txid, -350)]
     assert sorted(c for c in core.calls if c[0] == "apply_refund") == [("apply_refund", t) for t in txids]
+
+
+def notification_worker(app: Celery, harness: Harness, core: Core, queue: str, *, sweep_seconds: float) -> None:
+    """Register the notification tasks on ``app``, running through ``harness``'s processor."""
+    settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=sweep_seconds)  # type: ignore[call-arg]
+    worker = NotificationWorker(harness.inbox, harness.processor, reconciler(core.settings, core.components, core.loop))
+    notification_tasks.register(app, settings, lambda: worker, queue)
 
 
 def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
