@@ -35,11 +35,13 @@ from services.receipts.apple.rules import (
     refund_of,
     transaction_id,
 )
+from services.receipts.google.client import PlayApiError
 from services.receipts.google.rules import (
     ONE_TIME_PRODUCT_CANCELED,
     ONE_TIME_PRODUCT_PURCHASED,
     PRODUCT_TYPE_ONE_TIME,
     ProductNotification,
+    PurchaseV2,
     VoidedNotification,
     refunded_quantity,
 )
@@ -62,6 +64,19 @@ class Refused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class NotYetRefunded(Exception):
+    """A partial Play refund notified while Google still reports refundableQuantity ==
+    quantity: nothing to apply yet, so the notification fails and is retried."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(
+            f"partial refund of {token[:16]}…: Play still reports refundableQuantity == quantity; retried later"
+        )
+
+
+_GONE = {404: "purchase_not_found", 410: "purchase_token_expired"}
 
 
 class ConsumptionFacts(Protocol):
@@ -201,18 +216,26 @@ class NotificationHandler:
         if notification.notification_type != ONE_TIME_PRODUCT_PURCHASED:
             return "ignored"
         token = notification.purchase_token
-        purchase = self.google.client.get_purchase_v2(self.google.policy.package_name, token)
+        # One query: the purchase read here is the one credited.
+        purchase = self._play_purchase(token)
+        if isinstance(purchase, str):
+            return purchase
         obfuscated = purchase.obfuscated_account_id
         account = self.bindings.account_for_obfuscated_id(obfuscated) if obfuscated else None
         claim = None if account is None else Claim(account, _request_id(item, "credit"))
-        credit = self.google.credit_token(token, notification.sku, claim)
-        try:
-            outcome = self._core(credit).outcome.value
-        except NotFound as error:
-            # Google does not know the token: nothing to credit, and retrying will not change that.
-            outcome = error.reason.lower()
+        outcome = self._core(self.google.credit_token(token, notification.sku, claim, purchase=purchase)).outcome.value
         # With no account of ours the purchase is only recorded, for the account that claims it.
         return "recorded" if account is None else outcome
+
+    def _play_purchase(self, token: str) -> PurchaseV2 | str:
+        """Google's purchase, or the final outcome when Google no longer has it: 404 (it does
+        not know the token) and 410 (expired) are the purchase's final state, not failures."""
+        try:
+            return self.google.client.get_purchase_v2(self.google.policy.package_name, token)
+        except PlayApiError as error:
+            if error.status in _GONE:
+                return _GONE[error.status]
+            raise
 
     def _google_voided(self, item: StoredNotification, voided: VoidedNotification) -> str:
         if voided.product_type != PRODUCT_TYPE_ONE_TIME:
@@ -220,7 +243,15 @@ class NotificationHandler:
         token = voided.purchase_token
         refunded = 0
         if voided.partial:
-            refunded = refunded_quantity(self.google.client.get_purchase_v2(self.google.policy.package_name, token))
+            purchase = self._play_purchase(token)
+            if isinstance(purchase, str):
+                # Gone at Google: its voided-purchases record (with voidedQuantity) is reconciliation's.
+                log.warning("voided Play purchase no longer readable", extra={"outcome": purchase})
+                return purchase
+            refunded = refunded_quantity(purchase)
+            if refunded == 0:
+                # Read before Google updated refundableQuantity: retried later (7 days, slowly), applied once.
+                raise NotYetRefunded(token)
         refund = Refund(
             StoreId.GOOGLE_PLAY,
             token,

@@ -178,6 +178,8 @@ class Crediting:
         unless the purchase row already records this cumulative refund -- asked again with
         the same request id, the wallet would replay its first answer, "applied". True when
         this call moved coins; a purchase the wallet does not know moves nothing."""
+        if not (refund.full or refund.refunded_quantity or refund.refunded_percentage_milli):
+            return False
         # Recorded first, whatever the purchase's state: a credit after this sees it.
         await self.refunds.record(refund, self.clock.now())
         record = await self.purchases.get(refund.store, refund.store_transaction_id)
