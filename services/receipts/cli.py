@@ -40,13 +40,14 @@ def parse_since(raw: str, now: datetime) -> datetime:
 def add_reconcile(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "reconcile",
-        help="apply store refunds no notification delivered (Google voided purchases, Apple refund history)",
+        help="apply store refunds and purchases no notification delivered (Google voided purchases,"
+        " Apple notification history)",
     )
     parser.add_argument(
         "--since",
         type=lambda raw: parse_since(raw, datetime.now(UTC)),
-        default="30d",
-        help="how far back: 7d, 12h, 30m or an ISO date (default 30d)",
+        default=None,
+        help="read from then to now instead of continuing where the last run stopped: 7d, 12h, 30m or an ISO date",
     )
     parser.add_argument("--store", choices=("all", "google", "apple"), default="all")
     parser.set_defaults(handler=_run)
@@ -60,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     from services.receipts.wiring import build_notification_worker
 
     def main() -> int:
-        since: datetime = args.since
+        since: datetime | None = args.since
         settings = load(ReceiptsSettings, "receipts-reconcile")
         reconciler = build_notification_worker(settings).reconciler
         with tqdm(desc="reconciling", unit="purchase", file=sys.stderr) as bar:

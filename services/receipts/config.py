@@ -136,6 +136,31 @@ class ReceiptsSettings(CommonSettings):
         3600.0,
         parse=float,
     )
+    reconcile_seconds: float = setting(
+        "RECONCILE_SECONDS",
+        "How often Celery beat runs reconciliation (each run resumes where the last stopped)",
+        900.0,
+        parse=float,
+    )
+    reconcile_promise_hours: float = setting(
+        "RECONCILE_PROMISE_HOURS",
+        "M: every refund of a purchase younger than N days is looked at within M hours of the store listing it"
+        " (coinstore_reconcile_unchecked_age_seconds stays below it)",
+        6.0,
+        parse=float,
+    )
+    reconcile_apple_days: int = setting(
+        "RECONCILE_APPLE_DAYS", "N for the App Store: days of Get Notification History reconciled (at most 180)", 180
+    )
+    reconcile_google_days: int = setting(
+        "RECONCILE_GOOGLE_DAYS", "N for Google Play: days of voided purchases reconciled (at most 30)", 30
+    )
+    reconcile_overlap_hours: float = setting(
+        "RECONCILE_OVERLAP_HOURS",
+        "How far each reconciliation window reaches back into the last one (records the stores list late)",
+        24.0,
+        parse=float,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -144,6 +169,15 @@ class ReceiptsSettings(CommonSettings):
             problems.append("COINSTORE_SANDBOX_ACCOUNTS: * (everyone) cannot be combined with account ids")
         if self.notifications_refund_retry_days < 7:
             problems.append("COINSTORE_NOTIFICATIONS_REFUND_RETRY_DAYS: must be at least 7")
+        if not 1 <= self.reconcile_apple_days <= 180:
+            problems.append("COINSTORE_RECONCILE_APPLE_DAYS: must be 1 to 180 (Get Notification History's limit)")
+        if not 1 <= self.reconcile_google_days <= 30:
+            problems.append("COINSTORE_RECONCILE_GOOGLE_DAYS: must be 1 to 30 (voidedpurchases.list's limit)")
+        if not 0 < self.reconcile_seconds < self.reconcile_promise_hours * 3600 / 2:
+            problems.append(
+                "COINSTORE_RECONCILE_SECONDS: must be positive and under half of COINSTORE_RECONCILE_PROMISE_HOURS"
+                " (a failed run must leave time for the next within the promise)"
+            )
         if len(self.binding_secret) < 16:
             problems.append("COINSTORE_BINDING_SECRET: must be at least 16 characters")
         if problems:

@@ -46,8 +46,9 @@ from services.receipts.notifications import tasks as notification_tasks
 from services.receipts.notifications.handle import DeliveredFacts, InboxProcessor, NotificationHandler
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
-from services.receipts.notifications.reconcile import Reconciler
+from services.receipts.notifications.reconcile import Promise, Reconciler, UncheckedAgeCollector
 from services.receipts.notifications.repository import (
+    CursorRepository,
     DeadLetterPolicy,
     InboxRepository,
     ReconcileRunRepository,
@@ -57,6 +58,7 @@ from services.receipts.notifications.tasks import NotificationWorker
 from services.receipts.notifications.webhooks import InboxCollector, WebhookDeps, WebhookServer, create_webhook_app
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.model import Environment
 from services.receipts.purchases.refunds import RefundRepository
 from services.receipts.purchases.repository import BindingRepository, PurchaseRepository
 from services.receipts.purchases.rules import SandboxPolicy
@@ -273,6 +275,7 @@ def build_webhooks(settings: ReceiptsSettings, components: Components, failpoint
     dispatch = notification_tasks.sender(celery, settings.receipts_queue)
     deps = webhook_deps(settings, components, dispatch, failpoints)
     components.metrics.registry.register(InboxCollector(deps.inbox))
+    components.metrics.registry.register(unchecked_age_collector(settings, components.database, components.clock))
     return WebhookServer(create_webhook_app(deps), settings.bind_host, settings.webhook_port)
 
 
@@ -293,20 +296,56 @@ def notification_handler(settings: ReceiptsSettings, components: Components, loo
     )
 
 
+def promise(settings: ReceiptsSettings) -> Promise:
+    return Promise(
+        apple_lookback=timedelta(days=settings.reconcile_apple_days),
+        google_lookback=timedelta(days=settings.reconcile_google_days),
+        overlap=timedelta(hours=settings.reconcile_overlap_hours),
+    )
+
+
+def apple_environments(settings: ReceiptsSettings) -> tuple[Environment, ...]:
+    """The App Store environments reconciled: the Sandbox only when someone may buy there."""
+    sandbox = (Environment.SANDBOX,) if settings.sandbox_accounts else ()
+    return (Environment.PRODUCTION, *sandbox)
+
+
+def unchecked_age_collector(settings: ReceiptsSettings, database: Database, clock: Clock) -> UncheckedAgeCollector:
+    """coinstore_reconcile_unchecked_age_seconds, for the receipts metrics port."""
+    terms = promise(settings)
+    lookbacks = {"google": terms.google_lookback}
+    lookbacks.update({f"apple:{e.value}": terms.apple_lookback for e in apple_environments(settings)})
+    return UncheckedAgeCollector(CursorRepository(database), clock, lookbacks)
+
+
 def reconciler(
-    settings: ReceiptsSettings, components: Components, loop: OnLoop, metrics: Metrics | None = None
+    settings: ReceiptsSettings,
+    components: Components,
+    loop: OnLoop,
+    metrics: Metrics | None = None,
+    processor: InboxProcessor | None = None,
 ) -> Reconciler:
+    """The reconciler; notifications it finds lost go through ``processor`` (the worker's), or one of its own."""
+    notifications = inbox(settings, components.database)
+    if processor is None:
+        handler = notification_handler(settings, components, loop)
+        processor = InboxProcessor(notifications, handler, metrics or components.metrics, SystemClock())
     return Reconciler(
         crediting=components.crediting,
-        purchases=components.purchases,
         runs=ReconcileRunRepository(components.database),
+        cursors=CursorRepository(components.database),
+        inbox=notifications,
+        processor=processor,
         play=components.google.client,
         apple_api=components.apple.api,
         apple_verifier=components.apple.verifier,
+        apple_expectations=AppleExpectations(settings.apple_bundle_id, settings.apple_app_id),
+        apple_environments=apple_environments(settings),
         loop=loop,
         metrics=metrics or components.metrics,
         clock=SystemClock(),
         package_name=settings.google_package_name,
+        promise=promise(settings),
     )
 
 
@@ -322,10 +361,11 @@ def build_notification_worker(settings: ReceiptsSettings) -> NotificationWorker:
     components = loop.run(build())
     notifications = inbox(settings, runtime.database)
     handler = notification_handler(settings, components, loop)
+    processor = InboxProcessor(notifications, handler, components.metrics, SystemClock(), runtime.failpoints)
     return NotificationWorker(
         inbox=notifications,
-        processor=InboxProcessor(notifications, handler, components.metrics, SystemClock(), runtime.failpoints),
-        reconciler=reconciler(settings, components, loop),
+        processor=processor,
+        reconciler=reconciler(settings, components, loop, processor=processor),
     )
 
 

@@ -325,3 +325,56 @@ class ReconcileRunRepository:
                 )
             ).scalar_one_or_none()
         return None if value is None else as_utc(value)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where one source's reconciliation is: the window being read (the store's
+    pagination token belongs to exactly this window) and how far everything has
+    been checked (None: never a whole window yet)."""
+
+    source: str
+    window_start: datetime
+    window_end: datetime
+    page_token: str
+    checked_through: datetime | None
+
+
+class CursorRepository:
+    """``receipts_reconcile_cursors``: one row per source, saved after every page,
+    so a run that stops (quota, rate limit, crash) is resumed by the next."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+        self._cursors = database.table("receipts_reconcile_cursors")
+
+    def get(self, source: str) -> Cursor | None:
+        cursors = self._cursors
+        with self.db.connect() as conn:
+            row = conn.execute(sa.select(cursors).where(cursors.c.source == source)).one_or_none()
+        return None if row is None else _cursor(row)
+
+    def all(self) -> list[Cursor]:
+        with self.db.connect() as conn:
+            return [_cursor(row) for row in conn.execute(sa.select(self._cursors)).all()]
+
+    def save(self, cursor: Cursor, now: datetime) -> None:
+        cursors = self._cursors
+        values = {
+            "window_start": cursor.window_start,
+            "window_end": cursor.window_end,
+            "page_token": cursor.page_token or None,
+            "checked_through": cursor.checked_through,
+            "updated_at": now,
+        }
+
+        def work(conn: Connection) -> None:
+            conn.execute(insert_ignore(conn, cursors).values(source=cursor.source, **values))
+            conn.execute(cursors.update().where(cursors.c.source == cursor.source).values(**values))
+
+        self.db.transaction(work)
+
+
+def _cursor(row: Any) -> Cursor:
+    checked = None if row.checked_through is None else as_utc(row.checked_through)
+    return Cursor(row.source, as_utc(row.window_start), as_utc(row.window_end), row.page_token or "", checked)

@@ -8,8 +8,8 @@
   row without managing to queue it: the sweeper re-queues every pending row
   older than a grace period and every failed row past its backoff. The row's
   lease and state make any duplicate task a no-op.
-- ``receipts.notifications.reconcile``: beat, every 15 minutes (Google voided
-  purchases, Apple refund history).
+- ``receipts.notifications.reconcile``: beat, every COINSTORE_RECONCILE_SECONDS (Google
+  voided purchases, Apple notification history; each run resumes the last).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ def task_names(queue: str = QUEUE) -> tuple[str, str, str]:
 
 
 PROCESS, SWEEP, RECONCILE = task_names()
-RECONCILE_SECONDS = 15 * 60.0
 
 
 @dataclass
@@ -93,7 +92,7 @@ def register(
     }
     schedule["receipts-notifications-reconcile"] = {
         "task": reconcile_name,
-        "schedule": RECONCILE_SECONDS,
+        "schedule": settings.reconcile_seconds,
         "options": {"queue": queue},
     }
     app.conf.beat_schedule = schedule

@@ -287,21 +287,6 @@ class PurchaseRepository:
 
         return await self.database.run(self._read, work)
 
-    async def recent(self, store: StoreId, since: datetime, limit: int = 5000) -> list[tuple[str, Environment]]:
-        """(store transaction id, environment) of the purchases recorded since ``since``, newest first."""
-        purchases = self._purchases
-
-        def work(conn: Connection) -> list[tuple[str, Environment]]:
-            rows = conn.execute(
-                sa.select(purchases.c.store_transaction_id, purchases.c.environment)
-                .where(purchases.c.store == store.value, purchases.c.created_at >= since)
-                .order_by(purchases.c.created_at.desc())
-                .limit(limit)
-            ).all()
-            return [(str(r.store_transaction_id), Environment(r.environment)) for r in rows]
-
-        return await self.database.run(self._read, work)
-
     # --- request ids (AIP-155) -------------------------------------------
 
     async def replay(self, method: str, request_id: str, request: Message) -> bytes | None:

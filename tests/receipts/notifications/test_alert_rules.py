@@ -11,10 +11,14 @@ from typing import Any
 
 import yaml
 
+from services.common.clock import SystemClock
 from services.common.db import Database
 from services.common.metrics import Metrics
+from services.common.settings import load_settings
+from services.receipts.config import ReceiptsSettings
 from services.receipts.notifications.repository import DeadLetterPolicy, InboxRepository, NewNotification, RetryPolicy
 from services.receipts.notifications.webhooks import InboxCollector
+from services.receipts.wiring import unchecked_age_collector
 
 RULES = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "receipts-rules.yaml"
 SELECTOR = re.compile(r"(coinstore_[a-z_]+)(?:\{([^}]*)\})?")
@@ -46,3 +50,16 @@ def test_a_dead_notification_shows_in_the_series_the_alert_watches(receipts_db: 
     name, labels = SELECTOR.search(dead["expr"]).groups()  # type: ignore[union-attr]
     selected = dict(re.findall(r'(\w+)="([^"]*)"', labels or ""))
     assert metrics.registry.get_sample_value(name, selected) == 1
+
+
+def test_every_metric_a_rule_names_is_exported(receipts_db: Database) -> None:
+    settings = load_settings(ReceiptsSettings, {"COINSTORE_DATABASE_URL": "sqlite://"})
+    metrics = Metrics("receipts-test")
+    metrics.registry.register(InboxCollector(InboxRepository(receipts_db)))
+    metrics.registry.register(unchecked_age_collector(settings, receipts_db, SystemClock()))
+    exported = {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    named = {name for rule in rules() for name, _ in SELECTOR.findall(rule["expr"])}
+    assert named <= exported
+    # Never reconciled yet: everything in the promised window is unchecked.
+    age = metrics.registry.get_sample_value("coinstore_reconcile_unchecked_age_seconds", {"source": "google"})
+    assert age == settings.reconcile_google_days * 86400
