@@ -10,6 +10,13 @@ from pathlib import Path
 from services.common.settings import CommonSettings, SettingsError, setting
 
 
+class TokenlessPolicy(enum.Enum):
+    """Who owns an App Store purchase without appAccountToken (and every legacy-receipt purchase)."""
+
+    FIRST_CLAIMER = "first-claimer"
+    REFUSE = "require-token"
+
+
 class RegionPolicy(enum.Enum):
     ALLOW = "allow"
     FLAG = "flag"
@@ -69,6 +76,12 @@ class ReceiptsSettings(CommonSettings):
     )
     apple_api_timeout_seconds: float = setting(
         "APPLE_API_TIMEOUT_SECONDS", "Timeout of each App Store Server API call", 10.0, parse=float
+    )
+    apple_tokenless_purchases: TokenlessPolicy = setting(
+        "APPLE_TOKENLESS_PURCHASES",
+        "App Store purchases without appAccountToken (legacy receipts never have one): first-claimer (the first account"
+        " to verify one owns it) or require-token (refused with APP_ACCOUNT_TOKEN_REQUIRED)",
+        TokenlessPolicy.FIRST_CLAIMER,
     )
     apple_send_consumption: bool = setting(
         "APPLE_SEND_CONSUMPTION", "Answer CONSUMPTION_REQUEST notifications with Send Consumption Information", False

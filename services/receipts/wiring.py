@@ -34,7 +34,7 @@ from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
 from services.receipts.apple.ocsp import HttpOcspChecker
 from services.receipts.apple.rules import ApplePolicy
 from services.receipts.apple.verify import ApplePurchases
-from services.receipts.config import ReceiptsSettings
+from services.receipts.config import ReceiptsSettings, TokenlessPolicy
 from services.receipts.errors import Refusals
 from services.receipts.google import tasks as google_tasks
 from services.receipts.google.client import PlayClient
@@ -159,7 +159,9 @@ def _apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, m
         sandbox_url=settings.apple_sandbox_api_url,
         timeout_seconds=settings.apple_api_timeout_seconds,
     )
-    policy = ApplePolicy(settings.apple_bundle_id)
+    policy = ApplePolicy(
+        settings.apple_bundle_id, require_token=settings.apple_tokenless_purchases is TokenlessPolicy.REFUSE
+    )
     refusals = Refusals(metrics, "coinstore_receipts_apple_refusals", "App Store proofs refused, by reason")
     return ApplePurchases(verifier, api, crediting, binding, policy, refusals)
 

@@ -23,6 +23,8 @@ CONSUMABLE = "Consumable"
 @dataclass(frozen=True)
 class ApplePolicy:
     bundle_id: str
+    # A transaction without appAccountToken is refused (require-token), not owned by its first claimer.
+    require_token: bool = False
 
     def lookup_order(self, hint: Environment | None, sandbox_allowed: bool) -> list[Environment]:
         """Where to look a transaction id up: the device's hint if allowed, else
