@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import httpx
@@ -20,8 +20,8 @@ from celery import Celery
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
 from services.common.bootstrap import Runtime, build_runtime
-from services.common.catalog import Catalog
-from services.common.celery_app import make_celery_app
+from services.common.catalog import Catalog, StoreId
+from services.common.celery_app import PerProcess, make_celery_app
 from services.common.clients import aio_channel
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
@@ -39,7 +39,7 @@ from services.receipts.errors import Refusals
 from services.receipts.google import tasks as google_tasks
 from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer, OverdueCollector
-from services.receipts.google.repository import ConsumptionRepository
+from services.receipts.google.repository import ConsumptionRepository, CreditedPlayPurchase
 from services.receipts.google.rules import GooglePolicy
 from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
@@ -66,7 +66,7 @@ from services.receipts.purchases.wallet import WalletClient
 from services.receipts.servicer import ReceiptServiceServicer
 
 SERVICE = "receipts"
-WALLET_SCOPES = ("wallet:credit",)
+WALLET_SCOPES = ("wallet:credit", "wallet:purchases")
 
 
 @dataclass
@@ -364,10 +364,20 @@ def build_notification_worker(settings: ReceiptsSettings) -> NotificationWorker:
     notifications = inbox(settings, runtime.database)
     handler = notification_handler(settings, components, loop)
     processor = InboxProcessor(notifications, handler, components.metrics, SystemClock(), runtime.failpoints)
+    wallet = components.wallet
+
+    def credited_play(since: datetime, before: datetime) -> list[CreditedPlayPurchase]:
+        listed = loop.run(wallet.credited_purchases(StoreId.GOOGLE_PLAY, since, before))
+        return [
+            CreditedPlayPurchase(p.store_transaction_id, p.product_id, p.credit_time.ToDatetime(tzinfo=UTC))
+            for p in listed
+        ]
+
     return NotificationWorker(
         inbox=notifications,
         processor=processor,
         reconciler=reconciler(settings, components, loop, processor=processor),
+        credited_play=credited_play,
     )
 
 
@@ -379,5 +389,6 @@ def build_consumer(settings: ReceiptsSettings) -> Consumer:
 
 def register_tasks(app: Celery, settings: ReceiptsSettings) -> None:
     """Every slice's Celery tasks and beat entries, on the receipts worker's app."""
-    google_tasks.register(app, settings, lambda: build_consumer(settings))
-    notification_tasks.register(app, settings, lambda: build_notification_worker(settings), settings.receipts_queue)
+    worker = PerProcess(lambda: build_notification_worker(settings))
+    google_tasks.register(app, settings, lambda: build_consumer(settings), lambda: worker().credited_play)
+    notification_tasks.register(app, settings, worker, settings.receipts_queue)

@@ -91,6 +91,8 @@ purchases = sa.Table(
     sa.Column("lot_id", sa.BigInteger, nullable=False, unique=True),
     sa.Column("open_coins", sa.BigInteger, nullable=False),
 )
+# ListCreditedPurchases reads a store's credits of the last few days.
+sa.Index("wallet_purchases_store_credited", purchases.c.store, purchases.c.created_at)
 OPEN_LOTS_INDEX = "wallet_purchases_open_lots"
 sa.Index(
     OPEN_LOTS_INDEX,

@@ -16,6 +16,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 import grpc
@@ -122,6 +123,28 @@ class WalletClient:
         )
         new = response.state == wpb.CREDIT_STATE_CREDITED
         return Credit(new, response.transaction_id, response.balance.coins)
+
+    async def credited_purchases(
+        self, store: StoreId, since: datetime, before: datetime, page_size: int = 500
+    ) -> list[wpb.CreditedPurchase]:
+        """ListCreditedPurchases, every page: the purchases of ``store`` the wallet credited in [since, before)."""
+        found: list[wpb.CreditedPurchase] = []
+        after = 0
+        while True:
+            response: wpb.ListCreditedPurchasesResponse = await self._call(
+                self._stub.ListCreditedPurchases,
+                wpb.ListCreditedPurchasesRequest(
+                    store=WALLET_STORE[store],
+                    credited_since=timestamp(since),
+                    credited_before=timestamp(before),
+                    after_credit_sequence=after,
+                    page_size=page_size,
+                ),
+            )
+            found.extend(response.purchases)
+            after = response.next_credit_sequence
+            if not after:
+                return found
 
     async def reverse(self, refund: Refund, environment: Environment, request_id: str) -> Reversal:
         """ReversePurchase: the whole purchase, or the cumulative refunded quantity or share."""
