@@ -19,9 +19,9 @@ from celery import Celery
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
-from services.common.bootstrap import Runtime, build_runtime
+from services.common.bootstrap import Runtime, build_runtime, token_source
 from services.common.catalog import Catalog, StoreId
-from services.common.celery_app import PerProcess, make_celery_app
+from services.common.celery_app import make_celery_app
 from services.common.clients import aio_channel
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
@@ -41,6 +41,7 @@ from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer, OverdueCollector
 from services.receipts.google.repository import ConsumptionRepository, CreditedPlayPurchase
 from services.receipts.google.rules import GooglePolicy
+from services.receipts.google.tasks import CreditedPlay
 from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
 from services.receipts.notifications.handle import DeliveredFacts, InboxProcessor, NotificationHandler
@@ -364,21 +365,36 @@ def build_notification_worker(settings: ReceiptsSettings) -> NotificationWorker:
     notifications = inbox(settings, runtime.database)
     handler = notification_handler(settings, components, loop)
     processor = InboxProcessor(notifications, handler, components.metrics, SystemClock(), runtime.failpoints)
-    wallet = components.wallet
-
-    def credited_play(since: datetime, before: datetime) -> list[CreditedPlayPurchase]:
-        listed = loop.run(wallet.credited_purchases(StoreId.GOOGLE_PLAY, since, before))
-        return [
-            CreditedPlayPurchase(p.store_transaction_id, p.product_id, p.credit_time.ToDatetime(tzinfo=UTC))
-            for p in listed
-        ]
-
     return NotificationWorker(
         inbox=notifications,
         processor=processor,
         reconciler=reconciler(settings, components, loop, processor=processor),
-        credited_play=credited_play,
     )
+
+
+def credited_play(wallet: WalletClient, loop: OnLoop) -> CreditedPlay:
+    """The Play purchases the wallet credited in [since, before), read on ``loop`` (the wallet client's)."""
+
+    def listed(since: datetime, before: datetime) -> list[CreditedPlayPurchase]:
+        purchases = loop.run(wallet.credited_purchases(StoreId.GOOGLE_PLAY, since, before))
+        return [
+            CreditedPlayPurchase(p.store_transaction_id, p.product_id, p.credit_time.ToDatetime(tzinfo=UTC))
+            for p in purchases
+        ]
+
+    return listed
+
+
+def build_credited_play(settings: ReceiptsSettings) -> CreditedPlay:
+    """The sweep's wallet reader in a worker process: a wallet client on a loop thread of its own
+    (nothing else: the consumption sweep must not depend on the App Store's settings)."""
+    loop = LoopThread("receipts-sweep-wallet")
+    source = token_source(settings, SERVICE, WALLET_SCOPES)
+
+    async def client() -> WalletClient:
+        return WalletClient(aio_channel(settings.wallet_address, source))
+
+    return credited_play(loop.run(client()), loop)
 
 
 def build_consumer(settings: ReceiptsSettings) -> Consumer:
@@ -389,6 +405,5 @@ def build_consumer(settings: ReceiptsSettings) -> Consumer:
 
 def register_tasks(app: Celery, settings: ReceiptsSettings) -> None:
     """Every slice's Celery tasks and beat entries, on the receipts worker's app."""
-    worker = PerProcess(lambda: build_notification_worker(settings))
-    google_tasks.register(app, settings, lambda: build_consumer(settings), lambda: worker().credited_play)
-    notification_tasks.register(app, settings, worker, settings.receipts_queue)
+    google_tasks.register(app, settings, lambda: build_consumer(settings), lambda: build_credited_play(settings))
+    notification_tasks.register(app, settings, lambda: build_notification_worker(settings), settings.receipts_queue)

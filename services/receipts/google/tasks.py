@@ -23,7 +23,6 @@ from typing import Any
 from celery import Celery, Task
 
 from services.common.celery_app import PerProcess, make_celery_app, retry_countdown
-from services.common.errors import DomainError
 from services.receipts.config import ReceiptsSettings
 from services.receipts.google.consume import Consumer
 from services.receipts.google.repository import CreditedPlayPurchase
@@ -49,7 +48,7 @@ def register(
     app: Celery,
     settings: ReceiptsSettings,
     build_consumer: Callable[[], Consumer],
-    credited_play: Callable[[], CreditedPlay | None] | None = None,
+    build_credited_play: Callable[[], CreditedPlay] | None = None,
 ) -> None:
     """Register this module's tasks and beat entries on the receipts Celery app; each
     worker process builds its Consumer with ``build_consumer`` on first use.
@@ -58,6 +57,7 @@ def register(
     (coinstore_receipts_google_unconsumed_overdue_now, read from the database);
     prefork worker processes serve no metrics."""
     consumer = PerProcess(build_consumer)
+    credited_play = PerProcess(build_credited_play) if build_credited_play is not None else None
     overdue = timedelta(seconds=settings.google_consume_overdue_seconds)
     queue = settings.receipts_queue
 
@@ -87,12 +87,12 @@ def register(
         sweeper = consumer()
         now = sweeper.clock.now()
         credited: list[CreditedPlayPurchase] = []
-        lister = credited_play() if credited_play is not None else None
-        if lister is not None:
+        if credited_play is not None:
             try:
-                credited = lister(now - CREDITED_LOOKBACK, now - overdue)
-            except DomainError as error:
-                log.warning("the wallet could not list credited Play purchases (next sweep): %s", error)
+                credited = credited_play()(now - CREDITED_LOOKBACK, now - overdue)
+            except Exception as error:
+                # The receipts rows are still swept; the wallet's side waits for the next sweep.
+                log.warning("could not list the wallet's credited Play purchases (next sweep): %s", error)
         tokens = sweeper.consumptions.overdue(settings.google_package_name, now, overdue, credited)
         if tokens:
             log.warning(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
@@ -25,7 +25,6 @@ from celery import Celery
 from services.common.celery_app import MAX_COUNTDOWN_SECONDS, PerProcess
 from services.common.clock import SystemClock
 from services.receipts.config import ReceiptsSettings
-from services.receipts.google.repository import CreditedPlayPurchase
 from services.receipts.notifications.handle import InboxProcessor
 from services.receipts.notifications.reconcile import Reconciler
 from services.receipts.notifications.repository import InboxRepository
@@ -46,13 +45,11 @@ PROCESS, SWEEP, RECONCILE = task_names()
 
 @dataclass
 class NotificationWorker:
-    """What the notification tasks use in one worker process; ``credited_play`` lists the
-    Play purchases the wallet credited in [since, before) (the consumption sweep's truth)."""
+    """What the notification tasks use in one worker process."""
 
     inbox: InboxRepository
     processor: InboxProcessor
     reconciler: Reconciler
-    credited_play: Callable[[datetime, datetime], list[CreditedPlayPurchase]] | None = None
 
 
 def register(

@@ -15,7 +15,7 @@ from coinstore.type.v1 import money_pb2
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
 from services.receipts.google import tasks as google_tasks
-from services.receipts.wiring import build_consumer, build_notification_worker
+from services.receipts.wiring import build_consumer, build_credited_play
 from tests.receipts.notifications.system import running_system
 from tests.support import env
 from tests.support.receipts_backends import SERVER, dropped_queue, thread_worker, unique_queue
@@ -58,9 +58,8 @@ async def _sweep_finds_the_wallets_purchase(
             timeout=30,
         )
         app = make_celery_app(queue, s.settings.broker_url)
-        notification_worker = build_notification_worker(s.settings)
         google_tasks.register(
-            app, s.settings, lambda: build_consumer(s.settings), lambda: notification_worker.credited_play
+            app, s.settings, lambda: build_consumer(s.settings), lambda: build_credited_play(s.settings)
         )
         with thread_worker(app, queue):
             app.send_task(google_tasks.SWEEP_TASK, queue=queue)
