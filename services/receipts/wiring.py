@@ -30,6 +30,7 @@ from services.common.loop import LoopThread, OnLoop
 from services.common.metrics import Metrics
 from services.common.server import ServerOptions, ServiceHost
 from services.receipts.apple.client import AppStoreApi, TokenMinter, load_api_key
+from services.receipts.apple.consumption import ConsentRepository, WalletConsumptionFacts
 from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
 from services.receipts.apple.ocsp import HttpOcspChecker
 from services.receipts.apple.rules import ApplePolicy
@@ -44,7 +45,7 @@ from services.receipts.google.rules import GooglePolicy
 from services.receipts.google.tasks import CreditedPlay
 from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
-from services.receipts.notifications.handle import DeliveredFacts, InboxProcessor, NotificationHandler
+from services.receipts.notifications.handle import InboxProcessor, NotificationHandler
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.reconcile import Promise, Reconciler, UncheckedAgeCollector
@@ -67,7 +68,7 @@ from services.receipts.purchases.wallet import WalletClient
 from services.receipts.servicer import ReceiptServiceServicer
 
 SERVICE = "receipts"
-WALLET_SCOPES = ("wallet:credit", "wallet:purchases")
+WALLET_SCOPES = ("wallet:credit", "wallet:purchases", "wallet:read")
 
 
 @dataclass
@@ -226,6 +227,7 @@ def build_servicer(components: Components) -> ReceiptServiceServicer:
         clock=components.clock,
         apple=components.apple,
         google=components.google,
+        consents=ConsentRepository(components.database),
     )
 
 
@@ -295,7 +297,8 @@ def notification_handler(settings: ReceiptsSettings, components: Components, loo
         components.bindings,
         loop,
         send_consumption=settings.apple_send_consumption,
-        consumption=DeliveredFacts(),
+        consumption=WalletConsumptionFacts(ConsentRepository(components.database), components.wallet, loop),
+        metrics=components.metrics,
     )
 
 

@@ -146,6 +146,20 @@ class WalletClient:
             if not after:
                 return found
 
+    async def consumed_percentage_milli(
+        self, store: StoreId, environment: Environment, store_transaction_id: str
+    ) -> int:
+        """GetPurchaseConsumption: how much of the purchase was used, in milliunits (rounded down)."""
+        response: wpb.GetPurchaseConsumptionResponse = await self._call(
+            self._stub.GetPurchaseConsumption,
+            wpb.GetPurchaseConsumptionRequest(
+                store=WALLET_STORE[store],
+                environment=WALLET_ENVIRONMENT[environment],
+                store_transaction_id=store_transaction_id,
+            ),
+        )
+        return int(response.consumed_percentage_milli)
+
     async def reverse(self, refund: Refund, environment: Environment, request_id: str) -> Reversal:
         """ReversePurchase: the whole purchase, or the cumulative refunded quantity or share."""
         full = refund.full

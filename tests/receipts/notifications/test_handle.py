@@ -26,11 +26,12 @@ from services.common.failpoints import Action, FailpointError, Failpoints
 from services.common.loop import LoopThread
 from services.common.metrics import Metrics
 from services.receipts.apple.client import AppStoreApi
+from services.receipts.apple.consumption import ConsentRepository, WalletConsumptionFacts
 from services.receipts.apple.rules import ApplePolicy
 from services.receipts.config import ReceiptsSettings
 from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
-from services.receipts.notifications.handle import InboxProcessor, NotificationHandler
+from services.receipts.notifications.handle import ConsumptionFacts, InboxProcessor, NotificationHandler
 from services.receipts.notifications.parse import AppleExpectations, parse_apple, parse_google
 from services.receipts.notifications.repository import LEASE, InboxRepository, NewNotification
 from services.receipts.notifications.tasks import NotificationWorker
@@ -63,9 +64,9 @@ class RecordingAppleApi:
         self.sent.append((transaction_id, environment, dict(request)))
 
 
-class Facts:
-    def consumption(self, store_transaction_id: str) -> tuple[str, int]:
-        return "DELIVERED", 25_000
+def consumption_facts(db: Database, core: Core) -> WalletConsumptionFacts:
+    """Consent from the receipts database, consumption from the real wallet (as wired)."""
+    return WalletConsumptionFacts(ConsentRepository(db), core.components.wallet, core.loop)
 
 
 class NoEffects:
@@ -102,7 +103,8 @@ class Harness:
             self.bindings,
             core.loop if core is not None else self.loop,
             send_consumption=send_consumption,
-            consumption=Facts(),
+            consumption=consumption_facts(db, core) if core is not None else cast(ConsumptionFacts, NoEffects()),
+            metrics=self.metrics,
         )
         self.processor = InboxProcessor(self.inbox, handler, self.metrics, clock or SystemClock(), failpoints)
         self.verifier = core_verifier(apple_store)
@@ -168,27 +170,6 @@ def test_apple_types_end_to_end_through_the_wallet(harness: Harness, core: Core)
     assert harness.process(harness.store_apple("TEST", tx)) == "test"
     assert [coins for _, coins in core.ledger("acct-1")] == [700, -350, -350, 700]
     assert harness.apple_api.sent == []
-
-
-def test_consumption_request_is_answered_when_enabled(receipts_db: Database, apple_store: AppleStore) -> None:
-    harness = Harness(receipts_db, apple_store, send_consumption=True)
-    try:
-        outcome = harness.process(harness.store_apple("CONSUMPTION_REQUEST", transaction("3000000003")))
-    finally:
-        harness.loop.close()
-    assert outcome == "consumption_sent"
-    assert harness.apple_api.sent == [
-        (
-            "3000000003",
-            Environment.PRODUCTION,
-            {
-                "customerConsented": True,
-                "sampleContentProvided": False,
-                "deliveryStatus": "DELIVERED",
-                "consumptionPercentage": 25_000,
-            },
-        )
-    ]
 
 
 def test_google_types_end_to_end_through_the_wallet(harness: Harness, core: Core) -> None:
