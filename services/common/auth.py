@@ -40,7 +40,9 @@ _CACHE_SIZE = 4096
 SCOPES = frozenset(
     {
         "purchases:verify",
+        "purchases:consent",
         "wallet:read",
+        "wallet:purchases",
         "wallet:gift",
         "wallet:limits",
         "wallet:credit",

@@ -13,6 +13,13 @@ from services.common.settings import PREFIX, CommonSettings, SettingsError, sett
 from services.receipts.purchases.binding import MIN_KEEP_DAYS, RetiredSecret, parse_retired_secrets
 
 
+class TokenlessPolicy(enum.Enum):
+    """Who owns an App Store purchase without appAccountToken (and every legacy-receipt purchase)."""
+
+    FIRST_CLAIMER = "first-claimer"
+    REFUSE = "require-token"
+
+
 class RegionPolicy(enum.Enum):
     ALLOW = "allow"
     FLAG = "flag"
@@ -87,6 +94,12 @@ class ReceiptsSettings(CommonSettings):
     )
     apple_api_timeout_seconds: float = setting(
         "APPLE_API_TIMEOUT_SECONDS", "Timeout of each App Store Server API call", 10.0, parse=float
+    )
+    apple_tokenless_purchases: TokenlessPolicy = setting(
+        "APPLE_TOKENLESS_PURCHASES",
+        "App Store purchases without appAccountToken (legacy receipts never have one): first-claimer (the first account"
+        " to verify one owns it) or require-token (refused with APP_ACCOUNT_TOKEN_REQUIRED)",
+        TokenlessPolicy.FIRST_CLAIMER,
     )
     apple_send_consumption: bool = setting(
         "APPLE_SEND_CONSUMPTION", "Answer CONSUMPTION_REQUEST notifications with Send Consumption Information", False
@@ -168,6 +181,44 @@ class ReceiptsSettings(CommonSettings):
         30.0,
         parse=float,
     )
+    notifications_refund_retry_days: float = setting(
+        "NOTIFICATIONS_REFUND_RETRY_DAYS",
+        "Days a failing refund, refund-reversed or voided-purchase notification is retried before it goes dead"
+        " (at least 7: the stores redeliver for about as long)",
+        7.0,
+        parse=float,
+    )
+    notifications_refund_retry_cap_seconds: float = setting(
+        "NOTIFICATIONS_REFUND_RETRY_CAP_SECONDS",
+        "Longest wait between two attempts of a failing refund notification (the sweeper re-queues it when due)",
+        3600.0,
+        parse=float,
+    )
+    reconcile_seconds: float = setting(
+        "RECONCILE_SECONDS",
+        "How often Celery beat runs reconciliation (each run resumes where the last stopped)",
+        900.0,
+        parse=float,
+    )
+    reconcile_promise_hours: float = setting(
+        "RECONCILE_PROMISE_HOURS",
+        "M: every refund of a purchase younger than N days is looked at within M hours of the store listing it"
+        " (coinstore_reconcile_unchecked_age_seconds stays below it)",
+        6.0,
+        parse=float,
+    )
+    reconcile_apple_days: int = setting(
+        "RECONCILE_APPLE_DAYS", "N for the App Store: days of Get Notification History reconciled (at most 180)", 180
+    )
+    reconcile_google_days: int = setting(
+        "RECONCILE_GOOGLE_DAYS", "N for Google Play: days of voided purchases reconciled (at most 30)", 30
+    )
+    reconcile_overlap_hours: float = setting(
+        "RECONCILE_OVERLAP_HOURS",
+        "How far each reconciliation window reaches back into the last one (records the stores list late)",
+        24.0,
+        parse=float,
+    )
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
@@ -210,6 +261,17 @@ class ReceiptsSettings(CommonSettings):
         problems = []
         if "*" in self.sandbox_accounts and len(self.sandbox_accounts) > 1:
             problems.append("COINSTORE_SANDBOX_ACCOUNTS: * (everyone) cannot be combined with account ids")
+        if self.notifications_refund_retry_days < 7:
+            problems.append("COINSTORE_NOTIFICATIONS_REFUND_RETRY_DAYS: must be at least 7")
+        if not 1 <= self.reconcile_apple_days <= 180:
+            problems.append("COINSTORE_RECONCILE_APPLE_DAYS: must be 1 to 180 (Get Notification History's limit)")
+        if not 1 <= self.reconcile_google_days <= 30:
+            problems.append("COINSTORE_RECONCILE_GOOGLE_DAYS: must be 1 to 30 (voidedpurchases.list's limit)")
+        if not 0 < self.reconcile_seconds < self.reconcile_promise_hours * 3600 / 2:
+            problems.append(
+                "COINSTORE_RECONCILE_SECONDS: must be positive and under half of COINSTORE_RECONCILE_PROMISE_HOURS"
+                " (a failed run must leave time for the next within the promise)"
+            )
         if len(self.binding_secret) < 16:
             problems.append("COINSTORE_BINDING_SECRET: must be at least 16 characters")
         for retired in self.binding_retired_secrets:

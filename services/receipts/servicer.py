@@ -13,8 +13,9 @@ from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
 from services.common.catalog import Catalog
 from services.common.clock import Clock
 from services.common.validation import optional_id, require_enum, require_id, require_text
+from services.receipts.apple.consumption import ConsentRepository
 from services.receipts.apple.verify import ApplePurchases
-from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, result_pb
+from services.receipts.convert import STORE_FROM_PB, product_pb, record_pb, result_pb, timestamp
 from services.receipts.errors import InvalidArgument, NotFound
 from services.receipts.google.verify import GooglePurchases, require_purchase_token
 from services.receipts.purchases.binding import Binding
@@ -45,6 +46,7 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
     clock: Clock
     apple: ApplePurchases
     google: GooglePurchases
+    consents: ConsentRepository
 
     async def idempotent(
         self,
@@ -162,4 +164,15 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
 
         return await self.idempotent(
             "VerifyGooglePurchase", request_id, request, pb.VerifyGooglePurchaseResponse, build, work
+        )
+
+    async def RecordConsumptionConsent(
+        self, request: pb.RecordConsumptionConsentRequest, context: Any
+    ) -> pb.RecordConsumptionConsentResponse:
+        account_id = require_id("account_id", request.account_id)
+        consent = await self.purchases.database.run(
+            self.consents.record, account_id, request.consented, self.clock.now()
+        )
+        return pb.RecordConsumptionConsentResponse(
+            account_id=consent.account_id, consented=consent.consented, update_time=timestamp(consent.updated_at)
         )

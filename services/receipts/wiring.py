@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from celery import Celery
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
-from services.common.bootstrap import Runtime, build_runtime
-from services.common.catalog import Catalog
+from services.common.bootstrap import Runtime, build_runtime, token_source
+from services.common.catalog import Catalog, StoreId
 from services.common.celery_app import make_celery_app
 from services.common.clients import aio_channel
 from services.common.clock import Clock, SystemClock
@@ -31,24 +31,32 @@ from services.common.metrics import Metrics
 from services.common.outbound import OutboundPolicy
 from services.common.server import ServerOptions, ServiceHost
 from services.receipts.apple.client import AppStoreApi, TokenMinter, load_api_key
+from services.receipts.apple.consumption import ConsentRepository, WalletConsumptionFacts
 from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
 from services.receipts.apple.ocsp import HttpOcspChecker
 from services.receipts.apple.rules import ApplePolicy
 from services.receipts.apple.verify import ApplePurchases
-from services.receipts.config import ReceiptsSettings
+from services.receipts.config import ReceiptsSettings, TokenlessPolicy
 from services.receipts.errors import Refusals
 from services.receipts.google import tasks as google_tasks
 from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer, OverdueCollector
-from services.receipts.google.repository import ConsumptionRepository
+from services.receipts.google.repository import ConsumptionRepository, CreditedPlayPurchase
 from services.receipts.google.rules import GooglePolicy
+from services.receipts.google.tasks import CreditedPlay
 from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
-from services.receipts.notifications.handle import DeliveredFacts, InboxProcessor, NotificationHandler
+from services.receipts.notifications.handle import InboxProcessor, NotificationHandler
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
-from services.receipts.notifications.reconcile import Reconciler
-from services.receipts.notifications.repository import InboxRepository, ReconcileRunRepository
+from services.receipts.notifications.reconcile import Promise, Reconciler, UncheckedAgeCollector
+from services.receipts.notifications.repository import (
+    CursorRepository,
+    DeadLetterPolicy,
+    InboxRepository,
+    ReconcileRunRepository,
+    RetryPolicy,
+)
 from services.receipts.notifications.tasks import NotificationWorker
 from services.receipts.notifications.webhooks import (
     InboxCollector,
@@ -59,6 +67,8 @@ from services.receipts.notifications.webhooks import (
 )
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
+from services.receipts.purchases.model import Environment
+from services.receipts.purchases.refunds import RefundRepository
 from services.receipts.purchases.repository import BindingRepository, PurchaseRepository
 from services.receipts.purchases.rules import SandboxPolicy
 from services.receipts.purchases.wallet import WalletClient
@@ -67,7 +77,7 @@ from services.receipts.servicer import ReceiptServiceServicer
 SERVICE = "receipts"
 
 log = logging.getLogger(__name__)
-WALLET_SCOPES = ("wallet:credit",)
+WALLET_SCOPES = ("wallet:credit", "wallet:purchases", "wallet:read")
 
 
 @dataclass
@@ -114,6 +124,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
     )
     crediting = Crediting(
         purchases,
+        RefundRepository(runtime.database),
         wallet,
         runtime.catalog,
         settings.region_policy,
@@ -186,7 +197,9 @@ def _apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, m
         sandbox_url=settings.apple_sandbox_api_url,
         timeout_seconds=settings.apple_api_timeout_seconds,
     )
-    policy = ApplePolicy(settings.apple_bundle_id)
+    policy = ApplePolicy(
+        settings.apple_bundle_id, require_token=settings.apple_tokenless_purchases is TokenlessPolicy.REFUSE
+    )
     refusals = Refusals(metrics, "coinstore_receipts_apple_refusals", "App Store proofs refused, by reason")
     return ApplePurchases(verifier, api, crediting, binding, policy, refusals)
 
@@ -230,6 +243,15 @@ def _google(
     )
 
 
+def inbox(settings: ReceiptsSettings, database: Database) -> InboxRepository:
+    """The notification inbox with the dead-letter policy of the settings."""
+    refunds = RetryPolicy(
+        cap=timedelta(seconds=settings.notifications_refund_retry_cap_seconds),
+        min_age=timedelta(days=settings.notifications_refund_retry_days),
+    )
+    return InboxRepository(database, DeadLetterPolicy(refunds=refunds))
+
+
 # --- the gRPC service and its webhooks ---------------------------------------------------
 
 
@@ -242,6 +264,7 @@ def build_servicer(components: Components) -> ReceiptServiceServicer:
         clock=components.clock,
         apple=components.apple,
         google=components.google,
+        consents=ConsentRepository(components.database),
     )
 
 
@@ -274,7 +297,7 @@ def webhook_deps(
 ) -> WebhookDeps:
     """The webhook's pieces, sharing the core's Apple verifier (the one VerifyApplePurchase uses)."""
     return WebhookDeps(
-        inbox=InboxRepository(components.database),
+        inbox=inbox(settings, components.database),
         apple_verifier=components.apple.verifier,
         apple=AppleExpectations(settings.apple_bundle_id, settings.apple_app_id),
         pubsub=PubSubTokenVerifier(
@@ -307,6 +330,7 @@ def build_webhooks(settings: ReceiptsSettings, components: Components, failpoint
     dispatch = notification_tasks.sender(celery, settings.receipts_queue)
     deps = webhook_deps(settings, components, dispatch, failpoints)
     components.metrics.registry.register(InboxCollector(deps.inbox))
+    components.metrics.registry.register(unchecked_age_collector(settings, components.database, components.clock))
     return WebhookServer(create_webhook_app(deps), settings.bind_host, settings.webhook_port)
 
 
@@ -323,24 +347,61 @@ def notification_handler(settings: ReceiptsSettings, components: Components, loo
         components.bindings,
         loop,
         send_consumption=settings.apple_send_consumption,
-        consumption=DeliveredFacts(),
+        consumption=WalletConsumptionFacts(ConsentRepository(components.database), components.wallet, loop),
+        metrics=components.metrics,
     )
 
 
+def promise(settings: ReceiptsSettings) -> Promise:
+    return Promise(
+        apple_lookback=timedelta(days=settings.reconcile_apple_days),
+        google_lookback=timedelta(days=settings.reconcile_google_days),
+        overlap=timedelta(hours=settings.reconcile_overlap_hours),
+    )
+
+
+def apple_environments(settings: ReceiptsSettings) -> tuple[Environment, ...]:
+    """The App Store environments reconciled: the Sandbox only when someone may buy there."""
+    sandbox = (Environment.SANDBOX,) if settings.sandbox_accounts else ()
+    return (Environment.PRODUCTION, *sandbox)
+
+
+def unchecked_age_collector(settings: ReceiptsSettings, database: Database, clock: Clock) -> UncheckedAgeCollector:
+    """coinstore_reconcile_unchecked_age_seconds, for the receipts metrics port."""
+    terms = promise(settings)
+    lookbacks = {"google": terms.google_lookback}
+    lookbacks.update({f"apple:{e.value}": terms.apple_lookback for e in apple_environments(settings)})
+    return UncheckedAgeCollector(CursorRepository(database), clock, lookbacks)
+
+
 def reconciler(
-    settings: ReceiptsSettings, components: Components, loop: OnLoop, metrics: Metrics | None = None
+    settings: ReceiptsSettings,
+    components: Components,
+    loop: OnLoop,
+    metrics: Metrics | None = None,
+    processor: InboxProcessor | None = None,
 ) -> Reconciler:
+    """The reconciler; notifications it finds lost go through ``processor`` (the worker's), or one of its own."""
+    notifications = inbox(settings, components.database)
+    if processor is None:
+        handler = notification_handler(settings, components, loop)
+        processor = InboxProcessor(notifications, handler, metrics or components.metrics, SystemClock())
     return Reconciler(
         crediting=components.crediting,
-        purchases=components.purchases,
         runs=ReconcileRunRepository(components.database),
+        cursors=CursorRepository(components.database),
+        inbox=notifications,
+        processor=processor,
         play=components.google.client,
         apple_api=components.apple.api,
         apple_verifier=components.apple.verifier,
+        apple_expectations=AppleExpectations(settings.apple_bundle_id, settings.apple_app_id),
+        apple_environments=apple_environments(settings),
         loop=loop,
         metrics=metrics or components.metrics,
         clock=SystemClock(),
         package_name=settings.google_package_name,
+        promise=promise(settings),
     )
 
 
@@ -354,13 +415,39 @@ def build_notification_worker(settings: ReceiptsSettings) -> NotificationWorker:
         return build_components(settings, runtime)
 
     components = loop.run(build())
-    inbox = InboxRepository(runtime.database)
+    notifications = inbox(settings, runtime.database)
     handler = notification_handler(settings, components, loop)
+    processor = InboxProcessor(notifications, handler, components.metrics, SystemClock(), runtime.failpoints)
     return NotificationWorker(
-        inbox=inbox,
-        processor=InboxProcessor(inbox, handler, components.metrics, SystemClock(), runtime.failpoints),
-        reconciler=reconciler(settings, components, loop),
+        inbox=notifications,
+        processor=processor,
+        reconciler=reconciler(settings, components, loop, processor=processor),
     )
+
+
+def credited_play(wallet: WalletClient, loop: OnLoop) -> CreditedPlay:
+    """The Play purchases the wallet credited in [since, before), read on ``loop`` (the wallet client's)."""
+
+    def listed(since: datetime, before: datetime) -> list[CreditedPlayPurchase]:
+        purchases = loop.run(wallet.credited_purchases(StoreId.GOOGLE_PLAY, since, before))
+        return [
+            CreditedPlayPurchase(p.store_transaction_id, p.product_id, p.credit_time.ToDatetime(tzinfo=UTC))
+            for p in purchases
+        ]
+
+    return listed
+
+
+def build_credited_play(settings: ReceiptsSettings) -> CreditedPlay:
+    """The sweep's wallet reader in a worker process: a wallet client on a loop thread of its own
+    (nothing else: the consumption sweep must not depend on the App Store's settings)."""
+    loop = LoopThread("receipts-sweep-wallet")
+    source = token_source(settings, SERVICE, WALLET_SCOPES)
+
+    async def client() -> WalletClient:
+        return WalletClient(aio_channel(settings.wallet_address, source))
+
+    return credited_play(loop.run(client()), loop)
 
 
 def build_consumer(settings: ReceiptsSettings) -> Consumer:
@@ -371,5 +458,5 @@ def build_consumer(settings: ReceiptsSettings) -> Consumer:
 
 def register_tasks(app: Celery, settings: ReceiptsSettings) -> None:
     """Every slice's Celery tasks and beat entries, on the receipts worker's app."""
-    google_tasks.register(app, settings, lambda: build_consumer(settings))
+    google_tasks.register(app, settings, lambda: build_consumer(settings), lambda: build_credited_play(settings))
     notification_tasks.register(app, settings, lambda: build_notification_worker(settings), settings.receipts_queue)

@@ -64,6 +64,8 @@ KEY_ID = "SIMKEY0001"
 ISSUER_ID = "57246542-96fe-1a63-e053-0824d011072a"
 AUDIENCE = "appstoreconnect-v1"
 PAGE_SIZE = 20
+# Get Notification History reaches back this far.
+HISTORY_DAYS = 180
 
 ENVIRONMENTS = {"production": "Production", "sandbox": "Sandbox"}
 STOREFRONT_IDS = {"USA": "143441", "GBR": "143444", "DEU": "143443", "FRA": "143442", "JPN": "143462", "TUR": "143480"}
@@ -722,6 +724,10 @@ async def _notification_history(request: web.Request, store: AppleStore, environ
     start, end = body.get("startDate"), body.get("endDate")
     if not isinstance(start, int) or not isinstance(end, int) or end <= start:
         return _error(400, 4000000, "Invalid start or end date.")
+    if start < store.clock() - HISTORY_DAYS * 86_400_000:
+        return _error(400, 4000000, f"startDate is more than {HISTORY_DAYS} days ago.")
+    if body.get("notificationType") and body.get("transactionId"):
+        return _error(400, 4000000, "Give notificationType or transactionId, not both.")
     selected = [
         n
         for n in store.notifications

@@ -57,6 +57,8 @@ ENVIRONMENTS: dict[int, Environment] = {
     pb.STORE_ENVIRONMENT_PRODUCTION: Environment.PRODUCTION,
     pb.STORE_ENVIRONMENT_SANDBOX: Environment.SANDBOX,
 }
+_ENVIRONMENT_PROTO: dict[Environment, Any] = {v: k for k, v in ENVIRONMENTS.items()}
+MAX_LISTED_PURCHASES = 1000
 PERIODS: dict[int, Period] = {
     pb.LIMIT_PERIOD_DAILY: Period.DAILY,
     pb.LIMIT_PERIOD_WEEKLY: Period.WEEKLY,
@@ -411,6 +413,32 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         store, environment, store_transaction_id = self._purchase_key(request)
         view = await self._db.run(self._store.consumption, store, environment, store_transaction_id)
         return consumption_message(view)
+
+    async def ListCreditedPurchases(
+        self, request: pb.ListCreditedPurchasesRequest, context: Any
+    ) -> pb.ListCreditedPurchasesResponse:
+        store = require_enum("store", request.store, STORES)
+        since = _time("credited_since", request.credited_since, request.HasField("credited_since"))
+        before = _time("credited_before", request.credited_before, request.HasField("credited_before"))
+        after = require_non_negative("after_credit_sequence", request.after_credit_sequence)
+        size = require_non_negative("page_size", request.page_size, MAX_LISTED_PURCHASES) or 500
+        rows = await self._db.run(self._store.credited_purchases, store, since, before, after, size)
+        return pb.ListCreditedPurchasesResponse(
+            purchases=[
+                pb.CreditedPurchase(
+                    store=request.store,
+                    environment=_ENVIRONMENT_PROTO[row.environment],
+                    store_transaction_id=row.store_transaction_id,
+                    account_id=row.account_id,
+                    product_id=row.product_id,
+                    quantity=row.quantity,
+                    credit_sequence=row.lot_id,
+                    credit_time=_stamp(row.created_at),
+                )
+                for row in rows
+            ],
+            next_credit_sequence=rows[-1].lot_id if len(rows) == size else 0,
+        )
 
     # ------------------------------------------------------------ gifts and spending
 

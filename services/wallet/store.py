@@ -246,6 +246,20 @@ class ConsumptionView:
 
 
 @dataclass(frozen=True)
+class CreditedPurchase:
+    """One credited purchase (a lot), as ListCreditedPurchases shows it."""
+
+    store: Store
+    environment: Environment
+    store_transaction_id: str
+    account_id: str
+    product_id: str
+    quantity: int
+    lot_id: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class DebitItem:
     """One gift (creator set) or one coin spend (creator None), for the batch debit path."""
 
@@ -944,6 +958,31 @@ class WalletStore:
 
     def _open_of(self, conn: Connection, lot_id: int) -> int:
         return int(conn.execute(sa.select(purchases.c.open_coins).where(purchases.c.lot_id == lot_id)).scalar_one())
+
+    def credited_purchases(
+        self, store: Store, since: datetime | None, before: datetime | None, after_lot: int, limit: int
+    ) -> list[CreditedPurchase]:
+        """Credited purchases of ``store`` in credit order, after lot ``after_lot``."""
+        where = [purchases.c.store == store.value, purchases.c.lot_id > after_lot]
+        if since is not None:
+            where.append(purchases.c.created_at >= since)
+        if before is not None:
+            where.append(purchases.c.created_at < before)
+        with self.db.connect() as conn:
+            rows = conn.execute(sa.select(purchases).where(*where).order_by(purchases.c.lot_id).limit(limit)).all()
+        return [
+            CreditedPurchase(
+                store=Store(row.store),
+                environment=Environment(row.environment),
+                store_transaction_id=row.store_transaction_id,
+                account_id=row.account_id,
+                product_id=row.product_id,
+                quantity=int(row.quantity),
+                lot_id=int(row.lot_id),
+                created_at=utc(row.created_at),
+            )
+            for row in rows
+        ]
 
     def consumption(self, store: Store, environment: Environment, store_transaction_id: str) -> ConsumptionView:
         with self.db.connect() as conn:

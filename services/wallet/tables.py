@@ -100,6 +100,8 @@ purchases = sa.Table(
     # SHA-256 (hex) of the store evidence the crediting service verified; NULL: none given.
     sa.Column("evidence_sha256", sa.String(64), nullable=True),
 )
+# ListCreditedPurchases reads a store's credits of the last few days.
+sa.Index("wallet_purchases_store_credited", purchases.c.store, purchases.c.created_at)
 OPEN_LOTS_INDEX = "wallet_purchases_open_lots"
 sa.Index(
     OPEN_LOTS_INDEX,

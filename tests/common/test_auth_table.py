@@ -36,7 +36,7 @@ kid = "app-backend-1"
 public_key = "{keys["app"].public_path}"
 subjects = ["app-backend"]
 scopes = ["purchases:verify", "wallet:read", "wallet:gift", "wallet:limits", "payouts:request",
-          "wallet:credit", "wallet:reserve", "payouts:ops"]
+          "wallet:credit", "wallet:reserve", "payouts:ops", "wallet:purchases", "purchases:consent"]
 max_lifetime_seconds = 3600
 
 [[keys]]

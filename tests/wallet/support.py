@@ -26,7 +26,7 @@ from services.wallet.config import WalletSettings
 from services.wallet.server import build_host
 from tests.support.tokens import Keys
 
-ALL_SCOPES = ("wallet:read", "wallet:gift", "wallet:limits", "wallet:credit", "wallet:reserve")
+ALL_SCOPES = ("wallet:read", "wallet:gift", "wallet:limits", "wallet:credit", "wallet:reserve", "wallet:purchases")
 
 CATALOG = """
 [diamonds]

@@ -23,6 +23,8 @@ CONSUMABLE = "Consumable"
 @dataclass(frozen=True)
 class ApplePolicy:
     bundle_id: str
+    # A transaction without appAccountToken is refused (require-token), not owned by its first claimer.
+    require_token: bool = False
 
     def lookup_order(self, hint: Environment | None, sandbox_allowed: bool) -> list[Environment]:
         """Where to look a transaction id up: the device's hint if allowed, else
@@ -80,6 +82,7 @@ def check_transaction(payload: dict[str, Any], policy: ApplePolicy, field: str) 
     if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
         raise InvalidArgument(field, "the transaction's quantity is not a positive integer", "MALFORMED_TRANSACTION")
     storefront = payload.get("storefront")
+    revoked = payload.get("revocationDate") is not None
     return VerifiedPurchase(
         store=StoreId.APP_STORE,
         store_transaction_id=transaction_id,
@@ -90,7 +93,8 @@ def check_transaction(payload: dict[str, Any], policy: ApplePolicy, field: str) 
         price=apple_price(payload.get("price"), payload.get("currency")),
         purchase_time=_millis(payload.get("purchaseDate")),
         original_transaction_id=str(payload.get("originalTransactionId") or ""),
-        revoked="revocationDate" in payload and payload["revocationDate"] is not None,
+        revoked=revoked,
+        refund=refund_of(payload, "apple revoked transaction") if revoked else None,
     )
 
 

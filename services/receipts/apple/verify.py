@@ -51,8 +51,16 @@ class ApplePurchases:
         return purchase, payload
 
     def check_account(self, payload: dict[str, Any], account_id: str) -> None:
-        """appAccountToken present and not this account's → PERMISSION_DENIED ACCOUNT_MISMATCH."""
+        """appAccountToken present and not this account's → PERMISSION_DENIED ACCOUNT_MISMATCH;
+        absent under require-token → FAILED_PRECONDITION APP_ACCOUNT_TOKEN_REQUIRED."""
         token = app_account_token(payload)
+        if not token and self.policy.require_token:
+            raise FailedPrecondition(
+                "APP_ACCOUNT_TOKEN_REQUIRED",
+                "the purchase carries no appAccountToken, and this service credits only purchases that do"
+                " (COINSTORE_APPLE_TOKENLESS_PURCHASES=require-token)",
+                {"store_transaction_id": str(payload.get("transactionId", ""))},
+            )
         if token and not self.binding.app_account_token_matches(account_id, token):
             raise PermissionDenied(
                 "ACCOUNT_MISMATCH",

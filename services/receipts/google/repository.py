@@ -5,12 +5,14 @@ Google". It is written only after the wallet's credit committed and the
 purchase row says CREDITED, so a consume can never precede its credit. The
 Celery task moves it to ``consumed`` (or ``abandoned`` when Google says the
 purchase can no longer be consumed); the sweep finds rows still ``unconsumed``
-after the overdue age, and credited Play purchases that never got a row.
+after the overdue age, and adopts credited Play purchases that never got a row
+(the wallet's list of what it credited, so a lost receipts row cannot hide one).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,11 +20,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from services.common.catalog import StoreId
 from services.common.clock import as_utc
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
-from services.receipts.purchases.model import StoredState
 
 
 class ConsumeState(enum.Enum):
@@ -43,12 +43,19 @@ class Consumption:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class CreditedPlayPurchase:
+    """A Play purchase the wallet credited (ListCreditedPurchases)."""
+
+    token: str
+    product_id: str
+    credited_at: datetime
+
+
 class ConsumptionRepository:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._consumptions = database.table("receipts_google_consumptions")
-        # Read for the credited Play purchases that never got a row.
-        self._purchases = database.table("receipts_purchases")
 
     def _unconsumed(
         self, conn: Connection, token: str, package_name: str, product_id: str, created_at: datetime, now: datetime
@@ -131,31 +138,26 @@ class ConsumptionRepository:
 
         return self.database.transaction(work)
 
-    def overdue(self, package_name: str, now: datetime, older_than: timedelta, limit: int = 500) -> list[str]:
+    def overdue(
+        self,
+        package_name: str,
+        now: datetime,
+        older_than: timedelta,
+        credited: Sequence[CreditedPlayPurchase] = (),
+        limit: int = 500,
+    ) -> list[str]:
         """Tokens credited before ``now - older_than`` and still not consumed.
 
-        Also adopts credited Play purchases that have no row (a crash between
-        the credit and the row), so every credited purchase gets consumed.
+        First adopts the ``credited`` purchases (the wallet's list: the truth of what was
+        credited) that have no row — a crash between the credit and the row, or a row
+        never written — so every credited purchase gets consumed.
         """
         cutoff = now - older_than
 
         def work(conn: Connection) -> list[str]:
-            consumptions, purchases = self._consumptions, self._purchases
-            orphans = conn.execute(
-                sa.select(purchases.c.store_transaction_id, purchases.c.product_id)
-                .select_from(
-                    purchases.outerjoin(consumptions, consumptions.c.purchase_token == purchases.c.store_transaction_id)
-                )
-                .where(
-                    purchases.c.store == StoreId.GOOGLE_PLAY.value,
-                    purchases.c.state.in_([StoredState.CREDITED.value, StoredState.REFUNDED.value]),
-                    purchases.c.updated_at < cutoff,
-                    consumptions.c.purchase_token.is_(None),
-                )
-                .limit(limit)
-            ).all()
-            for token, product_id in orphans:
-                self._unconsumed(conn, token, package_name, product_id, cutoff, now)
+            consumptions = self._consumptions
+            for purchase in credited:
+                self._unconsumed(conn, purchase.token, package_name, purchase.product_id, purchase.credited_at, now)
             rows = conn.execute(
                 sa.select(consumptions.c.purchase_token)
                 .where(

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, Task
@@ -25,6 +25,7 @@ from celery import Celery, Task
 from services.common.celery_app import PerProcess, make_celery_app, retry_countdown
 from services.receipts.config import ReceiptsSettings
 from services.receipts.google.consume import Consumer
+from services.receipts.google.repository import CreditedPlayPurchase
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,19 @@ BASE_DELAY_SECONDS = 2.0
 SWEEP_BATCH = 50
 
 
-def register(app: Celery, settings: ReceiptsSettings, build_consumer: Callable[[], Consumer]) -> None:
+# The sweep asks the wallet for the Play purchases credited this far back (Google refunds
+# a purchase not acknowledged within 3 days; an unconsumed one also blocks buying it again).
+CREDITED_LOOKBACK = timedelta(days=7)
+
+CreditedPlay = Callable[[datetime, datetime], list[CreditedPlayPurchase]]
+
+
+def register(
+    app: Celery,
+    settings: ReceiptsSettings,
+    build_consumer: Callable[[], Consumer],
+    build_credited_play: Callable[[], CreditedPlay] | None = None,
+) -> None:
     """Register this module's tasks and beat entries on the receipts Celery app; each
     worker process builds its Consumer with ``build_consumer`` on first use.
 
@@ -44,6 +57,7 @@ def register(app: Celery, settings: ReceiptsSettings, build_consumer: Callable[[
     (coinstore_receipts_google_unconsumed_overdue_now, read from the database);
     prefork worker processes serve no metrics."""
     consumer = PerProcess(build_consumer)
+    credited_play = PerProcess(build_credited_play) if build_credited_play is not None else None
     overdue = timedelta(seconds=settings.google_consume_overdue_seconds)
     queue = settings.receipts_queue
 
@@ -71,7 +85,15 @@ def register(app: Celery, settings: ReceiptsSettings, build_consumer: Callable[[
     @app.task(name=SWEEP_TASK, acks_late=True)
     def sweep() -> int:
         sweeper = consumer()
-        tokens = sweeper.consumptions.overdue(settings.google_package_name, sweeper.clock.now(), overdue)
+        now = sweeper.clock.now()
+        credited: list[CreditedPlayPurchase] = []
+        if credited_play is not None:
+            try:
+                credited = credited_play()(now - CREDITED_LOOKBACK, now - overdue)
+            except Exception as error:
+                # The receipts rows are still swept; the wallet's side waits for the next sweep.
+                log.warning("could not list the wallet's credited Play purchases (next sweep): %s", error)
+        tokens = sweeper.consumptions.overdue(settings.google_package_name, now, overdue, credited)
         if tokens:
             log.warning(
                 "%d credited Play purchase(s) still unconsumed after %s; retrying (Google refunds after 3 days)",

@@ -27,7 +27,14 @@ from services.common.errors import DomainError
 from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound, Refusals
 from services.receipts.google.client import PlayApiError, PlayClient
 from services.receipts.google.repository import ConsumptionRepository
-from services.receipts.google.rules import GooglePolicy, GoogleVerdict, check_account, check_package, evaluate
+from services.receipts.google.rules import (
+    GooglePolicy,
+    GoogleVerdict,
+    PurchaseV2,
+    check_account,
+    check_package,
+    evaluate,
+)
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import (
@@ -105,18 +112,21 @@ class GooglePurchases:
         claim: Claim | None,
         package_name: str = "",
         recorder: CreditHook | None = None,
+        purchase: PurchaseV2 | None = None,
     ) -> PurchaseResult:
-        """Query Google for ``purchase_token`` and credit it to the claiming account.
+        """Query Google for ``purchase_token`` (unless the caller just did: ``purchase``)
+        and credit it to the claiming account.
 
         With no claim (a notification nobody claimed yet) the purchase is only
         recorded (outcome RECORDED, or the stored state's answer); the first account
         to verify it owns it (or the account its obfuscatedAccountId names, when set).
         """
         package = check_package(self.policy, package_name)
-        try:
-            purchase = await self.client.aget_purchase_v2(package, purchase_token)
-        except PlayApiError as error:
-            raise map_lookup_error(error) from None
+        if purchase is None:
+            try:
+                purchase = await self.client.aget_purchase_v2(package, purchase_token)
+            except PlayApiError as error:
+                raise map_lookup_error(error) from None
         verdict = evaluate(purchase, purchase_token, product_id, self.policy, self.catalog)
         if claim is not None:
             check_account(purchase, self.binding, claim.account_id)
@@ -144,6 +154,11 @@ class GooglePurchases:
             return await self.crediting.credit(verdict.purchase, claim, recorder)
         if credited and record is not None:
             return _recorded(record)
+        if verdict.cancelled and await self.crediting.refunds.get(verdict.purchase.store, token) is not None:
+            # Refunded (voided) before it was ever credited: recorded, and shown, as revoked.
+            if claim is not None:
+                return await self.crediting.credit(_revoked(verdict), claim, recorder)
+            return _recorded(await self.crediting.record(_revoked(verdict)))
         if verdict.cancelled:
             if record is not None and record.state is StoredState.PENDING:
                 await self.crediting.record(_revoked(verdict))

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "receipts_0006"
-down_revision = "receipts_0003"
+down_revision = "receipts_0005"
 
 _TABLE = "receipts_account_bindings"
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Coroutine
-from dataclasses import KW_ONLY, dataclass, replace
+from dataclasses import KW_ONLY, InitVar, dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
+
+from prometheus_client import Counter
 
 from services.common.catalog import StoreId
 from services.common.clock import Clock
@@ -35,11 +37,13 @@ from services.receipts.apple.rules import (
     refund_of,
     transaction_id,
 )
+from services.receipts.google.client import PlayApiError
 from services.receipts.google.rules import (
     ONE_TIME_PRODUCT_CANCELED,
     ONE_TIME_PRODUCT_PURCHASED,
     PRODUCT_TYPE_ONE_TIME,
     ProductNotification,
+    PurchaseV2,
     VoidedNotification,
     refunded_quantity,
 )
@@ -64,19 +68,29 @@ class Refused(Exception):
         self.reason = reason
 
 
+class NotYetRefunded(Exception):
+    """A partial Play refund notified while Google still reports refundableQuantity ==
+    quantity: nothing to apply yet, so the notification fails and is retried."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(
+            f"partial refund of {token[:16]}…: Play still reports refundableQuantity == quantity; retried later"
+        )
+
+
+_GONE = {404: "purchase_not_found", 410: "purchase_token_expired"}
+
+
 class ConsumptionFacts(Protocol):
-    def consumption(self, store_transaction_id: str) -> tuple[str, int]:
-        """(deliveryStatus, consumptionPercentage in milliunits) for Send Consumption Information."""
+    """What answering a CONSUMPTION_REQUEST needs to know (see apple/consumption.py)."""
+
+    def consented(self, account_id: str) -> bool:
+        """Did the app backend record the account's consent (and not withdraw it)?"""
         ...
 
-
-class DeliveredFacts:
-    """Coins are delivered the moment they are credited; how many of them were
-    spent is the wallet's to say (no RPC tells it per purchase yet), so this
-    reports DELIVERED with 0 % consumed."""
-
-    def consumption(self, store_transaction_id: str) -> tuple[str, int]:
-        return "DELIVERED", 0
+    def consumed_percentage_milli(self, environment: Environment, store_transaction_id: str) -> int:
+        """How much of the purchase was used (the wallet's provenance); NotFound if never credited."""
+        ...
 
 
 def _request_id(item: StoredNotification, what: str) -> str:
@@ -97,6 +111,15 @@ class NotificationHandler:
     # Answer CONSUMPTION_REQUEST with Send Consumption Information (COINSTORE_APPLE_SEND_CONSUMPTION).
     send_consumption: bool
     consumption: ConsumptionFacts
+    metrics: InitVar[Metrics]
+    _unanswered: Counter = field(init=False)
+
+    def __post_init__(self, metrics: Metrics) -> None:
+        self._unanswered = metrics.counter(
+            "coinstore_consumption_requests_unanswered",
+            "CONSUMPTION_REQUEST notifications not answered, by reason (no_consent, unknown_account, not_credited)",
+            ("reason",),
+        )
 
     def handle(self, item: StoredNotification) -> str:
         """What the notification did (the row's outcome); raises :class:`Refused`."""
@@ -171,19 +194,41 @@ class NotificationHandler:
         return "restored" if result.applied else "already_restored"
 
     def _answer_consumption(self, transaction: dict[str, Any]) -> str:
+        """Send Consumption Information only for an account whose consent the app backend
+        recorded, with the purchase's real consumption; otherwise leave it unanswered."""
         if not self.send_consumption:
             return "recorded"
         txid = transaction_id(transaction)
-        status, percentage = self.consumption.consumption(txid)
+        environment = environment_of(transaction) or Environment.PRODUCTION
+        account = self._account_of(txid, transaction)
+        if account is None:
+            return self._not_answered("unknown_account")
+        if not self.consumption.consented(account):
+            return self._not_answered("no_consent")
+        try:
+            percentage = self.consumption.consumed_percentage_milli(environment, txid)
+        except NotFound:
+            return self._not_answered("not_credited")
         request = {
             "customerConsented": True,
             "sampleContentProvided": False,
-            "deliveryStatus": status,
-            "consumptionPercentage": percentage if status == "DELIVERED" else 0,
+            "deliveryStatus": "DELIVERED",
+            "consumptionPercentage": percentage,
         }
-        environment = environment_of(transaction) or Environment.PRODUCTION
         self.loop.run(self.apple_api.send_consumption_information(environment, txid, request))
         return "consumption_sent"
+
+    def _account_of(self, txid: str, transaction: dict[str, Any]) -> str | None:
+        """The account the purchase is bound to, else the one its appAccountToken was issued to."""
+        record = self.loop.run(self.crediting.purchases.get(StoreId.APP_STORE, txid))
+        if record is not None and record.account_id:
+            return record.account_id
+        token = app_account_token(transaction)
+        return self.bindings.account_for_app_account_token(token) if token else None
+
+    def _not_answered(self, reason: str) -> str:
+        self._unanswered.labels(reason).inc()
+        return f"consumption_not_answered:{reason}"
 
     def _google_notification(self, item: StoredNotification) -> str:
         notification: dict[str, Any] = item.payload.get("notification") or {}
@@ -203,18 +248,26 @@ class NotificationHandler:
         if notification.notification_type != ONE_TIME_PRODUCT_PURCHASED:
             return "ignored"
         token = notification.purchase_token
-        purchase = self.google.client.get_purchase_v2(self.google.policy.package_name, token)
+        # One query: the purchase read here is the one credited.
+        purchase = self._play_purchase(token)
+        if isinstance(purchase, str):
+            return purchase
         obfuscated = purchase.obfuscated_account_id
         account = self.bindings.account_for_obfuscated_id(obfuscated) if obfuscated else None
         claim = None if account is None else Claim(account, _request_id(item, "credit"))
-        credit = self.google.credit_token(token, notification.sku, claim)
-        try:
-            outcome = self._core(credit).outcome.value
-        except NotFound as error:
-            # Google does not know the token: nothing to credit, and retrying will not change that.
-            outcome = error.reason.lower()
+        outcome = self._core(self.google.credit_token(token, notification.sku, claim, purchase=purchase)).outcome.value
         # With no account of ours the purchase is only recorded, for the account that claims it.
         return "recorded" if account is None else outcome
+
+    def _play_purchase(self, token: str) -> PurchaseV2 | str:
+        """Google's purchase, or the final outcome when Google no longer has it: 404 (it does
+        not know the token) and 410 (expired) are the purchase's final state, not failures."""
+        try:
+            return self.google.client.get_purchase_v2(self.google.policy.package_name, token)
+        except PlayApiError as error:
+            if error.status in _GONE:
+                return _GONE[error.status]
+            raise
 
     def _google_voided(self, item: StoredNotification, voided: VoidedNotification) -> str:
         if voided.product_type != PRODUCT_TYPE_ONE_TIME:
@@ -222,7 +275,15 @@ class NotificationHandler:
         token = voided.purchase_token
         refunded = 0
         if voided.partial:
-            refunded = refunded_quantity(self.google.client.get_purchase_v2(self.google.policy.package_name, token))
+            purchase = self._play_purchase(token)
+            if isinstance(purchase, str):
+                # Gone at Google: its voided-purchases record (with voidedQuantity) is reconciliation's.
+                log.warning("voided Play purchase no longer readable", extra={"outcome": purchase})
+                return purchase
+            refunded = refunded_quantity(purchase)
+            if refunded == 0:
+                # Read before Google updated refundableQuantity: retried later (7 days, slowly), applied once.
+                raise NotYetRefunded(token)
         refund = Refund(
             StoreId.GOOGLE_PLAY,
             token,

@@ -1,48 +1,75 @@
-"""Reconciliation: the safety net under the webhooks.
+"""Reconciliation: the safety net under the webhooks, covering everything.
 
-Google: `purchases.voidedpurchases.list` over the last 30 days (the API's
-limit), every page, within its quota (30 requests per 30 s, 6,000 per day).
-Apple: Get Refund History (v2) for recent App Store purchases.
+The promise (settings): every refund of a purchase younger than N days
+(``COINSTORE_RECONCILE_APPLE_DAYS``, at most Apple's 180;
+``COINSTORE_RECONCILE_GOOGLE_DAYS``, at most Google's 30) is looked at within M hours
+(``COINSTORE_RECONCILE_PROMISE_HOURS``) of the store listing it. Each source keeps a
+cursor (``receipts_reconcile_cursors``): the window it is reading, the store's
+pagination token for that window, saved after every page, and ``checked_through``,
+the end of the last window read completely. A run resumes the stored window at its
+token; a finished window is followed by a new one from ``checked_through`` minus an
+overlap (records the store lists late) to now; the first one reaches back N days.
+``coinstore_reconcile_unchecked_age_seconds{source}`` is how old the oldest moment
+not yet checked is; it stays under M hours while the promise holds.
 
-Whatever is found goes through the same exactly-once, state-based reversal
-the notifications use (``Crediting.apply_refund``), so a refund already
-applied moves nothing; the ones
-that did move coins are counted in ``coinstore_reconcile_applied``. Request ids
-carry the run, so the wallet's state-based answer (not an AIP-155 replay of an
-earlier run's) says whether this run moved anything.
+- App Store: Get Notification History (50 requests/s in Production, 10 % of it in
+  the Sandbox), every page. Each ONE_TIME_CHARGE, REFUND, REFUND_REVERSED and
+  REFUND_DECLINED is verified exactly as the webhook does and stored in the inbox by
+  its notificationUUID: one already there is a duplicate and moves nothing; a lost
+  one is processed now, by the same processor as a delivered one.
+- Google Play: ``voidedpurchases.list`` (30 requests per 30 s, 6,000 per day), every
+  page; each voided purchase goes through the state-based reversal
+  (``Crediting.apply_refund``), which moves nothing for a refund already applied.
+
+Whatever moved is counted in ``coinstore_reconcile_applied{source}``.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import KW_ONLY, InitVar, dataclass, field
 from datetime import datetime, timedelta
 
 from prometheus_client import Counter
+from prometheus_client.metrics_core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.common.catalog import StoreId
 from services.common.clock import Clock
-from services.common.errors import Unavailable
+from services.common.errors import DomainError, Unavailable
 from services.common.loop import OnLoop
 from services.common.metrics import Metrics
 from services.receipts.apple.client import AppStoreApi
 from services.receipts.apple.jws import AppleJwsVerifier
-from services.receipts.apple.rules import refund_of, transaction_id
-from services.receipts.google.client import PlayClient
+from services.receipts.google.client import PlayApiError, PlayClient
 from services.receipts.google.rules import VoidedPurchase, VoidedQuery, refunded_quantity
-from services.receipts.notifications.repository import ReconcileRunRepository
+from services.receipts.notifications.handle import InboxProcessor
+from services.receipts.notifications.parse import AppleExpectations, Rejected, parse_apple
+from services.receipts.notifications.repository import (
+    Cursor,
+    CursorRepository,
+    InboxRepository,
+    ReconcileRunRepository,
+)
 from services.receipts.purchases.crediting import Crediting
-from services.receipts.purchases.model import Refund
-from services.receipts.purchases.repository import PurchaseRepository
+from services.receipts.purchases.model import Environment, Refund
 
 log = logging.getLogger(__name__)
 
 GOOGLE_MAX_LOOKBACK = timedelta(days=30)
-APPLE_LOOKBACK = timedelta(days=30)
+APPLE_MAX_LOOKBACK = timedelta(days=180)
+# Kept clear of the stores' limits, so a request is never refused for its start date.
+_MARGIN = timedelta(minutes=5)
+# The App Store notifications whose loss costs money or misleads (the others are not reconciled).
+APPLE_TYPES = frozenset({"ONE_TIME_CHARGE", "REFUND", "REFUND_REVERSED", "REFUND_DECLINED"})
+# Outcomes of a processed notification that moved coins.
+EFFECTS = frozenset({"credited", "reversed", "restored"})
 
 
 class QuotaExhausted(Exception):
@@ -69,7 +96,7 @@ class Quota:
             while self._day and now - self._day[0] >= 86400:
                 self._day.popleft()
             if len(self._day) >= self.per_day:
-                raise QuotaExhausted("daily voidedpurchases quota spent")
+                raise QuotaExhausted("daily request quota spent")
             while True:
                 while self._recent and now - self._recent[0] >= self.window:
                     self._recent.popleft()
@@ -81,12 +108,20 @@ class Quota:
             self._day.append(now)
 
 
+def apple_quota(environment: Environment) -> Quota:
+    """Get Notification History: 50 requests/s in Production, 10 % of that in the Sandbox."""
+    per_second = 50 if environment is Environment.PRODUCTION else 5
+    return Quota(per_window=per_second, window=1.0, per_day=per_second * 86400)
+
+
 @dataclass
 class ReconcileResult:
     source: str
     examined: int = 0
     applied: int = 0
     pages: int = 0
+    # False when the run stopped before the end of its window (it resumes next time).
+    complete: bool = True
 
 
 Progress = Callable[[int], None]
@@ -96,9 +131,13 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _apple_quota() -> Quota:
-    """Get Refund History: 10 requests per second in production."""
-    return Quota(per_window=10, window=1.0, per_day=10 * 86400)
+@dataclass(frozen=True)
+class Promise:
+    """How far back each store is reconciled, and the overlap of consecutive windows."""
+
+    apple_lookback: timedelta = APPLE_MAX_LOOKBACK
+    google_lookback: timedelta = GOOGLE_MAX_LOOKBACK
+    overlap: timedelta = timedelta(hours=24)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -107,17 +146,24 @@ class Reconciler:
     ``loop`` (the core's event loop) while it waits."""
 
     crediting: Crediting
-    purchases: PurchaseRepository
     runs: ReconcileRunRepository
+    cursors: CursorRepository
+    inbox: InboxRepository
+    processor: InboxProcessor
     play: PlayClient
     apple_api: AppStoreApi
     apple_verifier: AppleJwsVerifier
+    apple_expectations: AppleExpectations
+    apple_environments: tuple[Environment, ...] = (Environment.PRODUCTION, Environment.SANDBOX)
     loop: OnLoop
     metrics: InitVar[Metrics]
     clock: Clock
     package_name: str
+    promise: Promise = field(default_factory=Promise)
     google_quota: Quota = field(default_factory=Quota)
-    apple_quota: Quota = field(default_factory=_apple_quota)
+    apple_quotas: dict[Environment, Quota] = field(
+        default_factory=lambda: {environment: apple_quota(environment) for environment in Environment}
+    )
     examined: Counter = field(init=False)
     applied: Counter = field(init=False)
 
@@ -127,40 +173,91 @@ class Reconciler:
         )
         self.applied = metrics.counter(
             "coinstore_reconcile_applied",
-            "Refunds reconciliation applied because no notification had (lost notifications)",
+            "Refunds and purchases reconciliation applied because no notification had (lost notifications)",
             ("source",),
         )
 
     def run(self, since: datetime | None = None, progress: Progress | None = None) -> list[ReconcileResult]:
         return [self.google(since, progress), self.apple(since, progress)]
 
-    def _apply(self, refund: Refund, request_id: str) -> bool:
-        return self.loop.run(self.crediting.apply_refund(refund, request_id=request_id))
+    # --- windows ---------------------------------------------------------------
+
+    def _window(self, source: str, lookback: timedelta, since: datetime | None) -> Cursor:
+        """The window to read: ``since`` to now (by hand, not resumed), the stored unfinished
+        window, or a new one from the last checked moment (less the overlap) to now."""
+        now = self.clock.now()
+        earliest = now - lookback + _MARGIN
+        stored = self.cursors.get(source)
+        checked = stored.checked_through if stored is not None else None
+        if since is not None:
+            return Cursor(source, max(since, earliest), now, "", checked)
+        if stored is not None and stored.page_token:
+            return stored
+        start = earliest if checked is None else max(earliest, checked - self.promise.overlap)
+        return Cursor(source, start, now, "", checked)
+
+    def _pages(
+        self, cursor: Cursor, result: ReconcileResult, resumable: bool, read: Callable[[Cursor], tuple[str, bool]]
+    ) -> None:
+        """Read the window page by page with ``read`` (it handles one page and returns the
+        next token and whether more follow), saving the cursor after every page."""
+        while True:
+            token, more = read(cursor)
+            result.pages += 1
+            if not more or not token:
+                finished = Cursor(cursor.source, cursor.window_start, cursor.window_end, "", cursor.window_end)
+                if resumable:
+                    self.cursors.save(finished, self.clock.now())
+                return
+            cursor = Cursor(cursor.source, cursor.window_start, cursor.window_end, token, cursor.checked_through)
+            if resumable:
+                self.cursors.save(cursor, self.clock.now())
+
+    def _read_window(
+        self, cursor: Cursor, result: ReconcileResult, resumable: bool, read: Callable[[Cursor], tuple[str, bool]]
+    ) -> None:
+        """Read the window; a spent quota or an unavailable store stops the run (the next
+        resumes at the saved page); a refused page token restarts the window next time."""
+        try:
+            self._pages(cursor, result, resumable, read)
+        except (QuotaExhausted, Unavailable) as error:
+            result.complete = False
+            log.warning("reconciliation of %s stopped; the next run resumes it: %s", cursor.source, error)
+        except (DomainError, PlayApiError) as error:
+            result.complete = False
+            stored = self.cursors.get(cursor.source) if resumable else None
+            if stored is None or not stored.page_token:
+                raise
+            # The store no longer takes the saved token (expired): read the window again from its start.
+            log.warning("reconciliation of %s: page token refused (%s); the window starts over", cursor.source, error)
+            restart = Cursor(stored.source, stored.window_start, stored.window_end, "", stored.checked_through)
+            self.cursors.save(restart, self.clock.now())
+
+    # --- Google Play -------------------------------------------------------------
 
     def google(self, since: datetime | None = None, progress: Progress | None = None) -> ReconcileResult:
-        now = self.clock.now()
-        start = max(since or now - GOOGLE_MAX_LOOKBACK, now - GOOGLE_MAX_LOOKBACK + timedelta(minutes=1))
-        run_id = self.runs.start("google", start, now)
+        cursor = self._window("google", min(self.promise.google_lookback, GOOGLE_MAX_LOOKBACK), since)
+        run_id = self.runs.start("google", cursor.window_start, self.clock.now())
         result = ReconcileResult("google")
-        voided: dict[str, list[VoidedPurchase]] = collections.defaultdict(list)
-        token = ""
-        while True:
+
+        def read(window: Cursor) -> tuple[str, bool]:
             self.google_quota.acquire()
-            page = self.play.list_voided_page(self.package_name, VoidedQuery(_ms(start), _ms(now)), token)
-            result.pages += 1
+            query = VoidedQuery(_ms(window.window_start), _ms(window.window_end))
+            page = self.play.list_voided_page(self.package_name, query, window.page_token)
+            voided: dict[str, list[VoidedPurchase]] = collections.defaultdict(list)
             for record in page.purchases:
                 voided[record.purchase_token].append(record)
-            token = page.next_page_token
-            if not token:
-                break
-        for purchase_token, records in voided.items():
-            result.examined += 1
-            self.examined.labels("google").inc()
-            if self._apply_google(run_id, purchase_token, records):
-                result.applied += 1
-                self.applied.labels("google").inc()
-            if progress is not None:
-                progress(1)
+            for purchase_token, records in voided.items():
+                result.examined += 1
+                self.examined.labels("google").inc()
+                if self._apply_google(run_id, purchase_token, records):
+                    result.applied += 1
+                    self.applied.labels("google").inc()
+                if progress is not None:
+                    progress(1)
+            return page.next_page_token, bool(page.next_page_token)
+
+        self._read_window(cursor, result, since is None, read)
         self.runs.finish(run_id, result.examined, result.applied, self.clock.now())
         return result
 
@@ -168,13 +265,13 @@ class Reconciler:
         refunded = 0
         partial = all(r.voided_quantity for r in records)
         if partial:
-            # Quantity-based partial refunds: Google's refundableQuantity gives the cumulative figure.
+            # Quantity-based partial refunds: Google's refundableQuantity gives the cumulative
+            # figure; the records listed are a floor while it is not updated yet.
+            listed = sum(r.voided_quantity or 0 for r in records)
             try:
-                refunded = refunded_quantity(self.play.get_purchase_v2(self.package_name, purchase_token))
-            except Unavailable:
-                raise
-            except Exception:
-                refunded = sum(r.voided_quantity or 0 for r in records)
+                refunded = max(listed, refunded_quantity(self.play.get_purchase_v2(self.package_name, purchase_token)))
+            except PlayApiError:
+                refunded = listed
         order = records[-1].order_id
         refund = Refund(
             StoreId.GOOGLE_PLAY,
@@ -184,42 +281,96 @@ class Reconciler:
             refunded_quantity=refunded,
             reason=f"google voidedpurchases orderId={order} reason={records[-1].voided_reason}",
         )
-        applied = self._apply(refund, f"reconcile:{run_id}:google:{purchase_token}:{refunded}"[:128])
+        request_id = f"reconcile:{run_id}:google:{purchase_token}:{refunded}"[:128]
+        applied = self.loop.run(self.crediting.apply_refund(refund, request_id=request_id))
         if applied:
             log.warning("reconciliation applied a Play refund no notification had", extra={"order_id": order})
         return applied
 
+    # --- App Store ---------------------------------------------------------------
+
     def apple(self, since: datetime | None = None, progress: Progress | None = None) -> ReconcileResult:
-        now = self.clock.now()
-        start = since or now - APPLE_LOOKBACK
-        run_id = self.runs.start("apple", start, now)
         result = ReconcileResult("apple")
-        seen: set[str] = set()
-        for txid, environment in self.loop.run(self.purchases.recent(StoreId.APP_STORE, start)):
-            revision = ""
-            while True:
-                self.apple_quota.acquire()
-                page = self.loop.run(self.apple_api.get_refund_history(environment, txid, revision))
-                result.pages += 1
-                for signed in page.signed_transactions:
-                    refund = self.apple_verifier.verify_blocking(signed, "signedPayload", self.loop)
-                    refunded_id = transaction_id(refund)
-                    if refunded_id in seen:
-                        continue
-                    seen.add(refunded_id)
-                    result.examined += 1
-                    self.examined.labels("apple").inc()
-                    if self._apply_apple(run_id, refund_of(refund, "apple refund history")):
-                        result.applied += 1
-                        self.applied.labels("apple").inc()
-                revision = page.revision
-                if not page.has_more or not revision:
-                    break
-            if progress is not None:
-                progress(1)
-        self.runs.finish(run_id, result.examined, result.applied, self.clock.now())
+        for environment in self.apple_environments:
+            self._apple_environment(environment, since, progress, result)
         return result
 
-    def _apply_apple(self, run_id: int, refund: Refund) -> bool:
-        txid, percentage = refund.store_transaction_id, refund.refunded_percentage_milli
-        return self._apply(refund, f"reconcile:{run_id}:apple:{txid}:{percentage}"[:128])
+    def _apple_environment(
+        self, environment: Environment, since: datetime | None, progress: Progress | None, result: ReconcileResult
+    ) -> None:
+        source = f"apple:{environment.value}"
+        cursor = self._window(source, min(self.promise.apple_lookback, APPLE_MAX_LOOKBACK), since)
+        run_id = self.runs.start(source[:16], cursor.window_start, self.clock.now())
+        quota = self.apple_quotas[environment]
+        examined, applied = result.examined, result.applied
+
+        def read(window: Cursor) -> tuple[str, bool]:
+            quota.acquire()
+            page = self.loop.run(
+                self.apple_api.get_notification_history(
+                    environment,
+                    _ms(window.window_start),
+                    _ms(window.window_end),
+                    pagination_token=window.page_token,
+                )
+            )
+            for item in page.items:
+                self._apple_notification(item.signed_payload, result)
+                if progress is not None:
+                    progress(1)
+            return page.pagination_token, page.has_more
+
+        self._read_window(cursor, result, since is None, read)
+        self.runs.finish(run_id, result.examined - examined, result.applied - applied, self.clock.now())
+
+    def _apple_notification(self, signed_payload: str, result: ReconcileResult) -> None:
+        """Store a notification from the history as the webhook would; process it if it was lost."""
+        body = json.dumps({"signedPayload": signed_payload}).encode()
+        try:
+            item = parse_apple(body, self.apple_verifier, self.apple_expectations, self.loop)
+        except Rejected as rejected:
+            log.warning("notification history: a notification was refused: %s", rejected)
+            return
+        if item.notification_type not in APPLE_TYPES:
+            return
+        result.examined += 1
+        self.examined.labels("apple").inc()
+        accepted = self.inbox.accept(item, self.clock.now())
+        if accepted.duplicate:
+            return
+        outcome, _ = self.processor.process(accepted.id)
+        if outcome in EFFECTS:
+            result.applied += 1
+            self.applied.labels("apple").inc()
+            log.warning(
+                "reconciliation applied an App Store notification that was never delivered",
+                extra={"type": item.notification_type, "outcome": outcome},
+            )
+
+
+class UncheckedAgeCollector(Collector):
+    """``coinstore_reconcile_unchecked_age_seconds{source}``: how old the oldest moment is
+    that reconciliation has not checked yet (now − the end of its last complete window),
+    read at scrape time. Over the promised M hours means the promise is broken."""
+
+    def __init__(self, cursors: CursorRepository, clock: Clock, lookbacks: dict[str, timedelta]) -> None:
+        self._cursors = cursors
+        self._clock = clock
+        self._lookbacks = lookbacks
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "coinstore_reconcile_unchecked_age_seconds",
+            "Age of the oldest moment reconciliation has not checked yet, by source",
+            labels=["source"],
+        )
+        try:
+            cursors = {cursor.source: cursor for cursor in self._cursors.all()}
+        except SQLAlchemyError:
+            cursors = {}
+        now = self._clock.now()
+        for source, lookback in sorted(self._lookbacks.items()):
+            cursor = cursors.get(source)
+            checked = cursor.checked_through if cursor is not None else None
+            family.add_metric([source], (now - checked if checked is not None else lookback).total_seconds())
+        yield family

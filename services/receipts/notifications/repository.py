@@ -10,7 +10,7 @@ finishes it with another conditional UPDATE.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,17 +25,50 @@ from services.common.idempotency import insert_ignore
 PENDING = "pending"
 FAILED = "failed"
 PROCESSED = "processed"
-# Gave up after MAX_ATTEMPTS; stays visible in the metric and for `reconcile`.
+# Gave up (see DeadLetterPolicy); stays visible in the metric, the alert, and for
+# `coinstore receipts notifications replay`.
 DEAD = "dead"
 
 LEASE = timedelta(seconds=120)
 MAX_ATTEMPTS = 25
-_BACKOFF_CAP_SECONDS = 600
+_BACKOFF_CAP = timedelta(minutes=10)
+# Each attempt's error is kept on the row, this long at most.
+_ERROR_CHARS = 1000
 
 
-def backoff(attempts: int) -> timedelta:
-    """5 s, 10 s, 20 s … capped at 10 minutes (below the broker's visibility timeout)."""
-    return timedelta(seconds=min(_BACKOFF_CAP_SECONDS, 5 * 2 ** max(0, attempts - 1)))
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff 5 s, 10 s, 20 s … up to ``cap``; dead after ``max_attempts`` attempts
+    once the row is at least ``min_age`` old (both must hold)."""
+
+    cap: timedelta = _BACKOFF_CAP
+    max_attempts: int = MAX_ATTEMPTS
+    min_age: timedelta = timedelta(0)
+
+    def backoff(self, attempts: int) -> timedelta:
+        seconds = 5 * 2 ** min(max(0, attempts - 1), 30)
+        return min(self.cap, timedelta(seconds=seconds))
+
+    def dead(self, attempts: int, age: timedelta) -> bool:
+        return attempts >= self.max_attempts and age >= self.min_age
+
+
+# Notifications that move money back: a lost one is a missed clawback. The stores
+# themselves redeliver for days (Apple about 6.5 days; Pub/Sub up to 7).
+REFUND_TYPES = frozenset({("apple", "REFUND"), ("apple", "REFUND_REVERSED"), ("google", "voidedPurchaseNotification")})
+
+
+@dataclass(frozen=True)
+class DeadLetterPolicy:
+    """When a failing notification goes ``dead``: refunds and voided purchases retry
+    slowly (capped at ``refunds.cap``) for at least ``refunds.min_age`` (7 days);
+    the rest after 25 attempts capped at 10 minutes (about three hours)."""
+
+    default: RetryPolicy = RetryPolicy()
+    refunds: RetryPolicy = RetryPolicy(cap=timedelta(hours=1), min_age=timedelta(days=7))
+
+    def for_type(self, source: str, notification_type: str) -> RetryPolicy:
+        return self.refunds if (source, notification_type) in REFUND_TYPES else self.default
 
 
 @dataclass(frozen=True)
@@ -83,8 +116,9 @@ def _to_stored(row: Any) -> StoredNotification:
 
 
 class InboxRepository:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, policy: DeadLetterPolicy | None = None) -> None:
         self.db = database
+        self.policy = policy or DeadLetterPolicy()
         self._notifications = database.table("receipts_notifications")
 
     def accept(self, item: NewNotification, now: datetime) -> Accepted:
@@ -152,15 +186,31 @@ class InboxRepository:
         notifications = self._notifications
 
         def work(conn: Connection) -> tuple[str, timedelta]:
-            attempts = conn.execute(
-                sa.select(notifications.c.attempts).where(notifications.c.id == notification_id)
-            ).scalar_one()
-            state = DEAD if attempts >= MAX_ATTEMPTS else FAILED
-            delay = backoff(int(attempts))
+            row = conn.execute(
+                sa.select(
+                    notifications.c.attempts,
+                    notifications.c.source,
+                    notifications.c.notification_type,
+                    notifications.c.received_at,
+                    notifications.c.attempt_errors,
+                ).where(notifications.c.id == notification_id)
+            ).one()
+            attempts = int(row.attempts)
+            policy = self.policy.for_type(row.source, row.notification_type)
+            state = DEAD if policy.dead(attempts, now - as_utc(row.received_at)) else FAILED
+            delay = policy.backoff(attempts)
+            errors = json.loads(row.attempt_errors or "[]")
+            errors.append({"attempt": attempts, "at": now.isoformat(), "error": error[:_ERROR_CHARS]})
             conn.execute(
                 notifications.update()
                 .where(notifications.c.id == notification_id, notifications.c.state != PROCESSED)
-                .values(state=state, last_error=error[:2000], next_attempt_at=now + delay, lease_until=None)
+                .values(
+                    state=state,
+                    last_error=error[:2000],
+                    attempt_errors=json.dumps(errors),
+                    next_attempt_at=now + delay,
+                    lease_until=None,
+                )
             )
             return state, delay
 
@@ -187,6 +237,35 @@ class InboxRepository:
                 .limit(limit)
             ).all()
         return [int(r.id) for r in rows]
+
+    def replay(self, now: datetime, ids: Sequence[int] = (), since: datetime | None = None) -> list[int]:
+        """Dead rows (those ``ids``, or received since ``since``) back to ``failed``, due
+        now, with a fresh attempt budget; their attempt errors stay. The replayed ids."""
+        notifications = self._notifications
+        match = notifications.c.id.in_(list(ids)) if ids else notifications.c.received_at >= since
+        if not ids and since is None:
+            raise ValueError("replay needs ids or since")
+
+        def work(conn: Connection) -> list[int]:
+            rows = conn.execute(
+                notifications.update()
+                .where(match, notifications.c.state == DEAD)
+                .values(state=FAILED, attempts=0, next_attempt_at=now, lease_until=None)
+                .returning(notifications.c.id)
+            ).all()
+            return sorted(int(r.id) for r in rows)
+
+        return self.db.transaction(work)
+
+    def attempt_errors(self, notification_id: int) -> list[dict[str, Any]]:
+        """Every failed attempt's error: attempt number, time (ISO 8601) and error text."""
+        notifications = self._notifications
+        with self.db.connect() as conn:
+            raw = conn.execute(
+                sa.select(notifications.c.attempt_errors).where(notifications.c.id == notification_id)
+            ).scalar_one()
+        errors: list[dict[str, Any]] = json.loads(raw or "[]")
+        return errors
 
     def counts(self) -> dict[str, int]:
         notifications = self._notifications
@@ -246,3 +325,56 @@ class ReconcileRunRepository:
                 )
             ).scalar_one_or_none()
         return None if value is None else as_utc(value)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where one source's reconciliation is: the window being read (the store's
+    pagination token belongs to exactly this window) and how far everything has
+    been checked (None: never a whole window yet)."""
+
+    source: str
+    window_start: datetime
+    window_end: datetime
+    page_token: str
+    checked_through: datetime | None
+
+
+class CursorRepository:
+    """``receipts_reconcile_cursors``: one row per source, saved after every page,
+    so a run that stops (quota, rate limit, crash) is resumed by the next."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+        self._cursors = database.table("receipts_reconcile_cursors")
+
+    def get(self, source: str) -> Cursor | None:
+        cursors = self._cursors
+        with self.db.connect() as conn:
+            row = conn.execute(sa.select(cursors).where(cursors.c.source == source)).one_or_none()
+        return None if row is None else _cursor(row)
+
+    def all(self) -> list[Cursor]:
+        with self.db.connect() as conn:
+            return [_cursor(row) for row in conn.execute(sa.select(self._cursors)).all()]
+
+    def save(self, cursor: Cursor, now: datetime) -> None:
+        cursors = self._cursors
+        values = {
+            "window_start": cursor.window_start,
+            "window_end": cursor.window_end,
+            "page_token": cursor.page_token or None,
+            "checked_through": cursor.checked_through,
+            "updated_at": now,
+        }
+
+        def work(conn: Connection) -> None:
+            conn.execute(insert_ignore(conn, cursors).values(source=cursor.source, **values))
+            conn.execute(cursors.update().where(cursors.c.source == cursor.source).values(**values))
+
+        self.db.transaction(work)
+
+
+def _cursor(row: Any) -> Cursor:
+    checked = None if row.checked_through is None else as_utc(row.checked_through)
+    return Cursor(row.source, as_utc(row.window_start), as_utc(row.window_end), row.page_token or "", checked)

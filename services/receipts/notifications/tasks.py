@@ -8,8 +8,8 @@
   row without managing to queue it: the sweeper re-queues every pending row
   older than a grace period and every failed row past its backoff. The row's
   lease and state make any duplicate task a no-op.
-- ``receipts.notifications.reconcile``: beat, every 15 minutes (Google voided
-  purchases, Apple refund history).
+- ``receipts.notifications.reconcile``: beat, every COINSTORE_RECONCILE_SECONDS (Google
+  voided purchases, Apple notification history; each run resumes the last).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ def task_names(queue: str = QUEUE) -> tuple[str, str, str]:
 
 
 PROCESS, SWEEP, RECONCILE = task_names()
-RECONCILE_SECONDS = 15 * 60.0
 
 
 @dataclass
@@ -67,9 +66,9 @@ def register(
     @app.task(name=process_name, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
     def process(self: Any, notification_id: int) -> str:
         outcome, retry_in = worker().processor.process(int(notification_id))
-        if retry_in is not None:
-            countdown = min(retry_in.total_seconds(), MAX_COUNTDOWN_SECONDS)
-            app.send_task(process_name, args=[notification_id], queue=queue, countdown=countdown)
+        # A longer wait than the broker can hold a message is the sweeper's: it re-queues rows when due.
+        if retry_in is not None and retry_in.total_seconds() <= MAX_COUNTDOWN_SECONDS:
+            app.send_task(process_name, args=[notification_id], queue=queue, countdown=retry_in.total_seconds())
         return outcome
 
     @app.task(name=sweep_name)  # type: ignore[untyped-decorator]
@@ -93,7 +92,7 @@ def register(
     }
     schedule["receipts-notifications-reconcile"] = {
         "task": reconcile_name,
-        "schedule": RECONCILE_SECONDS,
+        "schedule": settings.reconcile_seconds,
         "options": {"queue": queue},
     }
     app.conf.beat_schedule = schedule

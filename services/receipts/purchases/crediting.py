@@ -19,11 +19,18 @@ wallet) and finishes 4. Tests crash exactly there with the failpoints
 ``reverse``/``restore`` drive the wallet's state-based ReversePurchase and
 RestorePurchase for refunds and refund reversals; ``apply_refund`` is how the
 stores' reports (notifications, reconciliation) reach ``reverse``.
+
+Refunds are kept against the purchase key (``receipts_refunds``) before anything
+else, even when the purchase is unknown or not credited yet. ``credit`` reads them
+twice: before the wallet (a fully refunded purchase is recorded REVOKED and never
+credited) and after the wallet credited (a refund recorded meanwhile is reversed
+here). ``apply_refund`` records the refund, then asks the wallet to reverse: one of
+the two always sees the other, so a refund racing a credit is never lost.
 """
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 
 from prometheus_client import Counter
 from sqlalchemy.engine import Connection
@@ -46,6 +53,7 @@ from services.receipts.purchases.model import (
     StoredState,
     VerifiedPurchase,
 )
+from services.receipts.purchases.refunds import RefundRepository
 from services.receipts.purchases.repository import CreditHook, PurchaseRepository
 from services.receipts.purchases.rules import (
     SandboxPolicy,
@@ -57,6 +65,7 @@ from services.receipts.purchases.rules import (
 from services.receipts.purchases.wallet import WalletClient
 
 _NOT_CREDITABLE = {StoredState.REVOKED: Outcome.REVOKED, StoredState.PENDING: Outcome.PENDING}
+_CREDITED = (StoredState.CREDITED, StoredState.REFUNDED)
 
 
 def _everyone() -> SandboxPolicy:
@@ -68,6 +77,7 @@ class Crediting:
     """The use cases: credit, record, reverse (apply_refund), restore."""
 
     purchases: PurchaseRepository
+    refunds: RefundRepository
     wallet: WalletClient
     catalog: Catalog
     region_policy: RegionPolicy
@@ -89,6 +99,7 @@ class Crediting:
         (the AIP-155 answer, the Play consumption row) commits with the purchase row."""
         account_id = claim.account_id
         check_sandbox(self.sandbox, purchase, account_id)
+        purchase, _ = await self._with_refunds(purchase)
         now = self.clock.now()
         region = normalize_account_region(claim.account_region)
         terms = credit_terms(self.catalog, purchase, now, self.region_policy, region)
@@ -120,14 +131,38 @@ class Crediting:
 
         settled = self.clock.now()
         record = await self.purchases.settle_credit(terms, account_id, credit.wallet_transaction_id, settled, finish)
+        # Read after the wallet credited: a refund recorded before this read (one arriving now, or
+        # a revocation seen while verifying a purchase credited before) is reversed here; one
+        # recorded after it finds the credit in the wallet (apply_refund).
+        late = await self.refunds.get(purchase.store, purchase.store_transaction_id)
+        if late is not None:
+            reversal = await self.reverse(late, request_id=f"{claim.request_id}:refunded"[:128])
+            return self._refunded(reversal.record or record, reversal.new_balance)
         return self._count(result_for(record))
+
+    async def _with_refunds(self, purchase: VerifiedPurchase) -> tuple[VerifiedPurchase, Refund | None]:
+        """Record the revocation the store's report carries; a purchase whose whole refund is
+        recorded counts as revoked. Returns the purchase and its recorded refund, if any."""
+        store, key = purchase.store, purchase.store_transaction_id
+        if purchase.revoked:
+            revocation = purchase.refund or Refund(store, key, purchase.environment, full=True, reason="revoked")
+            return purchase, await self.refunds.record(revocation, self.clock.now())
+        refund = await self.refunds.get(store, key)
+        if refund is not None and refund.full:
+            purchase = replace(purchase, revoked=True, pending=False)
+        return purchase, refund
+
+    def _refunded(self, record: PurchaseRecord, balance: int) -> PurchaseResult:
+        outcome = Outcome.REVOKED if record.state is StoredState.REVOKED else Outcome.REFUNDED
+        return self._count(PurchaseResult(outcome, record, 0, 0, balance))
 
     async def record(self, purchase: VerifiedPurchase) -> PurchaseRecord:
         """Record a purchase no account has claimed yet (e.g. from a store
         notification); the first account to verify it later owns it."""
         now = self.clock.now()
         terms = credit_terms(self.catalog, purchase, now, RegionPolicy.ALLOW, "")
-        return await self.purchases.claim(terms, None, now)
+        purchase, _ = await self._with_refunds(purchase)
+        return await self.purchases.claim(replace(terms, purchase=purchase), None, now)
 
     async def _environment(
         self, store: StoreId, store_transaction_id: str, environment: Environment | None
@@ -143,12 +178,19 @@ class Crediting:
         unless the purchase row already records this cumulative refund -- asked again with
         the same request id, the wallet would replay its first answer, "applied". True when
         this call moved coins; a purchase the wallet does not know moves nothing."""
+        if not (refund.full or refund.refunded_quantity or refund.refunded_percentage_milli):
+            return False
+        # Recorded first, whatever the purchase's state: a credit after this sees it.
+        await self.refunds.record(refund, self.clock.now())
         record = await self.purchases.get(refund.store, refund.store_transaction_id)
         if record is not None and already_refunded(record, refund):
             return False
+        if refund.full and record is not None and record.state not in _CREDITED:
+            await self.purchases.revoke_uncredited(refund.store, refund.store_transaction_id, self.clock.now())
         try:
             result = await self.reverse(refund, request_id=request_id)
         except NotFound:
+            # Not credited (yet): the recorded refund keeps it from ever being credited.
             return False
         return result.applied
 
@@ -178,6 +220,8 @@ class Crediting:
     ) -> ReversalResult:
         """Undo the reversals of a purchase whose refund the store reversed."""
         key = await self._environment(store, store_transaction_id, environment)
+        # The store withdrew its refund: a later credit of the purchase must not reverse it again.
+        await self.refunds.withdraw(store, store_transaction_id)
         restored = await self.wallet.restore(store, store_transaction_id, key, reason, request_id)
         record = await self.purchases.mark_restored(store, store_transaction_id, self.clock.now())
         return ReversalResult(restored.applied, restored.coins_moved, restored.account_id, restored.balance, record)

@@ -72,6 +72,8 @@ class VerifiedPurchase:
     pending: bool = False
     # SHA-256 of the store evidence the path verified; the wallet keeps it with the credit.
     evidence_sha256: str = ""
+    # What the store's revocation says (refunded in full or by a share), when revoked.
+    refund: Refund | None = None
 
 
 def evidence_hash(evidence: str | dict[str, Any]) -> str:

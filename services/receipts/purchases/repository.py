@@ -231,6 +231,11 @@ class PurchaseRepository:
             now,
         )
 
+    async def revoke_uncredited(self, store: StoreId, store_transaction_id: str, now: datetime) -> None:
+        """A purchase refunded in full before it was credited: RECORDED or PENDING → REVOKED."""
+        sources = (StoredState.RECORDED, StoredState.PENDING)
+        await self._move(store, store_transaction_id, sources, StoredState.REVOKED, {}, now)
+
     async def mark_restored(self, store: StoreId, store_transaction_id: str, now: datetime) -> PurchaseRecord | None:
         """REFUNDED → CREDITED after the store reversed the refund."""
         nothing_refunded = {"refunded_quantity": 0, "refunded_percentage_milli": 0}
@@ -279,21 +284,6 @@ class PurchaseRepository:
                 .limit(limit)
             ).all()
             return [_record(r) for r in rows]
-
-        return await self.database.run(self._read, work)
-
-    async def recent(self, store: StoreId, since: datetime, limit: int = 5000) -> list[tuple[str, Environment]]:
-        """(store transaction id, environment) of the purchases recorded since ``since``, newest first."""
-        purchases = self._purchases
-
-        def work(conn: Connection) -> list[tuple[str, Environment]]:
-            rows = conn.execute(
-                sa.select(purchases.c.store_transaction_id, purchases.c.environment)
-                .where(purchases.c.store == store.value, purchases.c.created_at >= since)
-                .order_by(purchases.c.created_at.desc())
-                .limit(limit)
-            ).all()
-            return [(str(r.store_transaction_id), Environment(r.environment)) for r in rows]
 
         return await self.database.run(self._read, work)
 

@@ -16,6 +16,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 import grpc
@@ -131,6 +132,42 @@ class WalletClient:
         )
         new = response.state == wpb.CREDIT_STATE_CREDITED
         return Credit(new, response.transaction_id, response.balance.coins)
+
+    async def credited_purchases(
+        self, store: StoreId, since: datetime, before: datetime, page_size: int = 500
+    ) -> list[wpb.CreditedPurchase]:
+        """ListCreditedPurchases, every page: the purchases of ``store`` the wallet credited in [since, before)."""
+        found: list[wpb.CreditedPurchase] = []
+        after = 0
+        while True:
+            response: wpb.ListCreditedPurchasesResponse = await self._call(
+                self._stub.ListCreditedPurchases,
+                wpb.ListCreditedPurchasesRequest(
+                    store=WALLET_STORE[store],
+                    credited_since=timestamp(since),
+                    credited_before=timestamp(before),
+                    after_credit_sequence=after,
+                    page_size=page_size,
+                ),
+            )
+            found.extend(response.purchases)
+            after = response.next_credit_sequence
+            if not after:
+                return found
+
+    async def consumed_percentage_milli(
+        self, store: StoreId, environment: Environment, store_transaction_id: str
+    ) -> int:
+        """GetPurchaseConsumption: how much of the purchase was used, in milliunits (rounded down)."""
+        response: wpb.GetPurchaseConsumptionResponse = await self._call(
+            self._stub.GetPurchaseConsumption,
+            wpb.GetPurchaseConsumptionRequest(
+                store=WALLET_STORE[store],
+                environment=WALLET_ENVIRONMENT[environment],
+                store_transaction_id=store_transaction_id,
+            ),
+        )
+        return int(response.consumed_percentage_milli)
 
     async def reverse(self, refund: Refund, environment: Environment, request_id: str) -> Reversal:
         """ReversePurchase: the whole purchase, or the cumulative refunded quantity or share."""

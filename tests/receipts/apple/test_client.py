@@ -211,10 +211,14 @@ async def test_refund_and_notification_history_and_consumption(sim: tuple[AppleS
 
     signed = store.sign({"notificationType": "REFUND", "notificationUUID": "u-1"})
     store.log_notification(signed, "REFUND", ids[2], "Production", "SUCCESS")
+    now_ms = int(time.time() * 1000)
     history = await api.get_notification_history(
-        Environment.PRODUCTION, 0, int(time.time() * 1000) + 1000, transaction_id=ids[2]
+        Environment.PRODUCTION, now_ms - 86_400_000, now_ms + 1000, transaction_id=ids[2]
     )
     assert [item.signed_payload for item in history.items] == [signed]
+    # Apple keeps 180 days of history; an earlier start is refused.
+    with pytest.raises(DomainError, match="180 days"):
+        await api.get_notification_history(Environment.PRODUCTION, 0, now_ms + 1000, transaction_id=ids[2])
 
     await api.send_consumption_information(
         Environment.PRODUCTION,

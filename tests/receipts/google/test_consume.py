@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from services.common import migrate
 from services.common.celery_app import MAX_COUNTDOWN_SECONDS, retry_countdown
@@ -16,7 +15,7 @@ from services.common.clock import SystemClock
 from services.common.db import Database
 from services.receipts.google.client import PlayClient
 from services.receipts.google.consume import Consumer
-from services.receipts.google.repository import ConsumeState, ConsumptionRepository
+from services.receipts.google.repository import ConsumeState, ConsumptionRepository, CreditedPlayPurchase
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import PACKAGE, play_simulator_thread
 
@@ -117,36 +116,16 @@ def test_overdue_finds_old_unconsumed_rows_and_adopts_orphans(world: tuple[Consu
     done = play.buy("coins_70").token
     consumptions.add(done, PACKAGE, "coins_70", now - timedelta(hours=2))
     consumptions.finish(done, ConsumeState.CONSUMED, now)
-    # Credited (the purchase row says so) but the consumption row was never written.
+    # Credited (the wallet lists it) but the consumption row was never written.
     orphan = play.buy("coins_350").token
-    purchases = consumptions.database.table("receipts_purchases")
-    with consumptions.database.engine.begin() as conn:
-        conn.execute(
-            purchases.insert().values(
-                store="google_play",
-                store_transaction_id=orphan,
-                account_id="fan-1",
-                product_id="coins_350",
-                quantity=1,
-                coins=350,
-                bonus_coins=0,
-                environment="production",
-                storefront="US",
-                state="credited",
-                flagged_for_review=False,
-                created_at=now - timedelta(hours=3),
-                updated_at=now - timedelta(hours=3),
-            )
-        )
-    found = consumptions.overdue(PACKAGE, now, timedelta(hours=1))
+    credited = [CreditedPlayPurchase(orphan, "coins_350", now - timedelta(hours=3))]
+    found = consumptions.overdue(PACKAGE, now, timedelta(hours=1), credited)
     assert sorted(found) == sorted([old, orphan])
     assert consumptions.count_overdue(now, timedelta(hours=1)) == 2
     adopted = consumptions.get(orphan)
     assert adopted is not None
     assert (adopted.product_id, adopted.state) == ("coins_350", ConsumeState.UNCONSUMED)
     assert consumer.consume(orphan).state is ConsumeState.CONSUMED
-    with consumptions.database.engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(purchases)).scalar_one() == 1
 
 
 def test_overdue_gauge_counts_from_the_database(world: tuple[Consumer, PlayState]) -> None:

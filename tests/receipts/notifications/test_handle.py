@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from celery import Celery
 
 from services.common.celery_app import make_celery_app
 from services.common.clock import Clock, SystemClock
@@ -25,11 +26,12 @@ from services.common.failpoints import Action, FailpointError, Failpoints
 from services.common.loop import LoopThread
 from services.common.metrics import Metrics
 from services.receipts.apple.client import AppStoreApi
+from services.receipts.apple.consumption import ConsentRepository, WalletConsumptionFacts
 from services.receipts.apple.rules import ApplePolicy
 from services.receipts.config import ReceiptsSettings
 from services.receipts.google.verify import GooglePurchases
 from services.receipts.notifications import tasks as notification_tasks
-from services.receipts.notifications.handle import InboxProcessor, NotificationHandler
+from services.receipts.notifications.handle import ConsumptionFacts, InboxProcessor, NotificationHandler
 from services.receipts.notifications.parse import AppleExpectations, parse_apple, parse_google
 from services.receipts.notifications.repository import LEASE, InboxRepository, NewNotification
 from services.receipts.notifications.tasks import NotificationWorker
@@ -62,9 +64,9 @@ class RecordingAppleApi:
         self.sent.append((transaction_id, environment, dict(request)))
 
 
-class Facts:
-    def consumption(self, store_transaction_id: str) -> tuple[str, int]:
-        return "DELIVERED", 25_000
+def consumption_facts(db: Database, core: Core) -> WalletConsumptionFacts:
+    """Consent from the receipts database, consumption from the real wallet (as wired)."""
+    return WalletConsumptionFacts(ConsentRepository(db), core.components.wallet, core.loop)
 
 
 class NoEffects:
@@ -101,7 +103,8 @@ class Harness:
             self.bindings,
             core.loop if core is not None else self.loop,
             send_consumption=send_consumption,
-            consumption=Facts(),
+            consumption=consumption_facts(db, core) if core is not None else cast(ConsumptionFacts, NoEffects()),
+            metrics=self.metrics,
         )
         self.processor = InboxProcessor(self.inbox, handler, self.metrics, clock or SystemClock(), failpoints)
         self.verifier = core_verifier(apple_store)
@@ -167,27 +170,6 @@ def test_apple_types_end_to_end_through_the_wallet(harness: Harness, core: Core)
     assert harness.process(harness.store_apple("TEST", tx)) == "test"
     assert [coins for _, coins in core.ledger("acct-1")] == [700, -350, -350, 700]
     assert harness.apple_api.sent == []
-
-
-def test_consumption_request_is_answered_when_enabled(receipts_db: Database, apple_store: AppleStore) -> None:
-    harness = Harness(receipts_db, apple_store, send_consumption=True)
-    try:
-        outcome = harness.process(harness.store_apple("CONSUMPTION_REQUEST", transaction("3000000003")))
-    finally:
-        harness.loop.close()
-    assert outcome == "consumption_sent"
-    assert harness.apple_api.sent == [
-        (
-            "3000000003",
-            Environment.PRODUCTION,
-            {
-                "customerConsented": True,
-                "sampleContentProvided": False,
-                "deliveryStatus": "DELIVERED",
-                "consumptionPercentage": 25_000,
-            },
-        )
-    ]
 
 
 def test_google_types_end_to_end_through_the_wallet(harness: Harness, core: Core) -> None:
@@ -332,11 +314,7 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
     broker = broker_url(broker_kind, tmp_path)
     with dropped_queue(broker, unique_queue()) as queue:
         app = make_celery_app(queue, broker)
-        settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=0.0)  # type: ignore[call-arg]
-        worker = NotificationWorker(
-            harness.inbox, harness.processor, reconciler(core.settings, core.components, core.loop)
-        )
-        notification_tasks.register(app, settings, lambda: worker, queue)
+        notification_worker(app, harness, core, queue, sweep_seconds=0.0)
         txids = [f"31000000{i}" for i in range(3)]
         refunds = [harness.store_apple("REFUND", credited(harness, f"acct-w{i}", t)) for i, t in enumerate(txids)]
         queued, lost = refunds[0], refunds[1:]
@@ -355,6 +333,13 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
     for i, txid in enumerate(txids):
         assert core.ledger(f"acct-w{i}") == [(txid, 350), (txid, -350)]
     assert sorted(c for c in core.calls if c[0] == "apply_refund") == [("apply_refund", t) for t in txids]
+
+
+def notification_worker(app: Celery, harness: Harness, core: Core, queue: str, *, sweep_seconds: float) -> None:
+    """Register the notification tasks on ``app``, running through ``harness``'s processor."""
+    settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=sweep_seconds)  # type: ignore[call-arg]
+    worker = NotificationWorker(harness.inbox, harness.processor, reconciler(core.settings, core.components, core.loop))
+    notification_tasks.register(app, settings, lambda: worker, queue)
 
 
 def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:

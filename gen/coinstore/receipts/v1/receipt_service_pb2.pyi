@@ -96,6 +96,55 @@ PURCHASE_STATE_RECORDED: PurchaseState.ValueType  # 6
 Global___PurchaseState: _TypeAlias = PurchaseState  # noqa: Y015
 
 @_typing.final
+class RecordConsumptionConsentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CONSENTED_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    consented: _builtins.bool
+    """True: the account consented (the app asked and recorded it); false: withdrawn."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        consented: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "consented", b"consented"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordConsumptionConsentRequest: _TypeAlias = RecordConsumptionConsentRequest  # noqa: Y015
+
+@_typing.final
+class RecordConsumptionConsentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CONSENTED_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    consented: _builtins.bool
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        consented: _builtins.bool = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "consented", b"consented", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordConsumptionConsentResponse: _TypeAlias = RecordConsumptionConsentResponse  # noqa: Y015
+
+@_typing.final
 class PurchaseResult(_message.Message):
     """The result of verifying one store transaction."""
 

@@ -61,6 +61,11 @@ class ReceiptServiceStub:
                 request_serializer=coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.ListProductsRequest.SerializeToString,
                 response_deserializer=coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.ListProductsResponse.FromString,
                 _registered_method=True)
+        self.RecordConsumptionConsent = channel.unary_unary(
+                '/coinstore.receipts.v1.ReceiptService/RecordConsumptionConsent',
+                request_serializer=coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.RecordConsumptionConsentRequest.SerializeToString,
+                response_deserializer=coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.RecordConsumptionConsentResponse.FromString,
+                _registered_method=True)
 
 
 class ReceiptServiceServicer:
@@ -103,6 +108,14 @@ class ReceiptServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordConsumptionConsent(self, request, context):
+        """Records (or withdraws) an account's consent to share its consumption data with Apple:
+        CONSUMPTION_REQUEST notifications are answered only for accounts that consented.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReceiptServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_ReceiptServiceServicer_to_server(servicer, server):
                     servicer.ListProducts,
                     request_deserializer=coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.ListProductsRequest.FromString,
                     response_serializer=coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.ListProductsResponse.SerializeToString,
+            ),
+            'RecordConsumptionConsent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordConsumptionConsent,
+                    request_deserializer=coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.RecordConsumptionConsentRequest.FromString,
+                    response_serializer=coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.RecordConsumptionConsentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +287,33 @@ class ReceiptService:
             '/coinstore.receipts.v1.ReceiptService/ListProducts',
             coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.ListProductsRequest.SerializeToString,
             coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.ListProductsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordConsumptionConsent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coinstore.receipts.v1.ReceiptService/RecordConsumptionConsent',
+            coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.RecordConsumptionConsentRequest.SerializeToString,
+            coinstore_dot_receipts_dot_v1_dot_receipt__service__pb2.RecordConsumptionConsentResponse.FromString,
             options,
             channel_credentials,
             insecure,

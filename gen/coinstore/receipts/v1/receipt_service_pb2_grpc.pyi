@@ -45,6 +45,10 @@ class ReceiptServiceStub:
     """A purchase we have recorded."""
     ListProducts: _grpc.UnaryUnaryMultiCallable[_receipt_service_pb2.ListProductsRequest, _receipt_service_pb2.ListProductsResponse]
     """The coin packs on sale in a store, with active promotions."""
+    RecordConsumptionConsent: _grpc.UnaryUnaryMultiCallable[_receipt_service_pb2.RecordConsumptionConsentRequest, _receipt_service_pb2.RecordConsumptionConsentResponse]
+    """Records (or withdraws) an account's consent to share its consumption data with Apple:
+    CONSUMPTION_REQUEST notifications are answered only for accounts that consented.
+    """
 
 @_typing.type_check_only
 class ReceiptServiceAsyncStub(ReceiptServiceStub):
@@ -63,6 +67,10 @@ class ReceiptServiceAsyncStub(ReceiptServiceStub):
     """A purchase we have recorded."""
     ListProducts: _aio.UnaryUnaryMultiCallable[_receipt_service_pb2.ListProductsRequest, _receipt_service_pb2.ListProductsResponse]  # type: ignore[assignment]
     """The coin packs on sale in a store, with active promotions."""
+    RecordConsumptionConsent: _aio.UnaryUnaryMultiCallable[_receipt_service_pb2.RecordConsumptionConsentRequest, _receipt_service_pb2.RecordConsumptionConsentResponse]  # type: ignore[assignment]
+    """Records (or withdraws) an account's consent to share its consumption data with Apple:
+    CONSUMPTION_REQUEST notifications are answered only for accounts that consented.
+    """
 
 class ReceiptServiceServicer(metaclass=_abc_1.ABCMeta):
     """Verifies App Store and Google Play purchases and has the wallet credit
@@ -108,5 +116,15 @@ class ReceiptServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_receipt_service_pb2.ListProductsResponse, _abc.Awaitable[_receipt_service_pb2.ListProductsResponse]]:
         """The coin packs on sale in a store, with active promotions."""
+
+    @_abc_1.abstractmethod
+    def RecordConsumptionConsent(
+        self,
+        request: _receipt_service_pb2.RecordConsumptionConsentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_receipt_service_pb2.RecordConsumptionConsentResponse, _abc.Awaitable[_receipt_service_pb2.RecordConsumptionConsentResponse]]:
+        """Records (or withdraws) an account's consent to share its consumption data with Apple:
+        CONSUMPTION_REQUEST notifications are answered only for accounts that consented.
+        """
 
 def add_ReceiptServiceServicer_to_server(servicer: ReceiptServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

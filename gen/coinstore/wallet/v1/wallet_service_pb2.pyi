@@ -679,6 +679,114 @@ class CreatorConsumption(_message.Message):
 Global___CreatorConsumption: _TypeAlias = CreatorConsumption  # noqa: Y015
 
 @_typing.final
+class ListCreditedPurchasesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_FIELD_NUMBER: _builtins.int
+    CREDITED_SINCE_FIELD_NUMBER: _builtins.int
+    CREDITED_BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_CREDIT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    store: Global___Store.ValueType
+    """Required."""
+    after_credit_sequence: _builtins.int
+    """Continue after this credit sequence (next_credit_sequence of the previous page; 0: from the start)."""
+    page_size: _builtins.int
+    """At most this many (1-1000; 0: 500)."""
+    @_builtins.property
+    def credited_since(self) -> _timestamp_pb2.Timestamp:
+        """Only purchases credited at or after this time (unset: all)."""
+
+    @_builtins.property
+    def credited_before(self) -> _timestamp_pb2.Timestamp:
+        """Only purchases credited before this time (unset: up to now)."""
+
+    def __init__(
+        self,
+        *,
+        store: Global___Store.ValueType = ...,
+        credited_since: _timestamp_pb2.Timestamp | None = ...,
+        credited_before: _timestamp_pb2.Timestamp | None = ...,
+        after_credit_sequence: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credited_before", b"credited_before", "credited_since", b"credited_since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_credit_sequence", b"after_credit_sequence", "credited_before", b"credited_before", "credited_since", b"credited_since", "page_size", b"page_size", "store", b"store"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreditedPurchasesRequest: _TypeAlias = ListCreditedPurchasesRequest  # noqa: Y015
+
+@_typing.final
+class CreditedPurchase(_message.Message):
+    """One credited purchase (a lot)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    STORE_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PRODUCT_ID_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    CREDIT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    CREDIT_TIME_FIELD_NUMBER: _builtins.int
+    store: Global___Store.ValueType
+    environment: Global___StoreEnvironment.ValueType
+    store_transaction_id: _builtins.str
+    account_id: _builtins.str
+    product_id: _builtins.str
+    quantity: _builtins.int
+    credit_sequence: _builtins.int
+    """The credit sequence: ascending with every credit."""
+    @_builtins.property
+    def credit_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        store: Global___Store.ValueType = ...,
+        environment: Global___StoreEnvironment.ValueType = ...,
+        store_transaction_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        product_id: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        credit_sequence: _builtins.int = ...,
+        credit_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_time", b"credit_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "credit_sequence", b"credit_sequence", "credit_time", b"credit_time", "environment", b"environment", "product_id", b"product_id", "quantity", b"quantity", "store", b"store", "store_transaction_id", b"store_transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditedPurchase: _TypeAlias = CreditedPurchase  # noqa: Y015
+
+@_typing.final
+class ListCreditedPurchasesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASES_FIELD_NUMBER: _builtins.int
+    NEXT_CREDIT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    next_credit_sequence: _builtins.int
+    """Pass as after_credit_sequence for the next page; 0 when there is none."""
+    @_builtins.property
+    def purchases(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreditedPurchase]: ...
+    def __init__(
+        self,
+        *,
+        purchases: _abc.Iterable[Global___CreditedPurchase] | None = ...,
+        next_credit_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_credit_sequence", b"next_credit_sequence", "purchases", b"purchases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreditedPurchasesResponse: _TypeAlias = ListCreditedPurchasesResponse  # noqa: Y015
+
+@_typing.final
 class GetPurchaseConsumptionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

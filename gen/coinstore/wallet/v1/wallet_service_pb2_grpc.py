@@ -60,6 +60,11 @@ class WalletServiceStub:
                 request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionRequest.SerializeToString,
                 response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionResponse.FromString,
                 _registered_method=True)
+        self.ListCreditedPurchases = channel.unary_unary(
+                '/coinstore.wallet.v1.WalletService/ListCreditedPurchases',
+                request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ListCreditedPurchasesRequest.SerializeToString,
+                response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ListCreditedPurchasesResponse.FromString,
+                _registered_method=True)
         self.SendGift = channel.unary_unary(
                 '/coinstore.wallet.v1.WalletService/SendGift',
                 request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SendGiftRequest.SerializeToString,
@@ -156,6 +161,14 @@ class WalletServiceServicer:
     def GetPurchaseConsumption(self, request, context):
         """How much of one purchase was used, on what and for which creators (finance,
         Apple's CONSUMPTION_REQUEST).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCreditedPurchases(self, request, context):
+        """Credited purchases of one store, in credit order (for the receipts service's sweeps:
+        every credited Play purchase must be consumed, whatever the receipts service recorded).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -271,6 +284,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.GetPurchaseConsumption,
                     request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionRequest.FromString,
                     response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionResponse.SerializeToString,
+            ),
+            'ListCreditedPurchases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCreditedPurchases,
+                    request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ListCreditedPurchasesRequest.FromString,
+                    response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ListCreditedPurchasesResponse.SerializeToString,
             ),
             'SendGift': grpc.unary_unary_rpc_method_handler(
                     servicer.SendGift,
@@ -447,6 +465,33 @@ class WalletService:
             '/coinstore.wallet.v1.WalletService/GetPurchaseConsumption',
             coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionRequest.SerializeToString,
             coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.GetPurchaseConsumptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCreditedPurchases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coinstore.wallet.v1.WalletService/ListCreditedPurchases',
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ListCreditedPurchasesRequest.SerializeToString,
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ListCreditedPurchasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,10 @@ class WalletServiceStub:
     """How much of one purchase was used, on what and for which creators (finance,
     Apple's CONSUMPTION_REQUEST).
     """
+    ListCreditedPurchases: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.ListCreditedPurchasesRequest, _wallet_service_pb2.ListCreditedPurchasesResponse]
+    """Credited purchases of one store, in credit order (for the receipts service's sweeps:
+    every credited Play purchase must be consumed, whatever the receipts service recorded).
+    """
     SendGift: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.SendGiftRequest, _wallet_service_pb2.SendGiftResponse]
     """Turns a sender's coins into a creator's diamonds."""
     SpendCoins: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.SpendCoinsRequest, _wallet_service_pb2.SpendCoinsResponse]
@@ -104,6 +108,10 @@ class WalletServiceAsyncStub(WalletServiceStub):
     GetPurchaseConsumption: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.GetPurchaseConsumptionRequest, _wallet_service_pb2.GetPurchaseConsumptionResponse]  # type: ignore[assignment]
     """How much of one purchase was used, on what and for which creators (finance,
     Apple's CONSUMPTION_REQUEST).
+    """
+    ListCreditedPurchases: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.ListCreditedPurchasesRequest, _wallet_service_pb2.ListCreditedPurchasesResponse]  # type: ignore[assignment]
+    """Credited purchases of one store, in credit order (for the receipts service's sweeps:
+    every credited Play purchase must be consumed, whatever the receipts service recorded).
     """
     SendGift: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.SendGiftRequest, _wallet_service_pb2.SendGiftResponse]  # type: ignore[assignment]
     """Turns a sender's coins into a creator's diamonds."""
@@ -179,6 +187,16 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_wallet_service_pb2.GetPurchaseConsumptionResponse, _abc.Awaitable[_wallet_service_pb2.GetPurchaseConsumptionResponse]]:
         """How much of one purchase was used, on what and for which creators (finance,
         Apple's CONSUMPTION_REQUEST).
+        """
+
+    @_abc_1.abstractmethod
+    def ListCreditedPurchases(
+        self,
+        request: _wallet_service_pb2.ListCreditedPurchasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_service_pb2.ListCreditedPurchasesResponse, _abc.Awaitable[_wallet_service_pb2.ListCreditedPurchasesResponse]]:
+        """Credited purchases of one store, in credit order (for the receipts service's sweeps:
+        every credited Play purchase must be consumed, whatever the receipts service recorded).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,104 @@
+"""SQL of refunds as the stores report them, against the purchase key.
+
+A refund can reach us before its purchase does (a lost or late purchase
+notification, an app that verifies days later). ``receipts_refunds`` keeps every
+reported refund by (store, store_transaction_id) whether or not the purchase is
+known, merged cumulatively (a full refund wins; otherwise the largest quantity and
+share reported), so the crediting path can refuse to credit a refunded purchase
+and reverse one it credited meanwhile.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from services.common.catalog import StoreId
+from services.common.db import Database
+from services.common.idempotency import insert_ignore
+from services.receipts.purchases.model import Environment, Refund
+
+
+def _larger(column: sa.Column[Any], value: int) -> sa.ColumnElement[Any]:
+    return sa.case((column < value, sa.literal(value)), else_=column)
+
+
+class RefundRepository:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._refunds = database.table("receipts_refunds")
+
+    def _key(self, store: StoreId, store_transaction_id: str) -> sa.ColumnElement[bool]:
+        refunds = self._refunds
+        return sa.and_(refunds.c.store == store.value, refunds.c.store_transaction_id == store_transaction_id)
+
+    def _get(self, conn: Connection, store: StoreId, store_transaction_id: str) -> Refund | None:
+        row = conn.execute(sa.select(self._refunds).where(self._key(store, store_transaction_id))).one_or_none()
+        if row is None:
+            return None
+        return Refund(
+            store,
+            store_transaction_id,
+            Environment(row.environment) if row.environment else None,
+            full=bool(row.full_refund),
+            refunded_quantity=int(row.refunded_quantity),
+            refunded_percentage_milli=int(row.refunded_percentage_milli),
+            reason=row.reason,
+        )
+
+    async def record(self, refund: Refund, now: datetime) -> Refund:
+        """Remember ``refund`` (merged with what was reported before); the merged refund."""
+        refunds = self._refunds
+
+        def work(conn: Connection) -> Refund:
+            key = self._key(refund.store, refund.store_transaction_id)
+            conn.execute(
+                insert_ignore(conn, refunds).values(
+                    store=refund.store.value,
+                    store_transaction_id=refund.store_transaction_id,
+                    environment=refund.environment.value if refund.environment else None,
+                    full_refund=refund.full,
+                    refunded_quantity=refund.refunded_quantity,
+                    refunded_percentage_milli=refund.refunded_percentage_milli,
+                    reason=refund.reason[:512],
+                    reported_at=now,
+                    updated_at=now,
+                )
+            )
+            conn.execute(
+                refunds.update()
+                .where(key)
+                .values(
+                    full_refund=sa.or_(refunds.c.full_refund, sa.literal(refund.full)),
+                    refunded_quantity=_larger(refunds.c.refunded_quantity, refund.refunded_quantity),
+                    refunded_percentage_milli=_larger(
+                        refunds.c.refunded_percentage_milli, refund.refunded_percentage_milli
+                    ),
+                    environment=sa.func.coalesce(refunds.c.environment, sa.literal(_env(refund))),
+                    updated_at=now,
+                )
+            )
+            merged = self._get(conn, refund.store, refund.store_transaction_id)
+            assert merged is not None
+            return merged
+
+        return await self.database.run(self.database.transaction, work)
+
+    async def withdraw(self, store: StoreId, store_transaction_id: str) -> None:
+        """The store reversed its refund (the purchase was restored)."""
+        key = self._key(store, store_transaction_id)
+        await self.database.run(self.database.transaction, lambda conn: conn.execute(self._refunds.delete().where(key)))
+
+    async def get(self, store: StoreId, store_transaction_id: str) -> Refund | None:
+        def work() -> Refund | None:
+            with self.database.connect() as conn:
+                return self._get(conn, store, store_transaction_id)
+
+        return await self.database.run(work)
+
+
+def _env(refund: Refund) -> str | None:
+    return refund.environment.value if refund.environment else None
