@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from services.common.catalog import PayoutRules
-from services.payouts.domain.rules import Rules, amount_minor, diamonds_for
+from services.payouts.domain.rules import Rules, amount_minor, diamonds_for, requote
 from services.payouts.errors import FailedPrecondition, InvalidArgument
 
 RULES = Rules(
@@ -52,3 +52,18 @@ def test_unknown_currency_is_invalid_argument() -> None:
         RULES.currency("currency_code", "GBP")
     assert caught.value.field == "currency_code"
     assert RULES.currency("currency_code", "") == "USD"
+
+
+@pytest.mark.parametrize(
+    ("left", "expected"),
+    [
+        (20_000, (10_000, 20_000)),
+        (11_001, (5_500, 11_000)),  # rounded down at the original rate; the odd diamond stays held
+        (10_000, (5_000, 10_000)),
+        (9_999, None),  # below the minimum: the cash-out is cancelled (CLAWED_BACK)
+    ],
+)
+def test_a_shrunk_hold_is_requoted_at_the_original_rate_or_cancelled(
+    left: int, expected: tuple[int, int] | None
+) -> None:
+    assert requote(left, Decimal("0.005"), "USD", 10_000) == expected

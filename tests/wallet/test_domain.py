@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.wallet.domain.ledger import Currency, Posting, UnbalancedTransaction, balanced
-from services.wallet.domain.provenance import clawback_target
+from services.wallet.domain import postings
+from services.wallet.domain.holds import CommitPlan, debt_repaid, plan_commit
+from services.wallet.domain.ledger import PAYOUT_CLEARING, Currency, Posting, UnbalancedTransaction, balanced
+from services.wallet.domain.provenance import Hold, clawback_target
 from services.wallet.domain.rules import LimitState, Period, change_limit, period_start
 from services.wallet.group_commit import GroupCommit
 
@@ -93,3 +95,29 @@ async def test_group_commit_isolates_a_failing_item() -> None:
     results = await asyncio.gather(*(group.submit(i) for i in range(30)), return_exceptions=True)
     assert isinstance(results[13], RuntimeError)
     assert [r for i, r in enumerate(results) if i != 13] == [i for i in range(30) if i != 13]
+
+
+@pytest.mark.parametrize(
+    ("paid", "held", "balance", "others", "expected"),
+    [
+        # The hold pays; its excess goes back to the creator.
+        (100, 150, 0, [], CommitPlan(100, 50, 0, (), 0)),
+        # A lapsed hold: unreserved diamonds first, then unsubmitted holds newest first, then debt.
+        (400, 0, 60, [Hold("new", 200), Hold("old", 100)], CommitPlan(0, 0, 60, (("new", 200), ("old", 100)), 40)),
+        # A row already in debt gives nothing; a shrunk hold pays what is left of it.
+        (300, 100, -20, [], CommitPlan(100, 0, 0, (), 200)),
+    ],
+)
+def test_a_paid_commit_takes_its_shortfall_in_order(
+    paid: int, held: int, balance: int, others: list[Hold], expected: CommitPlan
+) -> None:
+    plan = plan_commit(paid, held, balance, others)
+    assert plan == expected
+    assert plan.paid == paid
+    assert sum(p.amount for p in postings.commit("c", plan) if p.account_id == PAYOUT_CLEARING) == paid
+
+
+def test_released_diamonds_repay_debt_first() -> None:
+    assert debt_repaid(100, -30) == 30
+    assert debt_repaid(100, -300) == 100
+    assert debt_repaid(100, 5) == 0
