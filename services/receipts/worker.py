@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 
 from celery import Celery
@@ -37,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--concurrency={args.concurrency}",
             f"--pool={args.pool}",
             f"--queues={settings.receipts_queue}",
-            f"--hostname={SERVICE}@%h",
+            # Unique per process: RabbitMQ gives one connection at a time a node name's
+            # remote-control queue, so a second worker on the host would exit.
+            f"--hostname={SERVICE}-{os.getpid()}@%h",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
