@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Sequence
 
 from celery import Celery
@@ -41,9 +40,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--concurrency={args.concurrency}",
             f"--pool={args.pool}",
             f"--queues={settings.payout_queue}",
-            # Unique per process: RabbitMQ gives one connection at a time a node name's
-            # remote-control queue, so a second worker on the host would exit.
-            f"--hostname={SERVICE}-{os.getpid()}@%h",
+            # Named after its queue: workers of different queues on one broker (parallel test
+            # runs, two deployments) never share a remote-control mailbox, which RabbitMQ
+            # declares exclusive. The default queue keeps the name payouts@<host>.
+            f"--hostname={settings.payout_queue}@%h",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Sequence
 
 from celery import Celery
@@ -38,9 +37,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--concurrency={args.concurrency}",
             f"--pool={args.pool}",
             f"--queues={settings.receipts_queue}",
-            # Unique per process: RabbitMQ gives one connection at a time a node name's
-            # remote-control queue, so a second worker on the host would exit.
-            f"--hostname={SERVICE}-{os.getpid()}@%h",
+            # Named after its queue, as the payouts worker: workers of different queues on
+            # one broker never share a remote-control mailbox, which RabbitMQ declares
+            # exclusive. The default queue keeps the name receipts@<host>.
+            f"--hostname={settings.receipts_queue}@%h",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
