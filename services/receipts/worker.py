@@ -37,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--concurrency={args.concurrency}",
             f"--pool={args.pool}",
             f"--queues={settings.receipts_queue}",
-            f"--hostname={SERVICE}@%h",
+            # Named after its queue, as the payouts worker: workers of different queues on
+            # one broker never share a remote-control mailbox, which RabbitMQ declares
+            # exclusive. The default queue keeps the name receipts@<host>.
+            f"--hostname={settings.receipts_queue}@%h",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
