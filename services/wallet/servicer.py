@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +43,7 @@ from services.wallet.store import (
 )
 
 MAX_STORE_TRANSACTION_ID = 512
+MAX_CREDIT_BATCH = 1000
 MAX_GIFT_COUNT = 100_000
 MAX_COINS = 10**12
 MAX_REASON = 512
@@ -219,6 +221,20 @@ def _credit_response(result: CreditResult) -> Message:
     )
 
 
+def _credit_result(outcome: Outcome) -> pb.CreditPurchaseResult:
+    """One CreditPurchases item: CreditPurchase's answer, or the error it would raise."""
+    if isinstance(outcome, DomainError):
+        error = pb.ItemError(
+            code=outcome.code.value[0], message=outcome.message, reason=outcome.reason, metadata=outcome.metadata
+        )
+        return pb.CreditPurchaseResult(error=error)
+    if isinstance(outcome, bytes):
+        return pb.CreditPurchaseResult(response=pb.CreditPurchaseResponse.FromString(outcome))
+    response = outcome
+    assert isinstance(response, pb.CreditPurchaseResponse)
+    return pb.CreditPurchaseResult(response=response)
+
+
 def _gift_response(item: DebitItem, done: DebitDone) -> Message:
     if item.creator is None:
         return pb.SpendCoinsResponse(
@@ -267,6 +283,38 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
     # ------------------------------------------------------------ purchases
 
     async def CreditPurchase(self, request: pb.CreditPurchaseRequest, context: Any) -> pb.CreditPurchaseResponse:
+        item = self._credit_item(request)
+        if self._credits is not None:
+            outcome = await self._credits.submit(item)
+        else:
+            outcome = (await self._run_credits([item]))[0]
+        response: pb.CreditPurchaseResponse = _answer(outcome, pb.CreditPurchaseResponse)
+        return response
+
+    async def CreditPurchases(self, request: pb.CreditPurchasesRequest, context: Any) -> pb.CreditPurchasesResponse:
+        count = len(request.requests)
+        if not 1 <= count <= MAX_CREDIT_BATCH:
+            raise InvalidArgument("requests", f"give 1 to {MAX_CREDIT_BATCH} purchases")
+        outcomes: list[Outcome | None] = [None] * count
+        items: list[tuple[int, CreditItem]] = []
+        for index, one in enumerate(request.requests):
+            try:
+                items.append((index, self._credit_item(one)))
+            except DomainError as error:
+                outcomes[index] = error
+        # The items join the group commit of single CreditPurchase calls.
+        if self._credits is not None:
+            credits = self._credits
+            answers = await asyncio.gather(*(credits.submit(item) for _, item in items))
+        else:
+            answers = await self._run_credits([item for _, item in items]) if items else []
+        for (index, _), answer in zip(items, answers, strict=True):
+            outcomes[index] = answer
+        return pb.CreditPurchasesResponse(
+            results=[_credit_result(outcome) for outcome in outcomes if outcome is not None]
+        )
+
+    def _credit_item(self, request: pb.CreditPurchaseRequest) -> CreditItem:
         request_id = require_id("request_id", request.request_id)
         account_id = require_id("account_id", request.account_id)
         store = require_enum("store", request.store, STORES)
@@ -286,7 +334,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         price_minor = require_non_negative("price.amount_minor", request.price.amount_minor)
         price_currency = require_currency("price.currency_code", request.price.currency_code)
         purchase_time = _time("purchase_time", request.purchase_time, request.HasField("purchase_time"))
-        item = CreditItem(
+        return CreditItem(
             request_id=request_id,
             request=request,
             account_id=account_id,
@@ -303,12 +351,6 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
             purchase_time=purchase_time,
             flagged_for_review=request.flagged_for_review,
         )
-        if self._credits is not None:
-            outcome = await self._credits.submit(item)
-        else:
-            outcome = (await self._run_credits([item]))[0]
-        response: pb.CreditPurchaseResponse = _answer(outcome, pb.CreditPurchaseResponse)
-        return response
 
     def _purchase_key(self, request: Any) -> tuple[Store, Environment, str]:
         store = require_enum("store", request.store, STORES)
