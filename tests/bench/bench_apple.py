@@ -81,7 +81,9 @@ def verification(args: BenchArgs) -> list[Result]:
     seconds = 1.0 if args.quick else 6.0
     state = Path(tempfile.mkdtemp(prefix="bench-apple-"))
     store = create_store(state)
-    _txid, jws = store.buy("com.coinstore.coins.350", app_account_token="7e3fb20b-4cdb-47cc-936d-99d65f608138")
+    _txid, jws = store.buy(
+        "com.coinstore.coins.350", app_account_token="7e3fb20b-4cdb-47cc-936d-99d65f608138", environment="Sandbox"
+    )
     root_der = (state / "apple" / "root.der").read_bytes()
 
     ours = AppleJwsVerifier([store.pki.root])
