@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common.catalog import Catalog
+from services.common.group_commit import GroupCommit
 from services.common.validation import (
     optional_id,
     page_size,
@@ -27,7 +28,6 @@ from services.wallet.domain.ledger import BalanceView, Environment, Kind, Store
 from services.wallet.domain.provenance import PERCENT_MILLI_FULL, Leg, LegKind
 from services.wallet.domain.rules import Period, ReservationState
 from services.wallet.errors import DomainError, InvalidArgument, NotFound
-from services.wallet.group_commit import GroupCommit
 from services.wallet.store import (
     ConsumptionView,
     CreditItem,

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.common.group_commit import GroupCommit
 from services.wallet.domain.ledger import Currency, Posting, UnbalancedTransaction, balanced
 from services.wallet.domain.provenance import clawback_target
 from services.wallet.domain.rules import LimitState, Period, change_limit, period_start
-from services.wallet.group_commit import GroupCommit
 
 NOW = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)  # a Thursday
 
