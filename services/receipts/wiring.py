@@ -212,6 +212,7 @@ def build_servicer(components: Components) -> ReceiptServiceServicer:
         clock=components.clock,
         apple=components.apple,
         google=components.google,
+        batches=components.crediting.batches,
     )
 
 

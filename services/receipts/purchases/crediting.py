@@ -32,7 +32,6 @@ from dataclasses import InitVar, dataclass, field
 from datetime import timedelta
 
 from prometheus_client import Counter
-from sqlalchemy.engine import Connection
 
 from services.common.catalog import Catalog, StoreId
 from services.common.clock import Clock
@@ -151,11 +150,7 @@ class Crediting:
             state = Outcome.REFUNDED if record.state is StoredState.REFUNDED else outcome
             return PurchaseResult(state, record, record.coins + record.bonus_coins, record.bonus_coins, credit.balance)
 
-        def finish(conn: Connection, record: PurchaseRecord) -> None:
-            if hook is not None:
-                hook.record_in(conn, [result_for(record)])
-
-        settlement = Settlement(terms, account_id, credit.wallet_transaction_id, self.clock.now(), finish)
+        settlement = Settlement(terms, account_id, credit.wallet_transaction_id, self.clock.now(), result_for, hook)
         return result_for(await self.batches.settle(settlement))
 
     async def credit_uncredited(self, grace: timedelta, limit: int = 1000) -> int:

@@ -376,6 +376,23 @@ class RequestRecorder:
         self.stored: bytes | None = None
         self.response: Message | None = None
 
+    def log_row(self, results: Sequence[Any], now: datetime) -> dict[str, Any]:
+        """The request-log row of this call, its response built (a group commit inserts many
+        at once; :meth:`recorded` then, or :meth:`record_in` when the id was taken)."""
+        self.response = response = self._build(results)
+        return {
+            "method": self._method,
+            "request_id": self._request_id,
+            "request_hash": fingerprint(self._request),
+            "response": response.SerializeToString(deterministic=True),
+            "created_at": now,
+        }
+
+    def recorded(self) -> None:
+        """This call's row went in with its response: ours is the recorded answer."""
+        self.stored = None
+        self.done = True
+
     def record_in(self, conn: Connection, results: Sequence[Any]) -> None:
         response = self._build(results)
         stored = self._log.claim(conn, self._method, self._request_id, self._request)
