@@ -106,6 +106,7 @@ class Crediting:
     batches: PurchaseBatches = None  # type: ignore[assignment]
     _credits: Counter = field(init=False)
     _swept: Counter = field(init=False)
+    _credit_children: dict[tuple[StoreId, Environment, Outcome], Counter] = field(init=False, default_factory=dict)
 
     def __post_init__(self, metrics: Metrics) -> None:
         if self.batches is None:
@@ -242,5 +243,13 @@ class Crediting:
         return ReversalResult(restored.applied, restored.coins_moved, restored.account_id, restored.balance, record)
 
     def _count(self, result: PurchaseResult) -> PurchaseResult:
-        self._credits.labels(result.record.store.value, result.record.environment.value, result.outcome.value).inc()
+        record = result.record
+        key = (record.store, record.environment, result.outcome)
+        child = self._credit_children.get(key)
+        if child is None:
+            # .labels() costs a lock and a tuple of strings per call: a tenth of the core's CPU.
+            child = self._credit_children[key] = self._credits.labels(
+                record.store.value, record.environment.value, result.outcome.value
+            )
+        child.inc()
         return result

@@ -191,39 +191,6 @@ class PurchaseRepository:
         )
         return self._bound_record(conn, purchase, account_id)
 
-    async def settle_credit(
-        self,
-        terms: CreditTerms,
-        account_id: str,
-        wallet_transaction_id: str,
-        now: datetime,
-        finish: Callable[[Connection, PurchaseRecord], None] | None = None,
-    ) -> PurchaseRecord:
-        """After the wallet credited (or had credited) the purchase: record it,
-        bound to ``account_id`` and CREDITED, and run ``finish`` (e.g. record the
-        AIP-155 response) in the same transaction — one commit per verification."""
-        purchase = terms.purchase
-
-        def work(conn: Connection) -> PurchaseRecord:
-            credited = StoredState.CREDITED
-            self._insert(conn, terms, account_id, credited, now, wallet_transaction_id=wallet_transaction_id)
-            self._bind(conn, terms, account_id, now)
-            purchases = self._purchases
-            conn.execute(
-                purchases.update()
-                .where(
-                    self._key(purchase.store, purchase.store_transaction_id),
-                    purchases.c.state == StoredState.RECORDED.value,
-                )
-                .values(state=credited.value, wallet_transaction_id=wallet_transaction_id, updated_at=now)
-            )
-            record = self._bound_record(conn, purchase, account_id)
-            if finish is not None:
-                finish(conn, record)
-            return record
-
-        return await self._tx(work)
-
     async def mark_refund(
         self,
         store: StoreId,
@@ -352,14 +319,14 @@ class PurchaseRepository:
 
 class CreditHook(Protocol):
     """Work that commits in the transaction marking a purchase CREDITED (see
-    :meth:`PurchaseRepository.settle_credit`): one commit per verification."""
+    :meth:`OutboxRepository.settle_batch`): one commit per batch of verifications."""
 
     def record_in(self, conn: Connection, results: Sequence[PurchaseResult]) -> None: ...
 
 
 class RequestRecorder:
     """Records a call's AIP-155 response inside the transaction that records its
-    effect (see :meth:`PurchaseRepository.settle_credit`), saving a commit.
+    effect (see :meth:`OutboxRepository.settle_batch`), saving a commit.
 
     ``build`` turns the results into the response message. After the work,
     ``done`` tells whether it was recorded, and ``stored`` holds the response a
