@@ -28,15 +28,8 @@ import grpc
 
 from services.storesim.apple import create_store
 from tests.bench import bench_apple
-from tests.bench.common import (
-    BenchArgs,
-    Result,
-    closed_loop,
-    first_of,
-    percentiles,
-    scratch_postgres,
-    stop_processes,
-)
+from tests.bench import common
+from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
 from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +65,9 @@ async def _end_to_end(args: BenchArgs) -> Result:
     from services.common import migrate
     from tests.support.tokens import make_keys
 
-    binding_class = first_of("Binding", "services.receipts.purchases.binding", "services.receipts.domain.binding")
+    binding_class = common.first_of(
+        "Binding", "services.receipts.purchases.binding", "services.receipts.domain.binding"
+    )
 
     total = 512 if args.quick else 4000
     with scratch_postgres(args.admin_database_url) as url:
