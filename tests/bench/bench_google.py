@@ -27,8 +27,7 @@ from pathlib import Path
 import grpc
 
 from services.storesim.apple import create_store
-from tests.bench import bench_apple
-from tests.bench import common
+from tests.bench import bench_apple, common
 from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
 from tests.support.ports import free_port
 
