@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto' | sort)
 GEN := gen
 
-.PHONY: help venv proto proto-check lint fmt test run docs bench clean
+.PHONY: help venv proto proto-check lint fmt test run demo soak docs bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,16 @@ test: $(STAMP) ## Run the whole test suite (TEST_WORKERS=4 processes in parallel
 
 run: proto ## Run every service, a Celery worker and the store simulator (Ctrl-C stops all)
 	$(BIN)/coinstore dev run
+
+demo: $(STAMP) ## With `make run` up: buy, verify, gift, refund, cash out and pay a batch, step by step
+	$(BIN)/coinstore demo
+
+# The system scenarios for DURATION on one system (PostgreSQL + BROKER); SEED replays a run.
+SEED ?= 0
+DURATION ?= 30m
+BROKER ?= redis
+soak: $(STAMP) ## Long system run: make soak [SEED=n] [DURATION=30m] [BROKER=redis|rabbitmq]; prints what it proved
+	PYTHONPATH=.:gen $(PY) -m tests.system.soak --seed $(SEED) --duration $(DURATION) --broker $(BROKER)
 
 docs: $(STAMP) ## Regenerate the README's configuration table from the settings classes
 	$(BIN)/coinstore config --readme README.md

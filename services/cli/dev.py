@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,17 @@ def dev_defaults(simulator: str, state: str) -> dict[str, str]:
     }
 
 
+def dev_catalog(source: Path, target: Path) -> Path:
+    """``source`` with diamonds maturing at once, so a newcomer can cash out today
+    (`make demo`); everything else as deployed."""
+    text, count = re.subn(r"(?m)^holding_days\s*=\s*\d+", "holding_days = 0", source.read_text())
+    if count != 1:
+        raise RuntimeError(f"{source}: expected one [diamonds] holding_days line, found {count}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(f"# Written by `coinstore dev run` from {source}: diamonds mature at once.\n{text}")
+    return target
+
+
 STOP_TIMEOUT_SECONDS = 20.0
 SIMULATOR_READY_SECONDS = 30.0
 
@@ -64,6 +76,8 @@ def processes() -> list[Process]:
 
 def dev_environment() -> dict[str, str]:
     env = dict(os.environ)
+    if "COINSTORE_CATALOG" not in env:
+        env["COINSTORE_CATALOG"] = str(dev_catalog(Path("deploy/catalog.toml"), Path("var/dev-catalog.toml")))
     port = env.get("COINSTORE_STORESIM_PORT", "8090")
     state = env.get("COINSTORE_STORESIM_STATE_DIR", "var/storesim")
     for key, value in dev_defaults(f"http://127.0.0.1:{port}", state).items():

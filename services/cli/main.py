@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.cli import dev
+from services.cli import demo, dev
 from services.common import auth
 from services.common.auth import load_key_policy
 from services.common.settings import CommonSettings, SettingsError, describe, load_settings
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_token)
 
     dev.register(sub)
+    demo.register(sub)
     wallet_cli.register(sub)
     receipts_cli.register(sub)
     payouts_cli.register(sub)

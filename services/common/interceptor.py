@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from services.common.auth import TokenVerifier, authorize, caller_var
-from services.common.errors import ERROR_DOMAIN, DomainError, InvalidArgument
+from services.common.errors import ERROR_DOMAIN, DomainError, InvalidArgument, Unavailable
 from services.common.limits import check_request
 from services.common.logs import request_id_var
 from services.common.metrics import Metrics
@@ -137,6 +138,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     code = "ABORTED_BY_HANDLER"
                     raise
+                except (OperationalError, InterfaceError) as error:
+                    # The database went away (connection refused, reset, terminated, timed
+                    # out); nothing was committed that a retry would repeat (AIP-155).
+                    code = "UNAVAILABLE"
+                    unavailable = Unavailable("DATABASE_UNAVAILABLE", "the database is unavailable; retry later")
+                    metrics.rpc_errors.labels(metrics.service, short, unavailable.reason).inc()
+                    log.warning("%s: database unavailable (%s)", short, type(error.orig).__name__)
+                    await _abort(context, status_for(unavailable), request_id)
                 except Exception:
                     code = "INTERNAL"
                     metrics.rpc_errors.labels(metrics.service, short, "INTERNAL").inc()

@@ -6,6 +6,8 @@ tighter bounds (lengths, page sizes, batch sizes) and name the field.
 
 from __future__ import annotations
 
+import re
+
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -35,3 +37,21 @@ def check_request(message: Message, prefix: str = "") -> None:
         ):
             for index, item in enumerate(value if repeated else (value,)):
                 check_request(item, f"{name}[{index}]." if repeated else f"{name}.")
+
+
+# A JSON string (escapes included); what is left after removing them is structure and scalars.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_NESTING = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in ``raw`` (well-formed or not), without parsing it:
+    checked before ``json.loads``, whose recursion a deep body would exhaust."""
+    depth = deepest = 0
+    for match in _JSON_NESTING.finditer(_JSON_STRING.sub(b"", raw)):
+        if match.group() in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest

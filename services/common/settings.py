@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlparse
 
 from services.common.failpoints import Failpoints, parse_spec
@@ -189,6 +189,11 @@ class DeployEnvironment(enum.Enum):
 class CommonSettings:
     """Settings every coinstore process reads."""
 
+    # The service these settings run (its own database URL is the one production judges);
+    # empty for tools that may reach every service's database.
+    SERVICE: ClassVar[str] = ""
+    USES_BROKER: ClassVar[bool] = True
+
     database_url: str = setting(
         "DATABASE_URL",
         "SQLAlchemy URL of the database (sqlite:///… or postgresql://…)",
@@ -286,6 +291,11 @@ class CommonSettings:
     tls_ca_file: Path | None = setting(
         "TLS_CA_FILE", "Extra CA certificates (PEM) outbound HTTPS calls trust, e.g. a private or test CA", None
     )
+    outbound_max_response_bytes: int = setting(
+        "OUTBOUND_MAX_RESPONSE_BYTES",
+        "Largest response an outside system (stores, OCSP, Google keys, PayPal) may send; abandoned while streaming",
+        8 * 1024 * 1024,
+    )
     grpc_max_message_bytes: int = setting(
         "GRPC_MAX_MESSAGE_BYTES", "Largest gRPC request or response a server accepts or sends", 4 * 1024 * 1024
     )
@@ -333,13 +343,28 @@ class CommonSettings:
                 problems.append(f"{PREFIX}{name} is the development key {path}")
         if self.grpc_reflection:
             problems.append(f"{PREFIX}GRPC_REFLECTION is on: reflection is for development")
-        for service in ("", "wallet_", "receipts_", "payouts_"):
-            url = getattr(self, f"{service}database_url")
+        for name, url in self._database_urls_used():
             if url.startswith("sqlite"):
-                problems.append(f"{PREFIX}{service.upper()}DATABASE_URL is SQLite: production runs on PostgreSQL")
-        if self.broker_url.startswith(("sqla+", "sqlalchemy+")):
+                problems.append(f"{PREFIX}{name} is SQLite: production runs on PostgreSQL")
+        if self.USES_BROKER and self.broker_url.startswith(("sqla+", "sqlalchemy+")):
             problems.append(f"{PREFIX}BROKER_URL is the embedded SQLite broker: use Redis or RabbitMQ")
         return problems
+
+    def _database_urls_used(self) -> list[tuple[str, str]]:
+        if not self.SERVICE:
+            return [
+                (f"{service.upper()}DATABASE_URL", getattr(self, f"{service}database_url"))
+                for service in ("", "wallet_", "receipts_", "payouts_")
+            ]
+        own = f"{self.SERVICE}_database_url"
+        if getattr(self, own, ""):
+            return [(own.upper(), getattr(self, own))]
+        return [("DATABASE_URL", self.database_url)]
+
+    def at_default(self, name: str) -> bool:
+        """True when the setting ``name`` (a field) still has its development default."""
+        default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+        return bool(getattr(self, name) == default)
 
     def url_problem(self, name: str, url: str) -> str | None:
         """Production: an outside system is reached over https, never at a loopback simulator
@@ -385,6 +410,8 @@ class CommonSettings:
             problems.append(f"{PREFIX}DB_STATEMENT_TIMEOUT_MS must not be negative")
         if self.grpc_max_concurrent_rpcs < 1:
             problems.append(f"{PREFIX}GRPC_MAX_CONCURRENT_RPCS must be at least 1")
+        if self.outbound_max_response_bytes < 64 * 1024:
+            problems.append(f"{PREFIX}OUTBOUND_MAX_RESPONSE_BYTES must be at least 65536")
         if self.grpc_max_message_bytes < 64 * 1024:
             problems.append(f"{PREFIX}GRPC_MAX_MESSAGE_BYTES must be at least 65536")
         try:

@@ -21,6 +21,8 @@ import grpc
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
+from coinstore.type.v1 import actor_pb2
+from services.common.actor import Actor
 from services.common.catalog import from_minor
 
 OPS_TOKEN_SECONDS = 300
@@ -41,6 +43,10 @@ REPORT_COLUMNS = (
     "provider_batch_id",
     "provider_item_id",
     "provider_transaction_id",
+    "requested_by",
+    "requested_by_key_id",
+    "requested_for",
+    "request_id",
 )
 FINAL = (pb.CASHOUT_STATE_PAID, pb.CASHOUT_STATE_FAILED)
 
@@ -98,6 +104,8 @@ def describe(batch: pb.PayoutBatch, out: TextIO) -> None:
             f"{from_minor(total.amount.amount_minor, batch.currency_code)} {batch.currency_code}",
             file=out,
         )
+    if batch.batch_id:
+        print(f"  created by {_who(batch.created_by)}", file=out)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -167,13 +175,50 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _who(actor: actor_pb2.Actor) -> str:
+    return Actor(actor.subject, actor.key_id, actor.acting_for, actor.request_id).describe()
+
+
+def _when(stamp: Any) -> str:
+    return str(stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds"))
+
+
+def _show_destination(creator: str, destination: pb.PayoutDestination) -> None:
+    provider = pb.Provider.Name(destination.provider).removeprefix("PROVIDER_").lower()
+    state = "verified" if destination.verified else "NOT verified"
+    print(f"{creator}: {provider} {destination.receiver}  {state}  (as of {_when(destination.update_time)})")
+    print(f"  set by      {_who(destination.changed_by)}")
+    if destination.verified:
+        print(f"  verified by {_who(destination.verified_by)}")
+
+
+def cmd_destination(args: argparse.Namespace) -> int:
     ops = Ops(args)
+    reply = ops.call("GetPayoutDestination", pb.GetPayoutDestinationRequest(creator_account_id=args.creator))
+    _show_destination(args.creator, reply.destination)
+    for change in reply.changes:
+        kind = pb.DestinationChangeKind.Name(change.kind).removeprefix("DESTINATION_CHANGE_KIND_")
+        print(f"  {_when(change.change_time)}  {kind:<6}  {change.receiver}  by {_who(change.changed_by)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify the destination as it is now (or as ``--receiver`` names it), with a fresh
+    request id, so the answer is never an earlier verification replayed."""
+    ops = Ops(args)
+    seen = ops.call("GetPayoutDestination", pb.GetPayoutDestinationRequest(creator_account_id=args.creator))
+    receiver = args.receiver or seen.destination.receiver
+    print(f"verifying {args.creator}: {receiver}")
     reply = ops.call(
         "VerifyPayoutDestination",
-        pb.VerifyPayoutDestinationRequest(request_id=f"cli-verify-{args.creator}", creator_account_id=args.creator),
+        pb.VerifyPayoutDestinationRequest(
+            request_id=f"cli-verify-{uuid.uuid4().hex}",
+            creator_account_id=args.creator,
+            provider=seen.destination.provider,
+            receiver=receiver,
+        ),
     )
-    print(f"{args.creator}: {reply.destination.receiver} verified")
+    _show_destination(args.creator, reply.destination)
     return 0
 
 
@@ -202,6 +247,10 @@ def cmd_report(args: argparse.Namespace) -> int:
                         c.provider_batch_id,
                         c.provider_item_id,
                         c.provider_transaction_id,
+                        c.requested_by.subject,
+                        c.requested_by.key_id,
+                        c.requested_by.acting_for,
+                        c.requested_by.request_id,
                     ]
                 )
         else:
@@ -265,8 +314,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--request-id")
     p.set_defaults(handler=_guard(cmd_cancel))
 
-    p = sub.add_parser("verify-destination", help="mark a creator's payout destination verified")
+    p = sub.add_parser("destination", help="a creator's payout destination and who changed and verified it")
     p.add_argument("creator")
+    p.set_defaults(handler=_guard(cmd_destination))
+
+    p = sub.add_parser(
+        "verify-destination", help="mark a creator's payout destination verified (refused if it changed meanwhile)"
+    )
+    p.add_argument("creator")
+    p.add_argument("--receiver", help="the receiver you checked (default: the one the service shows now)")
     p.set_defaults(handler=_guard(cmd_verify))
 
     p = sub.add_parser("report", help="a batch's totals, or one CSV row per item for finance")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import ClassVar
 
-from services.common.settings import CommonSettings, SettingsError, setting
+from services.common.settings import PREFIX, CommonSettings, SettingsError, setting
 
 
 class ProviderKind(enum.Enum):
@@ -16,6 +17,8 @@ class ProviderKind(enum.Enum):
 @dataclass(frozen=True, kw_only=True, repr=False)
 class PayoutsSettings(CommonSettings):
     """Everything the payouts service reads from the environment."""
+
+    SERVICE: ClassVar[str] = "payouts"
 
     payout_provider: ProviderKind = setting(
         "PAYOUT_PROVIDER", "Payout provider adapter (paypal; the simulator speaks PayPal's API)", ProviderKind.PAYPAL
@@ -54,7 +57,30 @@ class PayoutsSettings(CommonSettings):
     payout_settle_concurrency: int = setting(
         "PAYOUT_SETTLE_CONCURRENCY", "Parallel wallet calls per worker process when settling paid/failed items", 8
     )
+    payout_hold_margin_seconds: float = setting(
+        "PAYOUT_HOLD_MARGIN_SECONDS",
+        "A cash-out not yet submitted whose wallet hold lapses within this many seconds is expired by the sweeper"
+        " (never paid; diamonds released)",
+        36 * 3600.0,
+        parse=float,
+    )
+    payout_park_after: int = setting(
+        "PAYOUT_PARK_AFTER",
+        "Ambiguous provider answers to one submission (a refused re-submission, a duplicate without a link)"
+        " before it is parked for ops review",
+        5,
+    )
     payout_queue: str = setting("PAYOUT_QUEUE", "Celery queue the payout tasks run on", "payouts")
+
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        url = self.url_problem("PAYPAL_API_URL", self.paypal_api_url)
+        if url:
+            problems.append(url)
+        for name in ("paypal_client_id", "paypal_client_secret"):
+            if self.at_default(name):
+                problems.append(f"{PREFIX}{name.upper()} is the development credential")
+        return problems
 
     def validate(self) -> None:
         super().validate()
@@ -69,6 +95,12 @@ class PayoutsSettings(CommonSettings):
             problems.append("COINSTORE_PAYOUT_POLL/SWEEP/STUCK_SECONDS must be positive")
         if self.payout_reservation_days < 1:
             problems.append("COINSTORE_PAYOUT_RESERVATION_DAYS must be at least 1")
+        if self.payout_hold_margin_seconds < 0 or self.payout_park_after < 1:
+            problems.append(
+                "COINSTORE_PAYOUT_HOLD_MARGIN_SECONDS must not be negative and COINSTORE_PAYOUT_PARK_AFTER at least 1"
+            )
+        if self.payout_hold_margin_seconds >= self.payout_reservation_days * 86400:
+            problems.append("COINSTORE_PAYOUT_HOLD_MARGIN_SECONDS must be shorter than the hold itself")
         if self.payout_settle_concurrency < 1:
             problems.append("COINSTORE_PAYOUT_SETTLE_CONCURRENCY must be at least 1")
         if problems:

@@ -8,7 +8,15 @@ from google.protobuf import timestamp_pb2
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.type.v1 import money_pb2
-from services.payouts.domain.model import Batch, BatchState, Cashout, CashoutState, Destination
+from services.payouts.domain.model import (
+    Batch,
+    BatchState,
+    Cashout,
+    CashoutState,
+    Destination,
+    DestinationChange,
+    DestinationChangeKind,
+)
 
 PROVIDERS: dict[int, str] = {pb.PROVIDER_PAYPAL: "paypal"}
 PROVIDER_ENUMS: dict[str, pb.Provider.ValueType] = {"paypal": pb.PROVIDER_PAYPAL}
@@ -20,6 +28,12 @@ CASHOUT_STATES = {
     CashoutState.PAID: pb.CASHOUT_STATE_PAID,
     CashoutState.FAILED: pb.CASHOUT_STATE_FAILED,
     CashoutState.CANCELLED: pb.CASHOUT_STATE_CANCELLED,
+    CashoutState.RESERVING: pb.CASHOUT_STATE_RESERVING,
+    CashoutState.EXPIRED: pb.CASHOUT_STATE_EXPIRED,
+}
+CHANGE_KINDS = {
+    DestinationChangeKind.SET: pb.DESTINATION_CHANGE_KIND_SET,
+    DestinationChangeKind.VERIFY: pb.DESTINATION_CHANGE_KIND_VERIFY,
 }
 BATCH_STATES = {
     BatchState.CREATED: pb.BATCH_STATE_CREATED,
@@ -46,6 +60,19 @@ def destination(value: Destination) -> pb.PayoutDestination:
         provider=PROVIDER_ENUMS.get(value.provider, pb.PROVIDER_UNSPECIFIED),
         receiver=value.receiver,
         verified=value.verified,
+        changed_by=value.changed_by.message(),
+        verified_by=value.verified_by.message(),
+        update_time=timestamp(value.updated_at),
+    )
+
+
+def destination_change(value: DestinationChange) -> pb.DestinationChange:
+    return pb.DestinationChange(
+        kind=CHANGE_KINDS[value.kind],
+        provider=PROVIDER_ENUMS.get(value.provider, pb.PROVIDER_UNSPECIFIED),
+        receiver=value.receiver,
+        changed_by=value.changed_by.message(),
+        change_time=timestamp(value.created_at),
     )
 
 
@@ -70,6 +97,7 @@ def cashout(value: Cashout) -> pb.Cashout:
         attempt=value.attempt,
         sender_batch_id=value.chunk_id,
         sender_item_id=value.sender_item_id,
+        requested_by=value.requested_by.message(),
     )
 
 
@@ -95,4 +123,5 @@ def batch(value: Batch) -> pb.PayoutBatch:
         submit_time=timestamp(value.submitted_at),
         complete_time=timestamp(value.completed_at),
         provider_batch_id=value.provider_batch_id,
+        created_by=value.created_by.message(),
     )

@@ -19,9 +19,11 @@ from typing import Any
 import httpx
 
 from services.common.catalog import from_minor
+from services.common.outbound import OutboundPolicy
 from services.payouts.domain.model import PayoutLine
 from services.payouts.domain.ports import (
     ItemOutcome,
+    ProviderAmbiguous,
     ProviderBatch,
     ProviderItem,
     ProviderRejected,
@@ -61,11 +63,12 @@ class PayPalProvider:
         timeout_seconds: float,
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._client_id = client_id
         self._secret = client_secret
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout_seconds))
+        self._http = (outbound or OutboundPolicy()).client(timeout_seconds)
         self._monotonic = monotonic
         self._token = ""
         self._token_expires = 0.0
@@ -155,7 +158,7 @@ class PayPalProvider:
         if _is_duplicate(error):
             original = _batch_link(error)
             if original is None:
-                raise ProviderUnavailable(
+                raise ProviderAmbiguous(
                     f"PayPal says {sender_batch_id} exists but links no batch: {response.text[:300]}"
                 )
             log.info("PayPal already has sender_batch_id %s as %s; not paying again", sender_batch_id, original)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from prometheus_client import Gauge
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
@@ -40,6 +41,12 @@ def build_host(
         failpoints=runtime.failpoints,
     )
     servicer = PayoutServiceServicer(payouts, runtime.database)
+    parked = Gauge(
+        "coinstore_payouts_parked_submissions",
+        "Provider submissions parked for ops review after ambiguous answers (alert when above 0)",
+        registry=runtime.metrics.registry,
+    )
+    parked.set_function(payouts.parked)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_PayoutServiceServicer_to_server(servicer, server)

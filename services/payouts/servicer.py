@@ -9,6 +9,7 @@ from typing import Any
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
 from services.common import validation as v
+from services.common.actor import Actor
 from services.common.db import Database
 from services.payouts import convert
 from services.payouts.domain.model import Destination
@@ -29,7 +30,12 @@ def _destination(field: str, value: pb.PayoutDestination) -> tuple[str, str]:
 
 
 def _key(method: str, request: Any, render: Any) -> RequestKey:
-    return RequestKey(method, v.require_id("request_id", request.request_id), request, render)
+    """Read on the event loop, where the caller is known (the store runs on another thread)."""
+    request_id = v.require_id("request_id", request.request_id)
+    return RequestKey(method, request_id, request, render, Actor.of_request(request_id))
+
+
+MAX_DESTINATION_CHANGES = 20
 
 
 _MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
@@ -64,8 +70,20 @@ class PayoutServiceServicer(pb_grpc.PayoutServiceServicer):
             lambda d: pb.VerifyPayoutDestinationResponse(destination=convert.destination(d)),
         )
         creator = v.require_id("creator_account_id", request.creator_account_id)
-        raw = await self._db.run(self._payouts.verify_destination, key, creator)
+        provider, receiver = _destination(
+            "destination", pb.PayoutDestination(provider=request.provider, receiver=request.receiver)
+        )
+        raw = await self._db.run(self._payouts.verify_destination, key, creator, provider, receiver)
         return pb.VerifyPayoutDestinationResponse.FromString(raw)
+
+    async def GetPayoutDestination(
+        self, request: pb.GetPayoutDestinationRequest, context: Any
+    ) -> pb.GetPayoutDestinationResponse:
+        creator = v.require_id("creator_account_id", request.creator_account_id)
+        current, changes = await self._db.run(self._payouts.destination_history, creator, MAX_DESTINATION_CHANGES)
+        return pb.GetPayoutDestinationResponse(
+            destination=convert.destination(current), changes=[convert.destination_change(c) for c in changes]
+        )
 
     async def RequestCashout(self, request: pb.RequestCashoutRequest, context: Any) -> pb.RequestCashoutResponse:
         key = _key("RequestCashout", request, lambda c: pb.RequestCashoutResponse(cashout=convert.cashout(c)))

@@ -8,6 +8,7 @@ the move, so every task can run twice without effect.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,10 +18,13 @@ import sqlalchemy as sa
 from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
+from services.common.actor import SYSTEM, Actor, actor_columns
 from services.common.db import Database
 from services.common.errors import RequestIdReused
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore, request_log_table
 from services.payouts.domain.model import (
+    CLAWED_BACK,
+    HOLD_EXPIRED,
     Batch,
     BatchState,
     Cashout,
@@ -28,11 +32,15 @@ from services.payouts.domain.model import (
     Chunk,
     ChunkState,
     Destination,
+    DestinationChange,
+    DestinationChangeKind,
     PayoutLine,
     Settlement,
     StateTotal,
     WalletAction,
+    reservation_id,
 )
+from services.payouts.domain.rules import daily_limit_error
 from services.payouts.errors import FailedPrecondition, InvalidArgument, NotFound
 
 T = TypeVar("T")
@@ -48,6 +56,23 @@ destinations = sa.Table(
     sa.Column("receiver", sa.String(254), nullable=False),
     sa.Column("verified", sa.Boolean, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # Who last set the destination, and who verified it (NULL: before payouts_0004, or unverified).
+    *actor_columns("changed_by_"),
+    *actor_columns("verified_by_"),
+)
+
+# Every change of a destination (SET with a new receiver, VERIFY), with who made it.
+destination_changes = sa.Table(
+    "payouts_destination_changes",
+    metadata,
+    sa.Column("change_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("creator_account_id", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("provider", sa.String(16), nullable=False),
+    sa.Column("receiver", sa.String(254), nullable=False),
+    *actor_columns(nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("payouts_destination_changes_creator", "creator_account_id", "change_id"),
 )
 
 batches = sa.Table(
@@ -66,6 +91,7 @@ batches = sa.Table(
     sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
     # The sweeper re-queues the batch's planning when this passes.
     sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    *actor_columns(),  # who created the batch
     sa.Index("payouts_batches_created", "created_at"),
     sa.Index("payouts_batches_due", "state", "due_at"),
 )
@@ -82,6 +108,10 @@ chunks = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("submitted_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    # Provider calls started for this submission, ambiguous answers met, and why it was parked.
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("ambiguous", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("park_reason", sa.String(512), nullable=False, server_default=""),
     sa.Index("payouts_chunks_batch", "batch_id"),
     sa.Index("payouts_chunks_due", "state", "due_at"),
 )
@@ -112,7 +142,11 @@ cashouts = sa.Table(
     sa.Column("request_day", sa.String(10), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    *actor_columns(),  # who asked for the cash-out
+    # When the wallet hold of the current attempt lapses (asked for with the hold).
+    sa.Column("hold_expire_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index("payouts_cashouts_eligible", "state", "currency", "created_at"),
+    sa.Index("payouts_cashouts_hold_expiry", "state", "hold_expire_at"),
     sa.Index("payouts_cashouts_creator", "creator_account_id", "created_at"),
     sa.Index("payouts_cashouts_batch", "batch_id", "state"),
     sa.Index("payouts_cashouts_chunk", "chunk_id", "state"),
@@ -133,6 +167,8 @@ daily_totals = sa.Table(
 )
 
 OPEN_STATES = (CashoutState.BATCHED.value, CashoutState.SUBMITTED.value)
+# Nothing was sent to a provider yet: the sweeper may still expire these.
+UNSENT_STATES = (CashoutState.REQUESTED.value, CashoutState.BATCHED.value)
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -178,6 +214,12 @@ class RequestKey:
     request_id: str
     request: Message
     render: Callable[[Any], Message]
+    actor: Actor = SYSTEM  # the authenticated caller; the service itself when empty
+
+    @property
+    def moved_by(self) -> Actor:
+        """Who moves value with this request (the service itself keeps the request id)."""
+        return self.actor if self.actor.request_id else Actor(request_id=self.request_id)
 
 
 class PayoutStore:
@@ -217,45 +259,122 @@ class PayoutStore:
     # -- destinations --------------------------------------------------------------------------------
 
     def set_destination(
-        self, conn: Connection, creator: str, provider: str, receiver: str, now: datetime
+        self, conn: Connection, creator: str, provider: str, receiver: str, now: datetime, actor: Actor = SYSTEM
     ) -> Destination:
-        conn.execute(
-            insert_ignore(conn, destinations).values(
-                creator_account_id=creator, provider=provider, receiver=receiver, verified=False, updated_at=now
+        unverified = {"verified": False, **Actor().columns("verified_by_")}
+        changed = conn.execute(
+            insert_ignore(conn, destinations)
+            .values(
+                creator_account_id=creator,
+                provider=provider,
+                receiver=receiver,
+                updated_at=now,
+                **unverified,
+                **actor.columns("changed_by_"),
             )
-        )
+            .returning(destinations.c.creator_account_id)
+        ).first()
         # A changed destination must be verified again; re-sending the same one keeps its verification.
-        conn.execute(
-            destinations.update()
-            .where(
-                destinations.c.creator_account_id == creator,
-                sa.or_(destinations.c.provider != provider, destinations.c.receiver != receiver),
-            )
-            .values(provider=provider, receiver=receiver, verified=False, updated_at=now)
+        changed = (
+            changed
+            or conn.execute(
+                destinations.update()
+                .where(
+                    destinations.c.creator_account_id == creator,
+                    sa.or_(destinations.c.provider != provider, destinations.c.receiver != receiver),
+                )
+                .values(
+                    provider=provider, receiver=receiver, updated_at=now, **unverified, **actor.columns("changed_by_")
+                )
+                .returning(destinations.c.creator_account_id)
+            ).first()
         )
+        if changed is not None:
+            self._record_change(conn, creator, DestinationChangeKind.SET, provider, receiver, now, actor)
         found = self.destination(conn, creator)
         assert found is not None
         return found
 
-    def verify_destination(self, conn: Connection, creator: str, now: datetime) -> Destination:
+    def verify_destination(
+        self, conn: Connection, creator: str, provider: str, receiver: str, now: datetime, actor: Actor = SYSTEM
+    ) -> Destination:
+        """Verify the destination ops looked at: still ``provider``/``receiver``, or refused."""
         updated = conn.execute(
             destinations.update()
-            .where(destinations.c.creator_account_id == creator)
-            .values(verified=True, updated_at=now)
+            .where(
+                destinations.c.creator_account_id == creator,
+                destinations.c.provider == provider,
+                destinations.c.receiver == receiver,
+            )
+            .values(verified=True, updated_at=now, **actor.columns("verified_by_"))
         ).rowcount
         if not updated:
-            raise NotFound(
-                "DESTINATION_NOT_FOUND", "the creator has no payout destination", {"creator_account_id": creator}
+            if self.destination(conn, creator) is None:
+                raise NotFound(
+                    "DESTINATION_NOT_FOUND", "the creator has no payout destination", {"creator_account_id": creator}
+                )
+            raise FailedPrecondition(
+                "DESTINATION_CHANGED",
+                "the creator's payout destination is no longer the one named: look at it again"
+                " (GetPayoutDestination) before verifying",
+                {"creator_account_id": creator},
             )
+        self._record_change(conn, creator, DestinationChangeKind.VERIFY, provider, receiver, now, actor)
         found = self.destination(conn, creator)
         assert found is not None
         return found
+
+    def _record_change(
+        self,
+        conn: Connection,
+        creator: str,
+        kind: DestinationChangeKind,
+        provider: str,
+        receiver: str,
+        now: datetime,
+        actor: Actor,
+    ) -> None:
+        conn.execute(
+            destination_changes.insert().values(
+                creator_account_id=creator,
+                kind=kind.value,
+                provider=provider,
+                receiver=receiver,
+                created_at=now,
+                **actor.columns(),
+            )
+        )
 
     def destination(self, conn: Connection, creator: str) -> Destination | None:
         row = conn.execute(sa.select(destinations).where(destinations.c.creator_account_id == creator)).first()
         if row is None:
             return None
-        return Destination(row.creator_account_id, row.provider, row.receiver, bool(row.verified))
+        return Destination(
+            row.creator_account_id,
+            row.provider,
+            row.receiver,
+            bool(row.verified),
+            Actor.of_row(row, "changed_by_"),
+            Actor.of_row(row, "verified_by_"),
+            utc(row.updated_at),
+        )
+
+    def destination_history(self, creator: str, limit: int) -> tuple[Destination | None, list[DestinationChange]]:
+        """The destination and its latest ``limit`` changes, newest first."""
+        with self.db.connect() as conn:
+            current = self.destination(conn, creator)
+            rows = conn.execute(
+                sa.select(destination_changes)
+                .where(destination_changes.c.creator_account_id == creator)
+                .order_by(destination_changes.c.change_id.desc())
+                .limit(limit)
+            ).all()
+        return current, [
+            DestinationChange(
+                DestinationChangeKind(r.kind), r.provider, r.receiver, Actor.of_row(r), _req(r.created_at)
+            )
+            for r in rows
+        ]
 
     def get_destination(self, creator: str) -> Destination | None:
         with self.db.connect() as conn:
@@ -307,8 +426,293 @@ class PayoutStore:
             .values(amount_minor=daily_totals.c.amount_minor - amount)
         )
 
-    def insert_cashout(self, conn: Connection, values: dict[str, Any]) -> None:
-        conn.execute(cashouts.insert().values(**values))
+    def begin_cashout(self, values: dict[str, Any], limit: int | None) -> Cashout:
+        """Write the cash-out RESERVING (before its hold) and count it toward the day, or
+        return the row an earlier try of the same request wrote."""
+
+        def tx(conn: Connection) -> Cashout:
+            inserted = conn.execute(
+                insert_ignore(conn, cashouts).values(**values).returning(cashouts.c.cashout_id)
+            ).first()
+            if inserted is not None:
+                day, currency = values["request_day"], values["currency"]
+                if not self.add_daily(conn, values["creator_account_id"], day, currency, values["amount_minor"], limit):
+                    raise daily_limit_error(limit or 0, currency)
+            found = self.cashout(conn, values["cashout_id"])
+            assert found is not None
+            return found
+
+        return self.db.transaction(tx)
+
+    def finish_reserving(self, conn: Connection, cashout_id: str, state: CashoutState, now: datetime) -> Cashout:
+        """RESERVING → ``state`` once the hold exists (a no-op if another path finished it)."""
+        conn.execute(
+            cashouts.update()
+            .where(cashouts.c.cashout_id == cashout_id, cashouts.c.state == CashoutState.RESERVING.value)
+            .values(state=state.value, updated_at=now)
+        )
+        found = self.cashout(conn, cashout_id)
+        assert found is not None
+        return found
+
+    def drop_reserving(self, cashout_id: str) -> None:
+        """The wallet refused a new cash-out's hold: forget the row and its count toward the day."""
+
+        def tx(conn: Connection) -> None:
+            row = conn.execute(
+                sa.select(cashouts).where(
+                    cashouts.c.cashout_id == cashout_id,
+                    cashouts.c.state == CashoutState.RESERVING.value,
+                    cashouts.c.attempt == 1,
+                )
+            ).first()
+            if row is None:
+                return
+            conn.execute(cashouts.delete().where(cashouts.c.cashout_id == cashout_id))
+            self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
+
+        self.db.transaction(tx)
+
+    def stale_reserving(self, older_than: datetime, limit: int = 1000) -> list[Cashout]:
+        with self.db.connect() as conn:
+            return [
+                _cashout(r)
+                for r in conn.execute(
+                    _cashout_select()
+                    .where(cashouts.c.state == CashoutState.RESERVING.value, cashouts.c.updated_at < older_than)
+                    .limit(limit)
+                )
+            ]
+
+    def refuse_reserving(self, cashout_id: str, attempt: int, reason: str, now: datetime) -> None:
+        """The wallet refused the hold of a row left RESERVING: a new cash-out is cancelled, a
+        retried attempt goes back to FAILED; neither counts toward the day any more."""
+
+        def tx(conn: Connection) -> None:
+            state = CashoutState.CANCELLED if attempt == 1 else CashoutState.FAILED
+            moved = conn.execute(
+                cashouts.update()
+                .where(
+                    cashouts.c.cashout_id == cashout_id,
+                    cashouts.c.state == CashoutState.RESERVING.value,
+                    cashouts.c.attempt == attempt,
+                )
+                .values(state=state.value, failure_reason=reason[:256], wallet_done=True, updated_at=now)
+            ).rowcount
+            if moved:
+                self._sub_cashout_daily(conn, cashout_id)
+
+        self.db.transaction(tx)
+
+    def _sub_cashout_daily(self, conn: Connection, cashout_id: str) -> None:
+        row = conn.execute(
+            sa.select(
+                cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency, cashouts.c.amount_minor
+            ).where(cashouts.c.cashout_id == cashout_id)
+        ).one()
+        self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
+
+    def expire_unsent(self, horizon: datetime, now: datetime, limit: int = 5000) -> list[str]:
+        """Cash-outs not yet in a submission whose hold lapses before ``horizon`` → EXPIRED
+        (HOLD_EXPIRED; the release goes to the wallet outbox). Returns their ids."""
+
+        def tx(conn: Connection) -> list[str]:
+            ids = list(
+                conn.execute(
+                    sa.select(cashouts.c.cashout_id)
+                    .where(
+                        cashouts.c.state.in_(UNSENT_STATES),
+                        cashouts.c.chunk_id.is_(None),
+                        cashouts.c.hold_expire_at < horizon,
+                    )
+                    .limit(limit)
+                ).scalars()
+            )
+            unsent = (cashouts.c.state.in_(UNSENT_STATES), cashouts.c.chunk_id.is_(None))
+            return [c for c in ids if self._end_unpaid(conn, c, unsent, CashoutState.EXPIRED, HOLD_EXPIRED, now)]
+
+        return self.db.transaction(tx)
+
+    def _end_unpaid(
+        self,
+        conn: Connection,
+        cashout_id: str,
+        where: Sequence[Any],
+        state: CashoutState,
+        reason: str,
+        now: datetime,
+    ) -> bool:
+        """A cash-out never sent ends in ``state``: out of its submission, its hold to release
+        (wallet outbox), no longer counted toward its day."""
+        moved = conn.execute(
+            cashouts.update()
+            .where(cashouts.c.cashout_id == cashout_id, *where)
+            .values(
+                state=state.value,
+                chunk_id=None,
+                failure_reason=reason,
+                wallet_action=WalletAction.RELEASE.value,
+                wallet_done=False,
+                updated_at=now,
+            )
+        ).rowcount
+        if moved:
+            self._sub_cashout_daily(conn, cashout_id)
+        return bool(moved)
+
+    def prune_chunk(
+        self,
+        chunk_id: str,
+        expired: Sequence[str],
+        requoted: Sequence[tuple[str, int, int]],
+        cancelled: Sequence[str],
+        now: datetime,
+    ) -> None:
+        """Before a submission's first provider call: take out the items whose holds the wallet
+        would not submit. Expired holds → EXPIRED; shrunk ones re-quoted (cash-out id, amount,
+        diamonds) back to REQUESTED for a later batch, or CANCELLED with CLAWED_BACK."""
+
+        def tx(conn: Connection) -> None:
+            unsent = (cashouts.c.chunk_id == chunk_id, cashouts.c.state == CashoutState.BATCHED.value)
+            for ids, state, reason in (
+                (expired, CashoutState.EXPIRED, HOLD_EXPIRED),
+                (cancelled, CashoutState.CANCELLED, CLAWED_BACK),
+            ):
+                for cashout_id in ids:
+                    self._end_unpaid(conn, cashout_id, unsent, state, reason, now)
+            for cashout_id, amount, diamonds in requoted:
+                before = conn.execute(
+                    sa.select(
+                        cashouts.c.creator_account_id,
+                        cashouts.c.request_day,
+                        cashouts.c.currency,
+                        cashouts.c.amount_minor,
+                    ).where(cashouts.c.cashout_id == cashout_id, *unsent)
+                ).first()
+                if before is None:
+                    continue
+                conn.execute(
+                    cashouts.update()
+                    .where(cashouts.c.cashout_id == cashout_id, *unsent)
+                    .values(
+                        state=CashoutState.REQUESTED.value,
+                        batch_id=None,
+                        chunk_id=None,
+                        amount_minor=amount,
+                        diamonds=diamonds,
+                        updated_at=now,
+                    )
+                )
+                self._sub_daily(
+                    conn, before.creator_account_id, before.request_day, before.currency, before.amount_minor - amount
+                )
+            gone = len(expired) + len(requoted) + len(cancelled)
+            if gone:
+                conn.execute(
+                    chunks.update()
+                    .where(chunks.c.chunk_id == chunk_id)
+                    .values(
+                        item_count=sa.select(sa.func.count()).where(cashouts.c.chunk_id == chunk_id).scalar_subquery()
+                    )
+                )
+
+        self.db.transaction(tx)
+
+    def claim_attempt(self, chunk_id: str, now: datetime, due_at: datetime) -> int | None:
+        """Count a provider call about to start for a PENDING submission (its items SUBMITTED);
+        the call's number, or None."""
+
+        def tx(conn: Connection) -> int | None:
+            moved = conn.execute(
+                chunks.update()
+                .where(chunks.c.chunk_id == chunk_id, chunks.c.state == ChunkState.PENDING.value)
+                .values(attempts=chunks.c.attempts + 1, due_at=due_at)
+            ).rowcount
+            if not moved:
+                return None
+            # From here on the provider may be paying them.
+            conn.execute(
+                cashouts.update()
+                .where(cashouts.c.chunk_id == chunk_id, cashouts.c.state == CashoutState.BATCHED.value)
+                .values(state=CashoutState.SUBMITTED.value, updated_at=now)
+            )
+            return int(conn.execute(sa.select(chunks.c.attempts).where(chunks.c.chunk_id == chunk_id)).scalar_one())
+
+        return self.db.transaction(tx)
+
+    def fail_first_attempt(self, chunk_id: str, reason: str, status: str, now: datetime) -> bool:
+        """The provider refused a submission's first and only call: it created nothing, so its
+        items fail (their diamonds go back). False, and nothing changes, if another call started."""
+
+        def tx(conn: Connection) -> bool:
+            moved = conn.execute(
+                chunks.update()
+                .where(
+                    chunks.c.chunk_id == chunk_id,
+                    chunks.c.state == ChunkState.PENDING.value,
+                    chunks.c.attempts == 1,
+                )
+                .values(state=ChunkState.SUBMITTED.value, provider_batch_id="", submitted_at=now)
+            ).rowcount
+            if not moved:
+                return False
+            conn.execute(
+                cashouts.update()
+                .where(cashouts.c.chunk_id == chunk_id, cashouts.c.state == CashoutState.SUBMITTED.value)
+                .values(
+                    state=CashoutState.FAILED.value,
+                    wallet_action=WalletAction.RELEASE.value,
+                    wallet_done=False,
+                    provider_status=status[:32],
+                    failure_reason=reason[:256],
+                    updated_at=now,
+                )
+            )
+            for row in conn.execute(
+                sa.select(
+                    cashouts.c.creator_account_id,
+                    cashouts.c.request_day,
+                    cashouts.c.currency,
+                    sa.func.sum(cashouts.c.amount_minor).label("amount"),
+                )
+                .where(cashouts.c.chunk_id == chunk_id)
+                .group_by(cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency)
+            ):
+                self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, int(row.amount))
+            return True
+
+        return self.db.transaction(tx)
+
+    def note_ambiguous(self, chunk_id: str, reason: str, park_after: int, now: datetime) -> bool:
+        """Count an answer that proves nothing about a submission; park it (True) after ``park_after``."""
+
+        def tx(conn: Connection) -> bool:
+            conn.execute(
+                chunks.update()
+                .where(chunks.c.chunk_id == chunk_id, chunks.c.state == ChunkState.PENDING.value)
+                .values(ambiguous=chunks.c.ambiguous + 1)
+            )
+            return bool(
+                conn.execute(
+                    chunks.update()
+                    .where(
+                        chunks.c.chunk_id == chunk_id,
+                        chunks.c.state == ChunkState.PENDING.value,
+                        chunks.c.ambiguous >= park_after,
+                    )
+                    .values(state=ChunkState.PARKED.value, park_reason=reason[:512], due_at=now)
+                ).rowcount
+            )
+
+        return self.db.transaction(tx)
+
+    def parked(self) -> int:
+        with self.db.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(chunks).where(chunks.c.state == ChunkState.PARKED.value)
+                ).scalar_one()
+            )
 
     def cashout(self, conn: Connection, cashout_id: str) -> Cashout | None:
         row = conn.execute(_cashout_select().where(cashouts.c.cashout_id == cashout_id)).first()
@@ -408,7 +812,14 @@ class PayoutStore:
         return int(count), int(diamonds), int(amount)
 
     def create_batch(
-        self, conn: Connection, batch_id: str, currency: str, cutoff: datetime, max_items: int, now: datetime
+        self,
+        conn: Connection,
+        batch_id: str,
+        currency: str,
+        cutoff: datetime,
+        max_items: int,
+        now: datetime,
+        actor: Actor = SYSTEM,
     ) -> Batch:
         """Claim every eligible REQUESTED cash-out for a new batch, in this one transaction."""
         conn.execute(
@@ -423,6 +834,7 @@ class PayoutStore:
                 chunk_seq=0,
                 created_at=now,
                 due_at=now,
+                **actor.columns(),
             )
         )
         ids = self._eligible(currency, cutoff, max_items).subquery()
@@ -536,37 +948,73 @@ class PayoutStore:
                 )
             ]
 
-    def requeue_failed(
-        self, conn: Connection, batch_id: str, items: Sequence[tuple[Cashout, str]], now: datetime
-    ) -> int:
-        """Put FAILED items (each with the reservation of its next attempt) back into the batch."""
+    def begin_retry(self, batch_id: str, items: Sequence[Cashout], hold_expire_at: datetime, now: datetime) -> None:
+        """FAILED items (diamonds released) → RESERVING as their next attempt, before the new holds exist."""
+
+        def tx(conn: Connection) -> None:
+            for item in items:
+                attempt = item.attempt + 1
+                if conn.execute(
+                    cashouts.update()
+                    .where(
+                        cashouts.c.cashout_id == item.cashout_id,
+                        cashouts.c.batch_id == batch_id,
+                        cashouts.c.state == CashoutState.FAILED.value,
+                        cashouts.c.attempt == item.attempt,
+                        cashouts.c.wallet_done.is_(True),
+                    )
+                    .values(
+                        state=CashoutState.RESERVING.value,
+                        attempt=attempt,
+                        reservation_id=reservation_id(item.cashout_id, attempt),
+                        hold_expire_at=hold_expire_at,
+                        chunk_id=None,
+                        failure_reason="",
+                        provider_item_id="",
+                        provider_transaction_id="",
+                        provider_status="",
+                        wallet_action=None,
+                        updated_at=now,
+                    )
+                ).rowcount:
+                    self.add_daily(
+                        conn,
+                        item.creator_account_id,
+                        _day(conn, item.cashout_id),
+                        item.currency,
+                        item.amount_minor,
+                        None,
+                    )
+
+        self.db.transaction(tx)
+
+    def reserving_of(self, batch_id: str) -> list[Cashout]:
+        with self.db.connect() as conn:
+            return [
+                _cashout(r)
+                for r in conn.execute(
+                    _cashout_select()
+                    .where(cashouts.c.batch_id == batch_id, cashouts.c.state == CashoutState.RESERVING.value)
+                    .order_by(cashouts.c.cashout_id)
+                )
+            ]
+
+    def finish_reserved(self, row: Cashout, now: datetime) -> None:
+        """A row left RESERVING whose hold now exists: a new cash-out is REQUESTED, a retry BATCHED."""
+        if row.attempt == 1:
+            self.db.transaction(lambda conn: self.finish_reserving(conn, row.cashout_id, CashoutState.REQUESTED, now))
+        else:
+            self.db.transaction(lambda conn: self.finish_retry(conn, row.batch_id, [row.cashout_id], now))
+
+    def finish_retry(self, conn: Connection, batch_id: str, cashout_ids: Sequence[str], now: datetime) -> int:
+        """Retried attempts whose holds exist: RESERVING → BATCHED, and the batch runs again."""
         moved = 0
-        for item, new_reservation in items:
-            if conn.execute(
+        for part in _parts(list(cashout_ids), 5000):
+            moved += conn.execute(
                 cashouts.update()
-                .where(
-                    cashouts.c.cashout_id == item.cashout_id,
-                    cashouts.c.state == CashoutState.FAILED.value,
-                    cashouts.c.attempt == item.attempt,
-                    cashouts.c.wallet_done.is_(True),
-                )
-                .values(
-                    state=CashoutState.BATCHED.value,
-                    attempt=item.attempt + 1,
-                    reservation_id=new_reservation,
-                    chunk_id=None,
-                    failure_reason="",
-                    provider_item_id="",
-                    provider_transaction_id="",
-                    provider_status="",
-                    wallet_action=None,
-                    updated_at=now,
-                )
-            ).rowcount:
-                moved += 1
-                self.add_daily(
-                    conn, item.creator_account_id, _day(conn, item.cashout_id), item.currency, item.amount_minor, None
-                )
+                .where(cashouts.c.cashout_id.in_(part), cashouts.c.state == CashoutState.RESERVING.value)
+                .values(state=CashoutState.BATCHED.value, updated_at=now)
+            ).rowcount
         if moved:
             conn.execute(
                 batches.update()
@@ -662,7 +1110,16 @@ class PayoutStore:
             if row is None:
                 return None
             lines = tuple(
-                PayoutLine(r.cashout_id, r.attempt, r.receiver, r.amount_minor, r.currency)
+                PayoutLine(
+                    r.cashout_id,
+                    r.attempt,
+                    r.receiver,
+                    r.amount_minor,
+                    r.currency,
+                    r.reservation_id,
+                    int(r.diamonds),
+                    r.rate,
+                )
                 for r in conn.execute(
                     sa.select(
                         cashouts.c.cashout_id,
@@ -670,6 +1127,9 @@ class PayoutStore:
                         cashouts.c.receiver,
                         cashouts.c.amount_minor,
                         cashouts.c.currency,
+                        cashouts.c.reservation_id,
+                        cashouts.c.diamonds,
+                        cashouts.c.rate,
                     )
                     .where(cashouts.c.chunk_id == chunk_id)
                     .order_by(cashouts.c.cashout_id)
@@ -721,16 +1181,30 @@ class PayoutStore:
             )
 
         def tx(conn: Connection) -> None:
-            if paid:
+            paid_values = {
+                "state": CashoutState.PAID.value,
+                "wallet_action": WalletAction.COMMIT.value,
+                "wallet_done": False,
+                "updated_at": now,
+            }
+            if paid and conn.dialect.name == "postgresql":
+                # One statement for the whole chunk: the results travel as one JSON parameter.
+                conn.execute(
+                    _PAID_FROM_JSON,
+                    {
+                        "rows": json.dumps(list(paid)),
+                        "chunk_id": chunk_id,
+                        "submitted": CashoutState.SUBMITTED.value,
+                        **paid_values,
+                    },
+                )
+            elif paid:
                 conn.execute(
                     guarded(CashoutState.SUBMITTED.value).values(
-                        state=CashoutState.PAID.value,
-                        wallet_action=WalletAction.COMMIT.value,
-                        wallet_done=False,
                         provider_item_id=sa.bindparam("b_item"),
                         provider_transaction_id=sa.bindparam("b_txn"),
                         provider_status=sa.bindparam("b_status"),
-                        updated_at=now,
+                        **paid_values,
                     ),
                     list(paid),
                 )
@@ -783,7 +1257,11 @@ class PayoutStore:
         limit: int = 5000,
     ) -> list[Settlement]:
         query = sa.select(
-            cashouts.c.cashout_id, cashouts.c.reservation_id, cashouts.c.wallet_action, cashouts.c.failure_reason
+            cashouts.c.cashout_id,
+            cashouts.c.reservation_id,
+            cashouts.c.wallet_action,
+            cashouts.c.failure_reason,
+            cashouts.c.diamonds,
         ).where(cashouts.c.wallet_done.is_(False))
         if cashout_id is not None:
             query = query.where(cashouts.c.cashout_id == cashout_id)
@@ -793,7 +1271,9 @@ class PayoutStore:
             query = query.where(cashouts.c.updated_at < older_than)
         with self.db.connect() as conn:
             return [
-                Settlement(r.cashout_id, r.reservation_id, WalletAction(r.wallet_action), r.failure_reason)
+                Settlement(
+                    r.cashout_id, r.reservation_id, WalletAction(r.wallet_action), r.failure_reason, int(r.diamonds)
+                )
                 for r in conn.execute(query.limit(limit))
             ]
 
@@ -804,16 +1284,17 @@ class PayoutStore:
             return
 
         def tx(conn: Connection) -> None:
-            conn.execute(
-                cashouts.update()
-                .where(
-                    cashouts.c.cashout_id == sa.bindparam("b_id"),
-                    cashouts.c.reservation_id == sa.bindparam("b_res"),
-                    cashouts.c.wallet_done.is_(False),
+            # A reservation id names its cash-out and attempt, so the two IN lists select exactly the pairs.
+            for part in _parts(pairs, 5000):
+                conn.execute(
+                    cashouts.update()
+                    .where(
+                        cashouts.c.cashout_id.in_([c for c, _ in part]),
+                        cashouts.c.reservation_id.in_([r for _, r in part]),
+                        cashouts.c.wallet_done.is_(False),
+                    )
+                    .values(wallet_done=True, updated_at=now)
                 )
-                .values(wallet_done=True, updated_at=now),
-                [{"b_id": c, "b_res": r} for c, r in pairs],
-            )
 
         self.db.transaction(tx)
 
@@ -901,7 +1382,19 @@ def _day(conn: Connection, cashout_id: str) -> str:
     return str(conn.execute(sa.select(cashouts.c.request_day).where(cashouts.c.cashout_id == cashout_id)).scalar_one())
 
 
-def _parts(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+_PAID_FROM_JSON = sa.text(
+    """
+    UPDATE payouts_cashouts AS c
+    SET state = :state, wallet_action = :wallet_action, wallet_done = :wallet_done, updated_at = :updated_at,
+        provider_item_id = r.b_item, provider_transaction_id = r.b_txn, provider_status = r.b_status
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS r(b_id varchar, b_attempt integer, b_item varchar, b_txn varchar, b_status varchar)
+    WHERE c.cashout_id = r.b_id AND c.attempt = r.b_attempt AND c.chunk_id = :chunk_id AND c.state = :submitted
+    """
+)
+
+
+def _parts(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -933,6 +1426,8 @@ def _cashout(row: Any) -> Cashout:
         provider_batch_id=row.provider_batch_id or "",
         created_at=_req(row.created_at),
         updated_at=_req(row.updated_at),
+        requested_by=Actor.of_row(row),
+        hold_expire_at=utc(row.hold_expire_at),
     )
 
 
@@ -950,4 +1445,5 @@ def _batch(row: Any, totals: tuple[StateTotal, ...], provider_batch_id: str) -> 
         submitted_at=utc(row.submitted_at),
         completed_at=utc(row.completed_at),
         provider_batch_id=provider_batch_id,
+        created_by=Actor.of_row(row),
     )

@@ -106,7 +106,7 @@ def register(app: Celery, settings: PayoutsSettings) -> None:
 
     @app.task(name="payouts.sweep")
     def sweep() -> None:
-        context.get().pipeline.sweep()
+        context.get().payouts.sweep()
 
     @app.task(name="payouts.daily_batch")
     def daily_batch() -> str:

@@ -1,7 +1,9 @@
-"""The wallet port over gRPC (coinstore.wallet.v1 ReserveDiamonds / CommitReservation / ReleaseReservation)."""
+"""The wallet port over gRPC (coinstore.wallet.v1 ReserveDiamonds, SubmitReservations, SettleReservations,
+ReleaseReservation)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 import grpc
@@ -11,9 +13,14 @@ from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
 from services.common.auth import TokenSource
 from services.common.clients import error_info, sync_channel
+from services.payouts.domain.model import Settlement, WalletAction
+from services.payouts.domain.ports import HoldAnswer
 from services.payouts.errors import FailedPrecondition, NotFound, Unavailable
 
 WALLET_TIMEOUT_SECONDS = 10.0
+# A batch of up to 15,000 holds is one database transaction in the wallet.
+BATCH_TIMEOUT_SECONDS = 60.0
+_RETRYABLE = {"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 _DONE_ON_COMMIT = {"RESERVATION_ALREADY_COMMITTED"}
 _DONE_ON_RELEASE = {"RESERVATION_ALREADY_RELEASED", "RESERVATION_EXPIRED"}
 
@@ -54,19 +61,6 @@ class GrpcWallet:
         except grpc.RpcError as error:
             raise _translate(error) from None
 
-    def commit(self, request_id: str, reservation_id: str) -> str:
-        try:
-            self._stub.CommitReservation(
-                wpb.CommitReservationRequest(request_id=request_id, reservation_id=reservation_id)
-            )
-        except grpc.RpcError as error:
-            translated = _translate(error)
-            if isinstance(translated, Unavailable):
-                raise translated from None
-            reason = error_info(error)[0] or error.code().name
-            return "" if reason in _DONE_ON_COMMIT else reason
-        return ""
-
     def release(self, request_id: str, reservation_id: str, reason: str) -> str:
         try:
             self._stub.ReleaseReservation(
@@ -79,3 +73,51 @@ class GrpcWallet:
             refusal = error_info(error)[0] or error.code().name
             return "" if refusal in _DONE_ON_RELEASE else refusal
         return ""
+
+    def submit(self, holds: Sequence[tuple[str, int]]) -> list[HoldAnswer]:
+        try:
+            reply = self._stub.SubmitReservations(
+                wpb.SubmitReservationsRequest(items=[wpb.SubmitItem(reservation_id=r, diamonds=d) for r, d in holds]),
+                timeout=BATCH_TIMEOUT_SECONDS,
+            )
+        except grpc.RpcError as error:
+            raise _translate(error) from None
+        return [
+            HoldAnswer(reservation_id, result.error_reason, result.reservation.diamonds)
+            for (reservation_id, _), result in zip(holds, reply.results, strict=True)
+        ]
+
+    def settle(self, items: Sequence[Settlement]) -> list[str | None]:
+        request = wpb.SettleReservationsRequest(
+            items=[
+                wpb.SettleItem(
+                    request_id=settle_request_id(item),
+                    reservation_id=item.reservation_id,
+                    action=wpb.SettleItem.ACTION_COMMIT
+                    if item.action is WalletAction.COMMIT
+                    else wpb.SettleItem.ACTION_RELEASE,
+                    diamonds=item.diamonds if item.action is WalletAction.COMMIT else 0,
+                    reason=item.reason[:256] if item.action is WalletAction.RELEASE else "",
+                )
+                for item in items
+            ]
+        )
+        try:
+            reply = self._stub.SettleReservations(request, timeout=BATCH_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            raise _translate(error) from None
+        answers: list[str | None] = []
+        for item, result in zip(items, reply.results, strict=True):
+            done = _DONE_ON_COMMIT if item.action is WalletAction.COMMIT else _DONE_ON_RELEASE
+            if not result.error_reason or result.error_reason in done:
+                answers.append("")
+            elif result.error_code in _RETRYABLE:
+                answers.append(None)
+            else:
+                answers.append(result.error_reason)
+        return answers
+
+
+def settle_request_id(item: Settlement) -> str:
+    """One exactly-once key per hold and action (the same key the single calls used)."""
+    return f"{item.action.value.lower()}:{item.reservation_id}"

@@ -10,6 +10,7 @@ from services.common.celery_app import MAX_COUNTDOWN_SECONDS
 from services.common.clock import Clock
 from services.common.db import Database
 from services.common.failpoints import Failpoints
+from services.common.outbound import OutboundPolicy
 from services.payouts.config import PayoutsSettings, ProviderKind
 from services.payouts.domain.pipeline import Pipeline
 from services.payouts.domain.ports import PayoutProvider, WalletPort
@@ -41,6 +42,7 @@ def build_provider(settings: PayoutsSettings) -> PayoutProvider:
             settings.paypal_client_id,
             settings.paypal_client_secret,
             settings.paypal_timeout_seconds,
+            outbound=OutboundPolicy.from_settings(settings),
         )
     raise ValueError(f"no adapter for payout provider {settings.payout_provider}")
 
@@ -62,6 +64,7 @@ def build_domain(
     failpoints: Failpoints | None = None,
 ) -> tuple[Payouts, Pipeline]:
     store = PayoutStore(database)
+    rules = Rules(catalog.payouts)
     wallet_port = wallet if wallet is not None else build_wallet(settings)
     pipeline = Pipeline(
         store,
@@ -74,9 +77,12 @@ def build_domain(
         stuck_seconds=settings.payout_stuck_seconds,
         settle_concurrency=settings.payout_settle_concurrency,
         max_countdown=MAX_COUNTDOWN_SECONDS,
+        minimum_diamonds=rules.minimum_diamonds,
+        hold_margin_seconds=settings.payout_hold_margin_seconds,
+        park_after=settings.payout_park_after,
         failpoints=failpoints,
     )
     payouts = Payouts(
-        store, wallet_port, Rules(catalog.payouts), clock, queue, pipeline, settings.payout_reservation_days
+        store, wallet_port, rules, clock, queue, pipeline, settings.payout_reservation_days, failpoints=failpoints
     )
     return payouts, pipeline

@@ -40,7 +40,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--concurrency={args.concurrency}",
             f"--pool={args.pool}",
             f"--queues={settings.payout_queue}",
-            f"--hostname={SERVICE}@%h",
+            # Named after its queue: workers of different queues on one broker (parallel test
+            # runs, two deployments) never share a remote-control mailbox, which RabbitMQ
+            # declares exclusive. The default queue keeps the name payouts@<host>.
+            f"--hostname={settings.payout_queue}@%h",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",

@@ -4,10 +4,13 @@ services.common.settings only)."""
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from services.common.settings import CommonSettings, SettingsError, setting
+from services.common.settings import PREFIX, CommonSettings, SettingsError, setting
+from services.receipts.purchases.binding import MIN_KEEP_DAYS, RetiredSecret, parse_retired_secrets
 
 
 class RegionPolicy(enum.Enum):
@@ -20,11 +23,26 @@ class RegionPolicy(enum.Enum):
 class ReceiptsSettings(CommonSettings):
     """Everything the receipts service reads from the environment."""
 
+    SERVICE: ClassVar[str] = "receipts"
+
     binding_secret: str = setting(
         "BINDING_SECRET",
         "Server secret the per-account appAccountToken / obfuscatedAccountId are derived with",
         "dev-binding-secret-change-me",
         secret=True,
+    )
+    binding_retired_secrets: tuple[RetiredSecret, ...] = setting(
+        "BINDING_RETIRED_SECRETS",
+        "Former binding secrets as YYYY-MM-DD:secret (the day each stopped deriving), comma-separated: they still"
+        " verify purchases bound under them for COINSTORE_BINDING_RETIRED_KEEP_DAYS",
+        (),
+        parse=parse_retired_secrets,
+        secret=True,
+    )
+    binding_retired_keep_days: int = setting(
+        "BINDING_RETIRED_KEEP_DAYS",
+        "Days a retired binding secret keeps verifying after its retirement (at least 180: the stores' refund windows)",
+        MIN_KEEP_DAYS,
     )
     region_policy: RegionPolicy = setting(
         "REGION_POLICY", "Storefront vs account country: allow, flag (credit and mark) or refuse", RegionPolicy.FLAG
@@ -106,6 +124,12 @@ class ReceiptsSettings(CommonSettings):
         "JWKS of the keys Pub/Sub push tokens are signed with",
         "https://www.googleapis.com/oauth2/v3/certs",
     )
+    pubsub_jwks_failure_cooldown_seconds: float = setting(
+        "PUBSUB_JWKS_FAILURE_COOLDOWN_SECONDS",
+        "Seconds after a failed Pub/Sub JWKS fetch before the next try (the keys held meanwhile keep verifying)",
+        30.0,
+        parse=float,
+    )
     pubsub_audience: str = setting(
         "PUBSUB_AUDIENCE", "Expected aud of Pub/Sub push tokens", "http://127.0.0.1:8080/notifications/google"
     )
@@ -113,6 +137,27 @@ class ReceiptsSettings(CommonSettings):
         "PUBSUB_SERVICE_ACCOUNT",
         "Expected email of Pub/Sub push tokens",
         "pubsub-push@coinstore-dev.iam.gserviceaccount.com",
+    )
+    webhook_max_body_bytes: int = setting(
+        "WEBHOOK_MAX_BODY_BYTES", "Largest webhook body accepted (413 beyond)", 1024 * 1024
+    )
+    webhook_max_json_depth: int = setting(
+        "WEBHOOK_MAX_JSON_DEPTH", "Deepest nesting of a webhook's JSON accepted (400 beyond)", 32
+    )
+    webhook_read_timeout_seconds: float = setting(
+        "WEBHOOK_READ_TIMEOUT_SECONDS", "Time a sender gets to send a webhook body (408 after)", 10.0, parse=float
+    )
+    webhook_max_concurrent_requests: int = setting(
+        "WEBHOOK_MAX_CONCURRENT_REQUESTS",
+        "Notifications the webhook handles at once; beyond it 503 with Retry-After (the stores retry)",
+        64,
+    )
+    apple_notification_max_age_hours: float = setting(
+        "APPLE_NOTIFICATION_MAX_AGE_HOURS",
+        "Apple notifications signed longer ago are refused at the webhook (403; Apple retries for about 6.5 days,"
+        " so at least 168); stored ones and reconciliation are not affected",
+        168.0,
+        parse=float,
     )
     receipts_queue: str = setting(
         "RECEIPTS_QUEUE", "Celery queue the receipts worker's tasks (notifications, Play consume) run on", "receipts"
@@ -149,6 +194,42 @@ class ReceiptsSettings(CommonSettings):
         "RECEIPTS_GROUP_COMMIT_MAX", "Most purchases in one receipts group commit or CreditPurchases call", 128
     )
 
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        dev_secret = self.__dataclass_fields__["binding_secret"].default
+        if self.binding_secret == dev_secret:
+            problems.append(f"{PREFIX}BINDING_SECRET is the development secret: anyone could forge bindings")
+        if any(retired.secret == dev_secret for retired in self.binding_retired_secrets):
+            problems.append(f"{PREFIX}BINDING_RETIRED_SECRETS holds the development secret")
+        if "*" in self.sandbox_accounts:
+            problems.append(
+                f"{PREFIX}SANDBOX_ACCOUNTS is *: Sandbox purchases would be credited to everyone; list the accounts"
+            )
+        for name in ("apple_api_url", "apple_sandbox_api_url", "pubsub_jwks_url"):
+            problems.append(self.url_problem(name.upper(), getattr(self, name)) or "")
+        if self.google_api_endpoint:
+            problems.append(self.url_problem("GOOGLE_API_ENDPOINT", self.google_api_endpoint) or "")
+        for name in ("apple_api_key_file", "google_service_account_file"):
+            if self.at_default(name) or "storesim" in getattr(self, name).parts:
+                problems.append(f"{PREFIX}{name.upper()} is the store simulator's {getattr(self, name)}")
+        for root in self.apple_root_certs:
+            if self.at_default("apple_root_certs") or "storesim" in root.parts:
+                problems.append(f"{PREFIX}APPLE_ROOT_CERTS trusts the store simulator's root {root}")
+        problems.append(self._token_uri_problem() or "")
+        return [problem for problem in problems if problem]
+
+    def _token_uri_problem(self) -> str | None:
+        """The service account's token_uri is where its signed assertion goes: https, never the simulator."""
+        try:
+            text = self.google_service_account_file.read_text()
+        except OSError:  # not mounted where this is judged; the Play client names it when used
+            return None
+        try:
+            token_uri = json.loads(text).get("token_uri", "")
+        except (ValueError, AttributeError) as exc:
+            return f"{PREFIX}GOOGLE_SERVICE_ACCOUNT_FILE is not a service-account key: {exc}"
+        return self.url_problem("GOOGLE_SERVICE_ACCOUNT_FILE's token_uri", str(token_uri))
+
     def validate(self) -> None:
         super().validate()
         problems = []
@@ -162,5 +243,26 @@ class ReceiptsSettings(CommonSettings):
             problems.append("COINSTORE_SANDBOX_ACCOUNTS: * (everyone) cannot be combined with account ids")
         if len(self.binding_secret) < 16:
             problems.append("COINSTORE_BINDING_SECRET: must be at least 16 characters")
+        for retired in self.binding_retired_secrets:
+            if len(retired.secret) < 16:
+                problems.append(f"COINSTORE_BINDING_RETIRED_SECRETS: the secret retired {retired.retired_on} is short")
+            if retired.secret == self.binding_secret:
+                problems.append("COINSTORE_BINDING_RETIRED_SECRETS: the newest secret cannot also be retired")
+        if self.webhook_max_body_bytes < 64 * 1024:
+            problems.append("COINSTORE_WEBHOOK_MAX_BODY_BYTES must be at least 65536 (a notification with its JWS)")
+        if not 8 <= self.webhook_max_json_depth <= 512:
+            problems.append("COINSTORE_WEBHOOK_MAX_JSON_DEPTH must be between 8 and 512")
+        if self.webhook_read_timeout_seconds <= 0:
+            problems.append("COINSTORE_WEBHOOK_READ_TIMEOUT_SECONDS must be positive")
+        if self.webhook_max_concurrent_requests < 1:
+            problems.append("COINSTORE_WEBHOOK_MAX_CONCURRENT_REQUESTS must be at least 1")
+        if self.apple_notification_max_age_hours < 168:
+            problems.append(
+                "COINSTORE_APPLE_NOTIFICATION_MAX_AGE_HOURS must be at least 168: Apple retries for about 6.5 days"
+            )
+        if self.binding_retired_keep_days < MIN_KEEP_DAYS:
+            problems.append(
+                f"COINSTORE_BINDING_RETIRED_KEEP_DAYS must be at least {MIN_KEEP_DAYS} (refunds come for months)"
+            )
         if problems:
             raise SettingsError("invalid configuration: " + "; ".join(problems))

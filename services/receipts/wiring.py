@@ -9,12 +9,12 @@ wallet's grpc.aio channel); close what it built with ``await components.close()`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
-import httpx
 from celery import Celery
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
@@ -28,6 +28,7 @@ from services.common.db import Database
 from services.common.failpoints import Failpoints
 from services.common.loop import LoopThread, OnLoop
 from services.common.metrics import Metrics
+from services.common.outbound import OutboundPolicy
 from services.common.server import ServerOptions, ServiceHost
 from services.receipts.apple.client import AppStoreApi, TokenMinter, load_api_key
 from services.receipts.apple.jws import AppleJwsVerifier, load_root_certificates
@@ -49,7 +50,13 @@ from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVe
 from services.receipts.notifications.reconcile import Reconciler
 from services.receipts.notifications.repository import InboxRepository, ReconcileRunRepository
 from services.receipts.notifications.tasks import NotificationWorker
-from services.receipts.notifications.webhooks import InboxCollector, WebhookDeps, WebhookServer, create_webhook_app
+from services.receipts.notifications.webhooks import (
+    InboxCollector,
+    WebhookDeps,
+    WebhookLimits,
+    WebhookServer,
+    create_webhook_app,
+)
 from services.receipts.purchases import tasks as purchase_tasks
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
@@ -61,6 +68,8 @@ from services.receipts.purchases.wallet import WalletClient
 from services.receipts.servicer import ReceiptServiceServicer
 
 SERVICE = "receipts"
+
+log = logging.getLogger(__name__)
 WALLET_SCOPES = ("wallet:credit",)
 
 
@@ -120,7 +129,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         SandboxPolicy.from_setting(settings.sandbox_accounts),
         PurchaseBatches(OutboxRepository(purchases), window_seconds=window, max_batch=most),
     )
-    binding = Binding(settings.binding_secret)
+    binding = binding_from_settings(settings, clock)
     return Components(
         settings=settings,
         database=runtime.database,
@@ -137,10 +146,37 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
     )
 
 
+def binding_from_settings(settings: ReceiptsSettings, clock: Clock) -> Binding:
+    """The binding secrets; retired ones past their keep time are named at start-up (they verify nothing)."""
+    binding = Binding(
+        settings.binding_secret,
+        settings.binding_retired_secrets,
+        keep_days=settings.binding_retired_keep_days,
+        clock=clock,
+    )
+    for expired in binding.expired():
+        log.warning(
+            "COINSTORE_BINDING_RETIRED_SECRETS: the secret retired %s is past its %d days and verifies nothing;"
+            " remove it",
+            expired.retired_on,
+            settings.binding_retired_keep_days,
+        )
+    return binding
+
+
 def _apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, metrics: Metrics) -> ApplePurchases:
     """The App Store path. Unreadable root certificates or API key stop start-up (SettingsError)."""
-    http = httpx.AsyncClient(timeout=settings.apple_api_timeout_seconds)
-    ocsp = HttpOcspChecker(http, settings.apple_api_timeout_seconds) if settings.apple_online_checks else None
+    outbound = OutboundPolicy.from_settings(settings)
+    http = outbound.async_client(settings.apple_api_timeout_seconds)
+    ocsp = (
+        # OCSP is http by specification (RFC 6960; its answers are signed).
+        HttpOcspChecker(
+            outbound.async_client(settings.apple_api_timeout_seconds, plain_http_allowed=True),
+            settings.apple_api_timeout_seconds,
+        )
+        if settings.apple_online_checks
+        else None
+    )
     verifier = AppleJwsVerifier(
         load_root_certificates(settings.apple_root_certs), online_checks=settings.apple_online_checks, ocsp=ocsp
     )
@@ -168,6 +204,7 @@ def _play_client(settings: ReceiptsSettings, threads: int = 32) -> PlayClient:
         endpoint=settings.google_api_endpoint,
         timeout_seconds=settings.google_api_timeout_seconds,
         threads=threads,
+        outbound=OutboundPolicy.from_settings(settings),
     )
 
 
@@ -249,13 +286,26 @@ def webhook_deps(
         apple_verifier=components.apple.verifier,
         apple=AppleExpectations(settings.apple_bundle_id, settings.apple_app_id),
         pubsub=PubSubTokenVerifier(
-            JwksCache(settings.pubsub_jwks_url), settings.pubsub_audience, settings.pubsub_service_account
+            JwksCache(
+                settings.pubsub_jwks_url,
+                fetch=OutboundPolicy.from_settings(settings).get,
+                failure_cooldown=settings.pubsub_jwks_failure_cooldown_seconds,
+            ),
+            settings.pubsub_audience,
+            settings.pubsub_service_account,
         ),
         package_name=settings.google_package_name,
         dispatch=dispatch,
         metrics=components.metrics,
         clock=components.clock,
         failpoints=failpoints or Failpoints(),
+        limits=WebhookLimits(
+            max_body_bytes=settings.webhook_max_body_bytes,
+            max_json_depth=settings.webhook_max_json_depth,
+            read_timeout_seconds=settings.webhook_read_timeout_seconds,
+            max_concurrent_requests=settings.webhook_max_concurrent_requests,
+            apple_max_age=timedelta(hours=settings.apple_notification_max_age_hours),
+        ),
     )
 
 

@@ -12,7 +12,13 @@ from services.storesim.config import StoresimSettings
 def main() -> None:
     def start() -> None:
         settings = load(StoresimSettings, "storesim")  # type: ignore[type-var]
-        web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            ssl_context=settings.ssl_context(),
+            print=None,
+        )
 
     run_main("storesim", start)
 

@@ -736,7 +736,9 @@ async def _token(request: web.Request) -> web.Response:
             {"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}, status=400
         )
     try:
-        access_token = state.issue_access_token(str(form.get("assertion", "")), f"http://{request.host}/token")
+        access_token = state.issue_access_token(
+            str(form.get("assertion", "")), f"{request.scheme}://{request.host}/token"
+        )
     except OAuthError as exc:
         return web.json_response({"error": exc.error, "error_description": exc.description}, status=400)
     return web.json_response({"access_token": access_token, "expires_in": ACCESS_TOKEN_SECONDS, "token_type": "Bearer"})
@@ -863,7 +865,7 @@ def setup(app: web.Application, settings: StoresimSettings) -> None:
     app[PLAY_STATE] = state
     if settings.port:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host  # noqa: S104
-        state.write_service_account(f"http://{host}:{settings.port}")
+        state.write_service_account(f"{settings.scheme}://{host}:{settings.port}")
     app.router.add_route("*", "/androidpublisher/v3/applications/{tail:.*}", _api)
     app.router.add_post("/token", _token)
     app.router.add_post("/google/sim/purchases", _sim_buy)

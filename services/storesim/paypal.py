@@ -12,6 +12,8 @@ and inject faults with ``POST /paypal/sim/faults``:
 ``submit_errors``        the next N payouts answer 500 without paying
 ``submit_timeouts``      the next N payouts pay, then stall ``stall_seconds`` before answering
 ``status_errors``        the next N batch/item reads answer 503
+``resubmit_rejections``  the next N re-submissions of a known sender_batch_id answer a plain 422
+``duplicates_without_link``  the next N duplicate answers carry no link to the original batch
 ``final_delay_seconds``  items stay PENDING this long after they were paid
 ``receiver_outcomes``    {receiver: "FAILED" | "UNCLAIMED" | "RETURNED" | "BLOCKED" | … [":ERROR_NAME"]}
 
@@ -96,6 +98,10 @@ class Faults:
     stall_seconds: float = 30.0
     status_errors: int = 0
     final_delay_seconds: float = 0.0
+    # Answers to re-submissions of a known sender_batch_id that prove nothing: a plain 422
+    # refusal, or a "duplicate" error without the link to the original batch.
+    resubmit_rejections: int = 0
+    duplicates_without_link: int = 0
     receiver_outcomes: dict[str, str] = field(default_factory=dict)
 
 
@@ -234,7 +240,13 @@ async def create_payout(request: web.Request) -> web.Response:
     existing = sim.by_sender.get(sender_batch_id)
     if existing is not None:
         sim.duplicates += 1
+        if sim.faults.resubmit_rejections > 0:
+            sim.faults.resubmit_rejections -= 1
+            return _error(422, "UNPROCESSABLE_ENTITY", "The requested action could not be performed.")
         links = _batch_links(_base(request), existing)
+        if sim.faults.duplicates_without_link > 0:
+            sim.faults.duplicates_without_link -= 1
+            links = []
         return _error(
             400,
             "USER_BUSINESS_ERROR",
@@ -485,7 +497,7 @@ async def sim_faults(request: web.Request) -> web.Response:
     sim = request.app[SIM]
     body = await request.json()
     faults = sim.faults
-    for name in ("submit_errors", "submit_timeouts", "status_errors"):
+    for name in ("submit_errors", "submit_timeouts", "status_errors", "resubmit_rejections", "duplicates_without_link"):
         if name in body:
             setattr(faults, name, int(body[name]))
     for name in ("stall_seconds", "final_delay_seconds"):

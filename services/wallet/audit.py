@@ -8,7 +8,7 @@ Checked:
 - every transaction sums to zero per currency, has entries, and every entry a transaction;
   the whole ledger sums to zero per currency;
 - every balance row equals the sum of its account's entries;
-- hold accounts equal their open reservations; Sandbox value never reached a hold or
+- hold accounts equal their open (held and submitted) reservations; Sandbox value never reached a hold or
   payout clearing;
 - every lot: coins = open + consumed (net of undone repayments) + unrestored unspent
   legs; clawed back = its unrestored legs; every consumption's clawed coins and
@@ -19,7 +19,13 @@ Checked:
 - every consumption matches its movement: the coins one transaction took from a spender's
   lots are the spender's entries in it, and the diamonds attributed are the creator's;
 - a negative diamond row (creator diamond debt) is covered by the diamond debt of
-  unrestored clawback legs.
+  unrestored clawback legs and of paid cash-outs whose holds fell short.
+
+Apart from those: :func:`credits_without_evidence` lists the credited purchases that
+came with no evidence hash (CreditPurchaseRequest.evidence_sha256), which a stolen
+``wallet:credit`` key would leave; the ledger itself is consistent either way. Holds
+flagged for review are listed by :func:`holds_to_review` (``coinstore wallet
+review-holds``), not counted as discrepancies.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from services.common.actor import Actor
 from services.common.db import Database
 from services.wallet.domain.ledger import (
     COIN_CURRENCIES,
@@ -43,8 +50,9 @@ from services.wallet.domain.ledger import (
     hold_account,
 )
 from services.wallet.domain.provenance import ConsumptionKind, LegKind
-from services.wallet.domain.rules import ReservationState
+from services.wallet.domain.rules import OPEN_HOLDS
 from services.wallet.tables import (
+    MOVED_BY,
     balances,
     clawback_legs,
     consumptions,
@@ -71,6 +79,26 @@ def audit_engine(engine: sa.Engine) -> list[str]:
         _holds(conn, kept, problems)
         _provenance(conn, kept, problems)
     return problems
+
+
+def credits_without_evidence(database: Database, most: int = 100) -> tuple[int, list[str]]:
+    """How many credited purchases carry no evidence hash, and the first ``most`` of them
+    (credit order) with the caller that credited each."""
+    missing = (purchases.c.evidence_sha256.is_(None)) | (purchases.c.evidence_sha256 == "")
+    with database.engine.connect() as conn:
+        count = int(conn.execute(sa.select(sa.func.count()).where(missing)).scalar_one())
+        rows = conn.execute(
+            sa.select(purchases, *MOVED_BY)
+            .select_from(purchases.outerjoin(transactions, transactions.c.txn_id == purchases.c.credit_txn_id))
+            .where(missing)
+            .order_by(purchases.c.lot_id)
+            .limit(most)
+        ).all()
+    return count, [
+        f"credit without evidence: {r.store}/{r.environment}/{r.store_transaction_id} to {r.account_id},"
+        f" {r.coins} coins, by {Actor.of_row(r).describe()}"
+        for r in rows
+    ]
 
 
 def _ledger(conn: Connection, problems: list[str]) -> dict[tuple[str, str], int]:
@@ -130,7 +158,7 @@ def _holds(conn: Connection, kept: dict[tuple[str, str], int], problems: list[st
     held: dict[str, int] = defaultdict(int)
     for row in conn.execute(
         sa.select(reservations.c.account_id, reservations.c.diamonds).where(
-            reservations.c.state == ReservationState.HELD.value
+            reservations.c.state.in_([state.value for state in OPEN_HOLDS])
         )
     ):
         held[hold_account(row.account_id)] += int(row.diamonds)
@@ -188,11 +216,35 @@ def _provenance(conn: Connection, kept: dict[tuple[str, str], int], problems: li
         if leg.kind == LegKind.GIFT.value and int(leg.lot_id) in lots:
             currency = diamond_currency(Environment(lots[int(leg.lot_id)].environment)).value
             debt_legs[f"{leg.creator_account_id}|{currency}"] += int(leg.diamond_debt)
+    # Paid cash-outs whose holds were gone made diamond debt too.
+    for row in conn.execute(
+        sa.select(reservations.c.account_id, sa.func.sum(reservations.c.shortfall_debt).label("debt"))
+        .where(reservations.c.shortfall_debt > 0)
+        .group_by(reservations.c.account_id)
+    ):
+        debt_legs[f"{row.account_id}|{Currency.DIAMOND.value}"] += int(row.debt)
     for (account_id, currency), amount in sorted(kept.items()):
         if currency in (Currency.DIAMOND.value, Currency.SANDBOX_DIAMOND.value) and amount < 0:
             covered = debt_legs.get(f"{account_id}|{currency}", 0)
             if -amount > covered:
-                problems.append(f"account {account_id}: owes {-amount} {currency}, clawbacks explain {covered}")
+                problems.append(
+                    f"account {account_id}: owes {-amount} {currency}, clawbacks and paid shortfalls explain {covered}"
+                )
+
+
+def holds_to_review(database: Database) -> list[str]:
+    """Settled holds flagged for a person's look (e.g. a paid cash-out whose hold was gone), one line each."""
+    query = (
+        sa.select(reservations)
+        .where(reservations.c.review_reason != "")
+        .order_by(reservations.c.account_id, reservations.c.reservation_id)
+    )
+    with database.connect() as conn:
+        return [
+            f"{r.account_id} reservation {r.reservation_id} {r.state}: {r.review_reason}"
+            f" (shortfall {r.shortfall_diamonds}, of it diamond debt {r.shortfall_debt})"
+            for r in conn.execute(query)
+        ]
 
 
 def _accounts(

@@ -4,6 +4,7 @@ services.common.settings only)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from services.common.settings import CommonSettings, SettingsError, setting
 
@@ -11,6 +12,9 @@ from services.common.settings import CommonSettings, SettingsError, setting
 @dataclass(frozen=True, kw_only=True, repr=False)
 class WalletSettings(CommonSettings):
     """Everything the wallet service reads from the environment."""
+
+    SERVICE: ClassVar[str] = "wallet"
+    USES_BROKER: ClassVar[bool] = False
 
     wallet_reservation_ttl_days: int = setting(
         "WALLET_RESERVATION_TTL_DAYS",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
+from services.common.actor import Actor
 from services.common.catalog import Catalog
 from services.common.group_commit import GroupCommit
 from services.common.validation import (
@@ -39,6 +41,8 @@ from services.wallet.store import (
     ReservationView,
     ReversalResult,
     ReversalState,
+    SettleHold,
+    SubmitHold,
     WalletStore,
 )
 
@@ -47,6 +51,7 @@ MAX_CREDIT_BATCH = 1000
 MAX_GIFT_COUNT = 100_000
 MAX_COINS = 10**12
 MAX_REASON = 512
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
 
 STORES: dict[int, Store] = {pb.STORE_APP_STORE: Store.APP_STORE, pb.STORE_GOOGLE_PLAY: Store.GOOGLE_PLAY}
@@ -89,6 +94,7 @@ RESERVATION_STATES = {
     ReservationState.COMMITTED: pb.RESERVATION_STATE_COMMITTED,
     ReservationState.RELEASED: pb.RESERVATION_STATE_RELEASED,
     ReservationState.EXPIRED: pb.RESERVATION_STATE_EXPIRED,
+    ReservationState.SUBMITTED: pb.RESERVATION_STATE_SUBMITTED,
 }
 
 
@@ -132,6 +138,11 @@ def reservation_message(view: ReservationView) -> pb.Reservation:
         create_time=_stamp(view.created_at),
         expire_time=_stamp(view.expire_at),
         diamonds_clawed_back=view.clawed_diamonds,
+        diamonds_taken=view.taken_diamonds,
+        diamonds_shortfall=view.shortfall_diamonds,
+        diamond_debt=view.shortfall_debt,
+        review_reason=view.review_reason,
+        diamond_debt_repaid=view.debt_repaid,
     )
 
 
@@ -159,6 +170,7 @@ def transaction_message(item: HistoryItem) -> pb.Transaction:
         counterparty_account_id=item.counterparty,
         sandbox_coins_delta=item.sandbox_coins_delta,
         sandbox_diamonds_delta=item.sandbox_diamonds_delta,
+        moved_by=item.moved_by.message(),
     )
 
 
@@ -196,6 +208,8 @@ def consumption_message(view: ConsumptionView) -> pb.GetPurchaseConsumptionRespo
             for c in view.creators
         ],
         credit_time=_stamp(view.created_at),
+        evidence_sha256=view.evidence_sha256,
+        credited_by=view.credited_by.message(),
     )
 
 
@@ -334,6 +348,9 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         price_minor = require_non_negative("price.amount_minor", request.price.amount_minor)
         price_currency = require_currency("price.currency_code", request.price.currency_code)
         purchase_time = _time("purchase_time", request.purchase_time, request.HasField("purchase_time"))
+        evidence = request.evidence_sha256
+        if evidence and not _SHA256.fullmatch(evidence):
+            raise InvalidArgument("evidence_sha256", "must be 64 lower-case hex digits (a SHA-256) or empty")
         return CreditItem(
             request_id=request_id,
             request=request,
@@ -350,6 +367,8 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
             price_currency=price_currency,
             purchase_time=purchase_time,
             flagged_for_review=request.flagged_for_review,
+            evidence_sha256=evidence,
+            actor=Actor.of_request(request_id),
         )
 
     def _purchase_key(self, request: Any) -> tuple[Store, Environment, str]:
@@ -362,6 +381,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
 
     async def ReversePurchase(self, request: pb.ReversePurchaseRequest, context: Any) -> pb.ReversePurchaseResponse:
         request_id = require_id("request_id", request.request_id)
+        actor = Actor.of_request(request_id)  # here: the store runs on another thread
         store, environment, store_transaction_id = self._purchase_key(request)
         quantity = require_non_negative("refunded_quantity", request.refunded_quantity)
         share = require_non_negative("refunded_percentage_milli", request.refunded_percentage_milli, PERCENT_MILLI_FULL)
@@ -395,11 +415,13 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 refunded_quantity=quantity,
                 refunded_percentage_milli=share,
                 full_refund=request.full_refund,
+                actor=actor,
             )
         )
 
     async def RestorePurchase(self, request: pb.RestorePurchaseRequest, context: Any) -> pb.RestorePurchaseResponse:
         request_id = require_id("request_id", request.request_id)
+        actor = Actor.of_request(request_id)  # here: the store runs on another thread
         store, environment, store_transaction_id = self._purchase_key(request)
         require_text("reason", request.reason, MAX_REASON, allow_empty=True)
 
@@ -421,6 +443,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 store=store,
                 environment=environment,
                 store_transaction_id=store_transaction_id,
+                actor=actor,
             )
         )
 
@@ -455,6 +478,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
             creator=creator,
             diamonds=self._catalog.diamonds_for_gift(gift, count),
             live_stream_id=live_stream_id,
+            actor=Actor.of_request(request_id),
         )
         response: pb.SendGiftResponse = await self._debit(item, pb.SendGiftResponse, grouped=True)
         return response
@@ -472,6 +496,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
             sender=account_id,
             coins=coins,
             reference=f"{purpose}:{reference}" if reference else purpose,
+            actor=Actor.of_request(request_id),
         )
         response: pb.SpendCoinsResponse = await self._debit(item, pb.SpendCoinsResponse, grouped=False)
         return response
@@ -544,6 +569,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
 
     async def ReserveDiamonds(self, request: pb.ReserveDiamondsRequest, context: Any) -> pb.ReserveDiamondsResponse:
         request_id = require_id("request_id", request.request_id)
+        actor = Actor.of_request(request_id)  # here: the store runs on another thread
         account_id = require_id("account_id", request.account_id)
         diamonds = require_positive("diamonds", request.diamonds, MAX_COINS)
         reservation_id = require_id("reservation_id", request.reservation_id)
@@ -564,40 +590,113 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 diamonds=diamonds,
                 reservation_id=reservation_id,
                 expire_at=expire_at,
+                actor=actor,
             )
         )
 
     async def CommitReservation(
         self, request: pb.CommitReservationRequest, context: Any
     ) -> pb.CommitReservationResponse:
-        request_id = require_id("request_id", request.request_id)
-        reservation_id = require_id("reservation_id", request.reservation_id)
-        return await self._db.run(
-            lambda: self._store.resolve(
-                method="CommitReservation",
-                request_id=request_id,
-                request=request,
-                response_type=pb.CommitReservationResponse,
-                build=lambda view: pb.CommitReservationResponse(reservation=reservation_message(view)),
-                reservation_id=reservation_id,
-                state=ReservationState.COMMITTED,
-            )
-        )
+        item = _settle_item(request.request_id, request.reservation_id, True, request.diamonds, "", "")
+        outcome = (await self._db.run(self._store.settle_holds, [item], _settled))[0]
+        return _answer(outcome, pb.CommitReservationResponse)  # type: ignore[no-any-return]
 
     async def ReleaseReservation(
         self, request: pb.ReleaseReservationRequest, context: Any
     ) -> pb.ReleaseReservationResponse:
-        request_id = require_id("request_id", request.request_id)
-        reservation_id = require_id("reservation_id", request.reservation_id)
-        require_text("reason", request.reason, MAX_REASON, allow_empty=True)
-        return await self._db.run(
-            lambda: self._store.resolve(
-                method="ReleaseReservation",
-                request_id=request_id,
-                request=request,
-                response_type=pb.ReleaseReservationResponse,
-                build=lambda view: pb.ReleaseReservationResponse(reservation=reservation_message(view)),
-                reservation_id=reservation_id,
-                state=ReservationState.RELEASED,
+        item = _settle_item(request.request_id, request.reservation_id, False, 0, request.reason, "")
+        outcome = (await self._db.run(self._store.settle_holds, [item], _settled))[0]
+        return _answer(outcome, pb.ReleaseReservationResponse)  # type: ignore[no-any-return]
+
+    async def SubmitReservations(
+        self, request: pb.SubmitReservationsRequest, context: Any
+    ) -> pb.SubmitReservationsResponse:
+        _batch_size("items", len(request.items))
+        items = [
+            SubmitHold(
+                require_id(f"items[{i}].reservation_id", item.reservation_id),
+                require_positive(f"items[{i}].diamonds", item.diamonds, MAX_COINS),
             )
+            for i, item in enumerate(request.items)
+        ]
+        answers = await self._db.run(self._store.submit_holds, items)
+        return pb.SubmitReservationsResponse(
+            results=[
+                pb.SubmitResult(
+                    reservation=reservation_message(view) if view is not None else None,
+                    error_reason=error.reason if error is not None else "",
+                    error_message=error.message if error is not None else "",
+                )
+                for view, error in answers
+            ]
         )
+
+    async def SettleReservations(
+        self, request: pb.SettleReservationsRequest, context: Any
+    ) -> pb.SettleReservationsResponse:
+        _batch_size("items", len(request.items))
+        items: list[SettleHold] = []
+        for i, wanted in enumerate(request.items):
+            if wanted.action not in (pb.SettleItem.ACTION_COMMIT, pb.SettleItem.ACTION_RELEASE):
+                raise InvalidArgument(f"items[{i}].action", "must be ACTION_COMMIT or ACTION_RELEASE")
+            commit = wanted.action == pb.SettleItem.ACTION_COMMIT
+            items.append(
+                _settle_item(
+                    wanted.request_id,
+                    wanted.reservation_id,
+                    commit,
+                    wanted.diamonds,
+                    wanted.reason,
+                    f"items[{i}].",
+                )
+            )
+        outcomes = await self._db.run(self._store.settle_holds, items, _settled)
+        results = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            result = pb.SettleResult(request_id=item.request_id)
+            if isinstance(outcome, DomainError):
+                result.error_code = outcome.code.name
+                result.error_reason = outcome.reason
+                result.error_message = outcome.message
+            else:
+                raw = outcome if isinstance(outcome, bytes) else outcome.SerializeToString()
+                reply = (pb.CommitReservationResponse if item.commit else pb.ReleaseReservationResponse).FromString(raw)
+                result.reservation.CopyFrom(reply.reservation)
+            results.append(result)
+        return pb.SettleReservationsResponse(results=results)
+
+
+MAX_BATCH_ITEMS = 15_000
+
+
+def _batch_size(field: str, count: int) -> None:
+    if not 0 < count <= MAX_BATCH_ITEMS:
+        raise InvalidArgument(field, f"must hold 1 to {MAX_BATCH_ITEMS} items, not {count}")
+
+
+def _settle_item(
+    request_id: str,
+    reservation_id: str,
+    commit: bool,
+    diamonds: int,
+    reason: str,
+    prefix: str,
+) -> SettleHold:
+    """A commit or release, keyed like the single call (its method and request message)."""
+    request_id = require_id(f"{prefix}request_id", request_id)
+    reservation_id = require_id(f"{prefix}reservation_id", reservation_id)
+    request: Message
+    if commit:
+        diamonds = require_non_negative(f"{prefix}diamonds", diamonds, MAX_COINS)
+        request = pb.CommitReservationRequest(request_id=request_id, reservation_id=reservation_id, diamonds=diamonds)
+    else:
+        require_text(f"{prefix}reason", reason, MAX_REASON, allow_empty=True)
+        request = pb.ReleaseReservationRequest(request_id=request_id, reservation_id=reservation_id, reason=reason)
+    # Read here, on the event loop: the store runs on another thread.
+    return SettleHold(request_id, reservation_id, commit, diamonds, request, Actor.of_request(request_id))
+
+
+def _settled(item: SettleHold, view: ReservationView) -> Message:
+    if item.commit:
+        return pb.CommitReservationResponse(reservation=reservation_message(view))
+    return pb.ReleaseReservationResponse(reservation=reservation_message(view))

@@ -14,7 +14,7 @@ Lock order, kept by every path so our own transactions never deadlock:
 2. the accounts' spendable rows (their COIN and SANDBOX_COIN balance rows), sorted;
 3. their lots (``wallet_purchases`` rows), by lot id;
 4. diamond rows, sorted: creators first, then holds (``#hold/…``);
-5. reservations.
+5. reservations, by id (``SubmitReservations`` locks only these).
 
 System accounts keep no balance rows (their balance is the sum of their entries),
 so they are never a hot row.
@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
+from services.common.actor import SYSTEM, Actor
 from services.common.catalog import Catalog
 from services.common.clock import Clock
 from services.common.db import Database, dialect_insert
@@ -43,6 +44,7 @@ from services.common.failpoints import Failpoints
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore
 from services.wallet.bulk import Bulk, Rows
 from services.wallet.domain import postings as recipes
+from services.wallet.domain.holds import PAID_BEYOND_HOLD, debt_repaid, plan_commit
 from services.wallet.domain.ledger import (
     COIN_CURRENCIES,
     BalanceView,
@@ -74,6 +76,7 @@ from services.wallet.domain.provenance import (
     take_coins,
 )
 from services.wallet.domain.rules import (
+    OPEN_HOLDS,
     LimitState,
     Period,
     ReservationState,
@@ -84,6 +87,7 @@ from services.wallet.domain.rules import (
 )
 from services.wallet.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.wallet.tables import (
+    MOVED_BY,
     balances,
     clawback_legs,
     consumptions,
@@ -148,6 +152,34 @@ class ReservationView:
     created_at: datetime
     expire_at: datetime
     clawed_diamonds: int = 0
+    taken_diamonds: int = 0
+    shortfall_diamonds: int = 0
+    shortfall_debt: int = 0
+    review_reason: str = ""
+    debt_repaid: int = 0
+
+
+@dataclass(frozen=True)
+class SubmitHold:
+    reservation_id: str
+    diamonds: int
+
+
+@dataclass(frozen=True)
+class SettleHold:
+    """One commit or release of a batch; ``request`` is the equivalent single-call request
+    (its fingerprint and method key the item's exactly-once claim)."""
+
+    request_id: str
+    reservation_id: str
+    commit: bool
+    diamonds: int
+    request: Message
+    actor: Actor = SYSTEM  # who asked for it (recorded on the ledger transaction)
+
+    @property
+    def method(self) -> str:
+        return "CommitReservation" if self.commit else "ReleaseReservation"
 
 
 @dataclass(frozen=True)
@@ -170,6 +202,7 @@ class HistoryItem:
     counterparty: str
     sandbox_coins_delta: int = 0
     sandbox_diamonds_delta: int = 0
+    moved_by: Actor = SYSTEM
 
 
 @dataclass(frozen=True)
@@ -199,6 +232,8 @@ class ConsumptionView:
     clawed_back: int
     creators: tuple[CreatorShare, ...]
     created_at: datetime
+    evidence_sha256: str = ""
+    credited_by: Actor = SYSTEM
 
     @property
     def consumed_coins(self) -> int:
@@ -223,6 +258,7 @@ class DebitItem:
     creator: str | None = None
     diamonds: int = 0
     live_stream_id: str = ""
+    actor: Actor = SYSTEM
 
 
 @dataclass(frozen=True)
@@ -254,6 +290,8 @@ class CreditItem:
     price_currency: str
     purchase_time: datetime | None
     flagged_for_review: bool
+    evidence_sha256: str = ""
+    actor: Actor = SYSTEM
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -284,13 +322,21 @@ class _Writes:
     consumptions, and the balance deltas of user and hold accounts."""
 
     now: datetime
+    actor: Actor = SYSTEM  # who moves the value of this unit of work (a batch item names its own)
     txns: list[dict[str, Any]] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     consumptions: list[dict[str, Any]] = field(default_factory=list)
     deltas: dict[tuple[str, Currency], int] = field(default_factory=lambda: defaultdict(int))
 
-    def transaction(self, kind: Kind | str, reference: str, postings: Iterable[Posting], txn_id: str = "") -> str:
+    def transaction(
+        self,
+        kind: Kind | str,
+        reference: str,
+        postings: Iterable[Posting],
+        txn_id: str = "",
+        actor: Actor | None = None,
+    ) -> str:
         checked = balanced(postings)
         txn_id = txn_id or new_txn_id()
         sandbox = any(p.currency in (Currency.SANDBOX_COIN, Currency.SANDBOX_DIAMOND) for p in checked)
@@ -301,6 +347,7 @@ class _Writes:
                 "created_at": self.now,
                 "reference": reference,
                 "sandbox": sandbox,
+                **(actor or self.actor).columns(),
             }
         )
         for p in checked:
@@ -438,6 +485,8 @@ class WalletStore:
         )
         self._limit_rows = sa.select(spending_limits)
         self._answers = sa.select(request_log).where(request_log.c.method == sa.bindparam("method"))
+        self._reservation_rows = sa.select(reservations)
+        self._reservation_owners = sa.select(reservations.c.reservation_id, reservations.c.account_id)
         self._purchases_in = sa.select(purchases).where(
             purchases.c.store == sa.bindparam("store"), purchases.c.environment == sa.bindparam("environment")
         )
@@ -621,17 +670,23 @@ class WalletStore:
         if environment is Environment.PRODUCTION:
             self._lock_balances(conn, Currency.DIAMOND, [hold_account(c) for c in names])
             query = (
-                sa.select(reservations.c.reservation_id, reservations.c.account_id, reservations.c.diamonds)
+                sa.select(
+                    reservations.c.reservation_id,
+                    reservations.c.account_id,
+                    reservations.c.diamonds,
+                    reservations.c.created_at,
+                )
                 .where(
                     reservations.c.account_id.in_(names),
                     reservations.c.state == ReservationState.HELD.value,
                     reservations.c.diamonds > 0,
                 )
-                .order_by(reservations.c.created_at.desc(), reservations.c.reservation_id.desc())
+                # Locked in id order, the order every path locks reservations in; taken newest first.
+                .order_by(reservations.c.reservation_id)
             )
             if self._postgres:
                 query = query.with_for_update()
-            for row in conn.execute(query):
+            for row in _newest_first(conn.execute(query)):
                 held[row.account_id].append(Hold(row.reservation_id, int(row.diamonds)))
         return {c: CreatorDiamonds(rows[c], tuple(held[c])) for c in names}
 
@@ -648,6 +703,7 @@ class WalletStore:
         refunded_quantity: int,
         refunded_percentage_milli: int,
         full_refund: bool,
+        actor: Actor = SYSTEM,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M:
             row, _spendable, open_lots = self._lock_purchase_owner(conn, store, environment, store_transaction_id)
@@ -675,7 +731,7 @@ class WalletStore:
                 conn, environment, (c.creator for c in used if c.kind is ConsumptionKind.GIFT and c.creator)
             )
             plan = plan_clawback(delta, int(row.open_coins), used, creators)
-            writes = _Writes(now)
+            writes = _Writes(now, actor)
             txn_id = writes.transaction(
                 Kind.PURCHASE_REVERSAL, store_transaction_id, recipes.clawback(account_id, environment, plan.legs)
             )
@@ -773,6 +829,7 @@ class WalletStore:
         store: Store,
         environment: Environment,
         store_transaction_id: str,
+        actor: Actor = SYSTEM,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M:
             row, spendable, _open_lots = self._lock_purchase_owner(conn, store, environment, store_transaction_id)
@@ -799,7 +856,7 @@ class WalletStore:
                 for r in leg_rows
             ]
             self._lock_balances(conn, diamond_currency(environment), (leg.creator for leg in legs if leg.creator))
-            writes = _Writes(now)
+            writes = _Writes(now, actor)
             txn_id = writes.transaction(
                 Kind.PURCHASE_RESTORE,
                 store_transaction_id,
@@ -891,6 +948,7 @@ class WalletStore:
     def consumption(self, store: Store, environment: Environment, store_transaction_id: str) -> ConsumptionView:
         with self.db.connect() as conn:
             row = self._purchase(conn, store, environment, store_transaction_id, lock=False)
+            credit = conn.execute(sa.select(*MOVED_BY).where(transactions.c.txn_id == row.credit_txn_id)).first()
             used: dict[str, int] = defaultdict(int)
             shares: dict[str, list[int]] = {}
             for c in conn.execute(sa.select(consumptions).where(consumptions.c.lot_id == row.lot_id)):
@@ -917,6 +975,8 @@ class WalletStore:
             clawed_back=int(row.clawed_back),
             creators=tuple(CreatorShare(k, *v) for k, v in sorted(shares.items())),
             created_at=utc(row.created_at),
+            evidence_sha256=row.evidence_sha256 or "",
+            credited_by=SYSTEM if credit is None else Actor.of_row(credit),
         )
 
     # ------------------------------------------------------------ balances and history
@@ -942,7 +1002,11 @@ class WalletStore:
         """Newest first; the page token is the last history id seen, so rows written
         meanwhile never shift a later page (ids only grow)."""
         before = decode_page_token(page_token)
-        query = sa.select(history).where(history.c.account_id == account_id)
+        query = (
+            sa.select(history, *MOVED_BY)
+            .select_from(history.outerjoin(transactions, transactions.c.txn_id == history.c.txn_id))
+            .where(history.c.account_id == account_id)
+        )
         if before is not None:
             query = query.where(history.c.id < before)
         if kinds:
@@ -965,6 +1029,7 @@ class WalletStore:
                 row.counterparty,
                 int(row.sandbox_coins_delta),
                 int(row.sandbox_diamonds_delta),
+                Actor.of_row(row),
             )
             for row in rows[:page_size]
         ]
@@ -1095,6 +1160,7 @@ class WalletStore:
                     "clawed_back": 0,
                     "created_at": now,
                     "open_coins": items[i].coins,
+                    "evidence_sha256": items[i].evidence_sha256 or None,
                     **({} if self._postgres else {"lot_id": first_lot + n}),
                 }
                 for n, i in enumerate(ordered)
@@ -1148,7 +1214,7 @@ class WalletStore:
             if not fresh:
                 continue
             postings = recipes.purchase(account_id, item.store, item.environment, item.coins, item.bonus_coins)
-            writes.transaction(Kind.PURCHASE, item.store_transaction_id, postings, txn_id)
+            writes.transaction(Kind.PURCHASE, item.store_transaction_id, postings, txn_id, item.actor)
             writes.seen_by(
                 account_id,
                 txn_id,
@@ -1300,7 +1366,7 @@ class WalletStore:
         txn_id = new_txn_id()
         coins = recipes.coins_by_currency(takes)
         if item.creator is None:
-            writes.transaction(Kind.SPEND, item.reference, recipes.spend(item.sender, takes), txn_id)
+            writes.transaction(Kind.SPEND, item.reference, recipes.spend(item.sender, takes), txn_id, item.actor)
             for take in takes:
                 writes.consumed(take, txn_id, ConsumptionKind.SPEND, item.sender, take.coins)
             writes.seen_by(item.sender, txn_id, Kind.SPEND, item.reference, {c: -n for c, n in coins.items()})
@@ -1308,7 +1374,7 @@ class WalletStore:
         parts = attribute(item.diamonds, takes)
         diamonds = recipes.diamonds_by_currency(takes, parts)
         writes.transaction(
-            Kind.GIFT_SENT, item.reference, recipes.gift(item.sender, item.creator, takes, parts), txn_id
+            Kind.GIFT_SENT, item.reference, recipes.gift(item.sender, item.creator, takes, parts), txn_id, item.actor
         )
         for take, part in zip(takes, parts, strict=True):
             writes.consumed(take, txn_id, ConsumptionKind.GIFT, item.sender, take.coins, item.creator, part)
@@ -1435,7 +1501,9 @@ class WalletStore:
             query = query.with_for_update()
         return conn.execute(query).one_or_none()
 
-    def _resolve(self, conn: Connection, row: Any, state: ReservationState, now: datetime) -> None:
+    def _resolve(
+        self, conn: Connection, row: Any, state: ReservationState, now: datetime, actor: Actor = SYSTEM
+    ) -> None:
         """Move a held reservation's diamonds to payout clearing (commit) or back (release,
         expiry). The caller holds the diamond rows and then the reservation row (lock order)."""
         account_id, diamonds = row.account_id, int(row.diamonds)
@@ -1444,7 +1512,7 @@ class WalletStore:
         else:
             kind, delta = Kind.RESERVATION_RELEASE, 0
         if diamonds:  # a hold a clawback took entirely moves nothing
-            writes = _Writes(now)
+            writes = _Writes(now, actor)
             txn_id = writes.transaction(
                 kind, row.reservation_id, recipes.resolve(account_id, diamonds, state is ReservationState.COMMITTED)
             )
@@ -1491,6 +1559,7 @@ class WalletStore:
         diamonds: int,
         reservation_id: str,
         expire_at: datetime | None,
+        actor: Actor = SYSTEM,
     ) -> M:
         def work(conn: Connection, now: datetime) -> M:
             if expire_at is not None and expire_at <= now:
@@ -1516,7 +1585,7 @@ class WalletStore:
             if inserted is None:
                 same = (
                     row.account_id == account_id
-                    and int(row.diamonds) + int(row.clawed_diamonds) == diamonds
+                    and int(row.diamonds) + int(row.clawed_diamonds) + int(row.taken_diamonds) == diamonds
                     and (expire_at is None or (row.requested_expire_at and utc(row.requested_expire_at) == expire_at))
                 )
                 if not same:
@@ -1525,7 +1594,7 @@ class WalletStore:
                     )
                 return build(_reservation_view(row), self._view(conn, account_id, now))
             refuse_reservation(diamonds, self._view(conn, account_id, now))
-            writes = _Writes(now)
+            writes = _Writes(now, actor)
             txn_id = writes.transaction(Kind.RESERVATION, reservation_id, recipes.reserve(account_id, diamonds))
             writes.seen_by(account_id, txn_id, Kind.RESERVATION, reservation_id, {})
             self._flush(conn, writes, "reservation")
@@ -1533,33 +1602,229 @@ class WalletStore:
 
         return self._idempotent("ReserveDiamonds", request_id, request, response_type, work)
 
-    def resolve(
-        self,
-        *,
-        method: str,
-        request_id: str,
-        request: Message,
-        response_type: type[M],
-        build: Callable[[ReservationView], M],
-        reservation_id: str,
-        state: ReservationState,
-    ) -> M:
-        def work(conn: Connection, now: datetime) -> M | _Deferred:
-            found = self._reservation(conn, reservation_id, lock=False)
-            if found is None:
-                raise NotFound("RESERVATION_NOT_FOUND", "no reservation has this id")
-            self._lock_balances(conn, Currency.DIAMOND, [found.account_id, hold_account(found.account_id)])
-            row = self._reservation(conn, reservation_id, lock=True)
-            current = ReservationState(row.state)
-            if current is ReservationState.HELD and utc(row.expire_at) <= now:
-                self._resolve(conn, row, ReservationState.EXPIRED, now)
-                return _Deferred(resolved_error(ReservationState.EXPIRED))
-            if current is not ReservationState.HELD:
-                raise resolved_error(current)
-            self._resolve(conn, row, state, now)
-            return build(_reservation_view(self._reservation(conn, reservation_id, lock=False)))
+    def submit_holds(self, items: Sequence[SubmitHold]) -> list[tuple[ReservationView | None, DomainError | None]]:
+        """Mark the holds of one provider submission SUBMITTED, in one transaction.
 
-        return self._idempotent(method, request_id, request, response_type, work)
+        State-based: a submitted hold answers submitted again. A HELD hold is submitted
+        only while it has not expired and still holds at least the item's diamonds
+        (RESERVATION_SHRUNK otherwise). Only reservation rows are locked: a clawback
+        locks them too, so each sees the other's outcome."""
+
+        def work(conn: Connection) -> list[tuple[ReservationView | None, DomainError | None]]:
+            now = self._clock.now()
+            ids = sorted({item.reservation_id for item in items})
+            rows = {
+                row.reservation_id: dict(row._mapping)
+                for row in self._bulk.select_for_keys(
+                    conn, reservations.c.reservation_id, ids, self._reservation_rows, for_update=True
+                )
+            }
+            answers: list[tuple[ReservationView | None, DomainError | None]] = []
+            submitted: dict[str, dict[str, Any]] = {}
+            for item in items:
+                row = rows.get(item.reservation_id)
+                if row is None:
+                    answers.append((None, NotFound("RESERVATION_NOT_FOUND", "no reservation has this id")))
+                    continue
+                error = self._submit_refusal(row, item.diamonds, now)
+                if error is None and row["state"] == ReservationState.HELD.value:
+                    row.update(state=ReservationState.SUBMITTED.value, submitted_at=now)
+                    submitted[item.reservation_id] = {"reservation_id": item.reservation_id, "state": row["state"]}
+                answers.append((_view_of(row), error))
+            self._bulk.update(conn, reservations, "reservation_id", list(submitted.values()))
+            if submitted:
+                conn.execute(
+                    reservations.update()
+                    .where(reservations.c.reservation_id.in_(sorted(submitted)), reservations.c.submitted_at.is_(None))
+                    .values(submitted_at=now)
+                )
+            return answers
+
+        return self.db.transaction(work)
+
+    @staticmethod
+    def _submit_refusal(row: Mapping[str, Any], diamonds: int, now: datetime) -> DomainError | None:
+        state = ReservationState(row["state"])
+        if state is ReservationState.SUBMITTED:
+            return None
+        if state is not ReservationState.HELD:
+            return resolved_error(state)
+        if utc(row["expire_at"]) <= now:
+            return resolved_error(ReservationState.EXPIRED)
+        if int(row["diamonds"]) < diamonds:
+            return FailedPrecondition(
+                "RESERVATION_SHRUNK",
+                f"a refund clawback left {row['diamonds']} of the hold's diamonds, {diamonds} to be paid",
+            )
+        return None
+
+    def settle_holds(
+        self, items: Sequence[SettleHold], build: Callable[[SettleHold, ReservationView], Message]
+    ) -> list[Message | bytes | DomainError]:
+        """Commit or release many holds in ONE transaction; each item keeps its own request-id
+        claim (the single calls' key space), ledger transaction and answer (a Message; bytes
+        for a replay; a DomainError for a refusal, whose claim is dropped)."""
+        return self.db.transaction(lambda conn: self._settle_holds(conn, items, build, self._clock.now()))
+
+    def _settle_holds(
+        self,
+        conn: Connection,
+        items: Sequence[SettleHold],
+        build: Callable[[SettleHold, ReservationView], Message],
+        now: datetime,
+    ) -> list[Message | bytes | DomainError]:
+        keys = [(item.method, item.request_id) for item in items]
+        batch = self._claim_batch(conn, keys, [item.request for item in items], now)
+        live = [items[i] for i in batch.live]
+        ids = sorted({item.reservation_id for item in live})
+        owners = {
+            row.reservation_id: row.account_id
+            for row in self._bulk.select_for_keys(conn, reservations.c.reservation_id, ids, self._reservation_owners)
+        }
+        creators = sorted(set(owners.values()))
+        diamond_rows = self._lock_balances(conn, Currency.DIAMOND, [*creators, *(hold_account(c) for c in creators)])
+        rows = {
+            row.reservation_id: dict(row._mapping)
+            for row in self._bulk.select_for_keys(
+                conn, reservations.c.reservation_id, sorted(owners), self._reservation_rows, for_update=True
+            )
+        }
+        others = self._other_holds(conn, live, rows)
+        writes = _Writes(now)
+        changed: dict[str, dict[str, Any]] = {}
+        for index, item in zip(batch.live, live, strict=True):
+            row = rows.get(item.reservation_id)
+            if row is None:
+                batch.results[index] = NotFound("RESERVATION_NOT_FOUND", "no reservation has this id")
+                continue
+            outcome = self._settle_one(writes, item, row, diamond_rows, others, changed, now)
+            batch.results[index] = outcome if isinstance(outcome, DomainError) else build(item, outcome)
+        if changed:
+            self._bulk.update(conn, reservations, "reservation_id", [changed[k] for k in sorted(changed)])
+        self._flush(conn, writes, "reservation")
+        return self._finish_batch(conn, batch, keys, now)
+
+    def _other_holds(
+        self,
+        conn: Connection,
+        live: Sequence[SettleHold],
+        rows: Mapping[str, dict[str, Any]],
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Creators whose paid commits exceed their holds: their other unsubmitted holds, newest
+        first, locked (they may have to cover the shortfall; rare, so one plain query)."""
+        short = sorted(
+            {
+                rows[item.reservation_id]["account_id"]
+                for item in live
+                if item.commit
+                and item.reservation_id in rows
+                and item.diamonds > self._open_diamonds(rows[item.reservation_id])
+            }
+        )
+        found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        if not short:
+            return found
+        query = (
+            sa.select(reservations)
+            .where(
+                reservations.c.account_id.in_(short),
+                reservations.c.state == ReservationState.HELD.value,
+                reservations.c.diamonds > 0,
+                reservations.c.reservation_id.not_in(sorted(rows)),
+            )
+            .order_by(reservations.c.reservation_id)
+        )
+        if self._postgres:
+            query = query.with_for_update()
+        for row in _newest_first(conn.execute(query)):
+            found[row.account_id].append(dict(row._mapping))
+        return found
+
+    @staticmethod
+    def _open_diamonds(row: Mapping[str, Any]) -> int:
+        return int(row["diamonds"]) if ReservationState(row["state"]) in OPEN_HOLDS else 0
+
+    def _settle_one(
+        self,
+        writes: _Writes,
+        item: SettleHold,
+        row: dict[str, Any],
+        diamond_rows: dict[str, int],
+        others: Mapping[str, list[dict[str, Any]]],
+        changed: dict[str, dict[str, Any]],
+        now: datetime,
+    ) -> ReservationView | DomainError:
+        account_id, reservation_id = row["account_id"], row["reservation_id"]
+        state = ReservationState(row["state"])
+        hold = hold_account(account_id)
+        lapsed = state is ReservationState.HELD and utc(row["expire_at"]) <= now
+        paid_anyway = item.commit and item.diamonds > 0
+        if state is ReservationState.COMMITTED or (state not in OPEN_HOLDS and not paid_anyway):
+            return resolved_error(state)
+        if lapsed and not paid_anyway:
+            released = recipes.resolve(account_id, int(row["diamonds"]), False)
+            self._ledger_resolve(writes, row, Kind.RESERVATION_RELEASE, released, 0, item.actor)
+            diamond_rows[account_id] = diamond_rows.get(account_id, 0) + int(row["diamonds"])
+            diamond_rows[hold] = diamond_rows.get(hold, 0) - int(row["diamonds"])
+            row.update(state=ReservationState.EXPIRED.value, resolved_at=now)
+            changed[reservation_id] = _changes(row)
+            return resolved_error(ReservationState.EXPIRED)
+        held = self._open_diamonds(row)
+        if item.commit:
+            paid = item.diamonds or held
+            balance = diamond_rows.get(account_id, 0)
+            pool = [Hold(h["reservation_id"], int(h["diamonds"])) for h in others.get(account_id, [])]
+            plan = plan_commit(paid, held, balance, pool)
+            self._ledger_resolve(
+                writes, row, Kind.RESERVATION_COMMIT, recipes.commit(account_id, plan), -paid, item.actor
+            )
+            taken = dict(plan.from_holds)
+            for other in others.get(account_id, []):
+                part = taken.get(other["reservation_id"], 0)
+                if part:
+                    other.update(
+                        diamonds=int(other["diamonds"]) - part, taken_diamonds=int(other["taken_diamonds"]) + part
+                    )
+                    changed[other["reservation_id"]] = _changes(other)
+            diamond_rows[account_id] = balance + plan.returned - plan.from_balance - plan.debt
+            diamond_rows[hold] = diamond_rows.get(hold, 0) - plan.from_hold - plan.returned - sum(taken.values())
+            row.update(
+                state=ReservationState.COMMITTED.value,
+                resolved_at=now,
+                shortfall_diamonds=plan.shortfall,
+                shortfall_debt=plan.debt,
+                review_reason=PAID_BEYOND_HOLD if plan.shortfall else "",
+            )
+            changed[reservation_id] = _changes(row)
+            return _view_of(row)
+        balance = diamond_rows.get(account_id, 0)
+        self._ledger_resolve(
+            writes, row, Kind.RESERVATION_RELEASE, recipes.resolve(account_id, held, False), 0, item.actor
+        )
+        diamond_rows[account_id] = balance + held
+        diamond_rows[hold] = diamond_rows.get(hold, 0) - held
+        row.update(state=ReservationState.RELEASED.value, resolved_at=now, debt_repaid=debt_repaid(held, balance))
+        changed[reservation_id] = _changes(row)
+        return _view_of(row)
+
+    @staticmethod
+    def _ledger_resolve(
+        writes: _Writes,
+        row: Mapping[str, Any],
+        kind: Kind,
+        postings: list[Posting],
+        delta: int,
+        actor: Actor | None = None,
+    ) -> None:
+        """One ledger transaction resolving a hold (none when nothing moves: a hold a clawback took entirely)."""
+        if not any(p.amount for p in postings):
+            return
+        txn_id = writes.transaction(kind, row["reservation_id"], postings, actor=actor)
+        writes.seen_by(row["account_id"], txn_id, kind, row["reservation_id"], {Currency.DIAMOND: delta})
+
+
+def _newest_first(rows: Iterable[Any]) -> list[Any]:
+    return sorted(rows, key=lambda r: (utc(r.created_at), r.reservation_id), reverse=True)
 
 
 def _debit_done(txn_id: str, coins: Mapping[Currency, int], diamonds: Mapping[Currency, int]) -> DebitDone:
@@ -1585,13 +1850,39 @@ def _limit_state(row: Any) -> LimitState:
     )
 
 
+_MUTABLE = (
+    "state",
+    "diamonds",
+    "resolved_at",
+    "submitted_at",
+    "taken_diamonds",
+    "shortfall_diamonds",
+    "shortfall_debt",
+    "debt_repaid",
+    "review_reason",
+)
+
+
+def _changes(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"reservation_id": row["reservation_id"], **{c: row[c] for c in _MUTABLE}}
+
+
 def _reservation_view(row: Any) -> ReservationView:
+    return _view_of(dict(row._mapping))
+
+
+def _view_of(row: Mapping[str, Any]) -> ReservationView:
     return ReservationView(
-        row.reservation_id,
-        row.account_id,
-        int(row.diamonds),
-        ReservationState(row.state),
-        utc(row.created_at),
-        utc(row.expire_at),
-        int(row.clawed_diamonds),
+        row["reservation_id"],
+        row["account_id"],
+        int(row["diamonds"]),
+        ReservationState(row["state"]),
+        utc(row["created_at"]),
+        utc(row["expire_at"]),
+        int(row["clawed_diamonds"]),
+        int(row["taken_diamonds"]),
+        int(row["shortfall_diamonds"]),
+        int(row["shortfall_debt"]),
+        row["review_reason"],
+        int(row["debt_repaid"]),
     )

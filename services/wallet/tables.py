@@ -1,6 +1,7 @@
 """The wallet's tables (SQLAlchemy Core). The migrations in ``migrations/`` create them.
 
 - ``wallet_transactions`` / ``wallet_entries``: the double-entry ledger (immutable);
+  each transaction names who moved the value (``actor_*``: caller, key, ``act``, request id);
 - ``wallet_balances``: every user and hold account's balance per currency, kept in
   the same database transaction as the entries and rebuildable from them;
 - ``wallet_history``: one row per user account and transaction, for ListTransactions;
@@ -11,7 +12,8 @@
   debt repayment), with the diamonds a gift attributed to that lot;
 - ``wallet_clawback_legs``: every part of every refund clawback, so a restore can
   reverse it leg by leg;
-- ``wallet_reservations``: diamond holds for cash-outs;
+- ``wallet_reservations``: diamond holds for cash-outs (HELD → SUBMITTED → COMMITTED | RELEASED;
+  HELD → EXPIRED), with what a paid commit took beyond its hold and why it needs review;
 - ``wallet_spending_limits``; ``wallet_request_log`` (AIP-155).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from services.common.actor import FIELDS, actor_columns
 from services.common.idempotency import request_log_table
 
 metadata = sa.MetaData()
@@ -35,7 +38,11 @@ transactions = sa.Table(
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("reference", sa.String(512), nullable=False),
     sa.Column("sandbox", sa.Boolean, nullable=False),
+    # Who moved the value (services.common.actor.Actor); NULL on rows from before wallet_0005.
+    *actor_columns(),
 )
+# The columns that say who moved a transaction's value, in Actor's order.
+MOVED_BY = tuple(transactions.c[f"actor_{name}"] for name in FIELDS)
 entries = sa.Table(
     "wallet_entries",
     metadata,
@@ -90,6 +97,8 @@ purchases = sa.Table(
     # serialized, so the store numbers them max + 1.
     sa.Column("lot_id", sa.BigInteger, nullable=False, unique=True),
     sa.Column("open_coins", sa.BigInteger, nullable=False),
+    # SHA-256 (hex) of the store evidence the crediting service verified; NULL: none given.
+    sa.Column("evidence_sha256", sa.String(64), nullable=True),
 )
 OPEN_LOTS_INDEX = "wallet_purchases_open_lots"
 sa.Index(
@@ -155,6 +164,20 @@ reservations = sa.Table(
     sa.Column("expire_at", TZ, nullable=False),
     sa.Column("resolved_at", TZ, nullable=True),
     sa.Column("clawed_diamonds", sa.BigInteger, nullable=False),
+    sa.Column("submitted_at", TZ, nullable=True),
+    # Taken by other paid cash-outs whose holds were gone.
+    sa.Column("taken_diamonds", sa.BigInteger, nullable=False, server_default="0"),
+    # What this hold's commit took beyond the hold, and the part that became diamond debt.
+    sa.Column("shortfall_diamonds", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("shortfall_debt", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("debt_repaid", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("review_reason", sa.String(64), nullable=False, server_default=""),
+)
+sa.Index(
+    "wallet_reservations_review",
+    reservations.c.account_id,
+    postgresql_where=reservations.c.review_reason != "",
+    sqlite_where=reservations.c.review_reason != "",
 )
 spending_limits = sa.Table(
     "wallet_spending_limits",

@@ -117,7 +117,7 @@ RECEIPTS_OLD_HEADS = {"receipts_0002", "receipts_google_0001", "receipts_inbox_0
 
 def test_receipts_history_has_one_head_and_a_database_at_the_old_heads_reaches_it(database_url: str) -> None:
     config = migrate.alembic_config("receipts", database_url)
-    assert ScriptDirectory.from_config(config).get_heads() == ["receipts_0004"]
+    (newest,) = ScriptDirectory.from_config(config).get_heads()
     engine = create_engine(database_url, 1)
     try:
         # Where `coinstore migrate` left every database before the heads were joined.
@@ -136,12 +136,13 @@ def test_receipts_history_has_one_head_and_a_database_at_the_old_heads_reaches_i
                 {"now": now},
             )
         migrate.upgrade("receipts", database_url)
-        assert _receipts_revisions(engine) == {"receipts_0004"}
+        assert _receipts_revisions(engine) == {newest}
         migrate.check_migrated("receipts", engine)
         with engine.connect() as conn:
             kept = conn.execute(sa.text("SELECT account_id FROM receipts_account_bindings")).scalars().all()
         assert kept == ["fan-1"]
         # And back: the join undoes to the three heads, with their tables.
+        command.downgrade(config, "receipts_0003")
         command.downgrade(config, "receipts_0002")
         assert _receipts_revisions(engine) == RECEIPTS_OLD_HEADS
         tables = set(sa.inspect(engine).get_table_names())

@@ -40,6 +40,7 @@ RAISES: dict[str, Exception] = {
     "quota": errors.ResourceExhausted("RATE_LIMITED", "slow down"),
     "reused": errors.RequestIdReused("r-1"),
     "bug": ZeroDivisionError("secret internal detail"),
+    "db-gone": sa.exc.OperationalError("SELECT 1", {}, ConnectionResetError("server closed the connection")),
 }
 
 
@@ -215,6 +216,7 @@ async def test_right_scope_succeeds(stub: pb_grpc.WalletServiceAsyncStub, keys: 
         ("quota", grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
         ("reused", grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_ID_REUSED"),
         ("bug", grpc.StatusCode.INTERNAL, "INTERNAL"),
+        ("db-gone", grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE"),
     ],
 )
 async def test_error_mapping(

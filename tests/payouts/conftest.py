@@ -11,8 +11,8 @@ import pytest
 
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
 from services.common import migrate
-from services.common.auth import TokenVerifier, load_public_keys
-from services.common.bootstrap import Runtime
+from services.common.auth import TokenVerifier
+from services.common.bootstrap import Runtime, key_ring
 from services.common.catalog import load_catalog
 from services.common.db import Database
 from services.common.metrics import Metrics
@@ -45,6 +45,7 @@ class Service:
     wallet: FakeWallet
     paypal: PayPalSimServer
     database: Database
+    address: str = ""
 
     def creator(self, *scopes: str) -> tuple[tuple[str, str], ...]:
         return self.keys.metadata(*(scopes or ("payouts:request",)), subject="app-backend")
@@ -59,9 +60,10 @@ async def start_service(settings: PayoutsSettings) -> tuple[object, Database, gr
     runtime = Runtime(
         settings,
         database,
-        TokenVerifier(load_public_keys(list(settings.auth_trusted_keys))),
+        TokenVerifier(key_ring(settings)),
         Metrics("payouts"),
         load_catalog(settings.catalog),
+        settings.failpoint_set(),
     )
     host = build_host(settings, runtime, port=0)
     await host.start()
@@ -83,7 +85,15 @@ async def service(
     )
     host, database, channel = await start_service(settings)
     try:
-        yield Service(pb_grpc.PayoutServiceStub(channel), settings, keys, fake_wallet.wallet, paypal, database)
+        yield Service(
+            pb_grpc.PayoutServiceStub(channel),
+            settings,
+            keys,
+            fake_wallet.wallet,
+            paypal,
+            database,
+            f"127.0.0.1:{host.port}",  # type: ignore[attr-defined]
+        )
     finally:
         await channel.close(None)
         await host.stop()  # type: ignore[attr-defined]

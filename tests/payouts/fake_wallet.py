@@ -2,8 +2,9 @@
 
 Used where the real wallet service is not needed (or not yet available): it keeps
 the contract's semantics (idempotent by reservation id, request-id replays,
-refusal reasons) and records every CommitReservation and ReleaseReservation call
-it receives, before deciding anything, with its request id. So ``commits[r] == 1``
+refusal reasons, SUBMITTED holds) and records every commit and release it receives
+(single calls and each item of SettleReservations), before deciding anything, with
+its request id. So ``commits[r] == 1``
 means payouts sent one commit for ``r``, and a replay after a crash shows up as a
 second call: whether that replay was harmless (the same request id) is for the
 test to check, the fake does not hide it. (The hold's ``state`` is the contract's
@@ -27,6 +28,11 @@ from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
 
 COMMIT = "commit"
 RELEASE = "release"
+OPEN = (wpb.RESERVATION_STATE_HELD, wpb.RESERVATION_STATE_SUBMITTED)
+REFUSALS: dict[int, str] = {
+    wpb.RESERVATION_STATE_COMMITTED: "RESERVATION_ALREADY_COMMITTED",
+    wpb.RESERVATION_STATE_RELEASED: "RESERVATION_ALREADY_RELEASED",
+}
 
 
 def _abort(context: Any, code: grpc.StatusCode, reason: str, message: str) -> None:
@@ -68,6 +74,10 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
     # Every CommitReservation / ReleaseReservation received, by reservation id (replays included).
     commits: Counter[str] = field(default_factory=Counter)
     releases: Counter[str] = field(default_factory=Counter)
+    # SubmitReservations received per reservation, and the batch calls themselves.
+    submits: Counter[str] = field(default_factory=Counter)
+    submit_calls: int = 0
+    settle_calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     auth_headers: list[str] = field(default_factory=list)
 
@@ -120,28 +130,31 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
             self.holds[request.reservation_id] = Hold(request.account_id, request.diamonds)
             return wpb.ReserveDiamondsResponse(reservation=self._reservation(request.reservation_id))
 
-    def _resolve(
-        self, request_id: str, reservation_id: str, target: wpb.ReservationState.ValueType, context: Any
-    ) -> wpb.Reservation:
+    def _settle(
+        self, request_id: str, reservation_id: str, target: wpb.ReservationState.ValueType
+    ) -> wpb.Reservation | tuple[grpc.StatusCode, str]:
         with self.lock:
             hold = self.holds.get(reservation_id)
             if hold is None:
-                _abort(context, grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND", "unknown reservation")
-                raise AssertionError("unreachable")
-            if hold.state != wpb.RESERVATION_STATE_HELD:
+                return grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND"
+            if hold.state not in OPEN:
                 if hold.resolved_by == request_id:
                     return self._reservation(reservation_id)
-                reasons: dict[int, str] = {
-                    wpb.RESERVATION_STATE_COMMITTED: "RESERVATION_ALREADY_COMMITTED",
-                    wpb.RESERVATION_STATE_RELEASED: "RESERVATION_ALREADY_RELEASED",
-                }
-                reason = reasons.get(int(hold.state), "RESERVATION_EXPIRED")
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason, reason)
+                return grpc.StatusCode.FAILED_PRECONDITION, REFUSALS.get(int(hold.state), "RESERVATION_EXPIRED")
             hold.state = target
             hold.resolved_by = request_id
             if target == wpb.RESERVATION_STATE_RELEASED:
                 self.accounts[hold.account_id].withdrawable += hold.diamonds
             return self._reservation(reservation_id)
+
+    def _resolve(
+        self, request_id: str, reservation_id: str, target: wpb.ReservationState.ValueType, context: Any
+    ) -> wpb.Reservation:
+        outcome = self._settle(request_id, reservation_id, target)
+        if isinstance(outcome, tuple):
+            _abort(context, outcome[0], outcome[1], outcome[1])
+            raise AssertionError("unreachable")
+        return outcome
 
     def CommitReservation(self, request: wpb.CommitReservationRequest, context: Any) -> wpb.CommitReservationResponse:
         self._received(COMMIT, request.reservation_id, request.request_id)
@@ -156,6 +169,49 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
         self._received(RELEASE, request.reservation_id, request.request_id)
         reservation = self._resolve(request.request_id, request.reservation_id, wpb.RESERVATION_STATE_RELEASED, context)
         return wpb.ReleaseReservationResponse(reservation=reservation)
+
+    def SubmitReservations(
+        self, request: wpb.SubmitReservationsRequest, context: Any
+    ) -> wpb.SubmitReservationsResponse:
+        results = []
+        with self.lock:
+            self.submit_calls += 1
+            for item in request.items:
+                self.submits[item.reservation_id] += 1
+                hold = self.holds.get(item.reservation_id)
+                if hold is None:
+                    results.append(wpb.SubmitResult(error_reason="RESERVATION_NOT_FOUND"))
+                    continue
+                reason = ""
+                if hold.state == wpb.RESERVATION_STATE_HELD and hold.diamonds < item.diamonds:
+                    reason = "RESERVATION_SHRUNK"
+                elif hold.state == wpb.RESERVATION_STATE_HELD:
+                    hold.state = wpb.RESERVATION_STATE_SUBMITTED
+                elif hold.state != wpb.RESERVATION_STATE_SUBMITTED:
+                    reason = REFUSALS.get(int(hold.state), "RESERVATION_EXPIRED")
+                results.append(
+                    wpb.SubmitResult(reservation=self._reservation(item.reservation_id), error_reason=reason)
+                )
+        return wpb.SubmitReservationsResponse(results=results)
+
+    def SettleReservations(
+        self, request: wpb.SettleReservationsRequest, context: Any
+    ) -> wpb.SettleReservationsResponse:
+        with self.lock:
+            self.settle_calls += 1
+        results = []
+        for item in request.items:
+            commit = item.action == wpb.SettleItem.ACTION_COMMIT
+            self._received(COMMIT if commit else RELEASE, item.reservation_id, item.request_id)
+            target = wpb.RESERVATION_STATE_COMMITTED if commit else wpb.RESERVATION_STATE_RELEASED
+            outcome = self._settle(item.request_id, item.reservation_id, target)
+            if isinstance(outcome, tuple):
+                results.append(
+                    wpb.SettleResult(request_id=item.request_id, error_code=outcome[0].name, error_reason=outcome[1])
+                )
+            else:
+                results.append(wpb.SettleResult(request_id=item.request_id, reservation=outcome))
+        return wpb.SettleReservationsResponse(results=results)
 
 
 class FakeWalletServer:

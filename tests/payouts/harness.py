@@ -183,9 +183,13 @@ def settings_env(settings: PayoutsSettings) -> dict[str, str]:
             "COINSTORE_PAYOUT_DAILY_BATCH_HOUR": str(settings.payout_daily_batch_hour),
             "COINSTORE_PAYOUT_CHUNK_SIZE": str(settings.payout_chunk_size),
             "COINSTORE_PAYOUT_SETTLE_CONCURRENCY": str(settings.payout_settle_concurrency),
+            "COINSTORE_PAYOUT_RESERVATION_DAYS": str(settings.payout_reservation_days),
+            "COINSTORE_PAYOUT_HOLD_MARGIN_SECONDS": str(settings.payout_hold_margin_seconds),
+            "COINSTORE_PAYOUT_PARK_AFTER": str(settings.payout_park_after),
             "COINSTORE_LOG_FORMAT": "text",
             "COINSTORE_LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(REPO_ROOT),
+            # The generated code of this tree, not whatever the environment points at.
+            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'gen'}",
         }
     )
     return env

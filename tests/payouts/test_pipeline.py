@@ -108,7 +108,12 @@ class Stack:
                 metadata=self.app(),
             )
             await self.stub.VerifyPayoutDestination(
-                pb.VerifyPayoutDestinationRequest(request_id=f"v-{creator}", creator_account_id=creator),
+                pb.VerifyPayoutDestinationRequest(
+                    request_id=f"v-{creator}",
+                    creator_account_id=creator,
+                    provider=pb.PROVIDER_PAYPAL,
+                    receiver=receiver,
+                ),
                 metadata=self.ops(),
             )
             await self.stub.RequestCashout(
@@ -473,15 +478,19 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     created = await cli(stack, "create-batch", "--request-id", "cli-batch-1")
     batch_id = created.split()[1]
     assert batch_id.startswith("pb_")
+    # Who created the batch: the CLI's own operator token (development: minted as ops-cli).
+    created_by = "  created by ops-cli, request cli-batch-1"
     assert created.splitlines() == [
         f"batch {batch_id}  CREATED  3 items  30000 diamonds  150.00 USD",
         "  BATCHED           3 items  150.00 USD",
+        created_by,
     ]
     status = await cli(stack, "status", batch_id, "--interval", "0.3")
     assert status.splitlines() == [
         f"batch {batch_id}  COMPLETED  3 items  30000 diamonds  150.00 USD",
         "  FAILED            1 items  50.00 USD",
         "  PAID              2 items  100.00 USD",
+        created_by,
     ]
     assert batch_id in await cli(stack, "list")
     rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
@@ -497,6 +506,7 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     assert paid["provider_item_id"]
     assert paid["provider_transaction_id"]
     assert paid["sender_item_id"] == f"{paid['cashout_id']}-1"
+    assert (paid["requested_by"], paid["request_id"]) == ("app-backend", f"r-{paid['creator_account_id']}")
 
     # The receiver fixed their account: `retry` puts the failed item into a second attempt
     # under a new hold, and the worker pays it.
@@ -507,11 +517,13 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
         f"batch {batch_id}  SUBMITTED  3 items  30000 diamonds  150.00 USD",
         "  BATCHED           1 items  50.00 USD",
         "  PAID              2 items  100.00 USD",
+        created_by,
     ]
     status = await cli(stack, "status", batch_id, "--interval", "0.3")
     assert status.splitlines() == [
         f"batch {batch_id}  COMPLETED  3 items  30000 diamonds  150.00 USD",
         "  PAID              3 items  150.00 USD",
+        created_by,
     ]
     rows = list(csv.DictReader(io.StringIO(await cli(stack, "report", batch_id, "--csv"))))
     again = next(r for r in rows if r["cashout_id"] == failed["cashout_id"])

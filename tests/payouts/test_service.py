@@ -56,7 +56,9 @@ async def onboard(service: Service, creator: str, diamonds: int, receiver: str =
         metadata=service.creator(),
     )
     await service.stub.VerifyPayoutDestination(
-        pb.VerifyPayoutDestinationRequest(request_id=f"verify-{creator}", creator_account_id=creator),
+        pb.VerifyPayoutDestinationRequest(
+            request_id=f"verify-{creator}", creator_account_id=creator, provider=pb.PROVIDER_PAYPAL, receiver=receiver
+        ),
         metadata=service.ops(),
     )
 
@@ -111,12 +113,18 @@ async def test_destination_must_be_verified_and_match(service: Service) -> None:
     # Verifying is an ops action.
     await refused(
         service.stub.VerifyPayoutDestination(
-            pb.VerifyPayoutDestinationRequest(request_id="v2", creator_account_id="c2"), metadata=service.creator()
+            pb.VerifyPayoutDestinationRequest(
+                request_id="v2", creator_account_id="c2", provider=pb.PROVIDER_PAYPAL, receiver=EMAIL
+            ),
+            metadata=service.creator(),
         ),
         grpc.StatusCode.PERMISSION_DENIED,
     )
     verified = await service.stub.VerifyPayoutDestination(
-        pb.VerifyPayoutDestinationRequest(request_id="v2", creator_account_id="c2"), metadata=service.ops()
+        pb.VerifyPayoutDestinationRequest(
+            request_id="v2", creator_account_id="c2", provider=pb.PROVIDER_PAYPAL, receiver=EMAIL
+        ),
+        metadata=service.ops(),
     )
     assert verified.destination.verified
     reason, _ = await refused(

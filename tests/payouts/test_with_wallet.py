@@ -71,7 +71,12 @@ class Payouts:
             metadata=self.keys.metadata("payouts:request"),
         )
         await self.stub.VerifyPayoutDestination(
-            pb.VerifyPayoutDestinationRequest(request_id=f"v-{creator}", creator_account_id=creator),
+            pb.VerifyPayoutDestinationRequest(
+                request_id=f"v-{creator}",
+                creator_account_id=creator,
+                provider=pb.PROVIDER_PAYPAL,
+                receiver=receiver or f"{creator}@example.com",
+            ),
             metadata=self.keys.metadata("payouts:ops"),
         )
 

@@ -20,6 +20,7 @@ class Mode(enum.Enum):
     PASS = "pass"  # forward bytes both ways
     RESET = "reset"  # reset every open connection and every new one (RST, as a crashed peer)
     HANG = "hang"  # accept, then forward nothing (a black hole: callers hit their timeouts)
+    DROP = "drop"  # close every open connection and every new one (FIN: the peer went away cleanly)
 
 
 class FaultProxy:
@@ -45,7 +46,7 @@ class FaultProxy:
         return f"127.0.0.1:{self.port}"
 
     def set_mode(self, mode: Mode) -> None:
-        """Switch mode; RESET also resets every connection open now."""
+        """Switch mode; RESET and DROP also end every connection open now."""
         asyncio.run_coroutine_threadsafe(self._switch(mode), self._loop).result(10)
 
     def stop(self) -> None:
@@ -55,9 +56,12 @@ class FaultProxy:
 
     async def _switch(self, mode: Mode) -> None:
         self._mode = mode
-        if mode is Mode.RESET:
+        if mode in (Mode.RESET, Mode.DROP):
             for writer in list(self._links):
-                _reset(writer)
+                if mode is Mode.RESET:
+                    _reset(writer)
+                else:
+                    writer.close()
             self._links.clear()
 
     async def _close(self) -> None:
@@ -83,6 +87,9 @@ class FaultProxy:
         if self._mode is Mode.RESET:
             _reset(writer)
             return
+        if self._mode is Mode.DROP:
+            writer.close()
+            return
         self._links.add(writer)
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
@@ -101,7 +108,7 @@ class FaultProxy:
             while data := await reader.read(65536):
                 while self._mode is Mode.HANG:
                     await asyncio.sleep(0.05)
-                if self._mode is Mode.RESET:
+                if self._mode in (Mode.RESET, Mode.DROP):
                     break
                 writer.write(data)
                 await writer.drain()

@@ -159,7 +159,14 @@ def settings_for(url: str, keys: Keys, catalog: Path, **overrides: Any) -> Walle
 
 @asynccontextmanager
 async def running_wallet(
-    url: str, keys: Keys, tmp_path: Path, *, holding_days: int = 0, per_coin: str = "1", **overrides: Any
+    url: str,
+    keys: Keys,
+    tmp_path: Path,
+    *,
+    holding_days: int = 0,
+    per_coin: str = "1",
+    verifier: TokenVerifier | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Wallet]:
     migrated(url)
     settings = settings_for(
@@ -169,7 +176,7 @@ async def running_wallet(
     runtime = Runtime(
         settings,
         database,
-        TokenVerifier(load_public_keys([keys.public_path])),
+        verifier or TokenVerifier(load_public_keys([keys.public_path])),
         Metrics("wallet"),
         load_catalog(settings.catalog),
     )

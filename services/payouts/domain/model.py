@@ -7,14 +7,23 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
+from services.common.actor import SYSTEM, Actor
+
 
 class CashoutState(enum.Enum):
+    RESERVING = "RESERVING"  # the row exists; its wallet hold is being made
     REQUESTED = "REQUESTED"
     BATCHED = "BATCHED"
     SUBMITTED = "SUBMITTED"
     PAID = "PAID"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"  # the hold would lapse before submission: never paid, diamonds released
+
+
+# failure_reason values the creator sees.
+HOLD_EXPIRED = "HOLD_EXPIRED"
+CLAWED_BACK = "CLAWED_BACK"
 
 
 class BatchState(enum.Enum):
@@ -30,6 +39,8 @@ class ChunkState(enum.Enum):
     PENDING = "PENDING"
     SUBMITTED = "SUBMITTED"
     DONE = "DONE"
+    # Ambiguous provider answers kept coming: its holds stay submitted until ops resolve it.
+    PARKED = "PARKED"
 
 
 class WalletAction(enum.Enum):
@@ -39,12 +50,29 @@ class WalletAction(enum.Enum):
     RELEASE = "RELEASE"
 
 
+class DestinationChangeKind(enum.Enum):
+    SET = "SET"
+    VERIFY = "VERIFY"
+
+
 @dataclass(frozen=True)
 class Destination:
     creator_account_id: str
     provider: str
     receiver: str
     verified: bool
+    changed_by: Actor = SYSTEM
+    verified_by: Actor = SYSTEM
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DestinationChange:
+    kind: DestinationChangeKind
+    provider: str
+    receiver: str
+    changed_by: Actor
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -68,6 +96,8 @@ class Cashout:
     provider_batch_id: str
     created_at: datetime
     updated_at: datetime
+    requested_by: Actor = SYSTEM
+    hold_expire_at: datetime | None = None
 
     @property
     def sender_item_id(self) -> str:
@@ -96,6 +126,7 @@ class Batch:
     submitted_at: datetime | None
     completed_at: datetime | None
     provider_batch_id: str
+    created_by: Actor = SYSTEM
 
 
 @dataclass(frozen=True)
@@ -107,6 +138,9 @@ class PayoutLine:
     receiver: str
     amount_minor: int
     currency: str
+    reservation_id: str = ""
+    diamonds: int = 0
+    rate: str = ""
 
     @property
     def sender_item_id(self) -> str:
@@ -130,6 +164,7 @@ class Settlement:
     reservation_id: str
     action: WalletAction
     reason: str
+    diamonds: int = 0  # what the provider paid for (commits)
 
 
 def derived_id(prefix: str, *parts: str) -> str:

@@ -22,13 +22,23 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from services.common.clock import Clock
 from services.common.failpoints import Failpoints
-from services.payouts.domain.model import BatchState, ChunkState, Settlement, WalletAction, parse_sender_item_id
-from services.payouts.domain.ports import ItemOutcome, PayoutProvider, ProviderRejected, TaskQueue, WalletPort
+from services.payouts.domain.model import BatchState, ChunkState, PayoutLine, Settlement, parse_sender_item_id
+from services.payouts.domain.ports import (
+    ItemOutcome,
+    PayoutProvider,
+    ProviderAmbiguous,
+    ProviderRejected,
+    ProviderUnavailable,
+    TaskQueue,
+    WalletPort,
+)
+from services.payouts.domain.rules import requote
 from services.payouts.errors import Unavailable
 from services.payouts.store import PayoutStore
 
@@ -53,6 +63,9 @@ class Pipeline:
         stuck_seconds: float,
         settle_concurrency: int,
         max_countdown: float,
+        minimum_diamonds: int,
+        hold_margin_seconds: float,
+        park_after: int,
         failpoints: Failpoints | None = None,
     ) -> None:
         self._store = store
@@ -64,7 +77,14 @@ class Pipeline:
         self._poll = min(poll_seconds, max_countdown)
         self._stuck = timedelta(seconds=stuck_seconds)
         self._concurrency = settle_concurrency
+        self._minimum = minimum_diamonds
+        self._margin = timedelta(seconds=hold_margin_seconds)
+        self._park_after = park_after
         self._failpoints = failpoints or Failpoints()
+
+    @property
+    def stuck(self) -> timedelta:
+        return self._stuck
 
     def plan_batch(self, batch_id: str) -> None:
         now = self._clock.now()
@@ -81,33 +101,89 @@ class Pipeline:
         self._store.finish_batch(batch_id, now)
 
     def submit_chunk(self, chunk_id: str) -> None:
-        """Send one submission to the provider. ProviderUnavailable propagates: the task retries it unchanged."""
+        """Send one submission to the provider. ProviderUnavailable propagates: the task retries it unchanged.
+
+        Just before each provider call the wallet marks the submission's holds SUBMITTED (one
+        call): from then on they cannot lapse or shrink. Items whose holds it refuses were never
+        sent (every provider call follows a successful marking), so they leave the submission:
+        expired, re-quoted, or cancelled (CLAWED_BACK)."""
         chunk = self._store.chunk(chunk_id)
-        if chunk is None or chunk.state is ChunkState.DONE:
+        if chunk is None or chunk.state in (ChunkState.DONE, ChunkState.PARKED):
             return
         now = self._clock.now()
         if chunk.state is ChunkState.SUBMITTED:
             self._queue.enqueue(POLL_TASK, chunk_id)
             return
         self._store.touch_chunk(chunk_id, now + self._stuck)
-        try:
-            provider_batch_id = self._provider.submit(chunk_id, chunk.lines)
-        except ProviderRejected as rejected:
-            # Refused as a whole: nothing was paid, so every item fails and its diamonds go back.
-            log.error("provider refused submission %s: %s", chunk_id, rejected)
+        lines = self._mark_holds(chunk_id, chunk.lines, now)
+        if lines is None:
+            return
+        if not lines:
+            # Nothing left to pay: close it like a submission whose items all settled.
             self._store.mark_submitted(chunk_id, "", now, now + self._stuck)
-            self._store.record_results(
-                chunk_id,
-                [],
-                [_params(line.cashout_id, line.attempt, "", "", "REJECTED", rejected.reason) for line in chunk.lines],
-                [],
-                now,
-            )
             self.poll_chunk(chunk_id)
             return
+        attempt = self._store.claim_attempt(chunk_id, now, now + self._stuck)
+        if attempt is None:
+            return
+        try:
+            provider_batch_id = self._provider.submit(chunk_id, lines)
+        except ProviderRejected as rejected:
+            # Only the refusal of the first and only call proves the provider created nothing.
+            if attempt == 1 and self._store.fail_first_attempt(chunk_id, rejected.reason, "REJECTED", now):
+                log.error("provider refused submission %s: %s", chunk_id, rejected)
+                self.poll_chunk(chunk_id)
+                return
+            self._ambiguous(chunk_id, f"attempt {attempt} refused ({rejected.reason}): {rejected}")
+            raise ProviderUnavailable(f"refusal of a repeated submission {chunk_id} proves nothing") from None
+        except ProviderAmbiguous as unclear:
+            self._ambiguous(chunk_id, str(unclear))
+            raise
         self._failpoints.hit("payouts.submit.after_provider")
         self._store.mark_submitted(chunk_id, provider_batch_id, now, now + self._stuck + timedelta(seconds=self._poll))
         self._queue.enqueue(POLL_TASK, chunk_id, countdown=self._poll)
+
+    def _mark_holds(self, chunk_id: str, lines: Sequence[PayoutLine], now: datetime) -> Sequence[PayoutLine] | None:
+        """SUBMITTED for every hold of the submission, in one wallet call; returns the lines still
+        to pay (None: the submission was parked)."""
+        answers = self._wallet.submit([(line.reservation_id, line.diamonds) for line in lines])
+        refused = [(line, answer) for line, answer in zip(lines, answers, strict=True) if answer.refusal]
+        if not refused:
+            return lines
+        expired: list[str] = []
+        requoted: list[tuple[str, int, int]] = []
+        cancelled: list[str] = []
+        for line, answer in refused:
+            if answer.refusal == "RESERVATION_SHRUNK":
+                quote = requote(answer.diamonds, Decimal(line.rate), line.currency, self._minimum)
+                if quote is None:
+                    cancelled.append(line.cashout_id)
+                else:
+                    requoted.append((line.cashout_id, *quote))
+            elif answer.refusal == "RESERVATION_ALREADY_COMMITTED":
+                log.error(
+                    "hold %s of cash-out %s is already committed (needs review)", line.reservation_id, line.cashout_id
+                )
+            else:
+                expired.append(line.cashout_id)
+        log.warning(
+            "submission %s: %d holds expired, %d shrunk (re-quoted), %d clawed back (cancelled)",
+            chunk_id,
+            len(expired),
+            len(requoted),
+            len(cancelled),
+        )
+        self._store.prune_chunk(chunk_id, expired, requoted, cancelled, now)
+        released = [s for c in (*expired, *cancelled) for s in self._store.settlements(cashout_id=c)]
+        self.settle(released)
+        chunk = self._store.chunk(chunk_id)
+        return chunk.lines if chunk is not None else ()
+
+    def _ambiguous(self, chunk_id: str, reason: str) -> None:
+        if self._store.note_ambiguous(chunk_id, reason, self._park_after, self._clock.now()):
+            log.error("submission %s parked for ops review after ambiguous answers: %s", chunk_id, reason)
+        else:
+            log.warning("submission %s: ambiguous answer, retried: %s", chunk_id, reason)
 
     def poll_chunk(self, chunk_id: str) -> bool:
         """Take the provider's item results, settle them in the wallet; True once the chunk is done."""
@@ -142,7 +218,9 @@ class Pipeline:
         return chunk_done
 
     def _record(self, chunk_id: str, provider_batch_id: str, lines: set[tuple[str, int]]) -> None:
+        started = time.perf_counter()
         result = self._provider.batch(provider_batch_id)
+        fetched = time.perf_counter()
         paid: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         pending: list[dict[str, Any]] = []
@@ -166,47 +244,63 @@ class Pipeline:
         if result.denied:
             failed.extend(_params(c, a, "", "", result.status, "BATCH_DENIED") for c, a in lines - seen)
         self._store.record_results(chunk_id, paid, failed, pending, self._clock.now())
+        log.info(
+            "results of %s: provider %.2fs, %d paid recorded in %.2fs",
+            chunk_id,
+            fetched - started,
+            len(paid),
+            time.perf_counter() - fetched,
+        )
 
     def pending_settlement(self, cashout_id: str) -> list[Settlement]:
         return self._store.settlements(cashout_id=cashout_id)
 
     def settle(self, settlements: Sequence[Settlement]) -> int:
-        """Commit paid and release failed reservations; returns how many the wallet settled."""
+        """Commit paid and release failed reservations, one wallet call per submission-sized
+        part (each item under its own request id); returns how many the wallet settled."""
         if not settlements:
             return 0
+        parts = [settlements[i : i + self._chunk_size] for i in range(0, len(settlements), self._chunk_size)]
 
-        def one(item: Settlement) -> tuple[str, str] | None:
+        def one(part: Sequence[Settlement]) -> list[tuple[str, str]]:
             try:
-                if item.action is WalletAction.COMMIT:
-                    refusal = self._wallet.commit(f"commit:{item.reservation_id}", item.reservation_id)
-                else:
-                    refusal = self._wallet.release(f"release:{item.reservation_id}", item.reservation_id, item.reason)
+                answers = self._wallet.settle(part)
             except Unavailable as exc:
-                log.warning("wallet unavailable settling %s (retried later): %s", item.cashout_id, exc)
-                return None
-            if refusal:
-                log.error(
-                    "wallet refused to %s reservation %s of cash-out %s: %s (needs review)",
-                    item.action.value.lower(),
-                    item.reservation_id,
-                    item.cashout_id,
-                    refusal,
-                )
-            return item.cashout_id, item.reservation_id
+                log.warning("wallet unavailable settling %d items (retried later): %s", len(part), exc)
+                return []
+            done = []
+            for item, refusal in zip(part, answers, strict=True):
+                if refusal is None:
+                    continue
+                if refusal:
+                    log.error(
+                        "wallet refused to %s reservation %s of cash-out %s: %s (needs review)",
+                        item.action.value.lower(),
+                        item.reservation_id,
+                        item.cashout_id,
+                        refusal,
+                    )
+                done.append((item.cashout_id, item.reservation_id))
+            return done
 
-        if len(settlements) == 1:
-            results = [one(settlements[0])]
+        if len(parts) == 1:
+            results = [one(parts[0])]
         else:
-            with ThreadPoolExecutor(max_workers=min(self._concurrency, len(settlements))) as pool:
-                results = list(pool.map(one, settlements))
-        done = [r for r in results if r is not None]
+            with ThreadPoolExecutor(max_workers=min(self._concurrency, len(parts))) as pool:
+                results = list(pool.map(one, parts))
+        done = [pair for result in results for pair in result]
         self._failpoints.hit("payouts.settle.after_wallet")
         self._store.mark_settled(done, self._clock.now())
         return len(done)
 
     def sweep(self) -> tuple[int, int, int]:
-        """Re-queue work whose messages were lost; returns (batches, chunks, settlements) touched."""
+        """Expire cash-outs whose holds would lapse before submission; re-queue work whose messages
+        were lost; returns (batches, chunks, settlements) touched."""
         now = self._clock.now()
+        expired = self._store.expire_unsent(now + self._margin, now)
+        if expired:
+            log.warning("expired %d cash-outs whose holds would lapse before submission", len(expired))
+            self.settle([s for c in expired for s in self._store.settlements(cashout_id=c)])
         batch_ids, chunk_list = self._store.due_work(now, now + self._stuck)
         for batch_id in batch_ids:
             self._queue.enqueue(PLAN_TASK, batch_id)

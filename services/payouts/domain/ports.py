@@ -8,24 +8,39 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from services.payouts.domain.model import PayoutLine
+from services.payouts.domain.model import PayoutLine, Settlement
 
 
 class WalletPort(Protocol):
     """The wallet's reservation contract. Refusals raise FailedPrecondition with the wallet's reason;
-    an unreachable wallet raises Unavailable. Every call is idempotent by ``request_id``."""
+    an unreachable wallet raises Unavailable. Every call is idempotent (by ``request_id``, or by state)."""
 
     def reserve(
         self, request_id: str, account_id: str, diamonds: int, reservation_id: str, expire_time: datetime
     ) -> None: ...
 
-    def commit(self, request_id: str, reservation_id: str) -> str:
-        """Returns "" when committed (now or before), else the wallet's refusal reason."""
-        ...
-
     def release(self, request_id: str, reservation_id: str, reason: str) -> str:
         """Returns "" when released (now, before, or lapsed), else the wallet's refusal reason."""
         ...
+
+    def submit(self, holds: Sequence[tuple[str, int]]) -> list[HoldAnswer]:
+        """Mark (reservation id, diamonds) holds SUBMITTED in one call, just before a provider call."""
+        ...
+
+    def settle(self, items: Sequence[Settlement]) -> list[str | None]:
+        """Commit (paid diamonds) or release each item's hold in one call, each under its own
+        request id. Per item: "" when done (now or before), the wallet's refusal reason, or
+        None when the wallet did not answer for it (retry later)."""
+        ...
+
+
+@dataclass(frozen=True)
+class HoldAnswer:
+    """The wallet's answer for one hold of a submission."""
+
+    reservation_id: str
+    refusal: str  # "" = submitted; RESERVATION_EXPIRED, RESERVATION_SHRUNK, …
+    diamonds: int  # what the hold holds now
 
 
 class ItemOutcome(enum.Enum):
@@ -62,6 +77,11 @@ class ProviderError(Exception):
 
 class ProviderUnavailable(ProviderError):
     """5xx, timeout or connection failure: retry the same call (same idempotency keys)."""
+
+
+class ProviderAmbiguous(ProviderUnavailable):
+    """An answer that proves nothing about what the provider created (e.g. "duplicate
+    sender_batch_id" without a link to the original): retried, and counted toward parking."""
 
 
 class ProviderRejected(ProviderError):

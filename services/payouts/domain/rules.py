@@ -23,6 +23,17 @@ def diamonds_for(amount: int, rate: Decimal, currency: str) -> int:
     return int(needed)
 
 
+def requote(left: int, rate: Decimal, currency: str, minimum: int) -> tuple[int, int] | None:
+    """A cash-out whose hold a clawback shrank to ``left`` diamonds, at its original rate:
+    (amount rounded down, diamonds it charges), or None when the rest is below the minimum."""
+    if left < minimum:
+        return None
+    amount = amount_minor(left, rate, currency)
+    if amount <= 0:
+        return None
+    return amount, diamonds_for(amount, rate, currency)
+
+
 class Rules:
     def __init__(self, rules: PayoutRules) -> None:
         self._rules = rules
@@ -61,3 +72,11 @@ class Rules:
         if amount <= 0:
             raise FailedPrecondition("BELOW_MINIMUM", "the diamonds are worth less than one minor unit")
         return amount
+
+
+def daily_limit_error(limit: int, currency: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "DAILY_LIMIT_EXCEEDED",
+        f"the cash-out would pass the daily limit of {limit} {currency} minor units",
+        {"daily_limit_minor": str(limit), "currency_code": currency},
+    )

@@ -8,8 +8,17 @@ from datetime import datetime, timedelta
 from sqlalchemy.engine import Connection
 
 from services.common.clock import Clock
-from services.common.errors import DomainError
-from services.payouts.domain.model import Batch, Cashout, CashoutState, Destination, derived_id, reservation_id
+from services.common.errors import RequestIdReused
+from services.common.failpoints import Failpoints
+from services.payouts.domain.model import (
+    Batch,
+    Cashout,
+    CashoutState,
+    Destination,
+    DestinationChange,
+    derived_id,
+    reservation_id,
+)
 from services.payouts.domain.pipeline import PLAN_TASK, Pipeline
 from services.payouts.domain.ports import TaskQueue, WalletPort
 from services.payouts.domain.rules import Rules, diamonds_for
@@ -29,6 +38,7 @@ class Payouts:
         queue: TaskQueue,
         pipeline: Pipeline,
         reservation_days: int,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self._store = store
         self._wallet = wallet
@@ -37,24 +47,37 @@ class Payouts:
         self._queue = queue
         self._pipeline = pipeline
         self._hold = timedelta(days=reservation_days)
+        self._failpoints = failpoints or Failpoints()
 
     # -- destinations ----------------------------------------------------------------------------------
 
     def set_destination(self, key: RequestKey, creator: str, provider: str, receiver: str) -> bytes:
         now = self._clock.now()
         return self._store.in_request(
-            key, lambda conn: self._store.set_destination(conn, creator, provider, receiver, now)
+            key, lambda conn: self._store.set_destination(conn, creator, provider, receiver, now, key.moved_by)
         )
 
-    def verify_destination(self, key: RequestKey, creator: str) -> bytes:
+    def verify_destination(self, key: RequestKey, creator: str, provider: str, receiver: str) -> bytes:
         now = self._clock.now()
-        return self._store.in_request(key, lambda conn: self._store.verify_destination(conn, creator, now))
+        return self._store.in_request(
+            key, lambda conn: self._store.verify_destination(conn, creator, provider, receiver, now, key.moved_by)
+        )
+
+    def destination_history(self, creator: str, limit: int) -> tuple[Destination, list[DestinationChange]]:
+        current, changes = self._store.destination_history(creator, limit)
+        if current is None:
+            raise NotFound(
+                "DESTINATION_NOT_FOUND", "the creator has no payout destination", {"creator_account_id": creator}
+            )
+        return current, changes
 
     # -- cash-outs -------------------------------------------------------------------------------------
 
     def request_cashout(
         self, key: RequestKey, creator: str, diamonds: int, destination: Destination | None, currency_code: str
     ) -> bytes:
+        """The cash-out row first (RESERVING), then its hold, then the answer: a crash in between
+        leaves a row the sweeper finishes, and a retry of the same request asks for the same hold."""
         stored = self._store.replayed(key)
         if stored is not None:
             return stored
@@ -80,50 +103,81 @@ class Payouts:
         now = self._clock.now()
         day = now.date().isoformat()
         limit = self._rules.daily_limit(currency)
-        if limit is not None and self._store.daily_used(creator, day, currency) + amount > limit:
-            raise _daily_limit(limit, currency)
         cashout_id = derived_id("co", key.request_id)
         hold = reservation_id(cashout_id, 1)
-        self._wallet.reserve(f"reserve:{hold}", creator, charged, hold, now + self._hold)
+        row = self._store.begin_cashout(
+            {
+                "cashout_id": cashout_id,
+                "creator_account_id": creator,
+                "diamonds": charged,
+                "amount_minor": amount,
+                "currency": currency,
+                "rate": str(rate),
+                "provider": verified.provider,
+                "receiver": verified.receiver,
+                "state": CashoutState.RESERVING.value,
+                "attempt": 1,
+                "reservation_id": hold,
+                "failure_reason": "",
+                "provider_item_id": "",
+                "provider_transaction_id": "",
+                "provider_status": "",
+                "wallet_action": None,
+                "wallet_done": True,
+                "request_day": day,
+                "created_at": now,
+                "updated_at": now,
+                "hold_expire_at": now + self._hold,
+                **key.moved_by.columns(),
+            },
+            limit,
+        )
+        if (row.creator_account_id, row.currency, row.attempt) != (creator, currency, 1) or row.amount_minor != amount:
+            raise RequestIdReused(key.request_id)
+        if row.state is CashoutState.RESERVING:
+            self._failpoints.hit("payouts.cashout.after_row")
+            assert row.hold_expire_at is not None
+            try:
+                self._wallet.reserve(f"reserve:{hold}", creator, row.diamonds, hold, row.hold_expire_at)
+            except FailedPrecondition:
+                self._store.drop_reserving(cashout_id)
+                raise
+        return self._store.in_request(
+            key, lambda conn: self._store.finish_reserving(conn, cashout_id, CashoutState.REQUESTED, now)
+        )
 
-        def work(conn: Connection) -> Cashout:
-            if not self._store.add_daily(conn, creator, day, currency, amount, limit):
-                raise _daily_limit(limit or 0, currency)
-            self._store.insert_cashout(
-                conn,
-                {
-                    "cashout_id": cashout_id,
-                    "creator_account_id": creator,
-                    "diamonds": charged,
-                    "amount_minor": amount,
-                    "currency": currency,
-                    "rate": str(rate),
-                    "provider": verified.provider,
-                    "receiver": verified.receiver,
-                    "state": CashoutState.REQUESTED.value,
-                    "attempt": 1,
-                    "reservation_id": hold,
-                    "failure_reason": "",
-                    "provider_item_id": "",
-                    "provider_transaction_id": "",
-                    "provider_status": "",
-                    "wallet_action": None,
-                    "wallet_done": True,
-                    "request_day": day,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            found = self._store.cashout(conn, cashout_id)
-            assert found is not None
-            return found
+    def sweep(self) -> None:
+        """The periodic sweeper: rows left RESERVING, then the pipeline's own sweep."""
+        self.finish_reserving(self._clock.now() - self._pipeline.stuck)
+        self._pipeline.sweep()
 
+    def parked(self) -> int:
+        return self._store.parked()
+
+    def finish_reserving(self, older_than: datetime) -> int:
+        """Sweeper: rows a crash left RESERVING get their hold (the same request to the wallet) and
+        move on, or, if the wallet refuses it, end (a new cash-out CANCELLED, a retry FAILED)."""
+        finished = 0
+        for row in self._store.stale_reserving(older_than):
+            if not self._hold_for(row):
+                continue
+            self._store.finish_reserved(row, self._clock.now())
+            if row.attempt > 1:
+                self._enqueue_plan(row.batch_id)
+            finished += 1
+        return finished
+
+    def _hold_for(self, row: Cashout) -> bool:
+        """Ask the wallet for a RESERVING row's hold (idempotent); False if it refused (the row ends)."""
+        assert row.hold_expire_at is not None
+        hold = row.reservation_id
         try:
-            return self._store.in_request(key, work)
-        except DomainError as error:
-            if error.reason == "DAILY_LIMIT_EXCEEDED":
-                self._wallet.release(f"release:{hold}", hold, "DAILY_LIMIT_EXCEEDED")
-            raise
+            self._wallet.reserve(f"reserve:{hold}", row.creator_account_id, row.diamonds, hold, row.hold_expire_at)
+        except FailedPrecondition as refusal:
+            log.info("cash-out %s: the wallet refused its hold (%s)", row.cashout_id, refusal.reason)
+            self._store.refuse_reserving(row.cashout_id, row.attempt, refusal.reason, self._clock.now())
+            return False
+        return True
 
     def get_cashout(self, cashout_id: str) -> Cashout:
         found = self._store.get_cashout(cashout_id)
@@ -155,7 +209,10 @@ class Payouts:
         now = self._clock.now()
         batch_id = derived_id("pb", key.request_id)
         response = self._store.in_request(
-            key, lambda conn: self._store.create_batch(conn, batch_id, currency, cutoff or now, max_items, now)
+            key,
+            lambda conn: self._store.create_batch(
+                conn, batch_id, currency, cutoff or now, max_items, now, key.moved_by
+            ),
         )
         self._enqueue_plan(batch_id)
         return response, batch_id
@@ -171,24 +228,30 @@ class Payouts:
         return self._store.list_batch_items(batch_id, size, token)
 
     def retry_failed(self, key: RequestKey, batch_id: str) -> bytes:
+        """Each FAILED item's next attempt row first (RESERVING), then its hold, then the answer."""
         stored = self._store.replayed(key)
         if stored is not None:
             return stored
-        ready: list[tuple[Cashout, str]] = []
-        for item in self._store.retry_candidates(batch_id):
-            hold = reservation_id(item.cashout_id, item.attempt + 1)
+        now = self._clock.now()
+        self._store.begin_retry(batch_id, self._store.retry_candidates(batch_id), now + self._hold, now)
+        ready: list[str] = []
+        # Also the attempts an earlier, interrupted try of this request (or any) left reserving.
+        for item in self._store.reserving_of(batch_id):
+            assert item.hold_expire_at is not None
+            hold = item.reservation_id
+            self._failpoints.hit("payouts.retry.after_row")
             try:
                 self._wallet.reserve(
-                    f"reserve:{hold}", item.creator_account_id, item.diamonds, hold, self._clock.now() + self._hold
+                    f"reserve:{hold}", item.creator_account_id, item.diamonds, hold, item.hold_expire_at
                 )
             except FailedPrecondition as refusal:
                 log.info("not retrying %s: the wallet refused a new hold (%s)", item.cashout_id, refusal.reason)
+                self._store.refuse_reserving(item.cashout_id, item.attempt, refusal.reason, self._clock.now())
                 continue
-            ready.append((item, hold))
-        now = self._clock.now()
+            ready.append(item.cashout_id)
 
         def work(conn: Connection) -> tuple[int, Batch]:
-            moved = self._store.requeue_failed(conn, batch_id, ready, now)
+            moved = self._store.finish_retry(conn, batch_id, ready, self._clock.now())
             return moved, self._store.batch(conn, batch_id)
 
         response = self._store.in_request(key, work)
@@ -204,11 +267,3 @@ class Payouts:
             self._queue.enqueue(PLAN_TASK, batch_id)
         except Exception as exc:  # the broker is down: the sweeper starts the batch later
             log.warning("could not queue batch %s (the sweeper will): %s", batch_id, exc)
-
-
-def _daily_limit(limit: int, currency: str) -> FailedPrecondition:
-    return FailedPrecondition(
-        "DAILY_LIMIT_EXCEEDED",
-        f"the cash-out would pass the daily limit of {limit} {currency} minor units",
-        {"daily_limit_minor": str(limit), "currency_code": currency},
-    )

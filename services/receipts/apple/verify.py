@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.common.errors import DomainError
@@ -24,7 +24,7 @@ from services.receipts.apple.rules import ApplePolicy, app_account_token, check_
 from services.receipts.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Refusals
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
-from services.receipts.purchases.model import Claim, Environment, PurchaseResult, VerifiedPurchase
+from services.receipts.purchases.model import Claim, Environment, PurchaseResult, VerifiedPurchase, evidence_hash
 from services.receipts.purchases.repository import CreditHook
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ class ApplePurchases:
     async def verified_purchase(self, jws: str, field: str) -> tuple[VerifiedPurchase, dict[str, Any]]:
         """Verify a signed transaction and apply the App Store rules (no account yet)."""
         payload = await self.verifier.verify_async(jws, field)
-        return check_transaction(payload, self.policy, field), payload
+        purchase = replace(check_transaction(payload, self.policy, field), evidence_sha256=evidence_hash(jws))
+        return purchase, payload
 
     def check_account(self, payload: dict[str, Any], account_id: str) -> None:
         """appAccountToken present and not this account's → PERMISSION_DENIED ACCOUNT_MISMATCH."""

@@ -38,6 +38,7 @@ from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from services.common.errors import Unavailable
+from services.common.outbound import OutboundPolicy, PolicyHttp
 from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase, VoidedQuery
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,12 @@ class PlayClient:
         max_backoff_seconds: float = 2.0,
         threads: int = 32,
         sleep: Callable[[float], None] = time.sleep,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         self._key_file = service_account_file
         self._endpoint = endpoint.strip()
         self._timeout = timeout_seconds
+        self._outbound = outbound or OutboundPolicy()
         self._attempts = max(1, attempts)
         self._backoff = backoff_seconds
         self._max_backoff = max_backoff_seconds
@@ -153,7 +156,7 @@ class PlayClient:
         resources: _Resources | None = getattr(self._local, "resources", None)
         if resources is None:
             http = google_auth_httplib2.AuthorizedHttp(
-                self._load_credentials(), http=httplib2.Http(timeout=self._timeout)
+                self._load_credentials(), http=PolicyHttp(self._outbound, self._timeout)
             )
             options = {"api_endpoint": self._endpoint} if self._endpoint else None
             service = discovery.build(

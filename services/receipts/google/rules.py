@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.common.catalog import Catalog, Price, StoreId
 from services.receipts.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.receipts.purchases.model import Environment, VerifiedPurchase
+from services.receipts.purchases.model import Environment, VerifiedPurchase, evidence_hash
 
 if TYPE_CHECKING:
     from services.receipts.purchases.binding import Binding
@@ -245,6 +245,7 @@ def evaluate(
         purchase_time=purchase.completion_time,
         order_id=purchase.order_id,
         pending=state == PENDING,
+        evidence_sha256=evidence_hash(purchase.raw),
     )
     return GoogleVerdict(verified, item, consumed=item.consumed, cancelled=state == CANCELLED)
 

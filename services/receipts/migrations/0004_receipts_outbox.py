@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "receipts_0004"
-down_revision = "receipts_0003"
+down_revision = "receipts_0006"
 branch_labels = None
 depends_on = None
 

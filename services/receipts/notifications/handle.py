@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Coroutine
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -137,7 +137,9 @@ class NotificationHandler:
         if kind == "ONE_TIME_CHARGE":
             token = app_account_token(transaction)
             account = self.bindings.account_for_app_account_token(token) if token else None
-            purchase = self._apple_purchase(transaction)
+            purchase = replace(
+                self._apple_purchase(transaction), evidence_sha256=str(item.payload.get("evidence_sha256", ""))
+            )
             if account is None:
                 self._core(self.crediting.record(purchase))
                 return "recorded"

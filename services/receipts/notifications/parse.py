@@ -14,9 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import DomainError, Unavailable
+from services.common.limits import json_depth
 from services.common.loop import OnLoop
 from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.notifications.repository import NewNotification
+from services.receipts.purchases.model import evidence_hash
+
+# Apple's and Google's bodies nest four or five levels; anything far deeper is an attack
+# on the parser (json.loads recurses), refused before parsing.
+MAX_JSON_DEPTH = 32
 
 APPLE = "apple"
 _NEEDS_TRANSACTION = ("ONE_TIME_CHARGE", "REFUND", "REFUND_REVERSED", "REFUND_DECLINED", "CONSUMPTION_REQUEST")
@@ -38,7 +44,9 @@ class AppleExpectations:
     app_apple_id: int
 
 
-def _json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+def _json_object(raw: bytes, what: str, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    if json_depth(raw) > max_depth:
+        raise Rejected(400, f"{what} nests deeper than {max_depth} levels")
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -69,10 +77,16 @@ def _verified(jws: str, what: str, verifier: AppleJwsVerifier, loop: OnLoop) -> 
         raise Rejected(401, f"{what}: {exc.reason}: {exc.message}") from None
 
 
-def parse_apple(body: bytes, verifier: AppleJwsVerifier, expect: AppleExpectations, loop: OnLoop) -> NewNotification:
+def parse_apple(
+    body: bytes,
+    verifier: AppleJwsVerifier,
+    expect: AppleExpectations,
+    loop: OnLoop,
+    max_depth: int = MAX_JSON_DEPTH,
+) -> NewNotification:
     """ResponseBodyV2 → verified notification (payload plus the verified transaction).
     Runs in a worker thread; ``loop`` is the one owning the verifier's OCSP client."""
-    envelope = _json_object(body, "body")
+    envelope = _json_object(body, "body", max_depth)
     signed = _text(envelope.get("signedPayload"), "signedPayload", limit=512 * 1024)
     assert signed is not None
     if signed.count(".") != 2:
@@ -105,7 +119,11 @@ def parse_apple(body: bytes, verifier: AppleJwsVerifier, expect: AppleExpectatio
         raise Rejected(400, "data is missing")
     if notification_type in _NEEDS_TRANSACTION and transaction is None:
         raise Rejected(400, "data.signedTransactionInfo is missing")
-    stored: dict[str, Any] = {"notification": _without_signed(payload), "transaction": transaction}
+    stored: dict[str, Any] = {
+        "notification": _without_signed(payload),
+        "transaction": transaction,
+        "evidence_sha256": evidence_hash(signed_transaction) if isinstance(signed_transaction, str) else "",
+    }
     return NewNotification(
         source=APPLE,
         external_id=uuid,
@@ -148,9 +166,9 @@ GOOGLE_KINDS = (
 )
 
 
-def parse_google(body: bytes, package_name: str) -> NewNotification:
+def parse_google(body: bytes, package_name: str, max_depth: int = MAX_JSON_DEPTH) -> NewNotification:
     """Pub/Sub push envelope (already authenticated) → notification."""
-    envelope = _json_object(body, "body")
+    envelope = _json_object(body, "body", max_depth)
     message = envelope.get("message")
     if not isinstance(message, dict):
         raise Rejected(400, "message is missing")
@@ -158,7 +176,7 @@ def parse_google(body: bytes, package_name: str) -> NewNotification:
     assert message_id is not None
     data = _text(message.get("data"), "message.data", limit=1024 * 1024)
     assert data is not None
-    notification = _json_object(decode_pubsub_data(data), "message.data")
+    notification = _json_object(decode_pubsub_data(data), "message.data", max_depth)
     if notification.get("packageName") != package_name:
         raise Rejected(403, "packageName is not this app's")
     kind = next((k for k in GOOGLE_KINDS if isinstance(notification.get(k), dict)), None)

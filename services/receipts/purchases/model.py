@@ -6,8 +6,11 @@ worker, reconciliation) hands the one crediting path and gets back. No I/O.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from services.common.catalog import Price, StoreId
 
@@ -67,6 +70,15 @@ class VerifiedPurchase:
     original_transaction_id: str = ""
     revoked: bool = False
     pending: bool = False
+    # SHA-256 of the store evidence the path verified; the wallet keeps it with the credit.
+    evidence_sha256: str = ""
+
+
+def evidence_hash(evidence: str | dict[str, Any]) -> str:
+    """SHA-256 (hex) of store evidence: a signed JWS as received, or a store API resource
+    as canonical JSON (sorted keys, no spaces), so the same answer always hashes alike."""
+    text = evidence if isinstance(evidence, str) else json.dumps(evidence, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -396,11 +396,14 @@ class BindingRepository:
         )
 
     def record_now(self, account_id: str, app_account_token: str, obfuscated_id: str, now: datetime) -> None:
-        """Record once: an account asks for its binding before every purchase, and a
-        read is all a known one costs (no write transaction, no SQLite write lock)."""
+        """Record once per binding secret: an account asks for its binding before every
+        purchase, and a read is all a known one costs (no write transaction, no SQLite
+        write lock). A rotated secret gives the account a further row."""
         with self.db.connect() as conn:
             known = conn.execute(
-                sa.select(self._bindings.c.account_id).where(self._bindings.c.account_id == account_id)
+                sa.select(self._bindings.c.account_id).where(
+                    self._bindings.c.app_account_token == app_account_token.lower()
+                )
             ).first()
         if known is None:
             self.db.transaction(lambda conn: self.record(conn, account_id, app_account_token, obfuscated_id, now))

@@ -129,7 +129,15 @@ class WalletClient:
         """CreditPurchase of ``terms`` (coins include the bonus) to ``account_id``."""
         purchase = terms.purchase
         request = wpb.CreditPurchaseRequest(
-            request_id=wallet_request_id("credit", request_id, purchase.store.value, purchase.store_transaction_id),
+            # The evidence is part of the body, so it is part of the id: a retry that verified a
+            # fresh copy (an App Store API answer signed anew) is a new call, answered ALREADY_CREDITED.
+            request_id=wallet_request_id(
+                "credit",
+                request_id,
+                purchase.store.value,
+                purchase.store_transaction_id,
+                *((purchase.evidence_sha256,) if purchase.evidence_sha256 else ()),
+            ),
             account_id=account_id,
             store=WALLET_STORE[purchase.store],
             store_transaction_id=purchase.store_transaction_id,
@@ -142,6 +150,7 @@ class WalletClient:
             price=money(purchase.price),
             purchase_time=timestamp(purchase.purchase_time),
             flagged_for_review=terms.flagged_for_review,
+            evidence_sha256=purchase.evidence_sha256,
         )
         if self._credits is None:
             return _credit(await self._call(self._stub.CreditPurchase, request))

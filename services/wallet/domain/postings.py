@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from services.wallet.domain.holds import CommitPlan
 from services.wallet.domain.ledger import (
     GIFT_REVENUE,
     PAYOUT_CLEARING,
@@ -112,4 +113,15 @@ def resolve(account_id: str, diamonds: int, committed: bool) -> list[Posting]:
     return [
         Posting(hold_account(account_id), Currency.DIAMOND, -diamonds),
         Posting(destination, Currency.DIAMOND, diamonds),
+    ]
+
+
+def commit(account_id: str, plan: CommitPlan) -> list[Posting]:
+    """A paid cash-out: its hold's part and the shortfall (unreserved diamonds, other holds,
+    debt) leave for payout clearing; the hold's excess goes back to the creator."""
+    others = sum(taken for _, taken in plan.from_holds)
+    return [
+        Posting(hold_account(account_id), Currency.DIAMOND, -(plan.from_hold + plan.returned + others)),
+        Posting(account_id, Currency.DIAMOND, plan.returned - plan.from_balance - plan.debt),
+        Posting(PAYOUT_CLEARING, Currency.DIAMOND, plan.paid),
     ]

@@ -65,6 +65,10 @@ class ReservationState(enum.Enum):
     COMMITTED = "COMMITTED"
     RELEASED = "RELEASED"
     EXPIRED = "EXPIRED"
+    SUBMITTED = "SUBMITTED"  # a payout provider may be paying against it: never expires, never shrinks
+
+
+OPEN_HOLDS = (ReservationState.HELD, ReservationState.SUBMITTED)
 
 
 def refuse_reservation(diamonds: int, view: BalanceView) -> None:

@@ -4,14 +4,17 @@ wallet service, each on its own port, sharing one database like production."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 
 import grpc
 import pytest
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
+from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import StoreId
 from services.receipts.purchases.model import Refund
+from services.wallet.audit import credits_without_evidence
 from tests.receipts.support import apple_simulator, ledger, receipts_host, receipts_with_wallet, simulator_settings
 from tests.support.status import error_reason
 from tests.support.tokens import Keys
@@ -43,6 +46,15 @@ async def test_app_store_purchase_credited_once_by_the_real_wallet(
         assert (await wallet.balance("fan-1")).coins == 2800
         txid = replies[0].purchases[0].store_transaction_id
         assert await ledger(wallet, "fan-1") == [(txid, 2800)]
+        # The wallet keeps the hash of the signed transaction the credit rests on, and who credited it.
+        purchase = await wallet.stub.GetPurchaseConsumption(
+            wpb.GetPurchaseConsumptionRequest(
+                store=wpb.STORE_APP_STORE, environment=wpb.STORE_ENVIRONMENT_PRODUCTION, store_transaction_id=txid
+            ),
+            metadata=wallet.md(),
+        )
+        assert purchase.evidence_sha256 == hashlib.sha256(jws.encode()).hexdigest()
+        assert purchase.credited_by.subject == "receipts"
 
         # Another account: refused before the wallet, and nothing moves.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -77,3 +89,5 @@ async def test_a_legacy_receipt_verified_twice_credits_each_consumable_once(
             request = pb.VerifyApplePurchaseRequest(request_id=request_id, account_id="fan-1", app_receipt=receipt)
             await receipts.stub.VerifyApplePurchase(request, metadata=receipts.md(), timeout=30)
         assert sorted(await receipts.ledger("fan-1")) == sorted((txid, 70) for txid in ids)
+        # Each credit rests on the App Store's signed answer for its transaction.
+        assert credits_without_evidence(receipts.wallet.database) == (0, [])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -13,6 +11,7 @@ from aiohttp import web
 from services.storesim import google as play_sim
 from services.storesim.config import StoresimSettings
 from tests.receipts.support import Receipts, receipts_service
+from tests.support.tls import serve_in_thread
 from tests.support.tokens import Keys
 
 PACKAGE = "com.coinstore.app"
@@ -62,37 +61,10 @@ async def google_receipts(
 def play_simulator_thread(state_dir: Path) -> Iterator[tuple[play_sim.PlayState, str]]:
     """The simulator served from its own thread and event loop, for synchronous
     tests and for subprocesses (works whether or not the caller runs a loop)."""
-    loop = asyncio.new_event_loop()
     app = web.Application()
     play_sim.setup(app, StoresimSettings(state_dir=state_dir, port=0))
-    runner = web.AppRunner(app)
-    ready = threading.Event()
-    ports: list[int] = []
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-
-        async def start() -> None:
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-            ready.set()
-
-        loop.run_until_complete(start())
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    if not ready.wait(30):
-        raise RuntimeError("the Play simulator did not start")
-    base = f"http://127.0.0.1:{ports[0]}"
-    state = app[play_sim.PLAY_STATE]
-    state.write_service_account(base)
-    try:
+    with serve_in_thread(app) as port:
+        base = f"http://127.0.0.1:{port}"
+        state = app[play_sim.PLAY_STATE]
+        state.write_service_account(base)
         yield state, base
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()

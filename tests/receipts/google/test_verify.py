@@ -15,6 +15,7 @@ from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import StoreId
 from services.receipts.google.repository import ConsumeState
+from services.receipts.purchases.model import evidence_hash
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import PACKAGE, google_receipts
 from tests.receipts.support import Receipts
@@ -151,10 +152,13 @@ async def test_cancelled_is_refused(keys: Keys, database_url: str, tmp_path: Pat
 async def test_quantity_multiplies_the_pack(keys: Keys, database_url: str, tmp_path: Path) -> None:
     async with google_receipts(keys, database_url, tmp_path) as (receipts, play):
         bought = play.buy("coins_350", account_id=binding(receipts, "fan-1"), quantity=3)
+        resource = bought.v2()  # what Google answers for the token when it is verified
         result = await verify(receipts, bought.token, product_id="coins_350")
         assert (result.quantity, result.coins_credited) == (3, 1050)
         assert result.price.amount_minor == 3 * 599
         assert wallet_credits(receipts) == [("fan-1", bought.token, 1050)]
+        # The wallet keeps the hash of the purchase resource the credit rests on.
+        assert receipts.wallet.only_credit(bought.token).evidence_sha256 == evidence_hash(resource)
 
 
 async def test_test_purchases_are_sandbox_and_follow_the_policy(keys: Keys, database_url: str, tmp_path: Path) -> None:

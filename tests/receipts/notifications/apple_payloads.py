@@ -55,6 +55,7 @@ def notification(
     environment: str = "Production",
     app_apple_id: int | None = 1234567890,
     notification_uuid: str | None = None,
+    signed_date: datetime | None = None,
 ) -> dict[str, Any]:
     data: dict[str, Any] = {"environment": environment, "bundleId": bundle_id, "bundleVersion": "1"}
     if app_apple_id is not None:
@@ -65,7 +66,7 @@ def notification(
         "notificationType": notification_type,
         "notificationUUID": notification_uuid or str(uuid.uuid4()),
         "version": "2.0",
-        "signedDate": int(datetime.now(UTC).timestamp() * 1000),
+        "signedDate": int((signed_date or datetime.now(UTC)).timestamp() * 1000),
         "data": data,
     }
     return {"signedPayload": sign(payload)}

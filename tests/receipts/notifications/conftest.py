@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from services.receipts.apple.jws import AppleJwsVerifier
 from services.receipts.notifications.parse import AppleExpectations
 from services.receipts.notifications.pubsub_auth import JwksCache, PubSubTokenVerifier
 from services.receipts.notifications.repository import InboxRepository
-from services.receipts.notifications.webhooks import WebhookDeps, WebhookServer, create_webhook_app
+from services.receipts.notifications.webhooks import WebhookDeps, WebhookLimits, WebhookServer, create_webhook_app
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Refund, VerifiedPurchase
 from services.receipts.wiring import Components, build_components
@@ -113,8 +113,11 @@ class Webhook:
                 return response.status, text
 
 
-@pytest.fixture
-async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleStore) -> AsyncIterator[Webhook]:
+@asynccontextmanager
+async def running_webhook(
+    receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleStore, limits: WebhookLimits | None = None
+) -> AsyncIterator[Webhook]:
+    """The webhook server on a free port, with ``limits`` (the defaults when None)."""
     lock = threading.Lock()
     dispatched: list[int] = []
 
@@ -133,6 +136,7 @@ async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleS
         dispatch=dispatch,
         metrics=metrics,
         clock=SystemClock(),
+        limits=limits or WebhookLimits(),
     )
     server = WebhookServer(create_webhook_app(deps), "127.0.0.1", 0)
     await server.start()
@@ -141,6 +145,12 @@ async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleS
         yield Webhook(f"http://127.0.0.1:{server.port}", inbox, dispatched, metrics)
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def webhook(receipts_db: Database, sim: Sim, apple_store: apple_sim.AppleStore) -> AsyncIterator[Webhook]:
+    async with running_webhook(receipts_db, sim, apple_store) as running:
+        yield running
 
 
 def count_calls(crediting: Crediting) -> list[tuple[str, str]]:

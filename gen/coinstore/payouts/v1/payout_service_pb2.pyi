@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from coinstore.type.v1 import actor_pb2 as _actor_pb2
 from coinstore.type.v1 import money_pb2 as _money_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -50,10 +51,16 @@ class _CashoutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CashoutS
     CASHOUT_STATE_PAID: _CashoutState.ValueType  # 4
     CASHOUT_STATE_FAILED: _CashoutState.ValueType  # 5
     CASHOUT_STATE_CANCELLED: _CashoutState.ValueType  # 6
+    CASHOUT_STATE_RESERVING: _CashoutState.ValueType  # 7
+    """The row exists, its wallet hold is being made (a crash here is finished by the sweeper)."""
+    CASHOUT_STATE_EXPIRED: _CashoutState.ValueType  # 8
+    """The hold would have lapsed before the cash-out could be submitted: never paid, the
+    diamonds went back (failure_reason HOLD_EXPIRED); the creator may request again.
+    """
 
 class CashoutState(_CashoutState, metaclass=_CashoutStateEnumTypeWrapper):
-    """Cash-out lifecycle. Output only: REQUESTED -> BATCHED -> SUBMITTED -> PAID | FAILED;
-    REQUESTED -> CANCELLED.
+    """Cash-out lifecycle. Output only: RESERVING -> REQUESTED -> BATCHED -> SUBMITTED -> PAID | FAILED;
+    REQUESTED -> CANCELLED; REQUESTED | BATCHED -> EXPIRED; FAILED -> RESERVING (a retry's next attempt).
     """
 
 CASHOUT_STATE_UNSPECIFIED: CashoutState.ValueType  # 0
@@ -63,6 +70,12 @@ CASHOUT_STATE_SUBMITTED: CashoutState.ValueType  # 3
 CASHOUT_STATE_PAID: CashoutState.ValueType  # 4
 CASHOUT_STATE_FAILED: CashoutState.ValueType  # 5
 CASHOUT_STATE_CANCELLED: CashoutState.ValueType  # 6
+CASHOUT_STATE_RESERVING: CashoutState.ValueType  # 7
+"""The row exists, its wallet hold is being made (a crash here is finished by the sweeper)."""
+CASHOUT_STATE_EXPIRED: CashoutState.ValueType  # 8
+"""The hold would have lapsed before the cash-out could be submitted: never paid, the
+diamonds went back (failure_reason HOLD_EXPIRED); the creator may request again.
+"""
 Global___CashoutState: _TypeAlias = CashoutState  # noqa: Y015
 
 class _BatchState:
@@ -93,6 +106,28 @@ BATCH_STATE_COMPLETED: BatchState.ValueType  # 3
 BATCH_STATE_CANCELLED: BatchState.ValueType  # 4
 Global___BatchState: _TypeAlias = BatchState  # noqa: Y015
 
+class _DestinationChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DestinationChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DestinationChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DESTINATION_CHANGE_KIND_UNSPECIFIED: _DestinationChangeKind.ValueType  # 0
+    DESTINATION_CHANGE_KIND_SET: _DestinationChangeKind.ValueType  # 1
+    """SetPayoutDestination with a new receiver (drops the verification)."""
+    DESTINATION_CHANGE_KIND_VERIFY: _DestinationChangeKind.ValueType  # 2
+    """VerifyPayoutDestination."""
+
+class DestinationChangeKind(_DestinationChangeKind, metaclass=_DestinationChangeKindEnumTypeWrapper):
+    """What a change did to a creator's payout destination."""
+
+DESTINATION_CHANGE_KIND_UNSPECIFIED: DestinationChangeKind.ValueType  # 0
+DESTINATION_CHANGE_KIND_SET: DestinationChangeKind.ValueType  # 1
+"""SetPayoutDestination with a new receiver (drops the verification)."""
+DESTINATION_CHANGE_KIND_VERIFY: DestinationChangeKind.ValueType  # 2
+"""VerifyPayoutDestination."""
+Global___DestinationChangeKind: _TypeAlias = DestinationChangeKind  # noqa: Y015
+
 @_typing.final
 class PayoutDestination(_message.Message):
     """Where a creator is paid."""
@@ -102,25 +137,76 @@ class PayoutDestination(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     RECEIVER_FIELD_NUMBER: _builtins.int
     VERIFIED_FIELD_NUMBER: _builtins.int
+    CHANGED_BY_FIELD_NUMBER: _builtins.int
+    VERIFIED_BY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     provider: Global___Provider.ValueType
     receiver: _builtins.str
     """Provider-specific receiver, e.g. a PayPal e-mail address."""
     verified: _builtins.bool
     """Output only."""
+    @_builtins.property
+    def changed_by(self) -> _actor_pb2.Actor:
+        """Output only: who last set the destination, and who verified it (empty while unverified)."""
+
+    @_builtins.property
+    def verified_by(self) -> _actor_pb2.Actor: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when it was last set or verified."""
+
     def __init__(
         self,
         *,
         provider: Global___Provider.ValueType = ...,
         receiver: _builtins.str = ...,
         verified: _builtins.bool = ...,
+        changed_by: _actor_pb2.Actor | None = ...,
+        verified_by: _actor_pb2.Actor | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_by", b"changed_by", "update_time", b"update_time", "verified_by", b"verified_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider", "receiver", b"receiver", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_by", b"changed_by", "provider", b"provider", "receiver", b"receiver", "update_time", b"update_time", "verified", b"verified", "verified_by", b"verified_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PayoutDestination: _TypeAlias = PayoutDestination  # noqa: Y015
+
+@_typing.final
+class DestinationChange(_message.Message):
+    """One recorded change of a payout destination."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    RECEIVER_FIELD_NUMBER: _builtins.int
+    CHANGED_BY_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___DestinationChangeKind.ValueType
+    provider: Global___Provider.ValueType
+    receiver: _builtins.str
+    @_builtins.property
+    def changed_by(self) -> _actor_pb2.Actor: ...
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___DestinationChangeKind.ValueType = ...,
+        provider: Global___Provider.ValueType = ...,
+        receiver: _builtins.str = ...,
+        changed_by: _actor_pb2.Actor | None = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "changed_by", b"changed_by"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "changed_by", b"changed_by", "kind", b"kind", "provider", b"provider", "receiver", b"receiver"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestinationChange: _TypeAlias = DestinationChange  # noqa: Y015
 
 @_typing.final
 class Cashout(_message.Message):
@@ -143,13 +229,17 @@ class Cashout(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     SENDER_BATCH_ID_FIELD_NUMBER: _builtins.int
     SENDER_ITEM_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
     cashout_id: _builtins.str
     creator_account_id: _builtins.str
     diamonds: _builtins.int
     state: Global___CashoutState.ValueType
     batch_id: _builtins.str
     failure_reason: _builtins.str
-    """Provider's reason when FAILED."""
+    """Why it ended unpaid: the provider's reason when FAILED; CANCELLED_BY_CREATOR or
+    CLAWED_BACK (a refund took so much of the hold that the rest is below the minimum)
+    when CANCELLED; HOLD_EXPIRED when EXPIRED.
+    """
     provider_item_id: _builtins.str
     """Provider's item id, once submitted."""
     rate: _builtins.str
@@ -174,6 +264,10 @@ class Cashout(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def requested_by(self) -> _actor_pb2.Actor:
+        """Who asked for the cash-out (RequestCashout)."""
+
     def __init__(
         self,
         *,
@@ -194,10 +288,11 @@ class Cashout(_message.Message):
         attempt: _builtins.int = ...,
         sender_batch_id: _builtins.str = ...,
         sender_item_id: _builtins.str = ...,
+        requested_by: _actor_pb2.Actor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "destination", b"destination", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "destination", b"destination", "requested_by", b"requested_by", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "attempt", b"attempt", "batch_id", b"batch_id", "cashout_id", b"cashout_id", "create_time", b"create_time", "creator_account_id", b"creator_account_id", "destination", b"destination", "diamonds", b"diamonds", "failure_reason", b"failure_reason", "provider_batch_id", b"provider_batch_id", "provider_item_id", b"provider_item_id", "provider_transaction_id", b"provider_transaction_id", "rate", b"rate", "sender_batch_id", b"sender_batch_id", "sender_item_id", b"sender_item_id", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "attempt", b"attempt", "batch_id", b"batch_id", "cashout_id", b"cashout_id", "create_time", b"create_time", "creator_account_id", b"creator_account_id", "destination", b"destination", "diamonds", b"diamonds", "failure_reason", b"failure_reason", "provider_batch_id", b"provider_batch_id", "provider_item_id", b"provider_item_id", "provider_transaction_id", b"provider_transaction_id", "rate", b"rate", "requested_by", b"requested_by", "sender_batch_id", b"sender_batch_id", "sender_item_id", b"sender_item_id", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,6 +345,7 @@ class PayoutBatch(_message.Message):
     SUBMIT_TIME_FIELD_NUMBER: _builtins.int
     COMPLETE_TIME_FIELD_NUMBER: _builtins.int
     PROVIDER_BATCH_ID_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     state: Global___BatchState.ValueType
     currency_code: _builtins.str
@@ -269,6 +365,10 @@ class PayoutBatch(_message.Message):
     def submit_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def complete_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def created_by(self) -> _actor_pb2.Actor:
+        """Who created the batch (CreatePayoutBatch; the daily batch: the payouts service)."""
+
     def __init__(
         self,
         *,
@@ -284,10 +384,11 @@ class PayoutBatch(_message.Message):
         submit_time: _timestamp_pb2.Timestamp | None = ...,
         complete_time: _timestamp_pb2.Timestamp | None = ...,
         provider_batch_id: _builtins.str = ...,
+        created_by: _actor_pb2.Actor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "complete_time", b"complete_time", "create_time", b"create_time", "cutoff_time", b"cutoff_time", "submit_time", b"submit_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "complete_time", b"complete_time", "create_time", b"create_time", "created_by", b"created_by", "cutoff_time", b"cutoff_time", "submit_time", b"submit_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "batch_id", b"batch_id", "complete_time", b"complete_time", "create_time", b"create_time", "currency_code", b"currency_code", "cutoff_time", b"cutoff_time", "diamonds", b"diamonds", "item_count", b"item_count", "provider_batch_id", b"provider_batch_id", "state", b"state", "submit_time", b"submit_time", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "batch_id", b"batch_id", "complete_time", b"complete_time", "create_time", b"create_time", "created_by", b"created_by", "currency_code", b"currency_code", "cutoff_time", b"cutoff_time", "diamonds", b"diamonds", "item_count", b"item_count", "provider_batch_id", b"provider_batch_id", "state", b"state", "submit_time", b"submit_time", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,22 +441,76 @@ class SetPayoutDestinationResponse(_message.Message):
 Global___SetPayoutDestinationResponse: _TypeAlias = SetPayoutDestinationResponse  # noqa: Y015
 
 @_typing.final
+class GetPayoutDestinationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    creator_account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        creator_account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_account_id", b"creator_account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPayoutDestinationRequest: _TypeAlias = GetPayoutDestinationRequest  # noqa: Y015
+
+@_typing.final
+class GetPayoutDestinationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def destination(self) -> Global___PayoutDestination: ...
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___DestinationChange]:
+        """Newest first, at most 20."""
+
+    def __init__(
+        self,
+        *,
+        destination: Global___PayoutDestination | None = ...,
+        changes: _abc.Iterable[Global___DestinationChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "destination", b"destination"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPayoutDestinationResponse: _TypeAlias = GetPayoutDestinationResponse  # noqa: Y015
+
+@_typing.final
 class VerifyPayoutDestinationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CREATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    RECEIVER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     creator_account_id: _builtins.str
+    provider: Global___Provider.ValueType
+    """The destination ops checked: the creator's current provider and receiver must
+    still be these, or nothing is verified (DESTINATION_CHANGED).
+    """
+    receiver: _builtins.str
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         creator_account_id: _builtins.str = ...,
+        provider: Global___Provider.ValueType = ...,
+        receiver: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_account_id", b"creator_account_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_account_id", b"creator_account_id", "provider", b"provider", "receiver", b"receiver", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,6 +40,11 @@ class PayoutServiceStub:
                 request_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.SetPayoutDestinationRequest.SerializeToString,
                 response_deserializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.SetPayoutDestinationResponse.FromString,
                 _registered_method=True)
+        self.GetPayoutDestination = channel.unary_unary(
+                '/coinstore.payouts.v1.PayoutService/GetPayoutDestination',
+                request_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.GetPayoutDestinationRequest.SerializeToString,
+                response_deserializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.GetPayoutDestinationResponse.FromString,
+                _registered_method=True)
         self.VerifyPayoutDestination = channel.unary_unary(
                 '/coinstore.payouts.v1.PayoutService/VerifyPayoutDestination',
                 request_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.VerifyPayoutDestinationRequest.SerializeToString,
@@ -108,8 +113,17 @@ class PayoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPayoutDestination(self, request, context):
+        """A creator's payout destination as it is now, with its recent changes and who made them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def VerifyPayoutDestination(self, request, context):
-        """Marks a creator's payout destination verified.
+        """Marks the creator's payout destination verified, if it is still the one named;
+        a destination changed since (another receiver) is refused with
+        FAILED_PRECONDITION DESTINATION_CHANGED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +203,11 @@ def add_PayoutServiceServicer_to_server(servicer, server):
                     servicer.SetPayoutDestination,
                     request_deserializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.SetPayoutDestinationRequest.FromString,
                     response_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.SetPayoutDestinationResponse.SerializeToString,
+            ),
+            'GetPayoutDestination': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPayoutDestination,
+                    request_deserializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.GetPayoutDestinationRequest.FromString,
+                    response_serializer=coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.GetPayoutDestinationResponse.SerializeToString,
             ),
             'VerifyPayoutDestination': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyPayoutDestination,
@@ -274,6 +293,33 @@ class PayoutService:
             '/coinstore.payouts.v1.PayoutService/SetPayoutDestination',
             coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.SetPayoutDestinationRequest.SerializeToString,
             coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.SetPayoutDestinationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPayoutDestination(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coinstore.payouts.v1.PayoutService/GetPayoutDestination',
+            coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.GetPayoutDestinationRequest.SerializeToString,
+            coinstore_dot_payouts_dot_v1_dot_payout__service__pb2.GetPayoutDestinationResponse.FromString,
             options,
             channel_credentials,
             insecure,

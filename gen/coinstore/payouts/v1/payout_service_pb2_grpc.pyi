@@ -35,8 +35,13 @@ class PayoutServiceStub:
     def __new__(cls, channel: _aio.Channel) -> PayoutServiceAsyncStub: ...
     SetPayoutDestination: _grpc.UnaryUnaryMultiCallable[_payout_service_pb2.SetPayoutDestinationRequest, _payout_service_pb2.SetPayoutDestinationResponse]
     """Registers a creator's payout destination (unverified until ops verify it)."""
+    GetPayoutDestination: _grpc.UnaryUnaryMultiCallable[_payout_service_pb2.GetPayoutDestinationRequest, _payout_service_pb2.GetPayoutDestinationResponse]
+    """A creator's payout destination as it is now, with its recent changes and who made them."""
     VerifyPayoutDestination: _grpc.UnaryUnaryMultiCallable[_payout_service_pb2.VerifyPayoutDestinationRequest, _payout_service_pb2.VerifyPayoutDestinationResponse]
-    """Marks a creator's payout destination verified."""
+    """Marks the creator's payout destination verified, if it is still the one named;
+    a destination changed since (another receiver) is refused with
+    FAILED_PRECONDITION DESTINATION_CHANGED.
+    """
     RequestCashout: _grpc.UnaryUnaryMultiCallable[_payout_service_pb2.RequestCashoutRequest, _payout_service_pb2.RequestCashoutResponse]
     """Reserves diamonds and opens a cash-out in state REQUESTED."""
     GetCashout: _grpc.UnaryUnaryMultiCallable[_payout_service_pb2.GetCashoutRequest, _payout_service_pb2.GetCashoutResponse]
@@ -62,8 +67,13 @@ class PayoutServiceAsyncStub(PayoutServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SetPayoutDestination: _aio.UnaryUnaryMultiCallable[_payout_service_pb2.SetPayoutDestinationRequest, _payout_service_pb2.SetPayoutDestinationResponse]  # type: ignore[assignment]
     """Registers a creator's payout destination (unverified until ops verify it)."""
+    GetPayoutDestination: _aio.UnaryUnaryMultiCallable[_payout_service_pb2.GetPayoutDestinationRequest, _payout_service_pb2.GetPayoutDestinationResponse]  # type: ignore[assignment]
+    """A creator's payout destination as it is now, with its recent changes and who made them."""
     VerifyPayoutDestination: _aio.UnaryUnaryMultiCallable[_payout_service_pb2.VerifyPayoutDestinationRequest, _payout_service_pb2.VerifyPayoutDestinationResponse]  # type: ignore[assignment]
-    """Marks a creator's payout destination verified."""
+    """Marks the creator's payout destination verified, if it is still the one named;
+    a destination changed since (another receiver) is refused with
+    FAILED_PRECONDITION DESTINATION_CHANGED.
+    """
     RequestCashout: _aio.UnaryUnaryMultiCallable[_payout_service_pb2.RequestCashoutRequest, _payout_service_pb2.RequestCashoutResponse]  # type: ignore[assignment]
     """Reserves diamonds and opens a cash-out in state REQUESTED."""
     GetCashout: _aio.UnaryUnaryMultiCallable[_payout_service_pb2.GetCashoutRequest, _payout_service_pb2.GetCashoutResponse]  # type: ignore[assignment]
@@ -94,12 +104,23 @@ class PayoutServiceServicer(metaclass=_abc_1.ABCMeta):
         """Registers a creator's payout destination (unverified until ops verify it)."""
 
     @_abc_1.abstractmethod
+    def GetPayoutDestination(
+        self,
+        request: _payout_service_pb2.GetPayoutDestinationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_payout_service_pb2.GetPayoutDestinationResponse, _abc.Awaitable[_payout_service_pb2.GetPayoutDestinationResponse]]:
+        """A creator's payout destination as it is now, with its recent changes and who made them."""
+
+    @_abc_1.abstractmethod
     def VerifyPayoutDestination(
         self,
         request: _payout_service_pb2.VerifyPayoutDestinationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_payout_service_pb2.VerifyPayoutDestinationResponse, _abc.Awaitable[_payout_service_pb2.VerifyPayoutDestinationResponse]]:
-        """Marks a creator's payout destination verified."""
+        """Marks the creator's payout destination verified, if it is still the one named;
+        a destination changed since (another receiver) is refused with
+        FAILED_PRECONDITION DESTINATION_CHANGED.
+        """
 
     @_abc_1.abstractmethod
     def RequestCashout(

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from coinstore.type.v1 import actor_pb2 as _actor_pb2
 from coinstore.type.v1 import money_pb2 as _money_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -214,6 +215,8 @@ class _ReservationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rese
     RESERVATION_STATE_COMMITTED: _ReservationState.ValueType  # 2
     RESERVATION_STATE_RELEASED: _ReservationState.ValueType  # 3
     RESERVATION_STATE_EXPIRED: _ReservationState.ValueType  # 4
+    RESERVATION_STATE_SUBMITTED: _ReservationState.ValueType  # 5
+    """A payout provider may be paying against it: never expires, never shrinks."""
 
 class ReservationState(_ReservationState, metaclass=_ReservationStateEnumTypeWrapper):
     """Lifecycle of a diamond reservation. Output only."""
@@ -223,6 +226,8 @@ RESERVATION_STATE_HELD: ReservationState.ValueType  # 1
 RESERVATION_STATE_COMMITTED: ReservationState.ValueType  # 2
 RESERVATION_STATE_RELEASED: ReservationState.ValueType  # 3
 RESERVATION_STATE_EXPIRED: ReservationState.ValueType  # 4
+RESERVATION_STATE_SUBMITTED: ReservationState.ValueType  # 5
+"""A payout provider may be paying against it: never expires, never shrinks."""
 Global___ReservationState: _TypeAlias = ReservationState  # noqa: Y015
 
 @_typing.final
@@ -305,6 +310,7 @@ class CreditPurchaseRequest(_message.Message):
     PRICE_FIELD_NUMBER: _builtins.int
     PURCHASE_TIME_FIELD_NUMBER: _builtins.int
     FLAGGED_FOR_REVIEW_FIELD_NUMBER: _builtins.int
+    EVIDENCE_SHA256_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (AIP-155). The (store, store_transaction_id) pair is the
     purchase's own key; request_id guards the call itself.
@@ -325,6 +331,12 @@ class CreditPurchaseRequest(_message.Message):
     """Storefront or billing region as the store reports it (e.g. "USA", "US")."""
     flagged_for_review: _builtins.bool
     """Set when the region policy flagged the purchase for review."""
+    evidence_sha256: _builtins.str
+    """Lower-case hex SHA-256 of the store evidence the caller verified before asking
+    for this credit (Apple: the signed transaction JWS, or the App Store Server API
+    answer; Google: the Android Publisher purchase resource), kept with the credit
+    for audit. Empty: no evidence (the wallet audit lists such credits).
+    """
     @_builtins.property
     def price(self) -> _money_pb2.Money:
         """What the buyer paid for the whole purchase."""
@@ -347,10 +359,11 @@ class CreditPurchaseRequest(_message.Message):
         price: _money_pb2.Money | None = ...,
         purchase_time: _timestamp_pb2.Timestamp | None = ...,
         flagged_for_review: _builtins.bool = ...,
+        evidence_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "purchase_time", b"purchase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "coins", b"coins", "environment", b"environment", "flagged_for_review", b"flagged_for_review", "price", b"price", "product_id", b"product_id", "purchase_time", b"purchase_time", "quantity", b"quantity", "request_id", b"request_id", "store", b"store", "store_transaction_id", b"store_transaction_id", "storefront", b"storefront"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "coins", b"coins", "environment", b"environment", "evidence_sha256", b"evidence_sha256", "flagged_for_review", b"flagged_for_review", "price", b"price", "product_id", b"product_id", "purchase_time", b"purchase_time", "quantity", b"quantity", "request_id", b"request_id", "store", b"store", "store_transaction_id", b"store_transaction_id", "storefront", b"storefront"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -815,6 +828,8 @@ class GetPurchaseConsumptionResponse(_message.Message):
     CONSUMED_PERCENTAGE_MILLI_FIELD_NUMBER: _builtins.int
     CREATORS_FIELD_NUMBER: _builtins.int
     CREDIT_TIME_FIELD_NUMBER: _builtins.int
+    EVIDENCE_SHA256_FIELD_NUMBER: _builtins.int
+    CREDITED_BY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     credit_sequence: _builtins.int
     """Credit order of the purchase among the account's purchases (ascending)."""
@@ -832,10 +847,16 @@ class GetPurchaseConsumptionResponse(_message.Message):
     """Coins clawed back by refunds (all legs)."""
     consumed_percentage_milli: _builtins.int
     """Used coins as a share of the purchase in milliunits (0-100000, rounded down): Apple's consumptionPercentage."""
+    evidence_sha256: _builtins.str
+    """The evidence hash the credit was asked with (CreditPurchaseRequest.evidence_sha256)."""
     @_builtins.property
     def creators(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreatorConsumption]: ...
     @_builtins.property
     def credit_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def credited_by(self) -> _actor_pb2.Actor:
+        """Who credited the purchase."""
+
     def __init__(
         self,
         *,
@@ -852,10 +873,12 @@ class GetPurchaseConsumptionResponse(_message.Message):
         consumed_percentage_milli: _builtins.int = ...,
         creators: _abc.Iterable[Global___CreatorConsumption] | None = ...,
         credit_time: _timestamp_pb2.Timestamp | None = ...,
+        evidence_sha256: _builtins.str = ...,
+        credited_by: _actor_pb2.Actor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_time", b"credit_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_time", b"credit_time", "credited_by", b"credited_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "clawed_back_coins", b"clawed_back_coins", "coins", b"coins", "consumed_percentage_milli", b"consumed_percentage_milli", "creators", b"creators", "credit_sequence", b"credit_sequence", "credit_time", b"credit_time", "debt_repayment_coins", b"debt_repayment_coins", "gift_coins", b"gift_coins", "spend_coins", b"spend_coins", "unspent_coins", b"unspent_coins", "untracked_coins", b"untracked_coins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "clawed_back_coins", b"clawed_back_coins", "coins", b"coins", "consumed_percentage_milli", b"consumed_percentage_milli", "creators", b"creators", "credit_sequence", b"credit_sequence", "credit_time", b"credit_time", "credited_by", b"credited_by", "debt_repayment_coins", b"debt_repayment_coins", "evidence_sha256", b"evidence_sha256", "gift_coins", b"gift_coins", "spend_coins", b"spend_coins", "unspent_coins", b"unspent_coins", "untracked_coins", b"untracked_coins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1276,6 +1299,7 @@ class Transaction(_message.Message):
     COUNTERPARTY_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     SANDBOX_COINS_DELTA_FIELD_NUMBER: _builtins.int
     SANDBOX_DIAMONDS_DELTA_FIELD_NUMBER: _builtins.int
+    MOVED_BY_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     coins_delta: _builtins.int
@@ -1291,6 +1315,10 @@ class Transaction(_message.Message):
     sandbox_diamonds_delta: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def moved_by(self) -> _actor_pb2.Actor:
+        """Who moved the value: the authenticated caller, whom it acted for, and its request id."""
+
     def __init__(
         self,
         *,
@@ -1303,10 +1331,11 @@ class Transaction(_message.Message):
         counterparty_account_id: _builtins.str = ...,
         sandbox_coins_delta: _builtins.int = ...,
         sandbox_diamonds_delta: _builtins.int = ...,
+        moved_by: _actor_pb2.Actor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "moved_by", b"moved_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_delta", b"coins_delta", "counterparty_account_id", b"counterparty_account_id", "create_time", b"create_time", "diamonds_delta", b"diamonds_delta", "kind", b"kind", "reference", b"reference", "sandbox_coins_delta", b"sandbox_coins_delta", "sandbox_diamonds_delta", b"sandbox_diamonds_delta", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coins_delta", b"coins_delta", "counterparty_account_id", b"counterparty_account_id", "create_time", b"create_time", "diamonds_delta", b"diamonds_delta", "kind", b"kind", "moved_by", b"moved_by", "reference", b"reference", "sandbox_coins_delta", b"sandbox_coins_delta", "sandbox_diamonds_delta", b"sandbox_diamonds_delta", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1390,12 +1419,35 @@ class Reservation(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     DIAMONDS_CLAWED_BACK_FIELD_NUMBER: _builtins.int
+    DIAMONDS_TAKEN_FIELD_NUMBER: _builtins.int
+    DIAMONDS_SHORTFALL_FIELD_NUMBER: _builtins.int
+    DIAMOND_DEBT_FIELD_NUMBER: _builtins.int
+    REVIEW_REASON_FIELD_NUMBER: _builtins.int
+    DIAMOND_DEBT_REPAID_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     account_id: _builtins.str
     diamonds: _builtins.int
     state: Global___ReservationState.ValueType
     diamonds_clawed_back: _builtins.int
     """Diamonds refund clawbacks took from this hold (diamonds is what is left)."""
+    diamonds_taken: _builtins.int
+    """Diamonds taken from this (unsubmitted) hold to cover another paid cash-out whose
+    hold was gone; diamonds is what is left.
+    """
+    diamonds_shortfall: _builtins.int
+    """For a commit: the paid diamonds the hold no longer had, taken from the creator's
+    unreserved diamonds, then other unsubmitted holds, then as diamond debt.
+    """
+    diamond_debt: _builtins.int
+    """The part of the shortfall that became the creator's diamond debt."""
+    review_reason: _builtins.str
+    """Set when the settlement needs a person's look (e.g. "PAID_WITHOUT_HOLD"); the
+    wallet audit lists these.
+    """
+    diamond_debt_repaid: _builtins.int
+    """For a release: released diamonds that repaid the creator's diamond debt first
+    (a clawback this hold could not pay while it was submitted).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1410,10 +1462,15 @@ class Reservation(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         diamonds_clawed_back: _builtins.int = ...,
+        diamonds_taken: _builtins.int = ...,
+        diamonds_shortfall: _builtins.int = ...,
+        diamond_debt: _builtins.int = ...,
+        review_reason: _builtins.str = ...,
+        diamond_debt_repaid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "diamonds", b"diamonds", "diamonds_clawed_back", b"diamonds_clawed_back", "expire_time", b"expire_time", "reservation_id", b"reservation_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "diamond_debt", b"diamond_debt", "diamond_debt_repaid", b"diamond_debt_repaid", "diamonds", b"diamonds", "diamonds_clawed_back", b"diamonds_clawed_back", "diamonds_shortfall", b"diamonds_shortfall", "diamonds_taken", b"diamonds_taken", "expire_time", b"expire_time", "reservation_id", b"reservation_id", "review_reason", b"review_reason", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1484,17 +1541,24 @@ class CommitReservationRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     reservation_id: _builtins.str
+    diamonds: _builtins.int
+    """The diamonds the provider paid for. Set: debited exactly once whatever happened to
+    the hold (expired, released, shrunk); what the hold lacks is the shortfall. Unset
+    (0): the hold's diamonds, refused once the hold has expired or been released.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         reservation_id: _builtins.str = ...,
+        diamonds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["diamonds", b"diamonds", "request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1564,3 +1628,247 @@ class ReleaseReservationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseReservationResponse: _TypeAlias = ReleaseReservationResponse  # noqa: Y015
+
+@_typing.final
+class SubmitReservationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitItem]:
+        """The holds of one provider submission (at most 15000)."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___SubmitItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitReservationsRequest: _TypeAlias = SubmitReservationsRequest  # noqa: Y015
+
+@_typing.final
+class SubmitItem(_message.Message):
+    """One hold about to be submitted to a payout provider."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    diamonds: _builtins.int
+    """The diamonds the submission pays for: the hold must hold at least these (a
+    re-quoted cash-out pays less than its hold; the commit returns the rest).
+    """
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+        diamonds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["diamonds", b"diamonds", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitItem: _TypeAlias = SubmitItem  # noqa: Y015
+
+@_typing.final
+class SubmitReservationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitResult]:
+        """One per item, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SubmitResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitReservationsResponse: _TypeAlias = SubmitReservationsResponse  # noqa: Y015
+
+@_typing.final
+class SubmitResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    error_reason: _builtins.str
+    """Empty: the hold is SUBMITTED. Otherwise the refusal (never submitted):
+    RESERVATION_NOT_FOUND, RESERVATION_EXPIRED, RESERVATION_ALREADY_COMMITTED,
+    RESERVATION_ALREADY_RELEASED, RESERVATION_SHRUNK (a clawback took part of it;
+    reservation.diamonds is what is left).
+    """
+    error_message: _builtins.str
+    @_builtins.property
+    def reservation(self) -> Global___Reservation:
+        """The hold after the call."""
+
+    def __init__(
+        self,
+        *,
+        reservation: Global___Reservation | None = ...,
+        error_reason: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "error_reason", b"error_reason", "reservation", b"reservation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitResult: _TypeAlias = SubmitResult  # noqa: Y015
+
+@_typing.final
+class SettleReservationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleItem]:
+        """At most 15000 items."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___SettleItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleReservationsRequest: _TypeAlias = SettleReservationsRequest  # noqa: Y015
+
+@_typing.final
+class SettleItem(_message.Message):
+    """One commit or release, with its own idempotency key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[SettleItem._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ACTION_UNSPECIFIED: SettleItem._Action.ValueType  # 0
+        ACTION_COMMIT: SettleItem._Action.ValueType  # 1
+        """As CommitReservation."""
+        ACTION_RELEASE: SettleItem._Action.ValueType  # 2
+        """As ReleaseReservation."""
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper):
+        """What to do with the hold."""
+
+    ACTION_UNSPECIFIED: SettleItem.Action.ValueType  # 0
+    ACTION_COMMIT: SettleItem.Action.ValueType  # 1
+    """As CommitReservation."""
+    ACTION_RELEASE: SettleItem.Action.ValueType  # 2
+    """As ReleaseReservation."""
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    DIAMONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The item's own key: the same key space as CommitReservation (commits) and
+    ReleaseReservation (releases), so a settle and a single call never both apply.
+    """
+    reservation_id: _builtins.str
+    action: Global___SettleItem.Action.ValueType
+    diamonds: _builtins.int
+    """Commits: as CommitReservationRequest.diamonds."""
+    reason: _builtins.str
+    """Releases: as ReleaseReservationRequest.reason."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        action: Global___SettleItem.Action.ValueType = ...,
+        diamonds: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "diamonds", b"diamonds", "reason", b"reason", "request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleItem: _TypeAlias = SettleItem  # noqa: Y015
+
+@_typing.final
+class SettleReservationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleResult]:
+        """One per item, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SettleResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleReservationsResponse: _TypeAlias = SettleReservationsResponse  # noqa: Y015
+
+@_typing.final
+class SettleResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    error_code: _builtins.str
+    """Empty on success; otherwise the refusal's gRPC code name and stable reason, as the
+    single call would have answered (e.g. FAILED_PRECONDITION / RESERVATION_EXPIRED).
+    """
+    error_reason: _builtins.str
+    error_message: _builtins.str
+    @_builtins.property
+    def reservation(self) -> Global___Reservation:
+        """The hold after the item's effect (or the original answer of a replayed request id)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reservation: Global___Reservation | None = ...,
+        error_code: _builtins.str = ...,
+        error_reason: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "error_reason", b"error_reason", "request_id", b"request_id", "reservation", b"reservation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleResult: _TypeAlias = SettleResult  # noqa: Y015

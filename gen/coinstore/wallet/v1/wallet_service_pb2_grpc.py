@@ -105,6 +105,16 @@ class WalletServiceStub:
                 request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ReserveDiamondsRequest.SerializeToString,
                 response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ReserveDiamondsResponse.FromString,
                 _registered_method=True)
+        self.SubmitReservations = channel.unary_unary(
+                '/coinstore.wallet.v1.WalletService/SubmitReservations',
+                request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SubmitReservationsRequest.SerializeToString,
+                response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SubmitReservationsResponse.FromString,
+                _registered_method=True)
+        self.SettleReservations = channel.unary_unary(
+                '/coinstore.wallet.v1.WalletService/SettleReservations',
+                request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SettleReservationsRequest.SerializeToString,
+                response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SettleReservationsResponse.FromString,
+                _registered_method=True)
         self.CommitReservation = channel.unary_unary(
                 '/coinstore.wallet.v1.WalletService/CommitReservation',
                 request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CommitReservationRequest.SerializeToString,
@@ -221,6 +231,24 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitReservations(self, request, context):
+        """Marks the holds of one provider submission SUBMITTED, just before the provider is
+        called: a submitted hold never expires and never shrinks; only commit or release ends it.
+        State-based (a submitted hold answers submitted again), each item answered on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleReservations(self, request, context):
+        """Commits or releases many holds in one call and one database transaction; each item
+        keeps its own request id (the same key space as CommitReservation and
+        ReleaseReservation), exactly-once effect and answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CommitReservation(self, request, context):
         """Moves held diamonds to payout clearing (the cash-out was paid).
         """
@@ -302,6 +330,16 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.ReserveDiamonds,
                     request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ReserveDiamondsRequest.FromString,
                     response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ReserveDiamondsResponse.SerializeToString,
+            ),
+            'SubmitReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitReservations,
+                    request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SubmitReservationsRequest.FromString,
+                    response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SubmitReservationsResponse.SerializeToString,
+            ),
+            'SettleReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleReservations,
+                    request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SettleReservationsRequest.FromString,
+                    response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SettleReservationsResponse.SerializeToString,
             ),
             'CommitReservation': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitReservation,
@@ -671,6 +709,60 @@ class WalletService:
             '/coinstore.wallet.v1.WalletService/ReserveDiamonds',
             coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ReserveDiamondsRequest.SerializeToString,
             coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ReserveDiamondsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coinstore.wallet.v1.WalletService/SubmitReservations',
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SubmitReservationsRequest.SerializeToString,
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SubmitReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coinstore.wallet.v1.WalletService/SettleReservations',
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SettleReservationsRequest.SerializeToString,
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.SettleReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

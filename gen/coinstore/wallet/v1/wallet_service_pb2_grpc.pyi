@@ -72,6 +72,16 @@ class WalletServiceStub:
     """An account's ledger history, newest first."""
     ReserveDiamonds: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.ReserveDiamondsRequest, _wallet_service_pb2.ReserveDiamondsResponse]
     """Holds withdrawable diamonds for a cash-out (phase one of two)."""
+    SubmitReservations: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.SubmitReservationsRequest, _wallet_service_pb2.SubmitReservationsResponse]
+    """Marks the holds of one provider submission SUBMITTED, just before the provider is
+    called: a submitted hold never expires and never shrinks; only commit or release ends it.
+    State-based (a submitted hold answers submitted again), each item answered on its own.
+    """
+    SettleReservations: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.SettleReservationsRequest, _wallet_service_pb2.SettleReservationsResponse]
+    """Commits or releases many holds in one call and one database transaction; each item
+    keeps its own request id (the same key space as CommitReservation and
+    ReleaseReservation), exactly-once effect and answer.
+    """
     CommitReservation: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.CommitReservationRequest, _wallet_service_pb2.CommitReservationResponse]
     """Moves held diamonds to payout clearing (the cash-out was paid)."""
     ReleaseReservation: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.ReleaseReservationRequest, _wallet_service_pb2.ReleaseReservationResponse]
@@ -121,6 +131,16 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """An account's ledger history, newest first."""
     ReserveDiamonds: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.ReserveDiamondsRequest, _wallet_service_pb2.ReserveDiamondsResponse]  # type: ignore[assignment]
     """Holds withdrawable diamonds for a cash-out (phase one of two)."""
+    SubmitReservations: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.SubmitReservationsRequest, _wallet_service_pb2.SubmitReservationsResponse]  # type: ignore[assignment]
+    """Marks the holds of one provider submission SUBMITTED, just before the provider is
+    called: a submitted hold never expires and never shrinks; only commit or release ends it.
+    State-based (a submitted hold answers submitted again), each item answered on its own.
+    """
+    SettleReservations: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.SettleReservationsRequest, _wallet_service_pb2.SettleReservationsResponse]  # type: ignore[assignment]
+    """Commits or releases many holds in one call and one database transaction; each item
+    keeps its own request id (the same key space as CommitReservation and
+    ReleaseReservation), exactly-once effect and answer.
+    """
     CommitReservation: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.CommitReservationRequest, _wallet_service_pb2.CommitReservationResponse]  # type: ignore[assignment]
     """Moves held diamonds to payout clearing (the cash-out was paid)."""
     ReleaseReservation: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.ReleaseReservationRequest, _wallet_service_pb2.ReleaseReservationResponse]  # type: ignore[assignment]
@@ -245,6 +265,28 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_service_pb2.ReserveDiamondsResponse, _abc.Awaitable[_wallet_service_pb2.ReserveDiamondsResponse]]:
         """Holds withdrawable diamonds for a cash-out (phase one of two)."""
+
+    @_abc_1.abstractmethod
+    def SubmitReservations(
+        self,
+        request: _wallet_service_pb2.SubmitReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_service_pb2.SubmitReservationsResponse, _abc.Awaitable[_wallet_service_pb2.SubmitReservationsResponse]]:
+        """Marks the holds of one provider submission SUBMITTED, just before the provider is
+        called: a submitted hold never expires and never shrinks; only commit or release ends it.
+        State-based (a submitted hold answers submitted again), each item answered on its own.
+        """
+
+    @_abc_1.abstractmethod
+    def SettleReservations(
+        self,
+        request: _wallet_service_pb2.SettleReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_service_pb2.SettleReservationsResponse, _abc.Awaitable[_wallet_service_pb2.SettleReservationsResponse]]:
+        """Commits or releases many holds in one call and one database transaction; each item
+        keeps its own request id (the same key space as CommitReservation and
+        ReleaseReservation), exactly-once effect and answer.
+        """
 
     @_abc_1.abstractmethod
     def CommitReservation(

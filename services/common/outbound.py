@@ -1,0 +1,222 @@
+"""One policy for every call to an outside system (App Store Server API, OCSP,
+Google Play, the Pub/Sub JWKS, PayPal).
+
+- TLS trusts certifi's roots plus COINSTORE_TLS_CA_FILE (a private or test CA);
+- redirects are never followed (a 3xx is the answer, which callers treat as a failure);
+- in production only https is spoken, except where a protocol is http by
+  specification (OCSP, RFC 6960: its answers are signed);
+- a response larger than COINSTORE_OUTBOUND_MAX_RESPONSE_BYTES is abandoned while
+  it streams, never buffered whole;
+- each exchange has a total deadline (connect, send and the whole body), not only
+  per-read timeouts a slow-dripping server could stretch forever.
+
+Failures are ``httpx.TransportError``s (``OutboundRefused``, ``ResponseTooLarge``,
+``httpx.ReadTimeout`` for the deadline), so callers' existing handling of
+unreachable servers applies. ``PolicyHttp`` offers the same to httplib2 users
+(google-api-python-client and google-auth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import certifi
+import httplib2
+import httpx
+
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+
+class OutboundRefused(httpx.TransportError):
+    """The policy forbids this call (e.g. plain http in production)."""
+
+
+class ResponseTooLarge(httpx.TransportError):
+    """The response body exceeded the size cap."""
+
+
+@dataclass(frozen=True)
+class OutboundPolicy:
+    https_only: bool = False
+    ca_file: Path | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> OutboundPolicy:
+        """From CommonSettings: https only in production, its CA file and size cap."""
+        return cls(
+            https_only=bool(settings.production),
+            ca_file=settings.tls_ca_file,
+            max_response_bytes=int(settings.outbound_max_response_bytes),
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=certifi.where())
+        if self.ca_file is not None:
+            context.load_verify_locations(cafile=str(self.ca_file))
+        return context
+
+    def check(self, url: httpx.URL | str, *, plain_http_allowed: bool = False) -> None:
+        scheme = httpx.URL(str(url)).scheme
+        if scheme == "https" or (scheme == "http" and (plain_http_allowed or not self.https_only)):
+            return
+        raise OutboundRefused(f"{scheme}:// calls are refused here: {url}")
+
+    def client(self, deadline_seconds: float, *, plain_http_allowed: bool = False) -> httpx.Client:
+        """A blocking client; each exchange ends within ``deadline_seconds``."""
+        transport = _Capped(httpx.HTTPTransport(verify=self.ssl_context()), self, deadline_seconds, plain_http_allowed)
+        return httpx.Client(transport=transport, follow_redirects=False, timeout=deadline_seconds)
+
+    def async_client(self, deadline_seconds: float, *, plain_http_allowed: bool = False) -> httpx.AsyncClient:
+        """An asyncio client; each exchange ends within ``deadline_seconds``."""
+        transport = _AsyncCapped(
+            httpx.AsyncHTTPTransport(verify=self.ssl_context()), self, deadline_seconds, plain_http_allowed
+        )
+        return httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=deadline_seconds)
+
+    def get(self, url: str, deadline_seconds: float) -> bytes:
+        """One GET whose 2xx body is returned (anything else raises ``httpx.HTTPError``)."""
+        with self.client(deadline_seconds) as client:
+            response = client.get(url)
+        response.raise_for_status()
+        return response.content
+
+
+def _deadline_for(request: httpx.Request, default: float) -> float:
+    """The per-call timeout a caller passed (httpx puts it in the extensions), else the client's."""
+    timeout = request.extensions.get("timeout") or {}
+    values = [v for v in timeout.values() if isinstance(v, int | float)]
+    return max(values) if values else default
+
+
+def _capped_body(chunks: Iterator[bytes], limit: int, deadline: float, url: httpx.URL) -> bytes:
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise ResponseTooLarge(f"response over {limit} bytes from {url.host}")
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout(f"response from {url.host} not complete within the deadline")
+    return bytes(body)
+
+
+def _declared_too_large(response: httpx.Response, limit: int) -> bool:
+    declared = response.headers.get("content-length", "")
+    return declared.isdigit() and int(declared) > limit
+
+
+class _Gate:
+    """What both transports do before a request leaves: the scheme, no compression, the deadline."""
+
+    def __init__(self, policy: OutboundPolicy, deadline: float, plain_http_allowed: bool) -> None:
+        self._policy = policy
+        self._deadline = deadline
+        self._plain_http_allowed = plain_http_allowed
+
+    def _admit(self, request: httpx.Request) -> float:
+        """Seconds the exchange may take in all."""
+        self._policy.check(request.url, plain_http_allowed=self._plain_http_allowed)
+        # The cap counts the bytes we keep: a compressed body could inflate far beyond it.
+        request.headers["Accept-Encoding"] = "identity"
+        return _deadline_for(request, self._deadline)
+
+
+class _Capped(_Gate, httpx.BaseTransport):
+    def __init__(
+        self, inner: httpx.BaseTransport, policy: OutboundPolicy, deadline: float, plain_http_allowed: bool
+    ) -> None:
+        super().__init__(policy, deadline, plain_http_allowed)
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + self._admit(request)
+        response = self._inner.handle_request(request)
+        try:
+            if _declared_too_large(response, self._policy.max_response_bytes):
+                raise ResponseTooLarge(f"response over {self._policy.max_response_bytes} bytes from {request.url.host}")
+            stream = response.stream
+            assert isinstance(stream, httpx.SyncByteStream)
+            body = _capped_body(iter(stream), self._policy.max_response_bytes, deadline, request.url)
+        finally:
+            response.close()
+        return httpx.Response(response.status_code, headers=response.headers, content=body, request=request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncCapped(_Gate, httpx.AsyncBaseTransport):
+    def __init__(
+        self, inner: httpx.AsyncBaseTransport, policy: OutboundPolicy, deadline: float, plain_http_allowed: bool
+    ) -> None:
+        super().__init__(policy, deadline, plain_http_allowed)
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        seconds = self._admit(request)
+        limit = self._policy.max_response_bytes
+        try:
+            async with asyncio.timeout(seconds):
+                response = await self._inner.handle_async_request(request)
+                try:
+                    if _declared_too_large(response, limit):
+                        raise ResponseTooLarge(f"response over {limit} bytes from {request.url.host}")
+                    body = bytearray()
+                    async for chunk in _aiter(response.stream):
+                        body += chunk
+                        if len(body) > limit:
+                            raise ResponseTooLarge(f"response over {limit} bytes from {request.url.host}")
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"{request.url.host} did not answer within the deadline") from None
+        return httpx.Response(response.status_code, headers=response.headers, content=bytes(body), request=request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def _aiter(stream: Any) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        yield chunk
+
+
+class PolicyHttp:
+    """An ``httplib2.Http`` stand-in over the policy's client, for google-api-python-client
+    and google-auth-httplib2: the same TLS trust, no redirects, size cap and deadline."""
+
+    follow_redirects = False
+    redirect_codes = frozenset({300, 301, 302, 303, 307, 308})
+
+    def __init__(self, policy: OutboundPolicy, deadline_seconds: float) -> None:
+        self.timeout = deadline_seconds
+        self._client = policy.client(deadline_seconds)
+
+    def request(
+        self,
+        uri: str,
+        method: str = "GET",
+        body: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        redirections: int = 0,
+        connection_type: Any = None,
+    ) -> tuple[httplib2.Response, bytes]:
+        try:
+            reply = self._client.request(method, uri, content=body, headers=dict(headers or {}))
+        except httpx.HTTPError as exc:
+            # What callers of httplib2 (and google-auth) catch as a transport failure.
+            raise httplib2.HttpLib2Error(f"{type(exc).__name__}: {exc}") from exc
+        info: dict[str, Any] = {k.lower(): v for k, v in reply.headers.items()}
+        info["status"] = str(reply.status_code)
+        response = httplib2.Response(info)
+        response.reason = reply.reason_phrase
+        return response, reply.content
+
+    def close(self) -> None:
+        self._client.close()
