@@ -220,6 +220,31 @@ class ReceiptsSettings(CommonSettings):
         parse=float,
     )
 
+    # --- Crediting (the outbox) ---
+    credit_sweep_seconds: float = setting(
+        "CREDIT_SWEEP_SECONDS",
+        "How often the worker's beat credits recorded purchases the wallet has not confirmed (a crash, a caller"
+        " that gave up); with the grace, a recorded purchase is credited within their sum",
+        20.0,
+        parse=float,
+    )
+    credit_sweep_grace_seconds: float = setting(
+        "CREDIT_SWEEP_GRACE_SECONDS",
+        "Age a recorded, uncredited purchase must reach before the sweep credits it (leaves live calls alone)",
+        5.0,
+        parse=float,
+    )
+    receipts_group_commit_window_ms: float = setting(
+        "RECEIPTS_GROUP_COMMIT_WINDOW_MS",
+        "Group commit: milliseconds concurrent purchases wait to share one database transaction and one"
+        " wallet CreditPurchases call (0 = each purchase alone)",
+        1.0,
+        parse=float,
+    )
+    receipts_group_commit_max: int = setting(
+        "RECEIPTS_GROUP_COMMIT_MAX", "Most purchases in one receipts group commit or CreditPurchases call", 128
+    )
+
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
         dev_secret = self.__dataclass_fields__["binding_secret"].default
@@ -259,6 +284,12 @@ class ReceiptsSettings(CommonSettings):
     def validate(self) -> None:
         super().validate()
         problems = []
+        if self.credit_sweep_seconds <= 0 or self.credit_sweep_grace_seconds < 0:
+            problems.append("COINSTORE_CREDIT_SWEEP_SECONDS must be > 0 and the grace >= 0")
+        if not 0 <= self.receipts_group_commit_window_ms <= 1000:
+            problems.append("COINSTORE_RECEIPTS_GROUP_COMMIT_WINDOW_MS must be between 0 and 1000")
+        if not 1 <= self.receipts_group_commit_max <= 1000:
+            problems.append("COINSTORE_RECEIPTS_GROUP_COMMIT_MAX must be between 1 and 1000")
         if "*" in self.sandbox_accounts and len(self.sandbox_accounts) > 1:
             problems.append("COINSTORE_SANDBOX_ACCOUNTS: * (everyone) cannot be combined with account ids")
         if self.notifications_refund_retry_days < 7:

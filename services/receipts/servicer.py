@@ -20,6 +20,7 @@ from services.receipts.errors import InvalidArgument, NotFound
 from services.receipts.google.verify import GooglePurchases, require_purchase_token
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.model import Claim, Environment, PurchaseResult
+from services.receipts.purchases.outbox import PurchaseBatches
 from services.receipts.purchases.repository import BindingRepository, PurchaseRepository, RequestRecorder
 
 M = TypeVar("M", bound=Message)
@@ -47,6 +48,8 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
     apple: ApplePurchases
     google: GooglePurchases
     consents: ConsentRepository
+    # Looks AIP-155 ids up together with concurrent calls' (None: one read each).
+    batches: PurchaseBatches | None = None
 
     async def idempotent(
         self,
@@ -62,7 +65,8 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         refuse a reused id with a different body, else do the work and record
         its response — in the purchase's own transaction when the work takes the
         recorder, else in a transaction of its own."""
-        stored = await self.purchases.replay(method, request_id, request)
+        replay = self.batches.replay if self.batches is not None else self.purchases.replay
+        stored = await replay(method, request_id, request)
         if stored is None:
             recorder = RequestRecorder(self.purchases.requests, method, request_id, request, build)
             results = await work(recorder)

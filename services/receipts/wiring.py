@@ -65,12 +65,15 @@ from services.receipts.notifications.webhooks import (
     WebhookServer,
     create_webhook_app,
 )
+from services.receipts.purchases import tasks as purchase_tasks
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Environment
+from services.receipts.purchases.outbox import OutboxRepository, PurchaseBatches
 from services.receipts.purchases.refunds import RefundRepository
 from services.receipts.purchases.repository import BindingRepository, PurchaseRepository
 from services.receipts.purchases.rules import SandboxPolicy
+from services.receipts.purchases.tasks import CreditSweeper
 from services.receipts.purchases.wallet import WalletClient
 from services.receipts.servicer import ReceiptServiceServicer
 
@@ -119,8 +122,11 @@ class Components:
 def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock | None = None) -> Components:
     clock = clock or SystemClock()
     purchases = PurchaseRepository(runtime.database)
+    window, most = settings.receipts_group_commit_window_ms / 1000, settings.receipts_group_commit_max
     wallet = WalletClient(
         aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
+        window_seconds=window,
+        max_batch=most,
     )
     crediting = Crediting(
         purchases,
@@ -132,6 +138,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         runtime.metrics,
         runtime.failpoints,
         SandboxPolicy.from_setting(settings.sandbox_accounts),
+        PurchaseBatches(OutboxRepository(purchases), window_seconds=window, max_batch=most),
     )
     binding = binding_from_settings(settings, clock)
     return Components(
@@ -265,6 +272,7 @@ def build_servicer(components: Components) -> ReceiptServiceServicer:
         apple=components.apple,
         google=components.google,
         consents=ConsentRepository(components.database),
+        batches=components.crediting.batches,
     )
 
 
@@ -456,7 +464,20 @@ def build_consumer(settings: ReceiptsSettings) -> Consumer:
     return Consumer(_play_client(settings, threads=2), ConsumptionRepository(database), SystemClock())
 
 
+def build_credit_sweeper(settings: ReceiptsSettings) -> CreditSweeper:
+    """The outbox sweep of a worker process: the core on an event loop thread of its own."""
+    runtime = build_runtime(SERVICE, settings)
+    loop = LoopThread("receipts-credit-loop")
+
+    async def build() -> Components:
+        return build_components(settings, runtime)
+
+    components = loop.run(build())
+    return CreditSweeper(components.crediting, loop, timedelta(seconds=settings.credit_sweep_grace_seconds))
+
+
 def register_tasks(app: Celery, settings: ReceiptsSettings) -> None:
     """Every slice's Celery tasks and beat entries, on the receipts worker's app."""
+    purchase_tasks.register(app, settings, lambda: build_credit_sweeper(settings), settings.receipts_queue)
     google_tasks.register(app, settings, lambda: build_consumer(settings), lambda: build_credited_play(settings))
     notification_tasks.register(app, settings, lambda: build_notification_worker(settings), settings.receipts_queue)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common.actor import Actor
 from services.common.catalog import Catalog
+from services.common.group_commit import GroupCommit
 from services.common.validation import (
     optional_id,
     page_size,
@@ -28,7 +30,6 @@ from services.wallet.domain.ledger import BalanceView, Environment, Kind, Store
 from services.wallet.domain.provenance import PERCENT_MILLI_FULL, Leg, LegKind
 from services.wallet.domain.rules import Period, ReservationState
 from services.wallet.errors import DomainError, InvalidArgument, NotFound
-from services.wallet.group_commit import GroupCommit
 from services.wallet.store import (
     ConsumptionView,
     CreditItem,
@@ -46,6 +47,7 @@ from services.wallet.store import (
 )
 
 MAX_STORE_TRANSACTION_ID = 512
+MAX_CREDIT_BATCH = 1000
 MAX_GIFT_COUNT = 100_000
 MAX_COINS = 10**12
 MAX_REASON = 512
@@ -235,6 +237,20 @@ def _credit_response(result: CreditResult) -> Message:
     )
 
 
+def _credit_result(outcome: Outcome) -> pb.CreditPurchaseResult:
+    """One CreditPurchases item: CreditPurchase's answer, or the error it would raise."""
+    if isinstance(outcome, DomainError):
+        error = pb.ItemError(
+            code=outcome.code.value[0], message=outcome.message, reason=outcome.reason, metadata=outcome.metadata
+        )
+        return pb.CreditPurchaseResult(error=error)
+    if isinstance(outcome, bytes):
+        return pb.CreditPurchaseResult(response=pb.CreditPurchaseResponse.FromString(outcome))
+    response = outcome
+    assert isinstance(response, pb.CreditPurchaseResponse)
+    return pb.CreditPurchaseResult(response=response)
+
+
 def _gift_response(item: DebitItem, done: DebitDone) -> Message:
     if item.creator is None:
         return pb.SpendCoinsResponse(
@@ -283,6 +299,38 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
     # ------------------------------------------------------------ purchases
 
     async def CreditPurchase(self, request: pb.CreditPurchaseRequest, context: Any) -> pb.CreditPurchaseResponse:
+        item = self._credit_item(request)
+        if self._credits is not None:
+            outcome = await self._credits.submit(item)
+        else:
+            outcome = (await self._run_credits([item]))[0]
+        response: pb.CreditPurchaseResponse = _answer(outcome, pb.CreditPurchaseResponse)
+        return response
+
+    async def CreditPurchases(self, request: pb.CreditPurchasesRequest, context: Any) -> pb.CreditPurchasesResponse:
+        count = len(request.requests)
+        if not 1 <= count <= MAX_CREDIT_BATCH:
+            raise InvalidArgument("requests", f"give 1 to {MAX_CREDIT_BATCH} purchases")
+        outcomes: list[Outcome | None] = [None] * count
+        items: list[tuple[int, CreditItem]] = []
+        for index, one in enumerate(request.requests):
+            try:
+                items.append((index, self._credit_item(one)))
+            except DomainError as error:
+                outcomes[index] = error
+        # The items join the group commit of single CreditPurchase calls.
+        if self._credits is not None:
+            credits = self._credits
+            answers = await asyncio.gather(*(credits.submit(item) for _, item in items))
+        else:
+            answers = await self._run_credits([item for _, item in items]) if items else []
+        for (index, _), answer in zip(items, answers, strict=True):
+            outcomes[index] = answer
+        return pb.CreditPurchasesResponse(
+            results=[_credit_result(outcome) for outcome in outcomes if outcome is not None]
+        )
+
+    def _credit_item(self, request: pb.CreditPurchaseRequest) -> CreditItem:
         request_id = require_id("request_id", request.request_id)
         account_id = require_id("account_id", request.account_id)
         store = require_enum("store", request.store, STORES)
@@ -305,7 +353,7 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         evidence = request.evidence_sha256
         if evidence and not _SHA256.fullmatch(evidence):
             raise InvalidArgument("evidence_sha256", "must be 64 lower-case hex digits (a SHA-256) or empty")
-        item = CreditItem(
+        return CreditItem(
             request_id=request_id,
             request=request,
             account_id=account_id,
@@ -324,12 +372,6 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
             evidence_sha256=evidence,
             actor=Actor.of_request(request_id),
         )
-        if self._credits is not None:
-            outcome = await self._credits.submit(item)
-        else:
-            outcome = (await self._run_credits([item]))[0]
-        response: pb.CreditPurchaseResponse = _answer(outcome, pb.CreditPurchaseResponse)
-        return response
 
     def _purchase_key(self, request: Any) -> tuple[Store, Environment, str]:
         store = require_enum("store", request.store, STORES)

@@ -30,9 +30,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from services.receipts.apple.jws import AppleJwsVerifier
 from services.storesim.apple import create_store
-from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
+from tests.bench.common import (
+    BenchArgs,
+    Result,
+    closed_loop,
+    first_of,
+    percentiles,
+    scratch_postgres,
+    stop_processes,
+)
 from tests.support.ports import free_port
 
 
@@ -81,10 +88,13 @@ def verification(args: BenchArgs) -> list[Result]:
     seconds = 1.0 if args.quick else 6.0
     state = Path(tempfile.mkdtemp(prefix="bench-apple-"))
     store = create_store(state)
-    _txid, jws = store.buy("com.coinstore.coins.350", app_account_token="7e3fb20b-4cdb-47cc-936d-99d65f608138")
+    _txid, jws = store.buy(
+        "com.coinstore.coins.350", app_account_token="7e3fb20b-4cdb-47cc-936d-99d65f608138", environment="Sandbox"
+    )
     root_der = (state / "apple" / "root.der").read_bytes()
 
-    ours = AppleJwsVerifier([store.pki.root])
+    verifier = first_of("AppleJwsVerifier", "services.receipts.apple.jws", "services.receipts.appstore.jws")
+    ours = verifier([store.pki.root])
     header, payload, signature = jws.split(".")
     raw_sig = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
     der = encode_dss_signature(int.from_bytes(raw_sig[:32], "big"), int.from_bytes(raw_sig[32:], "big"))
@@ -134,8 +144,9 @@ async def _end_to_end(args: BenchArgs) -> Result:
     from coinstore.receipts.v1 import receipt_service_pb2 as pb
     from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
     from services.common import migrate
-    from services.receipts.purchases.binding import Binding
     from tests.support.tokens import make_keys
+
+    binding_class = first_of("Binding", "services.receipts.purchases.binding", "services.receipts.domain.binding")
 
     total = 512 if args.quick else 4000
     concurrency = 64
@@ -164,7 +175,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
             "COINSTORE_DB_POOL_SIZE": "32",
             "COINSTORE_LOG_LEVEL": "WARNING",
         }
-        binding = Binding(env.get("COINSTORE_BINDING_SECRET", "dev-binding-secret-change-me"))
+        binding = binding_class(env.get("COINSTORE_BINDING_SECRET", "dev-binding-secret-change-me"))
         accounts = [f"fan-{i}" for i in range(concurrency)]
         purchases = []
         for i in range(total + 8):

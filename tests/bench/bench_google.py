@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from services.storesim.apple import create_store
-from tests.bench import bench_apple
+from tests.bench import bench_apple, common
 from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
 from tests.support.ports import free_port
 
@@ -62,8 +62,11 @@ async def _end_to_end(args: BenchArgs) -> Result:
     from coinstore.receipts.v1 import receipt_service_pb2 as pb
     from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
     from services.common import migrate
-    from services.receipts.purchases.binding import Binding
     from tests.support.tokens import make_keys
+
+    binding_class = common.first_of(
+        "Binding", "services.receipts.purchases.binding", "services.receipts.domain.binding"
+    )
 
     total = 512 if args.quick else 4000
     with scratch_postgres(args.admin_database_url) as url:
@@ -104,7 +107,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
                 subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, cwd=REPO)
                 for name in ("wallet", "receipts")
             ]
-            binding = Binding(env.get("COINSTORE_BINDING_SECRET", "dev-binding-secret-change-me"))
+            binding = binding_class(env.get("COINSTORE_BINDING_SECRET", "dev-binding-secret-change-me"))
             accounts = [f"fan-{i}" for i in range(CONCURRENCY)]
             purchases = []
             for i in range(total + 8):

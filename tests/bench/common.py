@@ -4,6 +4,7 @@ throwaway PostgreSQL databases."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import signal
 import statistics
 import subprocess
@@ -17,6 +18,17 @@ from uuid import uuid4
 import sqlalchemy as sa
 
 from services.common.db import normalize_url
+
+
+def first_of(name: str, *modules: str) -> Any:
+    """``name`` from the first of ``modules`` that exists. The benchmark code also drives a
+    baseline tree (``--baseline``), where the receipts modules had older paths."""
+    for module in modules:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError:
+            continue
+    raise ModuleNotFoundError(f"{name} is in none of {', '.join(modules)}")
 
 
 @dataclass(frozen=True)

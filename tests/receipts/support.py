@@ -77,6 +77,16 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
             balance=wpb.Balance(account_id=request.account_id, coins=balance),
         )
 
+    async def CreditPurchases(self, request: wpb.CreditPurchasesRequest, context: Any) -> wpb.CreditPurchasesResponse:
+        """Each item as a CreditPurchase of its own (recorded in ``credits``)."""
+        self.calls.append("CreditPurchases")
+        if self.down:
+            raise errors.Unavailable("DATABASE_UNAVAILABLE", "down")
+        results = [
+            wpb.CreditPurchaseResult(response=await self.CreditPurchase(one, context)) for one in request.requests
+        ]
+        return wpb.CreditPurchasesResponse(results=results)
+
     async def ReversePurchase(self, request: wpb.ReversePurchaseRequest, context: Any) -> wpb.ReversePurchaseResponse:
         self.calls.append("ReversePurchase")
         self.reversals.append(request)

@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.common.group_commit import GroupCommit
 from services.wallet.domain import postings
 from services.wallet.domain.holds import CommitPlan, debt_repaid, plan_commit
 from services.wallet.domain.ledger import PAYOUT_CLEARING, Currency, Posting, UnbalancedTransaction, balanced
 from services.wallet.domain.provenance import Hold, clawback_target
 from services.wallet.domain.rules import LimitState, Period, change_limit, period_start
-from services.wallet.group_commit import GroupCommit
 
 NOW = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)  # a Thursday
 

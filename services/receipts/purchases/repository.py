@@ -41,7 +41,8 @@ def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else as_utc(value)
 
 
-def _record(row: Any) -> PurchaseRecord:
+def record_from_row(row: Any) -> PurchaseRecord:
+    """A ``receipts_purchases`` row as a :class:`PurchaseRecord`."""
     price = Price(int(row.price_minor), row.currency) if row.price_minor is not None and row.currency else None
     created = as_utc(row.created_at)
     updated = as_utc(row.updated_at)
@@ -69,6 +70,15 @@ def _record(row: Any) -> PurchaseRecord:
     )
 
 
+def initial_state(purchase: VerifiedPurchase) -> StoredState:
+    """The state a purchase is first recorded in."""
+    if purchase.revoked:
+        return StoredState.REVOKED
+    if purchase.pending:
+        return StoredState.PENDING
+    return StoredState.RECORDED
+
+
 class PurchaseRepository:
     """Purchases and the request log, on one :class:`Database`."""
 
@@ -89,29 +99,33 @@ class PurchaseRepository:
         self, conn: Connection, terms: CreditTerms, account: str | None, state: StoredState, now: datetime, **more: Any
     ) -> None:
         """The purchase's row with the terms of its first claim, unless it exists (first writer wins)."""
+        conn.execute(insert_ignore(conn, self._purchases).values(**self.row(terms, account, state, now, **more)))
+
+    def row(
+        self, terms: CreditTerms, account: str | None, state: StoredState, now: datetime, **more: Any
+    ) -> dict[str, Any]:
+        """The values of a new purchase row."""
         purchase, price = terms.purchase, terms.purchase.price
-        conn.execute(
-            insert_ignore(conn, self._purchases).values(
-                store=purchase.store.value,
-                store_transaction_id=purchase.store_transaction_id,
-                account_id=account,
-                product_id=purchase.product_id,
-                quantity=purchase.quantity,
-                coins=terms.coins,
-                bonus_coins=terms.bonus_coins,
-                environment=purchase.environment.value,
-                storefront=purchase.storefront,
-                price_minor=price.amount_minor if price else None,
-                currency=price.currency if price else None,
-                purchase_time=purchase.purchase_time,
-                order_id=purchase.order_id or None,
-                original_transaction_id=purchase.original_transaction_id or None,
-                state=state.value,
-                flagged_for_review=terms.flagged_for_review,
-                created_at=now,
-                updated_at=now,
-                **more,
-            )
+        return dict(
+            store=purchase.store.value,
+            store_transaction_id=purchase.store_transaction_id,
+            account_id=account,
+            product_id=purchase.product_id,
+            quantity=purchase.quantity,
+            coins=terms.coins,
+            bonus_coins=terms.bonus_coins,
+            environment=purchase.environment.value,
+            storefront=purchase.storefront,
+            price_minor=price.amount_minor if price else None,
+            currency=price.currency if price else None,
+            purchase_time=purchase.purchase_time,
+            order_id=purchase.order_id or None,
+            original_transaction_id=purchase.original_transaction_id or None,
+            state=state.value,
+            flagged_for_review=terms.flagged_for_review,
+            created_at=now,
+            updated_at=now,
+            **more,
         )
 
     def _bind(self, conn: Connection, terms: CreditTerms, account_id: str, now: datetime) -> None:
@@ -126,14 +140,14 @@ class PurchaseRepository:
     def _bound_record(self, conn: Connection, purchase: VerifiedPurchase, account_id: str | None) -> PurchaseRecord:
         """The row after the claim; bound to another account than ``account_id`` → PERMISSION_DENIED."""
         key = self._key(purchase.store, purchase.store_transaction_id)
-        record = _record(conn.execute(sa.select(self._purchases).where(key)).one())
+        record = record_from_row(conn.execute(sa.select(self._purchases).where(key)).one())
         if account_id is not None and record.account_id != account_id:
             raise ReceiptBoundToOtherAccount(purchase.store_transaction_id)
         return record
 
     def _current(self, conn: Connection, store: StoreId, store_transaction_id: str) -> PurchaseRecord | None:
         row = conn.execute(sa.select(self._purchases).where(self._key(store, store_transaction_id))).one_or_none()
-        return _record(row) if row is not None else None
+        return record_from_row(row) if row is not None else None
 
     # --- purchases -------------------------------------------------------
 
@@ -146,71 +160,36 @@ class PurchaseRepository:
         only records (a store notification nobody has claimed yet). A revoked
         purchase that was never credited becomes REVOKED.
         """
+        return await self._tx(lambda conn: self.claim_in(conn, terms, account_id, now))
+
+    def claim_in(self, conn: Connection, terms: CreditTerms, account_id: str | None, now: datetime) -> PurchaseRecord:
+        """:meth:`claim` in the caller's transaction (a group commit claims many in one).
+        A row bound to another account is refused before its state moves."""
         purchase = terms.purchase
-        if purchase.revoked:
-            initial = StoredState.REVOKED
-        elif purchase.pending:
-            initial = StoredState.PENDING
-        else:
-            initial = StoredState.RECORDED
-
-        def work(conn: Connection) -> PurchaseRecord:
-            self._insert(conn, terms, account_id, initial, now)
-            if account_id is not None:
-                self._bind(conn, terms, account_id, now)
-            # Revocation wins over recorded or pending; a completed payment ends pending.
-            movable = [StoredState.RECORDED.value, StoredState.PENDING.value]
-            values: dict[str, Any] = {"state": initial.value, "updated_at": now}
-            if initial is StoredState.RECORDED:
-                movable = [StoredState.PENDING.value]
-                # A paid Play purchase gets the order id and completion time pending ones lack.
-                values.update(order_id=purchase.order_id or None, purchase_time=purchase.purchase_time)
-            purchases = self._purchases
-            conn.execute(
-                purchases.update()
-                .where(
-                    self._key(purchase.store, purchase.store_transaction_id),
-                    purchases.c.state.in_(movable),
-                    purchases.c.state != initial.value,
-                )
-                .values(**values)
-            )
-            return self._bound_record(conn, purchase, account_id)
-
-        return await self._tx(work)
-
-    async def settle_credit(
-        self,
-        terms: CreditTerms,
-        account_id: str,
-        wallet_transaction_id: str,
-        now: datetime,
-        finish: Callable[[Connection, PurchaseRecord], None] | None = None,
-    ) -> PurchaseRecord:
-        """After the wallet credited (or had credited) the purchase: record it,
-        bound to ``account_id`` and CREDITED, and run ``finish`` (e.g. record the
-        AIP-155 response) in the same transaction — one commit per verification."""
-        purchase = terms.purchase
-
-        def work(conn: Connection) -> PurchaseRecord:
-            credited = StoredState.CREDITED
-            self._insert(conn, terms, account_id, credited, now, wallet_transaction_id=wallet_transaction_id)
+        initial = initial_state(purchase)
+        self._insert(conn, terms, account_id, initial, now)
+        if account_id is not None:
             self._bind(conn, terms, account_id, now)
-            purchases = self._purchases
-            conn.execute(
-                purchases.update()
-                .where(
-                    self._key(purchase.store, purchase.store_transaction_id),
-                    purchases.c.state == StoredState.RECORDED.value,
-                )
-                .values(state=credited.value, wallet_transaction_id=wallet_transaction_id, updated_at=now)
-            )
-            record = self._bound_record(conn, purchase, account_id)
-            if finish is not None:
-                finish(conn, record)
+        record = self._bound_record(conn, purchase, account_id)
+        # Revocation wins over recorded or pending; a completed payment ends pending.
+        movable = [StoredState.RECORDED, StoredState.PENDING]
+        values: dict[str, Any] = {"state": initial.value, "updated_at": now}
+        if initial is StoredState.RECORDED:
+            movable = [StoredState.PENDING]
+            # A paid Play purchase gets the order id and completion time pending ones lack.
+            values.update(order_id=purchase.order_id or None, purchase_time=purchase.purchase_time)
+        if record.state is initial or record.state not in movable:
             return record
-
-        return await self._tx(work)
+        purchases = self._purchases
+        conn.execute(
+            purchases.update()
+            .where(
+                self._key(purchase.store, purchase.store_transaction_id),
+                purchases.c.state.in_([state.value for state in movable]),
+            )
+            .values(**values)
+        )
+        return self._bound_record(conn, purchase, account_id)
 
     async def mark_refund(
         self,
@@ -283,7 +262,7 @@ class PurchaseRepository:
                 .order_by(purchases.c.created_at.desc())
                 .limit(limit)
             ).all()
-            return [_record(r) for r in rows]
+            return [record_from_row(r) for r in rows]
 
         return await self.database.run(self._read, work)
 
@@ -330,14 +309,14 @@ class PurchaseRepository:
 
 class CreditHook(Protocol):
     """Work that commits in the transaction marking a purchase CREDITED (see
-    :meth:`PurchaseRepository.settle_credit`): one commit per verification."""
+    :meth:`OutboxRepository.settle_batch`): one commit per batch of verifications."""
 
     def record_in(self, conn: Connection, results: Sequence[PurchaseResult]) -> None: ...
 
 
 class RequestRecorder:
     """Records a call's AIP-155 response inside the transaction that records its
-    effect (see :meth:`PurchaseRepository.settle_credit`), saving a commit.
+    effect (see :meth:`OutboxRepository.settle_batch`), saving a commit.
 
     ``build`` turns the results into the response message. After the work,
     ``done`` tells whether it was recorded, and ``stored`` holds the response a
@@ -353,6 +332,23 @@ class RequestRecorder:
         self.done = False
         self.stored: bytes | None = None
         self.response: Message | None = None
+
+    def log_row(self, results: Sequence[Any], now: datetime) -> dict[str, Any]:
+        """The request-log row of this call, its response built (a group commit inserts many
+        at once; :meth:`recorded` then, or :meth:`record_in` when the id was taken)."""
+        self.response = response = self._build(results)
+        return {
+            "method": self._method,
+            "request_id": self._request_id,
+            "request_hash": fingerprint(self._request),
+            "response": response.SerializeToString(deterministic=True),
+            "created_at": now,
+        }
+
+    def recorded(self) -> None:
+        """This call's row went in with its response: ours is the recorded answer."""
+        self.stored = None
+        self.done = True
 
     def record_in(self, conn: Connection, results: Sequence[Any]) -> None:
         response = self._build(results)

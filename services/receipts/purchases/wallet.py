@@ -1,5 +1,5 @@
-"""The purchases core's client of the wallet's CreditPurchase, ReversePurchase
-and RestorePurchase: typed requests in, typed answers out, the wallet's errors
+"""The purchases core's client of the wallet's CreditPurchase (or CreditPurchases,
+batched), ReversePurchase and RestorePurchase: typed requests in, typed answers out, the wallet's errors
 mapped to receipts errors.
 
 The wallet guarantees exactly once per (store, store_transaction_id). Its
@@ -27,6 +27,7 @@ from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
 from services.common.catalog import StoreId
 from services.common.clients import error_info
 from services.common.errors import DomainError
+from services.common.group_commit import GroupCommit
 from services.receipts.convert import money, timestamp
 from services.receipts.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from services.receipts.purchases.model import CreditTerms, Environment, Refund
@@ -34,6 +35,7 @@ from services.receipts.purchases.model import CreditTerms, Environment, Refund
 log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Message)
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 WALLET_STORE = {StoreId.APP_STORE: wpb.STORE_APP_STORE, StoreId.GOOGLE_PLAY: wpb.STORE_GOOGLE_PLAY}
 WALLET_ENVIRONMENT = {
@@ -55,14 +57,23 @@ def wallet_request_id(kind: str, *parts: str) -> str:
 
 
 def map_wallet_error(error: grpc.aio.AioRpcError) -> DomainError:
-    code = error.code()
     reason, metadata = error_info(error)
+    return _mapped(error.code(), reason, error.details() or "", metadata)
+
+
+def _mapped(code: grpc.StatusCode, reason: str, details: str, metadata: dict[str, str]) -> DomainError:
     mapped = _PASS_THROUGH.get(code)
     if mapped is not None:
-        return mapped(reason or code.name, f"wallet: {error.details()}", metadata)
+        return mapped(reason or code.name, f"wallet: {details}", metadata)
     if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        log.error("wallet answered %s (%s): %s", code.name, reason, error.details())
+        log.error("wallet answered %s (%s): %s", code.name, reason, details)
     return Unavailable("WALLET_UNAVAILABLE", "the wallet is unavailable; retry later", {"wallet_code": code.name})
+
+
+def _item_error(error: wpb.ItemError) -> DomainError:
+    """A CreditPurchases item's error, mapped as the same CreditPurchase's would be."""
+    code = _STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    return _mapped(code, error.reason, error.message, dict(error.metadata))
 
 
 @dataclass(frozen=True)
@@ -86,13 +97,28 @@ class Reversal:
     nothing_refunded: bool = False
 
 
-class WalletClient:
-    """Typed calls to the wallet over one gRPC channel."""
+def _credit(response: wpb.CreditPurchaseResponse) -> Credit:
+    return Credit(response.state == wpb.CREDIT_STATE_CREDITED, response.transaction_id, response.balance.coins)
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_seconds: float = 10.0) -> None:
+
+class WalletClient:
+    """Typed calls to the wallet over one gRPC channel. With a group-commit window,
+    concurrent credits travel together in one CreditPurchases call."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        timeout_seconds: float = 10.0,
+        *,
+        window_seconds: float = 0.0,
+        max_batch: int = 128,
+    ) -> None:
         self._channel = channel
         self._stub = wpb_grpc.WalletServiceStub(channel)
         self._timeout = timeout_seconds
+        self._credits: GroupCommit[wpb.CreditPurchaseRequest, Credit | DomainError] | None = None
+        if window_seconds > 0:
+            self._credits = GroupCommit(self._credit_batch, window_seconds=window_seconds, max_batch=max_batch)
 
     async def _call(self, rpc: Callable[..., Awaitable[R]], request: Message) -> R:
         try:
@@ -103,35 +129,46 @@ class WalletClient:
     async def credit(self, terms: CreditTerms, account_id: str, request_id: str) -> Credit:
         """CreditPurchase of ``terms`` (coins include the bonus) to ``account_id``."""
         purchase = terms.purchase
-        response: wpb.CreditPurchaseResponse = await self._call(
-            self._stub.CreditPurchase,
-            wpb.CreditPurchaseRequest(
-                # The evidence is part of the body, so it is part of the id: a retry that verified a
-                # fresh copy (an App Store API answer signed anew) is a new call, answered ALREADY_CREDITED.
-                request_id=wallet_request_id(
-                    "credit",
-                    request_id,
-                    purchase.store.value,
-                    purchase.store_transaction_id,
-                    *((purchase.evidence_sha256,) if purchase.evidence_sha256 else ()),
-                ),
-                account_id=account_id,
-                store=WALLET_STORE[purchase.store],
-                store_transaction_id=purchase.store_transaction_id,
-                product_id=purchase.product_id,
-                coins=terms.total_coins,
-                bonus_coins=terms.bonus_coins,
-                quantity=purchase.quantity,
-                environment=WALLET_ENVIRONMENT[purchase.environment],
-                storefront=purchase.storefront,
-                price=money(purchase.price),
-                purchase_time=timestamp(purchase.purchase_time),
-                flagged_for_review=terms.flagged_for_review,
-                evidence_sha256=purchase.evidence_sha256,
+        request = wpb.CreditPurchaseRequest(
+            # The evidence is part of the body, so it is part of the id: a retry that verified a
+            # fresh copy (an App Store API answer signed anew) is a new call, answered ALREADY_CREDITED.
+            request_id=wallet_request_id(
+                "credit",
+                request_id,
+                purchase.store.value,
+                purchase.store_transaction_id,
+                *((purchase.evidence_sha256,) if purchase.evidence_sha256 else ()),
             ),
+            account_id=account_id,
+            store=WALLET_STORE[purchase.store],
+            store_transaction_id=purchase.store_transaction_id,
+            product_id=purchase.product_id,
+            coins=terms.total_coins,
+            bonus_coins=terms.bonus_coins,
+            quantity=purchase.quantity,
+            environment=WALLET_ENVIRONMENT[purchase.environment],
+            storefront=purchase.storefront,
+            price=money(purchase.price),
+            purchase_time=timestamp(purchase.purchase_time),
+            flagged_for_review=terms.flagged_for_review,
+            evidence_sha256=purchase.evidence_sha256,
         )
-        new = response.state == wpb.CREDIT_STATE_CREDITED
-        return Credit(new, response.transaction_id, response.balance.coins)
+        if self._credits is None:
+            return _credit(await self._call(self._stub.CreditPurchase, request))
+        outcome = await self._credits.submit(request)
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
+    async def _credit_batch(self, requests: list[wpb.CreditPurchaseRequest]) -> list[Credit | DomainError]:
+        """One CreditPurchases call; each item answered as its CreditPurchase would be."""
+        reply: wpb.CreditPurchasesResponse = await self._call(
+            self._stub.CreditPurchases, wpb.CreditPurchasesRequest(requests=requests)
+        )
+        return [
+            _credit(result.response) if result.HasField("response") else _item_error(result.error)
+            for result in reply.results
+        ]
 
     async def credited_purchases(
         self, store: StoreId, since: datetime, before: datetime, page_size: int = 500

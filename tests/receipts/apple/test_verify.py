@@ -266,3 +266,44 @@ async def test_same_request_id_concurrently_gets_one_answer(world: World) -> Non
     asked = {(c.store_transaction_id, c.request_id) for c in world.receipts.wallet.credits}
     assert len(asked) == 1
     assert next(iter(asked))[0] == txid
+
+
+@pytest.mark.parametrize("policy", ["flag", "refuse"])
+async def test_region_policy_through_verify_apple_purchase(
+    policy: str, keys: Keys, database_url: str, tmp_path: Path
+) -> None:
+    """The storefront Apple signed against the account's country, as the caller gives it:
+    'flag' (the default) credits and marks for review, 'refuse' refuses before the wallet."""
+    async with (
+        apple_simulator(tmp_path) as (store, url),
+        receipts_service(
+            keys, database_url, tmp_path, {**simulator_settings(url), "REGION_POLICY": policy}
+        ) as receipts,
+    ):
+        world = World(receipts, store, url)
+        token = await world.token("fan-de")
+        txid, turkish = await world.device_buy(appAccountToken=token, storefront="TUR")
+        _, german = await world.device_buy(appAccountToken=token, storefront="DEU")
+
+        def request(n: int, jws: str, region: str = "DE") -> pb.VerifyApplePurchaseRequest:
+            return pb.VerifyApplePurchaseRequest(
+                request_id=f"r-{n}", account_id="fan-de", signed_transaction=jws, account_region=region
+            )
+
+        bad_region = await world.refused(request(0, turkish, "Germany"))
+        assert bad_region[0] == grpc.StatusCode.INVALID_ARGUMENT
+        home = await world.verify(request(1, german))
+        assert home.purchases[0].state == pb.PURCHASE_STATE_CREDITED
+        assert not home.purchases[0].flagged_for_review
+        if policy == "flag":
+            abroad = await world.verify(request(2, turkish))
+            assert abroad.purchases[0].state == pb.PURCHASE_STATE_CREDITED
+            assert abroad.purchases[0].flagged_for_review
+            assert receipts.wallet.only_credit(txid).flagged_for_review
+        else:
+            code, reason = await world.refused(request(2, turkish))
+            assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "REGION_MISMATCH")
+            assert receipts.wallet.credits_of(txid) == []
+            # An account whose country is not given is not judged.
+            unknown = await world.verify(request(3, turkish, ""))
+            assert unknown.purchases[0].state == pb.PURCHASE_STATE_CREDITED

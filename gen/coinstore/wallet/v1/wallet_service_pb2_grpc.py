@@ -45,6 +45,11 @@ class WalletServiceStub:
                 request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchaseRequest.SerializeToString,
                 response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchaseResponse.FromString,
                 _registered_method=True)
+        self.CreditPurchases = channel.unary_unary(
+                '/coinstore.wallet.v1.WalletService/CreditPurchases',
+                request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchasesRequest.SerializeToString,
+                response_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchasesResponse.FromString,
+                _registered_method=True)
         self.ReversePurchase = channel.unary_unary(
                 '/coinstore.wallet.v1.WalletService/ReversePurchase',
                 request_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ReversePurchaseRequest.SerializeToString,
@@ -138,6 +143,15 @@ class WalletServiceServicer:
 
     def CreditPurchase(self, request, context):
         """Credits the coins of one store purchase, exactly once per (store, store_transaction_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreditPurchases(self, request, context):
+        """Credits many store purchases in one call (group commit). Each item is judged
+        alone, as its own CreditPurchase would be: it keeps its own request_id and
+        exactly-once purchase key, and gets the same answer or its own error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -270,6 +284,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchaseRequest.FromString,
                     response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchaseResponse.SerializeToString,
             ),
+            'CreditPurchases': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreditPurchases,
+                    request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchasesRequest.FromString,
+                    response_serializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchasesResponse.SerializeToString,
+            ),
             'ReversePurchase': grpc.unary_unary_rpc_method_handler(
                     servicer.ReversePurchase,
                     request_deserializer=coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.ReversePurchaseRequest.FromString,
@@ -384,6 +403,33 @@ class WalletService:
             '/coinstore.wallet.v1.WalletService/CreditPurchase',
             coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchaseRequest.SerializeToString,
             coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreditPurchases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coinstore.wallet.v1.WalletService/CreditPurchases',
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchasesRequest.SerializeToString,
+            coinstore_dot_wallet_dot_v1_dot_wallet__service__pb2.CreditPurchasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

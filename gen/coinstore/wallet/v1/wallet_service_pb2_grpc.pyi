@@ -41,6 +41,11 @@ class WalletServiceStub:
     def __new__(cls, channel: _aio.Channel) -> WalletServiceAsyncStub: ...
     CreditPurchase: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.CreditPurchaseRequest, _wallet_service_pb2.CreditPurchaseResponse]
     """Credits the coins of one store purchase, exactly once per (store, store_transaction_id)."""
+    CreditPurchases: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.CreditPurchasesRequest, _wallet_service_pb2.CreditPurchasesResponse]
+    """Credits many store purchases in one call (group commit). Each item is judged
+    alone, as its own CreditPurchase would be: it keeps its own request_id and
+    exactly-once purchase key, and gets the same answer or its own error.
+    """
     ReversePurchase: _grpc.UnaryUnaryMultiCallable[_wallet_service_pb2.ReversePurchaseRequest, _wallet_service_pb2.ReversePurchaseResponse]
     """Claws back a refunded or revoked purchase, following the money: the lot's unspent
     coins, then the diamonds its coins gave creators, then debt (state-based).
@@ -99,6 +104,11 @@ class WalletServiceAsyncStub(WalletServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreditPurchase: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.CreditPurchaseRequest, _wallet_service_pb2.CreditPurchaseResponse]  # type: ignore[assignment]
     """Credits the coins of one store purchase, exactly once per (store, store_transaction_id)."""
+    CreditPurchases: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.CreditPurchasesRequest, _wallet_service_pb2.CreditPurchasesResponse]  # type: ignore[assignment]
+    """Credits many store purchases in one call (group commit). Each item is judged
+    alone, as its own CreditPurchase would be: it keeps its own request_id and
+    exactly-once purchase key, and gets the same answer or its own error.
+    """
     ReversePurchase: _aio.UnaryUnaryMultiCallable[_wallet_service_pb2.ReversePurchaseRequest, _wallet_service_pb2.ReversePurchaseResponse]  # type: ignore[assignment]
     """Claws back a refunded or revoked purchase, following the money: the lot's unspent
     coins, then the diamonds its coins gave creators, then debt (state-based).
@@ -160,6 +170,17 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_service_pb2.CreditPurchaseResponse, _abc.Awaitable[_wallet_service_pb2.CreditPurchaseResponse]]:
         """Credits the coins of one store purchase, exactly once per (store, store_transaction_id)."""
+
+    @_abc_1.abstractmethod
+    def CreditPurchases(
+        self,
+        request: _wallet_service_pb2.CreditPurchasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_service_pb2.CreditPurchasesResponse, _abc.Awaitable[_wallet_service_pb2.CreditPurchasesResponse]]:
+        """Credits many store purchases in one call (group commit). Each item is judged
+        alone, as its own CreditPurchase would be: it keeps its own request_id and
+        exactly-once purchase key, and gets the same answer or its own error.
+        """
 
     @_abc_1.abstractmethod
     def ReversePurchase(

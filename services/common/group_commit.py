@@ -1,5 +1,7 @@
-"""Group commit: gifts that arrive within a short window share one database
-transaction, each keeping its own request-id claim, ledger transaction and answer.
+"""Group commit: work items that arrive within a short window share one run (the
+wallet's gifts and credits one database transaction, receipts' purchase records
+one transaction and their credits one CreditPurchases call), each keeping its own
+keys and answer.
 
 While a batch is running, new arrivals keep queueing and form the next one, so
 the batch size grows with the load (classic group commit, like a WAL flush). One

@@ -1,0 +1,351 @@
+"""The purchases table as the crediting outbox, written in group commits.
+
+A verified purchase is first *recorded*: its row (state ``recorded``, bound to
+the claiming account, the terms of its first record — coins, bonus, review flag
+— fixed for good) commits before the wallet is called. The wallet is the source
+of truth for "credited" (exactly once per store transaction); marking the row
+``credited`` afterwards is bookkeeping that may come late or not at all: a row
+left ``recorded`` is credited by the sweep (:meth:`OutboxRepository.uncredited`,
+``receipts.purchases.credit_sweep`` on the worker's beat) with the same terms,
+and the wallet answers ALREADY_CREDITED if it had. Receipts and the wallet may
+live on separate databases: nothing here writes the wallet's rows or waits on
+them inside a receipts transaction.
+
+Concurrent verifications share their transactions (:class:`PurchaseBatches`):
+one transaction records every purchase that arrived while the previous one ran,
+one marks every credited purchase (and records each call's AIP-155 answer with
+it). A new purchase costs one multi-row INSERT … RETURNING per batch; only rows
+that existed (a repeat, a purchase a notification recorded first) take the
+per-row path of :meth:`PurchaseRepository.claim_in`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf.message import Message
+from sqlalchemy.engine import Connection
+
+from services.common.errors import DomainError, RequestIdReused
+from services.common.group_commit import GroupCommit
+from services.common.idempotency import fingerprint, insert_ignore
+from services.receipts.errors import ReceiptBoundToOtherAccount
+from services.receipts.purchases.model import (
+    CreditTerms,
+    PurchaseRecord,
+    PurchaseResult,
+    StoredState,
+    VerifiedPurchase,
+)
+from services.receipts.purchases.repository import (
+    CreditHook,
+    PurchaseRepository,
+    RequestRecorder,
+    initial_state,
+    record_from_row,
+)
+
+Key = tuple[str, str]
+
+
+def _key(purchase: VerifiedPurchase) -> Key:
+    return (purchase.store.value, purchase.store_transaction_id)
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Record ``terms`` bound to ``account_id`` (None: record only)."""
+
+    terms: CreditTerms
+    account_id: str | None
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Call:
+    """An AIP-155 call to look up in the request log."""
+
+    method: str
+    request_id: str
+    request: Message
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The wallet credited (or had credited) ``terms`` to ``account_id``: mark the row,
+    and record ``hook`` (the AIP-155 answer, the Play consumption row) with it, giving
+    it ``result_for`` the row."""
+
+    terms: CreditTerms
+    account_id: str
+    wallet_transaction_id: str
+    now: datetime
+    result_for: Callable[[PurchaseRecord], PurchaseResult]
+    hook: CreditHook | None = None
+
+
+RowOutcome = PurchaseRecord | DomainError
+
+
+class OutboxRepository:
+    """Batch SQL of the outbox (SQLAlchemy Core); each method is one transaction."""
+
+    def __init__(self, purchases: PurchaseRepository) -> None:
+        self.purchases = purchases
+        self.database = purchases.database
+        self._table = self.database.table("receipts_purchases")
+        self._request_log = self.database.table("receipts_request_log")
+
+    def record_batch(self, recordings: Sequence[Recording]) -> list[RowOutcome]:
+        return self.database.transaction(lambda conn: self._record_batch(conn, recordings))
+
+    def _record_batch(self, conn: Connection, recordings: Sequence[Recording]) -> list[RowOutcome]:
+        table = self._table
+        first: dict[Key, int] = {}
+        for index, recording in enumerate(recordings):
+            first.setdefault(_key(recording.terms.purchase), index)
+        # Sorted: concurrent batches take the unique-index locks in one order.
+        ordered = sorted(first.items())
+        rows = [
+            self.purchases.row(
+                recordings[i].terms,
+                recordings[i].account_id,
+                initial_state(recordings[i].terms.purchase),
+                recordings[i].now,
+            )
+            for _, i in ordered
+        ]
+        inserted = conn.execute(insert_ignore(conn, table).returning(*table.c), rows).all()
+        fresh = {(row.store, row.store_transaction_id): record_from_row(row) for row in inserted}
+        outcomes: list[RowOutcome] = []
+        for index, recording in enumerate(recordings):
+            key = _key(recording.terms.purchase)
+            if key in fresh and first[key] == index:
+                outcomes.append(fresh[key])
+                continue
+            try:
+                outcomes.append(self.purchases.claim_in(conn, recording.terms, recording.account_id, recording.now))
+            except DomainError as error:
+                outcomes.append(error)
+        return outcomes
+
+    def settle_batch(self, settlements: Sequence[Settlement]) -> list[RowOutcome]:
+        return self.database.transaction(lambda conn: self._settle_batch(conn, settlements))
+
+    def _settle_batch(self, conn: Connection, settlements: Sequence[Settlement]) -> list[RowOutcome]:
+        table = self._table
+        marks = {
+            _key(s.terms.purchase): {
+                "store": s.terms.purchase.store.value,
+                "store_transaction_id": s.terms.purchase.store_transaction_id,
+                "wallet_transaction_id": s.wallet_transaction_id,
+                "updated_at": s.now,
+            }
+            for s in settlements
+        }
+        self._mark_credited(conn, [marks[key] for key in sorted(marks)])
+        found = conn.execute(
+            sa.select(table).where(sa.tuple_(table.c.store, table.c.store_transaction_id).in_(sorted(marks)))
+        ).all()
+        records = {(row.store, row.store_transaction_id): record_from_row(row) for row in found}
+        outcomes: list[RowOutcome | None] = [None] * len(settlements)
+        answers: list[tuple[int, RequestRecorder]] = []
+        for index, settlement in enumerate(settlements):
+            purchase = settlement.terms.purchase
+            record = records[_key(purchase)]
+            if record.account_id != settlement.account_id:
+                outcomes[index] = ReceiptBoundToOtherAccount(purchase.store_transaction_id)
+            elif type(settlement.hook) is RequestRecorder:
+                answers.append((index, settlement.hook))
+            elif settlement.hook is not None:
+                try:
+                    settlement.hook.record_in(conn, [settlement.result_for(record)])
+                except DomainError as error:
+                    outcomes[index] = error
+            if outcomes[index] is None:
+                outcomes[index] = record
+        self._record_answers(conn, settlements, records, answers)
+        return [_raised_in(outcome) for outcome in outcomes]
+
+    def _mark_credited(self, conn: Connection, marks: list[dict[str, Any]]) -> None:
+        """RECORDED → CREDITED, in key order (the row-lock order): on PostgreSQL one
+        UPDATE … FROM (VALUES …) for the batch, on SQLite (its one writer) executemany."""
+        table = self._table
+        if conn.dialect.name != "postgresql":
+            conn.execute(
+                table.update()
+                .where(
+                    table.c.store == sa.bindparam("b_store"),
+                    table.c.store_transaction_id == sa.bindparam("b_id"),
+                    table.c.state == StoredState.RECORDED.value,
+                )
+                .values(
+                    state=StoredState.CREDITED.value,
+                    wallet_transaction_id=sa.bindparam("b_txn"),
+                    updated_at=sa.bindparam("b_now"),
+                ),
+                [
+                    {
+                        "b_store": m["store"],
+                        "b_id": m["store_transaction_id"],
+                        "b_txn": m["wallet_transaction_id"],
+                        "b_now": m["updated_at"],
+                    }
+                    for m in marks
+                ],
+            )
+            return
+        batch = sa.values(
+            sa.column("store", sa.String),
+            sa.column("store_transaction_id", sa.String),
+            sa.column("wallet_transaction_id", sa.String),
+            sa.column("updated_at", table.c.updated_at.type),
+            name="batch",
+        ).data([tuple(m.values()) for m in marks])
+        conn.execute(
+            table.update()
+            .where(
+                table.c.store == batch.c.store,
+                table.c.store_transaction_id == batch.c.store_transaction_id,
+                table.c.state == StoredState.RECORDED.value,
+            )
+            .values(
+                state=StoredState.CREDITED.value,
+                wallet_transaction_id=batch.c.wallet_transaction_id,
+                updated_at=batch.c.updated_at,
+            )
+        )
+
+    def _record_answers(
+        self,
+        conn: Connection,
+        settlements: Sequence[Settlement],
+        records: dict[Key, PurchaseRecord],
+        answers: list[tuple[int, RequestRecorder]],
+    ) -> None:
+        """The AIP-155 answers of the batch's calls in one INSERT; an id already taken (a
+        concurrent call with the same id) takes the per-call path, which replays or refuses."""
+        if not answers:
+            return
+        log = self._request_log
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        first: list[tuple[int, RequestRecorder, tuple[str, str]]] = []
+        repeats: list[tuple[int, RequestRecorder]] = []
+        for index, recorder in answers:
+            settlement = settlements[index]
+            row = recorder.log_row([settlement.result_for(records[_key(settlement.terms.purchase)])], settlement.now)
+            key = (row["method"], row["request_id"])
+            if key in rows:
+                repeats.append((index, recorder))
+            else:
+                rows[key] = row
+                first.append((index, recorder, key))
+        statement = insert_ignore(conn, log).returning(log.c.method, log.c.request_id)
+        inserted = conn.execute(statement, [rows[key] for key in sorted(rows)]).all()
+        ours = {(row.method, row.request_id) for row in inserted}
+        for index, recorder, key in first:
+            if key in ours:
+                recorder.recorded()
+            else:
+                repeats.append((index, recorder))
+        for index, recorder in repeats:
+            settlement = settlements[index]
+            recorder.record_in(conn, [settlement.result_for(records[_key(settlement.terms.purchase)])])
+
+    def replay_batch(self, calls: Sequence[Call]) -> list[bytes | DomainError | None]:
+        """:meth:`PurchaseRepository.replay` of many calls in one statement."""
+        table = self._request_log
+        keys = sorted({(c.method, c.request_id) for c in calls})
+        with self.database.connect() as conn:
+            rows = conn.execute(
+                sa.select(table.c.method, table.c.request_id, table.c.request_hash, table.c.response).where(
+                    sa.tuple_(table.c.method, table.c.request_id).in_(keys)
+                )
+            ).all()
+        stored = {(row.method, row.request_id): row for row in rows}
+        outcomes: list[bytes | DomainError | None] = []
+        for call in calls:
+            row = stored.get((call.method, call.request_id))
+            if row is None:
+                outcomes.append(None)
+            elif row.request_hash != fingerprint(call.request):
+                outcomes.append(RequestIdReused(call.request_id))
+            else:
+                outcomes.append(bytes(row.response) if row.response is not None else None)
+        return outcomes
+
+    def uncredited(self, recorded_before: datetime, limit: int) -> list[PurchaseRecord]:
+        """Bound purchases recorded but not marked credited, oldest first (the partial index)."""
+        table = self._table
+        with self.database.connect() as conn:
+            rows = conn.execute(
+                sa.select(table)
+                .where(
+                    table.c.state == StoredState.RECORDED.value,
+                    table.c.account_id.is_not(None),
+                    table.c.updated_at <= recorded_before,
+                )
+                .order_by(table.c.updated_at)
+                .limit(limit)
+            ).all()
+        return [record_from_row(row) for row in rows]
+
+
+class PurchaseBatches:
+    """The outbox's writes as group commits (``window_seconds`` 0: each alone)."""
+
+    def __init__(self, outbox: OutboxRepository, *, window_seconds: float, max_batch: int) -> None:
+        self.outbox = outbox
+        self._recordings: GroupCommit[Recording, RowOutcome] | None = None
+        self._settlements: GroupCommit[Settlement, RowOutcome] | None = None
+        self._replays: GroupCommit[Call, bytes | DomainError | None] | None = None
+        if window_seconds > 0:
+            self._replays = GroupCommit(self._run_replays, window_seconds=window_seconds, max_batch=max_batch)
+            self._recordings = GroupCommit(self._run_recordings, window_seconds=window_seconds, max_batch=max_batch)
+            self._settlements = GroupCommit(self._run_settlements, window_seconds=window_seconds, max_batch=max_batch)
+
+    async def _run_recordings(self, recordings: list[Recording]) -> list[RowOutcome]:
+        return await self.outbox.database.run(self.outbox.record_batch, recordings)
+
+    async def _run_settlements(self, settlements: list[Settlement]) -> list[RowOutcome]:
+        return await self.outbox.database.run(self.outbox.settle_batch, settlements)
+
+    async def _run_replays(self, calls: list[Call]) -> list[bytes | DomainError | None]:
+        return await self.outbox.database.run(self.outbox.replay_batch, calls)
+
+    async def replay(self, method: str, request_id: str, request: Message) -> bytes | None:
+        """The stored response of an earlier call with this id (REQUEST_ID_REUSED for
+        another body), looked up with the concurrent calls' in one statement."""
+        call = Call(method, request_id, request)
+        outcome = await self._replays.submit(call) if self._replays else (await self._run_replays([call]))[0]
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
+    async def record(self, recording: Recording) -> PurchaseRecord:
+        """The purchase's row after recording it: bound to the account, the first terms.
+        Bound to another account → PERMISSION_DENIED ``RECEIPT_BOUND_TO_OTHER_ACCOUNT``."""
+        if self._recordings is not None:
+            return _raise(await self._recordings.submit(recording))
+        return _raise((await self._run_recordings([recording]))[0])
+
+    async def settle(self, settlement: Settlement) -> PurchaseRecord:
+        """Mark the purchase CREDITED (unless refunded since) and run its ``finish``."""
+        if self._settlements is not None:
+            return _raise(await self._settlements.submit(settlement))
+        return _raise((await self._run_settlements([settlement]))[0])
+
+
+def _raised_in(outcome: RowOutcome | None) -> RowOutcome:
+    assert outcome is not None
+    return outcome
+
+
+def _raise(outcome: RowOutcome) -> PurchaseRecord:
+    if isinstance(outcome, DomainError):
+        raise outcome
+    return outcome
