@@ -1049,16 +1049,10 @@ class PayoutStore:
 
         return self.db.transaction(tx)
 
-    def plan_chunk(self, batch_id: str, size: int, now: datetime, due_at: datetime) -> str | None:
-        """Group up to ``size`` unplanned items of the batch into a new submission; None when all are planned."""
-
-        def tx(conn: Connection) -> str | None:
-            # Locks the batch row: planners of one batch take turns.
-            conn.execute(
-                batches.update().where(batches.c.batch_id == batch_id).values(chunk_seq=batches.c.chunk_seq + 1)
-            )
-            seq = conn.execute(sa.select(batches.c.chunk_seq).where(batches.c.batch_id == batch_id)).scalar_one()
-            ids = list(
+    def unplanned(self, batch_id: str) -> list[str]:
+        """The batch's items not yet in a submission, in id order (read once per planning run)."""
+        with self.db.connect() as conn:
+            return list(
                 conn.execute(
                     sa.select(cashouts.c.cashout_id)
                     .where(
@@ -1067,29 +1061,49 @@ class PayoutStore:
                         cashouts.c.state == CashoutState.BATCHED.value,
                     )
                     .order_by(cashouts.c.batch_id, cashouts.c.chunk_id, cashouts.c.cashout_id)
-                    .limit(size)
                 ).scalars()
             )
-            if not ids:
-                return None
+
+    def plan_chunk(self, batch_id: str, ids: Sequence[str], now: datetime, due_at: datetime) -> str | None:
+        """Group those of ``ids`` still unplanned into a new submission; None if none were."""
+
+        def tx(conn: Connection) -> str | None:
+            # Locks the batch row: planners of one batch take turns.
+            conn.execute(
+                batches.update().where(batches.c.batch_id == batch_id).values(chunk_seq=batches.c.chunk_seq + 1)
+            )
+            seq = conn.execute(sa.select(batches.c.chunk_seq).where(batches.c.batch_id == batch_id)).scalar_one()
             chunk_id = f"{batch_id}-{seq}"
+            # Rows locked by primary key, then filtered here: a plan that found them through another
+            # index on stale statistics scanned the whole batch for every submission.
+            free: list[str] = []
+            for part in _parts(list(ids), 5000):
+                locked = sa.select(
+                    cashouts.c.cashout_id, cashouts.c.batch_id, cashouts.c.chunk_id, cashouts.c.state
+                ).where(cashouts.c.cashout_id.in_(part))
+                free += [
+                    r.cashout_id
+                    for r in conn.execute(locked.with_for_update() if conn.dialect.name == "postgresql" else locked)
+                    if r.batch_id == batch_id and r.chunk_id is None and r.state == CashoutState.BATCHED.value
+                ]
+            if not free:
+                return None
+            for part in _parts(free, 5000):
+                conn.execute(
+                    cashouts.update().where(cashouts.c.cashout_id.in_(part)).values(chunk_id=chunk_id, updated_at=now)
+                )
+            planned = len(free)
             conn.execute(
                 chunks.insert().values(
                     chunk_id=chunk_id,
                     batch_id=batch_id,
                     state=ChunkState.PENDING.value,
                     provider_batch_id="",
-                    item_count=len(ids),
+                    item_count=planned,
                     created_at=now,
                     due_at=due_at,
                 )
             )
-            for part in _parts(ids, 5000):
-                conn.execute(
-                    cashouts.update()
-                    .where(cashouts.c.cashout_id.in_(part), cashouts.c.chunk_id.is_(None))
-                    .values(chunk_id=chunk_id, updated_at=now)
-                )
             return chunk_id
 
         return self.db.transaction(tx)

@@ -28,7 +28,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
 from services.payouts.config import PayoutsSettings
 from tests.payouts.conftest import start_service
-from tests.payouts.fake_wallet import COMMIT, FakeWallet, FakeWalletServer
+from tests.payouts.fake_wallet import COMMIT, RELEASE, FakeWallet, FakeWalletServer
 from tests.payouts.harness import (
     PayPalSimServer,
     Worker,
@@ -529,7 +529,8 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     again = next(r for r in rows if r["cashout_id"] == failed["cashout_id"])
     assert (again["state"], again["attempt"], again["failure_reason"]) == ("PAID", "2", "")
     assert again["sender_item_id"] == f"{failed['cashout_id']}-2"
-    assert stack.wallet.releases[failed["cashout_id"]] == 1
+    # Released under one request id (two polls of a loaded machine may both send it: a replay).
+    assert set(stack.wallet.request_ids(RELEASE, failed["cashout_id"])) == {f"release:{failed['cashout_id']}"}
     committed_once(stack.wallet, [f"{failed['cashout_id']}.2"])
     assert all(stack.wallet.balance(c) == 0 for c in creators)
     assert len(paid_once(stack.paypal, [])) == 4

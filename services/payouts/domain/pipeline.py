@@ -92,9 +92,14 @@ class Pipeline:
             return
         queued: set[str] = set()
         # Each submission is queued as soon as it is planned, so paying starts while the rest is planned.
-        while (chunk_id := self._store.plan_chunk(batch_id, self._chunk_size, now, now + self._stuck)) is not None:
-            self._queue.enqueue(SUBMIT_TASK, chunk_id)
-            queued.add(chunk_id)
+        # The unplanned items are read once (one scan, however stale the table's statistics),
+        # then planned slice by slice; a concurrent planner's items are skipped by each slice.
+        ids = self._store.unplanned(batch_id)
+        for start in range(0, len(ids), self._chunk_size):
+            chunk_id = self._store.plan_chunk(batch_id, ids[start : start + self._chunk_size], now, now + self._stuck)
+            if chunk_id is not None:
+                self._queue.enqueue(SUBMIT_TASK, chunk_id)
+                queued.add(chunk_id)
         for chunk_id in self._store.chunk_ids(batch_id, ChunkState.PENDING):
             if chunk_id not in queued:
                 self._queue.enqueue(SUBMIT_TASK, chunk_id)
