@@ -568,7 +568,12 @@ def cash_out(system: System, creator: str) -> ppb.Cashout | None:
         request_id=f"dest-{creator}", creator_account_id=creator, destination=destination
     )
     retrying("destination", partial(payouts.SetPayoutDestination, set_request, metadata=app, timeout=30))
-    verify = ppb.VerifyPayoutDestinationRequest(request_id=f"verify-{creator}", creator_account_id=creator)
+    verify = ppb.VerifyPayoutDestinationRequest(
+        request_id=f"verify-{creator}",
+        creator_account_id=creator,
+        provider=destination.provider,
+        receiver=destination.receiver,
+    )
     retrying("verify", partial(payouts.VerifyPayoutDestination, verify, metadata=ops, timeout=30))
     withdrawable = retrying("balance", partial(system.balance, creator)).diamonds_withdrawable
     if withdrawable < 10_000:
