@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.loop import OnLoop
+from services.receipts.apple.consumption import ConsentRepository
 from services.receipts.notifications.handle import Refused
 from services.receipts.notifications.parse import APPLE, GOOGLE
 from services.receipts.notifications.repository import StoredNotification
@@ -59,6 +61,8 @@ async def test_apple_notifications_reach_the_wallet(database_url: str, keys: Key
         assert await s.wait_processed(APPLE, last_uuid(s, "REFUND", txid)) == "reversed"
         assert await s.balance("fan-1") == 0
 
+        # Apple is answered only for an account whose consent the app backend recorded.
+        ConsentRepository(s.components.database).record("fan-1", True, datetime.now(UTC))
         request = {"notificationType": "CONSUMPTION_REQUEST", "transactionId": txid}
         await s.sim("/apple/notifications/send", request | {"consumptionRequestReason": "UNINTENDED_PURCHASE"})
         assert await s.wait_processed(APPLE, last_uuid(s, "CONSUMPTION_REQUEST", txid)) == "consumption_sent"
