@@ -88,7 +88,8 @@ class System:
             f'[[keys]]\nkid = "app-1"\npublic_key = "{self.app.public_path}"\nsubjects = ["app-backend"]\n'
             'scopes = ["purchases:verify", "wallet:read"]\n\n'
             f'[[keys]]\nkid = "receipts-1"\npublic_key = "{receipts.public_path}"\nsubjects = ["receipts"]\n'
-            'scopes = ["wallet:credit"]\n'
+            # What the receipts service asks of the wallet (wiring.WALLET_SCOPES), as the manifests grant it.
+            'scopes = ["wallet:credit", "wallet:purchases", "wallet:read"]\n'
         )
         self.wallet_port, self.receipts_port = free_port(), free_port()
         common = {
