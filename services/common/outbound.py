@@ -63,14 +63,23 @@ class OutboundPolicy:
         return context
 
     def check(self, url: httpx.URL | str, *, plain_http_allowed: bool = False) -> None:
-        scheme = httpx.URL(str(url)).scheme
+        scheme = (url if isinstance(url, httpx.URL) else httpx.URL(url)).scheme
         if scheme == "https" or (scheme == "http" and (plain_http_allowed or not self.https_only)):
             return
         raise OutboundRefused(f"{scheme}:// calls are refused here: {url}")
 
-    def client(self, deadline_seconds: float, *, plain_http_allowed: bool = False) -> httpx.Client:
-        """A blocking client; each exchange ends within ``deadline_seconds``."""
-        transport = _Capped(httpx.HTTPTransport(verify=self.ssl_context()), self, deadline_seconds, plain_http_allowed)
+    def client(
+        self, deadline_seconds: float, *, plain_http_allowed: bool = False, connections: int | None = None
+    ) -> httpx.Client:
+        """A blocking client (thread-safe); each exchange ends within ``deadline_seconds``.
+        ``connections`` sizes its pool of kept-alive connections (httpx's default otherwise)."""
+        limits = (
+            httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+            if connections
+            else httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        )
+        inner = httpx.HTTPTransport(verify=self.ssl_context(), limits=limits)
+        transport = _Capped(inner, self, deadline_seconds, plain_http_allowed)
         return httpx.Client(transport=transport, follow_redirects=False, timeout=deadline_seconds)
 
     def async_client(self, deadline_seconds: float, *, plain_http_allowed: bool = False) -> httpx.AsyncClient:
@@ -189,14 +198,16 @@ async def _aiter(stream: Any) -> AsyncIterator[bytes]:
 
 class PolicyHttp:
     """An ``httplib2.Http`` stand-in over the policy's client, for google-api-python-client
-    and google-auth-httplib2: the same TLS trust, no redirects, size cap and deadline."""
+    and google-auth-httplib2: the same TLS trust, no redirects, size cap and deadline.
+    Unlike ``httplib2.Http`` it is thread-safe (one pool of ``connections`` kept-alive
+    connections shared by every thread)."""
 
     follow_redirects = False
     redirect_codes = frozenset({300, 301, 302, 303, 307, 308})
 
-    def __init__(self, policy: OutboundPolicy, deadline_seconds: float) -> None:
+    def __init__(self, policy: OutboundPolicy, deadline_seconds: float, *, connections: int | None = None) -> None:
         self.timeout = deadline_seconds
-        self._client = policy.client(deadline_seconds)
+        self._client = policy.client(deadline_seconds, connections=connections)
 
     def request(
         self,

@@ -170,6 +170,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
             "COINSTORE_WALLET_ADDRESS": f"127.0.0.1:{wallet_port}",
             "COINSTORE_WALLET_METRICS_PORT": "0",
             "COINSTORE_RECEIPTS_METRICS_PORT": "0",
+            "COINSTORE_WEBHOOK_PORT": str(free_port()),
             "COINSTORE_APPLE_ROOT_CERTS": str(state / "apple" / "root.der"),
             "COINSTORE_APPLE_API_KEY_FILE": str(state / "apple" / "SubscriptionKey.p8"),
             "COINSTORE_DB_POOL_SIZE": "32",

@@ -3,9 +3,11 @@
 Built on google-api-python-client's bundled ``androidpublisher`` v3 discovery
 document (no discovery fetch at run time) and google-auth service-account
 credentials (the JWT-bearer flow against the key file's ``token_uri``).
-``httplib2.Http`` is not thread-safe, so every thread gets its own
-``AuthorizedHttp`` (with the configured timeout); the async methods run the
-blocking calls on this client's own thread pool, off the event loop.
+The transport is ``PolicyHttp`` (an httpx client, thread-safe, with a pool of
+kept-alive connections) rather than ``httplib2.Http``, so one built service
+serves every thread: the discovery document is parsed and the CA bundle loaded
+once per process, not once per thread. The async methods run the blocking
+calls on this client's own thread pool, off the event loop.
 
 Retryable failures (429, 5xx, timeouts, connection errors) are retried with
 capped, jittered backoff and then reported as UNAVAILABLE. Rejected
@@ -122,9 +124,10 @@ class PlayClient:
         self._backoff = backoff_seconds
         self._max_backoff = max_backoff_seconds
         self._sleep = sleep
-        self._local = threading.local()
+        self._threads = threads
         self._lock = threading.Lock()
         self._credentials: service_account.Credentials | None = None
+        self._resources: _Resources | None = None
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="play")
 
     # --- plumbing ---------------------------------------------------------------
@@ -148,29 +151,34 @@ class PlayClient:
             return self._credentials
 
     def _service(self) -> _Resources:
-        """This thread's Android Publisher resources, bound to this thread's AuthorizedHttp.
+        """The Android Publisher resources, built once and shared by every thread.
 
-        Building a resource from the discovery document is costly, so each
-        thread builds the ones it uses once and keeps them.
+        Sharing is safe because the transport is thread-safe (``PolicyHttp``) and
+        googleapiclient's resources and models hold no per-request state.
         """
-        resources: _Resources | None = getattr(self._local, "resources", None)
+        resources = self._resources
         if resources is None:
-            http = google_auth_httplib2.AuthorizedHttp(
-                self._load_credentials(), http=PolicyHttp(self._outbound, self._timeout)
-            )
-            options = {"api_endpoint": self._endpoint} if self._endpoint else None
-            service = discovery.build(
-                "androidpublisher",
-                "v3",
-                http=http,
-                static_discovery=True,
-                cache_discovery=False,
-                client_options=options,
-            )
-            purchases = service.purchases()
-            resources = _Resources(service, purchases.productsv2(), purchases.products(), purchases.voidedpurchases())
-            self._local.resources = resources
+            credentials = self._load_credentials()
+            with self._lock:
+                if self._resources is None:
+                    self._resources = self._build(credentials)
+                resources = self._resources
         return resources
+
+    def _build(self, credentials: service_account.Credentials) -> _Resources:
+        transport = PolicyHttp(self._outbound, self._timeout, connections=self._threads)
+        http = google_auth_httplib2.AuthorizedHttp(credentials, http=transport)
+        options = {"api_endpoint": self._endpoint} if self._endpoint else None
+        service = discovery.build(
+            "androidpublisher",
+            "v3",
+            http=http,
+            static_discovery=True,
+            cache_discovery=False,
+            client_options=options,
+        )
+        purchases = service.purchases()
+        return _Resources(service, purchases.productsv2(), purchases.products(), purchases.voidedpurchases())
 
     def _delay(self, attempt: int) -> float:
         return float(min(self._max_backoff, self._backoff * 2**attempt) * (0.5 + random.random() / 2))
@@ -221,6 +229,8 @@ class PlayClient:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._resources is not None:
+            self._resources.service.close()
 
     # --- blocking API -----------------------------------------------------------------
 

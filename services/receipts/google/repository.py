@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from services.common.clock import as_utc
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
+from services.receipts.purchases.repository import CreditHook, RowHook
 
 
 class ConsumeState(enum.Enum):
@@ -57,6 +58,20 @@ class ConsumptionRepository:
         self.database = database
         self._consumptions = database.table("receipts_google_consumptions")
 
+    def row(
+        self, token: str, package_name: str, product_id: str, created_at: datetime, now: datetime
+    ) -> dict[str, Any]:
+        """An unconsumed row of ``token``."""
+        return {
+            "purchase_token": token,
+            "package_name": package_name,
+            "product_id": product_id,
+            "state": ConsumeState.UNCONSUMED.value,
+            "attempts": 0,
+            "created_at": created_at,
+            "updated_at": now,
+        }
+
     def _unconsumed(
         self, conn: Connection, token: str, package_name: str, product_id: str, created_at: datetime, now: datetime
     ) -> Any:
@@ -64,17 +79,16 @@ class ConsumptionRepository:
         consumptions = self._consumptions
         return conn.execute(
             insert_ignore(conn, consumptions)
-            .values(
-                purchase_token=token,
-                package_name=package_name,
-                product_id=product_id,
-                state=ConsumeState.UNCONSUMED.value,
-                attempts=0,
-                created_at=created_at,
-                updated_at=now,
-            )
+            .values(**self.row(token, package_name, product_id, created_at, now))
             .returning(consumptions.c.purchase_token)
         ).first()
+
+    def after_credit(
+        self, inner: CreditHook | None, token: str, package_name: str, product_id: str, now: datetime
+    ) -> RowHook:
+        """A hook recording "credited, not yet consumed" in the crediting transaction, then
+        running ``inner`` (the AIP-155 answer); a group commit inserts its batch's rows at once."""
+        return RowHook(self._consumptions, "purchase_token", self.row(token, package_name, product_id, now, now), inner)
 
     def add(self, token: str, package_name: str, product_id: str, now: datetime) -> bool:
         """Record "credited, not yet consumed" once per token; True when this call added it."""

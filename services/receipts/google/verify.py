@@ -15,11 +15,8 @@ notification inbox reuses for RTDN ONE_TIME_PRODUCT_PURCHASED.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
-
-from sqlalchemy.engine import Connection
 
 from services.common.catalog import Catalog
 from services.common.clock import Clock
@@ -135,8 +132,8 @@ class GooglePurchases:
         if claim is None:
             return _recorded(await self.crediting.record(verdict.purchase))
         # The "credited, not yet consumed" row commits in the same transaction as the CREDITED state.
-        note = ConsumeAfterCredit(
-            self.consumptions, recorder, purchase_token, package, verdict.line_item.product_id, self.clock.now()
+        note = self.consumptions.after_credit(
+            recorder, purchase_token, package, verdict.line_item.product_id, self.clock.now()
         )
         result = await self.crediting.credit(verdict.purchase, claim, note)
         if note.added:
@@ -179,30 +176,6 @@ class GooglePurchases:
         if close is not None:
             close()
         self.client.close()
-
-
-class ConsumeAfterCredit:
-    """A :class:`CreditHook`: writes the "credited, not yet consumed" row, then runs
-    the caller's hook (the AIP-155 answer), if any, in the crediting transaction."""
-
-    def __init__(
-        self,
-        consumptions: ConsumptionRepository,
-        inner: CreditHook | None,
-        token: str,
-        package_name: str,
-        product_id: str,
-        now: datetime,
-    ) -> None:
-        self._consumptions = consumptions
-        self._inner = inner
-        self._row = (token, package_name, product_id, now)
-        self.added = False
-
-    def record_in(self, conn: Connection, results: Sequence[PurchaseResult]) -> None:
-        self.added = self._consumptions.add_in(conn, *self._row)
-        if self._inner is not None:
-            self._inner.record_in(conn, results)
 
 
 def _revoked(verdict: GoogleVerdict) -> VerifiedPurchase:

@@ -45,6 +45,7 @@ from services.receipts.purchases.repository import (
     CreditHook,
     PurchaseRepository,
     RequestRecorder,
+    RowHook,
     initial_state,
     record_from_row,
 )
@@ -154,20 +155,27 @@ class OutboxRepository:
         records = {(row.store, row.store_transaction_id): record_from_row(row) for row in found}
         outcomes: list[RowOutcome | None] = [None] * len(settlements)
         answers: list[tuple[int, RequestRecorder]] = []
+        rows: list[RowHook] = []
         for index, settlement in enumerate(settlements):
             purchase = settlement.terms.purchase
             record = records[_key(purchase)]
+            hook = settlement.hook
             if record.account_id != settlement.account_id:
                 outcomes[index] = ReceiptBoundToOtherAccount(purchase.store_transaction_id)
-            elif type(settlement.hook) is RequestRecorder:
-                answers.append((index, settlement.hook))
-            elif settlement.hook is not None:
+                continue
+            if type(hook) is RowHook:
+                rows.append(hook)
+                hook = hook.inner
+            if type(hook) is RequestRecorder:
+                answers.append((index, hook))
+            elif hook is not None:
                 try:
-                    settlement.hook.record_in(conn, [settlement.result_for(record)])
+                    hook.record_in(conn, [settlement.result_for(record)])
                 except DomainError as error:
                     outcomes[index] = error
             if outcomes[index] is None:
                 outcomes[index] = record
+        _insert_rows(conn, rows)
         self._record_answers(conn, settlements, records, answers)
         return [_raised_in(outcome) for outcome in outcomes]
 
@@ -349,3 +357,20 @@ def _raise(outcome: RowOutcome) -> PurchaseRecord:
     if isinstance(outcome, DomainError):
         raise outcome
     return outcome
+
+
+def _insert_rows(conn: Connection, hooks: Sequence[RowHook]) -> None:
+    """The :class:`RowHook` rows of a batch: one INSERT … ON CONFLICT DO NOTHING RETURNING
+    per table, in key order; a key twice in the batch is added by its first hook only."""
+    tables: dict[sa.Table, list[RowHook]] = {}
+    for hook in hooks:
+        tables.setdefault(hook.table, []).append(hook)
+    for table, group in tables.items():
+        key = group[0].key
+        rows = {str(hook.row[key]): hook.row for hook in reversed(group)}
+        statement = insert_ignore(conn, table).returning(table.c[key])
+        inserted = {str(row[0]) for row in conn.execute(statement, [rows[k] for k in sorted(rows)]).all()}
+        for hook in group:
+            value = str(hook.row[key])
+            hook.added = value in inserted
+            inserted.discard(value)

@@ -314,6 +314,29 @@ class CreditHook(Protocol):
     def record_in(self, conn: Connection, results: Sequence[PurchaseResult]) -> None: ...
 
 
+class RowHook:
+    """A :class:`CreditHook` that inserts one row into ``table`` unless its ``key`` column's
+    value is taken (``added`` says whether it did), then runs ``inner`` (the call's
+    AIP-155 answer), if any. A group commit inserts the rows of all its calls in one
+    statement per table (:meth:`OutboxRepository.settle_batch`)."""
+
+    def __init__(self, table: sa.Table, key: str, row: dict[str, Any], inner: CreditHook | None) -> None:
+        self.table = table
+        self.key = key
+        self.row = row
+        self.inner = inner
+        self.added = False
+
+    def record_in(self, conn: Connection, results: Sequence[Any]) -> None:
+        # RETURNING tells a skipped insert apart on every dialect (rowcount does not on psycopg).
+        inserted = conn.execute(
+            insert_ignore(conn, self.table).values(**self.row).returning(self.table.c[self.key])
+        ).first()
+        self.added = inserted is not None
+        if self.inner is not None:
+            self.inner.record_in(conn, results)
+
+
 class RequestRecorder:
     """Records a call's AIP-155 response inside the transaction that records its
     effect (see :meth:`OutboxRepository.settle_batch`), saving a commit.
