@@ -92,6 +92,7 @@ def _purchase_of(record: PurchaseRecord) -> VerifiedPurchase:
         purchase_time=record.purchase_time,
         order_id=record.order_id,
         original_transaction_id=record.original_transaction_id,
+        evidence_sha256=record.evidence_sha256,
     )
 
 

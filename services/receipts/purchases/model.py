@@ -148,6 +148,8 @@ class PurchaseRecord:
     refunded_percentage_milli: int
     created_at: datetime
     updated_at: datetime
+    # SHA-256 of the evidence verified when first recorded ('' none): the sweep sends it.
+    evidence_sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ def record_from_row(row: Any) -> PurchaseRecord:
         refunded_percentage_milli=int(row.refunded_percentage_milli),
         created_at=created,
         updated_at=updated,
+        evidence_sha256=row.evidence_sha256 or "",
     )
 
 
@@ -123,6 +124,7 @@ class PurchaseRepository:
             original_transaction_id=purchase.original_transaction_id or None,
             state=state.value,
             flagged_for_review=terms.flagged_for_review,
+            evidence_sha256=purchase.evidence_sha256,
             created_at=now,
             updated_at=now,
             **more,
@@ -131,10 +133,16 @@ class PurchaseRepository:
     def _bind(self, conn: Connection, terms: CreditTerms, account_id: str, now: datetime) -> None:
         """Bind an unbound row to ``account_id`` (a conditional update: the first claimer wins)."""
         purchase, purchases = terms.purchase, self._purchases
+        values: dict[str, Any] = {"account_id": account_id, "flagged_for_review": terms.flagged_for_review}
+        if purchase.evidence_sha256:
+            # A row a notification recorded without evidence takes the claimer's.
+            values["evidence_sha256"] = sa.func.coalesce(
+                sa.func.nullif(purchases.c.evidence_sha256, ""), purchase.evidence_sha256
+            )
         conn.execute(
             purchases.update()
             .where(self._key(purchase.store, purchase.store_transaction_id), purchases.c.account_id.is_(None))
-            .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
+            .values(updated_at=now, **values)
         )
 
     def _bound_record(self, conn: Connection, purchase: VerifiedPurchase, account_id: str | None) -> PurchaseRecord:
