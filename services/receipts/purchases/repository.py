@@ -68,6 +68,7 @@ def record_from_row(row: Any) -> PurchaseRecord:
         created_at=created,
         updated_at=updated,
         evidence_sha256=row.evidence_sha256 or "",
+        credit_refused_reason=row.credit_refused_reason or "",
     )
 
 
@@ -179,9 +180,11 @@ class PurchaseRepository:
         if account_id is not None:
             self._bind(conn, terms, account_id, now)
         record = self._bound_record(conn, purchase, account_id)
-        # Revocation wins over recorded or pending; a completed payment ends pending.
+        # Revocation wins over recorded, pending or refused; a completed payment ends pending.
         movable = [StoredState.RECORDED, StoredState.PENDING]
         values: dict[str, Any] = {"state": initial.value, "updated_at": now}
+        if initial is StoredState.REVOKED:
+            movable.append(StoredState.REFUSED)
         if initial is StoredState.RECORDED:
             movable = [StoredState.PENDING]
             # A paid Play purchase gets the order id and completion time pending ones lack.
@@ -219,8 +222,8 @@ class PurchaseRepository:
         )
 
     async def revoke_uncredited(self, store: StoreId, store_transaction_id: str, now: datetime) -> None:
-        """A purchase refunded in full before it was credited: RECORDED or PENDING → REVOKED."""
-        sources = (StoredState.RECORDED, StoredState.PENDING)
+        """A purchase refunded in full before it was credited: RECORDED, PENDING or REFUSED → REVOKED."""
+        sources = (StoredState.RECORDED, StoredState.PENDING, StoredState.REFUSED)
         await self._move(store, store_transaction_id, sources, StoredState.REVOKED, {}, now)
 
     async def mark_restored(self, store: StoreId, store_transaction_id: str, now: datetime) -> PurchaseRecord | None:
