@@ -32,6 +32,7 @@ STORED_TO_PB = {
     StoredState.REVOKED: pb.PURCHASE_STATE_REVOKED,
     StoredState.PENDING: pb.PURCHASE_STATE_PENDING,
     StoredState.REFUNDED: pb.PURCHASE_STATE_REFUNDED,
+    StoredState.REFUSED: pb.PURCHASE_STATE_REFUSED,
 }
 
 
@@ -67,6 +68,7 @@ def record_pb(record: PurchaseRecord, state: pb.PurchaseState.ValueType | None =
         purchase_time=timestamp(record.purchase_time),
         price=money(record.price),
         order_id=record.order_id,
+        credit_refused_reason=record.credit_refused_reason,
     )
 
 

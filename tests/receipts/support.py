@@ -45,7 +45,8 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
     receipts service asked: every CreditPurchase, ReversePurchase and
     RestorePurchase that reached it, in order. ``credit_state`` is what every
     credit answers, ``balances`` the coins of every credit received (a
-    repeated credit counts twice), ``down`` answers UNAVAILABLE."""
+    repeated credit counts twice), ``down`` answers UNAVAILABLE, ``refuse`` is raised
+    to every credit."""
 
     credits: list[wpb.CreditPurchaseRequest] = field(default_factory=list)
     reversals: list[wpb.ReversePurchaseRequest] = field(default_factory=list)
@@ -54,6 +55,7 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
     calls: list[str] = field(default_factory=list)
     credit_state: wpb.CreditState.ValueType = wpb.CREDIT_STATE_CREDITED
     down: bool = False
+    refuse: errors.DomainError | None = None
 
     def credits_of(self, store_transaction_id: str) -> list[wpb.CreditPurchaseRequest]:
         return [c for c in self.credits if c.store_transaction_id == store_transaction_id]
@@ -67,6 +69,8 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
         self.calls.append("CreditPurchase")
         if self.down:
             raise errors.Unavailable("DATABASE_UNAVAILABLE", "down")
+        if self.refuse is not None:
+            raise self.refuse
         self.credits.append(request)
         balance = self.balances[request.account_id] = self.balances.get(request.account_id, 0) + request.coins
         return wpb.CreditPurchaseResponse(

@@ -69,7 +69,7 @@ from services.receipts.purchases.rules import (
     credit_terms,
     normalize_account_region,
 )
-from services.receipts.purchases.wallet import Credit, WalletClient
+from services.receipts.purchases.wallet import Credit, WalletClient, refusal_reason
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def _purchase_of(record: PurchaseRecord) -> VerifiedPurchase:
         purchase_time=record.purchase_time,
         order_id=record.order_id,
         original_transaction_id=record.original_transaction_id,
+        evidence_sha256=record.evidence_sha256,
     )
 
 
@@ -128,7 +129,8 @@ class Crediting:
         )
         self._swept = metrics.counter(
             "coinstore_receipts_credit_sweep",
-            "Recorded purchases the sweep had the wallet credit, by outcome (credited, already_credited, refused)",
+            "Recorded purchases the sweep had the wallet credit, by outcome (credited, already_credited;"
+            " refused: the wallet refused for good, the row is marked refused; retry: left for the next sweep)",
             ("outcome",),
         )
 
@@ -181,8 +183,10 @@ class Crediting:
     async def credit_uncredited(self, grace: timedelta, limit: int = 1000) -> int:
         """The sweep: credit every bound purchase recorded at least ``grace`` ago that is
         not marked credited (a crash between record and mark, a caller that gave up),
-        with its recorded terms. The wallet credits each once whoever asks; the number
-        of purchases marked is returned, and a refusal leaves its row for the next sweep."""
+        with its recorded terms and evidence. The wallet credits each once whoever asks; the
+        number of purchases marked is returned. A row the wallet refuses for good (see
+        :func:`refusal_reason`) is marked REFUSED with the reason and not swept again; any
+        other failure leaves it for the next sweep."""
         records = await self.batches.outbox.database.run(
             self.batches.outbox.uncredited, self.clock.now() - grace, limit
         )
@@ -191,15 +195,24 @@ class Crediting:
             account_id = record.account_id
             assert account_id is not None
             terms = CreditTerms(_purchase_of(record), record.coins, record.bonus_coins, record.flagged_for_review)
+            credit: Credit | None = None
             try:
                 credit = await self.wallet.credit(terms, account_id, SWEEP_REQUEST_ID)
                 await self._settle(terms, account_id, credit)
                 await self._reverse_late_refund(terms.purchase, f"{SWEEP_REQUEST_ID}:{record.store_transaction_id}")
             except DomainError as error:
-                log.warning(
-                    "sweep: %s %s not credited: %s", record.store.value, record.store_transaction_id, error.reason
+                reason = refusal_reason(error) if credit is None else None
+                refused = reason is not None and await self.batches.outbox.database.run(
+                    self.batches.outbox.refuse, record, reason, self.clock.now()
                 )
-                self._swept.labels("refused").inc()
+                log.warning(
+                    "sweep: %s %s not credited (%s): %s",
+                    record.store.value,
+                    record.store_transaction_id,
+                    "refused, not retried" if refused else "retried next sweep",
+                    error.reason,
+                )
+                self._swept.labels("refused" if refused else "retry").inc()
                 return False
             self._swept.labels("credited" if credit.new else "already_credited").inc()
             return True

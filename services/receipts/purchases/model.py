@@ -35,6 +35,9 @@ class StoredState(enum.Enum):
     PENDING = "pending"
     # Credited, then refunded in whole or in part.
     REFUNDED = "refunded"
+    # Bound, but the wallet refused the credit for good (``credit_refused_reason``);
+    # the sweep leaves it, a new verification asks the wallet again.
+    REFUSED = "refused"
 
 
 class Outcome(enum.Enum):
@@ -148,6 +151,10 @@ class PurchaseRecord:
     refunded_percentage_milli: int
     created_at: datetime
     updated_at: datetime
+    # SHA-256 of the evidence verified when first recorded ('' none): the sweep sends it.
+    evidence_sha256: str = ""
+    # REFUSED: the wallet's ErrorInfo reason.
+    credit_refused_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ from services.receipts.purchases.repository import (
 )
 
 Key = tuple[str, str]
+# The states a credit the wallet confirmed marks CREDITED.
+_CREDITABLE = (StoredState.RECORDED.value, StoredState.REFUSED.value)
 
 
 def _key(purchase: VerifiedPurchase) -> Key:
@@ -180,7 +182,8 @@ class OutboxRepository:
         return [_raised_in(outcome) for outcome in outcomes]
 
     def _mark_credited(self, conn: Connection, marks: list[dict[str, Any]]) -> None:
-        """RECORDED → CREDITED, in key order (the row-lock order): on PostgreSQL one
+        """RECORDED (or REFUSED, the wallet having changed its mind) → CREDITED, in key
+        order (the row-lock order): on PostgreSQL one
         UPDATE … FROM (VALUES …) for the batch, on SQLite (its one writer) executemany."""
         table = self._table
         if conn.dialect.name != "postgresql":
@@ -189,12 +192,13 @@ class OutboxRepository:
                 .where(
                     table.c.store == sa.bindparam("b_store"),
                     table.c.store_transaction_id == sa.bindparam("b_id"),
-                    table.c.state == StoredState.RECORDED.value,
+                    table.c.state.in_(_CREDITABLE),
                 )
                 .values(
                     state=StoredState.CREDITED.value,
                     wallet_transaction_id=sa.bindparam("b_txn"),
                     updated_at=sa.bindparam("b_now"),
+                    credit_refused_reason=None,
                 ),
                 [
                     {
@@ -219,12 +223,13 @@ class OutboxRepository:
             .where(
                 table.c.store == batch.c.store,
                 table.c.store_transaction_id == batch.c.store_transaction_id,
-                table.c.state == StoredState.RECORDED.value,
+                table.c.state.in_(_CREDITABLE),
             )
             .values(
                 state=StoredState.CREDITED.value,
                 wallet_transaction_id=batch.c.wallet_transaction_id,
                 updated_at=batch.c.updated_at,
+                credit_refused_reason=None,
             )
         )
 
@@ -301,6 +306,25 @@ class OutboxRepository:
                 .limit(limit)
             ).all()
         return [record_from_row(row) for row in rows]
+
+    def refuse(self, record: PurchaseRecord, reason: str, now: datetime) -> bool:
+        """The wallet refused to credit ``record`` for good: RECORDED → REFUSED with the
+        wallet's reason (out of the sweep's index). False when the row had moved on."""
+        table = self._table
+
+        def work(conn: Connection) -> bool:
+            moved = conn.execute(
+                table.update()
+                .where(
+                    table.c.store == record.store.value,
+                    table.c.store_transaction_id == record.store_transaction_id,
+                    table.c.state == StoredState.RECORDED.value,
+                )
+                .values(state=StoredState.REFUSED.value, credit_refused_reason=reason[:128], updated_at=now)
+            )
+            return moved.rowcount == 1
+
+        return self.database.transaction(work)
 
 
 class PurchaseBatches:

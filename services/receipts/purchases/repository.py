@@ -67,6 +67,8 @@ def record_from_row(row: Any) -> PurchaseRecord:
         refunded_percentage_milli=int(row.refunded_percentage_milli),
         created_at=created,
         updated_at=updated,
+        evidence_sha256=row.evidence_sha256 or "",
+        credit_refused_reason=row.credit_refused_reason or "",
     )
 
 
@@ -123,6 +125,7 @@ class PurchaseRepository:
             original_transaction_id=purchase.original_transaction_id or None,
             state=state.value,
             flagged_for_review=terms.flagged_for_review,
+            evidence_sha256=purchase.evidence_sha256,
             created_at=now,
             updated_at=now,
             **more,
@@ -131,10 +134,16 @@ class PurchaseRepository:
     def _bind(self, conn: Connection, terms: CreditTerms, account_id: str, now: datetime) -> None:
         """Bind an unbound row to ``account_id`` (a conditional update: the first claimer wins)."""
         purchase, purchases = terms.purchase, self._purchases
+        values: dict[str, Any] = {"account_id": account_id, "flagged_for_review": terms.flagged_for_review}
+        if purchase.evidence_sha256:
+            # A row a notification recorded without evidence takes the claimer's.
+            values["evidence_sha256"] = sa.func.coalesce(
+                sa.func.nullif(purchases.c.evidence_sha256, ""), purchase.evidence_sha256
+            )
         conn.execute(
             purchases.update()
             .where(self._key(purchase.store, purchase.store_transaction_id), purchases.c.account_id.is_(None))
-            .values(account_id=account_id, flagged_for_review=terms.flagged_for_review, updated_at=now)
+            .values(updated_at=now, **values)
         )
 
     def _bound_record(self, conn: Connection, purchase: VerifiedPurchase, account_id: str | None) -> PurchaseRecord:
@@ -171,9 +180,11 @@ class PurchaseRepository:
         if account_id is not None:
             self._bind(conn, terms, account_id, now)
         record = self._bound_record(conn, purchase, account_id)
-        # Revocation wins over recorded or pending; a completed payment ends pending.
+        # Revocation wins over recorded, pending or refused; a completed payment ends pending.
         movable = [StoredState.RECORDED, StoredState.PENDING]
         values: dict[str, Any] = {"state": initial.value, "updated_at": now}
+        if initial is StoredState.REVOKED:
+            movable.append(StoredState.REFUSED)
         if initial is StoredState.RECORDED:
             movable = [StoredState.PENDING]
             # A paid Play purchase gets the order id and completion time pending ones lack.
@@ -211,8 +222,8 @@ class PurchaseRepository:
         )
 
     async def revoke_uncredited(self, store: StoreId, store_transaction_id: str, now: datetime) -> None:
-        """A purchase refunded in full before it was credited: RECORDED or PENDING → REVOKED."""
-        sources = (StoredState.RECORDED, StoredState.PENDING)
+        """A purchase refunded in full before it was credited: RECORDED, PENDING or REFUSED → REVOKED."""
+        sources = (StoredState.RECORDED, StoredState.PENDING, StoredState.REFUSED)
         await self._move(store, store_transaction_id, sources, StoredState.REVOKED, {}, now)
 
     async def mark_restored(self, store: StoreId, store_transaction_id: str, now: datetime) -> PurchaseRecord | None:

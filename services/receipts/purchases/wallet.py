@@ -67,7 +67,21 @@ def _mapped(code: grpc.StatusCode, reason: str, details: str, metadata: dict[str
         return mapped(reason or code.name, f"wallet: {details}", metadata)
     if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         log.error("wallet answered %s (%s): %s", code.name, reason, details)
-    return Unavailable("WALLET_UNAVAILABLE", "the wallet is unavailable; retry later", {"wallet_code": code.name})
+    metadata = {"wallet_code": code.name, **({"wallet_reason": reason} if reason else {})}
+    return Unavailable("WALLET_UNAVAILABLE", "the wallet is unavailable; retry later", metadata)
+
+
+def refusal_reason(error: DomainError) -> str | None:
+    """The reason when the wallet refused a credit for good (asking again cannot help: the
+    purchase or its request is wrong for the wallet); None for what a retry may cure
+    (unavailable, deadline, ABORTED, or this key's token refused by the wallet's auth)."""
+    if error.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+        return error.reason
+    if error.code is grpc.StatusCode.PERMISSION_DENIED and error.reason == "RECEIPT_BOUND_TO_OTHER_ACCOUNT":
+        return error.reason
+    if error.metadata.get("wallet_code") == grpc.StatusCode.INVALID_ARGUMENT.name:
+        return error.metadata.get("wallet_reason") or "INVALID_ARGUMENT"
+    return None
 
 
 def _item_error(error: wpb.ItemError) -> DomainError:

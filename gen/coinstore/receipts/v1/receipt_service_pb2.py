@@ -27,7 +27,7 @@ from coinstore.type.v1 import money_pb2 as coinstore_dot_type_dot_v1_dot_money__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+coinstore/receipts/v1/receipt_service.proto\x12\x15\x63oinstore.receipts.v1\x1a\x1c\x63oinstore/auth/v1/auth.proto\x1a\x1d\x63oinstore/type/v1/money.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x1fRecordConsumptionConsentRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tconsented\x18\x02 \x01(\x08\"z\n RecordConsumptionConsentResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tconsented\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x03\n\x0ePurchaseResult\x12\x33\n\x05state\x18\x01 \x01(\x0e\x32$.coinstore.receipts.v1.PurchaseState\x12+\n\x05store\x18\x02 \x01(\x0e\x32\x1c.coinstore.receipts.v1.Store\x12\x1c\n\x14store_transaction_id\x18\x03 \x01(\t\x12\x12\n\nproduct_id\x18\x04 \x01(\t\x12\x10\n\x08quantity\x18\x05 \x01(\x05\x12\x16\n\x0e\x63oins_credited\x18\x06 \x01(\x03\x12\x13\n\x0b\x62onus_coins\x18\x07 \x01(\x03\x12<\n\x0b\x65nvironment\x18\x08 \x01(\x0e\x32\'.coinstore.receipts.v1.StoreEnvironment\x12\x12\n\nstorefront\x18\t \x01(\t\x12\x13\n\x0bnew_balance\x18\n \x01(\x03\x12\x12\n\naccount_id\x18\x0b \x01(\t\x12\x1a\n\x12\x66lagged_for_review\x18\x0c \x01(\x08\x12\x31\n\rpurchase_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05price\x18\x0e \x01(\x0b\x32\x18.coinstore.type.v1.Money\x12\x10\n\x08order_id\x18\x0f \x01(\t\"/\n\x19GetPurchaseBindingRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"V\n\x1aGetPurchaseBindingResponse\x12\x19\n\x11\x61pp_account_token\x18\x01 \x01(\t\x12\x1d\n\x15obfuscated_account_id\x18\x02 \x01(\t\"\xf7\x01\n\x1aVerifyApplePurchaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x1c\n\x12signed_transaction\x18\x03 \x01(\tH\x00\x12\x18\n\x0etransaction_id\x18\x04 \x01(\tH\x00\x12\x15\n\x0b\x61pp_receipt\x18\x05 \x01(\tH\x00\x12\x16\n\x0e\x61\x63\x63ount_region\x18\x06 \x01(\t\x12\x41\n\x10\x65nvironment_hint\x18\x07 \x01(\x0e\x32\'.coinstore.receipts.v1.StoreEnvironmentB\x07\n\x05proof\"W\n\x1bVerifyApplePurchaseResponse\x12\x38\n\tpurchases\x18\x01 \x03(\x0b\x32%.coinstore.receipts.v1.PurchaseResult\"\x9f\x01\n\x1bVerifyGooglePurchaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x16\n\x0epurchase_token\x18\x04 \x01(\t\x12\x14\n\x0cpackage_name\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x63\x63ount_region\x18\x06 \x01(\t\"W\n\x1cVerifyGooglePurchaseResponse\x12\x37\n\x08purchase\x18\x01 \x01(\x0b\x32%.coinstore.receipts.v1.PurchaseResult\"_\n\x12GetPurchaseRequest\x12+\n\x05store\x18\x01 \x01(\x0e\x32\x1c.coinstore.receipts.v1.Store\x12\x1c\n\x14store_transaction_id\x18\x02 \x01(\t\"N\n\x13GetPurchaseResponse\x12\x37\n\x08purchase\x18\x01 \x01(\x0b\x32%.coinstore.receipts.v1.PurchaseResult\"\xad\x01\n\x07Product\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12+\n\x05store\x18\x02 \x01(\x0e\x32\x1c.coinstore.receipts.v1.Store\x12\r\n\x05\x63oins\x18\x03 \x01(\x03\x12\x13\n\x0b\x62onus_coins\x18\x04 \x01(\x03\x12\'\n\x05price\x18\x05 \x01(\x0b\x32\x18.coinstore.type.v1.Money\x12\x14\n\x0cpromotion_id\x18\x06 \x01(\t\"B\n\x13ListProductsRequest\x12+\n\x05store\x18\x01 \x01(\x0e\x32\x1c.coinstore.receipts.v1.Store\"H\n\x14ListProductsResponse\x12\x30\n\x08products\x18\x01 \x03(\x0b\x32\x1e.coinstore.receipts.v1.Product*J\n\x05Store\x12\x15\n\x11STORE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTORE_APP_STORE\x10\x01\x12\x15\n\x11STORE_GOOGLE_PLAY\x10\x02*v\n\x10StoreEnvironment\x12!\n\x1dSTORE_ENVIRONMENT_UNSPECIFIED\x10\x00\x12 \n\x1cSTORE_ENVIRONMENT_PRODUCTION\x10\x01\x12\x1d\n\x19STORE_ENVIRONMENT_SANDBOX\x10\x02*\xe3\x01\n\rPurchaseState\x12\x1e\n\x1aPURCHASE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PURCHASE_STATE_CREDITED\x10\x01\x12#\n\x1fPURCHASE_STATE_ALREADY_CREDITED\x10\x02\x12\x1a\n\x16PURCHASE_STATE_REVOKED\x10\x03\x12\x1a\n\x16PURCHASE_STATE_PENDING\x10\x04\x12\x1b\n\x17PURCHASE_STATE_REFUNDED\x10\x05\x12\x1b\n\x17PURCHASE_STATE_RECORDED\x10\x06\x32\xef\x06\n\x0eReceiptService\x12\x8f\x01\n\x12GetPurchaseBinding\x12\x30.coinstore.receipts.v1.GetPurchaseBindingRequest\x1a\x31.coinstore.receipts.v1.GetPurchaseBindingResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12\x92\x01\n\x13VerifyApplePurchase\x12\x31.coinstore.receipts.v1.VerifyApplePurchaseRequest\x1a\x32.coinstore.receipts.v1.VerifyApplePurchaseResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12\x95\x01\n\x14VerifyGooglePurchase\x12\x32.coinstore.receipts.v1.VerifyGooglePurchaseRequest\x1a\x33.coinstore.receipts.v1.VerifyGooglePurchaseResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12z\n\x0bGetPurchase\x12).coinstore.receipts.v1.GetPurchaseRequest\x1a*.coinstore.receipts.v1.GetPurchaseResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12}\n\x0cListProducts\x12*.coinstore.receipts.v1.ListProductsRequest\x1a+.coinstore.receipts.v1.ListProductsResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12\xa2\x01\n\x18RecordConsumptionConsent\x12\x36.coinstore.receipts.v1.RecordConsumptionConsentRequest\x1a\x37.coinstore.receipts.v1.RecordConsumptionConsentResponse\"\x15\x8a\xb5\x18\x11purchases:consentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+coinstore/receipts/v1/receipt_service.proto\x12\x15\x63oinstore.receipts.v1\x1a\x1c\x63oinstore/auth/v1/auth.proto\x1a\x1d\x63oinstore/type/v1/money.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x1fRecordConsumptionConsentRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tconsented\x18\x02 \x01(\x08\"z\n RecordConsumptionConsentResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tconsented\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x87\x04\n\x0ePurchaseResult\x12\x33\n\x05state\x18\x01 \x01(\x0e\x32$.coinstore.receipts.v1.PurchaseState\x12+\n\x05store\x18\x02 \x01(\x0e\x32\x1c.coinstore.receipts.v1.Store\x12\x1c\n\x14store_transaction_id\x18\x03 \x01(\t\x12\x12\n\nproduct_id\x18\x04 \x01(\t\x12\x10\n\x08quantity\x18\x05 \x01(\x05\x12\x16\n\x0e\x63oins_credited\x18\x06 \x01(\x03\x12\x13\n\x0b\x62onus_coins\x18\x07 \x01(\x03\x12<\n\x0b\x65nvironment\x18\x08 \x01(\x0e\x32\'.coinstore.receipts.v1.StoreEnvironment\x12\x12\n\nstorefront\x18\t \x01(\t\x12\x13\n\x0bnew_balance\x18\n \x01(\x03\x12\x12\n\naccount_id\x18\x0b \x01(\t\x12\x1a\n\x12\x66lagged_for_review\x18\x0c \x01(\x08\x12\x31\n\rpurchase_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05price\x18\x0e \x01(\x0b\x32\x18.coinstore.type.v1.Money\x12\x10\n\x08order_id\x18\x0f \x01(\t\x12\x1d\n\x15\x63redit_refused_reason\x18\x10 \x01(\t\"/\n\x19GetPurchaseBindingRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"V\n\x1aGetPurchaseBindingResponse\x12\x19\n\x11\x61pp_account_token\x18\x01 \x01(\t\x12\x1d\n\x15obfuscated_account_id\x18\x02 \x01(\t\"\xf7\x01\n\x1aVerifyApplePurchaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x1c\n\x12signed_transaction\x18\x03 \x01(\tH\x00\x12\x18\n\x0etransaction_id\x18\x04 \x01(\tH\x00\x12\x15\n\x0b\x61pp_receipt\x18\x05 \x01(\tH\x00\x12\x16\n\x0e\x61\x63\x63ount_region\x18\x06 \x01(\t\x12\x41\n\x10\x65nvironment_hint\x18\x07 \x01(\x0e\x32\'.coinstore.receipts.v1.StoreEnvironmentB\x07\n\x05proof\"W\n\x1bVerifyApplePurchaseResponse\x12\x38\n\tpurchases\x18\x01 \x03(\x0b\x32%.coinstore.receipts.v1.PurchaseResult\"\x9f\x01\n\x1bVerifyGooglePurchaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x16\n\x0epurchase_token\x18\x04 \x01(\t\x12\x14\n\x0cpackage_name\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x63\x63ount_region\x18\x06 \x01(\t\"W\n\x1cVerifyGooglePurchaseResponse\x12\x37\n\x08purchase\x18\x01 \x01(\x0b\x32%.coinstore.receipts.v1.PurchaseResult\"_\n\x12GetPurchaseRequest\x12+\n\x05store\x18\x01 \x01(\x0e\x32\x1c.coinstore.receipts.v1.Store\x12\x1c\n\x14store_transaction_id\x18\x02 \x01(\t\"N\n\x13GetPurchaseResponse\x12\x37\n\x08purchase\x18\x01 \x01(\x0b\x32%.coinstore.receipts.v1.PurchaseResult\"\xad\x01\n\x07Product\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12+\n\x05store\x18\x02 \x01(\x0e\x32\x1c.coinstore.receipts.v1.Store\x12\r\n\x05\x63oins\x18\x03 \x01(\x03\x12\x13\n\x0b\x62onus_coins\x18\x04 \x01(\x03\x12\'\n\x05price\x18\x05 \x01(\x0b\x32\x18.coinstore.type.v1.Money\x12\x14\n\x0cpromotion_id\x18\x06 \x01(\t\"B\n\x13ListProductsRequest\x12+\n\x05store\x18\x01 \x01(\x0e\x32\x1c.coinstore.receipts.v1.Store\"H\n\x14ListProductsResponse\x12\x30\n\x08products\x18\x01 \x03(\x0b\x32\x1e.coinstore.receipts.v1.Product*J\n\x05Store\x12\x15\n\x11STORE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTORE_APP_STORE\x10\x01\x12\x15\n\x11STORE_GOOGLE_PLAY\x10\x02*v\n\x10StoreEnvironment\x12!\n\x1dSTORE_ENVIRONMENT_UNSPECIFIED\x10\x00\x12 \n\x1cSTORE_ENVIRONMENT_PRODUCTION\x10\x01\x12\x1d\n\x19STORE_ENVIRONMENT_SANDBOX\x10\x02*\xff\x01\n\rPurchaseState\x12\x1e\n\x1aPURCHASE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PURCHASE_STATE_CREDITED\x10\x01\x12#\n\x1fPURCHASE_STATE_ALREADY_CREDITED\x10\x02\x12\x1a\n\x16PURCHASE_STATE_REVOKED\x10\x03\x12\x1a\n\x16PURCHASE_STATE_PENDING\x10\x04\x12\x1b\n\x17PURCHASE_STATE_REFUNDED\x10\x05\x12\x1b\n\x17PURCHASE_STATE_RECORDED\x10\x06\x12\x1a\n\x16PURCHASE_STATE_REFUSED\x10\x07\x32\xef\x06\n\x0eReceiptService\x12\x8f\x01\n\x12GetPurchaseBinding\x12\x30.coinstore.receipts.v1.GetPurchaseBindingRequest\x1a\x31.coinstore.receipts.v1.GetPurchaseBindingResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12\x92\x01\n\x13VerifyApplePurchase\x12\x31.coinstore.receipts.v1.VerifyApplePurchaseRequest\x1a\x32.coinstore.receipts.v1.VerifyApplePurchaseResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12\x95\x01\n\x14VerifyGooglePurchase\x12\x32.coinstore.receipts.v1.VerifyGooglePurchaseRequest\x1a\x33.coinstore.receipts.v1.VerifyGooglePurchaseResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12z\n\x0bGetPurchase\x12).coinstore.receipts.v1.GetPurchaseRequest\x1a*.coinstore.receipts.v1.GetPurchaseResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12}\n\x0cListProducts\x12*.coinstore.receipts.v1.ListProductsRequest\x1a+.coinstore.receipts.v1.ListProductsResponse\"\x14\x8a\xb5\x18\x10purchases:verify\x12\xa2\x01\n\x18RecordConsumptionConsent\x12\x36.coinstore.receipts.v1.RecordConsumptionConsentRequest\x1a\x37.coinstore.receipts.v1.RecordConsumptionConsentResponse\"\x15\x8a\xb5\x18\x11purchases:consentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,40 +46,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECEIPTSERVICE'].methods_by_name['ListProducts']._serialized_options = b'\212\265\030\020purchases:verify'
   _globals['_RECEIPTSERVICE'].methods_by_name['RecordConsumptionConsent']._loaded_options = None
   _globals['_RECEIPTSERVICE'].methods_by_name['RecordConsumptionConsent']._serialized_options = b'\212\265\030\021purchases:consent'
-  _globals['_STORE']._serialized_start=2075
-  _globals['_STORE']._serialized_end=2149
-  _globals['_STOREENVIRONMENT']._serialized_start=2151
-  _globals['_STOREENVIRONMENT']._serialized_end=2269
-  _globals['_PURCHASESTATE']._serialized_start=2272
-  _globals['_PURCHASESTATE']._serialized_end=2499
+  _globals['_STORE']._serialized_start=2106
+  _globals['_STORE']._serialized_end=2180
+  _globals['_STOREENVIRONMENT']._serialized_start=2182
+  _globals['_STOREENVIRONMENT']._serialized_end=2300
+  _globals['_PURCHASESTATE']._serialized_start=2303
+  _globals['_PURCHASESTATE']._serialized_end=2558
   _globals['_RECORDCONSUMPTIONCONSENTREQUEST']._serialized_start=164
   _globals['_RECORDCONSUMPTIONCONSENTREQUEST']._serialized_end=236
   _globals['_RECORDCONSUMPTIONCONSENTRESPONSE']._serialized_start=238
   _globals['_RECORDCONSUMPTIONCONSENTRESPONSE']._serialized_end=360
   _globals['_PURCHASERESULT']._serialized_start=363
-  _globals['_PURCHASERESULT']._serialized_end=851
-  _globals['_GETPURCHASEBINDINGREQUEST']._serialized_start=853
-  _globals['_GETPURCHASEBINDINGREQUEST']._serialized_end=900
-  _globals['_GETPURCHASEBINDINGRESPONSE']._serialized_start=902
-  _globals['_GETPURCHASEBINDINGRESPONSE']._serialized_end=988
-  _globals['_VERIFYAPPLEPURCHASEREQUEST']._serialized_start=991
-  _globals['_VERIFYAPPLEPURCHASEREQUEST']._serialized_end=1238
-  _globals['_VERIFYAPPLEPURCHASERESPONSE']._serialized_start=1240
-  _globals['_VERIFYAPPLEPURCHASERESPONSE']._serialized_end=1327
-  _globals['_VERIFYGOOGLEPURCHASEREQUEST']._serialized_start=1330
-  _globals['_VERIFYGOOGLEPURCHASEREQUEST']._serialized_end=1489
-  _globals['_VERIFYGOOGLEPURCHASERESPONSE']._serialized_start=1491
-  _globals['_VERIFYGOOGLEPURCHASERESPONSE']._serialized_end=1578
-  _globals['_GETPURCHASEREQUEST']._serialized_start=1580
-  _globals['_GETPURCHASEREQUEST']._serialized_end=1675
-  _globals['_GETPURCHASERESPONSE']._serialized_start=1677
-  _globals['_GETPURCHASERESPONSE']._serialized_end=1755
-  _globals['_PRODUCT']._serialized_start=1758
-  _globals['_PRODUCT']._serialized_end=1931
-  _globals['_LISTPRODUCTSREQUEST']._serialized_start=1933
-  _globals['_LISTPRODUCTSREQUEST']._serialized_end=1999
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=2001
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=2073
-  _globals['_RECEIPTSERVICE']._serialized_start=2502
-  _globals['_RECEIPTSERVICE']._serialized_end=3381
+  _globals['_PURCHASERESULT']._serialized_end=882
+  _globals['_GETPURCHASEBINDINGREQUEST']._serialized_start=884
+  _globals['_GETPURCHASEBINDINGREQUEST']._serialized_end=931
+  _globals['_GETPURCHASEBINDINGRESPONSE']._serialized_start=933
+  _globals['_GETPURCHASEBINDINGRESPONSE']._serialized_end=1019
+  _globals['_VERIFYAPPLEPURCHASEREQUEST']._serialized_start=1022
+  _globals['_VERIFYAPPLEPURCHASEREQUEST']._serialized_end=1269
+  _globals['_VERIFYAPPLEPURCHASERESPONSE']._serialized_start=1271
+  _globals['_VERIFYAPPLEPURCHASERESPONSE']._serialized_end=1358
+  _globals['_VERIFYGOOGLEPURCHASEREQUEST']._serialized_start=1361
+  _globals['_VERIFYGOOGLEPURCHASEREQUEST']._serialized_end=1520
+  _globals['_VERIFYGOOGLEPURCHASERESPONSE']._serialized_start=1522
+  _globals['_VERIFYGOOGLEPURCHASERESPONSE']._serialized_end=1609
+  _globals['_GETPURCHASEREQUEST']._serialized_start=1611
+  _globals['_GETPURCHASEREQUEST']._serialized_end=1706
+  _globals['_GETPURCHASERESPONSE']._serialized_start=1708
+  _globals['_GETPURCHASERESPONSE']._serialized_end=1786
+  _globals['_PRODUCT']._serialized_start=1789
+  _globals['_PRODUCT']._serialized_end=1962
+  _globals['_LISTPRODUCTSREQUEST']._serialized_start=1964
+  _globals['_LISTPRODUCTSREQUEST']._serialized_end=2030
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=2032
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=2104
+  _globals['_RECEIPTSERVICE']._serialized_start=2561
+  _globals['_RECEIPTSERVICE']._serialized_end=3440
 # @@protoc_insertion_point(module_scope)

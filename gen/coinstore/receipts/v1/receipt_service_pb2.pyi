@@ -76,6 +76,11 @@ class _PurchaseStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Purchas
     """Credited, then refunded in whole or in part."""
     PURCHASE_STATE_RECORDED: _PurchaseState.ValueType  # 6
     """Known from a store notification but not yet claimed by an account."""
+    PURCHASE_STATE_REFUSED: _PurchaseState.ValueType  # 7
+    """Bound to an account, but the wallet refused to credit it (credit_refused_reason says
+    why, e.g. RECEIPT_BOUND_TO_OTHER_ACCOUNT); nothing credited. The sweep no longer
+    retries it; verifying it again asks the wallet again.
+    """
 
 class PurchaseState(_PurchaseState, metaclass=_PurchaseStateEnumTypeWrapper):
     """What happened to a purchase. Output only."""
@@ -93,6 +98,11 @@ PURCHASE_STATE_REFUNDED: PurchaseState.ValueType  # 5
 """Credited, then refunded in whole or in part."""
 PURCHASE_STATE_RECORDED: PurchaseState.ValueType  # 6
 """Known from a store notification but not yet claimed by an account."""
+PURCHASE_STATE_REFUSED: PurchaseState.ValueType  # 7
+"""Bound to an account, but the wallet refused to credit it (credit_refused_reason says
+why, e.g. RECEIPT_BOUND_TO_OTHER_ACCOUNT); nothing credited. The sweep no longer
+retries it; verifying it again asks the wallet again.
+"""
 Global___PurchaseState: _TypeAlias = PurchaseState  # noqa: Y015
 
 @_typing.final
@@ -165,6 +175,7 @@ class PurchaseResult(_message.Message):
     PURCHASE_TIME_FIELD_NUMBER: _builtins.int
     PRICE_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_REFUSED_REASON_FIELD_NUMBER: _builtins.int
     state: Global___PurchaseState.ValueType
     store: Global___Store.ValueType
     store_transaction_id: _builtins.str
@@ -185,6 +196,8 @@ class PurchaseResult(_message.Message):
     """True when the region policy flagged the purchase for review."""
     order_id: _builtins.str
     """Google order id, when the store gave one."""
+    credit_refused_reason: _builtins.str
+    """PURCHASE_STATE_REFUSED: the wallet's ErrorInfo reason for refusing the credit."""
     @_builtins.property
     def purchase_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -207,10 +220,11 @@ class PurchaseResult(_message.Message):
         purchase_time: _timestamp_pb2.Timestamp | None = ...,
         price: _money_pb2.Money | None = ...,
         order_id: _builtins.str = ...,
+        credit_refused_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "purchase_time", b"purchase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "coins_credited", b"coins_credited", "environment", b"environment", "flagged_for_review", b"flagged_for_review", "new_balance", b"new_balance", "order_id", b"order_id", "price", b"price", "product_id", b"product_id", "purchase_time", b"purchase_time", "quantity", b"quantity", "state", b"state", "store", b"store", "store_transaction_id", b"store_transaction_id", "storefront", b"storefront"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bonus_coins", b"bonus_coins", "coins_credited", b"coins_credited", "credit_refused_reason", b"credit_refused_reason", "environment", b"environment", "flagged_for_review", b"flagged_for_review", "new_balance", b"new_balance", "order_id", b"order_id", "price", b"price", "product_id", b"product_id", "purchase_time", b"purchase_time", "quantity", b"quantity", "state", b"state", "store", b"store", "store_transaction_id", b"store_transaction_id", "storefront", b"storefront"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
