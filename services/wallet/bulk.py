@@ -161,7 +161,10 @@ class Bulk:
     def update(self, conn: Connection, table: sa.Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
         """Set the other columns of ``rows`` on the rows of ``table`` whose ``key`` matches,
         in one statement on PostgreSQL (``UPDATE … FROM`` the batch; the caller has locked
-        those rows already, so the join order takes no new lock). SQLite: executemany."""
+        those rows already, so the join order takes no new lock and their ``ctid`` stays).
+        Each row is found by one index probe on ``key`` and updated through its ``ctid``: a
+        plain join on ``key`` lets the planner hash the batch against a scan of the whole
+        table on every call. SQLite: executemany."""
         if not rows:
             return
         columns = tuple(c for c in rows[0] if c != key)
@@ -170,7 +173,24 @@ class Bulk:
         if stmt is None:
             if self._postgres:
                 source = self._source(table)
-                stmt = table.update().where(table.c[key] == source.c[key]).values({c: source.c[c] for c in columns})
+                probe = table.alias("probe")
+                where = (
+                    sa.select(sa.literal_column("probe.ctid").label("row"))
+                    .select_from(probe)
+                    .where(probe.c[key] == source.c[key])
+                    .offset(0)
+                    .lateral("found")
+                )
+                found = (
+                    sa.select(where.c.row, *(source.c[c] for c in columns))
+                    .select_from(source.join(where, sa.true()))
+                    .subquery("changes")
+                )
+                stmt = (
+                    table.update()
+                    .where(sa.literal_column(f"{table.name}.ctid") == found.c.row)
+                    .values({c: found.c[c] for c in columns})
+                )
             else:
                 stmt = (
                     table.update()
