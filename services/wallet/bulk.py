@@ -175,7 +175,7 @@ class Bulk:
                 source = self._source(table)
                 probe = table.alias("probe")
                 where = (
-                    sa.select(sa.literal_column("probe.ctid").label("row"))
+                    sa.select(sa.column("ctid", _selectable=probe).label("row"))
                     .select_from(probe)
                     .where(probe.c[key] == source.c[key])
                     .offset(0)
@@ -188,7 +188,7 @@ class Bulk:
                 )
                 stmt = (
                     table.update()
-                    .where(sa.literal_column(f"{table.name}.ctid") == found.c.row)
+                    .where(sa.column("ctid", _selectable=table) == found.c.row)
                     .values({c: found.c[c] for c in columns})
                 )
             else:
