@@ -25,9 +25,10 @@ stores' reports (notifications, reconciliation) reach ``reverse``.
 
 Refunds are kept against the purchase key (``receipts_refunds``) before anything
 else, even when the purchase is unknown or not credited yet. ``credit`` reads them
-twice: before the wallet (a fully refunded purchase is recorded REVOKED and never
-credited) and after the wallet credited (a refund recorded meanwhile is reversed
-here). ``apply_refund`` records the refund, then asks the wallet to reverse: one of
+twice, each time in the group-committed transaction of steps 2 and 4: before the
+row is written (a fully refunded purchase is recorded REVOKED and never credited)
+and after it is marked, the wallet having credited (a refund recorded meanwhile is
+reversed here). ``apply_refund`` records the refund, then asks the wallet to reverse: one of
 the two always sees the other, so a refund racing a credit is never lost.
 """
 
@@ -139,12 +140,17 @@ class Crediting:
         (the AIP-155 answer, the Play consumption row) commits with the purchase row."""
         account_id = claim.account_id
         check_sandbox(self.sandbox, purchase, account_id)
-        purchase, _ = await self._with_refunds(purchase)
+        if purchase.revoked:
+            await self._record_revocation(purchase)
         now = self.clock.now()
         region = normalize_account_region(claim.account_region)
         terms = credit_terms(self.catalog, purchase, now, self.region_policy, region)
-        # Recorded (bound, terms fixed) before the wallet hears of it: the outbox.
-        record = await self.batches.record(Recording(terms, account_id, now))
+        # Recorded (bound, terms fixed) before the wallet hears of it: the outbox. The batch
+        # reads the recorded refund first: a full one records the purchase REVOKED.
+        recorded = await self.batches.record(Recording(terms, account_id, now))
+        record = recorded.record
+        if recorded.refund is not None and recorded.refund.full:
+            purchase = replace(purchase, revoked=True, pending=False)
         if record.state in _NOT_CREDITABLE:
             return self._count(PurchaseResult(_NOT_CREDITABLE[record.state], record, 0, 0, 0))
         # The terms fixed when the purchase was first recorded win.
@@ -153,24 +159,24 @@ class Crediting:
         credit = await self.wallet.credit(terms, account_id, claim.request_id)
         # The wallet has credited; the purchase row does not say so yet.
         self.failpoints.hit("receipts.credit.after_wallet")
-        result = await self._settle(terms, account_id, credit, hook)
-        reversal = await self._reverse_late_refund(purchase, claim.request_id)
+        result, late = await self._settle(terms, account_id, credit, hook)
+        reversal = await self._reverse_late_refund(late, claim.request_id)
         if reversal is not None:
             return self._refunded(reversal.record or result.record, reversal.new_balance)
         return self._count(result)
 
-    async def _reverse_late_refund(self, purchase: VerifiedPurchase, request_id: str) -> ReversalResult | None:
-        """Read after the wallet credited: a refund recorded before this read (one arriving now,
-        or a revocation seen while verifying a purchase credited before) is reversed here; one
-        recorded after it finds the credit in the wallet (apply_refund)."""
-        late = await self.refunds.get(purchase.store, purchase.store_transaction_id)
+    async def _reverse_late_refund(self, late: Refund | None, request_id: str) -> ReversalResult | None:
+        """``late``: the refund read after the wallet credited (in the settle transaction, after
+        marking). A refund recorded before that read (one arriving now, or a revocation seen
+        while verifying a purchase credited before) is reversed here; one recorded after it
+        finds the credit in the wallet (apply_refund)."""
         if late is None:
             return None
         return await self.reverse(late, request_id=f"{request_id}:refunded"[:128])
 
     async def _settle(
         self, terms: CreditTerms, account_id: str, credit: Credit, hook: CreditHook | None = None
-    ) -> PurchaseResult:
+    ) -> tuple[PurchaseResult, Refund | None]:
         outcome = Outcome.CREDITED if credit.new else Outcome.ALREADY_CREDITED
 
         def result_for(record: PurchaseRecord) -> PurchaseResult:
@@ -178,7 +184,8 @@ class Crediting:
             return PurchaseResult(state, record, record.coins + record.bonus_coins, record.bonus_coins, credit.balance)
 
         settlement = Settlement(terms, account_id, credit.wallet_transaction_id, self.clock.now(), result_for, hook)
-        return result_for(await self.batches.settle(settlement))
+        settled = await self.batches.settle(settlement)
+        return result_for(settled.record), settled.refund
 
     async def credit_uncredited(self, grace: timedelta, limit: int = 1000) -> int:
         """The sweep: credit every bound purchase recorded at least ``grace`` ago that is
@@ -198,8 +205,8 @@ class Crediting:
             credit: Credit | None = None
             try:
                 credit = await self.wallet.credit(terms, account_id, SWEEP_REQUEST_ID)
-                await self._settle(terms, account_id, credit)
-                await self._reverse_late_refund(terms.purchase, f"{SWEEP_REQUEST_ID}:{record.store_transaction_id}")
+                _, late = await self._settle(terms, account_id, credit)
+                await self._reverse_late_refund(late, f"{SWEEP_REQUEST_ID}:{record.store_transaction_id}")
             except DomainError as error:
                 reason = refusal_reason(error) if credit is None else None
                 refused = reason is not None and await self.batches.outbox.database.run(
@@ -220,17 +227,22 @@ class Crediting:
         done = await asyncio.gather(*(one(record) for record in records))
         return sum(done)
 
-    async def _with_refunds(self, purchase: VerifiedPurchase) -> tuple[VerifiedPurchase, Refund | None]:
-        """Record the revocation the store's report carries; a purchase whose whole refund is
-        recorded counts as revoked. Returns the purchase and its recorded refund, if any."""
+    async def _record_revocation(self, purchase: VerifiedPurchase) -> None:
+        """Record the revocation the store's report carries (a credit after this sees it)."""
         store, key = purchase.store, purchase.store_transaction_id
+        revocation = purchase.refund or Refund(store, key, purchase.environment, full=True, reason="revoked")
+        await self.refunds.record(revocation, self.clock.now())
+
+    async def _with_refunds(self, purchase: VerifiedPurchase) -> VerifiedPurchase:
+        """Record the revocation the store's report carries; a purchase whose whole refund is
+        recorded counts as revoked."""
         if purchase.revoked:
-            revocation = purchase.refund or Refund(store, key, purchase.environment, full=True, reason="revoked")
-            return purchase, await self.refunds.record(revocation, self.clock.now())
-        refund = await self.refunds.get(store, key)
+            await self._record_revocation(purchase)
+            return purchase
+        refund = await self.refunds.get(purchase.store, purchase.store_transaction_id)
         if refund is not None and refund.full:
             purchase = replace(purchase, revoked=True, pending=False)
-        return purchase, refund
+        return purchase
 
     def _refunded(self, record: PurchaseRecord, balance: int) -> PurchaseResult:
         outcome = Outcome.REVOKED if record.state is StoredState.REVOKED else Outcome.REFUNDED
@@ -241,7 +253,7 @@ class Crediting:
         notification); the first account to verify it later owns it."""
         now = self.clock.now()
         terms = credit_terms(self.catalog, purchase, now, RegionPolicy.ALLOW, "")
-        purchase, _ = await self._with_refunds(purchase)
+        purchase = await self._with_refunds(purchase)
         return await self.purchases.claim(replace(terms, purchase=purchase), None, now)
 
     async def _environment(

@@ -22,7 +22,7 @@ per-row path of :meth:`PurchaseRepository.claim_in`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -38,9 +38,11 @@ from services.receipts.purchases.model import (
     CreditTerms,
     PurchaseRecord,
     PurchaseResult,
+    Refund,
     StoredState,
     VerifiedPurchase,
 )
+from services.receipts.purchases.refunds import RefundRepository
 from services.receipts.purchases.repository import (
     CreditHook,
     PurchaseRepository,
@@ -91,7 +93,16 @@ class Settlement:
     hook: CreditHook | None = None
 
 
-RowOutcome = PurchaseRecord | DomainError
+@dataclass(frozen=True)
+class Recorded:
+    """A purchase's row and its refund recorded by then (``receipts_refunds``), read in the
+    transaction that wrote the row: the crediting path's refund checks ride the group commit."""
+
+    record: PurchaseRecord
+    refund: Refund | None
+
+
+RowOutcome = Recorded | DomainError
 
 
 class OutboxRepository:
@@ -102,6 +113,7 @@ class OutboxRepository:
         self.database = purchases.database
         self._table = self.database.table("receipts_purchases")
         self._request_log = self.database.table("receipts_request_log")
+        self.refunds = RefundRepository(self.database)
 
     def record_batch(self, recordings: Sequence[Recording]) -> list[RowOutcome]:
         return self.database.transaction(lambda conn: self._record_batch(conn, recordings))
@@ -111,6 +123,9 @@ class OutboxRepository:
         first: dict[Key, int] = {}
         for index, recording in enumerate(recordings):
             first.setdefault(_key(recording.terms.purchase), index)
+        # Read before the rows are written: a purchase refunded in full is recorded REVOKED.
+        refunds = self.refunds.get_in(conn, first)
+        recordings = [_revoked_if_refunded(r, refunds.get(_key(r.terms.purchase))) for r in recordings]
         # Sorted: concurrent batches take the unique-index locks in one order.
         ordered = sorted(first.items())
         rows = [
@@ -128,10 +143,11 @@ class OutboxRepository:
         for index, recording in enumerate(recordings):
             key = _key(recording.terms.purchase)
             if key in fresh and first[key] == index:
-                outcomes.append(fresh[key])
+                outcomes.append(Recorded(fresh[key], refunds.get(key)))
                 continue
             try:
-                outcomes.append(self.purchases.claim_in(conn, recording.terms, recording.account_id, recording.now))
+                record = self.purchases.claim_in(conn, recording.terms, recording.account_id, recording.now)
+                outcomes.append(Recorded(record, refunds.get(key)))
             except DomainError as error:
                 outcomes.append(error)
         return outcomes
@@ -155,6 +171,9 @@ class OutboxRepository:
             sa.select(table).where(sa.tuple_(table.c.store, table.c.store_transaction_id).in_(sorted(marks)))
         ).all()
         records = {(row.store, row.store_transaction_id): record_from_row(row) for row in found}
+        # Read after marking, the wallet having credited: a refund recorded after this read
+        # finds the credit in the wallet (Crediting.apply_refund).
+        refunds = self.refunds.get_in(conn, marks)
         outcomes: list[RowOutcome | None] = [None] * len(settlements)
         answers: list[tuple[int, RequestRecorder]] = []
         rows: list[RowHook] = []
@@ -176,7 +195,7 @@ class OutboxRepository:
                 except DomainError as error:
                     outcomes[index] = error
             if outcomes[index] is None:
-                outcomes[index] = record
+                outcomes[index] = Recorded(record, refunds.get(_key(purchase)))
         _insert_rows(conn, rows)
         self._record_answers(conn, settlements, records, answers)
         return [_raised_in(outcome) for outcome in outcomes]
@@ -358,15 +377,17 @@ class PurchaseBatches:
             raise outcome
         return outcome
 
-    async def record(self, recording: Recording) -> PurchaseRecord:
-        """The purchase's row after recording it: bound to the account, the first terms.
+    async def record(self, recording: Recording) -> Recorded:
+        """The purchase's row after recording it: bound to the account, the first terms
+        (REVOKED if a full refund was recorded before), and that refund.
         Bound to another account → PERMISSION_DENIED ``RECEIPT_BOUND_TO_OTHER_ACCOUNT``."""
         if self._recordings is not None:
             return _raise(await self._recordings.submit(recording))
         return _raise((await self._run_recordings([recording]))[0])
 
-    async def settle(self, settlement: Settlement) -> PurchaseRecord:
-        """Mark the purchase CREDITED (unless refunded since) and run its ``finish``."""
+    async def settle(self, settlement: Settlement) -> Recorded:
+        """Mark the purchase CREDITED (unless refunded since) and run its ``finish``; the row
+        and the refund recorded by then, read after marking."""
         if self._settlements is not None:
             return _raise(await self._settlements.submit(settlement))
         return _raise((await self._run_settlements([settlement]))[0])
@@ -377,10 +398,17 @@ def _raised_in(outcome: RowOutcome | None) -> RowOutcome:
     return outcome
 
 
-def _raise(outcome: RowOutcome) -> PurchaseRecord:
+def _raise(outcome: RowOutcome) -> Recorded:
     if isinstance(outcome, DomainError):
         raise outcome
     return outcome
+
+
+def _revoked_if_refunded(recording: Recording, refund: Refund | None) -> Recording:
+    if refund is None or not refund.full:
+        return recording
+    purchase = replace(recording.terms.purchase, revoked=True, pending=False)
+    return replace(recording, terms=replace(recording.terms, purchase=purchase))
 
 
 def _insert_rows(conn: Connection, hooks: Sequence[RowHook]) -> None:

@@ -10,6 +10,7 @@ and reverse one it credited meanwhile.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -37,17 +38,18 @@ class RefundRepository:
 
     def _get(self, conn: Connection, store: StoreId, store_transaction_id: str) -> Refund | None:
         row = conn.execute(sa.select(self._refunds).where(self._key(store, store_transaction_id))).one_or_none()
-        if row is None:
-            return None
-        return Refund(
-            store,
-            store_transaction_id,
-            Environment(row.environment) if row.environment else None,
-            full=bool(row.full_refund),
-            refunded_quantity=int(row.refunded_quantity),
-            refunded_percentage_milli=int(row.refunded_percentage_milli),
-            reason=row.reason,
-        )
+        return None if row is None else _refund_of(row)
+
+    def get_in(self, conn: Connection, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Refund]:
+        """The recorded refunds of many (store, store_transaction_id) keys, in one statement of
+        the caller's transaction (the outbox's group commits)."""
+        if not keys:
+            return {}
+        refunds = self._refunds
+        rows = conn.execute(
+            sa.select(refunds).where(sa.tuple_(refunds.c.store, refunds.c.store_transaction_id).in_(sorted(keys)))
+        ).all()
+        return {(row.store, row.store_transaction_id): _refund_of(row) for row in rows}
 
     async def record(self, refund: Refund, now: datetime) -> Refund:
         """Remember ``refund`` (merged with what was reported before); the merged refund."""
@@ -98,6 +100,18 @@ class RefundRepository:
                 return self._get(conn, store, store_transaction_id)
 
         return await self.database.run(work)
+
+
+def _refund_of(row: sa.Row[Any]) -> Refund:
+    return Refund(
+        StoreId(row.store),
+        row.store_transaction_id,
+        Environment(row.environment) if row.environment else None,
+        full=bool(row.full_refund),
+        refunded_quantity=int(row.refunded_quantity),
+        refunded_percentage_milli=int(row.refunded_percentage_milli),
+        reason=row.reason,
+    )
 
 
 def _env(refund: Refund) -> str | None:
