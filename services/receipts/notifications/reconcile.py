@@ -27,6 +27,7 @@ Whatever moved is counted in ``coinstore_reconcile_applied{source}``.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import threading
@@ -281,7 +282,9 @@ class Reconciler:
             refunded_quantity=refunded,
             reason=f"google voidedpurchases orderId={order} reason={records[-1].voided_reason}",
         )
-        request_id = f"reconcile:{run_id}:google:{purchase_token}:{refunded}"[:128]
+        # Play tokens run past 128 characters: a cut id could name two purchases (or drop the quantity).
+        token_digest = hashlib.sha256(purchase_token.encode()).hexdigest()[:32]
+        request_id = f"reconcile:{run_id}:google:{token_digest}:{refunded}"
         applied = self.loop.run(self.crediting.apply_refund(refund, request_id=request_id))
         if applied:
             log.warning("reconciliation applied a Play refund no notification had", extra={"order_id": order})
