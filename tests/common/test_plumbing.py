@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from coinstore.type.v1 import money_pb2
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common import errors
@@ -383,6 +384,22 @@ async def test_nested_and_repeated_fields_are_checked_too(server: tuple[int, Met
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await settle(pb.SetSpendingLimitRequest(request_id="r\x00"), metadata=keys.metadata("wallet:limits"))
         assert bad_field(caught.value) == "request_id"
+        # A control character inside a message nested in a repeated message.
+        batch = channel.unary_unary(
+            "/coinstore.wallet.v1.WalletService/CreditPurchases",
+            request_serializer=pb.CreditPurchasesRequest.SerializeToString,
+            response_deserializer=pb.CreditPurchasesResponse.FromString,
+        )
+        items = [
+            pb.CreditPurchaseRequest(request_id="r1", price=money_pb2.Money(currency_code="USD")),
+            pb.CreditPurchaseRequest(request_id="r2", price=money_pb2.Money(currency_code="US\nD")),
+        ]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await batch(pb.CreditPurchasesRequest(requests=items), metadata=keys.metadata("wallet:credit"))
+        assert (caught.value.code(), bad_field(caught.value)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "requests[1].price.currency_code",
+        )
 
 
 async def test_oversized_messages_and_too_many_calls_are_resource_exhausted(keys: Keys, sqlite_url: str) -> None:

@@ -242,9 +242,9 @@ class InboxRepository:
         """Dead rows (those ``ids``, or received since ``since``) back to ``failed``, due
         now, with a fresh attempt budget; their attempt errors stay. The replayed ids."""
         notifications = self._notifications
-        match = notifications.c.id.in_(list(ids)) if ids else notifications.c.received_at >= since
         if not ids and since is None:
             raise ValueError("replay needs ids or since")
+        match = notifications.c.id.in_(list(ids)) if ids else notifications.c.received_at >= since
 
         def work(conn: Connection) -> list[int]:
             rows = conn.execute(
