@@ -33,9 +33,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from services.common import migrate
 
     settings = load_settings(CommonSettings)
-    grants = dict(pair.split("=", 1) for pair in args.grant)
-    unknown = sorted(set(grants) - set(SERVICES))
-    if unknown or any(not role for role in grants.values()):
+    pairs = [pair.partition("=") for pair in args.grant]
+    grants = {service: role for service, _, role in pairs}
+    if any(not role or service not in SERVICES for service, _, role in pairs):
         print(f"--grant takes SERVICE=ROLE with SERVICE one of {', '.join(SERVICES)}", file=sys.stderr)
         return 2
     for service in args.service or SERVICES:

@@ -230,7 +230,8 @@ def duplicate_storm(system: System, rng: random.Random, purchases_count: int, ti
 
 
 def check_balances(system: System, coins: dict[str, int]) -> None:
-    wrong = {a: (system.balance(a).coins, c) for a, c in coins.items() if system.balance(a).coins != c}
+    have = {a: system.balance(a).coins for a in coins}
+    wrong = {a: (have[a], c) for a, c in coins.items() if have[a] != c}
     if wrong:
         raise SystemFailure(f"balances (have, want) differ: {dict(list(wrong.items())[:10])}")
 
