@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from services.common.catalog import Catalog
 from services.common.clock import Clock
@@ -179,7 +179,7 @@ class GooglePurchases:
 
 
 def _revoked(verdict: GoogleVerdict) -> VerifiedPurchase:
-    return replace(verdict.purchase, revoked=True, pending=False)
+    return verdict.purchase.as_revoked()
 
 
 def _recorded(record: PurchaseRecord) -> PurchaseResult:

@@ -150,7 +150,7 @@ class Crediting:
         recorded = await self.batches.record(Recording(terms, account_id, now))
         record = recorded.record
         if recorded.refund is not None and recorded.refund.full:
-            purchase = replace(purchase, revoked=True, pending=False)
+            purchase = purchase.as_revoked()
         if record.state in _NOT_CREDITABLE:
             return self._count(PurchaseResult(_NOT_CREDITABLE[record.state], record, 0, 0, 0))
         # The terms fixed when the purchase was first recorded win.
@@ -241,7 +241,7 @@ class Crediting:
             return purchase
         refund = await self.refunds.get(purchase.store, purchase.store_transaction_id)
         if refund is not None and refund.full:
-            purchase = replace(purchase, revoked=True, pending=False)
+            purchase = purchase.as_revoked()
         return purchase
 
     def _refunded(self, record: PurchaseRecord, balance: int) -> PurchaseResult:

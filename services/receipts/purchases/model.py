@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -77,6 +77,10 @@ class VerifiedPurchase:
     evidence_sha256: str = ""
     # What the store's revocation says (refunded in full or by a share), when revoked.
     refund: Refund | None = None
+
+    def as_revoked(self) -> VerifiedPurchase:
+        """This purchase as refunded in full by the store (no longer pending)."""
+        return replace(self, revoked=True, pending=False)
 
 
 def evidence_hash(evidence: str | dict[str, Any]) -> str:

@@ -407,8 +407,7 @@ def _raise(outcome: RowOutcome) -> Recorded:
 def _revoked_if_refunded(recording: Recording, refund: Refund | None) -> Recording:
     if refund is None or not refund.full:
         return recording
-    purchase = replace(recording.terms.purchase, revoked=True, pending=False)
-    return replace(recording, terms=replace(recording.terms, purchase=purchase))
+    return replace(recording, terms=replace(recording.terms, purchase=recording.terms.purchase.as_revoked()))
 
 
 def _insert_rows(conn: Connection, hooks: Sequence[RowHook]) -> None:

@@ -61,7 +61,7 @@ class RefundRepository:
                 insert_ignore(conn, refunds).values(
                     store=refund.store.value,
                     store_transaction_id=refund.store_transaction_id,
-                    environment=refund.environment.value if refund.environment else None,
+                    environment=_env(refund),
                     full_refund=refund.full,
                     refunded_quantity=refund.refunded_quantity,
                     refunded_percentage_milli=refund.refunded_percentage_milli,
