@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from datetime import timedelta
 
 from services.common.catalog import load_catalog
@@ -15,14 +16,21 @@ from services.wallet.config import WalletSettings
 from services.wallet.store import WalletStore
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _database() -> Iterator[tuple[WalletSettings, Database]]:
+    """The settings and a one-connection database for one command, closed after it."""
     settings = load_settings(WalletSettings)
     database = Database.from_url(settings.database_url_for("wallet"), 1)
     try:
-        problems = audit(database)
-        unproven, listed = credits_without_evidence(database)
+        yield settings, database
     finally:
         database.close()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with _database() as (_, database):
+        problems = audit(database)
+        unproven, listed = credits_without_evidence(database)
     for problem in problems:
         print(problem)
     for line in listed:
@@ -38,17 +46,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read(query: Callable[[Database], list[str]]) -> list[str]:
-    settings = load_settings(WalletSettings)
-    database = Database.from_url(settings.database_url_for("wallet"), 1)
-    try:
-        return query(database)
-    finally:
-        database.close()
-
-
 def cmd_review_holds(_args: argparse.Namespace) -> int:
-    lines = _read(holds_to_review)
+    with _database() as (_, database):
+        lines = holds_to_review(database)
     for line in lines:
         print(line)
     print(f"{len(lines)} settled holds flagged for review")
@@ -65,24 +65,16 @@ def _store(settings: WalletSettings, database: Database) -> WalletStore:
 
 
 def cmd_expire(_args: argparse.Namespace) -> int:
-    settings = load_settings(WalletSettings)
-    database = Database.from_url(settings.database_url_for("wallet"), 1)
-    try:
+    with _database() as (settings, database):
         print(f"expired {_store(settings, database).sweep_expired()} reservations")
-    finally:
-        database.close()
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    settings = load_settings(WalletSettings)
-    database = Database.from_url(settings.database_url_for("wallet"), 1)
-    try:
+    with _database() as (settings, database):
         items, _ = _store(settings, database).history(
             args.account, page_size=args.limit, page_token="", kinds=(), start=None, end=None
         )
-    finally:
-        database.close()
     for item in items:
         print(
             f"{item.created_at.isoformat(timespec='seconds')}  {item.kind.value:<20} "

@@ -1668,15 +1668,13 @@ class WalletStore:
                 error = self._submit_refusal(row, item.diamonds, now)
                 if error is None and row["state"] == ReservationState.HELD.value:
                     row.update(state=ReservationState.SUBMITTED.value, submitted_at=now)
-                    submitted[item.reservation_id] = {"reservation_id": item.reservation_id, "state": row["state"]}
+                    submitted[item.reservation_id] = {
+                        "reservation_id": item.reservation_id,
+                        "state": row["state"],
+                        "submitted_at": now,
+                    }
                 answers.append((_view_of(row), error))
             self._bulk.update(conn, reservations, "reservation_id", list(submitted.values()))
-            if submitted:
-                conn.execute(
-                    reservations.update()
-                    .where(reservations.c.reservation_id.in_(sorted(submitted)), reservations.c.submitted_at.is_(None))
-                    .values(submitted_at=now)
-                )
             return answers
 
         return self.db.transaction(work)
