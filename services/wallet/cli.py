@@ -37,10 +37,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(line)
     if unproven:
         print(f"{unproven} credits without evidence (the store evidence hash the crediting service verified)")
-        if args.require_evidence:
-            return 1
     if problems:
         print(f"audit FAILED: {len(problems)} discrepancies")
+        return 1
+    if unproven and args.require_evidence:
         return 1
     print("audit clean: every transaction sums to zero per currency and every balance matches its entries")
     return 0
