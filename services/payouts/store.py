@@ -404,17 +404,6 @@ class PayoutStore:
             ).rowcount
         )
 
-    def daily_used(self, creator: str, day: str, currency: str) -> int:
-        with self.db.connect() as conn:
-            value = conn.execute(
-                sa.select(daily_totals.c.amount_minor).where(
-                    daily_totals.c.creator_account_id == creator,
-                    daily_totals.c.day == day,
-                    daily_totals.c.currency == currency,
-                )
-            ).scalar()
-        return int(value or 0)
-
     def _sub_daily(self, conn: Connection, creator: str, day: str, currency: str, amount: int) -> None:
         conn.execute(
             daily_totals.update()

@@ -1,5 +1,4 @@
-"""The wallet port over gRPC (coinstore.wallet.v1 ReserveDiamonds, SubmitReservations, SettleReservations,
-ReleaseReservation)."""
+"""The wallet port over gRPC (coinstore.wallet.v1 ReserveDiamonds, SubmitReservations, SettleReservations)."""
 
 from __future__ import annotations
 
@@ -60,19 +59,6 @@ class GrpcWallet:
             )
         except grpc.RpcError as error:
             raise _translate(error) from None
-
-    def release(self, request_id: str, reservation_id: str, reason: str) -> str:
-        try:
-            self._stub.ReleaseReservation(
-                wpb.ReleaseReservationRequest(request_id=request_id, reservation_id=reservation_id, reason=reason[:256])
-            )
-        except grpc.RpcError as error:
-            translated = _translate(error)
-            if isinstance(translated, Unavailable):
-                raise translated from None
-            refusal = error_info(error)[0] or error.code().name
-            return "" if refusal in _DONE_ON_RELEASE else refusal
-        return ""
 
     def submit(self, holds: Sequence[tuple[str, int]]) -> list[HoldAnswer]:
         try:

@@ -121,8 +121,6 @@ class Pipeline:
             return
         self._store.touch_chunk(chunk_id, now + self._stuck)
         lines = self._mark_holds(chunk_id, chunk.lines, now)
-        if lines is None:
-            return
         if not lines:
             # Nothing left to pay: close it like a submission whose items all settled.
             self._store.mark_submitted(chunk_id, "", now, now + self._stuck)
@@ -148,9 +146,8 @@ class Pipeline:
         self._store.mark_submitted(chunk_id, provider_batch_id, now, now + self._stuck + timedelta(seconds=self._poll))
         self._queue.enqueue(POLL_TASK, chunk_id, countdown=self._poll)
 
-    def _mark_holds(self, chunk_id: str, lines: Sequence[PayoutLine], now: datetime) -> Sequence[PayoutLine] | None:
-        """SUBMITTED for every hold of the submission, in one wallet call; returns the lines still
-        to pay (None: the submission was parked)."""
+    def _mark_holds(self, chunk_id: str, lines: Sequence[PayoutLine], now: datetime) -> Sequence[PayoutLine]:
+        """SUBMITTED for every hold of the submission, in one wallet call; returns the lines still to pay."""
         answers = self._wallet.submit([(line.reservation_id, line.diamonds) for line in lines])
         refused = [(line, answer) for line, answer in zip(lines, answers, strict=True) if answer.refusal]
         if not refused:

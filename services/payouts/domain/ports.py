@@ -19,10 +19,6 @@ class WalletPort(Protocol):
         self, request_id: str, account_id: str, diamonds: int, reservation_id: str, expire_time: datetime
     ) -> None: ...
 
-    def release(self, request_id: str, reservation_id: str, reason: str) -> str:
-        """Returns "" when released (now, before, or lapsed), else the wallet's refusal reason."""
-        ...
-
     def submit(self, holds: Sequence[tuple[str, int]]) -> list[HoldAnswer]:
         """Mark (reservation id, diamonds) holds SUBMITTED in one call, just before a provider call."""
         ...
