@@ -36,13 +36,13 @@ from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.common.actor import SYSTEM, Actor
+from services.common.bulk import Bulk, Rows
 from services.common.catalog import Catalog
 from services.common.clock import Clock
 from services.common.db import Database, dialect_insert
 from services.common.errors import RequestIdReused
 from services.common.failpoints import Failpoints
 from services.common.idempotency import RequestLog, fingerprint, insert_ignore
-from services.wallet.bulk import Bulk, Rows
 from services.wallet.domain import postings as recipes
 from services.wallet.domain.holds import PAID_BEYOND_HOLD, debt_repaid, plan_commit
 from services.wallet.domain.ledger import (

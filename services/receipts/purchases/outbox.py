@@ -30,9 +30,10 @@ import sqlalchemy as sa
 from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
+from services.common.bulk import Bulk
 from services.common.errors import DomainError, RequestIdReused
 from services.common.group_commit import GroupCommit
-from services.common.idempotency import fingerprint, insert_ignore
+from services.common.idempotency import fingerprint
 from services.receipts.errors import ReceiptBoundToOtherAccount
 from services.receipts.purchases.model import (
     CreditTerms,
@@ -114,6 +115,14 @@ class OutboxRepository:
         self._table = self.database.table("receipts_purchases")
         self._request_log = self.database.table("receipts_request_log")
         self.refunds = RefundRepository(self.database)
+        # Batch statements built once: their text does not grow with the batch (see Bulk).
+        self._bulk = Bulk(self.database.dialect)
+        self._purchase_key = (self._table.c.store, self._table.c.store_transaction_id)
+        self._all_purchases = sa.select(self._table)
+        self._creditable = self._table.c.state.in_(_CREDITABLE)
+        log = self._request_log
+        self._log_key = (log.c.method, log.c.request_id)
+        self._log_entries = sa.select(log.c.method, log.c.request_id, log.c.request_hash, log.c.response)
 
     def record_batch(self, recordings: Sequence[Recording]) -> list[RowOutcome]:
         return self.database.transaction(lambda conn: self._record_batch(conn, recordings))
@@ -137,7 +146,7 @@ class OutboxRepository:
             )
             for _, i in ordered
         ]
-        inserted = conn.execute(insert_ignore(conn, table).returning(*table.c), rows).all()
+        inserted = self._bulk.insert(conn, table, rows, ignore=True, returning=tuple(table.c))
         fresh = {(row.store, row.store_transaction_id): record_from_row(row) for row in inserted}
         outcomes: list[RowOutcome] = []
         for index, recording in enumerate(recordings):
@@ -163,13 +172,17 @@ class OutboxRepository:
                 "store_transaction_id": s.terms.purchase.store_transaction_id,
                 "wallet_transaction_id": s.wallet_transaction_id,
                 "updated_at": s.now,
+                "state": StoredState.CREDITED.value,
+                "credit_refused_reason": None,
             }
             for s in settlements
         }
-        self._mark_credited(conn, [marks[key] for key in sorted(marks)])
-        found = conn.execute(
-            sa.select(table).where(sa.tuple_(table.c.store, table.c.store_transaction_id).in_(sorted(marks)))
-        ).all()
+        # RECORDED (or REFUSED, the wallet having changed its mind) → CREDITED, in key order
+        # (the row-lock order).
+        self._bulk.update(
+            conn, table, ("store", "store_transaction_id"), [marks[k] for k in sorted(marks)], only=self._creditable
+        )
+        found = self._bulk.select_for_keys(conn, self._purchase_key, sorted(marks), self._all_purchases)
         records = {(row.store, row.store_transaction_id): record_from_row(row) for row in found}
         # Read after marking, the wallet having credited: a refund recorded after this read
         # finds the credit in the wallet (Crediting.apply_refund).
@@ -196,61 +209,9 @@ class OutboxRepository:
                     outcomes[index] = error
             if outcomes[index] is None:
                 outcomes[index] = Recorded(record, refunds.get(_key(purchase)))
-        _insert_rows(conn, rows)
+        _insert_rows(conn, self._bulk, rows)
         self._record_answers(conn, settlements, records, answers)
         return [_raised_in(outcome) for outcome in outcomes]
-
-    def _mark_credited(self, conn: Connection, marks: list[dict[str, Any]]) -> None:
-        """RECORDED (or REFUSED, the wallet having changed its mind) → CREDITED, in key
-        order (the row-lock order): on PostgreSQL one
-        UPDATE … FROM (VALUES …) for the batch, on SQLite (its one writer) executemany."""
-        table = self._table
-        if conn.dialect.name != "postgresql":
-            conn.execute(
-                table.update()
-                .where(
-                    table.c.store == sa.bindparam("b_store"),
-                    table.c.store_transaction_id == sa.bindparam("b_id"),
-                    table.c.state.in_(_CREDITABLE),
-                )
-                .values(
-                    state=StoredState.CREDITED.value,
-                    wallet_transaction_id=sa.bindparam("b_txn"),
-                    updated_at=sa.bindparam("b_now"),
-                    credit_refused_reason=None,
-                ),
-                [
-                    {
-                        "b_store": m["store"],
-                        "b_id": m["store_transaction_id"],
-                        "b_txn": m["wallet_transaction_id"],
-                        "b_now": m["updated_at"],
-                    }
-                    for m in marks
-                ],
-            )
-            return
-        batch = sa.values(
-            sa.column("store", sa.String),
-            sa.column("store_transaction_id", sa.String),
-            sa.column("wallet_transaction_id", sa.String),
-            sa.column("updated_at", table.c.updated_at.type),
-            name="batch",
-        ).data([tuple(m.values()) for m in marks])
-        conn.execute(
-            table.update()
-            .where(
-                table.c.store == batch.c.store,
-                table.c.store_transaction_id == batch.c.store_transaction_id,
-                table.c.state.in_(_CREDITABLE),
-            )
-            .values(
-                state=StoredState.CREDITED.value,
-                wallet_transaction_id=batch.c.wallet_transaction_id,
-                updated_at=batch.c.updated_at,
-                credit_refused_reason=None,
-            )
-        )
 
     def _record_answers(
         self,
@@ -276,8 +237,9 @@ class OutboxRepository:
             else:
                 rows[key] = row
                 first.append((index, recorder, key))
-        statement = insert_ignore(conn, log).returning(log.c.method, log.c.request_id)
-        inserted = conn.execute(statement, [rows[key] for key in sorted(rows)]).all()
+        inserted = self._bulk.insert(
+            conn, log, [rows[key] for key in sorted(rows)], ignore=True, returning=self._log_key
+        )
         ours = {(row.method, row.request_id) for row in inserted}
         for index, recorder, key in first:
             if key in ours:
@@ -290,14 +252,9 @@ class OutboxRepository:
 
     def replay_batch(self, calls: Sequence[Call]) -> list[bytes | DomainError | None]:
         """:meth:`PurchaseRepository.replay` of many calls in one statement."""
-        table = self._request_log
         keys = sorted({(c.method, c.request_id) for c in calls})
         with self.database.connect() as conn:
-            rows = conn.execute(
-                sa.select(table.c.method, table.c.request_id, table.c.request_hash, table.c.response).where(
-                    sa.tuple_(table.c.method, table.c.request_id).in_(keys)
-                )
-            ).all()
+            rows = self._bulk.select_for_keys(conn, self._log_key, keys, self._log_entries)
         stored = {(row.method, row.request_id): row for row in rows}
         outcomes: list[bytes | DomainError | None] = []
         for call in calls:
@@ -410,7 +367,7 @@ def _revoked_if_refunded(recording: Recording, refund: Refund | None) -> Recordi
     return replace(recording, terms=replace(recording.terms, purchase=recording.terms.purchase.as_revoked()))
 
 
-def _insert_rows(conn: Connection, hooks: Sequence[RowHook]) -> None:
+def _insert_rows(conn: Connection, bulk: Bulk, hooks: Sequence[RowHook]) -> None:
     """The :class:`RowHook` rows of a batch: one INSERT … ON CONFLICT DO NOTHING RETURNING
     per table, in key order; a key twice in the batch is added by its first hook only."""
     tables: dict[sa.Table, list[RowHook]] = {}
@@ -419,8 +376,8 @@ def _insert_rows(conn: Connection, hooks: Sequence[RowHook]) -> None:
     for table, group in tables.items():
         key = group[0].key
         rows = {str(hook.row[key]): hook.row for hook in reversed(group)}
-        statement = insert_ignore(conn, table).returning(table.c[key])
-        inserted = {str(row[0]) for row in conn.execute(statement, [rows[k] for k in sorted(rows)]).all()}
+        returned = bulk.insert(conn, table, [rows[k] for k in sorted(rows)], ignore=True, returning=(table.c[key],))
+        inserted = {str(row[0]) for row in returned}
         for hook in group:
             value = str(hook.row[key])
             hook.added = value in inserted

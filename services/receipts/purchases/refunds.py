@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from services.common.bulk import Bulk
 from services.common.catalog import StoreId
 from services.common.db import Database
 from services.common.idempotency import insert_ignore
@@ -31,6 +32,8 @@ class RefundRepository:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._refunds = database.table("receipts_refunds")
+        self._bulk = Bulk(database.dialect)
+        self._all = sa.select(self._refunds)
 
     def _key(self, store: StoreId, store_transaction_id: str) -> sa.ColumnElement[bool]:
         refunds = self._refunds
@@ -46,9 +49,8 @@ class RefundRepository:
         if not keys:
             return {}
         refunds = self._refunds
-        rows = conn.execute(
-            sa.select(refunds).where(sa.tuple_(refunds.c.store, refunds.c.store_transaction_id).in_(sorted(keys)))
-        ).all()
+        key = (refunds.c.store, refunds.c.store_transaction_id)
+        rows = self._bulk.select_for_keys(conn, key, sorted(keys), self._all)
         return {(row.store, row.store_transaction_id): _refund_of(row) for row in rows}
 
     async def record(self, refund: Refund, now: datetime) -> Refund:

@@ -9,6 +9,12 @@ expression on every element), the statement text is the same whatever the
 batch size, so psycopg prepares it once and SQLAlchemy compiles it once, and
 the server parses the rows in C. On SQLite the same calls use executemany and
 IN lists.
+
+Why it matters: psycopg parses a statement's text in Python (a regular expression
+over the whole text) unless it has at most 50 parameters and 4 KiB of text, and
+SQLAlchemy builds and compiles a statement whose VALUES or IN list grows with the
+batch anew each time; for a group commit of dozens of rows that costs more CPU than
+everything else the batch does.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -26,6 +32,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 _ROWS = "rows"
+
+# A key column, or the columns of a composite key (whose keys are then tuples).
+KeyColumns: TypeAlias = "sa.Column[Any] | tuple[sa.Column[Any], ...]"
 
 
 def _cell(value: object) -> object:
@@ -158,26 +167,37 @@ class Bulk:
             stmt = stmt.returning(*(returning or table.primary_key.columns))
         return stmt
 
-    def update(self, conn: Connection, table: sa.Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
-        """Set the other columns of ``rows`` on the rows of ``table`` whose ``key`` matches,
-        in one statement on PostgreSQL (``UPDATE … FROM`` the batch; the caller has locked
-        those rows already, so the join order takes no new lock and their ``ctid`` stays).
-        Each row is found by one index probe on ``key`` and updated through its ``ctid``: a
-        plain join on ``key`` lets the planner hash the batch against a scan of the whole
-        table on every call. SQLite: executemany."""
+    def update(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        key: str | tuple[str, ...],
+        rows: Sequence[dict[str, Any]],
+        *,
+        only: sa.ColumnElement[bool] | None = None,
+    ) -> None:
+        """Set the other columns of ``rows`` on the rows of ``table`` whose ``key`` (a
+        column, or the columns of a composite key) matches and that meet ``only`` (a
+        condition on ``table``, fixed for this statement), in one statement on PostgreSQL
+        (``UPDATE … FROM`` the batch; rows are locked in the order given, so give them
+        in the row-lock order). Each row is found by one index probe on ``key`` and
+        updated through its ``ctid``: a plain join on ``key`` lets the planner hash the
+        batch against a scan of the whole table on every call. SQLite: executemany."""
         if not rows:
             return
-        columns = tuple(c for c in rows[0] if c != key)
-        cache_key = ("update", table.name, key, columns)
+        keys = (key,) if isinstance(key, str) else key
+        columns = tuple(c for c in rows[0] if c not in keys)
+        cache_key = ("update", table.name, keys, columns, None if only is None else str(only))
         stmt = self._statements.get(cache_key)
         if stmt is None:
             if self._postgres:
                 source = self._source(table)
                 probe = table.alias("probe")
+                matches = [probe.c[k] == source.c[k] for k in keys]
                 where = (
                     sa.select(sa.column("ctid", _selectable=probe).label("row"))
                     .select_from(probe)
-                    .where(probe.c[key] == source.c[key])
+                    .where(*matches)
                     .offset(0)
                     .lateral("found")
                 )
@@ -194,9 +214,11 @@ class Bulk:
             else:
                 stmt = (
                     table.update()
-                    .where(table.c[key] == sa.bindparam(f"b_{key}"))
+                    .where(*(table.c[k] == sa.bindparam(f"b_{k}") for k in keys))
                     .values({c: sa.bindparam(f"b_{c}") for c in columns})
                 )
+            if only is not None:
+                stmt = stmt.where(only)
             self._statements[cache_key] = stmt
         if self._postgres:
             conn.execute(stmt, {_ROWS: _document(rows)})
@@ -206,7 +228,7 @@ class Bulk:
     def select_for_keys(
         self,
         conn: Connection,
-        key: sa.Column[Any],
+        key: KeyColumns,
         keys: Sequence[Any],
         query: sa.Select[Any],
         params: dict[str, Any] | None = None,
@@ -214,25 +236,35 @@ class Bulk:
         for_update: bool = False,
     ) -> list[Any]:
         """The rows of ``query`` (built once by the caller, with ``params`` for its bind
-        parameters) whose ``key`` is one of ``keys``, locked with ``for_update``.
+        parameters) whose ``key`` is one of ``keys``, locked with ``for_update``. ``key``
+        may be the columns of a composite key, ``keys`` then being tuples.
 
         On PostgreSQL this is one index probe per key, in the order of ``keys`` (so
         also the order the row locks are taken in): a LATERAL subquery over the
-        unnested keys, kept from being flattened into a join by OFFSET 0. A plain
-        ``= ANY(:keys)`` lets the planner choose a sequential scan for a young table
-        without statistics, and its generic plan compares every row with the whole
-        array.
+        unnested keys (one array per key column), kept from being flattened into a
+        join by OFFSET 0. A plain ``= ANY(:keys)`` lets the planner choose a
+        sequential scan for a young table without statistics, and its generic plan
+        compares every row with the whole array.
         """
         if not keys:
             return []
+        columns = key if isinstance(key, tuple) else (key,)
         if not self._postgres:
-            return list(conn.execute(query.where(key.in_(list(keys))), params or {}).all())
-        cache_key = ("keys", query, key, for_update)
+            matches = sa.tuple_(*columns).in_(list(keys)) if isinstance(key, tuple) else key.in_(list(keys))
+            return list(conn.execute(query.where(matches), params or {}).all())
+        cache_key = ("keys", query, columns, for_update)
         stmt = self._statements.get(cache_key)
         if stmt is None:
-            unnested = sa.func.unnest(sa.bindparam("keys", type_=ARRAY(key.type)))
-            wanted = unnested.table_valued("key").render_derived("wanted")
-            probe = query.where(key == wanted.c.key).offset(0)
-            found = (probe.with_for_update() if for_update else probe).lateral("found")
+            names = [f"key_{i}" for i in range(len(columns))]
+            unnested = sa.func.unnest(
+                *(sa.bindparam(name, type_=ARRAY(column.type)) for name, column in zip(names, columns, strict=True))
+            )
+            wanted = unnested.table_valued(*names).render_derived("wanted")
+            probe = query.where(*(column == wanted.c[name] for name, column in zip(names, columns, strict=True)))
+            found = (probe.with_for_update() if for_update else probe).offset(0).lateral("found")
             stmt = self._statements[cache_key] = sa.select(found).select_from(wanted.join(found, sa.true()))
-        return list(conn.execute(stmt, {"keys": list(keys), **(params or {})}).all())
+        if isinstance(key, tuple):
+            arrays = {f"key_{i}": [k[i] for k in keys] for i in range(len(columns))}
+        else:
+            arrays = {"key_0": list(keys)}
+        return list(conn.execute(stmt, {**arrays, **(params or {})}).all())
