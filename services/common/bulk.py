@@ -175,19 +175,23 @@ class Bulk:
         rows: Sequence[dict[str, Any]],
         *,
         only: sa.ColumnElement[bool] | None = None,
-    ) -> None:
+        returning: Sequence[sa.Column[Any]] = (),
+    ) -> list[Any]:
         """Set the other columns of ``rows`` on the rows of ``table`` whose ``key`` (a
         column, or the columns of a composite key) matches and that meet ``only`` (a
         condition on ``table``, fixed for this statement), in one statement on PostgreSQL
         (``UPDATE … FROM`` the batch; rows are locked in the order given, so give them
         in the row-lock order). Each row is found by one index probe on ``key`` and
         updated through its ``ctid``: a plain join on ``key`` lets the planner hash the
-        batch against a scan of the whole table on every call. SQLite: executemany."""
+        batch against a scan of the whole table on every call. SQLite: executemany.
+
+        ``returning``: those columns of the rows updated, on PostgreSQL (SQLite returns
+        nothing: read them back)."""
         if not rows:
-            return
+            return []
         keys = (key,) if isinstance(key, str) else key
         columns = tuple(c for c in rows[0] if c not in keys)
-        cache_key = ("update", table.name, keys, columns, None if only is None else str(only))
+        cache_key = ("update", table.name, keys, columns, None if only is None else str(only), tuple(returning))
         stmt = self._statements.get(cache_key)
         if stmt is None:
             if self._postgres:
@@ -219,11 +223,14 @@ class Bulk:
                 )
             if only is not None:
                 stmt = stmt.where(only)
+            if returning and self._postgres:
+                stmt = stmt.returning(*returning)
             self._statements[cache_key] = stmt
         if self._postgres:
-            conn.execute(stmt, {_ROWS: _document(rows)})
-        else:
-            conn.execute(stmt, [{f"b_{c}": v for c, v in row.items()} for row in rows])
+            result = conn.execute(stmt, {_ROWS: _document(rows)})
+            return list(result.all()) if returning else []
+        conn.execute(stmt, [{f"b_{c}": v for c, v in row.items()} for row in rows])
+        return []
 
     def select_for_keys(
         self,

@@ -179,11 +179,19 @@ class OutboxRepository:
         }
         # RECORDED (or REFUSED, the wallet having changed its mind) → CREDITED, in key order
         # (the row-lock order).
-        self._bulk.update(
-            conn, table, ("store", "store_transaction_id"), [marks[k] for k in sorted(marks)], only=self._creditable
+        marked = self._bulk.update(
+            conn,
+            table,
+            ("store", "store_transaction_id"),
+            [marks[k] for k in sorted(marks)],
+            only=self._creditable,
+            returning=tuple(table.c),
         )
-        found = self._bulk.select_for_keys(conn, self._purchase_key, sorted(marks), self._all_purchases)
-        records = {(row.store, row.store_transaction_id): record_from_row(row) for row in found}
+        records = {(row.store, row.store_transaction_id): record_from_row(row) for row in marked}
+        # The rows not moved (credited before, refunded since; on SQLite all of them).
+        unmoved = [key for key in sorted(marks) if key not in records]
+        for row in self._bulk.select_for_keys(conn, self._purchase_key, unmoved, self._all_purchases):
+            records[(row.store, row.store_transaction_id)] = record_from_row(row)
         # Read after marking, the wallet having credited: a refund recorded after this read
         # finds the credit in the wallet (Crediting.apply_refund).
         refunds = self.refunds.get_in(conn, marks)
