@@ -12,6 +12,7 @@ from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as pb_grpc
 from services.common.catalog import Catalog
 from services.common.clock import Clock
+from services.common.errors import DomainError
 from services.common.validation import optional_id, require_enum, require_id, require_text
 from services.receipts.apple.consumption import ConsentRepository
 from services.receipts.apple.verify import ApplePurchases
@@ -20,7 +21,7 @@ from services.receipts.errors import InvalidArgument, NotFound
 from services.receipts.google.verify import GooglePurchases, require_purchase_token
 from services.receipts.purchases.binding import Binding
 from services.receipts.purchases.model import Claim, Environment, PurchaseResult
-from services.receipts.purchases.outbox import PurchaseBatches
+from services.receipts.purchases.outbox import AlreadyAnswered
 from services.receipts.purchases.repository import BindingRepository, PurchaseRepository, RequestRecorder
 
 M = TypeVar("M", bound=Message)
@@ -48,8 +49,6 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
     apple: ApplePurchases
     google: GooglePurchases
     consents: ConsentRepository
-    # Looks AIP-155 ids up together with concurrent calls' (None: one read each).
-    batches: PurchaseBatches | None = None
 
     async def idempotent(
         self,
@@ -64,12 +63,23 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
         exactly-once (keyed by store transaction): replay the stored response,
         refuse a reused id with a different body, else do the work and record
         its response — in the purchase's own transaction when the work takes the
-        recorder, else in a transaction of its own."""
-        replay = self.batches.replay if self.batches is not None else self.purchases.replay
-        stored = await replay(method, request_id, request)
-        if stored is None:
-            recorder = RequestRecorder(self.purchases.requests, method, request_id, request, build)
+        recorder, else in a transaction of its own.
+
+        The stored response is looked up in the transaction that records the purchase
+        (no read of its own, the costliest step of a group-committed purchase), so
+        the proof is verified first; a call that fails before recording anything
+        falls back to a read, so an answered call gets its answer whatever happens
+        to the store or the proof since."""
+        recorder = RequestRecorder(self.purchases.requests, method, request_id, request, build)
+        try:
             results = await work(recorder)
+        except AlreadyAnswered as answered:
+            stored: bytes | None = answered.response
+        except DomainError:
+            stored = await self.purchases.replay(method, request_id, request)
+            if stored is None:
+                raise
+        else:
             if recorder.done:
                 # Built once, inside the transaction that recorded it.
                 stored, response = recorder.stored, cast(M, recorder.response)
@@ -78,6 +88,7 @@ class ReceiptServiceServicer(pb_grpc.ReceiptServiceServicer):
                 stored = await self.purchases.remember(method, request_id, request, response)
             if stored is None:
                 return response
+        assert stored is not None
         replayed = response_type()
         replayed.ParseFromString(stored)
         return replayed

@@ -272,7 +272,6 @@ def build_servicer(components: Components) -> ReceiptServiceServicer:
         apple=components.apple,
         google=components.google,
         consents=ConsentRepository(components.database),
-        batches=components.crediting.batches,
     )
 
 

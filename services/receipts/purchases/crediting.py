@@ -62,7 +62,7 @@ from services.receipts.purchases.model import (
 )
 from services.receipts.purchases.outbox import OutboxRepository, PurchaseBatches, Recording, Settlement
 from services.receipts.purchases.refunds import RefundRepository
-from services.receipts.purchases.repository import CreditHook, PurchaseRepository
+from services.receipts.purchases.repository import Call, CreditHook, PurchaseRepository, RequestRecorder, RowHook
 from services.receipts.purchases.rules import (
     SandboxPolicy,
     already_refunded,
@@ -147,7 +147,7 @@ class Crediting:
         terms = credit_terms(self.catalog, purchase, now, self.region_policy, region)
         # Recorded (bound, terms fixed) before the wallet hears of it: the outbox. The batch
         # reads the recorded refund first: a full one records the purchase REVOKED.
-        recorded = await self.batches.record(Recording(terms, account_id, now))
+        recorded = await self.batches.record(Recording(terms, account_id, now, _call_of(hook)))
         record = recorded.record
         if recorded.refund is not None and recorded.refund.full:
             purchase = purchase.as_revoked()
@@ -329,3 +329,10 @@ class Crediting:
             )
         child.inc()
         return result
+
+
+def _call_of(hook: CreditHook | None) -> Call | None:
+    """The AIP-155 call whose answer ``hook`` records (wrapped in a Play row or not)."""
+    while isinstance(hook, RowHook):
+        hook = hook.inner
+    return hook.call if isinstance(hook, RequestRecorder) else None

@@ -24,10 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.common.bulk import Bulk
@@ -45,6 +44,7 @@ from services.receipts.purchases.model import (
 )
 from services.receipts.purchases.refunds import RefundRepository
 from services.receipts.purchases.repository import (
+    Call,
     CreditHook,
     PurchaseRepository,
     RequestRecorder,
@@ -54,6 +54,7 @@ from services.receipts.purchases.repository import (
 )
 
 Key = tuple[str, str]
+T = TypeVar("T")
 # The states a credit the wallet confirmed marks CREDITED.
 _CREDITABLE = (StoredState.RECORDED.value, StoredState.REFUSED.value)
 
@@ -64,20 +65,13 @@ def _key(purchase: VerifiedPurchase) -> Key:
 
 @dataclass(frozen=True)
 class Recording:
-    """Record ``terms`` bound to ``account_id`` (None: record only)."""
+    """Record ``terms`` bound to ``account_id`` (None: record only), unless ``call`` (the
+    AIP-155 call recording it) was answered before."""
 
     terms: CreditTerms
     account_id: str | None
     now: datetime
-
-
-@dataclass(frozen=True)
-class Call:
-    """An AIP-155 call to look up in the request log."""
-
-    method: str
-    request_id: str
-    request: Message
+    call: Call | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +97,24 @@ class Recorded:
     refund: Refund | None
 
 
+@dataclass(frozen=True)
+class Answered:
+    """The recording's call had been answered: ``response`` is the stored answer."""
+
+    response: bytes
+
+
+class AlreadyAnswered(Exception):
+    """Raised by :meth:`PurchaseBatches.record` when the call recording the purchase was
+    answered before (AIP-155): nothing was recorded; ``response`` is the stored answer."""
+
+    def __init__(self, response: bytes) -> None:
+        super().__init__("this request id was answered before")
+        self.response = response
+
+
 RowOutcome = Recorded | DomainError
+RecordOutcome = Recorded | Answered | DomainError
 
 
 class OutboxRepository:
@@ -124,14 +135,20 @@ class OutboxRepository:
         self._log_key = (log.c.method, log.c.request_id)
         self._log_entries = sa.select(log.c.method, log.c.request_id, log.c.request_hash, log.c.response)
 
-    def record_batch(self, recordings: Sequence[Recording]) -> list[RowOutcome]:
+    def record_batch(self, recordings: Sequence[Recording]) -> list[RecordOutcome]:
         return self.database.transaction(lambda conn: self._record_batch(conn, recordings))
 
-    def _record_batch(self, conn: Connection, recordings: Sequence[Recording]) -> list[RowOutcome]:
+    def _record_batch(self, conn: Connection, recordings: Sequence[Recording]) -> list[RecordOutcome]:
         table = self._table
+        # AIP-155 first, in the same transaction: a call answered before records nothing.
+        answered = self._answered(conn, [r.call for r in recordings if r.call is not None])
+        outcomes: list[RecordOutcome | None] = [None] * len(recordings)
         first: dict[Key, int] = {}
         for index, recording in enumerate(recordings):
-            first.setdefault(_key(recording.terms.purchase), index)
+            if recording.call is not None:
+                outcomes[index] = answered.get((recording.call.method, recording.call.request_id))
+            if outcomes[index] is None:
+                first.setdefault(_key(recording.terms.purchase), index)
         # Read before the rows are written: a purchase refunded in full is recorded REVOKED.
         refunds = self.refunds.get_in(conn, first)
         recordings = [_revoked_if_refunded(r, refunds.get(_key(r.terms.purchase))) for r in recordings]
@@ -148,18 +165,41 @@ class OutboxRepository:
         ]
         inserted = self._bulk.insert(conn, table, rows, ignore=True, returning=tuple(table.c))
         fresh = {(row.store, row.store_transaction_id): record_from_row(row) for row in inserted}
-        outcomes: list[RowOutcome] = []
         for index, recording in enumerate(recordings):
+            if outcomes[index] is not None:
+                continue
             key = _key(recording.terms.purchase)
             if key in fresh and first[key] == index:
-                outcomes.append(Recorded(fresh[key], refunds.get(key)))
+                outcomes[index] = Recorded(fresh[key], refunds.get(key))
                 continue
             try:
                 record = self.purchases.claim_in(conn, recording.terms, recording.account_id, recording.now)
-                outcomes.append(Recorded(record, refunds.get(key)))
+                outcomes[index] = Recorded(record, refunds.get(key))
             except DomainError as error:
-                outcomes.append(error)
-        return outcomes
+                outcomes[index] = error
+        return _present(outcomes)
+
+    def _answered(self, conn: Connection, calls: Sequence[Call]) -> dict[tuple[str, str], Answered | DomainError]:
+        """The calls among ``calls`` answered before: their stored answer, or
+        REQUEST_ID_REUSED for a call whose body differs from the answered one's."""
+        if not calls:
+            return {}
+        keys = sorted({(c.method, c.request_id) for c in calls})
+        stored = {
+            (row.method, row.request_id): row
+            for row in self._bulk.select_for_keys(conn, self._log_key, keys, self._log_entries)
+            if row.response is not None
+        }
+        found: dict[tuple[str, str], Answered | DomainError] = {}
+        for call in calls:
+            row = stored.get((call.method, call.request_id))
+            if row is None:
+                continue
+            if row.request_hash != fingerprint(call.request):
+                found[(call.method, call.request_id)] = RequestIdReused(call.request_id)
+            else:
+                found[(call.method, call.request_id)] = Answered(bytes(row.response))
+        return found
 
     def settle_batch(self, settlements: Sequence[Settlement]) -> list[RowOutcome]:
         return self.database.transaction(lambda conn: self._settle_batch(conn, settlements))
@@ -219,7 +259,7 @@ class OutboxRepository:
                 outcomes[index] = Recorded(record, refunds.get(_key(purchase)))
         _insert_rows(conn, self._bulk, rows)
         self._record_answers(conn, settlements, records, answers)
-        return [_raised_in(outcome) for outcome in outcomes]
+        return _present(outcomes)
 
     def _record_answers(
         self,
@@ -257,23 +297,6 @@ class OutboxRepository:
         for index, recorder in repeats:
             settlement = settlements[index]
             recorder.record_in(conn, [settlement.result_for(records[_key(settlement.terms.purchase)])])
-
-    def replay_batch(self, calls: Sequence[Call]) -> list[bytes | DomainError | None]:
-        """:meth:`PurchaseRepository.replay` of many calls in one statement."""
-        keys = sorted({(c.method, c.request_id) for c in calls})
-        with self.database.connect() as conn:
-            rows = self._bulk.select_for_keys(conn, self._log_key, keys, self._log_entries)
-        stored = {(row.method, row.request_id): row for row in rows}
-        outcomes: list[bytes | DomainError | None] = []
-        for call in calls:
-            row = stored.get((call.method, call.request_id))
-            if row is None:
-                outcomes.append(None)
-            elif row.request_hash != fingerprint(call.request):
-                outcomes.append(RequestIdReused(call.request_id))
-            else:
-                outcomes.append(bytes(row.response) if row.response is not None else None)
-        return outcomes
 
     def uncredited(self, recorded_before: datetime, limit: int) -> list[PurchaseRecord]:
         """Bound purchases recorded but not marked credited, oldest first (the partial index)."""
@@ -316,39 +339,31 @@ class PurchaseBatches:
 
     def __init__(self, outbox: OutboxRepository, *, window_seconds: float, max_batch: int) -> None:
         self.outbox = outbox
-        self._recordings: GroupCommit[Recording, RowOutcome] | None = None
+        self._recordings: GroupCommit[Recording, RecordOutcome] | None = None
         self._settlements: GroupCommit[Settlement, RowOutcome] | None = None
-        self._replays: GroupCommit[Call, bytes | DomainError | None] | None = None
         if window_seconds > 0:
-            self._replays = GroupCommit(self._run_replays, window_seconds=window_seconds, max_batch=max_batch)
             self._recordings = GroupCommit(self._run_recordings, window_seconds=window_seconds, max_batch=max_batch)
             self._settlements = GroupCommit(self._run_settlements, window_seconds=window_seconds, max_batch=max_batch)
 
-    async def _run_recordings(self, recordings: list[Recording]) -> list[RowOutcome]:
+    async def _run_recordings(self, recordings: list[Recording]) -> list[RecordOutcome]:
         return await self.outbox.database.run(self.outbox.record_batch, recordings)
 
     async def _run_settlements(self, settlements: list[Settlement]) -> list[RowOutcome]:
         return await self.outbox.database.run(self.outbox.settle_batch, settlements)
 
-    async def _run_replays(self, calls: list[Call]) -> list[bytes | DomainError | None]:
-        return await self.outbox.database.run(self.outbox.replay_batch, calls)
-
-    async def replay(self, method: str, request_id: str, request: Message) -> bytes | None:
-        """The stored response of an earlier call with this id (REQUEST_ID_REUSED for
-        another body), looked up with the concurrent calls' in one statement."""
-        call = Call(method, request_id, request)
-        outcome = await self._replays.submit(call) if self._replays else (await self._run_replays([call]))[0]
-        if isinstance(outcome, DomainError):
-            raise outcome
-        return outcome
-
     async def record(self, recording: Recording) -> Recorded:
         """The purchase's row after recording it: bound to the account, the first terms
         (REVOKED if a full refund was recorded before), and that refund.
-        Bound to another account → PERMISSION_DENIED ``RECEIPT_BOUND_TO_OTHER_ACCOUNT``."""
+        Bound to another account → PERMISSION_DENIED ``RECEIPT_BOUND_TO_OTHER_ACCOUNT``.
+        The recording's call answered before → :class:`AlreadyAnswered` (REQUEST_ID_REUSED
+        if its body differs), and nothing is recorded."""
         if self._recordings is not None:
-            return _raise(await self._recordings.submit(recording))
-        return _raise((await self._run_recordings([recording]))[0])
+            outcome = await self._recordings.submit(recording)
+        else:
+            outcome = (await self._run_recordings([recording]))[0]
+        if isinstance(outcome, Answered):
+            raise AlreadyAnswered(outcome.response)
+        return _raise(outcome)
 
     async def settle(self, settlement: Settlement) -> Recorded:
         """Mark the purchase CREDITED (unless refunded since) and run its ``finish``; the row
@@ -358,9 +373,10 @@ class PurchaseBatches:
         return _raise((await self._run_settlements([settlement]))[0])
 
 
-def _raised_in(outcome: RowOutcome | None) -> RowOutcome:
-    assert outcome is not None
-    return outcome
+def _present(outcomes: Sequence[T | None]) -> list[T]:
+    present = [outcome for outcome in outcomes if outcome is not None]
+    assert len(present) == len(outcomes)
+    return present
 
 
 def _raise(outcome: RowOutcome) -> Recorded:

@@ -12,6 +12,7 @@ queries from the database (:meth:`Database.table`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -318,6 +319,15 @@ class PurchaseRepository:
         return await self._tx(work)
 
 
+@dataclass(frozen=True)
+class Call:
+    """An AIP-155 call: its answer is looked up by (method, request_id)."""
+
+    method: str
+    request_id: str
+    request: Message
+
+
 class CreditHook(Protocol):
     """Work that commits in the transaction marking a purchase CREDITED (see
     :meth:`OutboxRepository.settle_batch`): one commit per batch of verifications."""
@@ -366,6 +376,10 @@ class RequestRecorder:
         self.done = False
         self.stored: bytes | None = None
         self.response: Message | None = None
+
+    @property
+    def call(self) -> Call:
+        return Call(self._method, self._request_id, self._request)
 
     def log_row(self, results: Sequence[Any], now: datetime) -> dict[str, Any]:
         """The request-log row of this call, its response built (a group commit inserts many

@@ -92,6 +92,36 @@ async def test_signed_transaction_credited_once(world: World) -> None:
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_ID_REUSED")
 
 
+async def test_a_reused_request_id_records_nothing_of_the_other_purchase(world: World) -> None:
+    token = await world.token("fan-1")
+    _txid, jws = await world.device_buy(appAccountToken=token)
+    await world.verify(pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=jws))
+    other_txid, other = await world.device_buy(appAccountToken=token)
+    code, reason = await world.refused(
+        pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=other)
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_ID_REUSED")
+    # Refused before anything moved: the other purchase is neither recorded nor credited.
+    assert world.receipts.wallet.credits_of(other_txid) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await world.receipts.stub.GetPurchase(
+            pb.GetPurchaseRequest(store=pb.STORE_APP_STORE, store_transaction_id=other_txid),
+            metadata=world.receipts.md(),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_answered_call_keeps_its_answer_while_the_app_store_is_down(world: World) -> None:
+    txid, _jws = await world.device_buy(environment="Production")
+    request = pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", transaction_id=txid)
+    first = await world.verify(request)
+    assert first.purchases[0].state == pb.PURCHASE_STATE_CREDITED
+    world.store.inject(Fault(status=500, count=100))
+    assert await world.verify(request) == first
+    assert len(world.receipts.wallet.credits_of(txid)) == 1
+
+
 async def test_second_account_refused_nothing_moves(world: World) -> None:
     _txid, bound = await world.device_buy(appAccountToken=await world.token("fan-1"))
     code, reason = await world.refused(
