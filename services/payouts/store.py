@@ -681,19 +681,13 @@ class PayoutStore:
                 .where(chunks.c.chunk_id == chunk_id, chunks.c.state == ChunkState.PENDING.value)
                 .values(ambiguous=chunks.c.ambiguous + 1)
             )
-            return bool(
-                conn.execute(
-                    chunks.update()
-                    .where(
-                        chunks.c.chunk_id == chunk_id,
-                        chunks.c.state == ChunkState.PENDING.value,
-                        chunks.c.ambiguous >= park_after,
-                    )
-                    .values(state=ChunkState.PARKED.value, park_reason=reason[:512], due_at=now)
-                ).rowcount
-            )
+            return _park(conn, chunk_id, reason, now, chunks.c.ambiguous >= park_after)
 
         return self.db.transaction(tx)
+
+    def park(self, chunk_id: str, reason: str, now: datetime) -> bool:
+        """Park a pending submission for ops review at once (True unless it had moved on)."""
+        return self.db.transaction(lambda conn: _park(conn, chunk_id, reason, now))
 
     def parked(self) -> int:
         with self.db.connect() as conn:
@@ -1450,3 +1444,13 @@ def _batch(row: Any, totals: tuple[StateTotal, ...], provider_batch_id: str) -> 
         provider_batch_id=provider_batch_id,
         created_by=Actor.of_row(row),
     )
+
+
+def _park(conn: Connection, chunk_id: str, reason: str, now: datetime, *more: sa.ColumnElement[bool]) -> bool:
+    """PENDING → PARKED with ``reason``, when ``more`` also holds."""
+    moved = conn.execute(
+        chunks.update()
+        .where(chunks.c.chunk_id == chunk_id, chunks.c.state == ChunkState.PENDING.value, *more)
+        .values(state=ChunkState.PARKED.value, park_reason=reason[:512], due_at=now)
+    )
+    return bool(moved.rowcount)

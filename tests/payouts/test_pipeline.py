@@ -20,13 +20,16 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from celery import Celery
 
 from coinstore.payouts.v1 import payout_service_pb2 as pb
 from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
+from services.common.db import Database
 from services.payouts.config import PayoutsSettings
+from services.payouts.store import chunks
 from tests.payouts.conftest import start_service
 from tests.payouts.fake_wallet import COMMIT, RELEASE, FakeWallet, FakeWalletServer
 from tests.payouts.harness import (
@@ -315,6 +318,34 @@ async def test_provider_errors_and_timeout_after_paying_pay_once(stack: Stack) -
     assert len(paid_once(stack.paypal, items)) == 4
     committed_once(stack.wallet, [c.cashout_id for c in items])
     assert all(stack.wallet.balance(c) == 0 for c in creators)
+
+
+async def test_a_hold_already_committed_parks_its_submission_and_nothing_is_sent(stack: Stack) -> None:
+    creators = await stack.creators(3)
+    # One creator's hold was paid through some other submission: only ops can untangle that.
+    (paid,) = [reservation for reservation, hold in stack.wallet.holds.items() if hold.account_id == creators[0]]
+    stack.wallet.holds[paid].state = wpb.RESERVATION_STATE_COMMITTED
+    stack.worker()
+    created = await stack.stub.CreatePayoutBatch(pb.CreatePayoutBatchRequest(request_id="bp"), metadata=stack.ops())
+    database = Database.from_url(stack.settings.database_url, 1)
+
+    def submissions() -> list[Any] | None:
+        with database.connect() as conn:
+            rows = conn.execute(
+                sa.select(chunks.c.state, chunks.c.park_reason).where(chunks.c.batch_id == created.batch.batch_id)
+            ).all()
+        return list(rows) if rows and all(row.state != "PENDING" for row in rows) else None
+
+    try:
+        # Evidence the submission was handled: the wallet was asked, and the chunk left PENDING.
+        rows = await wait_for(submissions, 60, "the submission to be handled", stack.workers[-1])
+    finally:
+        database.close()
+    assert [row.state for row in rows] == ["PARKED"]
+    assert paid in rows[0].park_reason
+    assert stack.wallet.submit_calls >= 1
+    assert stack.paypal.payments()["payments"] == []
+    assert all(stack.wallet.commits[r] == 0 and stack.wallet.releases[r] == 0 for r in stack.wallet.holds)
 
 
 async def test_same_batch_twice_and_retry_while_in_flight_pay_once(stack: Stack) -> None:

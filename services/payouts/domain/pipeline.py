@@ -121,6 +121,8 @@ class Pipeline:
             return
         self._store.touch_chunk(chunk_id, now + self._stuck)
         lines = self._mark_holds(chunk_id, chunk.lines, now)
+        if lines is None:
+            return  # parked for ops: nothing is sent
         if not lines:
             # Nothing left to pay: close it like a submission whose items all settled.
             self._store.mark_submitted(chunk_id, "", now, now + self._stuck)
@@ -146,12 +148,23 @@ class Pipeline:
         self._store.mark_submitted(chunk_id, provider_batch_id, now, now + self._stuck + timedelta(seconds=self._poll))
         self._queue.enqueue(POLL_TASK, chunk_id, countdown=self._poll)
 
-    def _mark_holds(self, chunk_id: str, lines: Sequence[PayoutLine], now: datetime) -> Sequence[PayoutLine]:
-        """SUBMITTED for every hold of the submission, in one wallet call; returns the lines still to pay."""
+    def _mark_holds(self, chunk_id: str, lines: Sequence[PayoutLine], now: datetime) -> Sequence[PayoutLine] | None:
+        """SUBMITTED for every hold of the submission, in one wallet call; returns the lines still
+        to pay, or None when the submission was parked for ops instead."""
         answers = self._wallet.submit([(line.reservation_id, line.diamonds) for line in lines])
         refused = [(line, answer) for line, answer in zip(lines, answers, strict=True) if answer.refusal]
         if not refused:
             return lines
+        committed = [line for line, answer in refused if answer.refusal == "RESERVATION_ALREADY_COMMITTED"]
+        if committed:
+            # A hold committed means its diamonds were paid out already, through some other
+            # submission: sending this one could pay them twice. Nothing is sent, released
+            # or failed; ops look (the parked gauge).
+            holds = ", ".join(line.reservation_id for line in committed[:5])
+            reason = f"{len(committed)} hold(s) already committed before this submission: {holds}"
+            if self._store.park(chunk_id, reason, now):
+                log.error("submission %s parked for ops review: %s", chunk_id, reason)
+            return None
         expired: list[str] = []
         requoted: list[tuple[str, int, int]] = []
         cancelled: list[str] = []
@@ -162,10 +175,6 @@ class Pipeline:
                     cancelled.append(line.cashout_id)
                 else:
                     requoted.append((line.cashout_id, *quote))
-            elif answer.refusal == "RESERVATION_ALREADY_COMMITTED":
-                log.error(
-                    "hold %s of cash-out %s is already committed (needs review)", line.reservation_id, line.cashout_id
-                )
             else:
                 expired.append(line.cashout_id)
         log.warning(
