@@ -257,6 +257,13 @@ class CommonSettings:
     wallet_metrics_port: int = setting("WALLET_METRICS_PORT", "Wallet Prometheus metrics port", 9102)
     payouts_metrics_port: int = setting("PAYOUTS_METRICS_PORT", "Payouts Prometheus metrics port", 9103)
     wallet_address: str = setting("WALLET_ADDRESS", "host:port other services reach the wallet at", "127.0.0.1:50052")
+    wallet_call_timeout_seconds: float = setting(
+        "WALLET_CALL_TIMEOUT_SECONDS",
+        "Deadline of each call receipts and payouts make to the wallet; past it the call answers UNAVAILABLE"
+        " (WALLET_UNAVAILABLE) and is retried later with the same request id",
+        10.0,
+        parse=float,
+    )
     shutdown_grace_seconds: float = setting(
         "SHUTDOWN_GRACE_SECONDS",
         "Seconds in-flight RPCs get to finish after SIGTERM",
@@ -406,6 +413,8 @@ class CommonSettings:
             problems.append(f"{PREFIX}LOG_LEVEL: {self.log_level!r} is not a log level")
         if self.db_pool_size < 1:
             problems.append(f"{PREFIX}DB_POOL_SIZE must be at least 1")
+        if not 0.1 <= self.wallet_call_timeout_seconds <= 300:
+            problems.append(f"{PREFIX}WALLET_CALL_TIMEOUT_SECONDS must be between 0.1 and 300")
         if self.db_statement_timeout_ms < 0:
             problems.append(f"{PREFIX}DB_STATEMENT_TIMEOUT_MS must not be negative")
         if self.grpc_max_concurrent_rpcs < 1:

@@ -16,7 +16,6 @@ from services.payouts.domain.model import Settlement, WalletAction
 from services.payouts.domain.ports import HoldAnswer
 from services.payouts.errors import FailedPrecondition, NotFound, Unavailable
 
-WALLET_TIMEOUT_SECONDS = 10.0
 # A batch of up to 15,000 holds is one database transaction in the wallet.
 BATCH_TIMEOUT_SECONDS = 60.0
 _RETRYABLE = {"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
@@ -35,8 +34,8 @@ def _translate(error: grpc.RpcError) -> Exception:
 
 
 class GrpcWallet:
-    def __init__(self, address: str, tokens: TokenSource) -> None:
-        self._channel = sync_channel(address, tokens, WALLET_TIMEOUT_SECONDS)
+    def __init__(self, address: str, tokens: TokenSource, timeout_seconds: float = 10.0) -> None:
+        self._channel = sync_channel(address, tokens, timeout_seconds)
         self._stub = wpb_grpc.WalletServiceStub(self._channel)
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ def build_provider(settings: PayoutsSettings) -> PayoutProvider:
 
 def build_wallet(settings: PayoutsSettings) -> GrpcWallet:
     tokens = token_source(settings, "payouts", WALLET_SCOPES)
-    return GrpcWallet(settings.wallet_address, tokens)
+    return GrpcWallet(settings.wallet_address, tokens, settings.wallet_call_timeout_seconds)
 
 
 def build_domain(

@@ -125,6 +125,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
     window, most = settings.receipts_group_commit_window_ms / 1000, settings.receipts_group_commit_max
     wallet = WalletClient(
         aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
+        settings.wallet_call_timeout_seconds,
         window_seconds=window,
         max_batch=most,
     )
@@ -452,7 +453,7 @@ def build_credited_play(settings: ReceiptsSettings) -> CreditedPlay:
     source = token_source(settings, SERVICE, WALLET_SCOPES)
 
     async def client() -> WalletClient:
-        return WalletClient(aio_channel(settings.wallet_address, source))
+        return WalletClient(aio_channel(settings.wallet_address, source), settings.wallet_call_timeout_seconds)
 
     return credited_play(loop.run(client()), loop)
 

@@ -6,6 +6,7 @@ what the receipts service asked the wallet)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
     RestorePurchase that reached it, in order. ``credit_state`` is what every
     credit answers, ``balances`` the coins of every credit received (a
     repeated credit counts twice), ``down`` answers UNAVAILABLE, ``refuse`` is raised
-    to every credit."""
+    to every credit, and while ``stall`` is set a credit batch waits for it to be cleared."""
 
     credits: list[wpb.CreditPurchaseRequest] = field(default_factory=list)
     reversals: list[wpb.ReversePurchaseRequest] = field(default_factory=list)
@@ -56,6 +57,7 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
     credit_state: wpb.CreditState.ValueType = wpb.CREDIT_STATE_CREDITED
     down: bool = False
     refuse: errors.DomainError | None = None
+    stall: asyncio.Event | None = None
 
     def credits_of(self, store_transaction_id: str) -> list[wpb.CreditPurchaseRequest]:
         return [c for c in self.credits if c.store_transaction_id == store_transaction_id]
@@ -84,6 +86,8 @@ class FakeWallet(wpb_grpc.WalletServiceServicer):
     async def CreditPurchases(self, request: wpb.CreditPurchasesRequest, context: Any) -> wpb.CreditPurchasesResponse:
         """Each item as a CreditPurchase of its own (recorded in ``credits``)."""
         self.calls.append("CreditPurchases")
+        if self.stall is not None:
+            await self.stall.wait()
         if self.down:
             raise errors.Unavailable("DATABASE_UNAVAILABLE", "down")
         results = [

@@ -122,7 +122,7 @@ class WalletClient:
     def __init__(
         self,
         channel: grpc.aio.Channel,
-        timeout_seconds: float = 10.0,
+        timeout_seconds: float = 10.0,  # COINSTORE_WALLET_CALL_TIMEOUT_SECONDS
         *,
         window_seconds: float = 0.0,
         max_batch: int = 128,

@@ -122,6 +122,27 @@ async def test_an_answered_call_keeps_its_answer_while_the_app_store_is_down(wor
     assert len(world.receipts.wallet.credits_of(txid)) == 1
 
 
+async def test_a_stalled_wallet_answers_unavailable_at_the_configured_deadline(
+    keys: Keys, database_url: str, tmp_path: Path
+) -> None:
+    async with (
+        apple_simulator(tmp_path) as (store, url),
+        receipts_service(
+            keys, database_url, tmp_path, {**simulator_settings(url), "WALLET_CALL_TIMEOUT_SECONDS": "0.5"}
+        ) as receipts,
+    ):
+        world = World(receipts, store, url)
+        _txid, jws = await world.device_buy()
+        receipts.wallet.stall = stalled = asyncio.Event()
+        request = pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=jws)
+        # Well inside the caller's own 5 s deadline (the default wallet deadline is 10 s).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await receipts.stub.VerifyApplePurchase(request, metadata=receipts.md(), timeout=5)
+        assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.UNAVAILABLE, "WALLET_UNAVAILABLE")
+        assert "CreditPurchases" in receipts.wallet.calls
+        stalled.set()
+
+
 async def test_second_account_refused_nothing_moves(world: World) -> None:
     _txid, bound = await world.device_buy(appAccountToken=await world.token("fan-1"))
     code, reason = await world.refused(
