@@ -218,9 +218,14 @@ class InboxRepository:
 
     def due(self, now: datetime, pending_grace: timedelta, limit: int = 500) -> list[int]:
         """Rows the sweeper re-queues: failed ones past their backoff, and pending
-        ones older than the grace (their first task was lost or is late)."""
+        ones older than the grace (their first task was lost or is late). Each row
+        taken is not due again for another ``pending_grace``: under a backlog its task
+        may simply not have run yet, and re-queuing it at every sweep would pile
+        duplicates (no-ops, but each a broker message and a transaction) onto the
+        backlog."""
         notifications = self._notifications
-        with self.db.connect() as conn:
+
+        def work(conn: Connection) -> list[int]:
             rows = conn.execute(
                 sa.select(notifications.c.id)
                 .where(
@@ -229,6 +234,7 @@ class InboxRepository:
                         sa.and_(
                             notifications.c.state == PENDING,
                             notifications.c.received_at <= now - pending_grace,
+                            notifications.c.next_attempt_at <= now,
                         ),
                     ),
                     sa.or_(notifications.c.lease_until.is_(None), notifications.c.lease_until < now),
@@ -236,7 +242,16 @@ class InboxRepository:
                 .order_by(notifications.c.id)
                 .limit(limit)
             ).all()
-        return [int(r.id) for r in rows]
+            ids = [int(r.id) for r in rows]
+            if ids:
+                conn.execute(
+                    notifications.update()
+                    .where(notifications.c.id.in_(ids), notifications.c.state.in_((PENDING, FAILED)))
+                    .values(next_attempt_at=now + pending_grace)
+                )
+            return ids
+
+        return self.db.transaction(work)
 
     def replay(self, now: datetime, ids: Sequence[int] = (), since: datetime | None = None) -> list[int]:
         """Dead rows (those ``ids``, or received since ``since``) back to ``failed``, due

@@ -259,7 +259,11 @@ def test_failures_are_retried_with_backoff_and_counted(
     assert (outcome, delay) == ("failed", timedelta(seconds=5))
     # Not due yet: the sweeper leaves it alone until its backoff has passed.
     assert row not in harness.inbox.due(datetime.now(UTC), timedelta(seconds=30))
-    assert row in harness.inbox.due(datetime.now(UTC) + timedelta(seconds=6), timedelta(seconds=30))
+    later = datetime.now(UTC) + timedelta(seconds=6)
+    assert row in harness.inbox.due(later, timedelta(seconds=30))
+    # Re-queued once: the next sweeps leave it to that task for a grace, then take it again.
+    assert row not in harness.inbox.due(later + timedelta(seconds=29), timedelta(seconds=30))
+    assert row in harness.inbox.due(later + timedelta(seconds=31), timedelta(seconds=30))
     assert harness.processor.process(row) == ("failed", timedelta(seconds=10))
     assert harness.process(row) == "reversed"
     assert core.balance("acct-f") == 0
