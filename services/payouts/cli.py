@@ -27,6 +27,8 @@ from services.common.catalog import from_minor
 
 OPS_TOKEN_SECONDS = 300
 CALL_TIMEOUT_SECONDS = 30.0
+# Exit status of `status --timeout` when the batch has not completed by then.
+STILL_RUNNING = 3
 REPORT_COLUMNS = (
     "cashout_id",
     "creator_account_id",
@@ -128,17 +130,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     ops = Ops(args)
     batch = ops.call("GetPayoutBatch", pb.GetPayoutBatchRequest(batch_id=args.batch)).batch
+    finished = batch.state in (pb.BATCH_STATE_COMPLETED, pb.BATCH_STATE_CANCELLED)
     if not args.once:
+        deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
         with tqdm(total=batch.item_count, unit="item", desc=f"batch {args.batch}", file=sys.stderr) as bar:
             while True:
                 settled = sum(t.count for t in batch.totals if t.state in FINAL)
                 bar.update(settled - bar.n)
-                if batch.state in (pb.BATCH_STATE_COMPLETED, pb.BATCH_STATE_CANCELLED):
+                finished = batch.state in (pb.BATCH_STATE_COMPLETED, pb.BATCH_STATE_CANCELLED)
+                if finished or (deadline is not None and time.monotonic() >= deadline):
                     break
                 time.sleep(args.interval)
                 batch = ops.call("GetPayoutBatch", pb.GetPayoutBatchRequest(batch_id=args.batch)).batch
     describe(batch, sys.stdout)
-    return 0
+    # A script waiting on a batch (a parked submission never completes) learns it is still running.
+    return 0 if finished or args.once else STILL_RUNNING
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -298,6 +304,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("batch")
     p.add_argument("--once", action="store_true", help="print the current totals and exit")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help=f"give up after this many seconds, print the totals, exit {STILL_RUNNING} (0: wait until it completes)",
+    )
     p.set_defaults(handler=_guard(cmd_status))
 
     p = sub.add_parser("list", help="recent batches, newest first")

@@ -28,6 +28,7 @@ from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.celery_app import make_celery_app
 from services.common.db import Database
+from services.payouts.cli import STILL_RUNNING
 from services.payouts.config import PayoutsSettings
 from services.payouts.store import chunks
 from tests.payouts.conftest import start_service
@@ -565,6 +566,33 @@ async def test_ops_cli_runs_and_reports_a_batch(sqlite_stack: Stack) -> None:
     committed_once(stack.wallet, [f"{failed['cashout_id']}.2"])
     assert all(stack.wallet.balance(c) == 0 for c in creators)
     assert len(paid_once(stack.paypal, [])) == 4
+
+
+async def test_ops_cli_status_gives_up_at_its_timeout(sqlite_stack: Stack) -> None:
+    stack = sqlite_stack
+    await stack.creators(2)
+    # No worker runs: the batch cannot complete.
+    batch_id = (await cli(stack, "create-batch", "--request-id", "cli-stuck")).split()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "payouts",
+        "--address",
+        stack.address,
+        "status",
+        batch_id,
+        "--interval",
+        "0.2",
+        "--timeout",
+        "1",
+        env=settings_env(stack.settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, _err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == STILL_RUNNING
+    assert out.decode().splitlines()[0] == f"batch {batch_id}  CREATED  2 items  20000 diamonds  100.00 USD"
 
 
 async def test_daily_batch_is_created_once_per_day(sqlite_stack: Stack) -> None:
