@@ -193,6 +193,8 @@ class CommonSettings:
     # empty for tools that may reach every service's database.
     SERVICE: ClassVar[str] = ""
     USES_BROKER: ClassVar[bool] = True
+    # Whether the process calls other services (and so signs tokens with AUTH_SIGNING_KEY).
+    CALLS_SERVICES: ClassVar[bool] = True
 
     database_url: str = setting(
         "DATABASE_URL",
@@ -342,10 +344,8 @@ class CommonSettings:
                 f"{PREFIX}AUTH_KEY_POLICY is not set: production trusts keys only with their subjects, scopes"
                 " and lifetimes"
             )
-        for name, path in (
-            ("AUTH_SIGNING_KEY", self.auth_signing_key),
-            *(("AUTH_TRUSTED_KEYS", p) for p in self.auth_trusted_keys),
-        ):
+        signing = [("AUTH_SIGNING_KEY", self.auth_signing_key)] if self.CALLS_SERVICES else []
+        for name, path in (*signing, *(("AUTH_TRUSTED_KEYS", p) for p in self.auth_trusted_keys)):
             if path.name.startswith("dev-") or "var/auth" in path.as_posix():
                 problems.append(f"{PREFIX}{name} is the development key {path}")
         if self.grpc_reflection:

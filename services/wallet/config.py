@@ -15,6 +15,7 @@ class WalletSettings(CommonSettings):
 
     SERVICE: ClassVar[str] = "wallet"
     USES_BROKER: ClassVar[bool] = False
+    CALLS_SERVICES: ClassVar[bool] = False  # it only answers: no signing key to judge
 
     wallet_reservation_ttl_days: int = setting(
         "WALLET_RESERVATION_TTL_DAYS",

@@ -66,14 +66,15 @@ def test_every_unsafe_setting_is_named(tmp_path: Path) -> None:
     )
     for name in (
         "COINSTORE_AUTH_KEY_POLICY is not set",
-        "COINSTORE_AUTH_SIGNING_KEY is the development key",
         "COINSTORE_AUTH_TRUSTED_KEYS is the development key",
         "COINSTORE_GRPC_REFLECTION is on",
         "COINSTORE_DATABASE_URL is SQLite",
     ):
         assert name in err, (name, err)
-    # The wallet judges what it uses: it has no broker and never opens the receipts database.
+    # The wallet judges what it uses: it has no broker, never opens the receipts database and
+    # calls no service (so signs nothing).
     assert "BROKER_URL" not in err, err
+    assert "AUTH_SIGNING_KEY" not in err, err
     assert "RECEIPTS_DATABASE_URL" not in err, err
 
 
@@ -127,6 +128,7 @@ def test_payouts_names_each_unsafe_setting_of_its_own(tmp_path: Path) -> None:
         "COINSTORE_PAYPAL_API_URL is 'http://127.0.0.1:8090/paypal': production calls outside systems over https",
         "COINSTORE_PAYPAL_CLIENT_ID is the development credential",
         "COINSTORE_PAYPAL_CLIENT_SECRET is the development credential",
+        "COINSTORE_AUTH_SIGNING_KEY is the development key",
         "COINSTORE_DATABASE_URL is SQLite",
         "COINSTORE_BROKER_URL is the embedded SQLite broker",
     ):
