@@ -375,11 +375,13 @@ def apple_environments(settings: ReceiptsSettings) -> tuple[Environment, ...]:
 
 
 def unchecked_age_collector(settings: ReceiptsSettings, database: Database, clock: Clock) -> UncheckedAgeCollector:
-    """coinstore_reconcile_unchecked_age_seconds, for the receipts metrics port."""
+    """coinstore_reconcile_unchecked_age_seconds and _promise_seconds, for the receipts metrics port."""
     terms = promise(settings)
     lookbacks = {"google": terms.google_lookback}
     lookbacks.update({f"apple:{e.value}": terms.apple_lookback for e in apple_environments(settings)})
-    return UncheckedAgeCollector(CursorRepository(database), clock, lookbacks)
+    return UncheckedAgeCollector(
+        CursorRepository(database), clock, lookbacks, timedelta(hours=settings.reconcile_promise_hours)
+    )
 
 
 def reconciler(

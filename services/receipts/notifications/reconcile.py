@@ -354,14 +354,24 @@ class Reconciler:
 class UncheckedAgeCollector(Collector):
     """``coinstore_reconcile_unchecked_age_seconds{source}``: how old the oldest moment is
     that reconciliation has not checked yet (now − the end of its last complete window),
-    read at scrape time. Over the promised M hours means the promise is broken."""
+    read at scrape time. Over ``coinstore_reconcile_promise_seconds`` (the promised M
+    hours, exported beside it so an alert compares with the deployment's own setting)
+    means the promise is broken."""
 
-    def __init__(self, cursors: CursorRepository, clock: Clock, lookbacks: dict[str, timedelta]) -> None:
+    def __init__(
+        self, cursors: CursorRepository, clock: Clock, lookbacks: dict[str, timedelta], promise: timedelta
+    ) -> None:
         self._cursors = cursors
         self._clock = clock
         self._lookbacks = lookbacks
+        self._promise = promise
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "coinstore_reconcile_promise_seconds",
+            "COINSTORE_RECONCILE_PROMISE_HOURS in seconds: the unchecked age reconciliation promises to stay under",
+            value=self._promise.total_seconds(),
+        )
         family = GaugeMetricFamily(
             "coinstore_reconcile_unchecked_age_seconds",
             "Age of the oldest moment reconciliation has not checked yet, by source",

@@ -63,3 +63,5 @@ def test_every_metric_a_rule_names_is_exported(receipts_db: Database) -> None:
     # Never reconciled yet: everything in the promised window is unchecked.
     age = metrics.registry.get_sample_value("coinstore_reconcile_unchecked_age_seconds", {"source": "google"})
     assert age == settings.reconcile_google_days * 86400
+    promise = metrics.registry.get_sample_value("coinstore_reconcile_promise_seconds")
+    assert promise == settings.reconcile_promise_hours * 3600
