@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -53,13 +54,22 @@ class World:
         return caught.value.code(), error_reason(caught.value)
 
 
-@pytest.fixture
-async def world(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[World]:
+@asynccontextmanager
+async def world_with(
+    keys: Keys, database_url: str, tmp_path: Path, settings: Mapping[str, str] | None = None
+) -> AsyncIterator[World]:
+    """The simulator and a receipts service on its URLs, with ``settings`` on top."""
     async with (
         apple_simulator(tmp_path) as (store, url),
-        receipts_service(keys, database_url, tmp_path, simulator_settings(url)) as receipts,
+        receipts_service(keys, database_url, tmp_path, {**simulator_settings(url), **(settings or {})}) as receipts,
     ):
         yield World(receipts, store, url)
+
+
+@pytest.fixture
+async def world(keys: Keys, database_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    async with world_with(keys, database_url, tmp_path) as world:
+        yield world
 
 
 async def test_signed_transaction_credited_once(world: World) -> None:
@@ -125,13 +135,8 @@ async def test_an_answered_call_keeps_its_answer_while_the_app_store_is_down(wor
 async def test_a_stalled_wallet_answers_unavailable_at_the_configured_deadline(
     keys: Keys, database_url: str, tmp_path: Path
 ) -> None:
-    async with (
-        apple_simulator(tmp_path) as (store, url),
-        receipts_service(
-            keys, database_url, tmp_path, {**simulator_settings(url), "WALLET_CALL_TIMEOUT_SECONDS": "0.5"}
-        ) as receipts,
-    ):
-        world = World(receipts, store, url)
+    async with world_with(keys, database_url, tmp_path, {"WALLET_CALL_TIMEOUT_SECONDS": "0.5"}) as world:
+        receipts = world.receipts
         _txid, jws = await world.device_buy()
         receipts.wallet.stall = stalled = asyncio.Event()
         request = pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=jws)
@@ -238,13 +243,7 @@ async def test_transaction_id_with_sandbox_fallback(world: World) -> None:
 async def test_sandbox_is_credited_only_to_allow_listed_accounts(keys: Keys, sqlite_url: str, tmp_path: Path) -> None:
     """Production settings list the App Review demo account: App Review buys in the Sandbox
     against the production build and must be credited; nobody else's Sandbox purchase is."""
-    async with (
-        apple_simulator(tmp_path) as (store, url),
-        receipts_service(
-            keys, sqlite_url, tmp_path, {**simulator_settings(url), "SANDBOX_ACCOUNTS": "app-review"}
-        ) as receipts,
-    ):
-        world = World(receipts, store, url)
+    async with world_with(keys, sqlite_url, tmp_path, {"SANDBOX_ACCOUNTS": "app-review"}) as world:
         txid, jws = await world.device_buy(environment="Sandbox")
         assert await world.refused(
             pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan-1", signed_transaction=jws)
@@ -253,7 +252,7 @@ async def test_sandbox_is_credited_only_to_allow_listed_accounts(keys: Keys, sql
         assert await world.refused(
             pb.VerifyApplePurchaseRequest(request_id="r-2", account_id="fan-1", transaction_id=txid)
         ) == (grpc.StatusCode.NOT_FOUND, "TRANSACTION_NOT_FOUND")
-        assert all("/sandbox/" not in p for _m, p, _q in store.api_calls)
+        assert all("/sandbox/" not in p for _m, p, _q in world.store.api_calls)
         assert world.receipts.wallet.credits == []
         _, review_jws = await world.device_buy(environment="Sandbox")
         reply = await world.verify(
