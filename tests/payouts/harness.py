@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from services.payouts.config import PayoutsSettings
 from services.storesim import paypal as paypal_sim
 from services.storesim.config import StoresimSettings
 from tests.support.tokens import Keys
+from tests.support.waiting import eventually
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -264,19 +264,14 @@ class Worker:
         return {m["id"]: m["result"] for m in _SUCCEEDED.finditer(text)}
 
 
-async def wait_for(check: Callable[[], Any], timeout: float, what: str, worker: Worker | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = f"\n--- worker log ---\n{worker.output()}" if worker is not None else ""
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
-        await asyncio.sleep(0.2)
+def worker_log(worker: Worker | None) -> Callable[[], str] | None:
+    """The worker's log, as the detail of a failed wait."""
+    return None if worker is None else (lambda: f"--- worker log ---\n{worker.output()}")
 
 
 async def exit_status(worker: Worker, timeout: float = 90) -> int:
     """Wait for a worker that is about to die on its own (a failpoint's kill-group); its exit status."""
-    await wait_for(lambda: worker.returncode is not None, timeout, "the worker to die", worker)
+    await eventually(
+        lambda: worker.returncode is not None, "the worker to die", timeout, interval=0.2, detail=worker_log(worker)
+    )
     return worker.wait_exit()

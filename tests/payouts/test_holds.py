@@ -14,11 +14,9 @@ PayPal simulator.
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ from tests.payouts.test_service import details
 from tests.payouts.test_with_wallet import Payouts, diamonds, ledger
 from tests.support.failpoints import fired_pid
 from tests.support.tokens import Keys
+from tests.support.waiting import eventually
 from tests.wallet.support import Wallet, running_wallet
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.postgres, pytest.mark.broker]
@@ -128,16 +127,6 @@ async def stack(
             purge(broker, settings.payout_queue)
 
 
-async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.3)
-
-
 def payments(paypal: PayPalSimServer) -> Counter[str]:
     """Payments the simulator made, by cash-out id (any attempt)."""
     return Counter(p["sender_item_id"].rsplit("-", 1)[0] for p in paypal.payments()["payments"])
@@ -167,10 +156,12 @@ async def test_a_hold_that_would_lapse_is_expired_never_paid_and_the_creator_may
             found = await s.cashout(cashout.cashout_id)
             return found if found.state == pb.CASHOUT_STATE_EXPIRED else None
 
-        found = await until(expired, "the sweeper to expire the cash-out")
+        found = await eventually(expired, "the sweeper to expire the cash-out", 90)
         assert found.failure_reason == "HOLD_EXPIRED"
-        await until(
-            lambda: _equals(diamonds(s.wallet, "lapsing"), (20_000, 0, 20_000)), "the released diamonds to come back"
+        await eventually(
+            lambda: _equals(diamonds(s.wallet, "lapsing"), (20_000, 0, 20_000)),
+            "the released diamonds to come back",
+            90,
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await s.batch("after-expiry")
@@ -224,7 +215,7 @@ async def test_a_crash_between_the_row_and_the_hold_is_finished_and_the_retry_ge
         async def finished() -> bool:
             return (await s.cashout(cashout_id)).state == pb.CASHOUT_STATE_REQUESTED
 
-        await until(finished, "the sweeper to finish the RESERVING row")
+        await eventually(finished, "the sweeper to finish the RESERVING row", 90)
         assert await diamonds(s.wallet, "crashy") == (25_000, 20_000, 5_000)
         # The client's retry with the same request id: the original cash-out, no second hold.
         reply = await s.payouts.stub.RequestCashout(request, metadata=keys.metadata("payouts:request"))
@@ -259,7 +250,7 @@ async def test_refund_clawbacks_while_cash_outs_are_requested_submitted_and_paid
         async def submitted() -> bool:
             return (await s.cashout(cashouts["inflight"].cashout_id)).state == pb.CASHOUT_STATE_SUBMITTED
 
-        await until(submitted, "the in-flight cash-out to be submitted")
+        await eventually(submitted, "the in-flight cash-out to be submitted", 90)
         # While submitted: its hold cannot shrink, so the creator owes the diamonds instead.
         reply = await s.refund(refunded["inflight"])
         assert [(leg.diamonds_from_holds, leg.diamond_debt) for leg in reply.legs] == [(0, 20_000)]
@@ -267,7 +258,7 @@ async def test_refund_clawbacks_while_cash_outs_are_requested_submitted_and_paid
         async def completed() -> bool:
             return (await s.batch_state(batch_id)).state == pb.BATCH_STATE_COMPLETED
 
-        await until(completed, "the first batch to complete")
+        await eventually(completed, "the first batch to complete", 90)
         requoted = await s.cashout(cashouts["requote"].cashout_id)
         assert (requoted.state, requoted.diamonds, requoted.amount.amount_minor) == (
             pb.CASHOUT_STATE_REQUESTED,
@@ -276,8 +267,8 @@ async def test_refund_clawbacks_while_cash_outs_are_requested_submitted_and_paid
         )
         cancelled = await s.cashout(cashouts["cancel"].cashout_id)
         assert (cancelled.state, cancelled.failure_reason) == (pb.CASHOUT_STATE_CANCELLED, "CLAWED_BACK")
-        await until(
-            lambda: _equals(diamonds(s.wallet, "cancel"), (9_000, 0, 9_000)), "the cancelled hold to be released"
+        await eventually(
+            lambda: _equals(diamonds(s.wallet, "cancel"), (9_000, 0, 9_000)), "the cancelled hold to be released", 90
         )
         for creator in ("inflight", "paid"):
             assert (await s.cashout(cashouts[creator].cashout_id)).state == pb.CASHOUT_STATE_PAID
@@ -296,7 +287,7 @@ async def test_refund_clawbacks_while_cash_outs_are_requested_submitted_and_paid
         async def second_done() -> bool:
             return (await s.batch_state(second)).state == pb.BATCH_STATE_COMPLETED
 
-        await until(second_done, "the second batch to complete")
+        await eventually(second_done, "the second batch to complete", 90)
         assert (await s.cashout(cashouts["requote"].cashout_id)).state == pb.CASHOUT_STATE_PAID
         assert await diamonds(s.wallet, "requote") == (0, 0, 0)
         made = {p["sender_item_id"].rsplit("-", 1)[0]: p["amount"]["value"] for p in s.paypal.payments()["payments"]}
@@ -329,7 +320,7 @@ async def test_ambiguous_answers_never_fail_an_item_or_pay_it_twice(
         async def done(batch_id: str) -> bool:
             return (await s.batch_state(batch_id)).state == pb.BATCH_STATE_COMPLETED
 
-        await until(lambda: done(first), "the batch to complete")
+        await eventually(lambda: done(first), "the batch to complete", 90)
         states = [c.state for creator in creators for c in await s.payouts.cashouts(creator)]
         assert states == [pb.CASHOUT_STATE_PAID] * 4
         paid = [c.cashout_id for creator in creators for c in await s.payouts.cashouts(creator)]
@@ -354,10 +345,7 @@ async def test_ambiguous_answers_never_fail_an_item_or_pay_it_twice(
                     ).scalars()
                 )
 
-        async def parked_now() -> list[str]:
-            return parked()
-
-        reasons = await until(parked_now, "the submission to be parked")
+        reasons = await eventually(parked, "the submission to be parked", 90)
         assert "links no batch" in reasons[0]
         second_items = [c for creator in creators for c in await s.payouts.cashouts(creator) if c.batch_id == second]
         assert {c.state for c in second_items} == {pb.CASHOUT_STATE_SUBMITTED}

@@ -39,13 +39,14 @@ from tests.payouts.harness import (
     exit_status,
     payouts_settings,
     settings_env,
-    wait_for,
+    worker_log,
     write_catalog,
 )
 from tests.support import env
 from tests.support.databases import postgres_database, sqlite_database
 from tests.support.failpoints import failpoint_env, fired_pid
 from tests.support.tokens import Keys
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -89,7 +90,9 @@ class Stack:
                 seen.update(worker.results())
             return seen if wanted <= seen.keys() else None
 
-        seen = await wait_for(returned, timeout, f"tasks {sorted(wanted)}", self.workers[-1])
+        seen = await eventually(
+            returned, f"tasks {sorted(wanted)}", timeout, interval=0.2, detail=worker_log(self.workers[-1])
+        )
         return {task_id: ast.literal_eval(seen[task_id]) for task_id in wanted}
 
     def worker(self, **kwargs: Any) -> Worker:
@@ -339,7 +342,9 @@ async def test_a_hold_already_committed_parks_its_submission_and_nothing_is_sent
 
     try:
         # Evidence the submission was handled: the wallet was asked, and the chunk left PENDING.
-        rows = await wait_for(submissions, 60, "the submission to be handled", stack.workers[-1])
+        rows = await eventually(
+            submissions, "the submission to be handled", 60, interval=0.2, detail=worker_log(stack.workers[-1])
+        )
     finally:
         database.close()
     assert [row.state for row in rows] == ["PARKED"]

@@ -9,23 +9,22 @@ with the embedded broker and on PostgreSQL with Redis and with RabbitMQ."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from coinstore.receipts.v1 import receipt_service_pb2 as pb
-from services.receipts.google.repository import ConsumeState
+from services.receipts.google.repository import ConsumeState, Consumption
 from services.storesim.google import Fault, PlayState
 from tests.receipts.google.support import google_settings, play_simulator_thread
 from tests.receipts.support import REPO, receipts_service
 from tests.support.receipts_backends import broker_url, dropped_queue, unique_queue, worker_backends
 from tests.support.tokens import Keys
+from tests.support.waiting import eventually
 
 
 def start_worker(tmp_path: Path, env: dict[str, str], *, beat: bool, log_name: str) -> subprocess.Popen[bytes]:
@@ -43,13 +42,8 @@ def kill(worker: subprocess.Popen[bytes]) -> None:
     worker.wait(10)
 
 
-async def wait_for(predicate: object, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def consumed(row: Consumption | None) -> bool:
+    return row is not None and row.state is ConsumeState.CONSUMED
 
 
 def consume_calls(play: PlayState) -> int:
@@ -100,7 +94,7 @@ async def test_worker_killed_between_credit_and_consume(
             play.inject(Fault("consume", 503, 1000, delay_seconds=5.0))
             worker = start_worker(tmp_path, env, beat=False, log_name="worker-1.log")
             try:
-                await wait_for(lambda: consume_calls(play) >= 1, 60, "the worker's consume call")
+                await eventually(lambda: consume_calls(play) >= 1, "the worker's consume call", 60)
             finally:
                 kill(worker)
             play.clear_faults()
@@ -113,8 +107,8 @@ async def test_worker_killed_between_credit_and_consume(
 
             restarted = start_worker(tmp_path, env, beat=True, log_name="worker-2.log")
             try:
-                await wait_for(lambda: purchase.consumed, 90, "the sweep to consume the purchase")
-                await wait_for(lambda: google.consumptions.get(token).state is ConsumeState.CONSUMED, 30, "the row")  # type: ignore[union-attr]
+                await eventually(lambda: purchase.consumed, "the sweep to consume the purchase", 90)
+                await eventually(lambda: consumed(google.consumptions.get(token)), "the row", 30)
             finally:
                 restarted.send_signal(signal.SIGTERM)
                 try:

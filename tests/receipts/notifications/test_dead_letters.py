@@ -29,9 +29,9 @@ from tests.receipts.notifications.test_handle import (
     MovableClock,
     credited,
     notification_worker,
-    wait_until,
 )
 from tests.support.receipts_backends import broker_url, dropped_queue, thread_worker, unique_queue, worker_backends
+from tests.support.waiting import eventually_sync
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -162,7 +162,7 @@ def test_a_dead_refund_is_replayed_by_the_cli_and_applied_by_the_worker(
             )
             assert replay.returncode == 0, replay.stderr
             assert f"replayed 1 dead notification(s): {row}" in replay.stdout
-            wait_until(lambda: harness.inbox.outcome(row)[0] == "processed", 60, "the replayed row")
+            eventually_sync(lambda: harness.inbox.outcome(row)[0] == "processed", "the replayed row", 60)
     assert harness.inbox.outcome(row)[:2] == ("processed", "reversed")
     assert core.ledger("fan-3300000003") == [("3300000003", 350), ("3300000003", -350)]
     # The attempts before it died are still on the row.

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -45,6 +44,7 @@ from tests.receipts.notifications.apple_payloads import notification, transactio
 from tests.receipts.notifications.conftest import PACKAGE, Core, core_verifier
 from tests.receipts.notifications.test_webhooks import rtdn
 from tests.support.receipts_backends import broker_url, dropped_queue, thread_worker, unique_queue, worker_backends
+from tests.support.waiting import eventually_sync
 
 EXPECT = AppleExpectations("com.coinstore.app", 1234567890)
 APPLE_PACK = "com.coinstore.coins.350"
@@ -329,11 +329,11 @@ def test_real_worker_processes_and_sweeper_requeues_lost_tasks(
 
         with thread_worker(app, queue):
             dispatch(queued)  # the other two rows' tasks were "lost": only the sweeper can find them
-            wait_until(lambda: processed([queued]), 60, "the worker to process the queued row")
+            eventually_sync(lambda: processed([queued]), "the worker to process the queued row", 60)
             # The worker has run the one task it was sent, and only that one.
             assert [harness.inbox.outcome(r)[0] for r in lost] == ["pending", "pending"]
             app.send_task(notification_tasks.task_names(queue)[1], queue=queue)
-            wait_until(lambda: processed(lost), 60, "the sweeper's tasks to process the lost rows")
+            eventually_sync(lambda: processed(lost), "the sweeper's tasks to process the lost rows", 60)
     for i, txid in enumerate(txids):
         assert core.ledger(f"acct-w{i}") == [(txid, 350), (txid, -350)]
     assert sorted(c for c in core.calls if c[0] == "apply_refund") == [("apply_refund", t) for t in txids]
@@ -344,14 +344,6 @@ def notification_worker(app: Celery, harness: Harness, core: Core, queue: str, *
     settings = ReceiptsSettings(database_url="sqlite://", notifications_sweep_seconds=sweep_seconds)  # type: ignore[call-arg]
     worker = NotificationWorker(harness.inbox, harness.processor, reconciler(core.settings, core.components, core.loop))
     notification_tasks.register(app, settings, lambda: worker, queue)
-
-
-def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_new_notification_fields_are_kept(bare: Harness) -> None:

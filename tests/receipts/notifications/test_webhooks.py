@@ -20,6 +20,7 @@ from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
 from tests.receipts.notifications.apple_payloads import notification, transaction
 from tests.receipts.notifications.conftest import PACKAGE, Sim, Webhook
+from tests.support.waiting import eventually
 
 GOOGLE_PATH = "/notifications/google"
 APPLE_PATH = "/notifications/apple/v2"
@@ -45,17 +46,9 @@ def rows(webhook: Webhook) -> int:
     return sum(webhook.inbox.counts().values())
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 async def test_pubsub_push_from_the_simulator_is_stored_once(sim: Sim, webhook: Webhook) -> None:
     message_id = sim.push.publish(rtdn(token="tok-sim-1"))
-    await wait_for(lambda: sim.push.deliveries[message_id].state == "acked")
+    await eventually(lambda: sim.push.deliveries[message_id].state == "acked", "the push to be acked", 10)
     stored = webhook.inbox.get(GOOGLE, message_id)
     assert stored is not None
     assert stored.notification_type == "voidedPurchaseNotification"
@@ -170,14 +163,14 @@ async def test_simulator_redelivers_until_acknowledged(sim: Sim) -> None:
     try:
         sim.push.config.push_endpoint = f"http://127.0.0.1:{port}/push"
         message_id = sim.push.publish(rtdn())
-        await wait_for(lambda: sim.push.deliveries[message_id].state == "acked")
+        await eventually(lambda: sim.push.deliveries[message_id].state == "acked", "the push to be acked", 10)
         assert sim.push.deliveries[message_id].attempts == [503, 500, 200]
         assert seen == [message_id] * 3
         sim.push.config.lose_next = 1
         lost = sim.push.publish(rtdn())
         # The message published after it arrives: the lost one never did.
         after = sim.push.publish(rtdn())
-        await wait_for(lambda: sim.push.deliveries[after].state == "acked")
+        await eventually(lambda: sim.push.deliveries[after].state == "acked", "the later push to be acked", 10)
         assert sim.push.deliveries[lost].state == "lost"
         assert seen == [message_id] * 3 + [after]
     finally:

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ from tests.support.failpoints import failpoint_env, wait_fired
 from tests.support.ports import free_port
 from tests.support.receipts_processes import REPO, SERVICE, WORKER, child, receipts_env
 from tests.support.tokens import Keys
+from tests.support.waiting import eventually
 
 BEFORE_WALLET = "receipts.credit.before_wallet"
 AFTER_WALLET = "receipts.credit.after_wallet"
@@ -104,13 +105,6 @@ def recorded_rows(database: Database) -> dict[str, str]:
     return {str(row.store_transaction_id): str(row.state) for row in rows}
 
 
-async def eventually(check: Callable[[], bool], what: str, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}:\n{log.read_text()[-4000:]}"
-        await asyncio.sleep(0.2)
-
-
 async def verify_concurrently(address: str, keys: Keys, store: AppleStore, accounts: list[str]) -> list[object]:
     """One purchase per account, all verified at once; the answers or errors."""
     md = keys.metadata("purchases:verify", subject="app-backend")
@@ -159,7 +153,7 @@ async def sweep_and_check(crash: Crash, tmp_path: Path, keys: Keys) -> None:
         await eventually(
             lambda: set(recorded_rows(crash.database).values()) == {"credited"},
             "the sweep credits every recorded row",
-            crash.log,
+            detail=lambda: crash.log.read_text()[-4000:],
         )
     recorded = recorded_rows(crash.database)
     credited = await wallet_credits(crash.wallet, keys, crash.accounts)
