@@ -600,18 +600,23 @@ class WalletStore:
         """Lock the COIN and SANDBOX_COIN rows of ``accounts`` (sorted); absent rows read as 0."""
         ids = sorted(set(accounts))
         rows = self._bulk.select_for_keys(conn, balances.c.account_id, ids, self._spendable_rows, for_update=True)
-        return self._spendable_of(ids, rows)
+        by_currency = self._coins_of(ids, rows)
+        return {(a, c): by_currency[c][a] for a in ids for c in COIN_CURRENCIES}
 
     @staticmethod
-    def _spendable_of(ids: Sequence[str], rows: Iterable[Any]) -> dict[tuple[str, Currency], int]:
-        found = {(row.account_id, Currency(row.name)): int(row.coins) for row in rows}
-        return {(a, c): found.get((a, c), 0) for a in ids for c in COIN_CURRENCIES}
+    def _coins_of(ids: Sequence[str], rows: Iterable[Any]) -> dict[Currency, dict[str, int]]:
+        # Keyed by currency, then account: a batch keeps no tuple per account alive (less for the GC to scan).
+        found: dict[Currency, dict[str, int]] = {c: dict.fromkeys(ids, 0) for c in COIN_CURRENCIES}
+        for row in rows:
+            found[Currency(row.name)][row.account_id] = int(row.coins)
+        return found
 
     def _lock_spendable_and_lots(
         self, conn: Connection, accounts: Iterable[str]
-    ) -> tuple[dict[tuple[str, Currency], int], dict[str, list[OpenLot]]]:
-        """Lock the spendable rows of ``accounts`` (as :meth:`_lock_spendable`), then their open
-        lots, oldest credited first: the lock order, in one statement on PostgreSQL."""
+    ) -> tuple[dict[Currency, dict[str, int]], dict[str, list[OpenLot]]]:
+        """Lock the spendable rows of ``accounts`` (as :meth:`_lock_spendable`; per currency, then
+        account), then their open lots, oldest credited first: the lock order, in one statement
+        on PostgreSQL."""
         ids = sorted(set(accounts))
         rows, lot_rows = self._bulk.select_parts_for_keys(
             conn,
@@ -622,7 +627,7 @@ class WalletStore:
         lots: dict[str, list[OpenLot]] = defaultdict(list)
         for row in lot_rows:
             lots[row.account_id].append(OpenLot(int(row.lot_id), Environment(row.name), int(row.coins)))
-        return self._spendable_of(ids, rows), lots
+        return self._coins_of(ids, rows), lots
 
     def _lock_balances(self, conn: Connection, currency: Currency, accounts: Iterable[str]) -> dict[str, int]:
         """Lock the balance rows of ``accounts`` in one currency, in lock order (creators before holds)."""
@@ -701,7 +706,8 @@ class WalletStore:
     ) -> tuple[Any, dict[tuple[str, Currency], int], list[OpenLot]]:
         """The purchase row, with its buyer's spendable rows and open lots locked first (the lock order)."""
         account_id = self._purchase(conn, store, environment, store_transaction_id, lock=False).account_id
-        spendable, lots = self._lock_spendable_and_lots(conn, [account_id])
+        coins, lots = self._lock_spendable_and_lots(conn, [account_id])
+        spendable = {(account_id, c): coins[c][account_id] for c in COIN_CURRENCIES}
         return self._purchase(conn, store, environment, store_transaction_id, lock=True), spendable, lots[account_id]
 
     def _consumptions_of(self, conn: Connection, lot_id: int) -> list[Any]:
@@ -1221,6 +1227,7 @@ class WalletStore:
             ordered = [i for _, i in sorted(owner.items())]
             # PostgreSQL numbers the lots from its sequence; SQLite's one writer numbers them here.
             first_lot = 0 if self._postgres else self._next_lot_id(conn)
+            stamp = self._bulk.cell(now)
             purchase_rows = [
                 {
                     "store": items[i].store.value,
@@ -1238,7 +1245,7 @@ class WalletStore:
                     "flagged_for_review": items[i].flagged_for_review,
                     "credit_txn_id": txn_ids[i],
                     "clawed_back": 0,
-                    "created_at": now,
+                    "created_at": stamp,
                     "open_coins": items[i].coins,
                     "evidence_sha256": items[i].evidence_sha256 or None,
                     **({} if self._postgres else {"lot_id": first_lot + n}),
@@ -1390,19 +1397,21 @@ class WalletStore:
         keys = [(item.method, item.request_id) for item in items]
         batch = self._claim_batch(conn, keys, [item.request for item in items], now)
         senders = [items[i].sender for i in batch.live]
-        spendable, lots = self._lock_spendable_and_lots(conn, senders)
+        coins_of, lots = self._lock_spendable_and_lots(conn, senders)
+        real_of, sandbox_of = coins_of[Currency.COIN], coins_of[Currency.SANDBOX_COIN]
         gift_senders = {items[i].sender for i in batch.live if items[i].creator is not None}
         limits = self._limits_with_spent(conn, gift_senders, now)
         writes = self._writes(now)
         open_coins = writes.open_coins  # written by _flush
-        # Per item: its transaction id, coins and diamonds per currency, and the sender's
-        # (coins, Sandbox coins) just after it (its answer shows the balance then).
-        done: dict[int, tuple[str, Mapping[Currency, int], Mapping[Currency, int], int, int]] = {}
+        # Per item: its transaction id, coins and diamonds (real, Sandbox), and the sender's
+        # coins and Sandbox coins just after it (its answer shows the balance then). Plain
+        # values: what a batch keeps alive, the GC scans again and again.
+        done: dict[int, tuple[str, int, int, int, int, int, int]] = {}
         # Decide in arrival order: each item pays from what the earlier ones left.
         for index in batch.live:
             item = items[index]
             sender = item.sender
-            real, sandbox = spendable[(sender, Currency.COIN)], spendable[(sender, Currency.SANDBOX_COIN)]
+            real, sandbox = real_of[sender], sandbox_of[sender]
             refusal = self._refusal(item, real, max(real, 0) + max(sandbox, 0), limits.get(sender, []))
             if refusal is not None:
                 batch.results[index] = refusal
@@ -1418,15 +1427,23 @@ class WalletStore:
                     real -= take.coins
             if takes and left and left[0].lot_id == takes[-1].lot_id:
                 open_coins[left[0].lot_id] = left[0].open_coins
-            spendable[(sender, Currency.COIN)], spendable[(sender, Currency.SANDBOX_COIN)] = real, sandbox
+            real_of[sender], sandbox_of[sender] = real, sandbox
             for limit in limits.get(sender, []):
                 limit[1] += item.coins
             txn_id, coins, diamonds = self._write_debit(writes, item, takes)
-            done[index] = (txn_id, coins, diamonds, real, sandbox)
+            done[index] = (
+                txn_id,
+                coins.get(Currency.COIN, 0),
+                coins.get(Currency.SANDBOX_COIN, 0),
+                diamonds.get(Currency.DIAMOND, 0),
+                diamonds.get(Currency.SANDBOX_DIAMOND, 0),
+                real,
+                sandbox,
+            )
         if done:
             self._flush(conn, writes, "debit")
         views = self._views(conn, (items[i].sender for i in done), now)
-        for index, (txn_id, coins, diamonds, real, sandbox) in done.items():
+        for index, (txn_id, spent, sandbox_spent, diamonds_given, sandbox_given, real, sandbox) in done.items():
             item = items[index]
             view = views[item.sender]
             balance = BalanceView(
@@ -1438,14 +1455,7 @@ class WalletStore:
                 sandbox,
                 view.sandbox_diamonds,
             )
-            debit = DebitDone(
-                txn_id,
-                coins.get(Currency.COIN, 0),
-                diamonds.get(Currency.DIAMOND, 0),
-                balance,
-                coins.get(Currency.SANDBOX_COIN, 0),
-                diamonds.get(Currency.SANDBOX_DIAMOND, 0),
-            )
+            debit = DebitDone(txn_id, spent, diamonds_given, balance, sandbox_spent, sandbox_given)
             batch.results[index] = build(item, debit)
         return self._finish_batch(conn, batch, keys, now)
 

@@ -99,7 +99,7 @@ def diamond_lock_order(account_id: str) -> tuple[bool, str]:
     return (account_id.startswith(HOLD_PREFIX), account_id)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Posting:
     account_id: str
     currency: Currency

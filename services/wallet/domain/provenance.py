@@ -51,14 +51,14 @@ class LegKind(enum.Enum):
     DEBT = "DEBT"  # coins spent on services (or on a debt) become the buyer's debt
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OpenLot:
     lot_id: int
     environment: Environment
     open_coins: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Take:
     """Coins one movement takes from one lot."""
 
