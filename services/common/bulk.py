@@ -59,12 +59,28 @@ class Rows:
     add_on_conflict: tuple[sa.Column[Any], ...] = ()
 
 
+@dataclass(frozen=True)
+class Changes:
+    """New values for existing rows of one table found by ``key`` (as :meth:`Bulk.update`),
+    for :meth:`Bulk.insert_all`. Only for rows this transaction has locked already."""
+
+    table: sa.Table
+    key: str
+    rows: Sequence[dict[str, Any]]
+
+
 class Bulk:
     """Batch statements for one dialect, each built and compiled once."""
 
     def __init__(self, dialect: str) -> None:
         self._postgres = dialect == "postgresql"
         self._statements: dict[tuple[Any, ...], Any] = {}
+
+    def cell(self, value: datetime | bytes) -> object:
+        """``value`` as a row for these statements should carry it: on PostgreSQL already in
+        its text form (for a value used in many rows, convert it once: the JSON encoder calls
+        back into Python for every datetime or bytes cell it meets); on SQLite the value."""
+        return _cell(value) if self._postgres else value
 
     def _source(self, table: sa.Table, parameter: str = _ROWS) -> Any:
         """``json_populate_recordset(NULL::<table>, :rows)``: the batch as rows of ``table``."""
@@ -115,17 +131,24 @@ class Bulk:
             result = conn.execute(stmt, list(rows))
         return list(result.all()) if returning else []
 
-    def insert_all(self, conn: Connection, parts: Sequence[Rows]) -> None:
-        """INSERT into several tables in one round trip: on PostgreSQL one statement whose
-        last part is the main INSERT and the others data-modifying WITH clauses. Only the
-        last part should take row locks on existing rows (the WITH clauses run in no
-        guaranteed order)."""
+    def insert_all(self, conn: Connection, parts: Sequence[Rows], changes: Sequence[Changes] = ()) -> None:
+        """INSERT into several tables (and apply ``changes``) in one round trip: on PostgreSQL
+        one statement whose last part is the main INSERT and the others data-modifying WITH
+        clauses. Only the last part should take row locks on existing rows (the WITH
+        clauses run in no guaranteed order): ``changes`` touch rows already locked."""
         parts = [part for part in parts if part.rows]
-        if not self._postgres or len(parts) < 2:
+        changes = [change for change in changes if change.rows]
+        if not self._postgres or len(parts) + len(changes) < 2 or not parts:
+            for change in changes:
+                self.update(conn, change.table, change.key, change.rows)
             for part in parts:
                 self.insert(conn, part.table, part.rows, add_on_conflict=part.add_on_conflict)
             return
-        key = ("insert_all", *((p.table.name, tuple(p.rows[0]), p.add_on_conflict) for p in parts))
+        key = (
+            "insert_all",
+            *((p.table.name, tuple(p.rows[0]), p.add_on_conflict) for p in parts),
+            *((c.table.name, c.key, tuple(c.rows[0])) for c in changes),
+        )
         stmt = self._statements.get(key)
         if stmt is None:
             statements = [
@@ -133,8 +156,20 @@ class Bulk:
                 for p in parts
             ]
             clauses = [s.cte(f"write_{p.table.name}") for s, p in zip(statements[:-1], parts, strict=False)]
+            clauses += [
+                self._build_update(
+                    c.table, (c.key,), tuple(k for k in c.rows[0] if k != c.key), f"set_{c.table.name}"
+                ).cte(f"change_{c.table.name}")
+                for c in changes
+            ]
             stmt = self._statements[key] = statements[-1].add_cte(*clauses)
-        conn.execute(stmt, {f"rows_{p.table.name}": _document(p.rows) for p in parts})
+        conn.execute(
+            stmt,
+            {
+                **{f"rows_{p.table.name}": _document(p.rows) for p in parts},
+                **{f"set_{c.table.name}": _document(c.rows) for c in changes},
+            },
+        )
 
     def _build_insert(
         self,
@@ -194,43 +229,58 @@ class Bulk:
         cache_key = ("update", table.name, keys, columns, None if only is None else str(only), tuple(returning))
         stmt = self._statements.get(cache_key)
         if stmt is None:
-            if self._postgres:
-                source = self._source(table)
-                probe = table.alias("probe")
-                matches = [probe.c[k] == source.c[k] for k in keys]
-                where = (
-                    sa.select(sa.column("ctid", _selectable=probe).label("row"))
-                    .select_from(probe)
-                    .where(*matches)
-                    .offset(0)
-                    .lateral("found")
-                )
-                found = (
-                    sa.select(where.c.row, *(source.c[c] for c in columns))
-                    .select_from(source.join(where, sa.true()))
-                    .subquery("changes")
-                )
-                stmt = (
-                    table.update()
-                    .where(sa.column("ctid", _selectable=table) == found.c.row)
-                    .values({c: found.c[c] for c in columns})
-                )
-            else:
-                stmt = (
-                    table.update()
-                    .where(*(table.c[k] == sa.bindparam(f"b_{k}") for k in keys))
-                    .values({c: sa.bindparam(f"b_{c}") for c in columns})
-                )
-            if only is not None:
-                stmt = stmt.where(only)
-            if returning and self._postgres:
-                stmt = stmt.returning(*returning)
-            self._statements[cache_key] = stmt
+            stmt = self._statements[cache_key] = self._build_update(
+                table, keys, columns, only=only, returning=returning
+            )
         if self._postgres:
             result = conn.execute(stmt, {_ROWS: _document(rows)})
             return list(result.all()) if returning else []
         conn.execute(stmt, [{f"b_{c}": v for c, v in row.items()} for row in rows])
         return []
+
+    def _build_update(
+        self,
+        table: sa.Table,
+        keys: tuple[str, ...],
+        columns: tuple[str, ...],
+        parameter: str = _ROWS,
+        *,
+        only: sa.ColumnElement[bool] | None = None,
+        returning: Sequence[sa.Column[Any]] = (),
+    ) -> Any:
+        stmt: Any
+        if self._postgres:
+            source = self._source(table, parameter)
+            probe = table.alias("probe")
+            matches = [probe.c[k] == source.c[k] for k in keys]
+            where = (
+                sa.select(sa.column("ctid", _selectable=probe).label("row"))
+                .select_from(probe)
+                .where(*matches)
+                .offset(0)
+                .lateral("found")
+            )
+            found = (
+                sa.select(where.c.row, *(source.c[c] for c in columns))
+                .select_from(source.join(where, sa.true()))
+                .subquery("changes")
+            )
+            stmt = (
+                table.update()
+                .where(sa.column("ctid", _selectable=table) == found.c.row)
+                .values({c: found.c[c] for c in columns})
+            )
+        else:
+            stmt = (
+                table.update()
+                .where(*(table.c[k] == sa.bindparam(f"b_{k}") for k in keys))
+                .values({c: sa.bindparam(f"b_{c}") for c in columns})
+            )
+        if only is not None:
+            stmt = stmt.where(only)
+        if returning and self._postgres:
+            stmt = stmt.returning(*returning)
+        return stmt
 
     def select_for_keys(
         self,
@@ -275,3 +325,37 @@ class Bulk:
         else:
             arrays = {"key_0": list(keys)}
         return list(conn.execute(stmt, {**arrays, **(params or {})}).all())
+
+    def select_parts_for_keys(
+        self,
+        conn: Connection,
+        keys: Sequence[Any],
+        parts: Sequence[tuple[sa.Column[Any], sa.Select[Any]]],
+        *,
+        for_update: bool = False,
+    ) -> list[list[Any]]:
+        """For each ``(key, query)`` of ``parts``, what :meth:`select_for_keys` returns for
+        ``keys``, in ONE statement on PostgreSQL: the parts' probes joined by UNION ALL,
+        which runs them one after the other, so the row locks are taken part by part and
+        within a part in the order of ``keys``. The queries' columns must line up (same
+        names and compatible types, as UNION wants them)."""
+        if not keys:
+            return [[] for _ in parts]
+        if not self._postgres:
+            return [self.select_for_keys(conn, key, keys, query, for_update=for_update) for key, query in parts]
+        cache_key = ("parts", tuple(parts), for_update)
+        stmt = self._statements.get(cache_key)
+        if stmt is None:
+            branches = []
+            for number, (key, query) in enumerate(parts):
+                unnested = sa.func.unnest(sa.bindparam("key_0", type_=ARRAY(key.type)))
+                wanted = unnested.table_valued("key").render_derived(f"wanted_{number}")
+                probe = query.where(key == wanted.c.key).offset(0)
+                probed = (probe.with_for_update() if for_update else probe).lateral(f"found_{number}")
+                part = sa.literal_column(str(number), sa.Integer).label("part")
+                branches.append(sa.select(part, probed).select_from(wanted.join(probed, sa.true())))
+            stmt = self._statements[cache_key] = sa.union_all(*branches)
+        found: list[list[Any]] = [[] for _ in parts]
+        for row in conn.execute(stmt, {"key_0": list(keys)}):
+            found[row.part].append(row)
+        return found

@@ -36,7 +36,7 @@ from google.protobuf.message import Message
 from sqlalchemy.engine import Connection
 
 from services.common.actor import SYSTEM, Actor
-from services.common.bulk import Bulk, Rows
+from services.common.bulk import Bulk, Changes, Rows
 from services.common.catalog import Catalog
 from services.common.clock import Clock
 from services.common.db import Database, dialect_insert
@@ -74,6 +74,7 @@ from services.wallet.domain.provenance import (
     plan_clawback,
     restore_repayments,
     take_coins,
+    take_in_order,
 )
 from services.wallet.domain.rules import (
     OPEN_HOLDS,
@@ -337,11 +338,17 @@ class _Writes:
 
     now: datetime
     actor: Actor = SYSTEM  # who moves the value of this unit of work (a batch item names its own)
+    stamp: object = None  # ``now`` as the rows carry it (Bulk.cell); ``now`` itself if not given
     txns: list[dict[str, Any]] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     consumptions: list[dict[str, Any]] = field(default_factory=list)
     deltas: dict[tuple[str, Currency], int] = field(default_factory=lambda: defaultdict(int))
+    open_coins: dict[int, int] = field(default_factory=dict)  # lot id -> its open coins now (locked lots)
+
+    def __post_init__(self) -> None:
+        if self.stamp is None:
+            self.stamp = self.now
 
     def transaction(
         self,
@@ -351,25 +358,27 @@ class _Writes:
         txn_id: str = "",
         actor: Actor | None = None,
     ) -> str:
-        checked = balanced(postings)
         txn_id = txn_id or new_txn_id()
-        sandbox = any(p.currency in (Currency.SANDBOX_COIN, Currency.SANDBOX_DIAMOND) for p in checked)
+        sandbox = False
+        entries, deltas = self.entries, self.deltas
+        for p in balanced(postings):
+            currency = p.currency
+            sandbox = sandbox or currency in _SANDBOX_CURRENCIES
+            entries.append(
+                {"txn_id": txn_id, "account_id": p.account_id, "currency": currency.value, "amount": p.amount}
+            )
+            if not is_system(p.account_id):
+                deltas[(p.account_id, currency)] += p.amount
         self.txns.append(
             {
                 "txn_id": txn_id,
                 "kind": kind.value if isinstance(kind, Kind) else kind,
-                "created_at": self.now,
+                "created_at": self.stamp,
                 "reference": reference,
                 "sandbox": sandbox,
                 **(actor or self.actor).columns(),
             }
         )
-        for p in checked:
-            self.entries.append(
-                {"txn_id": txn_id, "account_id": p.account_id, "currency": p.currency.value, "amount": p.amount}
-            )
-            if not is_system(p.account_id):
-                self.deltas[(p.account_id, p.currency)] += p.amount
         return txn_id
 
     def seen_by(
@@ -387,7 +396,7 @@ class _Writes:
                 "account_id": account_id,
                 "txn_id": txn_id,
                 "kind": kind.value,
-                "created_at": self.now,
+                "created_at": self.stamp,
                 "coins_delta": changes.get(Currency.COIN, 0),
                 "diamonds_delta": changes.get(Currency.DIAMOND, 0),
                 "sandbox_coins_delta": changes.get(Currency.SANDBOX_COIN, 0),
@@ -420,10 +429,12 @@ class _Writes:
                 "clawed_coins": 0,
                 "clawed_diamonds": 0,
                 "undone_coins": 0,
-                "created_at": self.now,
+                "created_at": self.stamp,
             }
         )
 
+
+_SANDBOX_CURRENCIES = frozenset((Currency.SANDBOX_COIN, Currency.SANDBOX_DIAMOND))
 
 PAGE_TOKEN_PREFIX = "h1:"  # noqa: S105 (a page cursor, not a secret)
 
@@ -477,8 +488,16 @@ class WalletStore:
         self._bulk = Bulk(database.dialect)
         self._postgres = database.dialect == "postgresql"
         # Look-ups by account for Bulk.select_for_keys, built once so they compile once.
+        # The spendable rows and the open lots are locked in one statement
+        # (Bulk.select_parts_for_keys), so their columns line up: account, currency or
+        # environment, coins, and the lot id (none for a balance row).
         self._spendable_rows = (
-            sa.select(balances.c.account_id, balances.c.currency, balances.c.balance)
+            sa.select(
+                balances.c.account_id,
+                balances.c.currency.label("name"),
+                balances.c.balance.label("coins"),
+                sa.cast(sa.null(), sa.BigInteger).label("lot_id"),
+            )
             .where(balances.c.currency.in_([c.value for c in COIN_CURRENCIES]))
             .order_by(balances.c.currency)
         )
@@ -486,7 +505,12 @@ class WalletStore:
             balances.c.currency == sa.bindparam("currency")
         )
         self._open_lots = (
-            sa.select(purchases.c.account_id, purchases.c.lot_id, purchases.c.environment, purchases.c.open_coins)
+            sa.select(
+                purchases.c.account_id,
+                purchases.c.environment.label("name"),
+                purchases.c.open_coins.label("coins"),
+                purchases.c.lot_id,
+            )
             # A literal 0, not a bound parameter: only then can the planner use the partial index on open lots.
             .where(purchases.c.open_coins > sa.literal_column("0"))
             .order_by(purchases.c.lot_id)
@@ -535,9 +559,13 @@ class WalletStore:
             raise outcome.error
         return outcome
 
+    def _writes(self, now: datetime, actor: Actor = SYSTEM) -> _Writes:
+        return _Writes(now, actor, self._bulk.cell(now))
+
     def _flush(self, conn: Connection, writes: _Writes, path: str) -> None:
-        """Bulk-write ledger transactions, entries, history and consumptions and add the
-        deltas to the balance rows (sorted: the lock order), in one round trip on PostgreSQL.
+        """Bulk-write ledger transactions, entries, history and consumptions, set the lots'
+        open coins and add the deltas to the balance rows (sorted: the lock order), in one
+        round trip on PostgreSQL.
 
         Failpoint ``wallet.<path>.before_commit``: everything of the transaction is
         written, nothing committed (``path``: credit, debit, reversal, restore, reservation)."""
@@ -556,33 +584,50 @@ class WalletStore:
                 # Last: the only part that locks existing rows, so its order is the lock order.
                 Rows(balances, rows, add_on_conflict=(balances.c.account_id, balances.c.currency)),
             ],
+            # The lots were locked before anything was decided.
+            [Changes(purchases, "lot_id", self._open_coins_rows(writes.open_coins))],
         )
         self._failpoints.hit(f"wallet.{path}.before_commit")
 
     def _set_open_coins(self, conn: Connection, open_coins: Mapping[int, int]) -> None:
-        if open_coins:
-            rows = [{"lot_id": lot, "open_coins": coins} for lot, coins in sorted(open_coins.items())]
-            self._bulk.update(conn, purchases, "lot_id", rows)
+        self._bulk.update(conn, purchases, "lot_id", self._open_coins_rows(open_coins))
+
+    @staticmethod
+    def _open_coins_rows(open_coins: Mapping[int, int]) -> list[dict[str, Any]]:
+        return [{"lot_id": lot, "open_coins": coins} for lot, coins in sorted(open_coins.items())]
 
     def _lock_spendable(self, conn: Connection, accounts: Iterable[str]) -> dict[tuple[str, Currency], int]:
         """Lock the COIN and SANDBOX_COIN rows of ``accounts`` (sorted); absent rows read as 0."""
         ids = sorted(set(accounts))
-        found = {
-            (row.account_id, Currency(row.currency)): int(row.balance)
-            for row in self._bulk.select_for_keys(
-                conn, balances.c.account_id, ids, self._spendable_rows, for_update=True
-            )
-        }
-        return {(a, c): found.get((a, c), 0) for a in ids for c in COIN_CURRENCIES}
+        rows = self._bulk.select_for_keys(conn, balances.c.account_id, ids, self._spendable_rows, for_update=True)
+        by_currency = self._coins_of(ids, rows)
+        return {(a, c): by_currency[c][a] for a in ids for c in COIN_CURRENCIES}
 
-    def _lock_open_lots(self, conn: Connection, accounts: Iterable[str]) -> dict[str, list[OpenLot]]:
-        """The open lots of ``accounts``, oldest credited first, locked (after their spendable rows)."""
+    @staticmethod
+    def _coins_of(ids: Sequence[str], rows: Iterable[Any]) -> dict[Currency, dict[str, int]]:
+        # Keyed by currency, then account: a batch keeps no tuple per account alive (less for the GC to scan).
+        found: dict[Currency, dict[str, int]] = {c: dict.fromkeys(ids, 0) for c in COIN_CURRENCIES}
+        for row in rows:
+            found[Currency(row.name)][row.account_id] = int(row.coins)
+        return found
+
+    def _lock_spendable_and_lots(
+        self, conn: Connection, accounts: Iterable[str]
+    ) -> tuple[dict[Currency, dict[str, int]], dict[str, list[OpenLot]]]:
+        """Lock the spendable rows of ``accounts`` (as :meth:`_lock_spendable`; per currency, then
+        account), then their open lots, oldest credited first: the lock order, in one statement
+        on PostgreSQL."""
+        ids = sorted(set(accounts))
+        rows, lot_rows = self._bulk.select_parts_for_keys(
+            conn,
+            ids,
+            [(balances.c.account_id, self._spendable_rows), (purchases.c.account_id, self._open_lots)],
+            for_update=True,
+        )
         lots: dict[str, list[OpenLot]] = defaultdict(list)
-        for row in self._bulk.select_for_keys(
-            conn, purchases.c.account_id, sorted(set(accounts)), self._open_lots, for_update=True
-        ):
-            lots[row.account_id].append(OpenLot(int(row.lot_id), Environment(row.environment), int(row.open_coins)))
-        return lots
+        for row in lot_rows:
+            lots[row.account_id].append(OpenLot(int(row.lot_id), Environment(row.name), int(row.coins)))
+        return self._coins_of(ids, rows), lots
 
     def _lock_balances(self, conn: Connection, currency: Currency, accounts: Iterable[str]) -> dict[str, int]:
         """Lock the balance rows of ``accounts`` in one currency, in lock order (creators before holds)."""
@@ -661,9 +706,9 @@ class WalletStore:
     ) -> tuple[Any, dict[tuple[str, Currency], int], list[OpenLot]]:
         """The purchase row, with its buyer's spendable rows and open lots locked first (the lock order)."""
         account_id = self._purchase(conn, store, environment, store_transaction_id, lock=False).account_id
-        spendable = self._lock_spendable(conn, [account_id])
-        lots = self._lock_open_lots(conn, [account_id]).get(account_id, [])
-        return self._purchase(conn, store, environment, store_transaction_id, lock=True), spendable, lots
+        coins, lots = self._lock_spendable_and_lots(conn, [account_id])
+        spendable = {(account_id, c): coins[c][account_id] for c in COIN_CURRENCIES}
+        return self._purchase(conn, store, environment, store_transaction_id, lock=True), spendable, lots[account_id]
 
     def _consumptions_of(self, conn: Connection, lot_id: int) -> list[Any]:
         query = sa.select(consumptions).where(consumptions.c.lot_id == lot_id).order_by(consumptions.c.consumption_id)
@@ -745,7 +790,7 @@ class WalletStore:
                 conn, environment, (c.creator for c in used if c.kind is ConsumptionKind.GIFT and c.creator)
             )
             plan = plan_clawback(delta, int(row.open_coins), used, creators)
-            writes = _Writes(now, actor)
+            writes = self._writes(now, actor)
             txn_id = writes.transaction(
                 Kind.PURCHASE_REVERSAL, store_transaction_id, recipes.clawback(account_id, environment, plan.legs)
             )
@@ -870,7 +915,7 @@ class WalletStore:
                 for r in leg_rows
             ]
             self._lock_balances(conn, diamond_currency(environment), (leg.creator for leg in legs if leg.creator))
-            writes = _Writes(now, actor)
+            writes = self._writes(now, actor)
             txn_id = writes.transaction(
                 Kind.PURCHASE_RESTORE,
                 store_transaction_id,
@@ -1090,8 +1135,9 @@ class WalletStore:
             else:
                 batch.first[key] = index
         claims = sorted(batch.first)
+        stamp = self._bulk.cell(now)
         rows = [
-            {"method": m, "request_id": r, "request_hash": batch.digests[batch.first[(m, r)]], "created_at": now}
+            {"method": m, "request_id": r, "request_hash": batch.digests[batch.first[(m, r)]], "created_at": stamp}
             for m, r in claims
         ]
         claimed = self._bulk.insert(
@@ -1125,13 +1171,14 @@ class WalletStore:
         self, conn: Connection, batch: _Batch, keys: Sequence[tuple[str, str]], now: datetime
     ) -> list[Message | bytes | DomainError]:
         """Record the answers of the batch's new requests; drop the claims of refused ones."""
+        stamp, cell = self._bulk.cell(now), self._bulk.cell
         recorded = [
             {
                 "method": keys[i][0],
                 "request_id": keys[i][1],
                 "request_hash": batch.digests[i],
-                "created_at": now,
-                "response": result.SerializeToString(deterministic=True),
+                "created_at": stamp,
+                "response": cell(result.SerializeToString(deterministic=True)),
             }
             for i in batch.live
             if isinstance(result := batch.results[i], Message)
@@ -1180,6 +1227,7 @@ class WalletStore:
             ordered = [i for _, i in sorted(owner.items())]
             # PostgreSQL numbers the lots from its sequence; SQLite's one writer numbers them here.
             first_lot = 0 if self._postgres else self._next_lot_id(conn)
+            stamp = self._bulk.cell(now)
             purchase_rows = [
                 {
                     "store": items[i].store.value,
@@ -1197,7 +1245,7 @@ class WalletStore:
                     "flagged_for_review": items[i].flagged_for_review,
                     "credit_txn_id": txn_ids[i],
                     "clawed_back": 0,
-                    "created_at": now,
+                    "created_at": stamp,
                     "open_coins": items[i].coins,
                     "evidence_sha256": items[i].evidence_sha256 or None,
                     **({} if self._postgres else {"lot_id": first_lot + n}),
@@ -1238,7 +1286,7 @@ class WalletStore:
         for key in created:
             winner = items[owner[key]]
             existing[key] = (winner.account_id, txn_ids[owner[key]], winner.coins, winner.bonus_coins)
-        writes = _Writes(now)
+        writes = self._writes(now)
         outcomes: list[tuple[int, bool]] = []  # (item index, freshly credited) of the accepted items
         for index in batch.live:
             item = items[index]
@@ -1312,7 +1360,7 @@ class WalletStore:
         debt = {key: -balance for key, balance in balance_before.items() if balance < 0}
         if not debt:
             return
-        writes = _Writes(now)
+        writes = self._writes(now)
         open_coins: dict[int, int] = {}
         for index, fresh in outcomes:
             item = items[index]
@@ -1349,79 +1397,90 @@ class WalletStore:
         keys = [(item.method, item.request_id) for item in items]
         batch = self._claim_batch(conn, keys, [item.request for item in items], now)
         senders = [items[i].sender for i in batch.live]
-        spendable = self._lock_spendable(conn, senders)
-        lots = self._lock_open_lots(conn, senders)
+        coins_of, lots = self._lock_spendable_and_lots(conn, senders)
+        real_of, sandbox_of = coins_of[Currency.COIN], coins_of[Currency.SANDBOX_COIN]
         gift_senders = {items[i].sender for i in batch.live if items[i].creator is not None}
         limits = self._limits_with_spent(conn, gift_senders, now)
-        writes = _Writes(now)
-        open_coins: dict[int, int] = {}
-        done: dict[int, DebitDone] = {}
-        after: dict[int, tuple[int, int]] = {}  # each item's answer shows the balance just after it
+        writes = self._writes(now)
+        open_coins = writes.open_coins  # written by _flush
+        # Per item: its transaction id, coins and diamonds (real, Sandbox), and the sender's
+        # coins and Sandbox coins just after it (its answer shows the balance then). Plain
+        # values: what a batch keeps alive, the GC scans again and again.
+        done: dict[int, tuple[str, int, int, int, int, int, int]] = {}
         # Decide in arrival order: each item pays from what the earlier ones left.
         for index in batch.live:
             item = items[index]
-            real, sandbox = spendable[(item.sender, Currency.COIN)], spendable[(item.sender, Currency.SANDBOX_COIN)]
-            refusal = self._refusal(item, real, max(real, 0) + max(sandbox, 0), limits.get(item.sender, []))
+            sender = item.sender
+            real, sandbox = real_of[sender], sandbox_of[sender]
+            refusal = self._refusal(item, real, max(real, 0) + max(sandbox, 0), limits.get(sender, []))
             if refusal is not None:
                 batch.results[index] = refusal
                 continue
-            takes = take_coins(lots[item.sender], item.coins)
-            taken = {take.lot_id: take.coins for take in takes}
-            remaining = []
-            for lot in lots[item.sender]:
-                left = lot.open_coins - taken.get(lot.lot_id, 0)
-                if lot.lot_id in taken:
-                    open_coins[lot.lot_id] = left
-                if left > 0:
-                    remaining.append(OpenLot(lot.lot_id, lot.environment, left))
-            lots[item.sender] = remaining
+            takes, left = take_in_order(lots[sender], item.coins)
+            lots[sender] = left
+            # Every lot taken from is emptied but maybe the last, which then leads what stays open.
             for take in takes:
-                spendable[(item.sender, coin_currency(take.environment))] -= take.coins
-            for limit in limits.get(item.sender, []):
+                open_coins[take.lot_id] = 0
+                if take.environment is Environment.SANDBOX:
+                    sandbox -= take.coins
+                else:
+                    real -= take.coins
+            if takes and left and left[0].lot_id == takes[-1].lot_id:
+                open_coins[left[0].lot_id] = left[0].open_coins
+            real_of[sender], sandbox_of[sender] = real, sandbox
+            for limit in limits.get(sender, []):
                 limit[1] += item.coins
-            done[index] = self._write_debit(writes, item, takes)
-            after[index] = (spendable[(item.sender, Currency.COIN)], spendable[(item.sender, Currency.SANDBOX_COIN)])
+            txn_id, coins, diamonds = self._write_debit(writes, item, takes)
+            done[index] = (
+                txn_id,
+                coins.get(Currency.COIN, 0),
+                coins.get(Currency.SANDBOX_COIN, 0),
+                diamonds.get(Currency.DIAMOND, 0),
+                diamonds.get(Currency.SANDBOX_DIAMOND, 0),
+                real,
+                sandbox,
+            )
         if done:
-            self._set_open_coins(conn, open_coins)
             self._flush(conn, writes, "debit")
         views = self._views(conn, (items[i].sender for i in done), now)
-        for index, debit in done.items():
+        for index, (txn_id, spent, sandbox_spent, diamonds_given, sandbox_given, real, sandbox) in done.items():
             item = items[index]
             view = views[item.sender]
-            coins, sandbox_coins = after[index]
             balance = BalanceView(
                 item.sender,
-                coins,
+                real,
                 view.diamonds,
                 view.diamonds_reserved,
                 view.diamonds_immature,
-                sandbox_coins,
+                sandbox,
                 view.sandbox_diamonds,
             )
-            batch.results[index] = build(item, _with_balance(debit, balance))
+            debit = DebitDone(txn_id, spent, diamonds_given, balance, sandbox_spent, sandbox_given)
+            batch.results[index] = build(item, debit)
         return self._finish_batch(conn, batch, keys, now)
 
-    def _write_debit(self, writes: _Writes, item: DebitItem, takes: Sequence[Take]) -> DebitDone:
+    def _write_debit(
+        self, writes: _Writes, item: DebitItem, takes: Sequence[Take]
+    ) -> tuple[str, Mapping[Currency, int], Mapping[Currency, int]]:
+        """Record one gift or spend; returns its transaction id and its coins and diamonds per currency."""
         txn_id = new_txn_id()
         coins = recipes.coins_by_currency(takes)
+        spent = {currency: -n for currency, n in coins.items()}
         if item.creator is None:
             writes.transaction(Kind.SPEND, item.reference, recipes.spend(item.sender, takes), txn_id, item.actor)
             for take in takes:
                 writes.consumed(take, txn_id, ConsumptionKind.SPEND, item.sender, take.coins)
-            writes.seen_by(item.sender, txn_id, Kind.SPEND, item.reference, {c: -n for c, n in coins.items()})
-            return _debit_done(txn_id, coins, {})
+            writes.seen_by(item.sender, txn_id, Kind.SPEND, item.reference, spent)
+            return txn_id, coins, {}
         parts = attribute(item.diamonds, takes)
         diamonds = recipes.diamonds_by_currency(takes, parts)
-        writes.transaction(
-            Kind.GIFT_SENT, item.reference, recipes.gift(item.sender, item.creator, takes, parts), txn_id, item.actor
-        )
+        postings = recipes.gift_totals(item.sender, item.creator, coins, diamonds)
+        writes.transaction(Kind.GIFT_SENT, item.reference, postings, txn_id, item.actor)
         for take, part in zip(takes, parts, strict=True):
             writes.consumed(take, txn_id, ConsumptionKind.GIFT, item.sender, take.coins, item.creator, part)
-        writes.seen_by(
-            item.sender, txn_id, Kind.GIFT_SENT, item.reference, {c: -n for c, n in coins.items()}, item.creator
-        )
+        writes.seen_by(item.sender, txn_id, Kind.GIFT_SENT, item.reference, spent, item.creator)
         writes.seen_by(item.creator, txn_id, Kind.GIFT_RECEIVED, item.reference, diamonds, item.sender)
-        return _debit_done(txn_id, coins, diamonds)
+        return txn_id, coins, diamonds
 
     def _refusal(self, item: DebitItem, real: int, spendable: int, limits: list[list[Any]]) -> DomainError | None:
         if real < 0:
@@ -1551,7 +1610,7 @@ class WalletStore:
         else:
             kind, delta = Kind.RESERVATION_RELEASE, 0
         if diamonds:  # a hold a clawback took entirely moves nothing
-            writes = _Writes(now, actor)
+            writes = self._writes(now, actor)
             txn_id = writes.transaction(
                 kind, row.reservation_id, recipes.resolve(account_id, diamonds, state is ReservationState.COMMITTED)
             )
@@ -1633,7 +1692,7 @@ class WalletStore:
                     )
                 return build(_reservation_view(row), self._view(conn, account_id, now))
             refuse_reservation(diamonds, self._view(conn, account_id, now))
-            writes = _Writes(now, actor)
+            writes = self._writes(now, actor)
             txn_id = writes.transaction(Kind.RESERVATION, reservation_id, recipes.reserve(account_id, diamonds))
             writes.seen_by(account_id, txn_id, Kind.RESERVATION, reservation_id, {})
             self._flush(conn, writes, "reservation")
@@ -1727,7 +1786,7 @@ class WalletStore:
             )
         }
         others = self._other_holds(conn, live, rows)
-        writes = _Writes(now)
+        writes = self._writes(now)
         changed: dict[str, dict[str, Any]] = {}
         for index, item in zip(batch.live, live, strict=True):
             row = rows.get(item.reservation_id)
@@ -1862,21 +1921,6 @@ class WalletStore:
 
 def _newest_first(rows: Iterable[Any]) -> list[Any]:
     return sorted(rows, key=lambda r: (utc(r.created_at), r.reservation_id), reverse=True)
-
-
-def _debit_done(txn_id: str, coins: Mapping[Currency, int], diamonds: Mapping[Currency, int]) -> DebitDone:
-    return DebitDone(
-        txn_id,
-        coins.get(Currency.COIN, 0),
-        diamonds.get(Currency.DIAMOND, 0),
-        BalanceView("", 0, 0, 0, 0),
-        coins.get(Currency.SANDBOX_COIN, 0),
-        diamonds.get(Currency.SANDBOX_DIAMOND, 0),
-    )
-
-
-def _with_balance(done: DebitDone, balance: BalanceView) -> DebitDone:
-    return DebitDone(done.txn_id, done.coins, done.diamonds, balance, done.sandbox_coins, done.sandbox_diamonds)
 
 
 def _limit_state(row: Any) -> LimitState:

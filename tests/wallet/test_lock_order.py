@@ -12,12 +12,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from services.wallet.audit import audit
 from tests.support.status import error_info
 from tests.support.tokens import Keys
-from tests.wallet.support import running_wallet, unique
+from tests.wallet.support import Wallet, running_wallet, unique
 
 # Refusals the state may legitimately produce while everything races.
 ROUNDS = 20
@@ -115,3 +116,50 @@ async def test_refunds_and_gift_batches_on_the_same_accounts_never_deadlock(
         assert set(outcomes) - {"OK"} <= EXPECTED, sorted(set(outcomes))
         assert outcomes.count("OK") > len(calls) // 2
         assert audit(wallet.database) == []
+
+
+async def _waiting_on_a_lock(wallet: Wallet, blocker_pid: int) -> bool:
+    def check() -> bool:
+        with wallet.database.engine.connect() as conn:
+            waiting = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> :pid"
+                ),
+                {"pid": blocker_pid},
+            ).scalar_one()
+        return bool(waiting)
+
+    return await asyncio.to_thread(check)
+
+
+async def test_a_gift_batch_locks_the_senders_coin_rows_before_their_lots(
+    postgres_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    """Spendable rows and open lots are locked by one statement; it must still take them
+    in the lock order. A transaction holding the fan's lot makes the gift wait on it:
+    by then the fan's coin row must be locked already (a NOWAIT lock of it fails)."""
+    async with running_wallet(postgres_url, keys, tmp_path) as wallet:
+        await wallet.credit("fan", 10, stx="fan-lot")
+        engine = wallet.database.engine
+        with engine.connect() as blocker:
+            blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            blocker.execute(sa.text("SELECT lot_id FROM wallet_purchases WHERE account_id = 'fan' FOR UPDATE"))
+            gift = asyncio.ensure_future(wallet.gift("fan", "star"))
+            for _ in range(200):
+                if await _waiting_on_a_lock(wallet, blocker_pid):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the gift never waited for the fan's lot")
+            with engine.connect() as probe, pytest.raises(sa.exc.OperationalError, match="could not obtain lock"):
+                probe.execute(
+                    sa.text(
+                        "SELECT balance FROM wallet_balances"
+                        " WHERE account_id = 'fan' AND currency = 'COIN' FOR UPDATE NOWAIT"
+                    )
+                )
+            blocker.rollback()
+        reply = await gift
+        assert reply.coins_spent == 1
+        assert (await wallet.balance("fan")).coins == 9

@@ -21,6 +21,11 @@ class Currency(enum.Enum):
     SANDBOX_COIN = "SANDBOX_COIN"
     SANDBOX_DIAMOND = "SANDBOX_DIAMOND"
 
+    # Members are singletons compared by identity, so the identity hash agrees with
+    # equality; Enum's own __hash__ is a Python function, and a gift batch hashes a
+    # currency some thirty times per gift (balances, deltas and history keyed by it).
+    __hash__ = object.__hash__
+
 
 class Store(enum.Enum):
     APP_STORE = "APP_STORE"
@@ -99,7 +104,7 @@ def diamond_lock_order(account_id: str) -> tuple[bool, str]:
     return (account_id.startswith(HOLD_PREFIX), account_id)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Posting:
     account_id: str
     currency: Currency

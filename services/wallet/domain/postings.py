@@ -7,7 +7,7 @@ sum to zero, so Sandbox value (its own currencies) can never leak into real valu
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from services.wallet.domain.holds import CommitPlan
 from services.wallet.domain.ledger import (
@@ -39,26 +39,37 @@ def purchase(account_id: str, store: Store, environment: Environment, coins: int
 
 
 def coins_by_currency(takes: Sequence[Take]) -> dict[Currency, int]:
+    if len(takes) == 1:
+        return {coin_currency(takes[0].environment): takes[0].coins}
     totals: dict[Currency, int] = defaultdict(int)
     for take in takes:
         totals[coin_currency(take.environment)] += take.coins
-    return totals
+    return dict(totals)
 
 
 def diamonds_by_currency(takes: Sequence[Take], parts: Sequence[int]) -> dict[Currency, int]:
+    if len(takes) == 1 and len(parts) == 1:
+        return {diamond_currency(takes[0].environment): parts[0]}
     totals: dict[Currency, int] = defaultdict(int)
     for take, part in zip(takes, parts, strict=True):
         totals[diamond_currency(take.environment)] += part
-    return totals
+    return dict(totals)
 
 
 def gift(sender: str, creator: str, takes: Sequence[Take], parts: Sequence[int]) -> list[Posting]:
     """The sender's coins to gift revenue; diamonds issued to the creator, each in the pair its lots paid in."""
+    return gift_totals(sender, creator, coins_by_currency(takes), diamonds_by_currency(takes, parts))
+
+
+def gift_totals(
+    sender: str, creator: str, coins: Mapping[Currency, int], diamonds: Mapping[Currency, int]
+) -> list[Posting]:
+    """:func:`gift` from its totals per currency (``coins_by_currency``, ``diamonds_by_currency``)."""
     postings: list[Posting] = []
-    for currency, coins in coins_by_currency(takes).items():
-        postings += [Posting(sender, currency, -coins), Posting(GIFT_REVENUE, currency, coins)]
-    for currency, diamonds in diamonds_by_currency(takes, parts).items():
-        postings += [Posting(GIFT_REVENUE, currency, -diamonds), Posting(creator, currency, diamonds)]
+    for currency, amount in coins.items():
+        postings += [Posting(sender, currency, -amount), Posting(GIFT_REVENUE, currency, amount)]
+    for currency, amount in diamonds.items():
+        postings += [Posting(GIFT_REVENUE, currency, -amount), Posting(creator, currency, amount)]
     return postings
 
 

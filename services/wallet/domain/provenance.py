@@ -51,14 +51,14 @@ class LegKind(enum.Enum):
     DEBT = "DEBT"  # coins spent on services (or on a debt) become the buyer's debt
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OpenLot:
     lot_id: int
     environment: Environment
     open_coins: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Take:
     """Coins one movement takes from one lot."""
 
@@ -69,18 +69,27 @@ class Take:
 
 def take_coins(lots: Sequence[OpenLot], coins: int) -> list[Take]:
     """Take ``coins`` from ``lots`` oldest credited first; the caller has checked they suffice."""
+    return take_in_order(sorted(lots, key=lambda lot: lot.lot_id), coins)[0]
+
+
+def take_in_order(lots: Sequence[OpenLot], coins: int) -> tuple[list[Take], list[OpenLot]]:
+    """:func:`take_coins` from ``lots`` already in credit order (ascending lot id), with the
+    lots that stay open after it, still in credit order. Spending takes a prefix of the
+    lots, so the lots after the last one it touched are returned as they are."""
     takes: list[Take] = []
     wanted = coins
-    for lot in sorted(lots, key=lambda lot: lot.lot_id):
+    for index, lot in enumerate(lots):
         if wanted == 0:
-            break
+            return takes, list(lots[index:])
         taken = min(lot.open_coins, wanted)
         if taken > 0:
             takes.append(Take(lot.lot_id, lot.environment, taken))
             wanted -= taken
+            if taken < lot.open_coins:
+                return takes, [OpenLot(lot.lot_id, lot.environment, lot.open_coins - taken), *lots[index + 1 :]]
     if wanted:
         raise ValueError(f"the lots hold {coins - wanted} coins, {coins} needed")
-    return takes
+    return takes, []
 
 
 def attribute(diamonds: int, takes: Sequence[Take]) -> list[int]:
@@ -94,6 +103,8 @@ def attribute(diamonds: int, takes: Sequence[Take]) -> list[int]:
         if diamonds:
             raise ValueError("diamonds without coins to attribute them to")
         return []
+    if len(takes) == 1:
+        return [diamonds]  # the common case, and what the rule below gives for one take
     coins = sum(t.coins for t in takes)
     parts = [diamonds * t.coins // coins for t in takes]
     remainders = [diamonds * t.coins % coins for t in takes]
