@@ -116,7 +116,7 @@ class Components:
     async def close(self) -> None:
         await self.wallet.close()
         await self.apple.api.close()
-        self.google.close()
+        await self.google.aclose()
 
 
 def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock | None = None) -> Components:
@@ -212,12 +212,12 @@ def _apple(settings: ReceiptsSettings, crediting: Crediting, binding: Binding, m
     return ApplePurchases(verifier, api, crediting, binding, policy, refusals)
 
 
-def _play_client(settings: ReceiptsSettings, threads: int = 32) -> PlayClient:
+def _play_client(settings: ReceiptsSettings, connections: int = 64) -> PlayClient:
     return PlayClient(
         settings.google_service_account_file,
         endpoint=settings.google_api_endpoint,
         timeout_seconds=settings.google_api_timeout_seconds,
-        threads=threads,
+        connections=connections,
         outbound=OutboundPolicy.from_settings(settings),
     )
 
@@ -463,7 +463,7 @@ def build_credited_play(settings: ReceiptsSettings) -> CreditedPlay:
 def build_consumer(settings: ReceiptsSettings) -> Consumer:
     """The Play consumer of a worker process: its own small pool and client (no wallet, no loop)."""
     database = Database.from_url(settings.database_url, 2)
-    return Consumer(_play_client(settings, threads=2), ConsumptionRepository(database), SystemClock())
+    return Consumer(_play_client(settings, connections=2), ConsumptionRepository(database), SystemClock())
 
 
 def build_credit_sweeper(settings: ReceiptsSettings) -> CreditSweeper:

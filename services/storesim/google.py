@@ -381,6 +381,17 @@ class PlayState:
             self._tokens[token] = time.time() + ACCESS_TOKEN_SECONDS
         return token
 
+    @property
+    def access_tokens_issued(self) -> int:
+        with self._lock:
+            return len(self._tokens)
+
+    def revoke_access_tokens(self) -> None:
+        """Google may invalidate access tokens before they expire: the API answers 401 until a new one is used."""
+        with self._lock:
+            for token in self._tokens:
+                self._tokens[token] = 0.0
+
     def check_access(self, authorization: str | None) -> None:
         scheme, _, token = (authorization or "").partition(" ")
         with self._lock:

@@ -32,6 +32,8 @@ class Server:
     hits: dict[str, int] = field(default_factory=dict)
     jwks_failing: bool = False
     jwks: dict[str, object] = field(default_factory=dict)
+    in_flight: int = 0
+    most_at_once: int = 0
 
 
 def app(server: Server) -> web.Application:
@@ -69,6 +71,14 @@ def app(server: Server) -> web.Application:
             await asyncio.sleep(0.1)
         return response
 
+    async def pause(request: web.Request) -> web.Response:
+        count(request)
+        server.in_flight += 1
+        server.most_at_once = max(server.most_at_once, server.in_flight)
+        await asyncio.sleep(0.05)
+        server.in_flight -= 1
+        return web.Response(text="done")
+
     async def jwks(request: web.Request) -> web.Response:
         count(request)
         if server.jwks_failing:
@@ -81,6 +91,7 @@ def app(server: Server) -> web.Application:
     application.router.add_get("/big", big_streamed)
     application.router.add_get("/big-declared", big_declared)
     application.router.add_get("/slow", slow)
+    application.router.add_get("/pause", pause)
     application.router.add_get("/jwks", jwks)
     return application
 
@@ -106,22 +117,37 @@ def test_trusts_certifi_plus_the_configured_ca(server: Server, ca: LocalCA) -> N
         assert client.get(server.https + "/ok").text == "hello"
 
 
-async def test_the_async_client_follows_the_same_policy(server: Server, ca: LocalCA) -> None:
-    async with OutboundPolicy().async_client(5) as client:
+@pytest.mark.parametrize("connections", [None, 2], ids=["pool", "lanes"])
+async def test_the_async_client_follows_the_same_policy(server: Server, ca: LocalCA, connections: int | None) -> None:
+    async with OutboundPolicy().async_client(5, connections=connections) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(server.https + "/ok")
-    async with OutboundPolicy(ca_file=ca.ca_file, max_response_bytes=MIB).async_client(5) as client:
+    async with OutboundPolicy(ca_file=ca.ca_file, max_response_bytes=MIB).async_client(
+        5, connections=connections
+    ) as client:
         assert (await client.get(server.https + "/ok")).text == "hello"
         reply = await client.get(server.https + "/redirect")
         assert reply.status_code == 302
         for path in ("/big", "/big-declared"):
             with pytest.raises(ResponseTooLarge):
                 await client.get(server.https + path)
-    async with OutboundPolicy(https_only=True, ca_file=ca.ca_file).async_client(1) as client:
+    async with OutboundPolicy(https_only=True, ca_file=ca.ca_file).async_client(1, connections=connections) as client:
         with pytest.raises(OutboundRefused):
             await client.get(server.http + "/ok")
         with pytest.raises(httpx.ReadTimeout):
             await client.get(server.https + "/slow")
+
+
+async def test_async_lanes_bound_the_exchanges_and_come_back(server: Server, ca: LocalCA) -> None:
+    policy = OutboundPolicy(ca_file=ca.ca_file, max_response_bytes=MIB)
+    async with policy.async_client(2, connections=2) as client:
+        # An abandoned body (over the cap) and a deadline give their lane back.
+        for path in ("/big", "/big-declared", "/big", "/slow"):
+            with pytest.raises((ResponseTooLarge, httpx.ReadTimeout)):
+                await client.get(server.https + path)
+        replies = await asyncio.gather(*(client.get(server.https + "/pause") for _ in range(8)))
+    assert [r.text for r in replies] == ["done"] * 8
+    assert server.most_at_once == 2
 
 
 def test_redirects_are_not_followed(server: Server, ca: LocalCA) -> None:

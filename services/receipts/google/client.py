@@ -3,11 +3,22 @@
 Built on google-api-python-client's bundled ``androidpublisher`` v3 discovery
 document (no discovery fetch at run time) and google-auth service-account
 credentials (the JWT-bearer flow against the key file's ``token_uri``).
-The transport is ``PolicyHttp`` (an httpx client, thread-safe, with a pool of
-kept-alive connections) rather than ``httplib2.Http``, so one built service
-serves every thread: the discovery document is parsed and the CA bundle loaded
-once per process, not once per thread. The async methods run the blocking
-calls on this client's own thread pool, off the event loop.
+The discovery document is parsed and the CA bundle loaded once per process.
+
+Two ways out, both through the outbound policy (https only in production,
+response size cap, deadline, no redirects):
+- the blocking methods (the consume worker, the notification handler,
+  reconciliation) execute on ``PolicyHttp`` (a thread-safe httpx client with a
+  pool of kept-alive connections) behind google-auth-httplib2's
+  ``AuthorizedHttp``; one built service serves every thread;
+- the async methods (``VerifyGooglePurchase``'s look-up) use no thread:
+  googleapiclient still builds the request (URI, method, headers, body) and
+  parses the answer with its JSON model, raising ``HttpError`` as ``execute``
+  does, but the request goes out on the policy's async httpx client on the
+  event loop. google-auth supplies the Authorization header; its token refresh
+  is a blocking HTTP call, so it runs on a thread, only when the credentials
+  are invalid or expired (or Google answered 401, as ``AuthorizedHttp``
+  handles it), and one at a time.
 
 Retryable failures (429, 5xx, timeouts, connection errors) are retried with
 capped, jittered backoff and then reported as UNAVAILABLE. Rejected
@@ -26,28 +37,28 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import google.auth.exceptions
+import google.auth.transport
 import google_auth_httplib2
 import httplib2
+import httpx
 from google.oauth2 import service_account
 from googleapiclient import discovery
 from googleapiclient.errors import HttpError
+from googleapiclient.http import HttpRequest
 
 from services.common.errors import Unavailable
-from services.common.outbound import OutboundPolicy, PolicyHttp
+from services.common.outbound import OutboundPolicy, PolicyHttp, httplib2_response
 from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase, VoidedQuery
 
 log = logging.getLogger(__name__)
 
 SCOPE = "https://www.googleapis.com/auth/androidpublisher"
-
-T = TypeVar("T")
 
 
 class StoreAuthFailed(Unavailable):
@@ -89,7 +100,11 @@ _TRANSPORT_ERRORS = (
     httplib2.HttpLib2Error,
     OSError,
     google.auth.exceptions.TransportError,
+    httpx.HTTPError,
 )
+# What AuthorizedHttp does on a 401: refresh the token and send again, at most twice.
+_REFRESH_STATUS = tuple(google.auth.transport.DEFAULT_REFRESH_STATUS_CODES)
+_MAX_REFRESHES = google.auth.transport.DEFAULT_MAX_REFRESH_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,56 @@ class _Resources:
     productsv2: Any
     products: Any
     voided: Any
+    credentials: service_account.Credentials
+    # Token refreshes go out through the policy too (blocking; the async path runs them on a thread).
+    auth_request: google_auth_httplib2.Request
+
+
+@dataclass(frozen=True)
+class _AsyncSide:
+    """The async path's state on one event loop: its client, and the lock that lets one refresh run at a time."""
+
+    loop: asyncio.AbstractEventLoop
+    http: httpx.AsyncClient
+    refreshing: asyncio.Lock
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    uri: str
+    method: str
+    body: Any
+    headers: dict[str, str]
+
+
+class _Handover(Exception):
+    def __init__(self, prepared: _Prepared) -> None:
+        super().__init__("prepared")
+        self.prepared = prepared
+
+
+class _Capture:
+    """An ``http`` for ``HttpRequest.execute`` that sends nothing: googleapiclient
+    finishes the request its own way (content-length; an over-long GET URI turned
+    into a POST with ``x-http-method-override``) and this hands it back."""
+
+    def request(
+        self,
+        uri: str,
+        method: str = "GET",
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        **_: Any,
+    ) -> tuple[httplib2.Response, bytes]:
+        raise _Handover(_Prepared(uri, method, body, dict(headers or {})))
+
+
+def _prepared(request: HttpRequest) -> _Prepared:
+    try:
+        request.execute(http=_Capture())
+    except _Handover as handover:
+        return handover.prepared
+    raise AssertionError("HttpRequest.execute returned without sending")
 
 
 class PlayClient:
@@ -112,7 +177,7 @@ class PlayClient:
         attempts: int = 4,
         backoff_seconds: float = 0.2,
         max_backoff_seconds: float = 2.0,
-        threads: int = 32,
+        connections: int = 64,
         sleep: Callable[[float], None] = time.sleep,
         outbound: OutboundPolicy | None = None,
     ) -> None:
@@ -124,11 +189,11 @@ class PlayClient:
         self._backoff = backoff_seconds
         self._max_backoff = max_backoff_seconds
         self._sleep = sleep
-        self._threads = threads
+        self._connections = connections
         self._lock = threading.Lock()
         self._credentials: service_account.Credentials | None = None
         self._resources: _Resources | None = None
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="play")
+        self._async: _AsyncSide | None = None
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -154,7 +219,8 @@ class PlayClient:
         """The Android Publisher resources, built once and shared by every thread.
 
         Sharing is safe because the transport is thread-safe (``PolicyHttp``) and
-        googleapiclient's resources and models hold no per-request state.
+        googleapiclient's resources and models hold no per-request state (each
+        call builds its own ``HttpRequest``).
         """
         resources = self._resources
         if resources is None:
@@ -166,7 +232,7 @@ class PlayClient:
         return resources
 
     def _build(self, credentials: service_account.Credentials) -> _Resources:
-        transport = PolicyHttp(self._outbound, self._timeout, connections=self._threads)
+        transport = PolicyHttp(self._outbound, self._timeout, connections=self._connections)
         http = google_auth_httplib2.AuthorizedHttp(credentials, http=transport)
         options = {"api_endpoint": self._endpoint} if self._endpoint else None
         service = discovery.build(
@@ -178,59 +244,112 @@ class PlayClient:
             client_options=options,
         )
         purchases = service.purchases()
-        return _Resources(service, purchases.productsv2(), purchases.products(), purchases.voidedpurchases())
+        return _Resources(
+            service,
+            purchases.productsv2(),
+            purchases.products(),
+            purchases.voidedpurchases(),
+            credentials,
+            google_auth_httplib2.Request(transport),
+        )
 
     def _delay(self, attempt: int) -> float:
         return float(min(self._max_backoff, self._backoff * 2**attempt) * (0.5 + random.random() / 2))
 
-    def _call(self, what: str, make: Callable[[_Resources], Any]) -> Any:
+    def _call(self, what: str, make: Callable[[_Resources], HttpRequest]) -> Any:
         """Execute one API request with retries of the retryable failures."""
         last = ""
         for attempt in range(self._attempts):
             try:
                 return make(self._service()).execute(num_retries=0)
-            except HttpError as exc:
-                error = PlayApiError.from_http_error(exc)
-                if error.status in (401, 403) and error.reason not in ("rateLimitExceeded", "userRateLimitExceeded"):
-                    log.error(
-                        "Google Play refused %s with %d %s (%s): check that the service account in"
-                        " COINSTORE_GOOGLE_SERVICE_ACCOUNT_FILE is invited in Play Console (Users and permissions)"
-                        " with access to the app and its financial data, that its key is current, and that"
-                        " COINSTORE_GOOGLE_PACKAGE_NAME is right; new permissions can take up to 48 hours",
-                        what,
-                        error.status,
-                        error.reason,
-                        error.message,
-                    )
-                    raise StoreAuthFailed(str(error)) from None
-                if error.status not in _RETRYABLE_STATUS and error.status != 403:
-                    raise error from None
-                last = str(error)
-            except google.auth.exceptions.RefreshError as exc:
-                if _refresh_is_transient(exc):
-                    last = f"token endpoint: {exc}"
-                else:
-                    log.error(
-                        "the Google OAuth token endpoint refused the service account in"
-                        " COINSTORE_GOOGLE_SERVICE_ACCOUNT_FILE (%s): the key may be deleted or disabled; create a"
-                        " new JSON key for the service account and point the setting at it",
-                        exc,
-                    )
-                    raise StoreAuthFailed(f"token request refused: {exc}") from None
-            except _TRANSPORT_ERRORS as exc:
-                last = f"{type(exc).__name__}: {exc}"
+            except (HttpError, google.auth.exceptions.RefreshError, *_TRANSPORT_ERRORS) as exc:
+                last = _retryable(what, exc)
             if attempt + 1 < self._attempts:
                 self._sleep(self._delay(attempt))
         log.warning("Google Play %s failed after %d attempts: %s", what, self._attempts, last)
         raise StoreUnavailable(last)
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def _acall(self, what: str, make: Callable[[_Resources], HttpRequest]) -> Any:
+        """:meth:`_call` on the event loop: the same retries and the same answers."""
+        last = ""
+        for attempt in range(self._attempts):
+            try:
+                # The first call builds the service (key file, discovery document) on a thread.
+                resources = self._resources if self._resources is not None else await asyncio.to_thread(self._service)
+                return await self._send(resources, make(resources))
+            except (HttpError, google.auth.exceptions.RefreshError, *_TRANSPORT_ERRORS) as exc:
+                last = _retryable(what, exc)
+            if attempt + 1 < self._attempts:
+                await asyncio.sleep(self._delay(attempt))
+        log.warning("Google Play %s failed after %d attempts: %s", what, self._attempts, last)
+        raise StoreUnavailable(last)
+
+    def _async_side(self) -> _AsyncSide:
+        """This loop's client and refresh lock (a client's connections belong to the loop that opened them)."""
+        loop = asyncio.get_running_loop()
+        side = self._async
+        if side is None or side.loop is not loop:
+            http = self._outbound.async_client(self._timeout, connections=self._connections)
+            side = self._async = _AsyncSide(loop, http, asyncio.Lock())
+        return side
+
+    async def _send(self, resources: _Resources, request: HttpRequest) -> Any:
+        """One request googleapiclient built, sent on the async client and answered as
+        ``HttpRequest.execute`` over ``AuthorizedHttp`` answers it."""
+        prepared = _prepared(request)
+        side = self._async_side()
+        refreshes = 0
+        while True:
+            headers = dict(prepared.headers)
+            token = await self._authorize(resources, side, prepared, headers)
+            reply = await side.http.request(prepared.method, prepared.uri, content=prepared.body, headers=headers)
+            if reply.status_code not in _REFRESH_STATUS or refreshes == _MAX_REFRESHES:
+                break
+            # The token may have been revoked or expired early: a new one, and the request again.
+            refreshes += 1
+            await self._refresh(resources, side, token)
+        response, content = httplib2_response(reply)
+        if response.status >= 300:
+            raise HttpError(response, content, uri=prepared.uri)
+        return request.postproc(response, content)
+
+    async def _authorize(
+        self, resources: _Resources, side: _AsyncSide, prepared: _Prepared, headers: dict[str, str]
+    ) -> str | None:
+        """Add google-auth's headers (refreshing first if the token is missing or expiring); the token used."""
+        credentials = resources.credentials
+        if not credentials.valid:
+            await self._refresh(resources, side, credentials.token)
+        token: str | None = credentials.token
+        if credentials.valid:
+            # Valid credentials send nothing here: before_request only adds the headers.
+            credentials.before_request(  # type: ignore[no-untyped-call]
+                resources.auth_request, prepared.method, prepared.uri, headers
+            )
+        else:
+            # A token shorter-lived than google-auth's refresh margin: use it as it is, not refresh per call.
+            credentials.apply(headers)  # type: ignore[no-untyped-call]
+        return token
+
+    async def _refresh(self, resources: _Resources, side: _AsyncSide, stale: str | None) -> None:
+        """Replace the token ``stale`` (a blocking HTTP call, on a thread); one refresh at a
+        time, and none if another call already replaced it while this one waited."""
+        credentials = resources.credentials
+        async with side.refreshing:
+            if credentials.valid and credentials.token != stale:
+                return
+            await asyncio.to_thread(credentials.refresh, resources.auth_request)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
         if self._resources is not None:
             self._resources.service.close()
+
+    async def aclose(self) -> None:
+        """Close the async client (on the loop that uses it), then the blocking side."""
+        side, self._async = self._async, None
+        if side is not None and side.loop is asyncio.get_running_loop():
+            await side.http.aclose()
+        self.close()
 
     # --- blocking API -----------------------------------------------------------------
 
@@ -294,10 +413,47 @@ class PlayClient:
                 return
             page_token = page.next_page_token
 
-    # --- async API (off the event loop) --------------------------------------------
+    # --- async API (on the event loop) ----------------------------------------------
 
     async def aget_purchase_v2(self, package_name: str, token: str) -> PurchaseV2:
-        return await self._run(lambda: self.get_purchase_v2(package_name, token))
+        """purchases.productsv2.getproductpurchasev2, without a thread."""
+        body = await self._acall(
+            "productsv2.getproductpurchasev2",
+            lambda s: s.productsv2.getproductpurchasev2(packageName=package_name, token=token),
+        )
+        return PurchaseV2.parse(body)
+
+
+def _retryable(what: str, exc: Exception) -> str:
+    """Why a failed attempt may be retried; raises the failures that are final."""
+    if isinstance(exc, HttpError):
+        error = PlayApiError.from_http_error(exc)
+        if error.status in (401, 403) and error.reason not in ("rateLimitExceeded", "userRateLimitExceeded"):
+            log.error(
+                "Google Play refused %s with %d %s (%s): check that the service account in"
+                " COINSTORE_GOOGLE_SERVICE_ACCOUNT_FILE is invited in Play Console (Users and permissions)"
+                " with access to the app and its financial data, that its key is current, and that"
+                " COINSTORE_GOOGLE_PACKAGE_NAME is right; new permissions can take up to 48 hours",
+                what,
+                error.status,
+                error.reason,
+                error.message,
+            )
+            raise StoreAuthFailed(str(error)) from None
+        if error.status not in _RETRYABLE_STATUS and error.status != 403:
+            raise error from None
+        return str(error)
+    if isinstance(exc, google.auth.exceptions.RefreshError):
+        if _refresh_is_transient(exc):
+            return f"token endpoint: {exc}"
+        log.error(
+            "the Google OAuth token endpoint refused the service account in"
+            " COINSTORE_GOOGLE_SERVICE_ACCOUNT_FILE (%s): the key may be deleted or disabled; create a"
+            " new JSON key for the service account and point the setting at it",
+            exc,
+        )
+        raise StoreAuthFailed(f"token request refused: {exc}") from None
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _refresh_is_transient(error: google.auth.exceptions.RefreshError) -> bool:

@@ -172,10 +172,18 @@ class GooglePurchases:
             log.warning("could not queue the consume of a Play purchase (the sweep will retry): %s", exc)
 
     def close(self) -> None:
+        self._close_enqueuer()
+        self.client.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` from the event loop, which also closes the client's async side."""
+        self._close_enqueuer()
+        await self.client.aclose()
+
+    def _close_enqueuer(self) -> None:
         close = getattr(self.enqueue_consume, "close", None)
         if close is not None:
             close()
-        self.client.close()
 
 
 def _revoked(verdict: GoogleVerdict) -> VerifiedPurchase:

@@ -11,14 +11,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.receipts.google.client import PlayApiError, PlayClient, StoreAuthFailed
+from services.receipts.google.client import PlayApiError, PlayClient, StoreAuthFailed, StoreUnavailable
 from services.receipts.google.rules import VoidedQuery
-from services.storesim.google import SOURCE_DEVELOPER, PlayState
+from services.storesim.google import SOURCE_DEVELOPER, Fault, PlayState
 from tests.receipts.google.support import PACKAGE, play_simulator_thread
 
 
@@ -230,3 +231,100 @@ def test_simulator_control_endpoints_and_error_envelope(sim: tuple[PlayState, st
     paid = play.buy("coins_70")
     play.refund(paid.token)
     assert events == ["CANCELED", "PURCHASED", "VOIDED"]
+
+
+async def test_the_async_look_up_answers_as_the_blocking_one(sim: tuple[PlayState, str], tmp_path: Path) -> None:
+    """The event-loop path (no thread): Google's errors, retries and refusals map as execute() maps them."""
+    play, base = sim
+    client = PlayClient(play.service_account_path, endpoint=base + "/", timeout_seconds=2, backoff_seconds=0.01)
+    try:
+        token = "tok/with+special=chars"
+        play.buy("coins_70", account_id="acct-1", token=token)
+        purchase = await client.aget_purchase_v2(PACKAGE, token)
+        assert (purchase.purchase_state, purchase.obfuscated_account_id) == ("PURCHASED", "acct-1")
+        assert purchase.raw == client.get_purchase_v2(PACKAGE, token).raw
+        assert any("tok%2Fwith%2Bspecial%3Dchars" in path for _m, path in play.requests)
+
+        async def refused(token: str) -> tuple[int, str, str]:
+            with pytest.raises(PlayApiError) as caught:
+                await client.aget_purchase_v2(PACKAGE, token)
+            return caught.value.status, caught.value.reason, caught.value.message
+
+        assert await refused("abcdefghijklmnopqrstuvwx.AO-J1Ounknown") == (
+            404,
+            "purchaseTokenNotFound",
+            "The purchase token was not found.",
+        )
+        assert (await refused("not-a-token"))[:2] == (400, "invalidValue")
+        expired = play.buy("coins_70").token
+        play.expire(expired)
+        assert (await refused(expired))[:2] == (410, "purchaseTokenNoLongerValid")
+        # 5xx and 429 are retried (4 attempts), then UNAVAILABLE; a 409 is Google's answer, not retried.
+        play.inject(Fault("getv2", 503, 3))
+        assert (await client.aget_purchase_v2(PACKAGE, token)).purchase_state == "PURCHASED"
+        play.inject(Fault("getv2", 429, 1))
+        assert (await client.aget_purchase_v2(PACKAGE, token)).purchase_state == "PURCHASED"
+        play.inject(Fault("getv2", 500, 4))
+        with pytest.raises(StoreUnavailable):
+            await client.aget_purchase_v2(PACKAGE, token)
+        play.inject(Fault("getv2", 409, 1))
+        assert (await refused(token))[:2] == (409, "concurrentUpdate")
+        assert not play.faults
+        # Rejected credentials are STORE_AUTH_FAILED at once.
+        play.revoked_service_account = True
+        with pytest.raises(StoreAuthFailed):
+            await client.aget_purchase_v2(PACKAGE, token)
+        play.revoked_service_account = False
+    finally:
+        await client.aclose()
+    # A deadline that passes is retried, then UNAVAILABLE.
+    slow = PlayClient(
+        play.service_account_path, endpoint=base + "/", timeout_seconds=0.3, attempts=2, backoff_seconds=0.01
+    )
+    try:
+        play.inject(Fault("getv2", 0, 2, delay_seconds=1.0))
+        with pytest.raises(StoreUnavailable) as caught:
+            await slow.aget_purchase_v2(PACKAGE, token)
+        assert "ReadTimeout" in caught.value.detail
+        # A key the token endpoint refuses: STORE_AUTH_FAILED, as on the blocking path.
+        forged = json.loads(play.service_account_path.read_text())
+        forged["private_key"] = PlayState(tmp_path / "other").service_account_info(base)["private_key"]
+        (tmp_path / "forged.json").write_text(json.dumps(forged))
+        forged_client = PlayClient(tmp_path / "forged.json", endpoint=base + "/", timeout_seconds=2)
+        with pytest.raises(StoreAuthFailed):
+            await forged_client.aget_purchase_v2(PACKAGE, token)
+        await forged_client.aclose()
+    finally:
+        await slow.aclose()
+
+
+async def test_one_token_refresh_at_a_time_under_concurrency(sim: tuple[PlayState, str]) -> None:
+    play, base = sim
+    client = PlayClient(play.service_account_path, endpoint=base + "/", timeout_seconds=5, backoff_seconds=0.01)
+    tokens = [play.buy("coins_70").token for _ in range(16)]
+
+    async def all_at_once() -> list[str]:
+        found = await asyncio.gather(*(client.aget_purchase_v2(PACKAGE, t) for t in tokens))
+        return [p.purchase_state for p in found]
+
+    try:
+        # A slow token endpoint: every call finds the credentials without a token while the refresh runs.
+        play.inject(Fault("token", 0, 16, delay_seconds=0.3))
+        assert await all_at_once() == ["PURCHASED"] * 16
+        assert play.access_tokens_issued == 1
+        # A valid token is reused: no refresh.
+        assert await all_at_once() == ["PURCHASED"] * 16
+        assert play.access_tokens_issued == 1
+        # Expiring (within google-auth's margin): refreshed once, before the calls go out.
+        credentials = client._service().credentials
+        assert credentials.expiry is not None
+        credentials.expiry = credentials.expiry - timedelta(seconds=3600)
+        assert await all_at_once() == ["PURCHASED"] * 16
+        assert play.access_tokens_issued == 2
+        # Revoked at Google before it expired: the 401s refresh it once and the calls are sent again.
+        play.revoke_access_tokens()
+        assert await all_at_once() == ["PURCHASED"] * 16
+        assert play.access_tokens_issued == 3
+    finally:
+        play.clear_faults()
+        await client.aclose()
