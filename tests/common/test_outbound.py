@@ -18,7 +18,14 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from services.common.outbound import OutboundPolicy, OutboundRefused, PolicyHttp, ResponseTooLarge
+from services.common.outbound import (
+    OutboundPolicy,
+    OutboundRefused,
+    PolicyHttp,
+    PolicySession,
+    Reply,
+    ResponseTooLarge,
+)
 from services.receipts.notifications.pubsub_auth import JwksCache, KeysUnavailable, TokenRejected
 from tests.support.tls import LocalCA, make_test_ca, serve_in_thread
 
@@ -117,37 +124,52 @@ def test_trusts_certifi_plus_the_configured_ca(server: Server, ca: LocalCA) -> N
         assert client.get(server.https + "/ok").text == "hello"
 
 
-@pytest.mark.parametrize("connections", [None, 2], ids=["pool", "lanes"])
-async def test_the_async_client_follows_the_same_policy(server: Server, ca: LocalCA, connections: int | None) -> None:
-    async with OutboundPolicy().async_client(5, connections=connections) as client:
+async def test_the_async_client_follows_the_same_policy(server: Server, ca: LocalCA) -> None:
+    async with OutboundPolicy().async_client(5) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(server.https + "/ok")
-    async with OutboundPolicy(ca_file=ca.ca_file, max_response_bytes=MIB).async_client(
-        5, connections=connections
-    ) as client:
+    async with OutboundPolicy(ca_file=ca.ca_file, max_response_bytes=MIB).async_client(5) as client:
         assert (await client.get(server.https + "/ok")).text == "hello"
         reply = await client.get(server.https + "/redirect")
         assert reply.status_code == 302
         for path in ("/big", "/big-declared"):
             with pytest.raises(ResponseTooLarge):
                 await client.get(server.https + path)
-    async with OutboundPolicy(https_only=True, ca_file=ca.ca_file).async_client(1, connections=connections) as client:
+    async with OutboundPolicy(https_only=True, ca_file=ca.ca_file).async_client(1) as client:
         with pytest.raises(OutboundRefused):
             await client.get(server.http + "/ok")
         with pytest.raises(httpx.ReadTimeout):
             await client.get(server.https + "/slow")
 
 
-async def test_async_lanes_bound_the_exchanges_and_come_back(server: Server, ca: LocalCA) -> None:
-    policy = OutboundPolicy(ca_file=ca.ca_file, max_response_bytes=MIB)
-    async with policy.async_client(2, connections=2) as client:
-        # An abandoned body (over the cap) and a deadline give their lane back.
+async def test_the_aiohttp_session_follows_the_same_policy(server: Server, ca: LocalCA) -> None:
+    async def get(session: PolicySession, url: str) -> Reply:
+        return await session.request("GET", url, body=None, headers={})
+
+    untrusted = OutboundPolicy().session(5, connections=2)
+    with pytest.raises(httpx.ConnectError):
+        await get(untrusted, server.https + "/ok")
+    await untrusted.aclose()
+    session = OutboundPolicy(ca_file=ca.ca_file, max_response_bytes=MIB).session(2, connections=2)
+    try:
+        assert (await get(session, server.https + "/ok")).content == b"hello"
+        redirect = await get(session, server.https + "/redirect")
+        assert (redirect.status, redirect.headers["location"]) == (302, "/ok")
+        # Over the cap (streamed or declared) or past the deadline: abandoned, and the
+        # connection given back: eight exchanges after them still run, two at a time.
         for path in ("/big", "/big-declared", "/big", "/slow"):
             with pytest.raises((ResponseTooLarge, httpx.ReadTimeout)):
-                await client.get(server.https + path)
-        replies = await asyncio.gather(*(client.get(server.https + "/pause") for _ in range(8)))
-    assert [r.text for r in replies] == ["done"] * 8
+                await get(session, server.https + path)
+        replies = await asyncio.gather(*(get(session, server.https + "/pause") for _ in range(8)))
+    finally:
+        await session.aclose()
+    assert [r.content for r in replies] == [b"done"] * 8
     assert server.most_at_once == 2
+    assert server.hits["/ok"] == 1  # the redirect to /ok was not followed
+    production = OutboundPolicy(https_only=True, ca_file=ca.ca_file).session(1, connections=1)
+    with pytest.raises(OutboundRefused):
+        await get(production, server.http + "/ok")
+    await production.aclose()
 
 
 def test_redirects_are_not_followed(server: Server, ca: LocalCA) -> None:

@@ -53,7 +53,7 @@ from googleapiclient.errors import HttpError
 from googleapiclient.http import HttpRequest
 
 from services.common.errors import Unavailable
-from services.common.outbound import OutboundPolicy, PolicyHttp, httplib2_response
+from services.common.outbound import OutboundPolicy, PolicyHttp, PolicySession, httplib2_response
 from services.receipts.google.rules import PurchaseV2, VoidedPage, VoidedPurchase, VoidedQuery
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class _AsyncSide:
     """The async path's state on one event loop: its client, and the lock that lets one refresh run at a time."""
 
     loop: asyncio.AbstractEventLoop
-    http: httpx.AsyncClient
+    http: PolicySession
     refreshing: asyncio.Lock
 
 
@@ -289,7 +289,7 @@ class PlayClient:
         loop = asyncio.get_running_loop()
         side = self._async
         if side is None or side.loop is not loop:
-            http = self._outbound.async_client(self._timeout, connections=self._connections)
+            http = self._outbound.session(self._timeout, connections=self._connections)
             side = self._async = _AsyncSide(loop, http, asyncio.Lock())
         return side
 
@@ -302,8 +302,8 @@ class PlayClient:
         while True:
             headers = dict(prepared.headers)
             token = await self._authorize(resources, side, prepared, headers)
-            reply = await side.http.request(prepared.method, prepared.uri, content=prepared.body, headers=headers)
-            if reply.status_code not in _REFRESH_STATUS or refreshes == _MAX_REFRESHES:
+            reply = await side.http.request(prepared.method, prepared.uri, body=prepared.body, headers=headers)
+            if reply.status not in _REFRESH_STATUS or refreshes == _MAX_REFRESHES:
                 break
             # The token may have been revoked or expired early: a new one, and the request again.
             refreshes += 1
