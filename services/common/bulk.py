@@ -226,7 +226,8 @@ class Bulk:
             return []
         keys = (key,) if isinstance(key, str) else key
         columns = tuple(c for c in rows[0] if c not in keys)
-        cache_key = ("update", table.name, keys, columns, None if only is None else str(only), tuple(returning))
+        # ``only`` is the caller's one condition object, kept alive by the cached statement.
+        cache_key = ("update", table.name, keys, columns, id(only), tuple(returning))
         stmt = self._statements.get(cache_key)
         if stmt is None:
             stmt = self._statements[cache_key] = self._build_update(
@@ -312,13 +313,7 @@ class Bulk:
         cache_key = ("keys", query, columns, for_update)
         stmt = self._statements.get(cache_key)
         if stmt is None:
-            names = [f"key_{i}" for i in range(len(columns))]
-            unnested = sa.func.unnest(
-                *(sa.bindparam(name, type_=ARRAY(column.type)) for name, column in zip(names, columns, strict=True))
-            )
-            wanted = unnested.table_valued(*names).render_derived("wanted")
-            probe = query.where(*(column == wanted.c[name] for name, column in zip(names, columns, strict=True)))
-            found = (probe.with_for_update() if for_update else probe).offset(0).lateral("found")
+            wanted, found = _probe(query, columns, for_update, "")
             stmt = self._statements[cache_key] = sa.select(found).select_from(wanted.join(found, sa.true()))
         if isinstance(key, tuple):
             arrays = {f"key_{i}": [k[i] for k in keys] for i in range(len(columns))}
@@ -348,10 +343,7 @@ class Bulk:
         if stmt is None:
             branches = []
             for number, (key, query) in enumerate(parts):
-                unnested = sa.func.unnest(sa.bindparam("key_0", type_=ARRAY(key.type)))
-                wanted = unnested.table_valued("key").render_derived(f"wanted_{number}")
-                probe = query.where(key == wanted.c.key).offset(0)
-                probed = (probe.with_for_update() if for_update else probe).lateral(f"found_{number}")
+                wanted, probed = _probe(query, (key,), for_update, f"_{number}")
                 part = sa.literal_column(str(number), sa.Integer).label("part")
                 branches.append(sa.select(part, probed).select_from(wanted.join(probed, sa.true())))
             stmt = self._statements[cache_key] = sa.union_all(*branches)
@@ -359,3 +351,18 @@ class Bulk:
         for row in conn.execute(stmt, {"key_0": list(keys)}):
             found[row.part].append(row)
         return found
+
+
+def _probe(
+    query: sa.Select[Any], columns: tuple[sa.Column[Any], ...], for_update: bool, suffix: str
+) -> tuple[Any, Any]:
+    """The unnested keys (one array parameter ``key_<i>`` per key column) and, LATERAL to
+    them, ``query`` probed once per key (OFFSET 0 keeps the planner from flattening the
+    probe into a join), locked with ``for_update``."""
+    names = [f"key_{i}" for i in range(len(columns))]
+    unnested = sa.func.unnest(
+        *(sa.bindparam(name, type_=ARRAY(column.type)) for name, column in zip(names, columns, strict=True))
+    )
+    wanted = unnested.table_valued(*names).render_derived(f"wanted{suffix}")
+    probe = query.where(*(column == wanted.c[name] for name, column in zip(names, columns, strict=True)))
+    return wanted, (probe.with_for_update() if for_update else probe).offset(0).lateral(f"found{suffix}")
