@@ -19,11 +19,9 @@ unreachable servers applies. ``PolicyHttp`` offers the same to httplib2 users
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import ssl
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +86,6 @@ class OutboundPolicy:
 
     def async_client(self, deadline_seconds: float, *, plain_http_allowed: bool = False) -> httpx.AsyncClient:
         """An asyncio client; each exchange ends within ``deadline_seconds``."""
-        _spare_the_sniffio_import()
         transport = _AsyncCapped(
             httpx.AsyncHTTPTransport(verify=self.ssl_context()), self, deadline_seconds, plain_http_allowed
         )
@@ -106,17 +103,6 @@ class OutboundPolicy:
         return response.content
 
 
-def _spare_the_sniffio_import() -> None:
-    """httpcore's async locks, events and cancellation shields each ``import sniffio``
-    when set up (several times a request), and fall back to asyncio when it is missing.
-    anyio no longer brings sniffio, and a failed import is not cached: every attempt
-    searched sys.path again (≈ 25 µs of stat calls each; encode/httpcore#1103). When it
-    is not installed, record that, as the import system allows (a None entry in
-    sys.modules makes the import fail at once)."""
-    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None  # type: ignore[assignment]
-
-
 def _deadline_for(request: httpx.Request, default: float) -> float:
     """The per-call timeout a caller passed (httpx puts it in the extensions), else the client's."""
     timeout = request.extensions.get("timeout") or {}
@@ -124,20 +110,32 @@ def _deadline_for(request: httpx.Request, default: float) -> float:
     return max(values) if values else default
 
 
-def _capped_body(chunks: Iterator[bytes], limit: int, deadline: float, url: httpx.URL) -> bytes:
-    body = bytearray()
-    for chunk in chunks:
-        body += chunk
-        if len(body) > limit:
-            raise ResponseTooLarge(f"response over {limit} bytes from {url.host}")
-        if time.monotonic() > deadline:
-            raise httpx.ReadTimeout(f"response from {url.host} not complete within the deadline")
-    return bytes(body)
+class _Body:
+    """A response body kept up to ``limit`` bytes: past it (declared or streamed) the
+    exchange is abandoned with ``ResponseTooLarge``."""
+
+    def __init__(self, limit: int, host: str | None, declared: str | int | None) -> None:
+        self._limit = limit
+        self._host = host
+        self._kept = bytearray()
+        if declared is not None and int(declared) > limit:
+            self._too_large()
+
+    def add(self, chunk: bytes) -> None:
+        self._kept += chunk
+        if len(self._kept) > self._limit:
+            self._too_large()
+
+    def _too_large(self) -> None:
+        raise ResponseTooLarge(f"response over {self._limit} bytes from {self._host}")
+
+    def content(self) -> bytes:
+        return bytes(self._kept)
 
 
-def _declared_too_large(response: httpx.Response, limit: int) -> bool:
-    declared = response.headers.get("content-length", "")
-    return declared.isdigit() and int(declared) > limit
+def _declared(response: httpx.Response) -> str | None:
+    length = response.headers.get("content-length", "")
+    return length if length.isdigit() else None
 
 
 class _Gate:
@@ -167,14 +165,16 @@ class _Capped(_Gate, httpx.BaseTransport):
         deadline = time.monotonic() + self._admit(request)
         response = self._inner.handle_request(request)
         try:
-            if _declared_too_large(response, self._policy.max_response_bytes):
-                raise ResponseTooLarge(f"response over {self._policy.max_response_bytes} bytes from {request.url.host}")
+            body = _Body(self._policy.max_response_bytes, request.url.host, _declared(response))
             stream = response.stream
             assert isinstance(stream, httpx.SyncByteStream)
-            body = _capped_body(iter(stream), self._policy.max_response_bytes, deadline, request.url)
+            for chunk in stream:
+                body.add(chunk)
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"response from {request.url.host} not complete within the deadline")
         finally:
             response.close()
-        return httpx.Response(response.status_code, headers=response.headers, content=body, request=request)
+        return httpx.Response(response.status_code, headers=response.headers, content=body.content(), request=request)
 
     def close(self) -> None:
         self._inner.close()
@@ -189,23 +189,18 @@ class _AsyncCapped(_Gate, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         seconds = self._admit(request)
-        limit = self._policy.max_response_bytes
         try:
             async with asyncio.timeout(seconds):
                 response = await self._inner.handle_async_request(request)
                 try:
-                    if _declared_too_large(response, limit):
-                        raise ResponseTooLarge(f"response over {limit} bytes from {request.url.host}")
-                    body = bytearray()
+                    body = _Body(self._policy.max_response_bytes, request.url.host, _declared(response))
                     async for chunk in _aiter(response.stream):
-                        body += chunk
-                        if len(body) > limit:
-                            raise ResponseTooLarge(f"response over {limit} bytes from {request.url.host}")
+                        body.add(chunk)
                 finally:
                     await response.aclose()
         except TimeoutError:
             raise httpx.ReadTimeout(f"{request.url.host} did not answer within the deadline") from None
-        return httpx.Response(response.status_code, headers=response.headers, content=bytes(body), request=request)
+        return httpx.Response(response.status_code, headers=response.headers, content=body.content(), request=request)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -255,7 +250,6 @@ class PolicySession:
 
     async def request(self, method: str, url: str, *, body: bytes | None, headers: Mapping[str, str]) -> Reply:
         self._policy.check(url, plain_http_allowed=self._plain_http_allowed)
-        limit = self._policy.max_response_bytes
         host = urlsplit(url).hostname
         # The cap counts the bytes we keep: a compressed body could inflate far beyond it.
         sent = {**headers, "Accept-Encoding": "identity"}
@@ -264,15 +258,11 @@ class PolicySession:
                 async with self._client().request(
                     method, url, data=body, headers=sent, allow_redirects=False
                 ) as response:
-                    if (response.content_length or 0) > limit:
-                        raise ResponseTooLarge(f"response over {limit} bytes from {host}")
-                    content = bytearray()
+                    kept = _Body(self._policy.max_response_bytes, host, response.content_length)
                     async for chunk in response.content.iter_chunked(64 * 1024):
-                        content += chunk
-                        if len(content) > limit:
-                            raise ResponseTooLarge(f"response over {limit} bytes from {host}")
+                        kept.add(chunk)
                     found = {name.lower(): value for name, value in response.headers.items()}
-                    return Reply(response.status, response.reason or "", found, bytes(content))
+                    return Reply(response.status, response.reason or "", found, kept.content())
         except TimeoutError:
             raise httpx.ReadTimeout(f"{host} did not answer within the deadline") from None
         except aiohttp.ClientConnectorError as error:
