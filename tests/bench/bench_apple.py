@@ -41,6 +41,7 @@ from tests.bench.common import (
     stop_processes,
 )
 from tests.support.ports import free_port
+from tests.support.waiting import serving
 
 
 # Single-core figures count CPU seconds of this thread (time.thread_time), so
@@ -119,25 +120,6 @@ def verification(args: BenchArgs) -> list[Result]:
     return [coinstore, raw, library]
 
 
-async def _wait_serving(address: str, process: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"a service exited with status {process.returncode}")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{address} did not become SERVING")
-
-
 async def _end_to_end(args: BenchArgs) -> Result:
     """The wallet and the receipts service as their own processes (python -m …)
     on one fresh PostgreSQL database; this process is the app backend."""
@@ -188,8 +170,8 @@ async def _end_to_end(args: BenchArgs) -> Result:
             for name in ("wallet", "receipts")
         ]
         try:
-            await _wait_serving(f"127.0.0.1:{wallet_port}", children[0])
-            await _wait_serving(f"127.0.0.1:{receipts_port}", children[1])
+            await serving(f"127.0.0.1:{wallet_port}", children[0])
+            await serving(f"127.0.0.1:{receipts_port}", children[1])
             md = keys.metadata("purchases:verify", subject="app-backend")
             latencies: list[float] = []
             async with grpc.aio.insecure_channel(f"127.0.0.1:{receipts_port}") as channel:

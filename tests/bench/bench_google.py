@@ -30,6 +30,7 @@ from services.storesim.apple import create_store
 from tests.bench import bench_apple, common
 from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
 from tests.support.ports import free_port
+from tests.support.waiting import serving
 
 REPO = Path(__file__).resolve().parents[2]
 CONCURRENCY = 64
@@ -114,8 +115,8 @@ async def _end_to_end(args: BenchArgs) -> Result:
                 account = accounts[i % CONCURRENCY]
                 token = _buy(simulator, "coins_70", binding.obfuscated_account_id(account))
                 purchases.append((f"bench-{i}", account, token))
-            await bench_apple._wait_serving(f"127.0.0.1:{wallet_port}", children[1])
-            await bench_apple._wait_serving(f"127.0.0.1:{receipts_port}", children[2])
+            await serving(f"127.0.0.1:{wallet_port}", children[1])
+            await serving(f"127.0.0.1:{receipts_port}", children[2])
             md = keys.metadata("purchases:verify", subject="app-backend")
             latencies: list[float] = []
             async with grpc.aio.insecure_channel(f"127.0.0.1:{receipts_port}") as channel:

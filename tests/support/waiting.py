@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 T = TypeVar("T")
 
@@ -82,3 +86,28 @@ def eventually_sync(
         if time.monotonic() > deadline:
             raise _timed_out(what, timeout, detail)
         time.sleep(interval)
+
+
+async def serving(
+    address: str,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 60.0,
+    *,
+    detail: Callable[[], str] | None = None,
+) -> None:
+    """Wait until the gRPC health service at ``address`` answers SERVING; ``process``, if
+    given, must not exit meanwhile (its failure is reported at once, with ``detail``)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def up() -> bool:
+            if process is not None and process.poll() is not None:
+                extra = f"\n{detail()}" if detail is not None else ""
+                raise AssertionError(f"{address}: the process exited with status {process.returncode}{extra}")
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.aio.AioRpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        await eventually(up, f"{address} to serve", timeout, detail=detail)

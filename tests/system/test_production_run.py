@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coinstore.receipts.v1 import receipt_service_pb2 as rpb
 from coinstore.receipts.v1 import receipt_service_pb2_grpc as rpb_grpc
@@ -30,6 +29,7 @@ from tests.support.ports import free_port
 from tests.support.receipts_processes import child
 from tests.support.tls import LocalCA, make_test_ca
 from tests.support.tokens import Keys, make_keys
+from tests.support.waiting import serving
 
 REPO = Path(__file__).resolve().parents[2]
 PACK = "com.coinstore.coins.350"
@@ -55,23 +55,6 @@ def wait_https(url: str, ca: LocalCA, process: subprocess.Popen[bytes], log: Pat
         except httpx.HTTPError:
             time.sleep(0.1)
     raise AssertionError(f"{url} never answered: {log.read_text()}")
-
-
-def wait_serving(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    async def serving() -> None:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for _ in range(600):
-                assert process.poll() is None, log.read_text()
-                try:
-                    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"port {port} never served: {log.read_text()}")
-
-    asyncio.run(serving())
 
 
 class System:
@@ -162,8 +145,11 @@ def test_a_purchase_is_verified_and_credited_in_production_mode(system: System) 
         receipts = stack.enter_context(
             child(["-m", "services.receipts"], system.receipts_env, system.tmp, logs["receipts"])
         )
-        wait_serving(system.wallet_port, wallet, logs["wallet"])
-        wait_serving(system.receipts_port, receipts, logs["receipts"])
+        for port, process, log in (
+            (system.wallet_port, wallet, logs["wallet"]),
+            (system.receipts_port, receipts, logs["receipts"]),
+        ):
+            asyncio.run(serving(f"127.0.0.1:{port}", process, detail=log.read_text))
 
         async def purchase() -> tuple[rpb.VerifyApplePurchaseResponse, int]:
             async with (

@@ -8,13 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
@@ -24,6 +22,7 @@ from services.wallet.audit import audit, audit_engine
 from tests.support.failpoints import failpoint_env, fired_pid
 from tests.support.status import error_info
 from tests.support.tokens import Keys
+from tests.support.waiting import serving
 from tests.wallet.support import ALL_SCOPES, Wallet, credit_request, migrated, running_wallet, write_catalog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -133,22 +132,6 @@ def start_service(
     return subprocess.Popen([sys.executable, "-m", "services.wallet"], env=env, cwd=REPO_ROOT)
 
 
-async def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the wallet service exited"
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("the wallet service never became SERVING")
-
-
 @pytest.mark.slow
 async def test_sigkill_mid_batch_leaves_no_half_applied_transaction(
     database_url: str, keys: Keys, tmp_path: Path, free_port: int
@@ -179,7 +162,7 @@ async def test_sigkill_mid_batch_leaves_no_half_applied_transaction(
     )
     acknowledged: list[str] = []
     try:
-        await wait_serving(address, process)
+        await serving(address, process)
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.WalletServiceStub(channel)
             await asyncio.gather(*(stub.CreditPurchase(r, metadata=metadata, timeout=30) for r in credits))
@@ -215,7 +198,7 @@ async def test_sigkill_mid_batch_leaves_no_half_applied_transaction(
     # Restart, replay every request with its original request id: each applies exactly once.
     process = start_service(database_url, keys, catalog, free_port)
     try:
-        await wait_serving(address, process)
+        await serving(address, process)
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.WalletServiceStub(channel)
             await asyncio.gather(*(stub.CreditPurchase(r, metadata=metadata, timeout=60) for r in credits))
