@@ -489,17 +489,27 @@ class PayoutStore:
                 .values(state=state.value, failure_reason=reason[:256], wallet_done=True, updated_at=now)
             ).rowcount
             if moved:
-                self._sub_cashout_daily(conn, cashout_id)
+                self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id)
 
         self.db.transaction(tx)
 
-    def _sub_cashout_daily(self, conn: Connection, cashout_id: str) -> None:
-        row = conn.execute(
+    def _sub_cashouts_daily(self, conn: Connection, *where: sa.ColumnElement[bool], keep: int = 0) -> bool:
+        """Take the amounts of the cash-outs matching ``where`` off their days, one update per
+        (creator, day, currency); ``keep`` stays counted (a re-quoted row's new amount). False if none matched."""
+        found = False
+        for row in conn.execute(
             sa.select(
-                cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency, cashouts.c.amount_minor
-            ).where(cashouts.c.cashout_id == cashout_id)
-        ).one()
-        self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
+                cashouts.c.creator_account_id,
+                cashouts.c.request_day,
+                cashouts.c.currency,
+                sa.func.sum(cashouts.c.amount_minor).label("amount"),
+            )
+            .where(*where)
+            .group_by(cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency)
+        ):
+            found = True
+            self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, int(row.amount) - keep)
+        return found
 
     def expire_unsent(self, horizon: datetime, now: datetime, limit: int = 5000) -> list[str]:
         """Cash-outs not yet in a submission whose hold lapses before ``horizon`` → EXPIRED
@@ -546,7 +556,7 @@ class PayoutStore:
             )
         ).rowcount
         if moved:
-            self._sub_cashout_daily(conn, cashout_id)
+            self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id)
         return bool(moved)
 
     def prune_chunk(
@@ -570,15 +580,8 @@ class PayoutStore:
                 for cashout_id in ids:
                     self._end_unpaid(conn, cashout_id, unsent, state, reason, now)
             for cashout_id, amount, diamonds in requoted:
-                before = conn.execute(
-                    sa.select(
-                        cashouts.c.creator_account_id,
-                        cashouts.c.request_day,
-                        cashouts.c.currency,
-                        cashouts.c.amount_minor,
-                    ).where(cashouts.c.cashout_id == cashout_id, *unsent)
-                ).first()
-                if before is None:
+                # Only the part of the amount the re-quote gave up stops counting toward the day.
+                if not self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id, *unsent, keep=amount):
                     continue
                 conn.execute(
                     cashouts.update()
@@ -591,9 +594,6 @@ class PayoutStore:
                         diamonds=diamonds,
                         updated_at=now,
                     )
-                )
-                self._sub_daily(
-                    conn, before.creator_account_id, before.request_day, before.currency, before.amount_minor - amount
                 )
             gone = len(expired) + len(requoted) + len(cancelled)
             if gone:
@@ -657,17 +657,7 @@ class PayoutStore:
                     updated_at=now,
                 )
             )
-            for row in conn.execute(
-                sa.select(
-                    cashouts.c.creator_account_id,
-                    cashouts.c.request_day,
-                    cashouts.c.currency,
-                    sa.func.sum(cashouts.c.amount_minor).label("amount"),
-                )
-                .where(cashouts.c.chunk_id == chunk_id)
-                .group_by(cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency)
-            ):
-                self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, int(row.amount))
+            self._sub_cashouts_daily(conn, cashouts.c.chunk_id == chunk_id)
             return True
 
         return self.db.transaction(tx)
@@ -757,12 +747,7 @@ class PayoutStore:
                 f"a cash-out in state {found.state.value} cannot be cancelled (only before it is in a batch)",
                 {"state": found.state.value},
             )
-        row = conn.execute(
-            sa.select(
-                cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency, cashouts.c.amount_minor
-            ).where(cashouts.c.cashout_id == cashout_id)
-        ).one()
-        self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
+        self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id)
         result = self.cashout(conn, cashout_id)
         assert result is not None
         return result
@@ -1220,15 +1205,7 @@ class PayoutStore:
                     params,
                 ).rowcount
                 if moved:
-                    row = conn.execute(
-                        sa.select(
-                            cashouts.c.creator_account_id,
-                            cashouts.c.request_day,
-                            cashouts.c.currency,
-                            cashouts.c.amount_minor,
-                        ).where(cashouts.c.cashout_id == params["b_id"])
-                    ).one()
-                    self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
+                    self._sub_cashouts_daily(conn, cashouts.c.cashout_id == params["b_id"])
             if pending:
                 # Polled every few seconds for up to 15,000 items: write only the rows that changed.
                 conn.execute(
