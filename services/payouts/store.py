@@ -528,36 +528,42 @@ class PayoutStore:
                 ).scalars()
             )
             unsent = (cashouts.c.state.in_(UNSENT_STATES), cashouts.c.chunk_id.is_(None))
-            return [c for c in ids if self._end_unpaid(conn, c, unsent, CashoutState.EXPIRED, HOLD_EXPIRED, now)]
+            return self._end_unpaid(conn, ids, unsent, CashoutState.EXPIRED, HOLD_EXPIRED, now)
 
         return self.db.transaction(tx)
 
     def _end_unpaid(
         self,
         conn: Connection,
-        cashout_id: str,
+        cashout_ids: Sequence[str],
         where: Sequence[Any],
         state: CashoutState,
         reason: str,
         now: datetime,
-    ) -> bool:
-        """A cash-out never sent ends in ``state``: out of its submission, its hold to release
-        (wallet outbox), no longer counted toward its day."""
-        moved = conn.execute(
-            cashouts.update()
-            .where(cashouts.c.cashout_id == cashout_id, *where)
-            .values(
-                state=state.value,
-                chunk_id=None,
-                failure_reason=reason,
-                wallet_action=WalletAction.RELEASE.value,
-                wallet_done=False,
-                updated_at=now,
+    ) -> list[str]:
+        """Cash-outs never sent end in ``state``: out of their submission, their holds to release
+        (wallet outbox), no longer counted toward their days. Returns those that still matched ``where``."""
+        moved: list[str] = []
+        for part in _parts(cashout_ids, 5000):
+            ended = list(
+                conn.execute(
+                    cashouts.update()
+                    .where(cashouts.c.cashout_id.in_(part), *where)
+                    .values(
+                        state=state.value,
+                        chunk_id=None,
+                        failure_reason=reason,
+                        wallet_action=WalletAction.RELEASE.value,
+                        wallet_done=False,
+                        updated_at=now,
+                    )
+                    .returning(cashouts.c.cashout_id)
+                ).scalars()
             )
-        ).rowcount
-        if moved:
-            self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id)
-        return bool(moved)
+            if ended:
+                self._sub_cashouts_daily(conn, cashouts.c.cashout_id.in_(ended))
+            moved += ended
+        return moved
 
     def prune_chunk(
         self,
@@ -577,8 +583,7 @@ class PayoutStore:
                 (expired, CashoutState.EXPIRED, HOLD_EXPIRED),
                 (cancelled, CashoutState.CANCELLED, CLAWED_BACK),
             ):
-                for cashout_id in ids:
-                    self._end_unpaid(conn, cashout_id, unsent, state, reason, now)
+                self._end_unpaid(conn, ids, unsent, state, reason, now)
             for cashout_id, amount, diamonds in requoted:
                 # Only the part of the amount the re-quote gave up stops counting toward the day.
                 if not self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id, *unsent, keep=amount):
