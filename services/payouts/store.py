@@ -1231,10 +1231,11 @@ class PayoutStore:
         self,
         *,
         chunk_id: str | None = None,
-        cashout_id: str | None = None,
+        cashout_ids: Sequence[str] | None = None,
         older_than: datetime | None = None,
         limit: int = 5000,
     ) -> list[Settlement]:
+        """The wallet outbox (holds still to commit or release), filtered by whichever arguments are given."""
         query = sa.select(
             cashouts.c.cashout_id,
             cashouts.c.reservation_id,
@@ -1242,8 +1243,8 @@ class PayoutStore:
             cashouts.c.failure_reason,
             cashouts.c.diamonds,
         ).where(cashouts.c.wallet_done.is_(False))
-        if cashout_id is not None:
-            query = query.where(cashouts.c.cashout_id == cashout_id)
+        if cashout_ids is not None:
+            query = query.where(cashouts.c.cashout_id.in_(cashout_ids))
         if chunk_id is not None:
             query = query.where(cashouts.c.chunk_id == chunk_id)
         if older_than is not None:
