@@ -489,17 +489,27 @@ class PayoutStore:
                 .values(state=state.value, failure_reason=reason[:256], wallet_done=True, updated_at=now)
             ).rowcount
             if moved:
-                self._sub_cashout_daily(conn, cashout_id)
+                self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id)
 
         self.db.transaction(tx)
 
-    def _sub_cashout_daily(self, conn: Connection, cashout_id: str) -> None:
-        row = conn.execute(
+    def _sub_cashouts_daily(self, conn: Connection, *where: sa.ColumnElement[bool], keep: int = 0) -> bool:
+        """Take the amounts of the cash-outs matching ``where`` off their days, one update per
+        (creator, day, currency); ``keep`` stays counted (a re-quoted row's new amount). False if none matched."""
+        found = False
+        for row in conn.execute(
             sa.select(
-                cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency, cashouts.c.amount_minor
-            ).where(cashouts.c.cashout_id == cashout_id)
-        ).one()
-        self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
+                cashouts.c.creator_account_id,
+                cashouts.c.request_day,
+                cashouts.c.currency,
+                sa.func.sum(cashouts.c.amount_minor).label("amount"),
+            )
+            .where(*where)
+            .group_by(cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency)
+        ):
+            found = True
+            self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, int(row.amount) - keep)
+        return found
 
     def expire_unsent(self, horizon: datetime, now: datetime, limit: int = 5000) -> list[str]:
         """Cash-outs not yet in a submission whose hold lapses before ``horizon`` → EXPIRED
@@ -518,36 +528,42 @@ class PayoutStore:
                 ).scalars()
             )
             unsent = (cashouts.c.state.in_(UNSENT_STATES), cashouts.c.chunk_id.is_(None))
-            return [c for c in ids if self._end_unpaid(conn, c, unsent, CashoutState.EXPIRED, HOLD_EXPIRED, now)]
+            return self._end_unpaid(conn, ids, unsent, CashoutState.EXPIRED, HOLD_EXPIRED, now)
 
         return self.db.transaction(tx)
 
     def _end_unpaid(
         self,
         conn: Connection,
-        cashout_id: str,
+        cashout_ids: Sequence[str],
         where: Sequence[Any],
         state: CashoutState,
         reason: str,
         now: datetime,
-    ) -> bool:
-        """A cash-out never sent ends in ``state``: out of its submission, its hold to release
-        (wallet outbox), no longer counted toward its day."""
-        moved = conn.execute(
-            cashouts.update()
-            .where(cashouts.c.cashout_id == cashout_id, *where)
-            .values(
-                state=state.value,
-                chunk_id=None,
-                failure_reason=reason,
-                wallet_action=WalletAction.RELEASE.value,
-                wallet_done=False,
-                updated_at=now,
+    ) -> list[str]:
+        """Cash-outs never sent end in ``state``: out of their submission, their holds to release
+        (wallet outbox), no longer counted toward their days. Returns those that still matched ``where``."""
+        moved: list[str] = []
+        for part in _parts(cashout_ids, 5000):
+            ended = list(
+                conn.execute(
+                    cashouts.update()
+                    .where(cashouts.c.cashout_id.in_(part), *where)
+                    .values(
+                        state=state.value,
+                        chunk_id=None,
+                        failure_reason=reason,
+                        wallet_action=WalletAction.RELEASE.value,
+                        wallet_done=False,
+                        updated_at=now,
+                    )
+                    .returning(cashouts.c.cashout_id)
+                ).scalars()
             )
-        ).rowcount
-        if moved:
-            self._sub_cashout_daily(conn, cashout_id)
-        return bool(moved)
+            if ended:
+                self._sub_cashouts_daily(conn, cashouts.c.cashout_id.in_(ended))
+            moved += ended
+        return moved
 
     def prune_chunk(
         self,
@@ -567,18 +583,10 @@ class PayoutStore:
                 (expired, CashoutState.EXPIRED, HOLD_EXPIRED),
                 (cancelled, CashoutState.CANCELLED, CLAWED_BACK),
             ):
-                for cashout_id in ids:
-                    self._end_unpaid(conn, cashout_id, unsent, state, reason, now)
+                self._end_unpaid(conn, ids, unsent, state, reason, now)
             for cashout_id, amount, diamonds in requoted:
-                before = conn.execute(
-                    sa.select(
-                        cashouts.c.creator_account_id,
-                        cashouts.c.request_day,
-                        cashouts.c.currency,
-                        cashouts.c.amount_minor,
-                    ).where(cashouts.c.cashout_id == cashout_id, *unsent)
-                ).first()
-                if before is None:
+                # Only the part of the amount the re-quote gave up stops counting toward the day.
+                if not self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id, *unsent, keep=amount):
                     continue
                 conn.execute(
                     cashouts.update()
@@ -591,9 +599,6 @@ class PayoutStore:
                         diamonds=diamonds,
                         updated_at=now,
                     )
-                )
-                self._sub_daily(
-                    conn, before.creator_account_id, before.request_day, before.currency, before.amount_minor - amount
                 )
             gone = len(expired) + len(requoted) + len(cancelled)
             if gone:
@@ -657,17 +662,7 @@ class PayoutStore:
                     updated_at=now,
                 )
             )
-            for row in conn.execute(
-                sa.select(
-                    cashouts.c.creator_account_id,
-                    cashouts.c.request_day,
-                    cashouts.c.currency,
-                    sa.func.sum(cashouts.c.amount_minor).label("amount"),
-                )
-                .where(cashouts.c.chunk_id == chunk_id)
-                .group_by(cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency)
-            ):
-                self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, int(row.amount))
+            self._sub_cashouts_daily(conn, cashouts.c.chunk_id == chunk_id)
             return True
 
         return self.db.transaction(tx)
@@ -757,12 +752,7 @@ class PayoutStore:
                 f"a cash-out in state {found.state.value} cannot be cancelled (only before it is in a batch)",
                 {"state": found.state.value},
             )
-        row = conn.execute(
-            sa.select(
-                cashouts.c.creator_account_id, cashouts.c.request_day, cashouts.c.currency, cashouts.c.amount_minor
-            ).where(cashouts.c.cashout_id == cashout_id)
-        ).one()
-        self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
+        self._sub_cashouts_daily(conn, cashouts.c.cashout_id == cashout_id)
         result = self.cashout(conn, cashout_id)
         assert result is not None
         return result
@@ -1220,15 +1210,7 @@ class PayoutStore:
                     params,
                 ).rowcount
                 if moved:
-                    row = conn.execute(
-                        sa.select(
-                            cashouts.c.creator_account_id,
-                            cashouts.c.request_day,
-                            cashouts.c.currency,
-                            cashouts.c.amount_minor,
-                        ).where(cashouts.c.cashout_id == params["b_id"])
-                    ).one()
-                    self._sub_daily(conn, row.creator_account_id, row.request_day, row.currency, row.amount_minor)
+                    self._sub_cashouts_daily(conn, cashouts.c.cashout_id == params["b_id"])
             if pending:
                 # Polled every few seconds for up to 15,000 items: write only the rows that changed.
                 conn.execute(
@@ -1249,10 +1231,11 @@ class PayoutStore:
         self,
         *,
         chunk_id: str | None = None,
-        cashout_id: str | None = None,
+        cashout_ids: Sequence[str] | None = None,
         older_than: datetime | None = None,
         limit: int = 5000,
     ) -> list[Settlement]:
+        """The wallet outbox (holds still to commit or release), filtered by whichever arguments are given."""
         query = sa.select(
             cashouts.c.cashout_id,
             cashouts.c.reservation_id,
@@ -1260,8 +1243,8 @@ class PayoutStore:
             cashouts.c.failure_reason,
             cashouts.c.diamonds,
         ).where(cashouts.c.wallet_done.is_(False))
-        if cashout_id is not None:
-            query = query.where(cashouts.c.cashout_id == cashout_id)
+        if cashout_ids is not None:
+            query = query.where(cashouts.c.cashout_id.in_(cashout_ids))
         if chunk_id is not None:
             query = query.where(cashouts.c.chunk_id == chunk_id)
         if older_than is not None:

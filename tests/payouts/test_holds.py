@@ -31,7 +31,7 @@ from coinstore.payouts.v1 import payout_service_pb2_grpc as pb_grpc
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.db import Database
 from services.payouts.domain.model import derived_id
-from services.payouts.store import chunks
+from services.payouts.store import chunks, daily_totals
 from services.wallet.audit import audit
 from tests.payouts.conftest import start_service
 from tests.payouts.harness import PayPalSimServer, Worker, payouts_settings, write_catalog
@@ -127,6 +127,18 @@ async def stack(
             purge(broker, settings.payout_queue)
 
 
+def day_total(database: Database, creator: str) -> int:
+    """What counts toward the creator's daily limit (minor units, every day summed)."""
+    with database.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(daily_totals.c.amount_minor), 0)).where(
+                    daily_totals.c.creator_account_id == creator
+                )
+            ).scalar_one()
+        )
+
+
 def payments(paypal: PayPalSimServer) -> Counter[str]:
     """Payments the simulator made, by cash-out id (any attempt)."""
     return Counter(p["sender_item_id"].rsplit("-", 1)[0] for p in paypal.payments()["payments"])
@@ -167,7 +179,8 @@ async def test_a_hold_that_would_lapse_is_expired_never_paid_and_the_creator_may
             await s.batch("after-expiry")
         assert details(caught.value)[0] == "NO_ELIGIBLE_CASHOUTS"
         assert payments(s.paypal) == Counter()
-        # The creator asks again: a new cash-out with a new hold (the day's total was given back).
+        assert day_total(s.database, "lapsing") == 0  # 20,000 diamonds were $100.00 of the day's limit
+        # The creator asks again: a new cash-out with a new hold.
         again = await s.payouts.stub.RequestCashout(
             pb.RequestCashoutRequest(request_id="again", creator_account_id="lapsing", diamonds=20_000),
             metadata=keys.metadata("payouts:request"),
@@ -267,6 +280,8 @@ async def test_refund_clawbacks_while_cash_outs_are_requested_submitted_and_paid
         )
         cancelled = await s.cashout(cashouts["cancel"].cashout_id)
         assert (cancelled.state, cancelled.failure_reason) == (pb.CASHOUT_STATE_CANCELLED, "CLAWED_BACK")
+        # The day's totals follow: the re-quoted amount only ($130.00 before), nothing for the clawed back.
+        assert (day_total(s.database, "requote"), day_total(s.database, "cancel")) == (5_500, 0)
         await eventually(
             lambda: _equals(diamonds(s.wallet, "cancel"), (9_000, 0, 9_000)), "the cancelled hold to be released", 90
         )

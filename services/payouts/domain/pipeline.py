@@ -185,8 +185,7 @@ class Pipeline:
             len(cancelled),
         )
         self._store.prune_chunk(chunk_id, expired, requoted, cancelled, now)
-        released = [s for c in (*expired, *cancelled) for s in self._store.settlements(cashout_id=c)]
-        self.settle(released)
+        self.settle(self._store.settlements(cashout_ids=[*expired, *cancelled]))
         chunk = self._store.chunk(chunk_id)
         return chunk.lines if chunk is not None else ()
 
@@ -264,7 +263,7 @@ class Pipeline:
         )
 
     def pending_settlement(self, cashout_id: str) -> list[Settlement]:
-        return self._store.settlements(cashout_id=cashout_id)
+        return self._store.settlements(cashout_ids=[cashout_id])
 
     def settle(self, settlements: Sequence[Settlement]) -> int:
         """Commit paid and release failed reservations, one wallet call per submission-sized
@@ -311,7 +310,7 @@ class Pipeline:
         expired = self._store.expire_unsent(now + self._margin, now)
         if expired:
             log.warning("expired %d cash-outs whose holds would lapse before submission", len(expired))
-            self.settle([s for c in expired for s in self._store.settlements(cashout_id=c)])
+            self.settle(self._store.settlements(cashout_ids=expired))
         batch_ids, chunk_list = self._store.due_work(now, now + self._stuck)
         for batch_id in batch_ids:
             self._queue.enqueue(PLAN_TASK, batch_id)
