@@ -691,10 +691,22 @@ class WalletStore:
     # ------------------------------------------------------------ purchases
 
     def _purchase(
-        self, conn: Connection, store: Store, environment: Environment, store_transaction_id: str, *, lock: bool
+        self,
+        conn: Connection,
+        store: Store,
+        environment: Environment,
+        store_transaction_id: str,
+        *,
+        lock: bool,
+        credited_by: bool = False,
     ) -> Any:
+        """The purchase row; with ``credited_by`` (never locked), also its credit's actor columns."""
         query = sa.select(purchases).where(_key_filter(store, environment, store_transaction_id))
-        if lock and self._postgres:
+        if credited_by:
+            query = query.add_columns(*MOVED_BY).select_from(
+                purchases.outerjoin(transactions, transactions.c.txn_id == purchases.c.credit_txn_id)
+            )
+        elif lock and self._postgres:
             query = query.with_for_update()
         row = conn.execute(query).one_or_none()
         if row is None:
@@ -1031,8 +1043,7 @@ class WalletStore:
 
     def consumption(self, store: Store, environment: Environment, store_transaction_id: str) -> ConsumptionView:
         with self.db.connect() as conn:
-            row = self._purchase(conn, store, environment, store_transaction_id, lock=False)
-            credit = conn.execute(sa.select(*MOVED_BY).where(transactions.c.txn_id == row.credit_txn_id)).first()
+            row = self._purchase(conn, store, environment, store_transaction_id, lock=False, credited_by=True)
             used: dict[str, int] = defaultdict(int)
             shares: dict[str, list[int]] = {}
             for c in conn.execute(sa.select(consumptions).where(consumptions.c.lot_id == row.lot_id)):
@@ -1060,7 +1071,7 @@ class WalletStore:
             creators=tuple(CreatorShare(k, *v) for k, v in sorted(shares.items())),
             created_at=utc(row.created_at),
             evidence_sha256=row.evidence_sha256 or "",
-            credited_by=SYSTEM if credit is None else Actor.of_row(credit),
+            credited_by=Actor.of_row(row),
         )
 
     # ------------------------------------------------------------ balances and history
