@@ -14,7 +14,8 @@ Lock order, kept by every path so our own transactions never deadlock:
 2. the accounts' spendable rows (their COIN and SANDBOX_COIN balance rows), sorted;
 3. their lots (``wallet_purchases`` rows), by lot id;
 4. diamond rows, sorted: creators first, then holds (``#hold/…``);
-5. reservations, by id (``SubmitReservations`` locks only these).
+5. reservations, by id, in one statement (``SubmitReservations`` locks only these; a
+   settle batch locks with its own the other holds a paid commit may take).
 
 System accounts keep no balance rows (their balance is the sum of their entries),
 so they are never a hot row.
