@@ -7,7 +7,7 @@ transactions, cash-outs, batches, destination changes) and shows it back as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,25 +36,13 @@ class Actor:
     @classmethod
     def of_row(cls, row: Any, prefix: str = "actor_") -> Actor:
         """Read the four ``<prefix>…`` columns of a row (NULL, for rows from before, reads as empty)."""
-        return cls(
-            getattr(row, f"{prefix}subject") or "",
-            getattr(row, f"{prefix}key_id") or "",
-            getattr(row, f"{prefix}acting_for") or "",
-            getattr(row, f"{prefix}request_id") or "",
-        )
+        return cls(*(getattr(row, f"{prefix}{name}") or "" for name in FIELDS))
 
     def columns(self, prefix: str = "actor_") -> dict[str, str]:
-        return {
-            f"{prefix}subject": self.subject,
-            f"{prefix}key_id": self.key_id,
-            f"{prefix}acting_for": self.acting_for,
-            f"{prefix}request_id": self.request_id,
-        }
+        return {f"{prefix}{name}": getattr(self, name) for name in FIELDS}
 
     def message(self) -> actor_pb2.Actor:
-        return actor_pb2.Actor(
-            subject=self.subject, key_id=self.key_id, acting_for=self.acting_for, request_id=self.request_id
-        )
+        return actor_pb2.Actor(**self.columns(""))
 
     def describe(self) -> str:
         """One line for reports: ``sub (key kid) for act, request rid``."""
@@ -69,7 +57,8 @@ class Actor:
 
 
 SYSTEM = Actor()
-FIELDS = ("subject", "key_id", "acting_for", "request_id")
+# The field names, in order: the column suffixes and the proto's field names alike.
+FIELDS = tuple(f.name for f in fields(Actor))
 
 
 def actor_columns(prefix: str = "actor_", *, nullable: bool = True) -> list[sa.Column[Any]]:

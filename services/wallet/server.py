@@ -9,7 +9,7 @@ import grpc
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common.bootstrap import Runtime
-from services.common.clock import SystemClock
+from services.common.clock import Clock, SystemClock
 from services.common.server import ServerOptions, ServiceHost
 from services.wallet.config import WalletSettings
 from services.wallet.servicer import WalletServiceServicer
@@ -18,11 +18,13 @@ from services.wallet.store import WalletStore
 SERVICE = "wallet"
 
 
-def build_host(settings: WalletSettings, runtime: Runtime, port: int | None = None) -> ServiceHost:
+def build_host(
+    settings: WalletSettings, runtime: Runtime, port: int | None = None, clock: Clock | None = None
+) -> ServiceHost:
     store = WalletStore(
         runtime.database,
         runtime.catalog,
-        SystemClock(),
+        clock or SystemClock(),
         reservation_ttl=timedelta(days=settings.wallet_reservation_ttl_days),
         failpoints=runtime.failpoints,
     )

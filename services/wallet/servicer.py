@@ -686,7 +686,9 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
                 result.error_code = outcome.code.name
                 result.error_reason = outcome.reason
                 result.error_message = outcome.message
-            else:
+            elif isinstance(outcome, pb.CommitReservationResponse | pb.ReleaseReservationResponse):
+                result.reservation.CopyFrom(outcome.reservation)
+            else:  # a replay: the single call's stored answer
                 raw = outcome if isinstance(outcome, bytes) else outcome.SerializeToString()
                 reply = (pb.CommitReservationResponse if item.commit else pb.ReleaseReservationResponse).FromString(raw)
                 result.reservation.CopyFrom(reply.reservation)

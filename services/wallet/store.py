@@ -14,7 +14,8 @@ Lock order, kept by every path so our own transactions never deadlock:
 2. the accounts' spendable rows (their COIN and SANDBOX_COIN balance rows), sorted;
 3. their lots (``wallet_purchases`` rows), by lot id;
 4. diamond rows, sorted: creators first, then holds (``#hold/…``);
-5. reservations, by id (``SubmitReservations`` locks only these).
+5. reservations, by id, in one statement (``SubmitReservations`` locks only these; a
+   settle batch locks with its own the other holds a paid commit may take).
 
 System accounts keep no balance rows (their balance is the sum of their entries),
 so they are never a hot row.
@@ -691,10 +692,22 @@ class WalletStore:
     # ------------------------------------------------------------ purchases
 
     def _purchase(
-        self, conn: Connection, store: Store, environment: Environment, store_transaction_id: str, *, lock: bool
+        self,
+        conn: Connection,
+        store: Store,
+        environment: Environment,
+        store_transaction_id: str,
+        *,
+        lock: bool,
+        credited_by: bool = False,
     ) -> Any:
+        """The purchase row; with ``credited_by`` (never locked), also its credit's actor columns."""
         query = sa.select(purchases).where(_key_filter(store, environment, store_transaction_id))
-        if lock and self._postgres:
+        if credited_by:
+            query = query.add_columns(*MOVED_BY).select_from(
+                purchases.outerjoin(transactions, transactions.c.txn_id == purchases.c.credit_txn_id)
+            )
+        elif lock and self._postgres:
             query = query.with_for_update()
         row = conn.execute(query).one_or_none()
         if row is None:
@@ -1031,8 +1044,7 @@ class WalletStore:
 
     def consumption(self, store: Store, environment: Environment, store_transaction_id: str) -> ConsumptionView:
         with self.db.connect() as conn:
-            row = self._purchase(conn, store, environment, store_transaction_id, lock=False)
-            credit = conn.execute(sa.select(*MOVED_BY).where(transactions.c.txn_id == row.credit_txn_id)).first()
+            row = self._purchase(conn, store, environment, store_transaction_id, lock=False, credited_by=True)
             used: dict[str, int] = defaultdict(int)
             shares: dict[str, list[int]] = {}
             for c in conn.execute(sa.select(consumptions).where(consumptions.c.lot_id == row.lot_id)):
@@ -1060,7 +1072,7 @@ class WalletStore:
             creators=tuple(CreatorShare(k, *v) for k, v in sorted(shares.items())),
             created_at=utc(row.created_at),
             evidence_sha256=row.evidence_sha256 or "",
-            credited_by=SYSTEM if credit is None else Actor.of_row(credit),
+            credited_by=Actor.of_row(row),
         )
 
     # ------------------------------------------------------------ balances and history
@@ -1779,13 +1791,24 @@ class WalletStore:
         }
         creators = sorted(set(owners.values()))
         diamond_rows = self._lock_balances(conn, Currency.DIAMOND, [*creators, *(hold_account(c) for c in creators)])
-        rows = {
+        # All reservations in ONE sorted lock (lock order 5): the batch's own and, for creators a
+        # paid commit may take beyond its hold, their other unsubmitted holds. Locking those after
+        # the batch's own could deadlock with SubmitReservations, which locks only reservations.
+        paying = sorted(
+            {owners[i.reservation_id] for i in live if i.commit and i.diamonds > 0 and i.reservation_id in owners}
+        )
+        locked = {
             row.reservation_id: dict(row._mapping)
             for row in self._bulk.select_for_keys(
-                conn, reservations.c.reservation_id, sorted(owners), self._reservation_rows, for_update=True
+                conn,
+                reservations.c.reservation_id,
+                sorted({*owners, *self._held_elsewhere(conn, paying, owners)}),
+                self._reservation_rows,
+                for_update=True,
             )
         }
-        others = self._other_holds(conn, live, rows)
+        rows = {k: v for k, v in locked.items() if k in owners}
+        others = self._other_holds(live, rows, locked)
         writes = self._writes(now)
         changed: dict[str, dict[str, Any]] = {}
         for index, item in zip(batch.live, live, strict=True):
@@ -1800,40 +1823,45 @@ class WalletStore:
         self._flush(conn, writes, "reservation")
         return self._finish_batch(conn, batch, keys, now)
 
+    def _held_elsewhere(self, conn: Connection, creators: Sequence[str], batch: Iterable[str]) -> list[str]:
+        """The ids of ``creators``' unsubmitted holds outside the batch, read unlocked: with the
+        creators' diamond rows locked no hold of theirs can appear, and the caller locks these."""
+        if not creators:
+            return []
+        query = sa.select(reservations.c.reservation_id).where(
+            reservations.c.account_id.in_(creators),
+            reservations.c.state == ReservationState.HELD.value,
+            reservations.c.diamonds > 0,
+            reservations.c.reservation_id.not_in(sorted(batch)),
+        )
+        return list(conn.execute(query).scalars())
+
     def _other_holds(
         self,
-        conn: Connection,
         live: Sequence[SettleHold],
         rows: Mapping[str, dict[str, Any]],
+        locked: Mapping[str, dict[str, Any]],
     ) -> dict[str, list[dict[str, Any]]]:
-        """Creators whose paid commits exceed their holds: their other unsubmitted holds, newest
-        first, locked (they may have to cover the shortfall; rare, so one plain query)."""
-        short = sorted(
-            {
-                rows[item.reservation_id]["account_id"]
-                for item in live
-                if item.commit
-                and item.reservation_id in rows
-                and item.diamonds > self._open_diamonds(rows[item.reservation_id])
-            }
-        )
+        """Creators whose paid commits exceed their holds: their other unsubmitted holds (among
+        ``locked``), newest first (they may have to cover the shortfall)."""
+        short = {
+            rows[item.reservation_id]["account_id"]
+            for item in live
+            if item.commit
+            and item.reservation_id in rows
+            and item.diamonds > self._open_diamonds(rows[item.reservation_id])
+        }
         found: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        if not short:
-            return found
-        query = (
-            sa.select(reservations)
-            .where(
-                reservations.c.account_id.in_(short),
-                reservations.c.state == ReservationState.HELD.value,
-                reservations.c.diamonds > 0,
-                reservations.c.reservation_id.not_in(sorted(rows)),
-            )
-            .order_by(reservations.c.reservation_id)
-        )
-        if self._postgres:
-            query = query.with_for_update()
-        for row in _newest_first(conn.execute(query)):
-            found[row.account_id].append(dict(row._mapping))
+        pool = [
+            row
+            for key, row in locked.items()
+            if key not in rows
+            and row["account_id"] in short
+            and row["state"] == ReservationState.HELD.value
+            and int(row["diamonds"]) > 0
+        ]
+        for row in sorted(pool, key=lambda r: (utc(r["created_at"]), r["reservation_id"]), reverse=True):
+            found[row["account_id"]].append(row)
         return found
 
     @staticmethod

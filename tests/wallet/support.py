@@ -7,7 +7,8 @@ import itertools
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,19 @@ def migrated(url: str) -> None:
 
 
 @dataclass
+class ShiftedClock:
+    """The wall clock, moved on by ``advance`` (so an expiry can pass without waiting for it)."""
+
+    offset: timedelta = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, by: timedelta) -> None:
+        self.offset += by
+
+
+@dataclass
 class Wallet:
     url: str
     port: int
@@ -81,6 +95,7 @@ class Wallet:
     keys: Keys
     stub: pb_grpc.WalletServiceAsyncStub
     channel: grpc.aio.Channel
+    clock: ShiftedClock = field(default_factory=ShiftedClock)  # the server's clock
 
     @property
     def address(self) -> str:
@@ -180,11 +195,12 @@ async def running_wallet(
         Metrics("wallet"),
         load_catalog(settings.catalog),
     )
-    host = build_host(settings, runtime, port=0)
+    clock = ShiftedClock()
+    host = build_host(settings, runtime, port=0, clock=clock)
     port = await host.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield Wallet(url, port, database, keys, pb_grpc.WalletServiceStub(channel), channel)
+        yield Wallet(url, port, database, keys, pb_grpc.WalletServiceStub(channel), channel, clock)
     finally:
         await channel.close(None)
         await host.stop()

@@ -31,7 +31,10 @@ async def listed(wallet: Wallet, request: pb.ListCreditedPurchasesRequest) -> li
 
 
 async def test_credited_purchases_of_a_store_in_credit_order_page_by_page(wallet: Wallet) -> None:
-    start = datetime.now(UTC) - timedelta(seconds=1)
+    earlier = unique("gp")
+    await wallet.credit(unique("fan"), 70, stx=earlier, store=pb.STORE_GOOGLE_PLAY)
+    wallet.clock.advance(timedelta(minutes=1))
+    start = wallet.clock.now() - timedelta(seconds=1)
     play = [unique("gp") for _ in range(5)]
     for token in play:
         await wallet.credit(unique("fan"), 70, stx=token, store=pb.STORE_GOOGLE_PLAY)
@@ -44,7 +47,7 @@ async def test_credited_purchases_of_a_store_in_credit_order_page_by_page(wallet
     assert sequences == sorted(sequences)
     assert all(p.credit_time.ToDatetime(tzinfo=UTC) >= start for p in found)
     before = pb.ListCreditedPurchasesRequest(store=pb.STORE_GOOGLE_PLAY, credited_before=stamp(start))
-    assert not [p for p in await listed(wallet, before) if p.store_transaction_id in play]
+    assert [p.store_transaction_id for p in await listed(wallet, before)] == [earlier]
 
 
 async def test_it_needs_its_own_scope_and_a_store(wallet: Wallet) -> None:

@@ -57,15 +57,15 @@ def back(reservation_id: str, request_id: str = "") -> pb.SettleItem:
     )
 
 
-def soon(seconds: float = 1) -> Timestamp:
+def soon(seconds: float = 60) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(datetime.now(UTC) + timedelta(seconds=seconds))
     return stamp
 
 
-async def lapse() -> None:
-    # Holds are made with a 1 s expiry; wait it out.
-    await asyncio.sleep(1.2)
+def lapse(wallet: Wallet) -> None:
+    """Move the server's clock past the expiry of every hold made with ``soon()``."""
+    wallet.clock.advance(timedelta(minutes=2))
 
 
 async def earn(wallet: Wallet, creator: str, diamonds: int) -> str:
@@ -82,7 +82,7 @@ async def test_a_submitted_hold_never_expires_and_a_clawback_makes_debt_instead(
     await reserve(wallet, creator, 100, "sub-1", expire_time=soon())
     [result] = await submit(wallet, ("sub-1", 100))
     assert (result.error_reason, result.reservation.state) == ("", pb.RESERVATION_STATE_SUBMITTED)
-    await lapse()
+    lapse(wallet)
     # A balance read past the expiry does not return a submitted hold, and submitting again is fine.
     balance = await wallet.balance(creator)
     assert (balance.diamonds_reserved, balance.diamonds_withdrawable) == (100, 0)
@@ -111,7 +111,7 @@ async def test_submit_refuses_what_a_provider_must_not_pay(wallet: Wallet) -> No
     await earn(wallet, creator, 100)
     await reserve(wallet, creator, 50, "lapsing", expire_time=soon())
     await reserve(wallet, creator, 150, "shrinking")
-    await lapse()
+    lapse(wallet)
     await reverse(wallet, stx)  # nothing unreserved: 100 from the newest hold
     results = await submit(wallet, ("lapsing", 50), ("shrinking", 150), ("nobody", 5))
     assert [r.error_reason for r in results] == ["RESERVATION_EXPIRED", "RESERVATION_SHRUNK", "RESERVATION_NOT_FOUND"]
@@ -135,7 +135,7 @@ async def test_a_paid_item_is_debited_exactly_once_whatever_happened_to_its_hold
     await submit(wallet, ("submitted", 100))
     await reverse(wallet, stx)  # nothing unreserved: 200 from the newest hold
     await release(wallet, "released")
-    await lapse()
+    lapse(wallet)
     assert (await wallet.balance(creator)).diamonds_withdrawable == 200
     before = ledger_sums(wallet).get(CLEARING, 0)
     items = [
@@ -173,7 +173,7 @@ async def test_a_shortfall_takes_unreserved_then_unsubmitted_holds_then_debt(wal
     await reserve(wallet, creator, 100, "gone", expire_time=soon())
     await reserve(wallet, creator, 40, "in-flight")
     await submit(wallet, ("in-flight", 40))
-    await lapse()
+    lapse(wallet)
     await reserve(wallet, creator, 200, "newer")
     # Unreserved: 300 − 40 − 200 = 60. Paying 400 for the lapsed hold: 60 unreserved, 200 from
     # the newer hold, never the submitted one, and 140 as diamond debt.

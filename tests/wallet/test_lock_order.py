@@ -1,7 +1,8 @@
 """The lock order holds under real concurrency on PostgreSQL: refunds, restores, gift
 batches, spends and cash-out holds on the same accounts at once never deadlock (the
 database would detect it and the store would retry silently, so the test reads the
-retry log), never fail, and leave a clean audit."""
+retry log), never fail, and leave a clean audit; the single-statement locks take their
+rows in the lock order."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from services.wallet.audit import audit
 from tests.support.status import error_info
 from tests.support.tokens import Keys
 from tests.wallet.support import Wallet, running_wallet, unique
+from tests.wallet.test_holds import earn, paid, settle
+from tests.wallet.test_purchases_reservations import reserve
 
 # Refusals the state may legitimately produce while everything races.
 ROUNDS = 20
@@ -163,3 +166,37 @@ async def test_a_gift_batch_locks_the_senders_coin_rows_before_their_lots(
         reply = await gift
         assert reply.coins_spent == 1
         assert (await wallet.balance("fan")).coins == 9
+
+
+async def test_a_paid_settle_locks_the_creators_other_holds_in_id_order_with_its_own(
+    postgres_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    """A commit paid beyond its hold may take the creator's other unsubmitted holds; it must
+    lock them in id order together with its own (SubmitReservations locks only reservations,
+    by id, so taking them after its own could deadlock). A transaction holding the lower-id
+    other hold makes the settle wait on it: by then its own (higher-id) hold must still be
+    free (a NOWAIT lock of it succeeds)."""
+    async with running_wallet(postgres_url, keys, tmp_path) as wallet:
+        await earn(wallet, "star", 100)
+        await reserve(wallet, "star", 30, "a-other")
+        await reserve(wallet, "star", 10, "z-paid")
+        engine = wallet.database.engine
+        with engine.connect() as blocker:
+            blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            blocker.execute(sa.text("SELECT 1 FROM wallet_reservations WHERE reservation_id = 'a-other' FOR UPDATE"))
+            settling = asyncio.ensure_future(settle(wallet, paid("z-paid", 20)))
+            for _ in range(200):
+                if await _waiting_on_a_lock(wallet, blocker_pid):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the settle never waited for the other hold")
+            with engine.connect() as probe:
+                probe.execute(
+                    sa.text("SELECT 1 FROM wallet_reservations WHERE reservation_id = 'z-paid' FOR UPDATE NOWAIT")
+                )
+                probe.rollback()
+            blocker.rollback()
+        [result] = await settling
+        assert result.error_reason == ""
+        assert result.reservation.diamonds_shortfall == 10
