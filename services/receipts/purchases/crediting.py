@@ -116,6 +116,8 @@ class Crediting:
     sandbox: SandboxPolicy = field(default_factory=_everyone)
     # The outbox's group commits; None: each purchase in transactions of its own.
     batches: PurchaseBatches = None  # type: ignore[assignment]
+    # Purchases the sweep has in flight at once (wiring: one group commit's worth).
+    sweep_wave: int = 128
     _credits: Counter = field(init=False)
     _swept: Counter = field(init=False)
     _credit_children: dict[tuple[StoreId, Environment, Outcome], Counter] = field(init=False, default_factory=dict)
@@ -224,8 +226,12 @@ class Crediting:
             self._swept.labels("credited" if credit.new else "already_credited").inc()
             return True
 
-        done = await asyncio.gather(*(one(record) for record in records))
-        return sum(done)
+        # In waves: a sweep of a long backlog must not open a wallet call and a transaction per row at once.
+        marked = 0
+        for start in range(0, len(records), self.sweep_wave):
+            wave = records[start : start + self.sweep_wave]
+            marked += sum(await asyncio.gather(*(one(record) for record in wave)))
+        return marked
 
     async def _record_revocation(self, purchase: VerifiedPurchase) -> None:
         """Record the revocation the store's report carries (a credit after this sees it)."""
