@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import InitVar, dataclass, field
 from datetime import timedelta
 
 from prometheus_client import Counter
@@ -239,17 +239,6 @@ class Crediting:
         revocation = purchase.refund or Refund(store, key, purchase.environment, full=True, reason="revoked")
         await self.refunds.record(revocation, self.clock.now())
 
-    async def _with_refunds(self, purchase: VerifiedPurchase) -> VerifiedPurchase:
-        """Record the revocation the store's report carries; a purchase whose whole refund is
-        recorded counts as revoked."""
-        if purchase.revoked:
-            await self._record_revocation(purchase)
-            return purchase
-        refund = await self.refunds.get(purchase.store, purchase.store_transaction_id)
-        if refund is not None and refund.full:
-            purchase = purchase.as_revoked()
-        return purchase
-
     def _refunded(self, record: PurchaseRecord, balance: int) -> PurchaseResult:
         outcome = Outcome.REVOKED if record.state is StoredState.REVOKED else Outcome.REFUNDED
         return self._count(PurchaseResult(outcome, record, 0, 0, balance))
@@ -257,10 +246,12 @@ class Crediting:
     async def record(self, purchase: VerifiedPurchase) -> PurchaseRecord:
         """Record a purchase no account has claimed yet (e.g. from a store
         notification); the first account to verify it later owns it."""
+        if purchase.revoked:
+            await self._record_revocation(purchase)
         now = self.clock.now()
         terms = credit_terms(self.catalog, purchase, now, RegionPolicy.ALLOW, "")
-        purchase = await self._with_refunds(purchase)
-        return await self.purchases.claim(replace(terms, purchase=purchase), None, now)
+        # The outbox's batch reads the recorded refund with the write: a full one records it REVOKED.
+        return (await self.batches.record(Recording(terms, None, now))).record
 
     async def _environment(
         self, store: StoreId, store_transaction_id: str, environment: Environment | None
