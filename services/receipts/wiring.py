@@ -140,6 +140,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         runtime.failpoints,
         SandboxPolicy.from_setting(settings.sandbox_accounts),
         PurchaseBatches(OutboxRepository(purchases), window_seconds=window, max_batch=most),
+        sweep_wave=most,
     )
     binding = binding_from_settings(settings, clock)
     return Components(

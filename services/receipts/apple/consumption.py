@@ -17,8 +17,7 @@ from sqlalchemy.engine import Connection
 
 from services.common.catalog import StoreId
 from services.common.clock import as_utc
-from services.common.db import Database
-from services.common.idempotency import insert_ignore
+from services.common.db import Database, dialect_insert
 from services.common.loop import OnLoop
 from services.receipts.purchases.model import Environment
 from services.receipts.purchases.wallet import WalletClient
@@ -41,12 +40,9 @@ class ConsentRepository:
         consents = self._consents
 
         def work(conn: Connection) -> Consent:
-            conn.execute(
-                insert_ignore(conn, consents).values(account_id=account_id, consented=consented, updated_at=now)
-            )
-            conn.execute(
-                consents.update().where(consents.c.account_id == account_id).values(consented=consented, updated_at=now)
-            )
+            latest = {"consented": consented, "updated_at": now}
+            upsert = dialect_insert(conn, consents).values(account_id=account_id, **latest)
+            conn.execute(upsert.on_conflict_do_update(index_elements=[consents.c.account_id], set_=latest))
             return Consent(account_id, consented, now)
 
         return self.database.transaction(work)

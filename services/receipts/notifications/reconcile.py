@@ -303,7 +303,7 @@ class Reconciler:
     ) -> None:
         source = f"apple:{environment.value}"
         cursor = self._window(source, min(self.promise.apple_lookback, APPLE_MAX_LOOKBACK), since)
-        run_id = self.runs.start(source[:16], cursor.window_start, self.clock.now())
+        run_id = self.runs.start(source, cursor.window_start, self.clock.now())
         quota = self.apple_quotas[environment]
         examined, applied = result.examined, result.applied
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import InitVar, dataclass, field
 from datetime import timedelta
 
 from prometheus_client import Counter
@@ -116,6 +116,8 @@ class Crediting:
     sandbox: SandboxPolicy = field(default_factory=_everyone)
     # The outbox's group commits; None: each purchase in transactions of its own.
     batches: PurchaseBatches = None  # type: ignore[assignment]
+    # Purchases the sweep has in flight at once (wiring: one group commit's worth).
+    sweep_wave: int = 128
     _credits: Counter = field(init=False)
     _swept: Counter = field(init=False)
     _credit_children: dict[tuple[StoreId, Environment, Outcome], Counter] = field(init=False, default_factory=dict)
@@ -224,25 +226,18 @@ class Crediting:
             self._swept.labels("credited" if credit.new else "already_credited").inc()
             return True
 
-        done = await asyncio.gather(*(one(record) for record in records))
-        return sum(done)
+        # In waves: a sweep of a long backlog must not open a wallet call and a transaction per row at once.
+        marked = 0
+        for start in range(0, len(records), self.sweep_wave):
+            wave = records[start : start + self.sweep_wave]
+            marked += sum(await asyncio.gather(*(one(record) for record in wave)))
+        return marked
 
     async def _record_revocation(self, purchase: VerifiedPurchase) -> None:
         """Record the revocation the store's report carries (a credit after this sees it)."""
         store, key = purchase.store, purchase.store_transaction_id
         revocation = purchase.refund or Refund(store, key, purchase.environment, full=True, reason="revoked")
         await self.refunds.record(revocation, self.clock.now())
-
-    async def _with_refunds(self, purchase: VerifiedPurchase) -> VerifiedPurchase:
-        """Record the revocation the store's report carries; a purchase whose whole refund is
-        recorded counts as revoked."""
-        if purchase.revoked:
-            await self._record_revocation(purchase)
-            return purchase
-        refund = await self.refunds.get(purchase.store, purchase.store_transaction_id)
-        if refund is not None and refund.full:
-            purchase = purchase.as_revoked()
-        return purchase
 
     def _refunded(self, record: PurchaseRecord, balance: int) -> PurchaseResult:
         outcome = Outcome.REVOKED if record.state is StoredState.REVOKED else Outcome.REFUNDED
@@ -251,10 +246,12 @@ class Crediting:
     async def record(self, purchase: VerifiedPurchase) -> PurchaseRecord:
         """Record a purchase no account has claimed yet (e.g. from a store
         notification); the first account to verify it later owns it."""
+        if purchase.revoked:
+            await self._record_revocation(purchase)
         now = self.clock.now()
         terms = credit_terms(self.catalog, purchase, now, RegionPolicy.ALLOW, "")
-        purchase = await self._with_refunds(purchase)
-        return await self.purchases.claim(replace(terms, purchase=purchase), None, now)
+        # The outbox's batch reads the recorded refund with the write: a full one records it REVOKED.
+        return (await self.batches.record(Recording(terms, None, now))).record
 
     async def _environment(
         self, store: StoreId, store_transaction_id: str, environment: Environment | None

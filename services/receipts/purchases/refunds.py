@@ -19,8 +19,7 @@ from sqlalchemy.engine import Connection
 
 from services.common.bulk import Bulk
 from services.common.catalog import StoreId
-from services.common.db import Database
-from services.common.idempotency import insert_ignore
+from services.common.db import Database, dialect_insert
 from services.receipts.purchases.model import Environment, Refund
 
 
@@ -58,36 +57,32 @@ class RefundRepository:
         refunds = self._refunds
 
         def work(conn: Connection) -> Refund:
-            key = self._key(refund.store, refund.store_transaction_id)
-            conn.execute(
-                insert_ignore(conn, refunds).values(
-                    store=refund.store.value,
-                    store_transaction_id=refund.store_transaction_id,
-                    environment=_env(refund),
-                    full_refund=refund.full,
-                    refunded_quantity=refund.refunded_quantity,
-                    refunded_percentage_milli=refund.refunded_percentage_milli,
-                    reason=refund.reason[:512],
-                    reported_at=now,
-                    updated_at=now,
-                )
+            upsert = dialect_insert(conn, refunds).values(
+                store=refund.store.value,
+                store_transaction_id=refund.store_transaction_id,
+                environment=_env(refund),
+                full_refund=refund.full,
+                refunded_quantity=refund.refunded_quantity,
+                refunded_percentage_milli=refund.refunded_percentage_milli,
+                reason=refund.reason[:512],
+                reported_at=now,
+                updated_at=now,
             )
-            conn.execute(
-                refunds.update()
-                .where(key)
-                .values(
-                    full_refund=sa.or_(refunds.c.full_refund, sa.literal(refund.full)),
-                    refunded_quantity=_larger(refunds.c.refunded_quantity, refund.refunded_quantity),
-                    refunded_percentage_milli=_larger(
+            # Merged with the row reported before, in the same statement: fullness and the
+            # cumulative figures only grow.
+            merged = upsert.on_conflict_do_update(
+                index_elements=[refunds.c.store, refunds.c.store_transaction_id],
+                set_={
+                    "full_refund": sa.or_(refunds.c.full_refund, sa.literal(refund.full)),
+                    "refunded_quantity": _larger(refunds.c.refunded_quantity, refund.refunded_quantity),
+                    "refunded_percentage_milli": _larger(
                         refunds.c.refunded_percentage_milli, refund.refunded_percentage_milli
                     ),
-                    environment=sa.func.coalesce(refunds.c.environment, sa.literal(_env(refund))),
-                    updated_at=now,
-                )
+                    "environment": sa.func.coalesce(refunds.c.environment, sa.literal(_env(refund))),
+                    "updated_at": now,
+                },
             )
-            merged = self._get(conn, refund.store, refund.store_transaction_id)
-            assert merged is not None
-            return merged
+            return _refund_of(conn.execute(merged.returning(*refunds.c)).one())
 
         return await self.database.run(self.database.transaction, work)
 

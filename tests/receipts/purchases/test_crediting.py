@@ -16,7 +16,7 @@ from coinstore.receipts.v1 import receipt_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2 as wpb
 from services.common.catalog import Price, StoreId
 from services.common.errors import DomainError
-from services.receipts.purchases.model import Claim, Environment, Outcome, Refund, VerifiedPurchase
+from services.receipts.purchases.model import Claim, Environment, Outcome, Refund, StoredState, VerifiedPurchase
 from tests.receipts.support import Receipts, WalletReceipts, receipts_service
 from tests.support.tokens import Keys
 
@@ -102,6 +102,16 @@ async def test_recorded_purchase_belongs_to_first_claimer(receipts: Receipts) ->
     result = await crediting.credit(purchase("t-3"), Claim("fan-9", "r-1"))
     assert result.outcome is Outcome.CREDITED
     assert result.record.account_id == "fan-9"
+
+
+async def test_a_purchase_refunded_in_full_before_it_is_recorded_is_recorded_revoked(receipts: Receipts) -> None:
+    crediting = receipts.components.crediting
+    await crediting.apply_refund(Refund(StoreId.APP_STORE, "t-14", None, full=True), request_id="refund-1")
+
+    record = await crediting.record(purchase("t-14"))
+
+    assert record.state is StoredState.REVOKED
+    assert receipts.wallet.credits == []
 
 
 async def test_revoked_purchase_credits_nothing(receipts: Receipts) -> None:

@@ -6,9 +6,11 @@ alone; one the wallet could not answer is retried."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,7 @@ from services.common.catalog import StoreId
 from services.common.failpoints import Action, FailpointError, Failpoints
 from services.receipts.purchases.crediting import Crediting
 from services.receipts.purchases.model import Claim, CreditTerms, Refund, evidence_hash
+from services.receipts.purchases.wallet import Credit
 from tests.receipts.purchases.test_crediting import purchase
 from tests.receipts.support import Receipts, WalletReceipts
 
@@ -171,3 +174,30 @@ async def test_a_refused_row_refunded_in_full_is_revoked(receipts: Receipts, tmp
     await crediting.apply_refund(Refund(StoreId.APP_STORE, "s-6", None, full=True), request_id="refund-1")
 
     assert (await state_of(receipts, "s-6")).state == pb.PURCHASE_STATE_REVOKED
+
+
+async def test_a_long_backlog_is_swept_in_waves(
+    receipts: Receipts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crediting = receipts.components.crediting
+    for n in range(5):
+        await record_only(crediting, tmp_path / str(n), purchase(f"w-{n}"), Claim("fan-1", f"r-{n}"))
+    credit = crediting.wallet.credit
+    in_flight: list[int] = [0, 0]  # now, most
+
+    async def counted(*args: Any) -> Credit:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            return await credit(*args)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(crediting.wallet, "credit", counted)
+    crediting.sweep_wave = 2
+
+    assert await crediting.credit_uncredited(timedelta(0)) == 5
+
+    assert in_flight == [0, 2]
+    assert sorted(c.store_transaction_id for c in receipts.wallet.credits) == [f"w-{n}" for n in range(5)]
