@@ -12,7 +12,9 @@ publish through ``app[PUBSUB].publish(...)``;
 tests drive it over HTTP under ``/pubsub/control/…``:
 
 - ``POST /pubsub/control/config`` {"push_endpoint", "audience", "service_account",
-  "lose_next", "retry_initial_seconds", "max_attempts"}
+  "lose_next", "retry_initial_seconds", "max_attempts"}; an empty ``push_endpoint``
+  is a topic without a push subscription: messages are published, none is pushed
+  (state ``unsubscribed``)
 - ``POST /pubsub/control/publish`` {"notification": {...DeveloperNotification...}}
 - ``GET /pubsub/control/deliveries``
 """
@@ -50,7 +52,7 @@ SUBSCRIPTION = "projects/coinstore-dev/subscriptions/play-rtdn"
 
 @dataclass
 class PushConfig:
-    push_endpoint: str = "http://127.0.0.1:8080/notifications/google"
+    push_endpoint: str = "http://127.0.0.1:8080/notifications/google"  # "": no push subscription
     audience: str = "http://127.0.0.1:8080/notifications/google"
     service_account: str = "pubsub-push@coinstore-dev.iam.gserviceaccount.com"
     # Drop the next N messages without delivering them (a "lost" notification).
@@ -66,7 +68,7 @@ class Delivery:
     message_id: str
     notification: dict[str, Any]
     attempts: list[int] = field(default_factory=list)
-    state: str = "pending"  # pending, acked, lost, abandoned
+    state: str = "pending"  # pending, acked, lost, abandoned, unsubscribed
 
 
 def _load_or_create_key(directory: Path) -> rsa.RSAPrivateKey:
@@ -139,6 +141,9 @@ class PubSubPush:
         message_id = str(uuid.uuid4().int)[:16]
         delivery = Delivery(message_id, notification)
         self.deliveries[message_id] = delivery
+        if not self.config.push_endpoint:
+            delivery.state = "unsubscribed"
+            return message_id
         if self.config.lose_next > 0:
             self.config.lose_next -= 1
             delivery.state = "lost"

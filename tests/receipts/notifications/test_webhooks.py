@@ -20,6 +20,7 @@ from services.storesim.apple import AppleStore
 from services.storesim.pubsub import PubSubPush
 from tests.receipts.notifications.apple_payloads import notification, transaction
 from tests.receipts.notifications.conftest import PACKAGE, Sim, Webhook
+from tests.receipts.notifications.system import serve
 from tests.support.waiting import eventually
 
 GOOGLE_PATH = "/notifications/google"
@@ -155,13 +156,8 @@ async def test_simulator_redelivers_until_acknowledged(sim: Sim) -> None:
 
     app = web.Application()
     app.router.add_post("/push", flaky)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        sim.push.config.push_endpoint = f"http://127.0.0.1:{port}/push"
+    async with serve(app) as url:
+        sim.push.config.push_endpoint = f"{url}/push"
         message_id = sim.push.publish(rtdn())
         await eventually(lambda: sim.push.deliveries[message_id].state == "acked", "the push to be acked", 10)
         assert sim.push.deliveries[message_id].attempts == [503, 500, 200]
@@ -173,8 +169,26 @@ async def test_simulator_redelivers_until_acknowledged(sim: Sim) -> None:
         await eventually(lambda: sim.push.deliveries[after].state == "acked", "the later push to be acked", 10)
         assert sim.push.deliveries[lost].state == "lost"
         assert seen == [message_id] * 3 + [after]
-    finally:
-        await runner.cleanup()
+
+
+async def test_simulator_without_a_push_subscription_pushes_nothing(sim: Sim) -> None:
+    pushed: list[str] = []
+
+    async def endpoint(request: web.Request) -> web.Response:
+        pushed.append((await request.json())["message"]["messageId"])
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/push", endpoint)
+    async with serve(app) as url:
+        sim.push.config.push_endpoint = ""
+        quiet = sim.push.publish(rtdn())
+        sim.push.config.push_endpoint = f"{url}/push"
+        # The quiet message started no delivery at all: nothing but the later one reaches the endpoint.
+        later = sim.push.publish(rtdn())
+        await eventually(lambda: sim.push.deliveries[later].state == "acked", "the later push to be acked", 10)
+        assert (sim.push.deliveries[quiet].state, sim.push.deliveries[quiet].attempts) == ("unsubscribed", [])
+        assert pushed == [later]
 
 
 # --- Apple -------------------------------------------------------------------------------------------------
