@@ -10,6 +10,10 @@ batch size, so psycopg prepares it once and SQLAlchemy compiles it once, and
 the server parses the rows in C. On SQLite the same calls use executemany and
 IN lists.
 
+On PostgreSQL the statements also run past SQLAlchemy's execution layer (see
+:meth:`Bulk._run`): compiled once to text, executed on the connection's own psycopg
+cursor, errors raised exactly as SQLAlchemy raises them.
+
 Why it matters: psycopg parses a statement's text in Python (a regular expression
 over the whole text) unless it has at most 50 parameters and 4 KiB of text, and
 SQLAlchemy builds and compiles a statement whose VALUES or IN list grows with the
@@ -26,6 +30,7 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 import sqlalchemy as sa
+from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -69,12 +74,81 @@ class Changes:
     rows: Sequence[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class _Text:
+    """A batch statement compiled for the connection's driver."""
+
+    sql: str
+    defaults: dict[str, Any]
+
+
+_UNSEEN = object()
+
+
+def _converts(type_: Any, dialect: Any, *, result: bool) -> bool:
+    """Whether SQLAlchemy converts values of ``type_`` on the way in (or, ``result``, out) of
+    this dialect's driver; when it cannot tell without a live cursor, assume so."""
+    try:
+        impl = type_.dialect_impl(dialect)
+        if isinstance(impl, sa.ARRAY):
+            # Its processor only applies the item type's to each element (the keys' lists go as they are).
+            return _converts(impl.item_type, dialect, result=result)
+        return (impl.result_processor(dialect, None) if result else impl.bind_processor(dialect)) is not None
+    except Exception:
+        return True
+
+
 class Bulk:
     """Batch statements for one dialect, each built and compiled once."""
 
     def __init__(self, dialect: str) -> None:
         self._postgres = dialect == "postgresql"
         self._statements: dict[tuple[Any, ...], Any] = {}
+        # Per cached statement (they live as long as this object): its text and default
+        # parameters, or None for one that needs SQLAlchemy's type processing.
+        self._texts: dict[int, _Text | None] = {}
+
+    def _run(self, conn: Connection, stmt: Any, params: dict[str, Any], *, rows: bool = True) -> list[Any]:
+        """Execute a cached PostgreSQL batch statement; its rows (attribute access by column
+        name, as SQLAlchemy's rows) if ``rows``.
+
+        SQLAlchemy's per-execution layer (the compiled-cache look-up, an execution context,
+        result metadata rebuilt from ``cursor.description`` every time) costs as much CPU as
+        psycopg's own work for these statements: half of each, at a few per group commit. So
+        each is compiled once and run on the connection's psycopg cursor, in the same
+        transaction. A statement whose parameters or columns need SQLAlchemy's conversions
+        takes the ordinary path. A failure goes through SQLAlchemy's own handler, so callers
+        and Database.transaction see the same exceptions, and a dropped connection
+        invalidates the pool as before."""
+        text = self._text(conn, stmt)
+        if text is None:
+            result = conn.execute(stmt, params)
+            return list(result.all()) if rows else []
+        cursor = conn.connection.driver_connection.cursor(row_factory=namedtuple_row)  # type: ignore[union-attr]
+        try:
+            cursor.execute(text.sql, {**text.defaults, **params})
+            return cursor.fetchall() if rows else []
+        except Exception as error:
+            # SQLAlchemy's own handler for driver errors (private, pinned by requirements.lock;
+            # tests/common/test_bulk.py fails if it stops wrapping or invalidating).
+            conn._handle_dbapi_exception(error, text.sql, None, cursor, None)
+        finally:
+            cursor.close()
+
+    def _text(self, conn: Connection, stmt: Any) -> _Text | None:
+        found = self._texts.get(id(stmt), _UNSEEN)
+        if found is _UNSEEN:
+            dialect = conn.dialect
+            compiled = stmt.compile(dialect=dialect)
+            returned: Any = getattr(stmt, "selected_columns", None) or getattr(stmt, "exported_columns", ())
+            plain = (
+                # An IN list is expanded per execution, by SQLAlchemy.
+                not any(b.expanding for b in compiled.binds.values())
+                and not any(_converts(b.type, dialect, result=False) for b in compiled.binds.values())
+                and not any(_converts(c.type, dialect, result=True) for c in returned)
+            )
+            found = self._texts[id(stmt)] = _Text(compiled.string, dict(compiled.params)) if plain else None
+        return found  # type: ignore[return-value]
 
     def cell(self, value: datetime | bytes) -> object:
         """``value`` as a row for these statements should carry it: on PostgreSQL already in
@@ -125,10 +199,9 @@ class Bulk:
                 table, columns, ignore, returning, add_on_conflict, replace_on_conflict=replace_on_conflict
             )
         if self._postgres:
-            result = conn.execute(stmt, {_ROWS: _document(rows)})
-        else:
-            # executemany with RETURNING: SQLAlchemy batches it into multi-row INSERTs.
-            result = conn.execute(stmt, list(rows))
+            return self._run(conn, stmt, {_ROWS: _document(rows)}, rows=bool(returning))
+        # executemany with RETURNING: SQLAlchemy batches it into multi-row INSERTs.
+        result = conn.execute(stmt, list(rows))
         return list(result.all()) if returning else []
 
     def insert_all(self, conn: Connection, parts: Sequence[Rows], changes: Sequence[Changes] = ()) -> None:
@@ -163,12 +236,14 @@ class Bulk:
                 for c in changes
             ]
             stmt = self._statements[key] = statements[-1].add_cte(*clauses)
-        conn.execute(
+        self._run(
+            conn,
             stmt,
             {
                 **{f"rows_{p.table.name}": _document(p.rows) for p in parts},
                 **{f"set_{c.table.name}": _document(c.rows) for c in changes},
             },
+            rows=False,
         )
 
     def _build_insert(
@@ -234,8 +309,7 @@ class Bulk:
                 table, keys, columns, only=only, returning=returning
             )
         if self._postgres:
-            result = conn.execute(stmt, {_ROWS: _document(rows)})
-            return list(result.all()) if returning else []
+            return self._run(conn, stmt, {_ROWS: _document(rows)}, rows=bool(returning))
         conn.execute(stmt, [{f"b_{c}": v for c, v in row.items()} for row in rows])
         return []
 
@@ -319,7 +393,7 @@ class Bulk:
             arrays = {f"key_{i}": [k[i] for k in keys] for i in range(len(columns))}
         else:
             arrays = {"key_0": list(keys)}
-        return list(conn.execute(stmt, {**arrays, **(params or {})}).all())
+        return self._run(conn, stmt, {**arrays, **(params or {})})
 
     def select_parts_for_keys(
         self,
@@ -348,7 +422,7 @@ class Bulk:
                 branches.append(sa.select(part, probed).select_from(wanted.join(probed, sa.true())))
             stmt = self._statements[cache_key] = sa.union_all(*branches)
         found: list[list[Any]] = [[] for _ in parts]
-        for row in conn.execute(stmt, {"key_0": list(keys)}):
+        for row in self._run(conn, stmt, {"key_0": list(keys)}):
             found[row.part].append(row)
         return found
 

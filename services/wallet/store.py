@@ -1724,7 +1724,7 @@ class WalletStore:
             now = self._clock.now()
             ids = sorted({item.reservation_id for item in items})
             rows = {
-                row.reservation_id: dict(row._mapping)
+                row.reservation_id: row._asdict()
                 for row in self._bulk.select_for_keys(
                     conn, reservations.c.reservation_id, ids, self._reservation_rows, for_update=True
                 )
@@ -1798,7 +1798,7 @@ class WalletStore:
             {owners[i.reservation_id] for i in live if i.commit and i.diamonds > 0 and i.reservation_id in owners}
         )
         locked = {
-            row.reservation_id: dict(row._mapping)
+            row.reservation_id: row._asdict()
             for row in self._bulk.select_for_keys(
                 conn,
                 reservations.c.reservation_id,
@@ -1977,7 +1977,7 @@ def _changes(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _reservation_view(row: Any) -> ReservationView:
-    return _view_of(dict(row._mapping))
+    return _view_of(row._asdict())
 
 
 def _view_of(row: Mapping[str, Any]) -> ReservationView:

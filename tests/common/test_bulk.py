@@ -1,0 +1,94 @@
+"""Bulk's statements on PostgreSQL run past SQLAlchemy's execution layer, on the
+connection's psycopg cursor: they must still fail as SQLAlchemy fails (the same
+exception classes, a dropped connection invalidated), and
+statements that need SQLAlchemy's conversions must still get them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from services.common.bulk import Bulk
+from services.common.db import Database
+
+pytestmark = pytest.mark.postgres
+
+metadata = sa.MetaData()
+units = sa.Table(
+    "bulk_units",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(40), nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False),
+)
+NAMES = sa.select(units.c.id, units.c.name)
+
+
+@pytest.fixture
+def database(postgres_url: str) -> Iterator[Database]:
+    database = Database.from_url(postgres_url, pool_size=1)
+    metadata.create_all(database.engine)
+    yield database
+    database.close()
+
+
+def _insert(bulk: Bulk, conn: Connection, *ids: int) -> None:
+    bulk.insert(conn, units, [{"id": i, "name": f"unit-{i}", "active": True} for i in ids])
+
+
+def test_rows_come_back_by_column_name(database: Database) -> None:
+    bulk = Bulk("postgresql")
+    database.transaction(lambda conn: _insert(bulk, conn, 1, 2, 3))
+    with database.connect() as conn:
+        rows = bulk.select_for_keys(conn, units.c.id, [3, 1], NAMES)
+    assert [(row.id, row.name) for row in rows] == [(3, "unit-3"), (1, "unit-1")]
+    assert rows[0]._asdict() == {"id": 3, "name": "unit-3"}
+
+
+def test_a_constraint_violation_is_sqlalchemys_integrity_error(database: Database) -> None:
+    bulk = Bulk("postgresql")
+    database.transaction(lambda conn: _insert(bulk, conn, 1))
+    with pytest.raises(sa.exc.IntegrityError):
+        database.transaction(lambda conn: _insert(bulk, conn, 2, 1))
+    with database.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(units)).scalar_one() == 1
+
+
+def _drop_the_pooled_connection(database: Database, postgres_url: str) -> None:
+    # Found in a transaction: an autocommit read would have the pool reset the connection
+    # at the next checkout, failing there, before any Bulk statement.
+    pid = database.transaction(lambda conn: int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()))
+    admin = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+    admin.dispose()
+
+
+def test_a_read_on_a_dropped_connection_fails_as_sqlalchemy_fails(database: Database, postgres_url: str) -> None:
+    bulk = Bulk("postgresql")
+    database.transaction(lambda conn: _insert(bulk, conn, 7))
+    _drop_the_pooled_connection(database, postgres_url)
+    # What the gRPC interceptor answers UNAVAILABLE (DATABASE_UNAVAILABLE), and the pool drops.
+    with pytest.raises(sa.exc.OperationalError) as caught, database.connect() as conn:
+        bulk.select_for_keys(conn, units.c.id, [7], NAMES)
+    assert caught.value.connection_invalidated
+    with database.connect() as conn:
+        assert [row.id for row in bulk.select_for_keys(conn, units.c.id, [7], NAMES)] == [7]
+
+
+def test_statements_that_need_sqlalchemys_conversions_still_get_them(database: Database) -> None:
+    bulk = Bulk("postgresql")
+    database.transaction(lambda conn: _insert(bulk, conn, 1, 2))
+    # A Boolean parameter (SQLAlchemy checks it) and an IN list (SQLAlchemy expands it per call).
+    flagged = sa.select(units.c.id).where(units.c.active == sa.bindparam("active", type_=sa.Boolean))
+    listed = sa.select(units.c.id).where(units.c.name.in_(sa.bindparam("names", expanding=True)))
+    with database.connect() as conn:
+        assert [r.id for r in bulk.select_for_keys(conn, units.c.id, [1, 2], flagged, {"active": True})] == [1, 2]
+        assert [r.id for r in bulk.select_for_keys(conn, units.c.id, [1, 2], listed, {"names": ["unit-2"]})] == [2]
+        moved = bulk.update(
+            conn, units, "id", [{"id": 2, "name": "renamed"}], only=units.c.name.in_(["unit-2"]), returning=[units.c.id]
+        )
+    assert [r.id for r in moved] == [2]
