@@ -19,6 +19,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from services.wallet.audit import audit
 from tests.support.status import error_info
 from tests.support.tokens import Keys
+from tests.support.waiting import eventually
 from tests.wallet.support import Wallet, running_wallet, unique
 from tests.wallet.test_holds import earn, paid, settle
 from tests.wallet.test_purchases_reservations import reserve
@@ -149,12 +150,9 @@ async def test_a_gift_batch_locks_the_senders_coin_rows_before_their_lots(
             blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
             blocker.execute(sa.text("SELECT lot_id FROM wallet_purchases WHERE account_id = 'fan' FOR UPDATE"))
             gift = asyncio.ensure_future(wallet.gift("fan", "star"))
-            for _ in range(200):
-                if await _waiting_on_a_lock(wallet, blocker_pid):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the gift never waited for the fan's lot")
+            await eventually(
+                lambda: _waiting_on_a_lock(wallet, blocker_pid), "the gift to wait for the fan's lot", 10, interval=0.05
+            )
             with engine.connect() as probe, pytest.raises(sa.exc.OperationalError, match="could not obtain lock"):
                 probe.execute(
                     sa.text(
@@ -185,12 +183,12 @@ async def test_a_paid_settle_locks_the_creators_other_holds_in_id_order_with_its
             blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
             blocker.execute(sa.text("SELECT 1 FROM wallet_reservations WHERE reservation_id = 'a-other' FOR UPDATE"))
             settling = asyncio.ensure_future(settle(wallet, paid("z-paid", 20)))
-            for _ in range(200):
-                if await _waiting_on_a_lock(wallet, blocker_pid):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the settle never waited for the other hold")
+            await eventually(
+                lambda: _waiting_on_a_lock(wallet, blocker_pid),
+                "the settle to wait for the other hold",
+                10,
+                interval=0.05,
+            )
             with engine.connect() as probe:
                 probe.execute(
                     sa.text("SELECT 1 FROM wallet_reservations WHERE reservation_id = 'z-paid' FOR UPDATE NOWAIT")
