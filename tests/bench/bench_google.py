@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -36,13 +37,17 @@ REPO = Path(__file__).resolve().parents[2]
 CONCURRENCY = 64
 
 
-def _buy(simulator: str, product_id: str, account: str) -> str:
-    body = json.dumps({"productId": product_id, "obfuscatedAccountId": account}).encode()
+def _post_json(url: str, body: dict[str, Any]) -> Any:
     request = urllib.request.Request(
-        f"{simulator}/google/sim/purchases", data=body, method="POST", headers={"Content-Type": "application/json"}
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        return str(json.loads(response.read())["purchaseToken"])
+        return json.loads(response.read())
+
+
+def _buy(simulator: str, product_id: str, account: str) -> str:
+    body = {"productId": product_id, "obfuscatedAccountId": account}
+    return str(_post_json(f"{simulator}/google/sim/purchases", body)["purchaseToken"])
 
 
 def _no_push_subscription(simulator: str) -> None:
@@ -51,13 +56,8 @@ def _no_push_subscription(simulator: str) -> None:
     without this the simulator spent two thirds of its CPU connecting to a closed port and
     retrying (12 attempts, with backoff) every purchase's push. The benchmark measures
     VerifyGooglePurchase, as the App Store one measures VerifyApplePurchase."""
-    body = json.dumps({"push_endpoint": ""}).encode()
-    request = urllib.request.Request(
-        f"{simulator}/pubsub/control/config", data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        if json.loads(response.read())["push_endpoint"] != "":
-            raise RuntimeError("the simulator kept its push subscription")
+    if _post_json(f"{simulator}/pubsub/control/config", {"push_endpoint": ""})["push_endpoint"] != "":
+        raise RuntimeError("the simulator kept its push subscription")
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
