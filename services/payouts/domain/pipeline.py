@@ -185,7 +185,8 @@ class Pipeline:
             len(cancelled),
         )
         self._store.prune_chunk(chunk_id, expired, requoted, cancelled, now)
-        self.settle(self._store.settlements(cashout_ids=[*expired, *cancelled]))
+        if expired or cancelled:  # a re-quote alone leaves nothing for the wallet to settle
+            self.settle(self._store.settlements(cashout_ids=[*expired, *cancelled]))
         chunk = self._store.chunk(chunk_id)
         return chunk.lines if chunk is not None else ()
 
