@@ -79,7 +79,8 @@ class _Text:
     """A batch statement compiled for the connection's driver."""
 
     sql: str
-    defaults: dict[str, Any]
+    defaults: dict[str, Any]  # the values bound when the statement was built (OFFSET 0, constants)
+    required: frozenset[str]  # what each execution must give
 
 
 _UNSEEN = object()
@@ -121,11 +122,18 @@ class Bulk:
         and Database.transaction see the same exceptions, and a dropped connection
         invalidates the pool as before."""
         text = self._text(conn, stmt)
-        if text is None:
+        driver: Any = conn.connection.driver_connection
+        # Outside a transaction SQLAlchemy would autobegin one; only its own path does that.
+        if text is None or not (conn.in_transaction() or driver.autocommit):
             result = conn.execute(stmt, params)
             return list(result.all()) if rows else []
-        cursor = conn.connection.driver_connection.cursor(row_factory=namedtuple_row)  # type: ignore[union-attr]
+        missing = text.required - params.keys()
+        if missing:
+            # What SQLAlchemy raises too: a parameter left out must not go as NULL.
+            raise sa.exc.InvalidRequestError(f"A value is required for bind parameter {min(missing)!r}")
+        cursor = None
         try:
+            cursor = driver.cursor(row_factory=namedtuple_row)
             cursor.execute(text.sql, {**text.defaults, **params})
             return cursor.fetchall() if rows else []
         except Exception as error:
@@ -133,21 +141,37 @@ class Bulk:
             # tests/common/test_bulk.py fails if it stops wrapping or invalidating).
             conn._handle_dbapi_exception(error, text.sql, None, cursor, None)
         finally:
-            cursor.close()
+            if cursor is not None:
+                cursor.close()
 
     def _text(self, conn: Connection, stmt: Any) -> _Text | None:
         found = self._texts.get(id(stmt), _UNSEEN)
         if found is _UNSEEN:
             dialect = conn.dialect
             compiled = stmt.compile(dialect=dialect)
+            binds = compiled.binds
             returned: Any = getattr(stmt, "selected_columns", None) or getattr(stmt, "exported_columns", ())
+            names = [getattr(column, "name", None) for column in returned]
             plain = (
-                # An IN list is expanded per execution, by SQLAlchemy.
-                not any(b.expanding for b in compiled.binds.values())
-                and not any(_converts(b.type, dialect, result=False) for b in compiled.binds.values())
+                # IN lists and literal parameters are rendered per execution, by SQLAlchemy.
+                not any(b.expanding for b in binds.values())
+                and not compiled.literal_execute_params
+                and not compiled.post_compile_params
+                and not any(_converts(b.type, dialect, result=False) for b in binds.values())
                 and not any(_converts(c.type, dialect, result=True) for c in returned)
+                # Rows are named tuples: their field names must be unique identifiers.
+                and len(set(names)) == len(names)
+                and all(isinstance(n, str) and n.isidentifier() and not n.startswith("_") for n in names)
             )
-            found = self._texts[id(stmt)] = _Text(compiled.string, dict(compiled.params)) if plain else None
+            found = self._texts[id(stmt)] = (
+                _Text(
+                    compiled.string,
+                    {name: value for name, value in compiled.params.items() if not binds[name].required},
+                    frozenset(name for name in compiled.params if binds[name].required),
+                )
+                if plain
+                else None
+            )
         return found  # type: ignore[return-value]
 
     def cell(self, value: datetime | bytes) -> object:

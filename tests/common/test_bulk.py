@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from services.common.bulk import Bulk
 from services.common.db import Database
+from tests.support.databases import terminate_backend
 
 pytestmark = pytest.mark.postgres
 
@@ -35,6 +36,11 @@ def database(postgres_url: str) -> Iterator[Database]:
     database.close()
 
 
+def _paths(bulk: Bulk) -> set[str]:
+    """Which path the statements ``bulk`` ran took: "direct" (the psycopg cursor) or "sqlalchemy"."""
+    return {"sqlalchemy" if text is None else "direct" for text in bulk._texts.values()}
+
+
 def _insert(bulk: Bulk, conn: Connection, *ids: int) -> None:
     bulk.insert(conn, units, [{"id": i, "name": f"unit-{i}", "active": True} for i in ids])
 
@@ -46,6 +52,18 @@ def test_rows_come_back_by_column_name(database: Database) -> None:
         rows = bulk.select_for_keys(conn, units.c.id, [3, 1], NAMES)
     assert [(row.id, row.name) for row in rows] == [(3, "unit-3"), (1, "unit-1")]
     assert rows[0]._asdict() == {"id": 3, "name": "unit-3"}
+    assert _paths(bulk) == {"direct"}
+
+
+def test_a_parameter_left_out_is_refused_not_sent_as_null(database: Database) -> None:
+    bulk = Bulk("postgresql")
+    database.transaction(lambda conn: _insert(bulk, conn, 1))
+    named = NAMES.where(units.c.name == sa.bindparam("name", type_=sa.String))
+    with database.connect() as conn:
+        assert [r.id for r in bulk.select_for_keys(conn, units.c.id, [1], named, {"name": "unit-1"})] == [1]
+        with pytest.raises(sa.exc.InvalidRequestError, match="'name'"):
+            bulk.select_for_keys(conn, units.c.id, [1], named)
+    assert _paths(bulk) == {"direct"}
 
 
 def test_a_constraint_violation_is_sqlalchemys_integrity_error(database: Database) -> None:
@@ -55,16 +73,14 @@ def test_a_constraint_violation_is_sqlalchemys_integrity_error(database: Databas
         database.transaction(lambda conn: _insert(bulk, conn, 2, 1))
     with database.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(units)).scalar_one() == 1
+    assert _paths(bulk) == {"direct"}
 
 
 def _drop_the_pooled_connection(database: Database, postgres_url: str) -> None:
     # Found in a transaction: an autocommit read would have the pool reset the connection
     # at the next checkout, failing there, before any Bulk statement.
     pid = database.transaction(lambda conn: int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()))
-    admin = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.connect() as conn:
-        assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
-    admin.dispose()
+    terminate_backend(postgres_url, pid)
 
 
 def test_a_read_on_a_dropped_connection_fails_as_sqlalchemy_fails(database: Database, postgres_url: str) -> None:
@@ -77,11 +93,13 @@ def test_a_read_on_a_dropped_connection_fails_as_sqlalchemy_fails(database: Data
     assert caught.value.connection_invalidated
     with database.connect() as conn:
         assert [row.id for row in bulk.select_for_keys(conn, units.c.id, [7], NAMES)] == [7]
+    assert _paths(bulk) == {"direct"}
 
 
 def test_statements_that_need_sqlalchemys_conversions_still_get_them(database: Database) -> None:
+    setup = Bulk("postgresql")
+    database.transaction(lambda conn: _insert(setup, conn, 1, 2))
     bulk = Bulk("postgresql")
-    database.transaction(lambda conn: _insert(bulk, conn, 1, 2))
     # A Boolean parameter (SQLAlchemy checks it) and an IN list (SQLAlchemy expands it per call).
     flagged = sa.select(units.c.id).where(units.c.active == sa.bindparam("active", type_=sa.Boolean))
     listed = sa.select(units.c.id).where(units.c.name.in_(sa.bindparam("names", expanding=True)))
@@ -92,3 +110,4 @@ def test_statements_that_need_sqlalchemys_conversions_still_get_them(database: D
             conn, units, "id", [{"id": 2, "name": "renamed"}], only=units.c.name.in_(["unit-2"]), returning=[units.c.id]
         )
     assert [r.id for r in moved] == [2]
+    assert _paths(bulk) == {"sqlalchemy"}

@@ -11,6 +11,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy.engine import Connection
 
 from services.common.db import Database
+from tests.support.databases import terminate_backend
 
 pytestmark = pytest.mark.postgres
 
@@ -40,10 +41,7 @@ def test_reads_open_no_transaction_on_the_server(database: Database) -> None:
 
 def test_a_transaction_survives_its_connection_being_dropped(database: Database, postgres_url: str) -> None:
     pid = _server_pid(database)  # the pool's one connection
-    admin = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.connect() as conn:
-        assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
-    admin.dispose()
+    terminate_backend(postgres_url, pid)
     attempts: list[int] = []
 
     def work(conn: Connection) -> int:

@@ -39,3 +39,13 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def terminate_backend(postgres_url: str, pid: int) -> None:
+    """Drop one server connection, as a server restart or an admin would."""
+    admin = sa.create_engine(normalize_url(postgres_url))
+    try:
+        with admin.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+    finally:
+        admin.dispose()
