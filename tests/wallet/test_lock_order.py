@@ -140,9 +140,10 @@ async def _waiting_on_a_lock(wallet: Wallet, blocker_pid: int) -> bool:
 async def test_a_gift_batch_locks_the_senders_coin_rows_before_their_lots(
     postgres_url: str, keys: Keys, tmp_path: Path
 ) -> None:
-    """Spendable rows and open lots are locked by one statement; it must still take them
-    in the lock order. A transaction holding the fan's lot makes the gift wait on it:
-    by then the fan's coin row must be locked already (a NOWAIT lock of it fails)."""
+    """Spendable rows are locked before open lots (the stated lock order, which the one
+    statement that locks both must keep). A transaction holding the fan's lot makes the
+    gift wait on it: by then the fan's coin row must be locked already (a NOWAIT lock of
+    it fails)."""
     async with running_wallet(postgres_url, keys, tmp_path) as wallet:
         await wallet.credit("fan", 10, stx="fan-lot")
         engine = wallet.database.engine

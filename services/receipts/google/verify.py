@@ -171,19 +171,12 @@ class GooglePurchases:
         except Exception as exc:
             log.warning("could not queue the consume of a Play purchase (the sweep will retry): %s", exc)
 
-    def close(self) -> None:
-        self._close_enqueuer()
-        self.client.close()
-
     async def aclose(self) -> None:
-        """:meth:`close` from the event loop, which also closes the client's async side."""
-        self._close_enqueuer()
+        """Send the queued consumes, then close the client (both sides; on its event loop)."""
+        close_enqueuer = getattr(self.enqueue_consume, "close", None)
+        if close_enqueuer is not None:
+            close_enqueuer()
         await self.client.aclose()
-
-    def _close_enqueuer(self) -> None:
-        close = getattr(self.enqueue_consume, "close", None)
-        if close is not None:
-            close()
 
 
 def _revoked(verdict: GoogleVerdict) -> VerifiedPurchase:

@@ -161,20 +161,15 @@ class PurchaseRepository:
 
     # --- purchases -------------------------------------------------------
 
-    async def claim(self, terms: CreditTerms, account_id: str | None, now: datetime) -> PurchaseRecord:
-        """Record the purchase (first writer's terms win) and bind it to ``account_id``.
-
-        The row is inserted with ``ON CONFLICT DO NOTHING``; an unbound row is
-        bound with a conditional update. A row bound to another account raises
-        PERMISSION_DENIED ``RECEIPT_BOUND_TO_OTHER_ACCOUNT``. ``account_id=None``
-        only records (a store notification nobody has claimed yet). A revoked
-        purchase that was never credited becomes REVOKED.
-        """
-        return await self._tx(lambda conn: self.claim_in(conn, terms, account_id, now))
-
     def claim_in(self, conn: Connection, terms: CreditTerms, account_id: str | None, now: datetime) -> PurchaseRecord:
-        """:meth:`claim` in the caller's transaction (a group commit claims many in one).
-        A row bound to another account is refused before its state moves."""
+        """Record the purchase (first writer's terms win) and bind it to ``account_id``, in the
+        caller's transaction (a group commit claims many in one).
+
+        The row is inserted with ``ON CONFLICT DO NOTHING``; an unbound row is bound with a
+        conditional update. A row bound to another account raises PERMISSION_DENIED
+        ``RECEIPT_BOUND_TO_OTHER_ACCOUNT`` before its state moves. ``account_id=None`` only
+        records (a store notification nobody has claimed yet). A revoked purchase that was
+        never credited becomes REVOKED."""
         purchase = terms.purchase
         initial = initial_state(purchase)
         self._insert(conn, terms, account_id, initial, now)
