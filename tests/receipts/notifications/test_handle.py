@@ -239,6 +239,18 @@ def test_a_row_processed_concurrently_is_applied_once(harness: Harness, core: Co
     assert core.ledger("acct-c") == [("3000000009", 350), ("3000000009", -350)]
 
 
+def test_a_pending_row_is_swept_after_a_grace_and_not_again_until_another(harness: Harness, core: Core) -> None:
+    """A stored row whose task has not run yet: under a backlog, re-queuing it at every
+    sweep would pile duplicate messages onto the queue."""
+    row = harness.store_apple("REFUND", credited(harness, "acct-p", "3000000011"))
+    now, grace = datetime.now(UTC), timedelta(seconds=30)
+    assert row not in harness.inbox.due(now, grace)  # its own task may still be on the way
+    swept = now + timedelta(seconds=31)
+    assert row in harness.inbox.due(swept, grace)
+    assert row not in harness.inbox.due(swept + timedelta(seconds=29), grace)
+    assert row in harness.inbox.due(swept + timedelta(seconds=31), grace)
+
+
 def test_failures_are_retried_with_backoff_and_counted(
     harness: Harness, core: Core, monkeypatch: pytest.MonkeyPatch
 ) -> None:
