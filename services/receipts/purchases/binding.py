@@ -15,7 +15,6 @@ retirement, since a purchase bound under it can be refunded for months.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import uuid
 from collections.abc import Iterator, Sequence
@@ -61,10 +60,15 @@ class _Keyed:
         self._key = secret.encode()
 
     def mac(self, label: str, account_id: str) -> bytes:
-        return hmac.new(self._key, f"{label}\x00{account_id}".encode(), hashlib.sha256).digest()
+        return hmac.digest(self._key, f"{label}\x00{account_id}".encode(), "sha256")
 
     def app_account_token(self, account_id: str) -> bytes:
-        return uuid.UUID(bytes=self.mac("appAccountToken", account_id)[:16], version=4).bytes
+        """The first 16 bytes of the MAC in the version 4 layout (RFC 9562: version nibble 4,
+        variant bits 10), as ``uuid.UUID(bytes=…, version=4)`` sets them; checked on every purchase."""
+        raw = bytearray(self.mac("appAccountToken", account_id)[:16])
+        raw[6] = (raw[6] & 0x0F) | 0x40
+        raw[8] = (raw[8] & 0x3F) | 0x80
+        return bytes(raw)
 
     def obfuscated_account_id(self, account_id: str) -> str:
         return base64.urlsafe_b64encode(self.mac("obfuscatedAccountId", account_id)).rstrip(b"=").decode()
@@ -89,8 +93,7 @@ class Binding:
         now = self._clock.now()
         return [entry for entry, _ in self._retired if entry.verifies_until(self._keep_days) <= now]
 
-    def _verifying(self) -> Iterator[_Keyed]:
-        yield self._newest
+    def _retired_verifying(self) -> Iterator[_Keyed]:
         now = self._clock.now()
         for entry, keyed in self._retired:
             if now < entry.verifies_until(self._keep_days):
@@ -110,11 +113,18 @@ class Binding:
             given = uuid.UUID(token).bytes
         except ValueError:
             return False
-        return any(hmac.compare_digest(given, keyed.app_account_token(account_id)) for keyed in self._verifying())
+        if hmac.compare_digest(given, self._newest.app_account_token(account_id)):
+            return True
+        return any(
+            hmac.compare_digest(given, keyed.app_account_token(account_id)) for keyed in self._retired_verifying()
+        )
 
     def obfuscated_account_id_matches(self, account_id: str, value: str) -> bool:
         """True when ``value`` is this account's obfuscatedAccountId under a verifying secret."""
         given = value.encode()
+        if hmac.compare_digest(given, self._newest.obfuscated_account_id(account_id).encode()):
+            return True
         return any(
-            hmac.compare_digest(given, keyed.obfuscated_account_id(account_id).encode()) for keyed in self._verifying()
+            hmac.compare_digest(given, keyed.obfuscated_account_id(account_id).encode())
+            for keyed in self._retired_verifying()
         )

@@ -19,6 +19,7 @@ def test_binding_is_stable_distinct_and_not_reversible() -> None:
     token = binding.app_account_token("acct-1")
     assert token == binding.app_account_token("acct-1")
     assert uuid.UUID(token).version == 4
+    assert uuid.UUID(token).variant == uuid.RFC_4122
     assert token != binding.app_account_token("acct-2")
     assert token != Binding("a-long-enough-secret-2").app_account_token("acct-1")
     assert binding.app_account_token_matches("acct-1", token.upper())
@@ -29,6 +30,16 @@ def test_binding_is_stable_distinct_and_not_reversible() -> None:
     assert "acct" not in obfuscated
     assert binding.obfuscated_account_id_matches("acct-1", obfuscated)
     assert not binding.obfuscated_account_id_matches("acct-2", obfuscated)
+
+
+def test_binding_values_never_change() -> None:
+    """Purchases bound in the wild are verified for months: the derivation is pinned."""
+    binding = Binding("a-long-enough-secret-1")
+    assert binding.app_account_token("acct-1") == "0c16c992-1ec3-4706-b44a-b410455d0e87"
+    assert binding.obfuscated_account_id("acct-1") == "J2-ZkKRJvFhX6hOMKRe9DZeZwwYuYnQ1xIvqEDNG-YY"
+    for n in range(64):
+        token = uuid.UUID(binding.app_account_token(f"acct-{n}"))
+        assert (token.version, token.variant) == (4, uuid.RFC_4122)
 
 
 class FixedClock:
