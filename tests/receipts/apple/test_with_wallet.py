@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from pathlib import Path
 
 import grpc
@@ -91,3 +92,23 @@ async def test_a_legacy_receipt_verified_twice_credits_each_consumable_once(
         assert sorted(await receipts.ledger("fan-1")) == sorted((txid, 70) for txid in ids)
         # Each credit rests on the App Store's signed answer for its transaction.
         assert credits_without_evidence(receipts.wallet.database) == (0, [])
+
+
+@pytest.mark.postgres
+async def test_an_app_store_purchase_runs_past_sqlalchemy(
+    keys: Keys, postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both services' batch statements of the purchase path run on the psycopg cursor
+    (services.common.bulk): one that needs SQLAlchemy's execution layer costs twice the CPU."""
+    caplog.set_level(logging.DEBUG, logger="services.common.bulk")
+    async with (
+        apple_simulator(tmp_path) as (store, url),
+        running_wallet(postgres_url, keys, tmp_path) as wallet,
+        receipts_host(keys, postgres_url, tmp_path, wallet.address, simulator_settings(url)) as (components, stub),
+    ):
+        md = keys.metadata("purchases:verify", subject="app-backend")
+        _txid, jws = store.buy("com.coinstore.coins.70", app_account_token=components.binding.app_account_token("fan"))
+        request = pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan", signed_transaction=jws)
+        reply = await stub.VerifyApplePurchase(request, metadata=md, timeout=30)
+        assert reply.purchases[0].state == pb.PURCHASE_STATE_CREDITED
+    assert [r.getMessage() for r in caplog.records if r.name == "services.common.bulk"] == []

@@ -5,6 +5,7 @@ What is credited, and how often, is read from the wallet's ledger."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import grpc
@@ -61,3 +62,23 @@ async def test_play_purchase_credited_once_by_the_real_wallet(keys: Keys, databa
         assert (first.coins_moved, again.coins_moved) == (1400, 0)
         assert await receipts.ledger("fan-1") == [(token, 2800), (token, -1400)]
         assert await receipts.balance("fan-1") == 1400
+
+
+@pytest.mark.postgres
+async def test_a_play_purchase_runs_past_sqlalchemy(
+    keys: Keys, postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the App Store's: every batch statement of the purchase path on the psycopg cursor."""
+    caplog.set_level(logging.DEBUG, logger="services.common.bulk")
+    async with (
+        play_simulator(tmp_path) as (play, base),
+        receipts_with_wallet(keys, postgres_url, tmp_path, google_settings(play, base, tmp_path)) as receipts,
+    ):
+        obfuscated = receipts.components.binding.obfuscated_account_id("fan")
+        token = play.buy("coins_70", account_id=obfuscated).token
+        request = pb.VerifyGooglePurchaseRequest(
+            request_id="r-1", account_id="fan", product_id="coins_70", purchase_token=token
+        )
+        reply = await receipts.stub.VerifyGooglePurchase(request, metadata=receipts.md(), timeout=30)
+        assert reply.purchase.state == pb.PURCHASE_STATE_CREDITED
+    assert [r.getMessage() for r in caplog.records if r.name == "services.common.bulk"] == []
