@@ -132,6 +132,7 @@ class OutboxRepository:
         self._all_purchases = sa.select(self._table)
         # Spelled out, not IN: a fixed condition with plain parameters (Bulk runs such statements directly).
         self._creditable = sa.or_(*(self._table.c.state == state for state in _CREDITABLE))
+        self._marked = (*self._table.c, self.refunds.of(self._table))
         log = self._request_log
         self._log_key = (log.c.method, log.c.request_id)
         self._log_entries = sa.select(log.c.method, log.c.request_id, log.c.request_hash, log.c.response)
@@ -226,16 +227,22 @@ class OutboxRepository:
             ("store", "store_transaction_id"),
             [marks[k] for k in sorted(marks)],
             only=self._creditable,
-            returning=tuple(table.c),
+            # With each row its recorded refund, read after the wallet credited: a refund
+            # recorded after this read finds the credit in the wallet (Crediting.apply_refund).
+            returning=self._marked,
         )
-        records = {(row.store, row.store_transaction_id): record_from_row(row) for row in marked}
+        records: dict[Key, PurchaseRecord] = {}
+        refunds: dict[Key, Refund] = {}
+        for row in marked:
+            key = (row.store, row.store_transaction_id)
+            records[key] = record_from_row(row)
+            if row.refund is not None:
+                refunds[key] = self.refunds.from_json(row.refund)
         # The rows not moved (credited before, refunded since; on SQLite all of them).
         unmoved = [key for key in sorted(marks) if key not in records]
         for row in self._bulk.select_for_keys(conn, self._purchase_key, unmoved, self._all_purchases):
             records[(row.store, row.store_transaction_id)] = record_from_row(row)
-        # Read after marking, the wallet having credited: a refund recorded after this read
-        # finds the credit in the wallet (Crediting.apply_refund).
-        refunds = self.refunds.get_in(conn, marks)
+        refunds.update(self.refunds.get_in(conn, unmoved))
         outcomes: list[RowOutcome | None] = [None] * len(settlements)
         answers: list[tuple[int, RequestRecorder]] = []
         rows: list[RowHook] = []
