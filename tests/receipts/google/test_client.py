@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from services.receipts.google.client import PlayApiError, PlayClient, StoreAuthFailed, StoreUnavailable
+from services.receipts.google.client import PlayApiError, PlayClient, StoreAuthFailed, StoreUnavailable, _prepared
 from services.receipts.google.rules import VoidedQuery
 from services.storesim.google import SOURCE_DEVELOPER, Fault, PlayState
 from tests.receipts.google.support import PACKAGE, play_simulator_thread
@@ -203,6 +203,23 @@ def test_many_threads_each_with_their_own_http(sim: tuple[PlayState, str], clien
         return [p.purchase_state for p in found]
 
     assert asyncio.run(all_at_once()) == ["PURCHASED"] * 24
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "abcdefghijklmnopqrstuvwx.AO-J1OwAbC_dE~fG",
+        "with/slash?and#hash%25+plus space&amp=;:@",
+        "ünïcödé-€",
+        "x" * 2100,  # too long for a GET: googleapiclient sends a POST with x-http-method-override
+    ],
+)
+def test_the_async_look_up_sends_what_googleapiclient_builds(client: PlayClient, token: str) -> None:
+    """The look-up's request is built once and filled in per call: it must be, byte for byte,
+    the request googleapiclient builds and finishes for those values."""
+    resources = client._service()
+    built = resources.productsv2.getproductpurchasev2(packageName=PACKAGE, token=token)
+    assert resources.purchase_v2.fill(packageName=PACKAGE, token=token)[0] == _prepared(built)
 
 
 def test_simulator_control_endpoints_and_error_envelope(sim: tuple[PlayState, str]) -> None:
