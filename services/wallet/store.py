@@ -650,12 +650,15 @@ class WalletStore:
         wanted = ids + [hold_account(a) for a in ids]
         for row in self._bulk.select_for_keys(conn, balances.c.account_id, wanted, self._balance_rows):
             amounts[(row.account_id, row.currency)] = int(row.balance)
-        immature: dict[str, int] = {}
-        if self._holding > timedelta(0):
-            since = {"since": now - self._holding}
-            for row in self._bulk.select_for_keys(conn, history.c.account_id, ids, self._received_since, since):
-                immature[row.account_id] = int(row.diamonds)
         coin, diamond = Currency.COIN.value, Currency.DIAMOND.value
+        immature: dict[str, int] = {}
+        # Immature diamonds only lower what is withdrawable, which is 0 anyway without
+        # unreserved diamonds: buyers and fans (most views) skip the history probe.
+        earners = [a for a in ids if amounts.get((a, diamond), 0) > 0]
+        if self._holding > timedelta(0) and earners:
+            since = {"since": now - self._holding}
+            for row in self._bulk.select_for_keys(conn, history.c.account_id, earners, self._received_since, since):
+                immature[row.account_id] = int(row.diamonds)
         return {
             a: BalanceView(
                 account_id=a,

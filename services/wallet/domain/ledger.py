@@ -134,7 +134,9 @@ class BalanceView:
     coin_balance: int  # negative while in debt
     diamonds: int  # the unreserved diamonds row; negative is diamond debt from clawed-back gifts
     diamonds_reserved: int
-    diamonds_immature: int  # received within the holding period
+    # Received within the holding period; read only while ``diamonds`` > 0 (it only lowers
+    # what is withdrawable, which is 0 without unreserved diamonds).
+    diamonds_immature: int
     sandbox_coin_balance: int = 0
     sandbox_diamonds: int = 0
 
