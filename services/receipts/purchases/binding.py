@@ -93,7 +93,10 @@ class Binding:
         now = self._clock.now()
         return [entry for entry, _ in self._retired if entry.verifies_until(self._keep_days) <= now]
 
-    def _retired_verifying(self) -> Iterator[_Keyed]:
+    def _verifying(self) -> Iterator[_Keyed]:
+        """The newest secret, then (the clock read only if it is asked for more) the retired
+        secrets still in their keep time."""
+        yield self._newest
         now = self._clock.now()
         for entry, keyed in self._retired:
             if now < entry.verifies_until(self._keep_days):
@@ -113,18 +116,11 @@ class Binding:
             given = uuid.UUID(token).bytes
         except ValueError:
             return False
-        if hmac.compare_digest(given, self._newest.app_account_token(account_id)):
-            return True
-        return any(
-            hmac.compare_digest(given, keyed.app_account_token(account_id)) for keyed in self._retired_verifying()
-        )
+        return any(hmac.compare_digest(given, keyed.app_account_token(account_id)) for keyed in self._verifying())
 
     def obfuscated_account_id_matches(self, account_id: str, value: str) -> bool:
         """True when ``value`` is this account's obfuscatedAccountId under a verifying secret."""
         given = value.encode()
-        if hmac.compare_digest(given, self._newest.obfuscated_account_id(account_id).encode()):
-            return True
         return any(
-            hmac.compare_digest(given, keyed.obfuscated_account_id(account_id).encode())
-            for keyed in self._retired_verifying()
+            hmac.compare_digest(given, keyed.obfuscated_account_id(account_id).encode()) for keyed in self._verifying()
         )
