@@ -36,6 +36,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import BindParameter
 
 _ROWS = "rows"
 
@@ -102,6 +104,28 @@ def _converts(type_: Any, dialect: Any, *, result: bool) -> bool:
         return True
 
 
+def _with_fixed_lists(stmt: Any) -> Any:
+    """``stmt`` with each IN list over values fixed when it was built (``column.in_([...])``)
+    spelled as one plain parameter per value: SQLAlchemy renders an IN list anew on every
+    execution, which would keep the whole statement on its execution layer. An IN list
+    given at execution, an empty one or one of tuples stays as it is."""
+
+    def fixed(element: Any, **_: Any) -> Any:
+        if (
+            isinstance(element, BindParameter)
+            and element.expanding
+            and not element.required
+            and element.callable is None
+            and isinstance(element.value, (list, tuple))
+            and element.value
+            and not any(isinstance(v, (list, tuple)) for v in element.value)
+        ):
+            return sa.tuple_(*(sa.bindparam(None, v, type_=element.type) for v in element.value))
+        return None
+
+    return visitors.replacement_traverse(stmt, {}, fixed)
+
+
 class Bulk:
     """Batch statements for one dialect, each built and compiled once."""
 
@@ -151,12 +175,13 @@ class Bulk:
         found = self._texts.get(id(stmt), _UNSEEN)
         if found is _UNSEEN:
             dialect = conn.dialect
-            compiled = stmt.compile(dialect=dialect)
+            compiled = _with_fixed_lists(stmt).compile(dialect=dialect)
             binds = compiled.binds
             returned: Any = getattr(stmt, "selected_columns", None) or getattr(stmt, "exported_columns", ())
             names = [getattr(column, "name", None) for column in returned]
             plain = (
-                # IN lists and literal parameters are rendered per execution, by SQLAlchemy.
+                # IN lists given at execution and literal parameters are rendered per
+                # execution, by SQLAlchemy.
                 not any(b.expanding for b in binds.values())
                 and not compiled.literal_execute_params
                 and not compiled.post_compile_params

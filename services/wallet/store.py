@@ -499,8 +499,7 @@ class WalletStore:
                 balances.c.balance.label("coins"),
                 sa.cast(sa.null(), sa.BigInteger).label("lot_id"),
             )
-            # ORs, not IN: an IN list is rendered per execution, which keeps Bulk on SQLAlchemy's path.
-            .where(sa.or_(*(balances.c.currency == c.value for c in COIN_CURRENCIES)))
+            .where(balances.c.currency.in_([c.value for c in COIN_CURRENCIES]))
             .order_by(balances.c.currency)
         )
         self._rows_in_currency = sa.select(balances.c.account_id, balances.c.balance).where(

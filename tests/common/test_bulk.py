@@ -5,6 +5,7 @@ statements that need SQLAlchemy's conversions must still get them."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -12,8 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from services.common.bulk import Bulk
+from services.common.bulk import log as bulk_log
 from services.common.db import Database
-from tests.support.databases import terminate_backend
+from tests.support.databases import sqlalchemy_path_statements, terminate_backend
 
 pytestmark = pytest.mark.postgres
 
@@ -96,18 +98,38 @@ def test_a_read_on_a_dropped_connection_fails_as_sqlalchemy_fails(database: Data
     assert _paths(bulk) == {"direct"}
 
 
-def test_statements_that_need_sqlalchemys_conversions_still_get_them(database: Database) -> None:
+def test_statements_that_need_sqlalchemys_conversions_still_get_them(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     setup = Bulk("postgresql")
     database.transaction(lambda conn: _insert(setup, conn, 1, 2))
     bulk = Bulk("postgresql")
-    # A Boolean parameter (SQLAlchemy checks it) and an IN list (SQLAlchemy expands it per call).
+    caplog.set_level(logging.DEBUG, logger=bulk_log.name)
+    # A Boolean parameter (SQLAlchemy checks it) and an IN list given per call (SQLAlchemy expands it).
     flagged = sa.select(units.c.id).where(units.c.active == sa.bindparam("active", type_=sa.Boolean))
     listed = sa.select(units.c.id).where(units.c.name.in_(sa.bindparam("names", expanding=True)))
+    # An IN list of tuples, even fixed when built, is SQLAlchemy's to render.
+    pairs = sa.select(units.c.id).where(sa.tuple_(units.c.id, units.c.name).in_([(2, "unit-2"), (1, "other")]))
     with database.connect() as conn:
         assert [r.id for r in bulk.select_for_keys(conn, units.c.id, [1, 2], flagged, {"active": True})] == [1, 2]
         assert [r.id for r in bulk.select_for_keys(conn, units.c.id, [1, 2], listed, {"names": ["unit-2"]})] == [2]
+        assert [r.id for r in bulk.select_for_keys(conn, units.c.id, [1, 2], pairs)] == [2]
+    assert _paths(bulk) == {"sqlalchemy"}
+    # Each is named in the log the hot-path tests watch (tests/support/databases.py).
+    assert len(sqlalchemy_path_statements(caplog)) == 3
+
+
+def test_in_lists_fixed_when_built_run_on_the_cursor(database: Database) -> None:
+    bulk = Bulk("postgresql")
+    database.transaction(lambda conn: _insert(bulk, conn, 1, 2, 3))
+    kept = NAMES.where(units.c.name.in_(["unit-1", "unit-3"]), units.c.id.not_in([3]))
+    with database.connect() as conn:
+        assert [r.id for r in bulk.select_for_keys(conn, units.c.id, [1, 2, 3], kept)] == [1]
         moved = bulk.update(
             conn, units, "id", [{"id": 2, "name": "renamed"}], only=units.c.name.in_(["unit-2"]), returning=[units.c.id]
         )
-    assert [r.id for r in moved] == [2]
-    assert _paths(bulk) == {"sqlalchemy"}
+        unmoved = bulk.update(
+            conn, units, "id", [{"id": 1, "name": "renamed"}], only=units.c.name.in_(["unit-2"]), returning=[units.c.id]
+        )
+    assert ([r.id for r in moved], unmoved) == ([2], [])
+    assert _paths(bulk) == {"direct"}

@@ -130,8 +130,7 @@ class OutboxRepository:
         self._bulk = Bulk(self.database.dialect)
         self._purchase_key = (self._table.c.store, self._table.c.store_transaction_id)
         self._all_purchases = sa.select(self._table)
-        # Spelled out, not IN: a fixed condition with plain parameters (Bulk runs such statements directly).
-        self._creditable = sa.or_(*(self._table.c.state == state for state in _CREDITABLE))
+        self._creditable = self._table.c.state.in_(_CREDITABLE)
         self._marked = (*self._table.c, self.refunds.of(self._table))
         log = self._request_log
         self._log_key = (log.c.method, log.c.request_id)

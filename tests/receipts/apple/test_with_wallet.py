@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ from services.common.catalog import StoreId
 from services.receipts.purchases.model import Refund
 from services.wallet.audit import credits_without_evidence
 from tests.receipts.support import apple_simulator, ledger, receipts_host, receipts_with_wallet, simulator_settings
+from tests.support.databases import on_the_cursor
 from tests.support.status import error_reason
 from tests.support.tokens import Keys
 from tests.wallet.support import running_wallet
@@ -100,15 +100,16 @@ async def test_an_app_store_purchase_runs_past_sqlalchemy(
 ) -> None:
     """Both services' batch statements of the purchase path run on the psycopg cursor
     (services.common.bulk): one that needs SQLAlchemy's execution layer costs twice the CPU."""
-    caplog.set_level(logging.DEBUG, logger="services.common.bulk")
-    async with (
-        apple_simulator(tmp_path) as (store, url),
-        running_wallet(postgres_url, keys, tmp_path) as wallet,
-        receipts_host(keys, postgres_url, tmp_path, wallet.address, simulator_settings(url)) as (components, stub),
-    ):
-        md = keys.metadata("purchases:verify", subject="app-backend")
-        _txid, jws = store.buy("com.coinstore.coins.70", app_account_token=components.binding.app_account_token("fan"))
-        request = pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan", signed_transaction=jws)
-        reply = await stub.VerifyApplePurchase(request, metadata=md, timeout=30)
-        assert reply.purchases[0].state == pb.PURCHASE_STATE_CREDITED
-    assert [r.getMessage() for r in caplog.records if r.name == "services.common.bulk"] == []
+    with on_the_cursor(caplog):
+        async with (
+            apple_simulator(tmp_path) as (store, url),
+            running_wallet(postgres_url, keys, tmp_path) as wallet,
+            receipts_host(keys, postgres_url, tmp_path, wallet.address, simulator_settings(url)) as (components, stub),
+        ):
+            md = keys.metadata("purchases:verify", subject="app-backend")
+            _txid, jws = store.buy(
+                "com.coinstore.coins.70", app_account_token=components.binding.app_account_token("fan")
+            )
+            request = pb.VerifyApplePurchaseRequest(request_id="r-1", account_id="fan", signed_transaction=jws)
+            reply = await stub.VerifyApplePurchase(request, metadata=md, timeout=30)
+            assert reply.purchases[0].state == pb.PURCHASE_STATE_CREDITED

@@ -5,7 +5,6 @@ What is credited, and how often, is read from the wallet's ledger."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 import grpc
@@ -16,6 +15,7 @@ from services.common.catalog import StoreId
 from services.receipts.purchases.model import Refund
 from tests.receipts.google.support import PACKAGE, google_settings, play_simulator
 from tests.receipts.support import receipts_with_wallet
+from tests.support.databases import on_the_cursor
 from tests.support.status import error_reason
 from tests.support.tokens import Keys
 
@@ -69,16 +69,15 @@ async def test_a_play_purchase_runs_past_sqlalchemy(
     keys: Keys, postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """As the App Store's: every batch statement of the purchase path on the psycopg cursor."""
-    caplog.set_level(logging.DEBUG, logger="services.common.bulk")
-    async with (
-        play_simulator(tmp_path) as (play, base),
-        receipts_with_wallet(keys, postgres_url, tmp_path, google_settings(play, base, tmp_path)) as receipts,
-    ):
-        obfuscated = receipts.components.binding.obfuscated_account_id("fan")
-        token = play.buy("coins_70", account_id=obfuscated).token
-        request = pb.VerifyGooglePurchaseRequest(
-            request_id="r-1", account_id="fan", product_id="coins_70", purchase_token=token
-        )
-        reply = await receipts.stub.VerifyGooglePurchase(request, metadata=receipts.md(), timeout=30)
-        assert reply.purchase.state == pb.PURCHASE_STATE_CREDITED
-    assert [r.getMessage() for r in caplog.records if r.name == "services.common.bulk"] == []
+    with on_the_cursor(caplog):
+        async with (
+            play_simulator(tmp_path) as (play, base),
+            receipts_with_wallet(keys, postgres_url, tmp_path, google_settings(play, base, tmp_path)) as receipts,
+        ):
+            obfuscated = receipts.components.binding.obfuscated_account_id("fan")
+            token = play.buy("coins_70", account_id=obfuscated).token
+            request = pb.VerifyGooglePurchaseRequest(
+                request_id="r-1", account_id="fan", product_id="coins_70", purchase_token=token
+            )
+            reply = await receipts.stub.VerifyGooglePurchase(request, metadata=receipts.md(), timeout=30)
+            assert reply.purchase.state == pb.PURCHASE_STATE_CREDITED
