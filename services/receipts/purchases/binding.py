@@ -63,12 +63,7 @@ class _Keyed:
         return hmac.digest(self._key, f"{label}\x00{account_id}".encode(), "sha256")
 
     def app_account_token(self, account_id: str) -> bytes:
-        """The first 16 bytes of the MAC in the version 4 layout (RFC 9562: version nibble 4,
-        variant bits 10), as ``uuid.UUID(bytes=…, version=4)`` sets them; checked on every purchase."""
-        raw = bytearray(self.mac("appAccountToken", account_id)[:16])
-        raw[6] = (raw[6] & 0x0F) | 0x40
-        raw[8] = (raw[8] & 0x3F) | 0x80
-        return bytes(raw)
+        return uuid.UUID(bytes=self.mac("appAccountToken", account_id)[:16], version=4).bytes
 
     def obfuscated_account_id(self, account_id: str) -> str:
         return base64.urlsafe_b64encode(self.mac("obfuscatedAccountId", account_id)).rstrip(b"=").decode()
