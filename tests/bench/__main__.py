@@ -142,6 +142,12 @@ def main() -> int:
         default="postgresql://postgres@127.0.0.1:5432/test",
         help="PostgreSQL server the benchmarks create their databases on",
     )
+    parser.add_argument(
+        "--broker-url",
+        default="redis://127.0.0.1:6379/14",
+        help="Redis database the Google benchmark's Celery messages go to, emptied after it"
+        " ('' or unreachable: the embedded SQLite broker)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--baseline", metavar="REF", help="also measure this git commit, in the same run")
     parser.add_argument(
@@ -160,6 +166,7 @@ def main() -> int:
         passthrough = [
             "--database-url",
             ns.database_url,
+            f"--broker-url={ns.broker_url}",
             *(["--quick"] if ns.quick else []),
             *(f"--skip={part}" for part in ns.skip),
         ]
@@ -178,7 +185,9 @@ def main() -> int:
         if ns.json:
             ns.json.write_text(json.dumps({"baseline": sha, "before": baseline, "after": current}, indent=2))
         return 0
-    args = BenchArgs(quick=ns.quick, admin_database_url=ns.database_url, skip=frozenset(ns.skip))
+    args = BenchArgs(
+        quick=ns.quick, admin_database_url=ns.database_url, skip=frozenset(ns.skip), broker_url=ns.broker_url
+    )
     results = run_modules(names, args)
     if ns.json:
         ns.json.write_text(json.dumps([r.as_dict() for r in results], indent=2))

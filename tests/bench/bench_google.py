@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,15 @@ import grpc
 
 from services.storesim.apple import create_store
 from tests.bench import bench_apple, common
-from tests.bench.common import BenchArgs, Result, closed_loop, percentiles, scratch_postgres, stop_processes
+from tests.bench.common import (
+    BenchArgs,
+    Result,
+    closed_loop,
+    percentiles,
+    scratch_broker,
+    scratch_postgres,
+    stop_processes,
+)
 from tests.support.ports import free_port
 from tests.support.waiting import serving
 
@@ -85,19 +94,21 @@ async def _end_to_end(args: BenchArgs) -> Result:
     )
 
     total = 512 if args.quick else 4000
-    with scratch_postgres(args.admin_database_url) as url:
+    with ExitStack() as stack:
+        url = stack.enter_context(scratch_postgres(args.admin_database_url))
         for service in ("wallet", "receipts"):
             migrate.upgrade(service, url)
         state = Path(tempfile.mkdtemp(prefix="bench-google-e2e-"))
         (state / "auth").mkdir()
         keys = make_keys(state / "auth")
         create_store(state)
+        broker_url, broker = stack.enter_context(scratch_broker(args.broker_url, state))
         sim_port, wallet_port, receipts_port = (free_port() for _ in range(3))
         simulator = f"http://127.0.0.1:{sim_port}"
         env = {
             **os.environ,
             "COINSTORE_DATABASE_URL": url,
-            "COINSTORE_BROKER_URL": f"sqla+sqlite:///{state / 'broker.db'}",
+            "COINSTORE_BROKER_URL": broker_url,
             "COINSTORE_CATALOG": str(REPO / "deploy" / "catalog.toml"),
             "COINSTORE_AUTH_TRUSTED_KEYS": str(keys.public_path),
             "COINSTORE_AUTH_SIGNING_KEY": str(keys.private_path),
@@ -157,7 +168,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
             elapsed,
             p50,
             p99,
-            {"cores": str(os.cpu_count()), "processes": "receipts+wallet+storesim"},
+            {"cores": str(os.cpu_count()), "processes": "receipts+wallet+storesim", "broker": broker},
         )
 
 

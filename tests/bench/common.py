@@ -12,9 +12,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import redis
 import sqlalchemy as sa
 
 from services.common.db import normalize_url
@@ -36,6 +38,7 @@ class BenchArgs:
     quick: bool
     admin_database_url: str
     skip: frozenset[str] = frozenset()  # parts a module may leave out (e.g. "memory")
+    broker_url: str = ""  # a Redis database the benchmark may empty; "" = the embedded SQLite broker
 
 
 @dataclass
@@ -61,6 +64,30 @@ class Result:
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "per_second": self.per_second}
+
+
+@contextmanager
+def scratch_broker(url: str, state: Path) -> Iterator[tuple[str, str]]:
+    """A Celery broker URL for a benchmark's services and its name for the results: the
+    Redis database ``url`` (emptied afterwards: nothing consumes the messages), or the
+    embedded SQLite broker in ``state`` when ``url`` is empty or Redis does not answer."""
+    embedded = f"sqla+sqlite:///{state / 'broker.db'}"
+    if not url:
+        yield embedded, "sqlite"
+        return
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        print(f"(broker {url} unreachable: {error}; using the embedded SQLite broker)", flush=True)
+        client.close()
+        yield embedded, "sqlite"
+        return
+    try:
+        yield url, "redis"
+    finally:
+        client.flushdb()
+        client.close()
 
 
 def percentiles(latencies: Sequence[float]) -> tuple[float, float]:
