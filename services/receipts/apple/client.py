@@ -130,7 +130,10 @@ class NotificationHistoryPage:
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class AppStoreApiRetries:
+    """Retries within one App Store Server API call (the inbox's schedule of retrying a
+    stored notification is ``notifications.repository.RetryPolicy``)."""
+
     attempts: int = 4
     base_delay: float = 0.2
     max_delay: float = 2.0
@@ -160,7 +163,7 @@ class AppStoreApi:
     production_url: str
     sandbox_url: str
     timeout_seconds: float
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: AppStoreApiRetries = field(default_factory=AppStoreApiRetries)
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 

@@ -17,7 +17,7 @@ import jwt
 import pytest
 
 from services.common.errors import DomainError
-from services.receipts.apple.client import AppStoreApi, RetryPolicy, TokenMinter, load_api_key
+from services.receipts.apple.client import AppStoreApi, AppStoreApiRetries, TokenMinter, load_api_key
 from services.receipts.purchases.model import Environment
 from services.storesim.apple import BUNDLE_ID, ISSUER_ID, KEY_ID, AppleStore, Fault
 from tests.receipts.support import apple_simulator
@@ -63,7 +63,7 @@ def make_api(
         production_url=f"{url}/apple/production",
         sandbox_url=f"{url}/apple/sandbox",
         timeout_seconds=timeout,
-        retry=RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, max_retry_after=5.0),
+        retry=AppStoreApiRetries(attempts=4, base_delay=0.01, max_delay=0.05, max_retry_after=5.0),
         clock=fake.clock,
         sleep=fake.sleep,
     )
