@@ -33,6 +33,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import socket
 import ssl
 import threading
@@ -180,21 +181,23 @@ class _Template:
     build: Callable[..., HttpRequest]
     prepared: _Prepared
     request: HttpRequest  # its postproc (the JSON model) answers every call of the method
-    markers: tuple[tuple[str, str], ...]  # (marker, parameter)
+    # The URI cut at the markers: its text, then parameter, text, parameter, …, text.
+    parts: tuple[str, ...]
 
     @classmethod
     def of(cls, build: Callable[..., HttpRequest], *parameters: str) -> _Template:
-        markers = tuple((f"coinstore-marker-{name}", name) for name in parameters)
-        request = build(**{name: marker for marker, name in markers})
+        marker_of = {name: f"coinstore-marker-{name}" for name in parameters}
+        request = build(**marker_of)
         prepared = _prepared(request)
-        if prepared.method != "GET" or any(prepared.uri.count(marker) != 1 for marker, _ in markers):
+        if prepared.method != "GET" or any(prepared.uri.count(marker) != 1 for marker in marker_of.values()):
             raise AssertionError(f"{prepared.method} {prepared.uri}: not a GET with each path parameter once")
-        return cls(build, prepared, request, markers)
+        cut = re.split("(" + "|".join(map(re.escape, marker_of.values())) + ")", prepared.uri)
+        name_of = {marker: name for name, marker in marker_of.items()}
+        return cls(build, prepared, request, tuple(name_of.get(part, part) for part in cut))
 
     def fill(self, **values: str) -> tuple[_Prepared, HttpRequest]:
-        uri = self.prepared.uri
-        for marker, name in self.markers:
-            uri = uri.replace(marker, quote(values[name], safe=""))
+        # Odd places hold parameter names: each value goes only where its own marker was.
+        uri = "".join(quote(values[part], safe="") if i % 2 else part for i, part in enumerate(self.parts))
         if len(uri) > MAX_URI_LENGTH:
             request = self.build(**values)
             return _prepared(request), request

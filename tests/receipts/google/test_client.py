@@ -206,20 +206,22 @@ def test_many_threads_each_with_their_own_http(sim: tuple[PlayState, str], clien
 
 
 @pytest.mark.parametrize(
-    "token",
+    ("package", "token"),
     [
-        "abcdefghijklmnopqrstuvwx.AO-J1OwAbC_dE~fG",
-        "with/slash?and#hash%25+plus space&amp=;:@",
-        "ünïcödé-€",
-        "x" * 2100,  # too long for a GET: googleapiclient sends a POST with x-http-method-override
+        (PACKAGE, "abcdefghijklmnopqrstuvwx.AO-J1OwAbC_dE~fG"),
+        (PACKAGE, "with/slash?and#hash%25+plus space&amp=;:@"),
+        (PACKAGE, "ünïcödé-€"),
+        (PACKAGE, "x" * 2100),  # too long for a GET: googleapiclient sends a POST with x-http-method-override
+        # A value that reads like another parameter's marker stays a value.
+        ("coinstore-marker-token", "coinstore-marker-packageName"),
     ],
 )
-def test_the_async_look_up_sends_what_googleapiclient_builds(client: PlayClient, token: str) -> None:
+def test_the_async_look_up_sends_what_googleapiclient_builds(client: PlayClient, package: str, token: str) -> None:
     """The look-up's request is built once and filled in per call: it must be, byte for byte,
     the request googleapiclient builds and finishes for those values."""
     resources = client._service()
-    built = resources.productsv2.getproductpurchasev2(packageName=PACKAGE, token=token)
-    assert resources.purchase_v2.fill(packageName=PACKAGE, token=token)[0] == _prepared(built)
+    built = resources.productsv2.getproductpurchasev2(packageName=package, token=token)
+    assert resources.purchase_v2.fill(packageName=package, token=token)[0] == _prepared(built)
 
 
 def test_simulator_control_endpoints_and_error_envelope(sim: tuple[PlayState, str]) -> None:
