@@ -25,14 +25,15 @@ def _worker_slice() -> range:
     return range(start, start + size)
 
 
-# This process's turn through its slice (process state, like the sockets it names).
-_candidates = itertools.cycle(_worker_slice())
+# This process's slice and its turn through it (process state, like the sockets it names).
+_SLICE = _worker_slice()
+_candidates = itertools.cycle(_SLICE)
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now and no other test worker
     or outgoing connection will be given."""
-    for port in itertools.islice(_candidates, len(_worker_slice())):
+    for port in itertools.islice(_candidates, len(_SLICE)):
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
