@@ -75,7 +75,7 @@ def scratch_broker(url: str, state: Path) -> Iterator[tuple[str, str]]:
     if not url:
         yield embedded, "sqlite"
         return
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
     try:
         client.ping()
     except redis.RedisError as error:
