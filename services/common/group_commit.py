@@ -9,6 +9,12 @@ batch in flight: with two, batches were half the size and the
 per-statement cost per item doubled (CreditPurchase throughput fell by a quarter
 in the benchmark). A batch that fails as a whole is retried item by item, so one
 bad item cannot fail its neighbours.
+
+``linger_seconds`` (0: none) lets the next batch fill for that long after a batch
+ends, when items are already waiting (a full batch goes at once; an item arriving
+at an idle group waits only the window). Under load the batches grow and the cost
+of each, shared by more items, shrinks: a CPU-bound path gains more than the linger
+costs in latency (the receipts purchase path, see the README).
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ class GroupCommit(Generic[I, R]):
         *,
         window_seconds: float,
         max_batch: int,
+        linger_seconds: float = 0.0,
     ) -> None:
         self._run = run
         self._window = window_seconds
         self._max_batch = max_batch
+        self._linger = linger_seconds
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._running = False
         self._timer: asyncio.TimerHandle | None = None
@@ -92,4 +100,13 @@ class GroupCommit(Generic[I, R]):
         finally:
             self._running = False
             if self._pending:
-                self._flush()
+                self._next_batch()
+
+    def _next_batch(self) -> None:
+        """After a batch, with items waiting: the next one goes now, or once it has lingered."""
+        if self._linger <= 0 or len(self._pending) >= self._max_batch:
+            self._flush()
+            return
+        if self._timer is not None:
+            self._timer.cancel()  # a window timer set while the batch ran would cut the linger short
+        self._timer = asyncio.get_running_loop().call_later(self._linger, self._on_timer)

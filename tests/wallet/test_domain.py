@@ -1,13 +1,11 @@
-"""Pure rules of the wallet and the group-commit batcher, without a server."""
+"""Pure rules of the wallet, without a server."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.common.group_commit import GroupCommit
 from services.wallet.domain import postings
 from services.wallet.domain.holds import CommitPlan, debt_repaid, plan_commit
 from services.wallet.domain.ledger import PAYOUT_CLEARING, Currency, Posting, UnbalancedTransaction, balanced
@@ -60,41 +58,6 @@ def test_limit_changes() -> None:
     assert (removed.limit_coins, removed.pending_limit_coins, now_effective) == (100, 0, False)
     lowered, now_effective, _ = change_limit(raised, 50, NOW)
     assert (lowered.limit_coins, lowered.pending_limit_coins, now_effective) == (50, None, True)
-
-
-async def test_group_commit_gathers_concurrent_items_and_answers_each() -> None:
-    seen: list[list[int]] = []
-    running = 0
-    most_running = 0
-
-    async def run(items: list[int]) -> list[int]:
-        nonlocal running, most_running
-        seen.append(items)
-        running += 1
-        most_running = max(most_running, running)
-        await asyncio.sleep(0.01)
-        running -= 1
-        return [i * 10 for i in items]
-
-    group: GroupCommit[int, int] = GroupCommit(run, window_seconds=0.002, max_batch=50)
-    results = await asyncio.gather(*(group.submit(i) for i in range(200)))
-    assert results == [i * 10 for i in range(200)]
-    assert len(seen) < 20
-    assert max(len(batch) for batch in seen) <= 50
-    # One batch at a time: what arrives meanwhile forms the next one.
-    assert most_running == 1
-
-
-async def test_group_commit_isolates_a_failing_item() -> None:
-    async def run(items: list[int]) -> list[int]:
-        if 13 in items:
-            raise RuntimeError("poison")
-        return items
-
-    group: GroupCommit[int, int] = GroupCommit(run, window_seconds=0.002, max_batch=50)
-    results = await asyncio.gather(*(group.submit(i) for i in range(30)), return_exceptions=True)
-    assert isinstance(results[13], RuntimeError)
-    assert [r for i, r in enumerate(results) if i != 13] == [i for i in range(30) if i != 13]
 
 
 @pytest.mark.parametrize(
