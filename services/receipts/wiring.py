@@ -123,11 +123,13 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
     clock = clock or SystemClock()
     purchases = PurchaseRepository(runtime.database)
     window, most = settings.receipts_group_commit_window_ms / 1000, settings.receipts_group_commit_max
+    linger = settings.receipts_group_commit_linger_ms / 1000
     wallet = WalletClient(
         aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
         settings.wallet_call_timeout_seconds,
         window_seconds=window,
         max_batch=most,
+        linger_seconds=linger,
     )
     crediting = Crediting(
         purchases,
@@ -139,7 +141,7 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         runtime.metrics,
         runtime.failpoints,
         SandboxPolicy.from_setting(settings.sandbox_accounts),
-        PurchaseBatches(OutboxRepository(purchases), window_seconds=window, max_batch=most),
+        PurchaseBatches(OutboxRepository(purchases), window_seconds=window, max_batch=most, linger_seconds=linger),
         sweep_wave=most,
     )
     binding = binding_from_settings(settings, clock)

@@ -344,13 +344,19 @@ class OutboxRepository:
 class PurchaseBatches:
     """The outbox's writes as group commits (``window_seconds`` 0: each alone)."""
 
-    def __init__(self, outbox: OutboxRepository, *, window_seconds: float, max_batch: int) -> None:
+    def __init__(
+        self, outbox: OutboxRepository, *, window_seconds: float, max_batch: int, linger_seconds: float = 0.0
+    ) -> None:
         self.outbox = outbox
         self._recordings: GroupCommit[Recording, RecordOutcome] | None = None
         self._settlements: GroupCommit[Settlement, RowOutcome] | None = None
         if window_seconds > 0:
-            self._recordings = GroupCommit(self._run_recordings, window_seconds=window_seconds, max_batch=max_batch)
-            self._settlements = GroupCommit(self._run_settlements, window_seconds=window_seconds, max_batch=max_batch)
+            self._recordings = GroupCommit(
+                self._run_recordings, window_seconds=window_seconds, max_batch=max_batch, linger_seconds=linger_seconds
+            )
+            self._settlements = GroupCommit(
+                self._run_settlements, window_seconds=window_seconds, max_batch=max_batch, linger_seconds=linger_seconds
+            )
 
     async def _run_recordings(self, recordings: list[Recording]) -> list[RecordOutcome]:
         return await self.outbox.database.run(self.outbox.record_batch, recordings)

@@ -126,13 +126,16 @@ class WalletClient:
         *,
         window_seconds: float = 0.0,
         max_batch: int = 128,
+        linger_seconds: float = 0.0,
     ) -> None:
         self._channel = channel
         self._stub = wpb_grpc.WalletServiceStub(channel)
         self._timeout = timeout_seconds
         self._credits: GroupCommit[wpb.CreditPurchaseRequest, Credit | DomainError] | None = None
         if window_seconds > 0:
-            self._credits = GroupCommit(self._credit_batch, window_seconds=window_seconds, max_batch=max_batch)
+            self._credits = GroupCommit(
+                self._credit_batch, window_seconds=window_seconds, max_batch=max_batch, linger_seconds=linger_seconds
+            )
 
     async def _call(self, rpc: Callable[..., Awaitable[R]], request: Message) -> R:
         try:
