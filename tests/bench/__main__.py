@@ -148,6 +148,12 @@ def main() -> int:
         help="Redis database the Google benchmark's Celery messages go to, emptied after it"
         " ('' or unreachable: the embedded SQLite broker)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="calls in flight in the end-to-end purchase runs (apple, google); the targets are at 64",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--baseline", metavar="REF", help="also measure this git commit, in the same run")
     parser.add_argument(
@@ -167,6 +173,7 @@ def main() -> int:
             "--database-url",
             ns.database_url,
             f"--broker-url={ns.broker_url}",
+            f"--concurrency={ns.concurrency}",
             *(["--quick"] if ns.quick else []),
             *(f"--skip={part}" for part in ns.skip),
         ]
@@ -186,7 +193,11 @@ def main() -> int:
             ns.json.write_text(json.dumps({"baseline": sha, "before": baseline, "after": current}, indent=2))
         return 0
     args = BenchArgs(
-        quick=ns.quick, admin_database_url=ns.database_url, skip=frozenset(ns.skip), broker_url=ns.broker_url
+        quick=ns.quick,
+        admin_database_url=ns.database_url,
+        skip=frozenset(ns.skip),
+        broker_url=ns.broker_url,
+        concurrency=ns.concurrency,
     )
     results = run_modules(names, args)
     if ns.json:

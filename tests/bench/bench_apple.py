@@ -6,7 +6,7 @@
      and DER signature prepared in advance: the floor of any verifier);
    - (b) Apple's ``app-store-server-library`` SignedDataVerifier, offline, strict.
    Targets: coinstore ≥ 80 % of (a), ≥ 10× (b).
-2. End-to-end VerifyApplePurchase over gRPC at concurrency 64: the App Store
+2. End-to-end VerifyApplePurchase over gRPC at concurrency 64 (``--concurrency``): the App Store
    simulator's signed transactions, the receipts service and the real wallet
    service, both on PostgreSQL (one fresh database), each call a new purchase.
 """
@@ -131,7 +131,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
     binding_class = first_of("Binding", "services.receipts.purchases.binding", "services.receipts.domain.binding")
 
     total = 512 if args.quick else 4000
-    concurrency = 64
+    concurrency = args.concurrency
     repo = Path(__file__).resolve().parents[2]
     with scratch_postgres(args.admin_database_url) as url:
         for service in ("wallet", "receipts"):
@@ -191,7 +191,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
             stop_processes(children)
         p50, p99 = percentiles(latencies)
         return Result(
-            "apple e2e: VerifyApplePurchase gRPC c=64 (PostgreSQL)",
+            f"apple e2e: VerifyApplePurchase gRPC c={concurrency} (PostgreSQL)",
             len(latencies),
             elapsed,
             p50,

@@ -1,4 +1,4 @@
-"""Google Play benchmark: end-to-end VerifyGooglePurchase over gRPC at concurrency 64.
+"""Google Play benchmark: end-to-end VerifyGooglePurchase over gRPC at concurrency 64 (``--concurrency``).
 
 The store simulator (Play stand-in, real HTTP and the OAuth JWT-bearer flow),
 the wallet and the receipts service run as their own processes
@@ -43,7 +43,6 @@ from tests.support.ports import free_port
 from tests.support.waiting import serving
 
 REPO = Path(__file__).resolve().parents[2]
-CONCURRENCY = 64
 
 
 def _post_json(url: str, body: dict[str, Any]) -> Any:
@@ -94,6 +93,7 @@ async def _end_to_end(args: BenchArgs) -> Result:
     )
 
     total = 512 if args.quick else 4000
+    concurrency = args.concurrency
     with ExitStack() as stack:
         url = stack.enter_context(scratch_postgres(args.admin_database_url))
         for service in ("wallet", "receipts"):
@@ -136,10 +136,10 @@ async def _end_to_end(args: BenchArgs) -> Result:
                 for name in ("wallet", "receipts")
             ]
             binding = binding_class(env.get("COINSTORE_BINDING_SECRET", "dev-binding-secret-change-me"))
-            accounts = [f"fan-{i}" for i in range(CONCURRENCY)]
+            accounts = [f"fan-{i}" for i in range(concurrency)]
             purchases = []
             for i in range(total + 8):
-                account = accounts[i % CONCURRENCY]
+                account = accounts[i % concurrency]
                 token = _buy(simulator, "coins_70", binding.obfuscated_account_id(account))
                 purchases.append((f"bench-{i}", account, token))
             await serving(f"127.0.0.1:{wallet_port}", children[1])
@@ -158,12 +158,12 @@ async def _end_to_end(args: BenchArgs) -> Result:
                     latencies.append(time.perf_counter() - began)
                     assert reply.purchase.state == pb.PURCHASE_STATE_CREDITED, reply
 
-                elapsed = await closed_loop(call, purchases, CONCURRENCY, latencies)
+                elapsed = await closed_loop(call, purchases, concurrency, latencies)
         finally:
             stop_processes(children)
         p50, p99 = percentiles(latencies)
         return Result(
-            "google e2e: VerifyGooglePurchase gRPC c=64 (PostgreSQL)",
+            f"google e2e: VerifyGooglePurchase gRPC c={concurrency} (PostgreSQL)",
             len(latencies),
             elapsed,
             p50,

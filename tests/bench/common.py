@@ -39,6 +39,7 @@ class BenchArgs:
     admin_database_url: str
     skip: frozenset[str] = frozenset()  # parts a module may leave out (e.g. "memory")
     broker_url: str = ""  # a Redis database the benchmark may empty; "" = the embedded SQLite broker
+    concurrency: int = 64  # calls in flight in the end-to-end purchase runs (the targets are at 64)
 
 
 @dataclass
