@@ -62,6 +62,25 @@ def test_invalid_values_are_named(variable: str, value: str, message: str) -> No
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("COINSTORE_RECEIPTS_GROUP_COMMIT_WINDOW_MS", "-1"),
+        ("COINSTORE_RECEIPTS_GROUP_COMMIT_MAX", "0"),
+        ("COINSTORE_RECEIPTS_GROUP_COMMIT_LINGER_MS", "-1"),
+        ("COINSTORE_RECEIPTS_GROUP_COMMIT_LINGER_MS", "1001"),
+    ],
+)
+def test_receipts_group_commit_settings_out_of_range_are_named(variable: str, value: str) -> None:
+    from services.receipts.config import ReceiptsSettings
+
+    assert load_settings(ReceiptsSettings, {}).receipts_group_commit_linger_ms == 8.0
+    assert load_settings(ReceiptsSettings, {variable: "0" if "LINGER" in variable else "1"})
+    with pytest.raises(SettingsError) as caught:
+        load_settings(ReceiptsSettings, {variable: value})
+    assert f"{variable} must be between" in str(caught.value)
+
+
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(CommonSettings, {"COINSTORE_WALLET_GRPC_PORT": "x", "COINSTORE_PAYOUTS_GRPC_PORT": "y"})
