@@ -22,12 +22,31 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How concurrent items share a run: the window, the largest batch and the linger
+    (``window_seconds`` 0: no group commit, each item runs alone)."""
+
+    window_seconds: float = 0.0
+    max_batch: int = 1
+    linger_seconds: float = 0.0
+
+    def group(self, run: Callable[[list[I]], Awaitable[list[R]]]) -> GroupCommit[I, R] | None:
+        """A group commit of ``run`` under these rules, or None when items run alone."""
+        if self.window_seconds <= 0:
+            return None
+        return GroupCommit(
+            run, window_seconds=self.window_seconds, max_batch=self.max_batch, linger_seconds=self.linger_seconds
+        )
 
 
 class GroupCommit(Generic[I, R]):

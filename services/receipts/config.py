@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from services.common.group_commit import Batching
 from services.common.settings import PREFIX, CommonSettings, SettingsError, setting
 from services.receipts.purchases.binding import MIN_KEEP_DAYS, RetiredSecret, parse_retired_secrets
 
@@ -251,6 +252,15 @@ class ReceiptsSettings(CommonSettings):
         8.0,
         parse=float,
     )
+
+    @property
+    def batching(self) -> Batching:
+        """The group commit of the purchase path's steps (record, CreditPurchases, mark)."""
+        return Batching(
+            self.receipts_group_commit_window_ms / 1000,
+            self.receipts_group_commit_max,
+            self.receipts_group_commit_linger_ms / 1000,
+        )
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()

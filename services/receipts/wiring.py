@@ -122,14 +122,11 @@ class Components:
 def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock | None = None) -> Components:
     clock = clock or SystemClock()
     purchases = PurchaseRepository(runtime.database)
-    window, most = settings.receipts_group_commit_window_ms / 1000, settings.receipts_group_commit_max
-    linger = settings.receipts_group_commit_linger_ms / 1000
+    batching = settings.batching
     wallet = WalletClient(
         aio_channel(settings.wallet_address, runtime.token_source(SERVICE, WALLET_SCOPES)),
         settings.wallet_call_timeout_seconds,
-        window_seconds=window,
-        max_batch=most,
-        linger_seconds=linger,
+        batching=batching,
     )
     crediting = Crediting(
         purchases,
@@ -141,8 +138,8 @@ def build_components(settings: ReceiptsSettings, runtime: Runtime, clock: Clock 
         runtime.metrics,
         runtime.failpoints,
         SandboxPolicy.from_setting(settings.sandbox_accounts),
-        PurchaseBatches(OutboxRepository(purchases), window_seconds=window, max_batch=most, linger_seconds=linger),
-        sweep_wave=most,
+        PurchaseBatches(OutboxRepository(purchases), batching),
+        sweep_wave=batching.max_batch,
     )
     binding = binding_from_settings(settings, clock)
     return Components(

@@ -15,7 +15,7 @@ from coinstore.wallet.v1 import wallet_service_pb2 as pb
 from coinstore.wallet.v1 import wallet_service_pb2_grpc as pb_grpc
 from services.common.actor import Actor
 from services.common.catalog import Catalog
-from services.common.group_commit import GroupCommit
+from services.common.group_commit import Batching, GroupCommit
 from services.common.validation import (
     optional_id,
     page_size,
@@ -276,12 +276,9 @@ class WalletServiceServicer(pb_grpc.WalletServiceServicer):
         self._store = store
         self._db = store.db
         self._catalog = catalog
-        self._gifts: GroupCommit[DebitItem, Outcome] | None = None
-        self._credits: GroupCommit[CreditItem, Outcome] | None = None
-        if group_commit_window_seconds > 0:
-            window, most = group_commit_window_seconds, group_commit_max
-            self._gifts = GroupCommit(self._run_debits, window_seconds=window, max_batch=most)
-            self._credits = GroupCommit(self._run_credits, window_seconds=window, max_batch=most)
+        batching = Batching(group_commit_window_seconds, group_commit_max)
+        self._gifts: GroupCommit[DebitItem, Outcome] | None = batching.group(self._run_debits)
+        self._credits: GroupCommit[CreditItem, Outcome] | None = batching.group(self._run_credits)
 
     async def _run_debits(self, items: list[DebitItem]) -> list[Outcome]:
         return await self._db.run(self._store.debit_batch, items, _gift_response)

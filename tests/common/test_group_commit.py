@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.group_commit import GroupCommit
+from services.common.group_commit import Batching, GroupCommit
 
 
 async def test_group_commit_gathers_concurrent_items_and_answers_each() -> None:
@@ -60,9 +60,16 @@ class _Gate:
         return items
 
 
+def _lingering(gate: _Gate, max_batch: int) -> GroupCommit[int, int]:
+    """A group commit with a 30 s linger, built as the services build theirs."""
+    group = Batching(0.001, max_batch, linger_seconds=30).group(gate.run)
+    assert group is not None
+    return group
+
+
 async def test_group_commit_linger_lets_the_next_batch_fill_after_a_batch_ends() -> None:
     gate = _Gate()
-    group: GroupCommit[int, int] = GroupCommit(gate.run, window_seconds=0.001, max_batch=50, linger_seconds=30)
+    group = _lingering(gate, max_batch=50)
     first = asyncio.ensure_future(group.submit(1))
     await gate.first_running.wait()
     waiting = asyncio.ensure_future(group.submit(2))  # arrives (and sets a window timer) while the first batch runs
@@ -81,7 +88,7 @@ async def test_group_commit_linger_lets_the_next_batch_fill_after_a_batch_ends()
 
 async def test_group_commit_linger_sends_a_full_batch_at_once() -> None:
     gate = _Gate()
-    group: GroupCommit[int, int] = GroupCommit(gate.run, window_seconds=0.001, max_batch=5, linger_seconds=30)
+    group = _lingering(gate, max_batch=5)
     first = asyncio.ensure_future(group.submit(1))
     await gate.first_running.wait()
     full = [asyncio.ensure_future(group.submit(i)) for i in range(2, 7)]  # a whole batch waits
@@ -106,7 +113,13 @@ async def test_group_commit_without_linger_sends_what_waited_at_once() -> None:
 async def test_group_commit_linger_never_delays_an_item_arriving_at_an_idle_group() -> None:
     gate = _Gate()
     gate.release_first.set()
-    group: GroupCommit[int, int] = GroupCommit(gate.run, window_seconds=0.001, max_batch=50, linger_seconds=30)
+    group = _lingering(gate, max_batch=50)
     assert await asyncio.wait_for(group.submit(1), 5) == 1
     assert await asyncio.wait_for(group.submit(2), 5) == 2
     assert gate.batches == [[1], [2]]
+
+
+async def test_no_window_means_no_group_commit() -> None:
+    gate = _Gate()
+    assert Batching().group(gate.run) is None
+    assert Batching(0.0, 50, linger_seconds=30).group(gate.run) is None

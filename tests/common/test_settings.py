@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.cli.main import _settings_classes
+from services.common.group_commit import Batching
 from services.common.settings import CommonSettings, LogFormat, SettingsError, describe, load_settings, setting
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -74,11 +75,24 @@ def test_invalid_values_are_named(variable: str, value: str, message: str) -> No
 def test_receipts_group_commit_settings_out_of_range_are_named(variable: str, value: str) -> None:
     from services.receipts.config import ReceiptsSettings
 
-    assert load_settings(ReceiptsSettings, {}).receipts_group_commit_linger_ms == 8.0
-    assert load_settings(ReceiptsSettings, {variable: "0" if "LINGER" in variable else "1"})
     with pytest.raises(SettingsError) as caught:
         load_settings(ReceiptsSettings, {variable: value})
     assert f"{variable} must be between" in str(caught.value)
+
+
+def test_receipts_group_commit_settings_make_the_purchase_path_batching() -> None:
+    from services.receipts.config import ReceiptsSettings
+
+    assert load_settings(ReceiptsSettings, {}).batching == Batching(0.001, 128, 0.008)
+    tuned = {
+        "COINSTORE_RECEIPTS_GROUP_COMMIT_WINDOW_MS": "0",
+        "COINSTORE_RECEIPTS_GROUP_COMMIT_MAX": "1",
+        "COINSTORE_RECEIPTS_GROUP_COMMIT_LINGER_MS": "0",
+    }
+    assert load_settings(ReceiptsSettings, tuned).batching == Batching(0.0, 1, 0.0)
+    assert load_settings(ReceiptsSettings, {"COINSTORE_RECEIPTS_GROUP_COMMIT_LINGER_MS": "1000"}).batching == Batching(
+        0.001, 128, 1.0
+    )
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -124,7 +124,7 @@ class Crediting:
 
     def __post_init__(self, metrics: Metrics) -> None:
         if self.batches is None:
-            self.batches = PurchaseBatches(OutboxRepository(self.purchases), window_seconds=0, max_batch=1)
+            self.batches = PurchaseBatches(OutboxRepository(self.purchases))
         self._credits = metrics.counter(
             "coinstore_receipts_purchases",
             "Store purchases verified, by store, environment and outcome",

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection
 
 from services.common.bulk import Bulk
 from services.common.errors import DomainError, RequestIdReused
-from services.common.group_commit import GroupCommit
+from services.common.group_commit import Batching, GroupCommit
 from services.common.idempotency import fingerprint
 from services.receipts.errors import ReceiptBoundToOtherAccount
 from services.receipts.purchases.model import (
@@ -342,21 +342,12 @@ class OutboxRepository:
 
 
 class PurchaseBatches:
-    """The outbox's writes as group commits (``window_seconds`` 0: each alone)."""
+    """The outbox's writes as group commits (no window: each alone)."""
 
-    def __init__(
-        self, outbox: OutboxRepository, *, window_seconds: float, max_batch: int, linger_seconds: float = 0.0
-    ) -> None:
+    def __init__(self, outbox: OutboxRepository, batching: Batching = Batching()) -> None:
         self.outbox = outbox
-        self._recordings: GroupCommit[Recording, RecordOutcome] | None = None
-        self._settlements: GroupCommit[Settlement, RowOutcome] | None = None
-        if window_seconds > 0:
-            self._recordings = GroupCommit(
-                self._run_recordings, window_seconds=window_seconds, max_batch=max_batch, linger_seconds=linger_seconds
-            )
-            self._settlements = GroupCommit(
-                self._run_settlements, window_seconds=window_seconds, max_batch=max_batch, linger_seconds=linger_seconds
-            )
+        self._recordings: GroupCommit[Recording, RecordOutcome] | None = batching.group(self._run_recordings)
+        self._settlements: GroupCommit[Settlement, RowOutcome] | None = batching.group(self._run_settlements)
 
     async def _run_recordings(self, recordings: list[Recording]) -> list[RecordOutcome]:
         return await self.outbox.database.run(self.outbox.record_batch, recordings)

@@ -27,7 +27,7 @@ from coinstore.wallet.v1 import wallet_service_pb2_grpc as wpb_grpc
 from services.common.catalog import StoreId
 from services.common.clients import error_info
 from services.common.errors import DomainError
-from services.common.group_commit import GroupCommit
+from services.common.group_commit import Batching, GroupCommit
 from services.receipts.convert import money, timestamp
 from services.receipts.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from services.receipts.purchases.model import CreditTerms, Environment, Refund
@@ -124,18 +124,14 @@ class WalletClient:
         channel: grpc.aio.Channel,
         timeout_seconds: float = 10.0,  # COINSTORE_WALLET_CALL_TIMEOUT_SECONDS
         *,
-        window_seconds: float = 0.0,
-        max_batch: int = 128,
-        linger_seconds: float = 0.0,
+        batching: Batching = Batching(),
     ) -> None:
         self._channel = channel
         self._stub = wpb_grpc.WalletServiceStub(channel)
         self._timeout = timeout_seconds
-        self._credits: GroupCommit[wpb.CreditPurchaseRequest, Credit | DomainError] | None = None
-        if window_seconds > 0:
-            self._credits = GroupCommit(
-                self._credit_batch, window_seconds=window_seconds, max_batch=max_batch, linger_seconds=linger_seconds
-            )
+        self._credits: GroupCommit[wpb.CreditPurchaseRequest, Credit | DomainError] | None = batching.group(
+            self._credit_batch
+        )
 
     async def _call(self, rpc: Callable[..., Awaitable[R]], request: Message) -> R:
         try:
