@@ -630,6 +630,16 @@ class WalletStore:
             lots[row.account_id].append(OpenLot(int(row.lot_id), Environment(row.name), int(row.coins)))
         return self._coins_of(ids, rows), lots
 
+    def _in_lock_order(self, *columns: sa.ColumnElement[str]) -> list[sa.ColumnElement[str]]:
+        """``ORDER BY`` terms that sort text as Python sorts it (by code point), the order the
+        other paths take row locks in. PostgreSQL sorts by the database's collation, and under
+        ICU or en_US "alice" comes before "Zed": two paths locking the same rows in two orders
+        can deadlock. Its "C" collation compares UTF-8 bytes, which is code-point order, as
+        SQLite's default (BINARY) does."""
+        if not self._postgres:
+            return list(columns)
+        return [column.collate("C") for column in columns]
+
     def _lock_balances(self, conn: Connection, currency: Currency, accounts: Iterable[str]) -> dict[str, int]:
         """Lock the balance rows of ``accounts`` in one currency, in lock order (creators before holds)."""
         ids = sorted(set(accounts), key=diamond_lock_order)
@@ -757,7 +767,7 @@ class WalletStore:
                     reservations.c.diamonds > 0,
                 )
                 # Locked in id order, the order every path locks reservations in; taken newest first.
-                .order_by(reservations.c.reservation_id)
+                .order_by(*self._in_lock_order(reservations.c.reservation_id))
             )
             if self._postgres:
                 query = query.with_for_update()
@@ -1648,7 +1658,10 @@ class WalletStore:
         )
         if account_id is not None:
             query = query.where(reservations.c.account_id == account_id)
-        due = list(conn.execute(query.order_by(reservations.c.account_id, reservations.c.reservation_id)))
+        # Each owner's rows are locked as it comes: owners in the order every path locks accounts in.
+        due = list(
+            conn.execute(query.order_by(*self._in_lock_order(reservations.c.account_id, reservations.c.reservation_id)))
+        )
         expired = 0
         for reservation_id, owner in due:
             self._lock_balances(conn, Currency.DIAMOND, [owner, hold_account(owner)])

@@ -22,7 +22,9 @@ def sqlite_database(tmp_path: Path) -> Iterator[str]:
 
 
 @contextmanager
-def postgres_database() -> Iterator[str]:
+def postgres_database(icu_locale: str = "") -> Iterator[str]:
+    """A new database; with ``icu_locale`` (e.g. ``en-US``), one that sorts text by that ICU
+    collation, as many production databases do, rather than the server's default."""
     admin_url = env.postgres_admin_url()
     if admin_url is None:
         env.unavailable("COINSTORE_TEST_DATABASE_URL is not set")
@@ -31,7 +33,8 @@ def postgres_database() -> Iterator[str]:
     name = f"cs_test_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+            icu = f" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '{icu_locale}'" if icu_locale else ""
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"{icu}'))
     except sa.exc.OperationalError as exc:
         admin.dispose()
         env.unavailable(f"PostgreSQL at COINSTORE_TEST_DATABASE_URL is unreachable: {exc.orig}")

@@ -9,20 +9,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
 import sqlalchemy as sa
 
 from coinstore.wallet.v1 import wallet_service_pb2 as pb
+from services.common.catalog import load_catalog
 from services.wallet.audit import audit
+from services.wallet.store import WalletStore
+from tests.support.databases import postgres_database
 from tests.support.status import error_info
 from tests.support.tokens import Keys
 from tests.support.waiting import eventually
-from tests.wallet.support import Wallet, running_wallet, unique
-from tests.wallet.test_holds import earn, paid, settle
+from tests.wallet.support import Wallet, running_wallet, unique, write_catalog
+from tests.wallet.test_holds import earn, lapse, paid, settle, soon
 from tests.wallet.test_purchases_reservations import reserve
+
+T = TypeVar("T")
 
 # Refusals the state may legitimately produce while everything races.
 ROUNDS = 20
@@ -199,3 +207,79 @@ async def test_a_paid_settle_locks_the_creators_other_holds_in_id_order_with_its
         [result] = await settling
         assert result.error_reason == ""
         assert result.reservation.diamonds_shortfall == 10
+
+
+@pytest.fixture
+def icu_postgres_url() -> Iterator[str]:
+    """A database that sorts text as ICU's en-US does, as many production databases do:
+    "alice" before "Zed", where Python (and every lock order here) puts "Zed" first."""
+    with postgres_database(icu_locale="en-US") as url:
+        yield url
+
+
+async def _held_while_waiting(wallet: Wallet, blocking: str, work: Awaitable[T], already_locked: str) -> T:
+    """Run ``work`` while another transaction holds the row ``blocking`` locks; once ``work``
+    waits for it, ``already_locked`` (a ``… FOR UPDATE NOWAIT``) must find its row locked by
+    ``work``. Then let ``work`` finish and return its result."""
+    with wallet.database.engine.connect() as blocker:
+        blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        blocker.execute(sa.text(blocking))
+        running = asyncio.ensure_future(work)
+        await eventually(
+            lambda: _waiting_on_a_lock(wallet, blocker_pid), "the work to wait on a lock", 10, interval=0.05
+        )
+        with wallet.database.engine.connect() as probe, pytest.raises(sa.exc.OperationalError, match="obtain lock"):
+            probe.execute(sa.text(already_locked))
+        blocker.rollback()
+    return await running
+
+
+async def test_the_expiry_sweep_locks_owners_in_code_point_order_under_an_icu_collation(
+    icu_postgres_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    """The sweep locks each owner's diamond rows as it reaches the owner's expired holds, in
+    the order every other path locks accounts in (Python's), whatever the database's
+    collation. A transaction holding alice's diamond row makes the sweep wait on it: by then
+    Zed's, first by code point though second under en-US, must be locked already."""
+    async with running_wallet(icu_postgres_url, keys, tmp_path) as wallet:
+        for star in ("alice", "Zed"):
+            await earn(wallet, star, 10)
+            await reserve(wallet, star, 5, f"{star}-hold", expire_time=soon())
+        lapse(wallet)
+        store = WalletStore(
+            wallet.database, load_catalog(write_catalog(tmp_path)), wallet.clock, reservation_ttl=timedelta(days=7)
+        )
+        diamonds_of = "SELECT 1 FROM wallet_balances WHERE account_id = '{}' AND currency = 'DIAMOND' FOR UPDATE"
+        expired = await _held_while_waiting(
+            wallet,
+            diamonds_of.format("alice"),
+            asyncio.to_thread(store.sweep_expired),
+            diamonds_of.format("Zed") + " NOWAIT",
+        )
+        assert expired == 2
+
+
+async def test_a_clawback_locks_a_creators_holds_in_code_point_order_under_an_icu_collation(
+    icu_postgres_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    """A refund clawing diamonds back may take them from the creator's holds, which it locks
+    in id order as Python sorts the ids (SubmitReservations and the settle lock them so),
+    whatever the database's collation. A transaction holding "a-hold" makes the reversal wait
+    on it: by then "Z-hold", first by code point though second under en-US, must be locked."""
+    async with running_wallet(icu_postgres_url, keys, tmp_path) as wallet:
+        stx = await earn(wallet, "star", 100)
+        await reserve(wallet, "star", 40, "a-hold")
+        await reserve(wallet, "star", 40, "Z-hold")
+        hold = "SELECT 1 FROM wallet_reservations WHERE reservation_id = '{}' FOR UPDATE"
+        reversal = wallet.stub.ReversePurchase(
+            pb.ReversePurchaseRequest(
+                request_id=unique("rv"),
+                store=pb.STORE_APP_STORE,
+                environment=pb.STORE_ENVIRONMENT_PRODUCTION,
+                store_transaction_id=stx,
+                full_refund=True,
+            ),
+            metadata=wallet.md(),
+        )
+        reply = await _held_while_waiting(wallet, hold.format("a-hold"), reversal, hold.format("Z-hold") + " NOWAIT")
+        assert (reply.state, reply.coins_reversed) == (pb.REVERSAL_STATE_APPLIED, 100)
