@@ -630,16 +630,6 @@ class WalletStore:
             lots[row.account_id].append(OpenLot(int(row.lot_id), Environment(row.name), int(row.coins)))
         return self._coins_of(ids, rows), lots
 
-    def _in_lock_order(self, *columns: sa.ColumnElement[str]) -> list[sa.ColumnElement[str]]:
-        """``ORDER BY`` terms that sort text as Python sorts it (by code point), the order the
-        other paths take row locks in. PostgreSQL sorts by the database's collation, and under
-        ICU or en_US "alice" comes before "Zed": two paths locking the same rows in two orders
-        can deadlock. Its "C" collation compares UTF-8 bytes, which is code-point order, as
-        SQLite's default (BINARY) does."""
-        if not self._postgres:
-            return list(columns)
-        return [column.collate("C") for column in columns]
-
     def _lock_balances(self, conn: Connection, currency: Currency, accounts: Iterable[str]) -> dict[str, int]:
         """Lock the balance rows of ``accounts`` in one currency, in lock order (creators before holds)."""
         ids = sorted(set(accounts), key=diamond_lock_order)
@@ -766,8 +756,12 @@ class WalletStore:
                     reservations.c.state == ReservationState.HELD.value,
                     reservations.c.diamonds > 0,
                 )
-                # Locked in id order, the order every path locks reservations in; taken newest first.
-                .order_by(*self._in_lock_order(reservations.c.reservation_id))
+                # Locked in id order, the order every path locks reservations in (as Python sorts
+                # the ids: PostgreSQL's "C" collation, not the database's, which under ICU or en_US
+                # puts "a" before "Z"); taken newest first.
+                .order_by(
+                    reservations.c.reservation_id.collate("C") if self._postgres else reservations.c.reservation_id
+                )
             )
             if self._postgres:
                 query = query.with_for_update()
@@ -1658,10 +1652,9 @@ class WalletStore:
         )
         if account_id is not None:
             query = query.where(reservations.c.account_id == account_id)
-        # Each owner's rows are locked as it comes: owners in the order every path locks accounts in.
-        due = list(
-            conn.execute(query.order_by(*self._in_lock_order(reservations.c.account_id, reservations.c.reservation_id)))
-        )
+        # Each owner's rows are locked as it comes: owners in the order every path locks accounts
+        # in, Python's (the database's collation may differ).
+        due = sorted(conn.execute(query), key=lambda row: (row.account_id, row.reservation_id))
         expired = 0
         for reservation_id, owner in due:
             self._lock_balances(conn, Currency.DIAMOND, [owner, hold_account(owner)])
