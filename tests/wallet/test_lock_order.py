@@ -145,6 +145,28 @@ async def _waiting_on_a_lock(wallet: Wallet, blocker_pid: int) -> bool:
     return await asyncio.to_thread(check)
 
 
+async def _probe_while_blocked(wallet: Wallet, blocking: str, work: Awaitable[T], probe: str, *, locked: bool) -> T:
+    """Run ``work`` while another transaction holds the row ``blocking`` locks. Once ``work``
+    waits for it, the ``… FOR UPDATE NOWAIT`` of ``probe`` must find its row locked by
+    ``work`` (``locked``) or free. Then let ``work`` finish and return its result."""
+    with wallet.database.engine.connect() as blocker:
+        blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        blocker.execute(sa.text(blocking))
+        running = asyncio.ensure_future(work)
+        await eventually(
+            lambda: _waiting_on_a_lock(wallet, blocker_pid), "the work to wait on a lock", 10, interval=0.05
+        )
+        with wallet.database.engine.connect() as prober:
+            if locked:
+                with pytest.raises(sa.exc.OperationalError, match="could not obtain lock"):
+                    prober.execute(sa.text(probe))
+            else:
+                prober.execute(sa.text(probe))
+                prober.rollback()
+        blocker.rollback()
+    return await running
+
+
 async def test_a_gift_batch_locks_the_senders_coin_rows_before_their_lots(
     postgres_url: str, keys: Keys, tmp_path: Path
 ) -> None:
@@ -154,23 +176,13 @@ async def test_a_gift_batch_locks_the_senders_coin_rows_before_their_lots(
     it fails)."""
     async with running_wallet(postgres_url, keys, tmp_path) as wallet:
         await wallet.credit("fan", 10, stx="fan-lot")
-        engine = wallet.database.engine
-        with engine.connect() as blocker:
-            blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-            blocker.execute(sa.text("SELECT lot_id FROM wallet_purchases WHERE account_id = 'fan' FOR UPDATE"))
-            gift = asyncio.ensure_future(wallet.gift("fan", "star"))
-            await eventually(
-                lambda: _waiting_on_a_lock(wallet, blocker_pid), "the gift to wait for the fan's lot", 10, interval=0.05
-            )
-            with engine.connect() as probe, pytest.raises(sa.exc.OperationalError, match="could not obtain lock"):
-                probe.execute(
-                    sa.text(
-                        "SELECT balance FROM wallet_balances"
-                        " WHERE account_id = 'fan' AND currency = 'COIN' FOR UPDATE NOWAIT"
-                    )
-                )
-            blocker.rollback()
-        reply = await gift
+        reply = await _probe_while_blocked(
+            wallet,
+            "SELECT lot_id FROM wallet_purchases WHERE account_id = 'fan' FOR UPDATE",
+            wallet.gift("fan", "star"),
+            "SELECT balance FROM wallet_balances WHERE account_id = 'fan' AND currency = 'COIN' FOR UPDATE NOWAIT",
+            locked=True,
+        )
         assert reply.coins_spent == 1
         assert (await wallet.balance("fan")).coins == 9
 
@@ -187,24 +199,13 @@ async def test_a_paid_settle_locks_the_creators_other_holds_in_id_order_with_its
         await earn(wallet, "star", 100)
         await reserve(wallet, "star", 30, "a-other")
         await reserve(wallet, "star", 10, "z-paid")
-        engine = wallet.database.engine
-        with engine.connect() as blocker:
-            blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-            blocker.execute(sa.text("SELECT 1 FROM wallet_reservations WHERE reservation_id = 'a-other' FOR UPDATE"))
-            settling = asyncio.ensure_future(settle(wallet, paid("z-paid", 20)))
-            await eventually(
-                lambda: _waiting_on_a_lock(wallet, blocker_pid),
-                "the settle to wait for the other hold",
-                10,
-                interval=0.05,
-            )
-            with engine.connect() as probe:
-                probe.execute(
-                    sa.text("SELECT 1 FROM wallet_reservations WHERE reservation_id = 'z-paid' FOR UPDATE NOWAIT")
-                )
-                probe.rollback()
-            blocker.rollback()
-        [result] = await settling
+        [result] = await _probe_while_blocked(
+            wallet,
+            "SELECT 1 FROM wallet_reservations WHERE reservation_id = 'a-other' FOR UPDATE",
+            settle(wallet, paid("z-paid", 20)),
+            "SELECT 1 FROM wallet_reservations WHERE reservation_id = 'z-paid' FOR UPDATE NOWAIT",
+            locked=False,
+        )
         assert result.error_reason == ""
         assert result.reservation.diamonds_shortfall == 10
 
@@ -215,23 +216,6 @@ def icu_postgres_url() -> Iterator[str]:
     "alice" before "Zed", where Python (and every lock order here) puts "Zed" first."""
     with postgres_database(icu_locale="en-US") as url:
         yield url
-
-
-async def _held_while_waiting(wallet: Wallet, blocking: str, work: Awaitable[T], already_locked: str) -> T:
-    """Run ``work`` while another transaction holds the row ``blocking`` locks; once ``work``
-    waits for it, ``already_locked`` (a ``… FOR UPDATE NOWAIT``) must find its row locked by
-    ``work``. Then let ``work`` finish and return its result."""
-    with wallet.database.engine.connect() as blocker:
-        blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-        blocker.execute(sa.text(blocking))
-        running = asyncio.ensure_future(work)
-        await eventually(
-            lambda: _waiting_on_a_lock(wallet, blocker_pid), "the work to wait on a lock", 10, interval=0.05
-        )
-        with wallet.database.engine.connect() as probe, pytest.raises(sa.exc.OperationalError, match="obtain lock"):
-            probe.execute(sa.text(already_locked))
-        blocker.rollback()
-    return await running
 
 
 async def test_the_expiry_sweep_locks_owners_in_code_point_order_under_an_icu_collation(
@@ -250,11 +234,12 @@ async def test_the_expiry_sweep_locks_owners_in_code_point_order_under_an_icu_co
             wallet.database, load_catalog(write_catalog(tmp_path)), wallet.clock, reservation_ttl=timedelta(days=7)
         )
         diamonds_of = "SELECT 1 FROM wallet_balances WHERE account_id = '{}' AND currency = 'DIAMOND' FOR UPDATE"
-        expired = await _held_while_waiting(
+        expired = await _probe_while_blocked(
             wallet,
             diamonds_of.format("alice"),
             asyncio.to_thread(store.sweep_expired),
             diamonds_of.format("Zed") + " NOWAIT",
+            locked=True,
         )
         assert expired == 2
 
@@ -281,5 +266,7 @@ async def test_a_clawback_locks_a_creators_holds_in_code_point_order_under_an_ic
             ),
             metadata=wallet.md(),
         )
-        reply = await _held_while_waiting(wallet, hold.format("a-hold"), reversal, hold.format("Z-hold") + " NOWAIT")
+        reply = await _probe_while_blocked(
+            wallet, hold.format("a-hold"), reversal, hold.format("Z-hold") + " NOWAIT", locked=True
+        )
         assert (reply.state, reply.coins_reversed) == (pb.REVERSAL_STATE_APPLIED, 100)
